@@ -1,0 +1,159 @@
+"""The database directory: manifest, LanceDB tables and the BM25 index, behind one handle.
+
+    DB/
+      manifest.json     format version, model fingerprint, featurizer settings (manifest.py)
+      tables/           LanceDB tables (schemas in schema/*.json)
+      bm25/             Tantivy index over examples.text (bm25.py)
+      preconditioners/  R factors as safetensors
+
+`connect(path)` opens an existing database; `Database.create(path)` makes one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lancedb
+import pyarrow as pa
+
+from . import manifest as _manifest
+from . import schema as _schema
+from .errors import TrackstarError
+
+
+class Database:
+    """An open trackstar-db directory. Tables come back as Arrow."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = _manifest.read(self.path)
+        self._lance = lancedb.connect(str(self.path / "tables"))
+
+    # -- creation -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, model_dir: str | Path | None = None,
+               optimizer_state: str | Path | None = None, exist_ok: bool = False) -> "Database":
+        path = Path(path)
+        if (path / _manifest.FILENAME).exists():
+            if not exist_ok:
+                raise TrackstarError(f"{path}: a database already exists here")
+            db = cls(path)
+        else:
+            if path.exists() and any(path.iterdir()):
+                raise TrackstarError(f"{path}: directory is not empty and holds no database")
+            (path / "tables").mkdir(parents=True, exist_ok=True)
+            _manifest.write(path, _manifest.new_manifest())
+            db = cls(path)
+            for name in _schema.table_names():
+                db._lance.create_table(name, schema=_schema.arrow_schema(name))
+        if model_dir is not None:
+            db.set_model(model_dir, optimizer_state)
+        return db
+
+    # -- manifest -----------------------------------------------------------------------
+    def save_manifest(self) -> None:
+        _manifest.write(self.path, self.manifest)
+
+    def set_model(self, model_dir: str | Path, optimizer_state: str | Path | None = None) -> None:
+        """Record the checkpoint this database attributes. Changing it once gradients exist is refused."""
+        model_dir = Path(model_dir).resolve()
+        fingerprint = _manifest.model_fingerprint(model_dir)
+        current = self.manifest.get("model")
+        if current and current["fingerprint"] != fingerprint and self.manifest["gradient_tables"]:
+            raise TrackstarError(
+                f"{model_dir}: model fingerprint {fingerprint} differs from {current['fingerprint']}, "
+                "whose gradients this database holds"
+            )
+        if optimizer_state is None and (model_dir / "optimizer.safetensors").is_file():
+            optimizer_state = model_dir / "optimizer.safetensors"
+        if optimizer_state is not None and not Path(optimizer_state).exists():
+            raise TrackstarError(f"{optimizer_state}: no such optimizer state file")
+        self.manifest["model"] = {
+            "path": str(model_dir),
+            "fingerprint": fingerprint,
+            "tokenizer": str(model_dir),
+            "optimizer_state": str(Path(optimizer_state).resolve()) if optimizer_state else None,
+        }
+        self.save_manifest()
+
+    def model_info(self) -> dict:
+        model = self.manifest.get("model")
+        if not model:
+            raise TrackstarError(f"{self.path}: no model recorded; run 'trackstar-db init DB --model DIR' or 'trackstar-db train'")
+        if not Path(model["path"]).is_dir():
+            raise TrackstarError(f"{model['path']}: model directory recorded in the manifest is missing")
+        return model
+
+    def load_model(self, device: str = "cpu"):
+        """(model, tokenizer) of the recorded checkpoint, from its local directory (no hub access)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        info = self.model_info()
+        if _manifest.model_fingerprint(info["path"]) != info["fingerprint"]:
+            raise TrackstarError(f"{info['path']}: checkpoint changed since it was recorded (fingerprint mismatch)")
+        tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(info["path"], local_files_only=True, dtype="float32")
+        return model.to(device).eval(), tokenizer
+
+    # -- tables -------------------------------------------------------------------------
+    def table_names(self) -> list[str]:
+        return sorted(self._lance.list_tables().tables)
+
+    def has_table(self, name: str) -> bool:
+        return name in self.table_names()
+
+    def lance_table(self, name: str):
+        if not self.has_table(name):
+            raise TrackstarError(f"no table {name!r}; tables: {', '.join(self.table_names())}")
+        return self._lance.open_table(name)
+
+    def dataset(self, name: str):
+        """The Lance dataset behind a table (a pyarrow Dataset: scannable by DuckDB and in batches)."""
+        return self.lance_table(name).to_lance()
+
+    def table(self, name: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+        """A whole table (or some columns / rows) as Arrow."""
+        return self.dataset(name).to_table(columns=columns, filter=filter)
+
+    def count(self, name: str) -> int:
+        return self.lance_table(name).count_rows() if self.has_table(name) else 0
+
+    def create_table(self, name: str, schema: pa.Schema):
+        return self._lance.create_table(name, schema=schema, exist_ok=True)
+
+    def append(self, name: str, rows: pa.Table) -> None:
+        """Append rows (one Lance commit), cast to the table's schema."""
+        table = self.lance_table(name)
+        if rows.num_rows:
+            table.add(_schema.conform(rows, table.schema))
+
+    def replace(self, name: str, rows: pa.Table) -> None:
+        """Overwrite a derived table (one commit; readers see the old or the new rows)."""
+        schema = self.lance_table(name).schema
+        self._lance.create_table(name, data=_schema.conform(rows, schema), schema=schema, mode="overwrite")
+
+    def ids(self, name: str, column: str) -> set[str]:
+        """The set of values of an id column (for idempotent, resumable writes)."""
+        if not self.has_table(name) or self.count(name) == 0:
+            return set()
+        return set(self.table(name, columns=[column]).column(column).to_pylist())
+
+    def version(self, name: str) -> int:
+        return self.lance_table(name).version
+
+    def restore(self, name: str, version: int) -> None:
+        """Roll a table back to an earlier version (used when an ingest fails half-way)."""
+        table = self.lance_table(name)
+        if table.version != version:
+            table.restore(version)
+
+    def __repr__(self) -> str:
+        return f"trackstar_db.Database({str(self.path)!r})"
+
+
+def connect(path: str | Path) -> Database:
+    """Open an existing trackstar-db database directory."""
+    path = Path(path)
+    if not path.exists():
+        raise TrackstarError(f"{path}: no such database directory")
+    return Database(path)
