@@ -122,7 +122,7 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
     try:
         bar = tqdm(desc="ingest corpus", unit=" rec", disable=not progress)
         for path in map(Path, files):
-            for line, record in iter_records(path):
+            for line, record in iter_records(path, report.rejected if options.skip_bad else None):
                 bar.update()
                 try:
                     row = to_row(record, path, line, options)

@@ -78,7 +78,7 @@ def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: 
     seen = db.ids("facts", "fact_id")
     facts, queries = [], []
     for path in map(Path, files):
-        for line, record in tqdm(iter_records(path), desc=f"facts {path.name}", unit=" rec", disable=not progress):
+        for line, record in tqdm(iter_records(path, report.rejected if skip_bad else None), desc=f"facts {path.name}", unit=" rec", disable=not progress):
             try:
                 fact, fact_queries = _fact_rows(record, path, line)
             except RecordError as error:

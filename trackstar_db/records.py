@@ -25,9 +25,19 @@ def file_kind(path: Path) -> str:
     raise TrackstarError(f"{path}: unknown file type (expected JSON lines '.jsonl' or '.parquet')")
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) pairs; raise RecordError at the first bad line."""
-    path = Path(path)
+def iter_records(path: str | Path, rejected: list[RecordError] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) pairs. A line that is not a JSON object raises RecordError,
+    or, when a `rejected` list is given, is appended to it and skipped."""
+    for number, record in _parse(Path(path)):
+        if isinstance(record, RecordError):
+            if rejected is None:
+                raise record
+            rejected.append(record)
+            continue
+        yield number, record
+
+
+def _parse(path: Path) -> Iterator[tuple[int, dict | RecordError]]:
     if not path.is_file():
         raise TrackstarError(f"{path}: no such file")
     if file_kind(path) == "parquet":
@@ -42,15 +52,17 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise RecordError(path, number, f"invalid UTF-8 at byte {exc.start}") from None
+                yield number, RecordError(path, number, f"invalid UTF-8 at byte {exc.start}")
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RecordError(path, number, f"malformed JSON ({exc.msg}, column {exc.colno})") from None
+                yield number, RecordError(path, number, f"malformed JSON ({exc.msg}, column {exc.colno})")
+                continue
             if not isinstance(record, dict):
-                raise RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
+                record = RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
             yield number, record
 
 

@@ -3,7 +3,7 @@
 The JSON files are the truth: outside tools can read them without this package. Types are
 written as short strings: string, bool, int32, int64, float32, float64, timestamp[us],
 list<T>, and 'vector' (a fixed-size list whose element type and width are chosen when a
-gradient table is created).
+gradient table is created: trackstar_db.vectors).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ _SCALARS = {
     "timestamp[us]": pa.timestamp("us"),
 }
 
-VECTOR_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
 def parse_type(text: str, *, vector: pa.DataType | None = None) -> pa.DataType:
@@ -43,13 +42,6 @@ def parse_type(text: str, *, vector: pa.DataType | None = None) -> pa.DataType:
             raise ValueError("a 'vector' field needs its element type and width")
         return vector
     raise ValueError(f"unknown schema type {text!r}")
-
-
-def vector_type(dim: int, dtype: str = "float32") -> pa.DataType:
-    """fixed_size_list<dtype, dim>, the vector column type LanceDB searches."""
-    if dtype not in VECTOR_DTYPES:
-        raise ValueError(f"vector dtype must be one of {sorted(VECTOR_DTYPES)}, not {dtype!r}")
-    return pa.list_(VECTOR_DTYPES[dtype], dim)
 
 
 @lru_cache(maxsize=None)
@@ -81,8 +73,10 @@ def arrow_schema(name: str, *, vector: pa.DataType | None = None) -> pa.Schema:
 
 
 def gradient_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    """Schema of a gradient table holding `dim`-wide vectors stored as `dtype`."""
-    return arrow_schema("gradients", vector=vector_type(dim, dtype))
+    """Schema of a gradient table holding `dim`-wide vectors stored as `dtype` (see vectors.py)."""
+    from .vectors import arrow_type
+
+    return arrow_schema("gradients", vector=arrow_type(dim, dtype))
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

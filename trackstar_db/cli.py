@@ -1,0 +1,190 @@
+"""The trackstar-db command line: each command is a thin wrapper over one library function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import TrackstarError
+
+DB_ARG = click.argument("db", type=click.Path(file_okay=False, path_type=Path))
+FORMATS = click.Choice(["table", "json", "csv"])
+
+
+class Group(click.Group):
+    """Turns bad input into one clear line (set TRACKSTAR_DEBUG=1 for the traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (TrackstarError, ValueError, FileNotFoundError, KeyError) as exc:
+            if os.environ.get("TRACKSTAR_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise click.ClickException(message) from None
+
+
+def _open(db: Path):
+    from .database import connect
+
+    return connect(db)
+
+
+def print_table(table, fmt: str = "table") -> None:
+    from .sql import format_table
+
+    click.echo(format_table(table, fmt))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="trackstar-db")
+def main():
+    """trackstar-db: which pretraining examples made a language model say something?
+
+    A database of TrackStar gradients (LanceDB), BM25 (Tantivy) and SQL analyses (DuckDB).
+    Start with 'trackstar-db demo', or: init, ingest corpus, ingest facts, ingest gradients,
+    fit, retrieve, tail-patch, eval.
+    """
+
+
+@main.command()
+@DB_ARG
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Local checkpoint directory (config.json, weights, tokenizer).")
+@click.option("--optimizer-state", type=click.Path(exists=True, path_type=Path),
+              help="optimizer.safetensors (default: the one inside --model, if any).")
+def init(db, model_dir, optimizer_state):
+    """Create a database directory DB (optionally recording the model it attributes)."""
+    from .database import Database
+
+    handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None)
+    click.echo(f"created {handle.path}" + (f" for model {handle.manifest['model']['fingerprint']}" if model_dir else ""))
+
+
+@main.command()
+@DB_ARG
+def info(db):
+    """Tables, row counts and the featurizer settings of DB."""
+    handle = _open(db)
+    click.echo(f"database {handle.path} (format {handle.manifest['format_version']})")
+    model = handle.manifest.get("model")
+    click.echo(f"model: {model['path']} [{model['fingerprint']}]" if model else "model: none")
+    featurizer = handle.manifest.get("featurizer")
+    if featurizer:
+        click.echo(f"featurizer: {json.dumps(featurizer['config'])}; correction: {featurizer['correction_source']}")
+    for name in handle.table_names():
+        click.echo(f"  {name:<20} {handle.count(name):>10,} rows")
+
+
+@main.group(cls=Group)
+def ingest():
+    """Load corpus files, fact files or gradients into a database."""
+
+
+@ingest.command("corpus")
+@DB_ARG
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--text-field", default="text", show_default=True, help="Field holding the example text.")
+@click.option("--id-field", default=None, help="Field holding a stable id (default: sentence_id, example_id or id; else a text hash).")
+@click.option("--skip-bad", is_flag=True, help="Skip bad records into DB/rejects.jsonl instead of stopping.")
+@click.option("--batch-size", default=10_000, show_default=True, help="Rows per Lance commit.")
+def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size):
+    """Add training texts (JSON lines or Parquet) to the examples table and the BM25 index."""
+    from .corpus import CorpusOptions, ingest_corpus
+
+    report = ingest_corpus(_open(db), files, CorpusOptions(text_field, id_field, skip_bad, batch_size))
+    click.echo(f"added {report.added:,} examples ({report.already_present:,} already present, "
+               f"{len(report.rejected):,} rejected)")
+    for error in report.rejected[:5]:
+        click.echo(f"  rejected {error}", err=True)
+
+
+@ingest.command("facts")
+@DB_ARG
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--skip-bad", is_flag=True, help="Skip bad records instead of stopping.")
+def ingest_facts_cmd(db, files, skip_bad):
+    """Add facts (the T-REx facts format) and their queries; rebuild ground truth."""
+    from .facts import ingest_facts
+
+    report = ingest_facts(_open(db), files, skip_bad=skip_bad)
+    click.echo(f"added {report.facts:,} facts and {report.queries:,} queries "
+               f"({report.already_present:,} already present, {len(report.rejected):,} rejected); "
+               f"{report.ground_truth:,} ground-truth pairs")
+
+
+@ingest.command("gradients")
+@DB_ARG
+@click.option("--split", type=click.Choice(["train", "queries"]), default="train", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Storage dtype of the vectors (first run; default float32).")
+@click.option("--dim", type=int, default=None, help="Total projection dimension, 1024..65536 (first run; default 4096).")
+@click.option("--seed", type=int, default=None, help="Projection seed (first run; default 0).")
+@click.option("--correction", type=click.Choice(["adam-factored", "adam-exact", "adafactor", "estimated", "none"]),
+              default=None, help="Optimizer second-moment correction (first run; default adam-factored).")
+@click.option("--combine", type=click.Choice(["concat", "sum"]), default=None,
+              help="Per-matrix projections concatenated or summed (first run; default concat).")
+@click.option("--no-raw", is_flag=True, help="Do not also write the uncorrected table the ablations need.")
+@click.option("--limit", type=int, default=None, help="Stop after this many new rows.")
+def ingest_gradients_cmd(db, split, device, batch_size, shard, dtype, dim, seed, correction, combine, no_raw, limit):
+    """Featurize the training examples or the queries into gradient tables (resumable)."""
+    from .gradients import GradientJob, ingest_gradients, parse_shard, stored_config
+    from .featurizer.config import FeaturizerConfig
+
+    handle = _open(db)
+    config = stored_config(handle)
+    given = {k: v for k, v in {"dim": dim, "seed": seed, "correction": correction, "combine": combine}.items()
+             if v is not None}
+    config = FeaturizerConfig.from_dict({**(config.to_dict() if config else {"correction": "adam-factored"}), **given})
+    stored_dtype = (handle.manifest.get("featurizer") or {}).get("dtype")
+    job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
+                      with_raw=not no_raw, limit=limit)
+    totals = ingest_gradients(handle, config, job)
+    click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
+               f"{totals['seconds']:.1f} s; tables: " + ", ".join(f"{k}={v:,}" for k, v in totals["tables"].items()))
+
+
+@main.command()
+@DB_ARG
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where to save the checkpoint, tokenizer and optimizer state.")
+@click.option("--arch", type=click.Choice(["gpt2", "llama"]), default="gpt2", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: the TrainConfig default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train(db, out_dir, arch, epochs, seed):
+    """Pretrain a small causal LM on DB's examples (AdamW), record it, report fact accuracy."""
+    from .pipeline import train_testbed
+
+    handle = _open(db)
+    overrides = {"architecture": arch, "seed": seed}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    accuracy = train_testbed(handle, out_dir, overrides)
+    if accuracy is not None:
+        print_table(accuracy)
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("trackstar-demo"),
+              show_default=True, help="Where the world, model and database go.")
+@click.option("--size", type=click.Choice(["demo", "tiny"]), default="demo", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def demo(workdir, size, seed, fmt):
+    """Build the demo fact world, train a model on it, run every method and print the table."""
+    from .pipeline import run_demo
+
+    summary = run_demo(workdir, size=size, seed=seed)
+    print_table(summary, fmt)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
