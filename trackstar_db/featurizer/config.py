@@ -1,0 +1,124 @@
+"""The featurizer's options and the layout of its output vector.
+
+`FeaturizerConfig` is the whole recipe of a gradient table (it goes into the database
+manifest); `plan_layout` turns it and the tracked matrix shapes into `Layout`: where each
+tracked matrix's projected gradient lives in the output vector [dim].
+
+- combine="concat": every tracked matrix gets its own block of k_r x k_c entries; blocks are
+  concatenated in tracked order. Blocks are equal: block = dim // L (L matrices),
+  k_r = floor(sqrt(block)), k_c = block // k_r, so the total is <= dim.
+- combine="sum": every matrix is projected to the same k_r x k_c = dim (k_r the largest divisor
+  of dim <= sqrt(dim)) and the projections are added: one Johnson-Lindenstrauss projection of
+  the whole gradient. Every block then has offset 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+COMBINES = ("concat", "sum")
+CORRECTIONS = ("none", "adam-exact", "adam-factored", "adafactor", "estimated")
+MIN_DIM, MAX_DIM = 2**10, 2**16
+
+
+@dataclass(frozen=True)
+class FeaturizerConfig:
+    """dim: total output width; seed: projection seed; eps: in g / (sqrt(V) + eps);
+    max_length: tokens kept per example (right cut)."""
+
+    dim: int = 4096
+    seed: int = 0
+    combine: str = "concat"
+    correction: str = "none"
+    eps: float = 1e-8
+    max_length: int = 512
+
+    def __post_init__(self):
+        if not (MIN_DIM <= int(self.dim) <= MAX_DIM):
+            raise ValueError(f"FeaturizerConfig.dim must be in [{MIN_DIM}, {MAX_DIM}], not {self.dim}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"FeaturizerConfig.combine must be one of {COMBINES}, not {self.combine!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"FeaturizerConfig.correction must be one of {CORRECTIONS}, not {self.correction!r}")
+        if not self.eps >= 0:
+            raise ValueError(f"FeaturizerConfig.eps must be >= 0, not {self.eps}")
+        if self.max_length < 2:
+            raise ValueError(f"FeaturizerConfig.max_length must be >= 2, not {self.max_length}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FeaturizerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"FeaturizerConfig: unknown field(s) {unknown}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One tracked matrix's place in the output vector: [offset, offset + size), size = k_r * k_c."""
+
+    name: str
+    offset: int
+    size: int
+    k_r: int
+    k_c: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Layout:
+    blocks: tuple[Block, ...]
+    dim: int  # actual width of the output vector (<= config.dim in concat mode)
+
+    def block(self, name: str) -> Block:
+        for block in self.blocks:
+            if block.name == name:
+                return block
+        raise KeyError(f"{name!r} is not a tracked matrix")
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Distinct (offset, size) spans in order: the blocks of a block-diagonal R."""
+        seen: dict[tuple[int, int], None] = {}
+        for block in self.blocks:
+            seen.setdefault((block.offset, block.size), None)
+        return list(seen)
+
+    def to_dict(self) -> dict:
+        return {"dim": self.dim, "blocks": [b.to_dict() for b in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Layout":
+        return cls(tuple(Block(**b) for b in data["blocks"]), int(data["dim"]))
+
+
+def _square_split(n: int) -> tuple[int, int]:
+    k_r = max(1, math.isqrt(n))
+    return k_r, n // k_r
+
+
+def _exact_split(n: int) -> tuple[int, int]:
+    k_r = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return k_r, n // k_r
+
+
+def plan_layout(config: FeaturizerConfig, names: list[str]) -> Layout:
+    """Blocks for the tracked matrices `names` (in tracked order)."""
+    if not names:
+        raise ValueError("no tracked matrices to lay out")
+    if config.combine == "sum":
+        k_r, k_c = _exact_split(config.dim)
+        return Layout(tuple(Block(n, 0, k_r * k_c, k_r, k_c) for n in names), k_r * k_c)
+    per_block = config.dim // len(names)
+    if per_block < 1:
+        raise ValueError(f"dim {config.dim} is smaller than the {len(names)} tracked matrices")
+    k_r, k_c = _square_split(per_block)
+    size = k_r * k_c
+    blocks = tuple(Block(n, i * size, size, k_r, k_c) for i, n in enumerate(names))
+    return Layout(blocks, size * len(names))

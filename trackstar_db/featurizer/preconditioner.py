@@ -1,0 +1,157 @@
+"""The preconditioner R: the autocorrelation of projected, corrected gradients, and its powers.
+
+R_train = mean g g^T over training vectors, R_eval the same over query vectors, accumulated in
+float64 while streaming batches. R is block-diagonal over `spans` (the layout's blocks, default
+for combine="concat") or dense (one span [0, d)). The task-specific mix is
+R = lambda R_eval + (1 - lambda) R_train with lambda from the spectrum-crossing rule:
+sort the eigenvalues of R_train and of R_eval descending (block-diagonal: the union of all
+blocks' eigenvalues), take component k (0-based; default max(1, d // 64)) and set
+lambda = s_train[k] / (s_train[k] + s_eval[k]). Without query vectors R = R_train (lambda 0).
+
+Powers come from a float64 eigendecomposition with damping:
+R^p = U diag((s + damping * mean(s))^p) U^T, mean(s) = trace(R) / d over the whole matrix
+(all blocks). Default damping 1e-3. Saved as safetensors (eigenvalues and eigenvectors per
+block) with lambda, k, damping, n_train, n_eval, kind and spans in the metadata; never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+KINDS = ("block", "dense")
+DEFAULT_DAMPING = 1e-3
+
+
+class GramAccumulator:
+    """Streaming mean of g g^T per span, float64. update(x [batch, d])."""
+
+    def __init__(self, spans: list[tuple[int, int]]):
+        self.spans = list(spans)
+        self.sums = [torch.zeros(size, size, dtype=torch.float64) for _, size in self.spans]
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to("cpu", torch.float64)
+        if not torch.isfinite(x).all():
+            raise ValueError("preconditioner: a vector is not finite")
+        for (offset, size), acc in zip(self.spans, self.sums):
+            part = x[:, offset: offset + size]
+            acc += part.T @ part
+        self.n += x.shape[0]
+
+    def means(self) -> list[torch.Tensor]:
+        if self.n == 0:
+            raise ValueError("preconditioner: no vectors were given")
+        return [s / self.n for s in self.sums]
+
+
+def sorted_spectrum(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """All eigenvalues of a block-diagonal matrix, descending."""
+    return torch.cat([torch.linalg.eigvalsh(b) for b in blocks]).sort(descending=True).values
+
+
+def crossing_lambda(r_train: list[torch.Tensor], r_eval: list[torch.Tensor], k: int) -> float:
+    s_train, s_eval = sorted_spectrum(r_train), sorted_spectrum(r_eval)
+    if not 0 <= k < len(s_train):
+        raise ValueError(f"preconditioner: component k={k} outside the spectrum of size {len(s_train)}")
+    a, b = float(s_train[k]), float(s_eval[k])
+    if a + b <= 0:
+        raise ValueError(f"preconditioner: both spectra are zero at component k={k}")
+    return a / (a + b)
+
+
+class Preconditioner:
+    """R as per-span eigendecompositions; apply(x, power) = x R^power (R is symmetric)."""
+
+    def __init__(self, spans, eigvals, eigvecs, *, lam=0.0, k=0, damping=DEFAULT_DAMPING,
+                 n_train=0, n_eval=0, kind="block"):
+        self.spans = [tuple(s) for s in spans]
+        self.eigvals, self.eigvecs = list(eigvals), list(eigvecs)
+        self.dim = sum(size for _, size in self.spans)
+        self.params = {"lambda": float(lam), "k": int(k), "damping": float(damping),
+                       "n_train": int(n_train), "n_eval": int(n_eval), "kind": kind}
+        self._powers: dict[float, list[torch.Tensor]] = {}
+
+    @classmethod
+    def from_matrices(cls, spans, matrices: list[torch.Tensor], **params) -> "Preconditioner":
+        pairs = [torch.linalg.eigh(m.double()) for m in matrices]
+        return cls(spans, [p.eigenvalues for p in pairs], [p.eigenvectors for p in pairs], **params)
+
+    def matrices(self) -> list[torch.Tensor]:
+        """R per span, [size, size] float64."""
+        return [(u * s) @ u.T for s, u in zip(self.eigvals, self.eigvecs)]
+
+    def power(self, power: float) -> list[torch.Tensor]:
+        """R^power per span, damped, float64."""
+        if power not in self._powers:
+            mean = float(torch.cat(self.eigvals).sum()) / self.dim
+            shift = self.params["damping"] * mean
+            self._powers[power] = [(u * (s.clamp(min=0) + shift) ** power) @ u.T
+                                   for s, u in zip(self.eigvals, self.eigvecs)]
+        return self._powers[power]
+
+    def apply(self, x: torch.Tensor, power: float) -> torch.Tensor:
+        """x [batch, d] -> x R^power [batch, d] in x's dtype (-0.5 whitens, -1.0 for TRAK)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"preconditioner: vectors have width {x.shape[-1]}, R has {self.dim}")
+        out = torch.empty_like(x)
+        for (offset, size), m in zip(self.spans, self.power(power)):
+            part = x[:, offset: offset + size].double() @ m.to(x.device)
+            out[:, offset: offset + size] = part.to(x.dtype)
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {}
+        for i, (s, u) in enumerate(zip(self.eigvals, self.eigvecs)):
+            tensors[f"eigvals.{i}"], tensors[f"eigvecs.{i}"] = s.contiguous(), u.contiguous()
+        meta = {key: str(value) for key, value in self.params.items()}
+        meta["spans"] = json.dumps(self.spans)
+        save_file(tensors, str(path), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Preconditioner":
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            try:
+                spans = json.loads(meta["spans"])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                return cls(spans, [tensors[f"eigvals.{i}"] for i in range(len(spans))],
+                           [tensors[f"eigvecs.{i}"] for i in range(len(spans))],
+                           lam=float(meta["lambda"]), k=int(meta["k"]), damping=float(meta["damping"]),
+                           n_train=int(meta["n_train"]), n_eval=int(meta["n_eval"]), kind=meta["kind"])
+            except KeyError as exc:
+                raise ValueError(f"{path}: preconditioner file lacks {exc.args[0]!r}") from None
+
+
+def fit_preconditioner(train: Iterable[torch.Tensor], queries: Iterable[torch.Tensor] | None = None, *,
+                       dim: int, spans: list[tuple[int, int]] | None = None, kind: str = "block",
+                       damping: float = DEFAULT_DAMPING, k: int | None = None) -> Preconditioner:
+    """Fit R (mixed when `queries` is given) from streams of [batch, dim] vectors.
+
+    kind="block" uses `spans` (Layout.spans()); kind="dense" one span [0, dim)."""
+    if kind not in KINDS:
+        raise ValueError(f"preconditioner kind must be one of {KINDS}, not {kind!r}")
+    spans = [(0, dim)] if kind == "dense" or spans is None else [tuple(s) for s in spans]
+    ends = [0] + [offset + size for offset, size in spans]
+    if [offset for offset, _ in spans] != ends[:-1] or ends[-1] != dim:
+        raise ValueError(f"preconditioner: spans {spans} do not tile [0, {dim})")
+    k = max(1, dim // 64) if k is None else k
+    r_train = GramAccumulator(spans)
+    for x in train:
+        r_train.update(x)
+    matrices, lam, n_eval = r_train.means(), 0.0, 0
+    if queries is not None:
+        r_eval = GramAccumulator(spans)
+        for x in queries:
+            r_eval.update(x)
+        lam, n_eval = crossing_lambda(matrices, r_eval.means(), k), r_eval.n
+        matrices = [lam * e + (1 - lam) * t for t, e in zip(matrices, r_eval.means())]
+    return Preconditioner.from_matrices(spans, matrices, lam=lam, k=k, damping=damping,
+                                        n_train=r_train.n, n_eval=n_eval, kind=kind)
