@@ -123,7 +123,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--split", type=click.Choice(["train", "queries"]), default="train", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I.")
+@click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage dtype of the vectors (first run; default float32).")
 @click.option("--dim", type=int, default=None, help="Total projection dimension, 1024..65536 (first run; default 4096).")
@@ -134,7 +134,9 @@ def ingest_facts_cmd(db, files, skip_bad):
               help="Per-matrix projections concatenated or summed (first run; default concat).")
 @click.option("--no-raw", is_flag=True, help="Do not also write the uncorrected table the ablations need.")
 @click.option("--limit", type=int, default=None, help="Stop after this many new rows.")
-def ingest_gradients_cmd(db, split, device, batch_size, shard, dtype, dim, seed, correction, combine, no_raw, limit):
+@click.option("--commit-rows", type=int, default=2048, show_default=True, help="Rows per Lance commit.")
+def ingest_gradients_cmd(db, split, device, batch_size, shard, dtype, dim, seed, correction, combine, no_raw, limit,
+                         commit_rows):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from .gradients import GradientJob, ingest_gradients, parse_shard, stored_config
     from .featurizer.config import FeaturizerConfig
@@ -146,7 +148,7 @@ def ingest_gradients_cmd(db, split, device, batch_size, shard, dtype, dim, seed,
     config = FeaturizerConfig.from_dict({**(config.to_dict() if config else {"correction": "adam-factored"}), **given})
     stored_dtype = (handle.manifest.get("featurizer") or {}).get("dtype")
     job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
-                      with_raw=not no_raw, limit=limit)
+                      commit_rows=commit_rows, with_raw=not no_raw, limit=limit)
     totals = ingest_gradients(handle, config, job)
     click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
                f"{totals['seconds']:.1f} s; tables: " + ", ".join(f"{k}={v:,}" for k, v in totals["tables"].items()))

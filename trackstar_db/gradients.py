@@ -12,6 +12,7 @@ processes append to the same tables. A run whose settings differ from the manife
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class GradientJob:
         index, count = self.shard
         if not (count >= 1 and 0 <= index < count):
             raise TrackstarError(f"--shard {index}/{count}: need 0 <= I < N")
+        self.device = auto_device(self.device)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TrackstarError(f"--device {self.device}: no CUDA GPU is available here")
         if self.dtype not in _vectors.DTYPES:
             raise TrackstarError(f"--dtype must be one of {', '.join(_vectors.DTYPES)}, not {self.dtype!r}")
 
@@ -61,11 +65,24 @@ def table_name(split: str, raw: bool = False) -> str:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N', or 'auto': from torchrun (RANK, WORLD_SIZE) or Slurm (SLURM_PROCID, SLURM_NTASKS)."""
+    if text == "auto":
+        for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+            if rank in os.environ and size in os.environ:
+                return int(os.environ[rank]), int(os.environ[size])
+        return 0, 1
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
         raise TrackstarError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
     return index, count
+
+
+def auto_device(device: str) -> str:
+    """'cuda' under a multi-process launcher means this process's GPU (LOCAL_RANK)."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
 
 
 def in_shard(item_id: str, shard: tuple[int, int]) -> bool:

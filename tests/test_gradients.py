@@ -1,0 +1,156 @@
+"""The gradient ingest worker: stored vectors, invariance, resume after kill -9, shards, refusals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from trackstar_db import connect
+from trackstar_db.errors import TrackstarError
+from trackstar_db.featurizer.config import FeaturizerConfig
+from trackstar_db.gradients import GradientJob, ingest_gradients, load_featurizer
+from trackstar_db.tokenize import collate, encode_text, pad_id
+from trackstar_db.vectors import to_torch
+
+CONFIG = FeaturizerConfig(dim=1024, correction="adam-factored")
+
+
+def close(a, b, tol=1e-4):
+    """Row-wise relative error below tol (elementwise rtol fails near zero for honest float noise)."""
+    return a.shape == b.shape and bool(((a - b).norm(dim=1) <= tol * b.norm(dim=1)).all())
+
+
+def vectors_by_id(db, name):
+    table = db.table(name).sort_by("id")
+    dtype = db.manifest["gradient_tables"][name]["dtype"]
+    return table.column("id").to_pylist(), to_torch(table.column("vector"), dtype), table
+
+
+def test_stored_vectors_equal_the_featurizer_and_cover_every_example(tiny_db):
+    totals = ingest_gradients(tiny_db, CONFIG, GradientJob("train", batch_size=8), progress=False)
+    n = tiny_db.count("examples")
+    assert totals["tables"] == {"grads_train": n, "grads_train_raw": n}
+    ids, stored, table = vectors_by_id(tiny_db, "grads_train")
+    assert len(set(ids)) == n and torch.isfinite(stored).all()
+    assert np.allclose(table.column("norm").to_numpy(), stored.norm(dim=1).numpy(), rtol=1e-5)
+    featurizer, tokenizer = load_featurizer(tiny_db, CONFIG, with_raw=True)
+    texts = dict(zip(*[tiny_db.table("examples").column(c).to_pylist() for c in ("example_id", "text")]))
+    out = featurizer.featurize(collate([encode_text(tokenizer, texts[i]) for i in ids[:5]], pad_id(tokenizer)))
+    assert close(out.vectors["corrected"], stored[:5])
+    _, raw, _ = vectors_by_id(tiny_db, "grads_train_raw")
+    assert close(out.vectors["uncorrected"], raw[:5])
+    assert not torch.allclose(raw[:5], stored[:5])  # the correction did something
+    manifest = connect(tiny_db.path).manifest["featurizer"]
+    assert manifest["config"] == CONFIG.to_dict() and manifest["dtype"] == "float32"
+
+
+def test_queries_split_and_storage_dtypes(tiny_db):
+    ingest_gradients(tiny_db, CONFIG, GradientJob("queries", dtype="bfloat16"), progress=False)
+    assert tiny_db.count("grads_queries") == tiny_db.count("queries")
+    _, vectors, table = vectors_by_id(tiny_db, "grads_queries")
+    assert str(table.schema.field("vector").type.value_type) == "uint16"
+    norms = torch.tensor(table.column("norm").to_numpy())
+    assert torch.allclose(vectors.norm(dim=1), norms, rtol=2e-2)  # bfloat16 keeps ~3 digits
+
+
+def test_batch_size_does_not_change_vectors(tiny_db, tmp_path):
+    ingest_gradients(tiny_db, CONFIG, GradientJob("train", batch_size=1, limit=24), progress=False)
+    ids_1, one, _ = vectors_by_id(tiny_db, "grads_train")
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_db.path, other, ignore=shutil.ignore_patterns("grads_*"))
+    db2 = connect(other)
+    db2.manifest.pop("featurizer"), db2.manifest["gradient_tables"].clear()
+    db2.save_manifest()
+    ingest_gradients(db2, CONFIG, GradientJob("train", batch_size=16), progress=False)
+    _, sixteen, table = vectors_by_id(db2, "grads_train")
+    index = {i: r for r, i in enumerate(table.sort_by("id").column("id").to_pylist())}
+    assert close(one, sixteen[[index[i] for i in ids_1]])
+
+
+def test_interrupted_run_resumes_to_the_clean_result(tiny_db):
+    job = GradientJob("train", batch_size=4, commit_rows=8)
+    ingest_gradients(tiny_db, CONFIG, GradientJob("train", batch_size=4, commit_rows=8, limit=13), progress=False)
+    assert 8 <= tiny_db.count("grads_train") <= 16
+    ingest_gradients(tiny_db, None, job, progress=False)  # settings come from the manifest
+    ids, resumed, _ = vectors_by_id(tiny_db, "grads_train")
+    assert len(ids) == len(set(ids)) == tiny_db.count("examples")
+    again = ingest_gradients(tiny_db, None, job, progress=False)
+    assert again["rows"] == 0
+
+
+def _cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "trackstar_db.cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_kill_9_then_resume_equals_clean_run(tiny_db, tmp_path):
+    import shutil
+
+    clean = tmp_path / "clean"
+    shutil.copytree(tiny_db.path, clean)
+    common = ["--split", "train", "--dim", 1024, "--batch-size", 8, "--commit-rows", 16]
+    ingest_gradients(connect(clean), CONFIG, GradientJob("train", batch_size=8), progress=False)
+    process = _cli("ingest", "gradients", tiny_db.path, *common)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if tiny_db.has_table("grads_train") and tiny_db.count("grads_train") >= 32:
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = tiny_db.count("grads_train")
+    assert 0 < partial < tiny_db.count("examples"), "kill came too late to test resuming"
+    assert _cli("ingest", "gradients", tiny_db.path, *common).wait() == 0
+    ids_a, a, _ = vectors_by_id(connect(tiny_db.path), "grads_train")
+    ids_b, b, _ = vectors_by_id(connect(clean), "grads_train")
+    assert ids_a == ids_b and close(a, b)
+
+
+def test_two_shard_processes_equal_one_worker(tiny_db, tmp_path):
+    import shutil
+
+    single = tmp_path / "single"
+    shutil.copytree(tiny_db.path, single)
+    ingest_gradients(connect(single), CONFIG, GradientJob("train", batch_size=8), progress=False)
+    # fix the settings first (as ingest/multi_gpu.sh does), then two concurrent shards
+    ingest_gradients(tiny_db, CONFIG, GradientJob("train", limit=1), progress=False)
+    shards = [_cli("ingest", "gradients", tiny_db.path, "--split", "train", "--shard", f"{i}/2",
+                   "--batch-size", 8, "--commit-rows", 32) for i in range(2)]
+    for process in shards:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()[-2000:]
+    ids_a, a, _ = vectors_by_id(connect(tiny_db.path), "grads_train")
+    ids_b, b, _ = vectors_by_id(connect(single), "grads_train")
+    assert ids_a == ids_b and close(a, b)
+
+
+def test_different_settings_are_refused_and_nothing_changes(tiny_db):
+    ingest_gradients(tiny_db, CONFIG, GradientJob("train", limit=4), progress=False)
+    before = (tiny_db.path / "manifest.json").read_text()
+    with pytest.raises(TrackstarError, match="'dim'"):
+        ingest_gradients(tiny_db, FeaturizerConfig(dim=2048, correction="adam-factored"),
+                         GradientJob("train"), progress=False)
+    with pytest.raises(TrackstarError, match="dtype"):
+        ingest_gradients(tiny_db, CONFIG, GradientJob("train", dtype="float16"), progress=False)
+    assert (tiny_db.path / "manifest.json").read_text() == before
+    assert tiny_db.count("grads_train") == 4
+
+
+def test_changing_the_model_under_stored_gradients_is_refused(tiny_db, tmp_path):
+    ingest_gradients(tiny_db, CONFIG, GradientJob("train", limit=2), progress=False)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_db.manifest["model"]["path"])
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(tmp_path / "changed")
+    (tmp_path / "changed" / "config.json").write_text((tmp_path / "changed" / "config.json").read_text())
+    with pytest.raises(TrackstarError, match="fingerprint"):
+        tiny_db.set_model(tmp_path / "changed")
