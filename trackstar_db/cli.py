@@ -171,7 +171,162 @@ def train(db, out_dir, arch, epochs, seed):
         overrides["epochs"] = epochs
     accuracy = train_testbed(handle, out_dir, overrides)
     if accuracy is not None:
-        print_table(accuracy)
+        from .pipeline import format_accuracy
+
+        click.echo(format_accuracy(accuracy))
+
+
+@main.command()
+@DB_ARG
+@click.option("--mix", type=click.Choice(["task", "train"]), default="task", show_default=True,
+              help="task: mix R_eval of the queries into R_train (TrackStar); train: R_train only.")
+@click.option("--kind", type=click.Choice(["block", "dense"]), default="block", show_default=True,
+              help="Block-diagonal per tracked matrix, or one dense R.")
+@click.option("--damping", type=float, default=1e-3, show_default=True, help="Added to eigenvalues, times their mean.")
+@click.option("--crossing-k", type=int, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
+@click.option("--template", default="prompt0", show_default=True, help="Queries whose gradients form R_eval.")
+def fit(db, mix, kind, damping, crossing_k, template):
+    """Fit the preconditioners R (train, mixed, train_raw) from the stored gradients."""
+    from .fit import fit as fit_all
+
+    for name, params in fit_all(_open(db), mix, kind, damping, crossing_k, template).items():
+        click.echo(f"{name:<10} lambda={params['lambda']:.4f} k={params['k']} damping={params['damping']:g} "
+                   f"n_train={params['n_train']:,} n_eval={params['n_eval']:,} kind={params['kind']}")
+
+
+@main.command()
+@DB_ARG
+@click.option("--method", "methods", multiple=True, required=True,
+              help="grad-dot, grad-cos, trak, opt-cos, r-train, trackstar, bm25 or embedding; repeatable; 'all'.")
+@click.option("--k", default=100, show_default=True, help="Proponents (and opponents) kept per query.")
+@click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
+@click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
+def retrieve(db, methods, k, run_id, template, device, replace):
+    """Retrieve proponents for the database's queries with one or more methods."""
+    from .retrieve import ALL_METHODS, RetrieveOptions, retrieve as run_retrieval
+
+    handle = _open(db)
+    names = [m for name in methods for m in (ALL_METHODS if name == "all" else [name])]
+    if run_id and len(names) > 1:
+        raise TrackstarError("--run names one run; give one --method with it")
+    options = RetrieveOptions(k=k, template=None if template == "all" else template, device=device)
+    for name in names:
+        run, rows = run_retrieval(handle, name, options, run_id, replace)
+        click.echo(f"run {run}: {rows.num_rows:,} rows")
+
+
+@main.command("tail-patch")
+@DB_ARG
+@click.option("--run", "run_ids", multiple=True, required=True, help="Retrieval run(s) to patch; repeatable.")
+@click.option("--k", default=10, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
+@click.option("--queries", "max_queries", type=int, default=None, help="Patch a deterministic sample of this many queries.")
+@click.option("--device", default="cpu", show_default=True)
+def tail_patch_cmd(db, run_ids, k, max_queries, device):
+    """Influence: one optimizer step on each proponent, the change in P(target | prompt)."""
+    from .influence import tail_patch_runs
+
+    rows = tail_patch_runs(_open(db), list(run_ids), k, max_queries, device)
+    click.echo(f"{rows.num_rows:,} tail-patch measurements for {', '.join(run_ids)}")
+
+
+@main.command("eval")
+@DB_ARG
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("--by", type=click.Choice(["method", "bucket", "correct"]), default="method", show_default=True,
+              help="Split by fact frequency bucket or by whether the model answers correctly.")
+def eval_cmd(db, fmt, by):
+    """The method-by-metric table (MRR, recall@10, tail-patch), computed by queries/*.sql."""
+    from .pipeline import evaluation
+
+    print_table(evaluation(_open(db), by), fmt)
+
+
+@main.command()
+@DB_ARG
+@click.option("--prompt", required=True, help="The context, e.g. 'The capital of France is'.")
+@click.option("--target", required=True, help="The continuation to attribute, e.g. 'Paris'.")
+@click.option("--method", default="trackstar", show_default=True)
+@click.option("--k", default=10, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
+def query(db, prompt, target, method, k, device, fmt):
+    """Attribute one prompt and target: proponents and opponents with their texts."""
+    from .highlight import to_terminal
+
+    rows = _open(db).query(prompt, target, k=k, method=method, device=device)
+    if fmt != "text":
+        print_table(rows, fmt)
+        return
+    for kind in ("proponent", "opponent"):
+        picked = [r for r in rows.to_pylist() if r["kind"] == kind]
+        if picked:
+            click.secho(f"{kind}s of {target!r} after {prompt!r} ({method}):", bold=True)
+        for r in picked:
+            click.echo(f"{r['rank']:>4}  {r['score']:+.4f}  {r['example_id']:<14} {to_terminal(r['text'], [prompt, target])}")
+
+
+@main.command()
+@DB_ARG
+@click.argument("statement")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file (needed for parquet).")
+@click.option("--vectors", is_flag=True, help="Expose the vector columns of gradient tables.")
+def sql(db, statement, fmt, out, vectors):
+    """Run one read-only SQL statement (DuckDB) over the database's tables."""
+    from .sql import write_table
+
+    result = _open(db).sql(statement, vectors=vectors)
+    if out is not None:
+        write_table(result, fmt, out)
+        click.echo(f"wrote {result.num_rows:,} rows to {out}")
+    elif fmt == "parquet":
+        raise TrackstarError("--format parquet needs --out FILE")
+    else:
+        print_table(result, fmt)
+
+
+@main.command("export")
+@DB_ARG
+@click.option("--run", "run_id", required=True, help="The retrieval run to export.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON lines file to write.")
+def export_cmd(db, run_id, out):
+    """Write a run in the authors' viewer format (JSON lines), for their public viewer."""
+    from .viewer_format import export_viewer
+
+    handle = _open(db)
+    if run_id not in handle.ids("runs", "run_id"):
+        raise TrackstarError(f"no run {run_id!r}")
+    escaped = run_id.replace("'", "''")
+    path = export_viewer(handle.table("retrievals", filter=f"run_id = '{escaped}'"), handle.dataset("queries"),
+                         handle.dataset("examples"), handle.dataset("facts"), handle.dataset("ground_truth"), out)
+    click.echo(f"wrote {path}")
+
+
+@main.command("import")
+@DB_ARG
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--method", required=True, help="Method name to record (e.g. bm25, trackstar-published).")
+@click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
+def import_cmd(db, file, method, run_id):
+    """Load a results file in the authors' viewer format as a retrieval run."""
+    from .pipeline import import_run
+
+    count = import_run(_open(db), file, method, run_id or method)
+    click.echo(f"imported {count:,} retrieval rows as run {run_id or method}")
+
+
+@main.command()
+@DB_ARG
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--compare", nargs=2, default=None, help="Two runs shown side by side (default: trackstar and bm25).")
+@click.option("--samples", default=8, show_default=True, help="Queries shown side by side.")
+def report(db, out_dir, compare, samples):
+    """Write a static HTML report (table, plots, side-by-side proponents)."""
+    from .pipeline import write_db_report
+
+    click.echo(f"wrote {write_db_report(_open(db), out_dir, compare, samples)}")
 
 
 @main.command()

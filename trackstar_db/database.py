@@ -138,6 +138,24 @@ class Database:
             return set()
         return set(self.table(name, columns=[column]).column(column).to_pylist())
 
+    def record_run(self, run_id: str, method: str, parameters: dict) -> None:
+        """Add a row to the runs table."""
+        import datetime as _dt
+        import json as _json
+
+        from . import __version__
+
+        self.append("runs", pa.table({
+            "run_id": [run_id], "method": [method], "parameters": [_json.dumps(parameters, sort_keys=True)],
+            "created_at": pa.array([_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)], pa.timestamp("us")),
+            "code_version": [__version__],
+        }))
+
+    def delete_rows(self, name: str, column: str, value: str) -> None:
+        """Delete the rows whose `column` equals `value` (e.g. one run's retrievals)."""
+        escaped = value.replace("'", "''")
+        self.lance_table(name).delete(f"{column} = '{escaped}'")
+
     def version(self, name: str) -> int:
         return self.lance_table(name).version
 
@@ -146,6 +164,33 @@ class Database:
         table = self.lance_table(name)
         if table.version != version:
             table.restore(version)
+
+    # -- analysis -----------------------------------------------------------------------
+    def views(self, vectors: bool = False) -> dict:
+        """Every table as something DuckDB can scan; gradient tables lose their vectors unless asked."""
+        views = {}
+        for name in self.table_names():
+            dataset = self.dataset(name)
+            if name.startswith("grads_") and not vectors:
+                columns = [f for f in dataset.schema.names if f != "vector"]
+                views[name] = dataset.to_table(columns=columns)
+            else:
+                views[name] = dataset
+        views["model_correct"] = views["predictions"]
+        return views
+
+    def sql(self, text: str, vectors: bool = False) -> pa.Table:
+        """Run one read-only SQL statement over the tables (DuckDB); the result as Arrow."""
+        from .sql import ReadOnlySQL
+
+        with ReadOnlySQL(self.views(vectors)) as con:
+            return con.run(text)
+
+    def query(self, prompt: str, target: str, k: int = 10, method: str = "trackstar", device: str = "cpu") -> pa.Table:
+        """Which examples made the model say `target` after `prompt`? (kind, rank, example_id, score, text)"""
+        from .adhoc import attribute
+
+        return attribute(self, prompt, target, method=method, k=k, device=device)
 
     def __repr__(self) -> str:
         return f"trackstar_db.Database({str(self.path)!r})"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 from click import echo
 
@@ -73,3 +74,123 @@ def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bo
         return None
     score_predictions(db)
     return accuracy_by_bucket(db)
+
+
+def evaluation(db, by: str = "method") -> pa.Table:
+    """The method-by-metric table from queries/*.sql; by='bucket' or 'correct' splits each method's row."""
+    from .evaluate import run_sql_file
+
+    names = {"method": "summary.sql", "bucket": "summary_by_bucket.sql", "correct": "summary_by_correct.sql"}
+    if by not in names:
+        raise TrackstarError(f"--by must be one of {', '.join(names)}, not {by!r}")
+    views = db.views()
+    tables = {name: views[name] for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs",
+                                             "model_correct")}
+    # Evaluate the queries some run retrieved for (e.g. the prompt0 ones), not every template.
+    retrieved = pa.array(sorted(set(db.table("retrievals", columns=["query_id"]).column("query_id").to_pylist())),
+                         pa.string())
+    queries = db.table("queries")
+    tables["queries"] = queries.filter(pa.compute.is_in(queries.column("query_id"), retrieved))
+    return run_sql_file(names[by], tables)
+
+
+def import_run(db, path: Path, method: str, run_id: str) -> int:
+    """Load a viewer-format results file as a run; unknown queries and examples are added too."""
+    from .viewer_format import import_viewer
+
+    if run_id in db.ids("runs", "run_id"):
+        raise TrackstarError(f"run {run_id!r} exists; pick another --run name")
+    imported = import_viewer(path, method, run_id)
+    for name, key, rows in (("queries", "query_id", imported.queries), ("examples", "example_id", imported.examples)):
+        have = db.ids(name, key)
+        fresh = [i for i, value in enumerate(rows.column(key).to_pylist()) if value not in have]
+        db.append(name, rows.take(fresh))
+    db.append("retrievals", imported.retrievals)
+    db.record_run(run_id, method, {"imported_from": str(path)})
+    return imported.retrievals.num_rows
+
+
+def write_db_report(db, out_dir: Path, compare: tuple[str, str] | None = None, n_samples: int = 8) -> Path:
+    """The static HTML report of a database: summary, per-bucket plots, two runs side by side."""
+    from .report import build_samples, write_report
+
+    runs = db.ids("runs", "run_id")
+    if not runs:
+        raise TrackstarError(f"{db.path}: no retrieval runs to report; run 'trackstar-db retrieve' first")
+    if compare is None:
+        preferred = [r for r in ("trackstar", "bm25", "grad-dot") if r in runs]
+        compare = tuple((preferred + sorted(runs - set(preferred)))[:2])
+    missing = [r for r in compare if r not in runs]
+    if missing:
+        raise TrackstarError(f"no run {missing[0]!r}; runs: {', '.join(sorted(runs))}")
+    samples = build_samples(db.dataset("retrievals"), db.dataset("queries"), db.dataset("examples"),
+                            db.dataset("ground_truth"), list(compare), n=n_samples)
+    return write_report(out_dir, evaluation(db), samples, by_bucket=evaluation(db, "bucket"))
+
+
+DEMO_MARKER = ".trackstar-demo"
+
+
+def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_queries: int = 100) -> pa.Table:
+    """The whole flow on the generated fact world: returns the method-by-metric table."""
+    import shutil
+
+    from .corpus import ingest_corpus
+    from .database import Database
+    from .facts import ingest_facts
+    from .featurizer.config import FeaturizerConfig
+    from .fit import fit
+    from .gradients import GradientJob, ingest_gradients
+    from .influence import tail_patch_runs
+    from .retrieval import embedding
+    from .retrieve import RetrieveOptions, retrieve
+    from .world import generate_world
+
+    workdir = Path(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / DEMO_MARKER).exists():
+            raise TrackstarError(f"{workdir}: not empty and not a trackstar-db demo directory; pick another --workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / DEMO_MARKER).write_text("made by trackstar-db demo; rebuilt on every run\n")
+    started = time.perf_counter()
+
+    def step(message: str) -> None:
+        echo(f"[{time.perf_counter() - started:6.1f} s] {message}")
+
+    step(f"generating the {size} fact world (seed {seed})")
+    world = generate_world(workdir / "world", seed=seed, size=size)
+    db = Database.create(workdir / "db")
+    ingest_corpus(db, [world.sentences_path])
+    ingest_facts(db, [world.facts_path])
+    step(f"{db.count('examples'):,} examples, {db.count('facts'):,} facts, {db.count('queries'):,} queries; training")
+    overrides = {"seed": seed} if size == "demo" else {"seed": seed, "epochs": 10}
+    accuracy = train_testbed(db, workdir / "model", overrides)
+    echo(format_accuracy(accuracy))
+    step("featurizing training examples and queries (TrackStar gradients)")
+    config = FeaturizerConfig(dim=4096, correction="adam-factored")
+    for split in ("train", "queries"):
+        ingest_gradients(db, config, GradientJob(split, batch_size=32))
+    step("fitting R_train and the task-specific mixed R")
+    for name, params in fit(db).items():
+        echo(f"  {name}: lambda={params['lambda']:.3f}")
+    methods = ["bm25"] + (["embedding"] if embedding.available() else []) + \
+              ["grad-dot", "grad-cos", "trak", "opt-cos", "r-train", "trackstar"]
+    if "embedding" not in methods:
+        echo("  (embedding baseline skipped: pip install 'trackstar-db[embedding]' to add it)")
+    step(f"retrieving with {', '.join(methods)}")
+    for method in methods:
+        retrieve(db, method, RetrieveOptions(k=100))
+    step(f"tail-patching the top-10 proponents of {tail_patch_queries} queries per method")
+    tail_patch_runs(db, methods, k=10, max_queries=tail_patch_queries)
+    step("evaluating (queries/summary.sql)")
+    summary = evaluation(db)
+    report = write_db_report(db, workdir / "report")
+    step(f"done; database {db.path}, report {report}")
+    return summary
+
+
+def format_accuracy(table: pa.Table) -> str:
+    from .sql import format_table
+
+    return "model accuracy on prompt0 queries by frequency bucket:\n" + format_table(table, "table")

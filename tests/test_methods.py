@@ -1,0 +1,84 @@
+"""Ablation-ladder transforms against explicit numpy formulas."""
+
+import numpy as np
+import pytest
+import torch
+
+from trackstar_db.errors import TrackstarError
+from trackstar_db.retrieval.methods import LADDER, METHODS, MethodSpec, get_method, query_transform, train_transform
+
+D = 6
+
+
+class EighPreconditioner:
+    """x R^power via numpy eigh of an explicit SPD matrix R."""
+
+    def __init__(self, r: np.ndarray):
+        self.values, self.vectors = np.linalg.eigh(r)
+
+    def apply(self, x: torch.Tensor, power: float) -> torch.Tensor:
+        m = (self.vectors * self.values ** power) @ self.vectors.T
+        return torch.from_numpy(x.double().numpy() @ m).to(x.dtype)
+
+
+def spd(seed: int) -> np.ndarray:
+    a = np.random.default_rng(seed).standard_normal((D, 2 * D))
+    return a @ a.T / (2 * D) + 0.1 * np.eye(D)
+
+
+def inv_sqrt(r):
+    w, v = np.linalg.eigh(r)
+    return (v / np.sqrt(w)) @ v.T
+
+
+def unit(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((3, D)), rng.standard_normal((7, D))  # queries, train
+
+
+def scores(name, q, g, preconditioners):
+    spec = get_method(name)
+    tq = query_transform(spec, preconditioners)(torch.from_numpy(q))
+    tg = train_transform(spec, preconditioners)(torch.from_numpy(g))
+    return (tq @ tg.T).numpy()
+
+
+def test_each_rung_matches_its_formula(data):
+    q, g = data
+    r_train, r_mixed = spd(1), spd(2)
+    pre = {"train": EighPreconditioner(r_train), "mixed": EighPreconditioner(r_mixed)}
+    expected = {
+        "grad-dot": q @ g.T,
+        "grad-cos": unit(q) @ unit(g).T,
+        "trak": q @ np.linalg.inv(r_train) @ g.T,  # g_z^T R^-1 g_q
+        "opt-cos": unit(q) @ unit(g).T,
+        "r-train": unit(q @ inv_sqrt(r_train)) @ unit(g @ inv_sqrt(r_train)).T,
+        "trackstar": unit(q @ inv_sqrt(r_mixed)) @ unit(g @ inv_sqrt(r_mixed)).T,
+    }
+    assert [s.name for s in LADDER] == list(expected)
+    for name, want in expected.items():
+        np.testing.assert_allclose(scores(name, q, g, pre), want, rtol=1e-10, err_msg=name)
+
+
+def test_tables_per_rung():
+    assert {s.name for s in LADDER if s.table == "uncorrected"} == {"grad-dot", "grad-cos", "trak"}
+    assert {s.name for s in LADDER if s.table == "corrected"} == {"opt-cos", "r-train", "trackstar"}
+
+
+def test_errors():
+    with pytest.raises(TrackstarError, match="mixed"):
+        query_transform(METHODS["trackstar"], {"train": EighPreconditioner(spd(1))})
+    with pytest.raises(TrackstarError, match="unknown gradient method 'bogus'"):
+        get_method("bogus")
+    with pytest.raises(TrackstarError, match="preconditioner"):
+        MethodSpec("bad", "corrected", -0.5, -0.5, True, None)
+    cos = train_transform(METHODS["grad-cos"])
+    with pytest.raises(TrackstarError, match="zero or non-finite norm.*row 1"):
+        cos(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(TrackstarError, match="non-finite"):
+        cos(torch.tensor([[float("inf"), 0.0]]))

