@@ -38,7 +38,8 @@ def _open(db: Path):
 def print_table(table, fmt: str = "table") -> None:
     from .sql import format_table
 
-    click.echo(format_table(table, fmt))
+    text = format_table(table, fmt)
+    click.echo(text, nl=not text.endswith("\n"))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -104,7 +104,7 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     for name, key, rows in (("queries", "query_id", imported.queries), ("examples", "example_id", imported.examples)):
         have = db.ids(name, key)
         fresh = [i for i, value in enumerate(rows.column(key).to_pylist()) if value not in have]
-        db.append(name, rows.take(fresh))
+        db.append(name, rows.take(pa.array(fresh, pa.int64())))
     db.append("retrievals", imported.retrievals)
     db.record_run(run_id, method, {"imported_from": str(path)})
     return imported.retrievals.num_rows

@@ -1,0 +1,132 @@
+"""The command line as a user types it, end to end on the tiny world, and its error messages."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import trackstar_db
+from trackstar_db.cli import main
+from trackstar_db.world import generate_world
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """init -> ingest corpus/facts -> train -> ingest gradients -> fit -> retrieve -> tail-patch."""
+    root = tmp_path_factory.mktemp("cli")
+    world = generate_world(root / "world", seed=1, size="tiny")
+    db = root / "db"
+    run("init", db)
+    n = len(world.sentences_path.read_text().splitlines())
+    assert f"added {n} examples" in run("ingest", "corpus", db, world.sentences_path).output
+    assert f"added 0 examples ({n} already present" in run("ingest", "corpus", db, world.sentences_path).output
+    run("ingest", "facts", db, world.facts_path)
+    out = run("train", db, "--out", root / "model", "--epochs", 4).output
+    assert "frequency_bucket" in out and "accuracy" in out
+    run("ingest", "gradients", db, "--split", "train", "--dim", 1024, "--batch-size", 32)
+    run("ingest", "gradients", db, "--split", "queries", "--batch-size", 32)
+    assert "mixed" in run("fit", db).output
+    run("retrieve", db, "--method", "all", "--k", 20)
+    run("tail-patch", db, "--run", "trackstar", "--run", "bm25", "--k", 3, "--queries", 5)
+    return root
+
+
+def test_eval_table_covers_every_method(built):
+    rows = [json.loads(line) for line in run("eval", built / "db", "--format", "json").stdout.splitlines()]
+    methods = {r["method"] for r in rows}
+    assert {"bm25", "grad-dot", "grad-cos", "trak", "opt-cos", "r-train", "trackstar"} <= methods
+    by = {r["method"]: r for r in rows}
+    assert 0 < by["bm25"]["mrr"] <= 1 and by["trackstar"]["n_tailpatch_queries"] == 5
+    assert by["trackstar"]["tailpatch_at_3"] is not None and by["grad-dot"]["tailpatch_at_3"] is None
+    bucketed = run("eval", built / "db", "--by", "bucket", "--format", "csv").stdout
+    assert bucketed.splitlines()[0].startswith("method,run_id,frequency_bucket")
+
+
+def test_query_sql_and_python_api_agree(built):
+    db = trackstar_db.connect(built / "db")
+    fact = db.sql("SELECT q.prompt, q.target FROM queries q WHERE q.template = 'prompt0' ORDER BY query_id LIMIT 1")
+    prompt, target = fact.column("prompt")[0].as_py(), fact.column("target")[0].as_py()
+    api = db.query(prompt, target, k=5, method="trackstar")
+    assert api.column_names == ["kind", "rank", "example_id", "score", "text"]
+    assert api.num_rows == 10 and all(t for t in api.column("text").to_pylist())
+    cli = [json.loads(l) for l in run("query", built / "db", "--prompt", prompt, "--target", target, "--k", 5,
+                                      "--format", "json").stdout.splitlines()]
+    assert [r["example_id"] for r in cli] == api.column("example_id").to_pylist()
+    text = run("query", built / "db", "--prompt", prompt, "--target", target, "--method", "bm25").output
+    assert "proponents of" in text
+    assert db.table("examples").num_rows == db.sql("SELECT count(*) AS n FROM examples").column("n")[0].as_py()
+
+
+def test_sql_command_formats_and_refusals(built, tmp_path):
+    out = run("sql", built / "db", "SELECT count(*) AS n FROM examples", "--format", "csv").stdout
+    n = len((built / "world" / "trex_sentences.jsonl").read_text().splitlines())
+    assert out.splitlines() == ["n", str(n)]
+    assert "vector" not in run("sql", built / "db", "SELECT * FROM grads_train LIMIT 1").output
+    run("sql", built / "db", "SELECT * FROM retrievals", "--format", "parquet", "--out", tmp_path / "r.parquet")
+    assert (tmp_path / "r.parquet").stat().st_size > 0
+    for statement, message in [("DELETE FROM examples", "read-only"), ("SELEC 1", "syntax error"),
+                               ("SELECT * FROM nope", "nope"),
+                               (f"COPY examples TO '{tmp_path}/x.csv'", "read-only")]:
+        result = run("sql", built / "db", statement, ok=False)
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_export_import_round_trip_gives_identical_metrics(built, tmp_path):
+    path = tmp_path / "trackstar.jsonl"
+    run("export", built / "db", "--run", "trackstar", "--out", path)
+    record = json.loads(path.read_text().splitlines()[0])
+    assert {"inputs_plaintext", "proponents", "proponent_ids", "opponent_scores", "proponent_correct"} <= set(record)
+    run("import", built / "db", path, "--method", "trackstar", "--run", "trackstar-reimported")
+    rows = {r["run_id"]: r for r in map(json.loads, run("eval", built / "db", "--format", "json").stdout.splitlines())}
+    for key in ("mrr", "recall_at_10", "n_queries"):
+        assert rows["trackstar-reimported"][key] == pytest.approx(rows["trackstar"][key])
+    db = trackstar_db.connect(built / "db")
+    a = db.sql("SELECT query_id, kind, rank, example_id, score FROM retrievals WHERE run_id = 'trackstar' ORDER BY ALL")
+    b = db.sql("SELECT query_id, kind, rank, example_id, score FROM retrievals "
+               "WHERE run_id = 'trackstar-reimported' ORDER BY ALL")
+    assert a.equals(b)
+
+
+def test_report_writes_a_page(built, tmp_path):
+    out = run("report", built / "db", "--out", tmp_path / "report").output
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "index.html" in out and "<svg" in page and "trackstar" in page
+
+
+@pytest.mark.parametrize("args, message", [
+    (("info", "{missing}"), "no such database"),
+    (("eval", "{empty}"), None),
+    (("query", "{empty}", "--prompt", "a", "--target", "b"), "no examples"),
+    (("retrieve", "{empty}", "--method", "trackstar"), "no queries"),
+    (("ingest", "gradients", "{empty}"), "no model recorded"),
+    (("tail-patch", "{empty}", "--run", "x"), "no run 'x'"),
+    (("retrieve", "{empty}", "--method", "nonsense"), "unknown method"),
+    (("sql", "{empty}", "SELECT * FROM nope"), "tables:"),
+])
+def test_errors_are_one_clear_line(tmp_path, args, message):
+    run("init", tmp_path / "empty")
+    args = [a.format(missing=tmp_path / "missing", empty=tmp_path / "empty") for a in args]
+    result = run(*args, ok=message is None)
+    if message:
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_missing_model_directory_is_reported(built, tmp_path):
+    import shutil
+
+    shutil.copytree(built / "db", tmp_path / "db")
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    manifest["model"]["path"] = str(tmp_path / "gone")
+    (tmp_path / "db" / "manifest.json").write_text(json.dumps(manifest))
+    result = run("query", tmp_path / "db", "--prompt", "x was born in", "--target", "y", ok=False)
+    assert "model directory recorded in the manifest is missing" in result.output
