@@ -48,10 +48,10 @@ def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch
         column = column.combine_chunks()
     dim = column.type.list_size
     flat = column.flatten().to_numpy(zero_copy_only=False)
-    if dtype == "bfloat16":
-        tensor = torch.from_numpy(flat.view(np.int16).copy()).view(torch.bfloat16)
-    else:
-        with warnings.catch_warnings():  # read-only Arrow buffer; the tensor is never written
-            warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings():  # read-only Arrow buffer; the tensor is never written
+        warnings.simplefilter("ignore", UserWarning)
+        if dtype == "bfloat16":
+            tensor = torch.from_numpy(np.ascontiguousarray(flat).view(np.int16)).view(torch.bfloat16)
+        else:
             tensor = torch.from_numpy(np.ascontiguousarray(flat))
     return tensor.reshape(-1, dim).to(device=device, dtype=torch.float32)
