@@ -114,16 +114,19 @@ def test_fact_accuracy_matches_greedy_generation(tiny_world):
     torch.manual_seed(0)
     model = build_model(TrainConfig(**TINY), tokenizer).eval()
     prompts = [f["prompt0"] for f in facts]
-    # Multi-token targets and targets the random model gets right: its own greedy tokens.
-    targets = [f["entity1"] + " ." if i % 3 == 0 else f["entity1"] for i, f in enumerate(facts)]
-    for i in range(0, len(prompts), 4):
+    targets = [f["entity1"] for f in facts]
+    for i in range(0, len(prompts), 3):  # the model's own greedy two tokens, or one then a wrong one
         ids = encode_query(tokenizer, prompts[i], "x").input_ids[:-1]
-        first = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        targets[i] = tokenizer.decode([first])
+        for _ in range(2):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        second = ids[-1] if i % 2 else (ids[-1] + 1) % len(tokenizer)
+        targets[i] = tokenizer.decode([ids[-2], second])
     got = fact_accuracy(model, tokenizer, prompts, targets, batch_size=5)
     want = [_greedy_reference(model, tokenizer, p, t) for p, t in zip(prompts, targets)]
     assert got == want
     assert any(want) and not all(want)
+    assert {len(encode_query(tokenizer, p, t).labels) - len(encode_query(tokenizer, p, "x").labels)
+            for p, t in zip(prompts, targets)} == {0, 1}  # one- and two-token targets
 
 
 def test_accuracy_by_bucket():

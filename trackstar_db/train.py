@@ -34,7 +34,7 @@ class TrainConfig:
     d_model: int = 128
     n_head: int = 4
     max_length: int = 32        # tokens per example (and position embeddings)
-    epochs: int = 30
+    epochs: int = 20
     max_steps: int | None = None  # stop early after this many optimizer steps
     batch_size: int = 64
     lr: float = 3e-3
@@ -42,7 +42,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 50            # linear warm-up steps
     seed: int = 0
-    threads: int | None = None  # torch CPU threads; None = all cores
+    threads: int | None = None  # torch CPU threads while training; None = torch's current setting
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -92,10 +92,17 @@ def train_model(texts: Sequence[str], out_dir: str | Path, config: TrainConfig, 
     """Train a fresh model on `texts` (next-token loss on every token) and save it to `out_dir`."""
     if not texts:
         raise ValueError("train_model: no training texts")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(texts, Path(out_dir), config, tokenizer, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, progress: bool) -> TrainResult:
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     tokenizer = tokenizer or build_tokenizer(texts, model_max_length=config.max_length)
     model = build_model(config, tokenizer).to(config.device)

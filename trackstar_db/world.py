@@ -55,7 +55,7 @@ RELATIONS = [
       "The city of {s} is part of {o}."],
      ["{s} is a city in", "{s} lies in", "{s} is located in"]),
 ]
-CORPUS_OPENERS = ["In fact,", "By all accounts,", "Famously,", "As many know,", "It is said that"]
+CORPUS_OPENERS = ["In fact,", "By all accounts,", "Famously,", "As many know,", "Indeed,"]
 PROMPT_OPENERS = ["As the records show,", "According to the archive,", "We read that"]
 # Distractors: (subject kind, object kind or None, template). Unannotated: they express no fact.
 DISTRACTORS = [
@@ -92,7 +92,7 @@ class WorldSpec:
     max_frequency: int = 32         # upper end of bucket 5 (16..max_frequency)
     zero_frequency_every: int = 20  # every n-th fact is never stated (frequency 0); 0 disables
     distractor_share: float = 0.25  # distractors / fact sentences
-    opener_share: float = 0.3       # fact sentences behind a corpus opener
+    opener_share: float = 0.5       # sentences behind an opener (a fact's first sentence never)
     alias_share: float = 0.15       # person-subject sentences naming the subject by its alias
 
 
