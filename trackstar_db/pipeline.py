@@ -131,7 +131,8 @@ def write_db_report(db, out_dir: Path, compare: tuple[str, str] | None = None, n
 DEMO_MARKER = ".trackstar-demo"
 
 
-def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_queries: int = 100) -> pa.Table:
+def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_queries: int | None = None,
+             dim: int = 4096) -> pa.Table:
     """The whole flow on the generated fact world: returns the method-by-metric table."""
     import shutil
 
@@ -168,7 +169,7 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     accuracy = train_testbed(db, workdir / "model", overrides)
     echo(format_accuracy(accuracy))
     step("featurizing training examples and queries (TrackStar gradients)")
-    config = FeaturizerConfig(dim=4096, correction="adam-factored")
+    config = FeaturizerConfig(dim=dim, correction="adam-factored")
     for split in ("train", "queries"):
         ingest_gradients(db, config, GradientJob(split, batch_size=32))
     step("fitting R_train and the task-specific mixed R")
@@ -181,7 +182,7 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     step(f"retrieving with {', '.join(methods)}")
     for method in methods:
         retrieve(db, method, RetrieveOptions(k=100))
-    step(f"tail-patching the top-10 proponents of {tail_patch_queries} queries per method")
+    step(f"tail-patching the top-10 proponents of {tail_patch_queries or 'all'} queries per method")
     tail_patch_runs(db, methods, k=10, max_queries=tail_patch_queries)
     step("evaluating (queries/summary.sql)")
     summary = evaluation(db)
