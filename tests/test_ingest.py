@@ -91,7 +91,7 @@ def test_bad_line_names_file_and_line_and_keeps_previous_rows(db, tmp_path, kind
     bad = write_jsonl(tmp_path / "bad.jsonl", SENTENCES[1:], [line])
     with pytest.raises(RecordError) as info:
         ingest_corpus(db, [bad], CorpusOptions(batch_size=1), progress=False)
-    assert f"bad.jsonl:3: " in str(info.value) and message in str(info.value)
+    assert "bad.jsonl:3: " in str(info.value) and message in str(info.value)
     assert db.ids("examples", "example_id") == {"s1"}
     assert BM25Index(db.path).count() == 1
 

@@ -164,7 +164,7 @@ def ingest_gradients_cmd(db, split, device, batch_size, shard, dtype, dim, seed,
 @click.option("--seed", type=int, default=0, show_default=True)
 def train(db, out_dir, arch, epochs, seed):
     """Pretrain a small causal LM on DB's examples (AdamW), record it, report fact accuracy."""
-    from .pipeline import train_testbed
+    from .testbed import train_testbed
 
     handle = _open(db)
     overrides = {"architecture": arch, "seed": seed}
@@ -172,7 +172,7 @@ def train(db, out_dir, arch, epochs, seed):
         overrides["epochs"] = epochs
     accuracy = train_testbed(handle, out_dir, overrides)
     if accuracy is not None:
-        from .pipeline import format_accuracy
+        from .testbed import format_accuracy
 
         click.echo(format_accuracy(accuracy))
 
@@ -239,7 +239,7 @@ def tail_patch_cmd(db, run_ids, k, max_queries, device):
               help="Split by fact frequency bucket or by whether the model answers correctly.")
 def eval_cmd(db, fmt, by):
     """The method-by-metric table (MRR, recall@10, tail-patch), computed by queries/*.sql."""
-    from .pipeline import evaluation
+    from .analysis import evaluation
 
     print_table(evaluation(_open(db), by), fmt)
 
@@ -312,7 +312,7 @@ def export_cmd(db, run_id, out):
 @click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
 def import_cmd(db, file, method, run_id):
     """Load a results file in the authors' viewer format as a retrieval run."""
-    from .pipeline import import_run
+    from .exchange import import_run
 
     count = import_run(_open(db), file, method, run_id or method)
     click.echo(f"imported {count:,} retrieval rows as run {run_id or method}")
@@ -325,7 +325,7 @@ def import_cmd(db, file, method, run_id):
 @click.option("--samples", default=8, show_default=True, help="Queries shown side by side.")
 def report(db, out_dir, compare, samples):
     """Write a static HTML report (table, plots, side-by-side proponents)."""
-    from .pipeline import write_db_report
+    from .analysis import write_db_report
 
     click.echo(f"wrote {write_db_report(_open(db), out_dir, compare, samples)}")
 
@@ -338,7 +338,7 @@ def report(db, out_dir, compare, samples):
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def demo(workdir, size, seed, fmt):
     """Build the demo fact world, train a model on it, run every method and print the table."""
-    from .pipeline import run_demo
+    from .demo import run_demo
 
     summary = run_demo(workdir, size=size, seed=seed)
     print_table(summary, fmt)

@@ -16,7 +16,6 @@ import os
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import torch

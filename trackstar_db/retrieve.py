@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .bm25 import BM25Index
 from .errors import TrackstarError
@@ -117,7 +118,7 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     elif method == "embedding":
         rows = _embedding_run(db, options, _query_texts(query_rows, options.query_text)).to_arrow(
             query_ids, run_id, method)
-        rows = rows.filter(pa.compute.equal(rows.column("kind"), "proponent"))
+        rows = rows.filter(pc.equal(rows.column("kind"), "proponent"))
     else:
         rows = _gradient_run(db, method, options, query_rows).to_arrow(query_ids, run_id, method)
     db.append("retrievals", rows)
