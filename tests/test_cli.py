@@ -96,6 +96,17 @@ def test_export_import_round_trip_gives_identical_metrics(built, tmp_path):
     assert a.equals(b)
 
 
+def test_info_and_bm25_query_text_option(built):
+    info = run("info", built / "db").output
+    assert "grads_train_raw" in info and "adam-factored" in info and "model:" in info
+    run("retrieve", built / "db", "--method", "bm25", "--run", "bm25-prompt", "--query-text", "prompt", "--k", 5)
+    db = trackstar_db.connect(built / "db")
+    params = json.loads(db.sql("SELECT parameters FROM runs WHERE run_id = 'bm25-prompt'").column(0)[0].as_py())
+    assert params["query_text"] == "prompt" and params["k"] == 5
+    again = run("retrieve", built / "db", "--method", "bm25", "--run", "bm25-prompt", ok=False)
+    assert "exists" in again.output and again.exit_code == 1
+
+
 def test_report_writes_a_page(built, tmp_path):
     out = run("report", built / "db", "--out", tmp_path / "report").output
     page = (tmp_path / "report" / "index.html").read_text()

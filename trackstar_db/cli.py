@@ -204,7 +204,9 @@ def fit(db, mix, kind, damping, crossing_k, template):
 @click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
-def retrieve(db, methods, k, run_id, template, device, replace):
+@click.option("--query-text", type=click.Choice(["prompt+target", "prompt"]), default="prompt+target", show_default=True,
+              help="What BM25 and the embedding baseline search with.")
+def retrieve(db, methods, k, run_id, template, device, replace, query_text):
     """Retrieve proponents for the database's queries with one or more methods."""
     from .retrieve import ALL_METHODS, RetrieveOptions, retrieve as run_retrieval
 
@@ -212,7 +214,8 @@ def retrieve(db, methods, k, run_id, template, device, replace):
     names = [m for name in methods for m in (ALL_METHODS if name == "all" else [name])]
     if run_id and len(names) > 1:
         raise TrackstarError("--run names one run; give one --method with it")
-    options = RetrieveOptions(k=k, template=None if template == "all" else template, device=device)
+    options = RetrieveOptions(k=k, template=None if template == "all" else template, device=device,
+                              query_text=query_text)
     for name in names:
         run, rows = run_retrieval(handle, name, options, run_id, replace)
         click.echo(f"run {run}: {rows.num_rows:,} rows")
