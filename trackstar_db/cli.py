@@ -198,7 +198,8 @@ def fit(db, mix, kind, damping, crossing_k, template):
 @main.command()
 @DB_ARG
 @click.option("--method", "methods", multiple=True, required=True,
-              help="grad-dot, grad-cos, trak, opt-cos, r-train, trackstar, bm25 or embedding; repeatable; 'all'.")
+              help="grad-dot, grad-cos, trak, opt-cos, r-train, trackstar, bm25 or embedding; repeatable; "
+                   "'all' (every method whose needs are installed).")
 @click.option("--k", default=100, show_default=True, help="Proponents (and opponents) kept per query.")
 @click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
 @click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
@@ -211,7 +212,12 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text):
     from .retrieve import ALL_METHODS, RetrieveOptions, retrieve as run_retrieval
 
     handle = _open(db)
-    names = [m for name in methods for m in (ALL_METHODS if name == "all" else [name])]
+    from .retrieval import embedding
+
+    everything = [m for m in ALL_METHODS if m != "embedding" or embedding.available()]
+    if "all" in methods and len(everything) < len(ALL_METHODS):
+        click.echo("skipping the embedding baseline: pip install 'trackstar-db[embedding]' to add it", err=True)
+    names = [m for name in methods for m in (everything if name == "all" else [name])]
     if run_id and len(names) > 1:
         raise TrackstarError("--run names one run; give one --method with it")
     options = RetrieveOptions(k=k, template=None if template == "all" else template, device=device,
