@@ -183,7 +183,7 @@ def train(db, out_dir, arch, epochs, seed):
               help="task: mix R_eval of the queries into R_train (TrackStar); train: R_train only.")
 @click.option("--kind", type=click.Choice(["block", "dense"]), default="block", show_default=True,
               help="Block-diagonal per tracked matrix, or one dense R.")
-@click.option("--damping", type=float, default=1e-3, show_default=True, help="Added to eigenvalues, times their mean.")
+@click.option("--damping", type=float, default=0.1, show_default=True, help="Added to eigenvalues, times their mean.")
 @click.option("--crossing-k", type=int, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
 @click.option("--template", default="prompt0", show_default=True, help="Queries whose gradients form R_eval.")
 def fit(db, mix, kind, damping, crossing_k, template):
