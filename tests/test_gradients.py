@@ -81,6 +81,7 @@ def test_interrupted_run_resumes_to_the_clean_result(tiny_db):
     ingest_gradients(tiny_db, None, job, progress=False)  # settings come from the manifest
     ids, resumed, _ = vectors_by_id(tiny_db, "grads_train")
     assert len(ids) == len(set(ids)) == tiny_db.count("examples")
+    assert len(tiny_db.dataset("grads_train").get_fragments()) == 1  # commits compacted at the end
     again = ingest_gradients(tiny_db, None, job, progress=False)
     assert again["rows"] == 0
 

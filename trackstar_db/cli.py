@@ -122,7 +122,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @ingest.command("gradients")
 @DB_ARG
 @click.option("--split", type=click.Choice(["train", "queries"]), default="train", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
@@ -203,7 +203,7 @@ def fit(db, mix, kind, damping, crossing_k, template):
 @click.option("--k", default=100, show_default=True, help="Proponents (and opponents) kept per query.")
 @click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
 @click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
 @click.option("--query-text", type=click.Choice(["prompt+target", "prompt"]), default="prompt+target", show_default=True,
               help="What BM25 and the embedding baseline search with.")
@@ -220,7 +220,9 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text):
     names = [m for name in methods for m in (everything if name == "all" else [name])]
     if run_id and len(names) > 1:
         raise TrackstarError("--run names one run; give one --method with it")
-    options = RetrieveOptions(k=k, template=None if template == "all" else template, device=device,
+    from .gradients import auto_device
+
+    options = RetrieveOptions(k=k, template=None if template == "all" else template, device=auto_device(device),
                               query_text=query_text)
     for name in names:
         run, rows = run_retrieval(handle, name, options, run_id, replace)
@@ -232,12 +234,14 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text):
 @click.option("--run", "run_ids", multiple=True, required=True, help="Retrieval run(s) to patch; repeatable.")
 @click.option("--k", default=10, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
 @click.option("--queries", "max_queries", type=int, default=None, help="Patch a deterministic sample of this many queries.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 def tail_patch_cmd(db, run_ids, k, max_queries, device):
     """Influence: one optimizer step on each proponent, the change in P(target | prompt)."""
     from .influence import tail_patch_runs
 
-    rows = tail_patch_runs(_open(db), list(run_ids), k, max_queries, device)
+    from .gradients import auto_device
+
+    rows = tail_patch_runs(_open(db), list(run_ids), k, max_queries, auto_device(device))
     click.echo(f"{rows.num_rows:,} tail-patch measurements for {', '.join(run_ids)}")
 
 
@@ -259,13 +263,15 @@ def eval_cmd(db, fmt, by):
 @click.option("--target", required=True, help="The continuation to attribute, e.g. 'Paris'.")
 @click.option("--method", default="trackstar", show_default=True)
 @click.option("--k", default=10, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
 def query(db, prompt, target, method, k, device, fmt):
     """Attribute one prompt and target: proponents and opponents with their texts."""
     from .highlight import to_terminal
 
-    rows = _open(db).query(prompt, target, k=k, method=method, device=device)
+    from .gradients import auto_device
+
+    rows = _open(db).query(prompt, target, k=k, method=method, device=auto_device(device))
     if fmt != "text":
         print_table(rows, fmt)
         return

@@ -78,7 +78,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def auto_device(device: str) -> str:
-    """'cuda' under a multi-process launcher means this process's GPU (LOCAL_RANK)."""
+    """'auto': a GPU when one is present; 'cuda' under a multi-process launcher means this
+    process's GPU (LOCAL_RANK)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
@@ -229,6 +232,9 @@ def ingest_gradients(db, config: FeaturizerConfig | None, job: GradientJob, prog
         bar.set_postfix_str(f"{totals['tokens'] / elapsed:,.0f} tok/s")
     commit()
     bar.close()
+    if job.shard == (0, 1) and totals["rows"]:
+        for name in variants.values():  # merge the per-commit fragments; shards leave it to the last run
+            db.lance_table(name).optimize()
     totals["seconds"] = time.perf_counter() - start
     totals["tables"] = {name: db.count(name) for name in variants.values()}
     return totals
