@@ -47,6 +47,8 @@ def test_eval_table_covers_every_method(built):
     assert by["trackstar"]["tailpatch_at_3"] is not None and by["grad-dot"]["tailpatch_at_3"] is None
     bucketed = run("eval", built / "db", "--by", "bucket", "--format", "csv").stdout
     assert bucketed.splitlines()[0].startswith("method,run_id,frequency_bucket")
+    api = trackstar_db.connect(built / "db").evaluate()
+    assert api.column("mrr").to_pylist() == [r["mrr"] for r in rows]
 
 
 def test_query_sql_and_python_api_agree(built):

@@ -186,6 +186,12 @@ class Database:
         with ReadOnlySQL(self.views(vectors)) as con:
             return con.run(text)
 
+    def evaluate(self, by: str = "method") -> pa.Table:
+        """The method-by-metric table (queries/summary*.sql); by='bucket' or 'correct' splits it."""
+        from .analysis import evaluation
+
+        return evaluation(self, by)
+
     def query(self, prompt: str, target: str, k: int = 10, method: str = "trackstar", device: str = "cpu") -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id, score, text)"""
         from .adhoc import attribute

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm.auto import tqdm
 
 from .bm25 import BM25Index
 from .errors import TrackstarError
@@ -78,7 +79,16 @@ def _gradient_run(db, method: str, options: RetrieveOptions, query_rows: pa.Tabl
     q = query_transform(spec, preconditioners)(q)
     batches = vector_batches(db.dataset(train_table), dtype=db.manifest["gradient_tables"][train_table]["dtype"],
                              batch_size=options.batch_rows, device=options.device)
-    return search(q, batches, options.k, transform=train_transform(spec, preconditioners))
+    return search(q, scan_progress(batches, db.count(train_table), method), options.k,
+                  transform=train_transform(spec, preconditioners))
+
+
+def scan_progress(batches, total: int, label: str):
+    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned."""
+    with tqdm(total=total, desc=f"scan {label}", unit=" ex", leave=False) as bar:
+        for ids, x in batches:
+            yield ids, x
+            bar.update(len(ids))
 
 
 def example_embeddings(db, device: str = "cpu"):
@@ -92,7 +102,7 @@ def example_embeddings(db, device: str = "cpu"):
 
 
 def _embedding_run(db, options: RetrieveOptions, texts: list[str]):
-    batches = example_embeddings(db, options.device)
+    batches = scan_progress(example_embeddings(db, options.device), db.count("examples"), "embedding")
     return search(embedding.embed(texts, device=options.device), batches, options.k, opponents=False)
 
 
