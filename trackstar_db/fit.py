@@ -17,7 +17,7 @@ import torch
 from .errors import TrackstarError
 from .featurizer.config import Layout
 from .featurizer.preconditioner import DEFAULT_DAMPING, Preconditioner, fit_preconditioner
-from .retrieval.topk import vector_batches
+from .retrieval.topk import scan_progress, vector_batches
 
 NAMES = {"train": ("grads_train", None), "mixed": ("grads_train", "grads_queries"),
          "train_raw": ("grads_train_raw", None)}
@@ -57,7 +57,8 @@ def query_ids_of_template(db, template: str | None) -> set[str] | None:
 def stream(db, table: str, keep: set[str] | None = None, batch_size: int = 8192):
     """[batch, d] float32 vectors of a gradient table, optionally only the ids in `keep`."""
     dtype = db.manifest["gradient_tables"][table]["dtype"]
-    for ids, x in vector_batches(db.dataset(table), dtype=dtype, batch_size=batch_size):
+    batches = vector_batches(db.dataset(table), dtype=dtype, batch_size=batch_size)
+    for ids, x in scan_progress(batches, db.count(table), f"R from {table}"):
         if keep is not None:
             mask = torch.tensor([i in keep for i in ids], dtype=torch.bool)
             x = x[mask]

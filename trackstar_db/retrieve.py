@@ -13,14 +13,13 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from .bm25 import BM25Index
 from .errors import TrackstarError
 from .fit import preconditioners_for
 from .retrieval import embedding
 from .retrieval.methods import METHODS, get_method, query_transform, train_transform
-from .retrieval.topk import search, vector_batches
+from .retrieval.topk import scan_progress, search, vector_batches
 from .vectors import to_torch
 
 BASELINES = ("bm25", "embedding")
@@ -81,14 +80,6 @@ def _gradient_run(db, method: str, options: RetrieveOptions, query_rows: pa.Tabl
                              batch_size=options.batch_rows, device=options.device)
     return search(q, scan_progress(batches, db.count(train_table), method), options.k,
                   transform=train_transform(spec, preconditioners))
-
-
-def scan_progress(batches, total: int, label: str):
-    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned."""
-    with tqdm(total=total, desc=f"scan {label}", unit=" ex", leave=False) as bar:
-        for ids, x in batches:
-            yield ids, x
-            bar.update(len(ids))
 
 
 def example_embeddings(db, device: str = "cpu"):

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
 
 from .. import schema as _schema
 from .. import vectors as _vectors
@@ -167,3 +168,11 @@ def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vec
         if vectors.null_count:
             raise TrackstarError(f"vector batches: {vectors.null_count} null vectors in column {vector_column!r}")
         yield batch.column(id_column).to_pylist(), _vectors.to_torch(vectors, dtype, device)
+
+
+def scan_progress(batches, total: int, label: str):
+    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned."""
+    with tqdm(total=total, desc=f"scan {label}", unit=" ex", leave=False) as bar:
+        for ids, x in batches:
+            yield ids, x
+            bar.update(len(ids))
