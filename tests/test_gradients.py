@@ -155,3 +155,16 @@ def test_changing_the_model_under_stored_gradients_is_refused(tiny_db, tmp_path)
     (tmp_path / "changed" / "config.json").write_text((tmp_path / "changed" / "config.json").read_text())
     with pytest.raises(TrackstarError, match="fingerprint"):
         tiny_db.set_model(tmp_path / "changed")
+
+
+def test_corpus_ingest_counts_tokens_once_a_model_is_recorded(tiny_db, tmp_path):
+    import json
+
+    from trackstar_db.corpus import ingest_corpus
+
+    path = tmp_path / "more.jsonl"
+    path.write_text(json.dumps({"sentence_id": "new-1", "text": "a b c"}) + "\n")
+    ingest_corpus(tiny_db, [path], progress=False)
+    row = tiny_db.table("examples", filter="example_id = 'new-1'").to_pylist()[0]
+    _, tokenizer = tiny_db.load_model()
+    assert row["n_tokens"] == len(tokenizer("a b c", add_special_tokens=False)["input_ids"]) == 3

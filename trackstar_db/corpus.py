@@ -84,6 +84,16 @@ def to_row(record: dict, path: Path, line: int, options: CorpusOptions) -> dict:
     }
 
 
+def _tokenizer(db):
+    """The database model's tokenizer, for n_tokens; None before a model is recorded."""
+    model = db.manifest.get("model")
+    if not model:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model["tokenizer"], local_files_only=True)
+
+
 def sync_bm25(db) -> int:
     """Index examples the BM25 index lacks (after a run killed between its two commits)."""
     index = BM25Index(db.path)
@@ -114,8 +124,14 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
     new_texts: list[str] = []
     pending: list[dict] = []
 
+    tokenizer = _tokenizer(db)
+
     def flush():
         if pending:
+            if tokenizer is not None:
+                counts = tokenizer([row["text"] for row in pending], add_special_tokens=False)["input_ids"]
+                for row, ids in zip(pending, counts):
+                    row["n_tokens"] = len(ids)
             db.append("examples", pa.Table.from_pylist(pending))
             pending.clear()
 
