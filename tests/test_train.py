@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trackstar_db import optimizer_state
 from trackstar_db.tokenize import encode_query
-from trackstar_db.train import TrainConfig, accuracy_by_bucket, build_model, fact_accuracy, lr_factor, train_model
+from trackstar_db.train import TrainConfig, build_model, fact_accuracy, lr_factor, train_model
 from trackstar_db.vocab import build_tokenizer
 from trackstar_db.world import generate_world
 
@@ -127,11 +127,3 @@ def test_fact_accuracy_matches_greedy_generation(tiny_world):
     assert any(want) and not all(want)
     assert {len(encode_query(tokenizer, p, t).labels) - len(encode_query(tokenizer, p, "x").labels)
             for p, t in zip(prompts, targets)} == {0, 1}  # one- and two-token targets
-
-
-def test_accuracy_by_bucket():
-    table = accuracy_by_bucket([True, False, True, True], [2, 2, 5, 0])
-    assert list(table) == [0, 2, 5]
-    assert table[2] == {"n": 2, "correct": 1, "accuracy": 0.5}
-    with pytest.raises(ValueError):
-        accuracy_by_bucket([True], [1, 2])

@@ -22,7 +22,7 @@ from .tokenize import collate, encode_query, pad_id
 
 def _featurizer(db, raw: bool, device: str):
     """A featurizer for the stored settings, cached on the database handle between calls."""
-    cache = db.__dict__.setdefault("_featurizers", {})
+    cache = db.featurizers
     if (raw, device) not in cache:
         config = stored_config(db)
         if config is None:
@@ -62,15 +62,13 @@ def attribute(db, prompt: str, target: str, method: str = "trackstar", k: int = 
         batches = example_embeddings(db, device)
         rows = search(embedding.embed([text], device=device), batches, k, opponents=False).to_arrow(
             ["adhoc"], "adhoc", method)
-        rows = rows.filter(pc.equal(rows.column("kind"), "proponent"))
     else:
         rows = _gradient_hits(db, method, prompt, target, k, device)
     rows = rows.select(["kind", "rank", "example_id", "score"])
     ids = rows.column("example_id").to_pylist()
     if not ids:
         return rows.append_column("text", pa.array([], pa.string()))
-    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in set(ids))
-    texts = db.table("examples", columns=["example_id", "text"], filter=f"example_id IN ({quoted})")
+    texts = db.table("examples", columns=["example_id", "text"], filter=pc.field("example_id").isin(sorted(set(ids))))
     lookup = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
     return rows.append_column("text", pa.array([lookup.get(i) for i in ids], pa.string()))
 

@@ -309,15 +309,10 @@ def sql(db, statement, fmt, out, vectors):
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON lines file to write.")
 def export_cmd(db, run_id, out):
     """Write a run in the authors' viewer format (JSON lines), for their public viewer."""
-    from .viewer_format import export_viewer
+    from .exchange import export_run
 
     handle = _open(db)
-    if run_id not in handle.ids("runs", "run_id"):
-        raise TrackstarError(f"no run {run_id!r}")
-    escaped = run_id.replace("'", "''")
-    path = export_viewer(handle.table("retrievals", filter=f"run_id = '{escaped}'"), handle.dataset("queries"),
-                         handle.dataset("examples"), handle.dataset("facts"), handle.dataset("ground_truth"), out)
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {export_run(handle, run_id, out)}")
 
 
 @main.command("import")

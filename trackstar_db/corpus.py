@@ -86,12 +86,11 @@ def to_row(record: dict, path: Path, line: int, options: CorpusOptions) -> dict:
 
 def _tokenizer(db):
     """The database model's tokenizer, for n_tokens; None before a model is recorded."""
-    model = db.manifest.get("model")
-    if not model:
+    if not db.manifest.get("model"):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model["tokenizer"], local_files_only=True)
+    return AutoTokenizer.from_pretrained(db.model_info()["tokenizer"], local_files_only=True)
 
 
 def sync_bm25(db) -> int:

@@ -28,6 +28,7 @@ class Database:
         self.path = Path(path)
         self.manifest = _manifest.read(self.path)
         self._lance = lancedb.connect(str(self.path / "tables"))
+        self.featurizers: dict = {}  # (raw, device) -> (Featurizer, tokenizer), filled by adhoc queries
 
     # -- creation -----------------------------------------------------------------------
     @classmethod
@@ -111,8 +112,9 @@ class Database:
         """The Lance dataset behind a table (a pyarrow Dataset: scannable by DuckDB and in batches)."""
         return self.lance_table(name).to_lance()
 
-    def table(self, name: str, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
-        """A whole table (or some columns / rows) as Arrow."""
+    def table(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        """A whole table (or some columns / rows) as Arrow; `filter` is a pyarrow.compute
+        expression, e.g. pc.field("template") == "prompt0" (never a string built from input)."""
         return self.dataset(name).to_table(columns=columns, filter=filter)
 
     def count(self, name: str) -> int:
@@ -152,7 +154,9 @@ class Database:
         }))
 
     def delete_rows(self, name: str, column: str, value: str) -> None:
-        """Delete the rows whose `column` equals `value` (e.g. one run's retrievals)."""
+        """Delete the rows whose `column` equals `value` (e.g. one run's retrievals).
+
+        Lance's delete takes only a SQL predicate: the one place a literal is quoted."""
         escaped = value.replace("'", "''")
         self.lance_table(name).delete(f"{column} = '{escaped}'")
 

@@ -1,12 +1,15 @@
-"""Moving retrieval runs into a database from the authors' viewer format (export: viewer_format)."""
+"""Moving retrieval runs in and out of a database in the authors' viewer format (viewer_format.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from .bm25 import BM25Index
 from .errors import TrackstarError
+from .facts import rebuild_ground_truth
 
 
 def import_run(db, path: Path, method: str, run_id: str) -> int:
@@ -16,10 +19,34 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     if run_id in db.ids("runs", "run_id"):
         raise TrackstarError(f"run {run_id!r} exists; pick another --run name")
     imported = import_viewer(path, method, run_id)
-    for name, key, rows in (("queries", "query_id", imported.queries), ("examples", "example_id", imported.examples)):
-        have = db.ids(name, key)
-        fresh = [i for i, value in enumerate(rows.column(key).to_pylist()) if value not in have]
-        db.append(name, rows.take(pa.array(fresh, pa.int64())))
-    db.append("retrievals", imported.retrievals)
-    db.record_run(run_id, method, {"imported_from": str(path)})
+    tables = ("queries", "examples", "retrievals", "runs")
+    versions = {name: db.version(name) for name in tables}
+    try:
+        fresh = {}
+        for name, key, rows in (("queries", "query_id", imported.queries),
+                                ("examples", "example_id", imported.examples)):
+            have = db.ids(name, key)
+            keep = [i for i, value in enumerate(rows.column(key).to_pylist()) if value not in have]
+            fresh[name] = rows.take(pa.array(keep, pa.int64()))
+            db.append(name, fresh[name])
+        db.append("retrievals", imported.retrievals)
+        db.record_run(run_id, method, {"imported_from": str(path)})
+        examples = fresh["examples"]
+        if examples.num_rows:  # new texts join the BM25 index and the ground truth like ingested ones
+            BM25Index(db.path).add(examples.column("example_id").to_pylist(), examples.column("text").to_pylist())
+            rebuild_ground_truth(db)
+    except BaseException:
+        for name, version in versions.items():
+            db.restore(name, version)
+        raise
     return imported.retrievals.num_rows
+
+
+def export_run(db, run_id: str, path: Path) -> Path:
+    """Write one run as viewer JSON lines (proponents, opponents, texts, proponent_correct)."""
+    from .viewer_format import export_viewer
+
+    if run_id not in db.ids("runs", "run_id"):
+        raise TrackstarError(f"no run {run_id!r}; runs: {', '.join(sorted(db.ids('runs', 'run_id'))) or 'none'}")
+    return export_viewer(db.table("retrievals", filter=pc.field("run_id") == run_id), db.dataset("queries"),
+                         db.dataset("examples"), db.dataset("facts"), db.dataset("ground_truth"), path)

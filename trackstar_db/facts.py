@@ -121,9 +121,9 @@ SELECT DISTINCT fact_id, example_id FROM (
 
 def rebuild_ground_truth(db) -> int:
     """Recompute ground_truth from examples and facts; returns its row count."""
-    con = duckdb.connect()
-    con.register("examples", db.table("examples", columns=["example_id", "fact_triples"]))
-    con.register("facts", db.table("facts", columns=["fact_id", "fact_key", "trex_sentences"]))
-    pairs = con.sql(GROUND_TRUTH_SQL).to_arrow_table()
+    with duckdb.connect() as con:
+        con.register("examples", db.table("examples", columns=["example_id", "fact_triples"]))
+        con.register("facts", db.table("facts", columns=["fact_id", "fact_key", "trex_sentences"]))
+        pairs = con.sql(GROUND_TRUTH_SQL).to_arrow_table()
     db.replace("ground_truth", pairs)
     return pairs.num_rows

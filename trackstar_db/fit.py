@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 
 from .errors import TrackstarError
@@ -47,7 +48,7 @@ def preconditioners_for(db, spec) -> dict[str, Preconditioner]:
 def query_ids_of_template(db, template: str | None) -> set[str] | None:
     if template is None:
         return None
-    rows = db.table("queries", columns=["query_id"], filter=f"template = '{template}'")
+    rows = db.table("queries", columns=["query_id"], filter=pc.field("template") == template)
     ids = set(rows.column("query_id").to_pylist())
     if not ids:
         raise TrackstarError(f"no queries with template {template!r}")
@@ -90,6 +91,8 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
         fitted[name] = dict(pre.params, template=template if query_table else None, file=str(path.name))
     if not fitted:
         raise TrackstarError(f"{db.path}: no gradient tables to fit (found: {', '.join(db.table_names())})")
+    for name in set(NAMES) - set(fitted):  # an R from an earlier fit would silently serve a rung
+        preconditioner_path(db, name).unlink(missing_ok=True)
     db.manifest["preconditioners"] = fitted
     db.save_manifest()
     return fitted

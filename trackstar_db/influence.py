@@ -36,7 +36,7 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
     model, tokenizer = db.load_model(device)
 
     retrievals = db.table("retrievals", columns=["run_id", "query_id", "kind", "rank", "example_id"],
-                          filter=f"kind = 'proponent' AND rank <= {int(k)}")
+                          filter=(pc.field("kind") == "proponent") & (pc.field("rank") <= int(k)))
     retrievals = retrievals.filter(pc.is_in(retrievals.column("run_id"), pa.array(run_ids)))
     keep = _sample(retrievals.column("query_id").to_pylist(), max_queries)
     retrievals = retrievals.filter(pc.is_in(retrievals.column("query_id"), pa.array(sorted(keep), pa.string())))
@@ -45,6 +45,13 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
     examples = db.table("examples", columns=["example_id", "text"])
     examples = examples.filter(pc.is_in(examples.column("example_id"), wanted))
     texts = dict(zip(examples.column("example_id").to_pylist(), examples.column("text").to_pylist()))
+    missing = set(wanted.to_pylist()) - set(texts)
+    if missing:
+        raise TrackstarError(f"{len(missing)} retrieved examples are not in the examples table (first "
+                             f"{sorted(missing)[0]!r}); ingest their corpus or import a results file with texts")
+    unknown = set(retrievals.column("query_id").to_pylist()) - set(queries)
+    if unknown:
+        raise TrackstarError(f"{len(unknown)} retrieved queries are not in the queries table (first {sorted(unknown)[0]!r})")
 
     runs: dict[str, dict[str, list]] = {run_id: {} for run_id in run_ids}
     for row in retrievals.to_pylist():

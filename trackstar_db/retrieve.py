@@ -37,7 +37,7 @@ class RetrieveOptions:
 
 def _queries(db, template: str | None) -> pa.Table:
     rows = db.table("queries", columns=["query_id", "prompt", "target"],
-                    filter=f"template = '{template}'" if template else None)
+                    filter=pc.field("template") == template if template else None)
     if rows.num_rows == 0:
         raise TrackstarError(f"{db.path}: no queries" + (f" with template {template!r}" if template else ""))
     return rows.sort_by("query_id")
@@ -104,11 +104,8 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     if method not in ALL_METHODS:
         raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
     run_id = run_id or method
-    if run_id in db.ids("runs", "run_id"):
-        if not replace:
-            raise TrackstarError(f"run {run_id!r} exists; pick another --run name or pass --replace")
-        for table in ("retrievals", "tail_patch", "runs"):
-            db.delete_rows(table, "run_id", run_id)
+    if run_id in db.ids("runs", "run_id") and not replace:
+        raise TrackstarError(f"run {run_id!r} exists; pick another --run name or pass --replace")
     query_rows = _queries(db, options.template)
     query_ids = query_rows.column("query_id").to_pylist()
     if method == "bm25":
@@ -116,9 +113,11 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     elif method == "embedding":
         rows = _embedding_run(db, options, _query_texts(query_rows, options.query_text)).to_arrow(
             query_ids, run_id, method)
-        rows = rows.filter(pc.equal(rows.column("kind"), "proponent"))
     else:
         rows = _gradient_run(db, method, options, query_rows).to_arrow(query_ids, run_id, method)
+    # Only now that the new rows exist are the old ones (and any orphans of a killed run) dropped.
+    for table in ("retrievals", "tail_patch", "runs"):
+        db.delete_rows(table, "run_id", run_id)
     db.append("retrievals", rows)
     parameters = asdict(options)
     if method in METHODS:

@@ -49,20 +49,18 @@ GROUP BY ALL ORDER BY f.frequency_bucket
 """
 
 
-def accuracy_by_bucket(db) -> pa.Table:
+def accuracy_table(db) -> pa.Table:
     """Accuracy of the model on prompt0 queries, by fact frequency bucket."""
-    import duckdb
-
-    con = duckdb.connect()
-    for name in ("predictions", "queries", "facts"):
-        con.register(name, db.table(name))
-    return con.sql(ACCURACY_SQL).to_arrow_table()
+    return db.sql(ACCURACY_SQL)
 
 
 def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bool = True) -> pa.Table | None:
     """Train the testbed model on the examples, record it in the manifest, score the queries."""
     from .train import TrainConfig, train_model
 
+    if db.manifest["gradient_tables"]:
+        raise TrackstarError(f"{db.path}: holds gradients of model {db.manifest['model']['fingerprint']}; "
+                             "training another model would orphan them - use a new database")
     texts = db.table("examples", columns=["text"]).column("text").to_pylist()
     if not texts:
         raise TrackstarError(f"{db.path}: no examples to train on; run 'trackstar-db ingest corpus' first")
@@ -73,7 +71,7 @@ def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bo
     if db.count("queries") == 0:
         return None
     score_predictions(db)
-    return accuracy_by_bucket(db)
+    return accuracy_table(db)
 
 
 def format_accuracy(table: pa.Table) -> str:

@@ -179,16 +179,3 @@ def fact_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[st
     model.train(was_training)
     return correct
 
-
-def accuracy_by_bucket(correct: Sequence[bool], buckets: Sequence[int]) -> dict[int, dict]:
-    """{bucket: {"n": queries, "correct": count, "accuracy": fraction}}, buckets in ascending order."""
-    if len(correct) != len(buckets):
-        raise ValueError(f"accuracy_by_bucket: {len(correct)} results but {len(buckets)} buckets")
-    table: dict[int, dict] = {}
-    for ok, bucket in sorted(zip(correct, buckets), key=lambda pair: pair[1]):
-        row = table.setdefault(int(bucket), {"n": 0, "correct": 0})
-        row["n"] += 1
-        row["correct"] += int(bool(ok))
-    for row in table.values():
-        row["accuracy"] = row["correct"] / row["n"]
-    return table
