@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from trackstar_db.errors import TrackstarError
-from trackstar_db.retrieval.methods import LADDER, METHODS, MethodSpec, get_method, query_transform, train_transform
+from trackstar_db.retrieval.methods import (LADDER, METHODS, MethodSpec, get_method, query_transform, train_transform,
+                                            unit_normalize)
 
 D = 6
 
@@ -82,3 +83,13 @@ def test_errors():
         cos(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     with pytest.raises(TrackstarError, match="non-finite"):
         cos(torch.tensor([[float("inf"), 0.0]]))
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_unit_normalize_names_bad_row(bad):
+    x = torch.randn(4, 8)
+    x[2] = bad if bad != 0.0 else 0.0
+    with pytest.raises(ValueError, match="row 2"):
+        unit_normalize(x)
+    good = unit_normalize(torch.randn(3, 8))
+    torch.testing.assert_close(good.norm(dim=1), torch.ones(3))

@@ -10,7 +10,6 @@ and its metadata (all strings) records: optimizer ('adamw' | 'adam' | 'adafactor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +87,3 @@ def load(path: str | Path) -> OptimizerState:
         raise ValueError(f"{path}: optimizer metadata lacks field {exc.args[0]!r}") from None
     state.tensors = load_file(str(path))
     return state
-
-
-def describe(state: OptimizerState) -> str:
-    return json.dumps({"optimizer": state.optimizer, "step": state.step, "lr": state.lr})

@@ -15,8 +15,6 @@ import pyarrow as pa
 
 from .resources import data_dir
 
-SCHEMA_VERSION = 1
-
 _SCALARS = {
     "string": pa.string(),
     "bool": pa.bool_(),

@@ -2,12 +2,12 @@
 preconditioner R fitted on them. See docs/METHOD.md section 1."""
 
 from .config import Block, FeaturizerConfig, Layout, plan_layout
-from .per_example import FeaturizeOutput, Featurizer, unit_normalize
+from .per_example import FeaturizeOutput, Featurizer
 from .preconditioner import Preconditioner, fit_preconditioner
 from .projection import Projections, projection_matrix
 from .second_moment import SecondMoment, build_second_moment
 from .tracked import TrackedMatrix, find_tracked
 
 __all__ = ["Block", "FeaturizerConfig", "Layout", "plan_layout", "FeaturizeOutput", "Featurizer",
-           "unit_normalize", "Preconditioner", "fit_preconditioner", "Projections", "projection_matrix", "SecondMoment", "build_second_moment",
+           "Preconditioner", "fit_preconditioner", "Projections", "projection_matrix", "SecondMoment", "build_second_moment",
            "TrackedMatrix", "find_tracked"]

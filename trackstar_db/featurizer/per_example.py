@@ -108,13 +108,3 @@ class Featurizer:
         if self.also_uncorrected and self.second_moment is None:
             out["uncorrected"] = out["corrected"].clone()
         return FeaturizeOutput({k: v.cpu() for k, v in out.items()}, loss.float().cpu(), n_tokens.cpu())
-
-
-def unit_normalize(vectors: torch.Tensor) -> torch.Tensor:
-    """[batch, dim] -> rows divided by their L2 norm; ValueError naming the first bad row."""
-    norms = vectors.float().norm(dim=1, keepdim=True)
-    bad = (~torch.isfinite(norms[:, 0])) | (norms[:, 0] == 0)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"unit_normalize: row {row} has norm {float(norms[row, 0])} (zero or non-finite)")
-    return vectors / norms

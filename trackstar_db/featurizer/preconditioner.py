@@ -95,6 +95,7 @@ class Preconditioner:
         self.params = {"lambda": float(lam), "k": int(k), "damping": float(damping),
                        "n_train": int(n_train), "n_eval": int(n_eval), "kind": kind}
         self._powers: dict[float, list[torch.Tensor]] = {}
+        self._placed: dict[tuple, list[torch.Tensor]] = {}  # (power, device, dtype) -> blocks
 
     @classmethod
     def from_matrices(cls, spans, matrices: list[torch.Tensor], **params) -> "Preconditioner":
@@ -116,13 +117,17 @@ class Preconditioner:
         return self._powers[power]
 
     def apply(self, x: torch.Tensor, power: float) -> torch.Tensor:
-        """x [batch, d] -> x R^power [batch, d] in x's dtype (-0.5 whitens, -1.0 for TRAK)."""
+        """x [batch, d] -> x R^power [batch, d], computed in x's dtype on x's device
+        (-0.5 whitens, -1.0 for TRAK). The power is formed once in float64, then cached per
+        (device, dtype), so scanning a table does not re-copy it for every batch."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"preconditioner: vectors have width {x.shape[-1]}, R has {self.dim}")
+        key = (power, x.device, x.dtype)
+        if key not in self._placed:
+            self._placed[key] = [m.to(device=x.device, dtype=x.dtype) for m in self.power(power)]
         out = torch.empty_like(x)
-        for (offset, size), m in zip(self.spans, self.power(power)):
-            part = x[:, offset: offset + size].double() @ m.to(x.device)
-            out[:, offset: offset + size] = part.to(x.dtype)
+        for (offset, size), m in zip(self.spans, self._placed[key]):
+            out[:, offset: offset + size] = x[:, offset: offset + size] @ m
         return out
 
     def save(self, path: str | Path) -> Path:
