@@ -17,7 +17,7 @@ from pathlib import Path
 import trackstar_db
 from trackstar_db.analysis import evaluation
 from trackstar_db.fit import fit
-from trackstar_db.influence import tail_patch_runs
+from trackstar_db.tail_patch_runs import tail_patch_runs
 from trackstar_db.retrieve import RetrieveOptions, retrieve
 
 

@@ -1,4 +1,4 @@
-"""queries/*.sql (run by trackstar_db.evaluate) against an independent pure-Python computation."""
+"""queries/*.sql (run by trackstar_db.metrics_sql) against an independent pure-Python computation."""
 
 from statistics import mean
 
@@ -7,7 +7,8 @@ import pytest
 
 from trackstar_db import schema
 from trackstar_db.errors import TrackstarError
-from trackstar_db.evaluate import evaluate, run_sql_file
+from trackstar_db.metrics_sql import run_sql_file
+from trackstar_db.metrics_sql import summary as summary_table
 
 TRUTH = {"f1": {"a", "b"}, "f2": {"c"}, "f4": {"d"}}  # f3 has no ground-truth example
 BUCKET = {"f1": 0, "f2": 1, "f3": 1, "f4": None}
@@ -76,7 +77,7 @@ def tailpatch_reference(run, k):
 
 
 def test_summary_matches_reference():
-    summary = {row["run_id"]: row for row in evaluate(tables()).to_pylist()}
+    summary = {row["run_id"]: row for row in summary_table(tables()).to_pylist()}
     assert list(summary) == ["A", "B"]  # bm25 before trackstar
     for run in RUNS:
         want = reference(run)
@@ -126,9 +127,9 @@ def test_tail_patch_sql():
 
 def test_missing_tables_and_errors():
     only = {k: v for k, v in tables().items() if k in ("retrievals", "queries", "ground_truth")}
-    summary = evaluate(only).to_pylist()
+    summary = summary_table(only).to_pylist()
     assert [r["tailpatch_at_1"] for r in summary] == [None, None]
     assert summary[0]["mrr"] == pytest.approx(reference("A")["mrr"])
-    assert evaluate({}).num_rows == 0
+    assert summary_table({}).num_rows == 0
     with pytest.raises(TrackstarError, match="unknown table"):
-        evaluate({"retrieval": only["retrievals"]})
+        summary_table({"retrieval": only["retrievals"]})

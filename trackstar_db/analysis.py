@@ -12,14 +12,13 @@ from .errors import TrackstarError
 
 def evaluation(db, by: str = "method") -> pa.Table:
     """The method-by-metric table from queries/*.sql; by='bucket' or 'correct' splits each method's row."""
-    from .evaluate import run_sql_file
+    from .metrics_sql import run_sql_file
 
     splits = {"bucket": ("frequency_bucket", pa.int32()), "correct": ("model_correct", pa.bool_())}
     if by != "method" and by not in splits:
         raise TrackstarError(f"--by must be one of method, {', '.join(splits)}, not {by!r}")
-    views = db.views()
-    tables = {name: views[name] for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs",
-                                             "model_correct")}
+    tables = {name: db.dataset(name) for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs")}
+    tables["model_correct"] = db.dataset("predictions")
     # Evaluate the queries some run retrieved for (e.g. the prompt0 ones), not every template.
     retrieved = pa.array(sorted(set(db.table("retrievals", columns=["query_id"]).column("query_id").to_pylist())),
                          pa.string())

@@ -237,7 +237,7 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text):
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 def tail_patch_cmd(db, run_ids, k, max_queries, device):
     """Influence: one optimizer step on each proponent, the change in P(target | prompt)."""
-    from .influence import tail_patch_runs
+    from .tail_patch_runs import tail_patch_runs
 
     from .gradients import auto_device
 

@@ -30,7 +30,7 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     from .featurizer.config import FeaturizerConfig
     from .fit import fit
     from .gradients import GradientJob, ingest_gradients
-    from .influence import tail_patch_runs
+    from .tail_patch_runs import tail_patch_runs
     from .analysis import evaluation, write_db_report
     from .retrieval import embedding
     from .retrieve import RetrieveOptions, retrieve

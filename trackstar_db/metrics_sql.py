@@ -33,7 +33,7 @@ def _empty(name: str) -> pa.Table:
 def _with_defaults(tables: Mapping[str, object]) -> dict[str, object]:
     unknown = sorted(set(tables) - set(TABLES))
     if unknown:
-        raise TrackstarError(f"evaluate: unknown table(s) {', '.join(unknown)}; tables: {', '.join(TABLES)}")
+        raise TrackstarError(f"metrics SQL: unknown table(s) {', '.join(unknown)}; tables: {', '.join(TABLES)}")
     return {name: tables[name] if tables.get(name) is not None else _empty(name) for name in TABLES}
 
 
@@ -61,6 +61,6 @@ def run_sql_file(name: str, tables: Mapping[str, object], params: list | dict | 
     return _run(name, _with_defaults(tables), params, ())
 
 
-def evaluate(tables: Mapping[str, object]) -> pa.Table:
+def summary(tables: Mapping[str, object]) -> pa.Table:
     """The method-by-metric table (queries/summary.sql): one row per retrieval run."""
     return run_sql_file("summary.sql", tables)
