@@ -24,6 +24,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .facts import BUCKET_BOUNDS
+
 ENTITY_NS = "https://trackstar-db.invalid/entity/"
 PREDICATE_NS = "http://www.wikidata.org/prop/direct/"
 
@@ -100,7 +102,9 @@ SIZES = {
     "tiny": WorldSpec(12, 6, 4, 4, 3, 4, max_frequency=20),
     "demo": WorldSpec(160, 40, 12, 24, 10, 12),
 }
-_BUCKET_RANGES = {0: (0, 0), 1: (1, 1), 2: (2, 3), 3: (4, 7), 4: (8, 15), 5: (16, None)}
+# (low, high) corpus counts of each frequency bucket, from the bounds facts.py buckets by
+_BUCKET_RANGES = {b: (low + 1, high) for b, (low, high) in
+                  enumerate(zip((-1,) + BUCKET_BOUNDS, BUCKET_BOUNDS + (None,)))}
 
 
 @dataclass(frozen=True)
