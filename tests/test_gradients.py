@@ -101,7 +101,7 @@ def test_kill_9_then_resume_equals_clean_run(tiny_db, tmp_path):
     process = _cli("ingest", "gradients", tiny_db.path, *common)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if tiny_db.has_table("grads_train") and tiny_db.count("grads_train") >= 32:
+        if tiny_db.has_table("grads_train") and tiny_db.count("grads_train") >= 16:
             break
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
