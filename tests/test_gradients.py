@@ -135,7 +135,7 @@ def test_two_shard_processes_equal_one_worker(tiny_db, tmp_path):
 def test_different_settings_are_refused_and_nothing_changes(tiny_db):
     ingest_gradients(tiny_db, CONFIG, GradientJob("train", limit=4), progress=False)
     before = (tiny_db.path / "manifest.json").read_text()
-    with pytest.raises(TrackstarError, match="'dim'"):
+    with pytest.raises(TrackstarError, match="'config.dim' is 2048 but the database holds 1024"):
         ingest_gradients(tiny_db, FeaturizerConfig(dim=2048, correction="adam-factored"),
                          GradientJob("train"), progress=False)
     with pytest.raises(TrackstarError, match="dtype"):

@@ -134,8 +134,8 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
             db.append("examples", pa.Table.from_pylist(pending))
             pending.clear()
 
+    bar = tqdm(desc="ingest corpus", unit=" rec", disable=not progress)
     try:
-        bar = tqdm(desc="ingest corpus", unit=" rec", disable=not progress)
         for path in map(Path, files):
             for line, record in iter_records(path, report.rejected if options.skip_bad else None):
                 bar.update()
@@ -159,6 +159,7 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
         bar.close()
         BM25Index(db.path).add(new_ids, new_texts)
     except BaseException:
+        bar.close()
         db.restore("examples", start_version)
         raise
     report.added = len(new_ids)

@@ -78,20 +78,22 @@ def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: 
     seen = db.ids("facts", "fact_id")
     facts, queries = [], []
     for path in map(Path, files):
-        for line, record in tqdm(iter_records(path, report.rejected if skip_bad else None), desc=f"facts {path.name}", unit=" rec", disable=not progress):
-            try:
-                fact, fact_queries = _fact_rows(record, path, line)
-            except RecordError as error:
-                if not skip_bad:
-                    raise
-                report.rejected.append(error)
-                continue
-            if fact["fact_id"] in seen:
-                report.already_present += 1
-                continue
-            seen.add(fact["fact_id"])
-            facts.append(fact)
-            queries.extend(fact_queries)
+        records = iter_records(path, report.rejected if skip_bad else None)
+        with tqdm(records, desc=f"facts {path.name}", unit=" rec", disable=not progress) as bar:
+            for line, record in bar:
+                try:
+                    fact, fact_queries = _fact_rows(record, path, line)
+                except RecordError as error:
+                    if not skip_bad:
+                        raise
+                    report.rejected.append(error)
+                    continue
+                if fact["fact_id"] in seen:
+                    report.already_present += 1
+                    continue
+                seen.add(fact["fact_id"])
+                facts.append(fact)
+                queries.extend(fact_queries)
     # All records were read and checked before anything is written: a bad file leaves no trace.
     versions = {name: db.version(name) for name in ("facts", "queries")}
     try:

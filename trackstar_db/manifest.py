@@ -92,11 +92,22 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_same(what: str, stored: dict, given: dict) -> None:
-    """Refuse to mix vectors from different settings; name the first field that differs."""
+    """Refuse to mix vectors from different settings; name the first (nested) field that differs."""
+    stored, given = _flat(stored), _flat(given)
     for key in sorted(set(stored) | set(given)):
         if stored.get(key) != given.get(key):
             raise TrackstarError(
                 f"{what}: setting {key!r} is {given.get(key)!r} but the database holds {stored.get(key)!r}; "
-                "use a new table name or a new database"
+                "featurize into a new database to use other settings"
             )

@@ -57,8 +57,11 @@ def gradient_tables(db, table: str) -> tuple[str, str]:
     names = (f"grads_train{suffix}", f"grads_queries{suffix}")
     for name, split in zip(names, ("train", "queries")):
         if not db.has_table(name):
-            raise TrackstarError(f"table {name} is missing: run 'trackstar-db ingest gradients {db.path} --split {split}'"
-                                 + (" with a correction other than 'none'" if not suffix else ""))
+            hint = ""
+            if not suffix and db.has_table(f"{name}_raw"):
+                hint = " (this database was featurized with --correction none; the corrected rungs need a correction)"
+            raise TrackstarError(f"table {name} is missing: run 'trackstar-db ingest gradients {db.path} "
+                                 f"--split {split}'{hint}")
     return names
 
 
