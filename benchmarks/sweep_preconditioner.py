@@ -26,28 +26,31 @@ def main() -> None:
     parser.add_argument("db", type=Path)
     parser.add_argument("--damping", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1])
     parser.add_argument("--kind", nargs="+", default=["block", "dense"])
+    parser.add_argument("--crossing-k", type=int, nargs="+", default=[None], help="spectrum-crossing components")
     parser.add_argument("--tail-patch", type=int, default=0, help="queries to tail-patch per setting (0: none)")
+    parser.add_argument("--patch-k", type=int, default=1, help="proponents tail-patched per query")
     args = parser.parse_args()
-    print(f"{'kind':<6} {'damping':>8} {'lambda':>7} {'method':<10} {'mrr':>6} {'recall@10':>9} {'tailpatch@1':>11}")
-    for kind in args.kind:
-        for damping in args.damping:
-            with tempfile.TemporaryDirectory() as tmp:
-                copy = Path(tmp) / "db"
-                shutil.copytree(args.db, copy)
-                db = trackstar_db.connect(copy)
-                db.set_model(db.manifest["model"]["path"])
-                params = fit(db, kind=kind, damping=damping)
-                for method in ("r-train", "trackstar"):
-                    retrieve(db, method, RetrieveOptions(k=100), run_id=f"sweep-{method}")
-                runs = ["sweep-r-train", "sweep-trackstar"]
-                if args.tail_patch:
-                    tail_patch_runs(db, runs, k=1, max_queries=args.tail_patch)
-                for row in evaluation(db).to_pylist():
-                    if row["run_id"] in runs:
-                        patch = row["tailpatch_at_1"]
-                        print(f"{kind:<6} {damping:>8g} {params['mixed']['lambda']:>7.4f} {row['method']:<10} "
-                              f"{row['mrr']:>6.3f} {row['recall_at_10']:>9.3f} "
-                              f"{'' if patch is None else f'{patch:.2f}':>11}", flush=True)
+    patch = f"tailpatch@{args.patch_k}"
+    print(f"{'kind':<6} {'damping':>8} {'k':>5} {'lambda':>7} {'method':<10} {'mrr':>6} {'recall@10':>9} {patch:>12}")
+    settings = [(kind, damping, k) for kind in args.kind for damping in args.damping for k in args.crossing_k]
+    for kind, damping, crossing_k in settings:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "db"
+            shutil.copytree(args.db, copy)
+            db = trackstar_db.connect(copy)
+            db.set_model(db.manifest["model"]["path"])
+            params = fit(db, kind=kind, damping=damping, k=crossing_k)
+            for method in ("r-train", "trackstar"):
+                retrieve(db, method, RetrieveOptions(k=100), run_id=f"sweep-{method}")
+            runs = ["sweep-r-train", "sweep-trackstar"]
+            if args.tail_patch:
+                tail_patch_runs(db, runs, k=args.patch_k, max_queries=args.tail_patch)
+            for row in evaluation(db).to_pylist():
+                if row["run_id"] in runs:
+                    value = row[f"tailpatch_at_{args.patch_k}"]
+                    print(f"{kind:<6} {damping:>8g} {params['mixed']['k']:>5} {params['mixed']['lambda']:>7.4f} "
+                          f"{row['method']:<10} {row['mrr']:>6.3f} {row['recall_at_10']:>9.3f} "
+                          f"{'' if value is None else f'{value:.2f}':>12}", flush=True)
 
 
 if __name__ == "__main__":

@@ -168,3 +168,21 @@ def test_corpus_ingest_counts_tokens_once_a_model_is_recorded(tiny_db, tmp_path)
     row = tiny_db.table("examples", filter="example_id = 'new-1'").to_pylist()[0]
     _, tokenizer = tiny_db.load_model()
     assert row["n_tokens"] == len(tokenizer("a b c", add_special_tokens=False)["input_ids"]) == 3
+
+
+@pytest.mark.parametrize("correction, source", [("estimated", "estimated: mean squared per-example gradient"),
+                                                ("adam-exact", "Adam exp_avg_sq"), ("none", "none")])
+def test_every_correction_runs_through_the_worker_and_is_recorded(tiny_db, correction, source):
+    config = FeaturizerConfig(dim=1024, correction=correction)
+    job = GradientJob("train", batch_size=8, limit=8, estimate_sample=16)
+    totals = ingest_gradients(tiny_db, config, job, progress=False)
+    table = "grads_train_raw" if correction == "none" else "grads_train"
+    assert totals["tables"][table] == 8
+    assert connect(tiny_db.path).manifest["featurizer"]["correction_source"].startswith(source)
+
+
+def test_adafactor_correction_without_its_state_is_a_clear_error(tiny_db):
+    with pytest.raises(ValueError, match="exp_avg_sq_row"):
+        ingest_gradients(tiny_db, FeaturizerConfig(dim=1024, correction="adafactor"), GradientJob("train", limit=2),
+                         progress=False)
+    assert not tiny_db.has_table("grads_train")
