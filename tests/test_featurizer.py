@@ -42,10 +42,13 @@ def reference(model, batch, config, correct):
     return vectors.float()
 
 
-def factored_root(v, eps=0.0):
+def factored_root(v, eps=0.0, floor=False):
     """sqrt of V~ = r c^T / sum(r) written out densely; with eps, (a + sqrt eps)(b + sqrt eps)^T
-    where a b^T = sqrt(V~) splits evenly (the documented eps placement)."""
+    where a b^T = sqrt(V~) splits evenly (the documented eps placement). floor: zero row/column
+    sums raised to the smallest positive one (the estimated correction's rule)."""
     r, c = v.sum(1), v.sum(0)
+    if floor:
+        r, c = (x.clamp(min=float(x[x > 0].min())) for x in (r, c))
     if eps == 0:
         return (torch.outer(r, c) / r.sum()).sqrt()
     quarter = r.sum() ** 0.25
@@ -86,7 +89,7 @@ def rung(model, correction, sample):
         grads = full_grads(model, sample, names)
         v = {n: torch.stack([gr[n].double() ** 2 for gr in grads]).mean(0) for n in names}
         moment = build_second_moment(config, model, sample_batches=[sample])
-        return config, moment, lambda name, g: g / factored_root(v[name], eps)
+        return config, moment, lambda name, g: g / factored_root(v[name], eps, floor=True)
     state = fake_adam(model) if correction.startswith("adam") else fake_adafactor(model)
     moment = build_second_moment(config, model, optimizer_state=state)
     if correction == "adafactor":
@@ -219,3 +222,18 @@ def test_cuda_matches_cpu(family):
         moment = build_second_moment(config, model, optimizer_state=fake_adam(model))
         vectors[device] = Featurizer(model, config, moment, device=device).featurize(batch).vectors["corrected"]
     torch.testing.assert_close(vectors["cuda"], vectors["cpu"], rtol=1e-3, atol=1e-3 * float(vectors["cpu"].abs().max()))
+
+
+def test_estimated_correction_floors_rows_the_sample_never_touched():
+    from trackstar_db.featurizer.second_moment import seen_floor
+
+    assert seen_floor(torch.tensor([0.0, 2.0, 0.0, 5.0])).tolist() == [2.0, 2.0, 2.0, 5.0]
+    assert seen_floor(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]
+    model = make_model("gpt2")
+    sample = random_batch(3, seed=1, max_len=6, query_fraction=0.0)
+    unseen = sorted(set(range(model.config.vocab_size)) - set(sample["input_ids"].flatten().tolist()))
+    assert unseen, "the sample should leave some tokens out"
+    moment = build_second_moment(FeaturizerConfig(dim=DIM, correction="estimated"), model, sample_batches=[sample])
+    d_r, _ = moment.weights["transformer.wte.weight"]
+    # an unseen token's row gets the weight of the least-used seen row, not 1/sqrt(eps) = 1e4
+    assert float(d_r[unseen].max()) == pytest.approx(float(d_r.max())) and float(d_r.max()) < 1e3

@@ -7,7 +7,8 @@ V comes from one of (config.correction):
 - "adafactor":     exp_avg_sq_row [rows] / exp_avg_sq_col [cols] (row and column MEANS of V,
                    as torch and transformers Adafactor keep them), factored.
 - "estimated":     V = mean over a sample of training examples of the squared per-example
-                   gradient (of each whole tracked parameter, tied uses summed), factored.
+                   gradient (of each whole tracked parameter, tied uses summed), factored; rows
+                   and columns the sample never touched take the smallest touched value.
 
 Factored form: row sums r [rows], column sums c [cols], V ~ r c^T / sum(r). Its square root is
 a b^T with a = sqrt(r) / S^(1/4), b = sqrt(c) / S^(1/4) (S = sum(r)); eps enters each factor:
@@ -100,10 +101,19 @@ def estimate(config: FeaturizerConfig, model: torch.nn.Module, tracked: list[Tra
         count += batch["input_ids"].shape[0]
     if count == 0:
         raise ValueError("estimated second moment: the sample has no examples")
-    weights = {n: factored((t / count).sum(1), (t / count).sum(0), config.eps) for n, t in total.items()}
+    weights = {n: factored(seen_floor((t / count).sum(1)), seen_floor((t / count).sum(0)), config.eps)
+               for n, t in total.items()}
     return SecondMoment("factored", weights,
                         f"estimated: mean squared per-example gradient over {count} training examples, "
-                        f"row/column factorised; eps={config.eps}")
+                        f"row/column factorised, unseen rows floored at the smallest seen; eps={config.eps}")
+
+
+def seen_floor(sums: torch.Tensor) -> torch.Tensor:
+    """Row (or column) sums of an estimated V with the zeros the sample never touched (tokens or
+    positions absent from it) raised to the smallest sum it did touch. Without the floor such a
+    row would be scaled by 1/sqrt(eps) (1e4 at eps=1e-8) the first time a query used it."""
+    seen = sums[sums > 0]
+    return sums if seen.numel() in (0, sums.numel()) else sums.clamp(min=float(seen.min()))
 
 
 def build_second_moment(config: FeaturizerConfig, model: torch.nn.Module,
