@@ -19,14 +19,14 @@ import argparse
 import copy
 import multiprocessing
 import resource
-import threading
 import statistics
+import threading
 import time
 
 import torch
 
-from trackstar_db.featurizer import FeaturizerConfig, Featurizer
-from trackstar_db.tokenize import per_example_loss
+from trackstar_db.featurizer import Featurizer, FeaturizerConfig
+from trackstar_db.featurizer.tokenize import per_example_loss
 
 
 def _plain_step(model, device):
@@ -130,7 +130,6 @@ def run_featurize_bench(model: torch.nn.Module, batches: list[dict[str, torch.Te
 
 
 import transformers
-
 
 
 def main() -> None:

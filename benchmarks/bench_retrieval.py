@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trackstar_db import vectors
-from trackstar_db.retrieval.topk import search, vector_batches
+from trackstar_db.retrieval.topk import search
+from trackstar_db.store import vectors
+from trackstar_db.store.vectors import vector_batches
 
 
 def stream(batch: pa.RecordBatch, n: int):

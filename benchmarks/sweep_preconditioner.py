@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import trackstar_db
-from trackstar_db.analysis import evaluation
-from trackstar_db.fit import fit
-from trackstar_db.tail_patch_runs import tail_patch_runs
-from trackstar_db.retrieve import RetrieveOptions, retrieve
+from trackstar_db.evaluation.analysis import evaluation
+from trackstar_db.gradients.fit import fit
+from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
+from trackstar_db.tailpatch.runs import tail_patch_runs
 
 
 def main() -> None:

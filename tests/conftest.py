@@ -9,10 +9,10 @@ import pytest
 def tiny_db_template(tmp_path_factory):
     """A database built from the 'tiny' world with a real (short) AdamW training run recorded."""
     from trackstar_db import Database
-    from trackstar_db.corpus import ingest_corpus
-    from trackstar_db.facts import ingest_facts
-    from trackstar_db.train import TrainConfig, train_model
-    from trackstar_db.world import generate_world
+    from trackstar_db.sources.corpus import ingest_corpus
+    from trackstar_db.sources.facts import ingest_facts
+    from trackstar_db.testbed.train import TrainConfig, train_model
+    from trackstar_db.testbed.world import generate_world
 
     root = tmp_path_factory.mktemp("tiny")
     world = generate_world(root / "world", seed=0, size="tiny")

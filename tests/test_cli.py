@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import trackstar_db
 from trackstar_db.cli import main
-from trackstar_db.world import generate_world
+from trackstar_db.testbed.world import generate_world
 
 
 def run(*args, ok=True):

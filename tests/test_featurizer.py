@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_models import FAMILIES, make_model, random_batch
-from trackstar_db.featurizer import (FeaturizerConfig, Featurizer, build_second_moment,
-                                     plan_layout, projection_matrix)
-from trackstar_db.optimizer_state import OptimizerState
-from trackstar_db.tokenize import per_example_loss
+
+from trackstar_db.featurizer import (
+    Featurizer,
+    FeaturizerConfig,
+    build_second_moment,
+    plan_layout,
+    projection_matrix,
+)
+from trackstar_db.featurizer.optimizer_state import OptimizerState
+from trackstar_db.featurizer.tokenize import per_example_loss
 
 DIM = 1024
 
@@ -110,9 +115,12 @@ def test_matches_brute_force(family, correction):
     model = make_model(family)
     batch = random_batch(6, seed=3)
     config, moment, correct = rung(model, correction, random_batch(5, seed=4, query_fraction=0))
-    featurizer = Featurizer(model, config, moment, also_uncorrected=True)
+    featurizer = Featurizer(model, config, moment, uncorrected=True)
     out = featurizer.featurize(batch)
-    assert_close(out.vectors["corrected"], reference(model, batch, config, correct))
+    if correction == "none":  # no second moment: the vectors are the uncorrected ones, named so
+        assert set(out.vectors) == {"uncorrected"}
+    else:
+        assert_close(out.vectors["corrected"], reference(model, batch, config, correct))
     assert_close(out.vectors["uncorrected"], reference(model, batch, config, lambda n, g: g))
     assert all(p.grad is None for p in model.parameters()), "featurize left .grad behind"
     assert all(not m._forward_hooks for m in model.modules()), "featurize left hooks behind"
@@ -124,15 +132,15 @@ def test_matches_brute_force(family, correction):
 def test_sum_combine_matches_brute_force(family):
     model = make_model(family)
     batch = random_batch(4, seed=5)
-    config = FeaturizerConfig(dim=DIM, combine="sum")
+    config = FeaturizerConfig(dim=DIM, combine="sum", correction="none")
     out = Featurizer(model, config).featurize(batch)
-    assert out.vectors["corrected"].shape == (4, DIM)
-    assert_close(out.vectors["corrected"], reference(model, batch, config, lambda n, g: g))
+    assert out.vectors["uncorrected"].shape == (4, DIM)
+    assert_close(out.vectors["uncorrected"], reference(model, batch, config, lambda n, g: g))
 
 
 def test_tied_embedding_is_one_matrix_with_both_uses():
     model = make_model("gpt2")
-    featurizer = Featurizer(model, FeaturizerConfig(dim=DIM))
+    featurizer = Featurizer(model, FeaturizerConfig(dim=DIM, correction="none"))
     names = [m.name for m in featurizer.tracked]
     assert "lm_head.weight" not in names
     (wte,) = [m for m in featurizer.tracked if m.name == "transformer.wte.weight"]
@@ -143,25 +151,25 @@ def test_tied_embedding_is_one_matrix_with_both_uses():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_size_and_padding_invariance(family):
     model = make_model(family)
-    featurizer = Featurizer(model, FeaturizerConfig(dim=DIM))
+    featurizer = Featurizer(model, FeaturizerConfig(dim=DIM, correction="none"))
     batch = random_batch(16, seed=6, query_fraction=0.5)
     together = featurizer.featurize(batch)
     for i in range(16):
         n = int(batch["attention_mask"][i].sum())
         alone = featurizer.featurize({k: v[i:i + 1, :n] for k, v in batch.items()})
-        assert_close(alone.vectors["corrected"][0], together.vectors["corrected"][i])
+        assert_close(alone.vectors["uncorrected"][0], together.vectors["uncorrected"][i])
         torch.testing.assert_close(alone.loss[0], together.loss[i], rtol=1e-5, atol=1e-6)
         assert int(alone.n_tokens[0]) == int(together.n_tokens[i])
 
 
 def test_query_labels_are_target_only():
     model = make_model("llama")
-    featurizer = Featurizer(model, FeaturizerConfig(dim=DIM))
+    featurizer = Featurizer(model, FeaturizerConfig(dim=DIM, correction="none"))
     batch = random_batch(4, seed=7, query_fraction=1.0)
     out = featurizer.featurize(batch)
     assert (out.n_tokens <= 2).all()
     full = dict(batch, labels=torch.where(batch["attention_mask"] == 1, batch["input_ids"], -100))
-    assert not torch.allclose(featurizer.featurize(full).vectors["corrected"], out.vectors["corrected"])
+    assert not torch.allclose(featurizer.featurize(full).vectors["uncorrected"], out.vectors["uncorrected"])
 
 
 def test_projection_unbiased():

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,9 +12,10 @@ import torch
 from trackstar_db import connect
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
-from trackstar_db.gradients import GradientJob, ingest_gradients, load_featurizer
-from trackstar_db.tokenize import collate, encode_text, pad_id
-from trackstar_db.vectors import to_torch
+from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
+from trackstar_db.gradients.loader import load_featurizer
+from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+from trackstar_db.store.vectors import to_torch
 
 CONFIG = FeaturizerConfig(dim=1024, correction="adam-factored")
 
@@ -34,15 +34,15 @@ def vectors_by_id(db, name):
 def test_stored_vectors_equal_the_featurizer_and_cover_every_example(tiny_db):
     totals = ingest_gradients(tiny_db, CONFIG, GradientJob("train", batch_size=8), progress=False)
     n = tiny_db.count("examples")
-    assert totals["tables"] == {"grads_train": n, "grads_train_raw": n}
-    ids, stored, table = vectors_by_id(tiny_db, "grads_train")
+    assert totals["tables"] == {"grads_train_corrected": n, "grads_train_uncorrected": n}
+    ids, stored, table = vectors_by_id(tiny_db, "grads_train_corrected")
     assert len(set(ids)) == n and torch.isfinite(stored).all()
     assert np.allclose(table.column("norm").to_numpy(), stored.norm(dim=1).numpy(), rtol=1e-5)
-    featurizer, tokenizer = load_featurizer(tiny_db, CONFIG, with_raw=True)
+    featurizer, tokenizer = load_featurizer(tiny_db, CONFIG, uncorrected=True)
     texts = dict(zip(*[tiny_db.table("examples").column(c).to_pylist() for c in ("example_id", "text")]))
     out = featurizer.featurize(collate([encode_text(tokenizer, texts[i]) for i in ids[:5]], pad_id(tokenizer)))
     assert close(out.vectors["corrected"], stored[:5])
-    _, raw, _ = vectors_by_id(tiny_db, "grads_train_raw")
+    _, raw, _ = vectors_by_id(tiny_db, "grads_train_uncorrected")
     assert close(out.vectors["uncorrected"], raw[:5])
     assert not torch.allclose(raw[:5], stored[:5])  # the correction did something
     manifest = connect(tiny_db.path).manifest["featurizer"]
@@ -51,8 +51,8 @@ def test_stored_vectors_equal_the_featurizer_and_cover_every_example(tiny_db):
 
 def test_queries_split_and_storage_dtypes(tiny_db):
     ingest_gradients(tiny_db, CONFIG, GradientJob("queries", dtype="bfloat16"), progress=False)
-    assert tiny_db.count("grads_queries") == tiny_db.count("queries")
-    _, vectors, table = vectors_by_id(tiny_db, "grads_queries")
+    assert tiny_db.count("grads_queries_corrected") == tiny_db.count("queries")
+    _, vectors, table = vectors_by_id(tiny_db, "grads_queries_corrected")
     assert str(table.schema.field("vector").type.value_type) == "uint16"
     norms = torch.tensor(table.column("norm").to_numpy())
     assert torch.allclose(vectors.norm(dim=1), norms, rtol=2e-2)  # bfloat16 keeps ~3 digits
@@ -60,7 +60,7 @@ def test_queries_split_and_storage_dtypes(tiny_db):
 
 def test_batch_size_does_not_change_vectors(tiny_db, tmp_path):
     ingest_gradients(tiny_db, CONFIG, GradientJob("train", batch_size=1, limit=24), progress=False)
-    ids_1, one, _ = vectors_by_id(tiny_db, "grads_train")
+    ids_1, one, _ = vectors_by_id(tiny_db, "grads_train_corrected")
     other = tmp_path / "other"
     import shutil
 
@@ -69,7 +69,7 @@ def test_batch_size_does_not_change_vectors(tiny_db, tmp_path):
     db2.manifest.pop("featurizer"), db2.manifest["gradient_tables"].clear()
     db2.save_manifest()
     ingest_gradients(db2, CONFIG, GradientJob("train", batch_size=16), progress=False)
-    _, sixteen, table = vectors_by_id(db2, "grads_train")
+    _, sixteen, table = vectors_by_id(db2, "grads_train_corrected")
     index = {i: r for r, i in enumerate(table.sort_by("id").column("id").to_pylist())}
     assert close(one, sixteen[[index[i] for i in ids_1]])
 
@@ -77,11 +77,11 @@ def test_batch_size_does_not_change_vectors(tiny_db, tmp_path):
 def test_interrupted_run_resumes_to_the_clean_result(tiny_db):
     job = GradientJob("train", batch_size=4, commit_rows=8)
     ingest_gradients(tiny_db, CONFIG, GradientJob("train", batch_size=4, commit_rows=8, limit=13), progress=False)
-    assert 8 <= tiny_db.count("grads_train") <= 16
+    assert 8 <= tiny_db.count("grads_train_corrected") <= 16
     ingest_gradients(tiny_db, None, job, progress=False)  # settings come from the manifest
-    ids, resumed, _ = vectors_by_id(tiny_db, "grads_train")
+    ids, resumed, _ = vectors_by_id(tiny_db, "grads_train_corrected")
     assert len(ids) == len(set(ids)) == tiny_db.count("examples")
-    assert len(tiny_db.dataset("grads_train").get_fragments()) == 1  # commits compacted at the end
+    assert len(tiny_db.dataset("grads_train_corrected").get_fragments()) == 1  # commits compacted at the end
     again = ingest_gradients(tiny_db, None, job, progress=False)
     assert again["rows"] == 0
 
@@ -98,19 +98,15 @@ def test_kill_9_then_resume_equals_clean_run(tiny_db, tmp_path):
     shutil.copytree(tiny_db.path, clean)
     common = ["--split", "train", "--dim", 1024, "--batch-size", 8, "--commit-rows", 16]
     ingest_gradients(connect(clean), CONFIG, GradientJob("train", batch_size=8), progress=False)
-    process = _cli("ingest", "gradients", tiny_db.path, *common)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if tiny_db.has_table("grads_train") and tiny_db.count("grads_train") >= 16:
-            break
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    partial = tiny_db.count("grads_train")
+    # killed (SIGKILL) right after its second commit: a named fault point, not a timed sleep
+    process = _cli("ingest", "gradients", tiny_db.path, *common,
+                   env=dict(os.environ, TRACKSTAR_FAULT="gradients.commit:2"))
+    assert process.wait(timeout=300) == -signal.SIGKILL
+    partial = tiny_db.count("grads_train_corrected")
     assert 0 < partial < tiny_db.count("examples"), "kill came too late to test resuming"
     assert _cli("ingest", "gradients", tiny_db.path, *common).wait() == 0
-    ids_a, a, _ = vectors_by_id(connect(tiny_db.path), "grads_train")
-    ids_b, b, _ = vectors_by_id(connect(clean), "grads_train")
+    ids_a, a, _ = vectors_by_id(connect(tiny_db.path), "grads_train_corrected")
+    ids_b, b, _ = vectors_by_id(connect(clean), "grads_train_corrected")
     assert ids_a == ids_b and close(a, b)
 
 
@@ -127,8 +123,8 @@ def test_two_shard_processes_equal_one_worker(tiny_db, tmp_path):
     for process in shards:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err.decode()[-2000:]
-    ids_a, a, _ = vectors_by_id(connect(tiny_db.path), "grads_train")
-    ids_b, b, _ = vectors_by_id(connect(single), "grads_train")
+    ids_a, a, _ = vectors_by_id(connect(tiny_db.path), "grads_train_corrected")
+    ids_b, b, _ = vectors_by_id(connect(single), "grads_train_corrected")
     assert ids_a == ids_b and close(a, b)
 
 
@@ -141,7 +137,7 @@ def test_different_settings_are_refused_and_nothing_changes(tiny_db):
     with pytest.raises(TrackstarError, match="dtype"):
         ingest_gradients(tiny_db, CONFIG, GradientJob("train", dtype="float16"), progress=False)
     assert (tiny_db.path / "manifest.json").read_text() == before
-    assert tiny_db.count("grads_train") == 4
+    assert tiny_db.count("grads_train_corrected") == 4
 
 
 def test_changing_the_model_under_stored_gradients_is_refused(tiny_db, tmp_path):
@@ -160,7 +156,7 @@ def test_changing_the_model_under_stored_gradients_is_refused(tiny_db, tmp_path)
 def test_corpus_ingest_counts_tokens_once_a_model_is_recorded(tiny_db, tmp_path):
     import json
 
-    from trackstar_db.corpus import ingest_corpus
+    from trackstar_db.sources.corpus import ingest_corpus
 
     path = tmp_path / "more.jsonl"
     path.write_text(json.dumps({"sentence_id": "new-1", "text": "a b c"}) + "\n")
@@ -176,7 +172,7 @@ def test_every_correction_runs_through_the_worker_and_is_recorded(tiny_db, corre
     config = FeaturizerConfig(dim=1024, correction=correction)
     job = GradientJob("train", batch_size=8, limit=8, estimate_sample=16)
     totals = ingest_gradients(tiny_db, config, job, progress=False)
-    table = "grads_train_raw" if correction == "none" else "grads_train"
+    table = "grads_train_uncorrected" if correction == "none" else "grads_train_corrected"
     assert totals["tables"][table] == 8
     assert connect(tiny_db.path).manifest["featurizer"]["correction_source"].startswith(source)
 
@@ -185,4 +181,4 @@ def test_adafactor_correction_without_its_state_is_a_clear_error(tiny_db):
     with pytest.raises(ValueError, match="exp_avg_sq_row"):
         ingest_gradients(tiny_db, FeaturizerConfig(dim=1024, correction="adafactor"), GradientJob("train", limit=2),
                          progress=False)
-    assert not tiny_db.has_table("grads_train")
+    assert not tiny_db.has_table("grads_train_corrected")

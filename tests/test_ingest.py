@@ -6,10 +6,10 @@ import pyarrow as pa
 import pytest
 
 from trackstar_db import Database, connect
-from trackstar_db.bm25 import BM25Index
-from trackstar_db.corpus import CorpusOptions, ingest_corpus
 from trackstar_db.errors import RecordError, TrackstarError
-from trackstar_db.facts import frequency_bucket, ingest_facts
+from trackstar_db.sources.bm25 import BM25Index
+from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
+from trackstar_db.sources.facts import frequency_bucket, ingest_facts
 
 SENTENCES = [
     {"sentence_id": "s1", "text": "Alice Zorn was born in Paris.", "abstract_uri": "A1", "sent_idx_in_abst": 0,

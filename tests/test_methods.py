@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from trackstar_db.errors import TrackstarError
-from trackstar_db.retrieval.methods import (LADDER, METHODS, MethodSpec, get_method, query_transform, train_transform,
-                                            unit_normalize)
+from trackstar_db.retrieval.methods import (
+    LADDER,
+    METHODS,
+    MethodSpec,
+    get_method,
+    query_transform,
+    train_transform,
+    unit_normalize,
+)
 
 D = 6
 

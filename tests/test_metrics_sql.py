@@ -1,14 +1,14 @@
-"""queries/*.sql (run by trackstar_db.metrics_sql) against an independent pure-Python computation."""
+"""queries/*.sql (run by trackstar_db.evaluation.metrics_sql) against an independent pure-Python computation."""
 
 from statistics import mean
 
 import pyarrow as pa
 import pytest
 
-from trackstar_db import schema
 from trackstar_db.errors import TrackstarError
-from trackstar_db.metrics_sql import run_sql_file
-from trackstar_db.metrics_sql import summary as summary_table
+from trackstar_db.evaluation.metrics_sql import run_sql_file
+from trackstar_db.evaluation.metrics_sql import summary as summary_table
+from trackstar_db.store import schema
 
 TRUTH = {"f1": {"a", "b"}, "f2": {"c"}, "f4": {"d"}}  # f3 has no ground-truth example
 BUCKET = {"f1": 0, "f2": 1, "f3": 1, "f4": None}
@@ -118,7 +118,7 @@ def test_mrr_and_recall_by_bucket_and_correctness():
 
 
 def test_tail_patch_sql():
-    rows = run_sql_file("tail_patch.sql", tables()).to_pylist()
+    rows = run_sql_file("tail_patch_metrics.sql", tables()).to_pylist()
     (a,) = [r for r in rows if (r["run_id"], r["split"]) == ("A", "all")]
     assert a["n_queries"] == 2
     assert a["tailpatch_at_3"] == pytest.approx(tailpatch_reference("A", 3))

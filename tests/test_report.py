@@ -12,8 +12,8 @@ import click
 import pyarrow as pa
 import pytest
 
-from trackstar_db import highlight
-from trackstar_db.report import build_samples, write_report
+from trackstar_db.evaluation import highlight
+from trackstar_db.evaluation.report import build_samples, write_report
 
 pytest.importorskip("matplotlib")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

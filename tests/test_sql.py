@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from trackstar_db.sql import ReadOnlySQL, format_table, write_table
+from trackstar_db.evaluation.sql import ReadOnlySQL, format_table, write_table
 
 ITEMS = pa.table({"id": ["a", "b", "c"], "n": [1, 2, 3], "x": [0.5, 1.25, -2.0],
                   "tags": [["p", "q"], None, []], "text": ["short", "a" * 100, 'with "quotes", commas\nand newline']})

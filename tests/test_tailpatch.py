@@ -6,11 +6,17 @@ import pytest
 import torch
 import transformers
 
-from trackstar_db import optimizer_state
 from trackstar_db.errors import TrackstarError
-from trackstar_db.tailpatch import TailPatchConfig, TailPatcher, tail_patch
-from trackstar_db.tokenize import collate, encode_query, encode_text, pad_id, per_example_loss
-from trackstar_db.vocab import build_tokenizer
+from trackstar_db.featurizer import optimizer_state
+from trackstar_db.featurizer.tokenize import (
+    collate,
+    encode_query,
+    encode_text,
+    pad_id,
+    per_example_loss,
+)
+from trackstar_db.tailpatch.patcher import TailPatchConfig, TailPatcher, tail_patch
+from trackstar_db.testbed.vocab import build_tokenizer
 
 TEXTS = ["Paris is the capital of France .", "Berlin is the capital of Germany .",
          "Rome is the capital of Italy .", "Alice was born in Paris .", "Bob was born in Rome ."]

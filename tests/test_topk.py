@@ -5,9 +5,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from trackstar_db import vectors
 from trackstar_db.errors import TrackstarError
-from trackstar_db.retrieval.topk import search, vector_batches
+from trackstar_db.retrieval.topk import search
+from trackstar_db.store import vectors
+from trackstar_db.store.vectors import vector_batches
 
 
 def brute_force(q: np.ndarray, x: np.ndarray, k: int):

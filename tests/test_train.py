@@ -8,11 +8,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trackstar_db import optimizer_state
-from trackstar_db.tokenize import encode_query
-from trackstar_db.train import TrainConfig, build_model, fact_accuracy, lr_factor, train_model
-from trackstar_db.vocab import build_tokenizer
-from trackstar_db.world import generate_world
+from trackstar_db.featurizer import optimizer_state
+from trackstar_db.featurizer.tokenize import encode_query
+from trackstar_db.testbed.train import (
+    TrainConfig,
+    build_model,
+    fact_accuracy,
+    lr_factor,
+    train_model,
+)
+from trackstar_db.testbed.vocab import build_tokenizer
+from trackstar_db.testbed.world import generate_world
 
 TINY = dict(n_layer=1, d_model=32, n_head=2, max_length=24, batch_size=16, lr=1e-2, final_lr=1e-3, warmup=2,
             threads=2)

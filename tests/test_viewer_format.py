@@ -11,9 +11,9 @@ import pyarrow.dataset as ds
 import pytest
 
 from trackstar_db.errors import RecordError
-from trackstar_db.schema import arrow_schema, conform
-from trackstar_db.sql import ReadOnlySQL
-from trackstar_db.viewer_format import export_viewer, import_viewer
+from trackstar_db.evaluation.sql import ReadOnlySQL
+from trackstar_db.evaluation.viewer_format import export_viewer, import_viewer
+from trackstar_db.store.schema import arrow_schema, conform
 
 
 def tiny_world(seed: int = 0) -> dict[str, pa.Table]:

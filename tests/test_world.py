@@ -8,8 +8,13 @@ from collections import defaultdict
 
 import pytest
 
-from trackstar_db.facts import frequency_bucket
-from trackstar_db.world import PROMPT_OPENERS, RELATIONS, WorldSpec, generate_world
+from trackstar_db.sources.facts import frequency_bucket
+from trackstar_db.testbed.world import (
+    PROMPT_OPENERS,
+    RELATIONS,
+    WorldSpec,
+    generate_world,
+)
 
 FACT_FIELDS = {"fact_id": str, "kilt_id": str, "entity0": str, "relation": str, "entity1": str,
                "entity0_uri": str, "predicate_uri": str, "entity1_uri": str, "entity0_alias": list,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from trackstar_db.tokenize import IGNORE, Encoded, collate
+from trackstar_db.featurizer.tokenize import IGNORE, Encoded, collate
 
 VOCAB = 64
 FAMILIES = ("gpt2", "llama", "gptneox")

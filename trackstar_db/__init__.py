@@ -1,7 +1,17 @@
-"""trackstar-db: a storage-centric training-data attribution database (TrackStar)."""
+"""trackstar-db: a storage-centric training-data attribution database (TrackStar).
 
-__version__ = "0.1.0"
+`import trackstar_db` stays light: the database handle (and LanceDB behind it) loads on first
+use of `connect` or `Database`, so the CLI and the featurizer never pay for what they skip.
+"""
 
-from .database import Database, connect  # noqa: E402
+__version__ = "0.2.0"
 
 __all__ = ["Database", "connect", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("Database", "connect"):
+        from trackstar_db.store import database
+
+        return getattr(database, name)
+    raise AttributeError(f"module 'trackstar_db' has no attribute {name!r}")

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, fields
 
 COMBINES = ("concat", "sum")
 CORRECTIONS = ("none", "adam-exact", "adam-factored", "adafactor", "estimated")
+# "auto" = what the checkpoint supports, decided by settings.resolve before any vector is made
+CHOICES = CORRECTIONS + ("auto",)
 MIN_DIM, MAX_DIM = 2**10, 2**16
 
 
@@ -30,7 +32,7 @@ class FeaturizerConfig:
     dim: int = 4096
     seed: int = 0
     combine: str = "concat"
-    correction: str = "none"
+    correction: str = "auto"
     eps: float = 1e-8
     max_length: int = 512
 
@@ -39,8 +41,8 @@ class FeaturizerConfig:
             raise ValueError(f"FeaturizerConfig.dim must be in [{MIN_DIM}, {MAX_DIM}], not {self.dim}")
         if self.combine not in COMBINES:
             raise ValueError(f"FeaturizerConfig.combine must be one of {COMBINES}, not {self.combine!r}")
-        if self.correction not in CORRECTIONS:
-            raise ValueError(f"FeaturizerConfig.correction must be one of {CORRECTIONS}, not {self.correction!r}")
+        if self.correction not in CHOICES:
+            raise ValueError(f"FeaturizerConfig.correction must be one of {CHOICES}, not {self.correction!r}")
         if not self.eps >= 0:
             raise ValueError(f"FeaturizerConfig.eps must be >= 0, not {self.eps}")
         if self.max_length < 2:

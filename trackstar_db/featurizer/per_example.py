@@ -28,7 +28,8 @@ from .tracked import dense_gradient, find_tracked, per_example_backward
 
 @dataclass
 class FeaturizeOutput:
-    """vectors: {"corrected": [batch, dim], "uncorrected": [batch, dim] (when asked)} float32;
+    """vectors: {"corrected": [batch, dim] (with a second moment), "uncorrected": [batch, dim]
+    (without one, or when asked)} float32;
     loss [batch] float32 (mean token loss); n_tokens [batch] (tokens carrying loss). All on CPU."""
 
     vectors: dict[str, torch.Tensor]
@@ -42,11 +43,11 @@ def _project_side(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 class Featurizer:
-    """Featurizes batches from trackstar_db.tokenize.collate with one model and one config."""
+    """Featurizes batches from trackstar_db.featurizer.tokenize.collate with one model and one config."""
 
     def __init__(self, model: torch.nn.Module, config: FeaturizerConfig,
                  second_moment: SecondMoment | None = None, device: str | torch.device = "cpu",
-                 also_uncorrected: bool = False):
+                 uncorrected: bool = False):
         if (config.correction == "none") != (second_moment is None):
             raise ValueError(f"correction {config.correction!r} and second_moment "
                              f"{'given' if second_moment else 'missing'} do not agree")
@@ -59,8 +60,12 @@ class Featurizer:
         self._blocks = {b.name: b for b in self.layout.blocks}
         self.rows = {m.name: m.rows for m in self.tracked}
         self.cols = {m.name: m.cols for m in self.tracked}
-        self.variants = ["corrected"] + (["uncorrected"] if also_uncorrected and second_moment else [])
-        self.also_uncorrected = also_uncorrected
+        # Without a second moment the vectors ARE the uncorrected ones; with one, `uncorrected`
+        # asks for the plain projection too (the first rungs of the ladder need it).
+        if second_moment is None:
+            self.variants = ["uncorrected"]
+        else:
+            self.variants = ["corrected"] + (["uncorrected"] if uncorrected else [])
         self._projections = Projections(config.seed, self.device)
         self._elementwise: dict[str, torch.Tensor] = {}
 
@@ -105,6 +110,4 @@ class Featurizer:
                 span += self._block(name, x_r, x_c, corrected=variant == "corrected")
 
         loss, n_tokens = per_example_backward(self.model, self.tracked, batch, on_factors)
-        if self.also_uncorrected and self.second_moment is None:
-            out["uncorrected"] = out["corrected"].clone()
         return FeaturizeOutput({k: v.cpu() for k, v in out.items()}, loss.float().cpu(), n_tokens.cpu())

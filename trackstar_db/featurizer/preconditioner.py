@@ -12,6 +12,9 @@ Powers come from a float64 eigendecomposition with damping:
 R^p = U diag((s + damping * mean(s))^p) U^T, mean(s) = trace(R) / d over the whole matrix
 (all blocks). Default damping 0.1 (measured: see DEFAULT_DAMPING). Saved as safetensors (eigenvalues and eigenvectors per
 block) with lambda, k, damping, n_train, n_eval, kind and spans in the metadata; never pickled.
+The same file may carry the whitened norms |g R^p| of every training row ("row_norms.<p>",
+in the table's scan order) with the table version they belong to, so scans never apply R to
+stored rows (retrieval/scoring.py).
 """
 
 from __future__ import annotations
@@ -88,12 +91,15 @@ class Preconditioner:
     """R as per-span eigendecompositions; apply(x, power) = x R^power (R is symmetric)."""
 
     def __init__(self, spans, eigvals, eigvecs, *, lam=0.0, k=0, damping=DEFAULT_DAMPING,
-                 n_train=0, n_eval=0, kind="block"):
+                 n_train=0, n_eval=0, kind="block", row_norms=None, table_version=None):
         self.spans = [tuple(s) for s in spans]
         self.eigvals, self.eigvecs = list(eigvals), list(eigvecs)
         self.dim = sum(size for _, size in self.spans)
         self.params = {"lambda": float(lam), "k": int(k), "damping": float(damping),
                        "n_train": int(n_train), "n_eval": int(n_eval), "kind": kind}
+        if table_version is not None:
+            self.params["table_version"] = int(table_version)
+        self.row_norms: dict[float, torch.Tensor] = dict(row_norms or {})  # power -> [n_rows] float32
         self._powers: dict[float, list[torch.Tensor]] = {}
         self._placed: dict[tuple, list[torch.Tensor]] = {}  # (power, device, dtype) -> blocks
 
@@ -130,10 +136,16 @@ class Preconditioner:
             out[:, offset: offset + size] = x[:, offset: offset + size] @ m
         return out
 
+    def norms(self, x: torch.Tensor, power: float) -> torch.Tensor:
+        """|x R^power| per row: x [batch, d] -> [batch] float32 (the whitened norms of stored rows)."""
+        return torch.linalg.vector_norm(self.apply(x.float(), power), dim=1)
+
     def save(self, path: str | Path) -> Path:
         tensors = {}
         for i, (s, u) in enumerate(zip(self.eigvals, self.eigvecs)):
             tensors[f"eigvals.{i}"], tensors[f"eigvecs.{i}"] = s.contiguous(), u.contiguous()
+        for power, norms in self.row_norms.items():
+            tensors[f"row_norms.{power!r}"] = norms.float().contiguous()
         meta = {key: str(value) for key, value in self.params.items()}
         meta["spans"] = json.dumps(self.spans)
         save_file(tensors, str(path), metadata=meta)
@@ -149,7 +161,10 @@ class Preconditioner:
                 return cls(spans, [tensors[f"eigvals.{i}"] for i in range(len(spans))],
                            [tensors[f"eigvecs.{i}"] for i in range(len(spans))],
                            lam=float(meta["lambda"]), k=int(meta["k"]), damping=float(meta["damping"]),
-                           n_train=int(meta["n_train"]), n_eval=int(meta["n_eval"]), kind=meta["kind"])
+                           n_train=int(meta["n_train"]), n_eval=int(meta["n_eval"]), kind=meta["kind"],
+                           row_norms={float(key.split(".", 1)[1]): value for key, value in tensors.items()
+                                      if key.startswith("row_norms.")},
+                           table_version=int(meta["table_version"]) if "table_version" in meta else None)
             except KeyError as exc:
                 raise ValueError(f"{path}: preconditioner file lacks {exc.args[0]!r}") from None
 

@@ -24,8 +24,8 @@ from typing import Iterable
 
 import torch
 
-from ..optimizer_state import OptimizerState
 from .config import FeaturizerConfig
+from .optimizer_state import OptimizerState
 from .tracked import TrackedMatrix, dense_gradient, find_tracked, per_example_backward
 
 
@@ -123,6 +123,8 @@ def build_second_moment(config: FeaturizerConfig, model: torch.nn.Module,
     """The SecondMoment config.correction asks for (None for "none")."""
     if config.correction == "none":
         return None
+    if config.correction not in ("estimated", "adam-exact", "adam-factored", "adafactor"):
+        raise ValueError(f"correction {config.correction!r} must be resolved first (featurizer.settings.resolve)")
     tracked = find_tracked(model)
     if config.correction == "estimated":
         if sample_batches is None:

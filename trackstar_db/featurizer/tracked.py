@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from ..tokenize import per_example_loss
+from .tokenize import per_example_loss
 
 KINDS = {torch.nn.Linear: "linear", Conv1D: "conv1d", torch.nn.Embedding: "embedding"}
 

@@ -1,7 +1,2 @@
-"""Retrieval: exact streaming top-k (topk), the ablation ladder (methods), the embedding baseline."""
-
-from .methods import LADDER, METHODS, MethodSpec, get_method, query_transform, train_transform, unit_normalize
-from .topk import TopKResult, search, vector_batches
-
-__all__ = ["LADDER", "METHODS", "MethodSpec", "TopKResult", "get_method", "query_transform", "search",
-           "train_transform", "unit_normalize", "vector_batches"]
+"""Retrieval: the ablation ladder as data (methods), exact streaming top-k (topk), the one
+scoring path (scoring), stored runs (runs), one-prompt queries (adhoc), the embedding baseline."""

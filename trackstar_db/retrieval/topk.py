@@ -14,16 +14,14 @@ Non-finite scores are an error (they come from non-finite stored vectors).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
-from .. import schema as _schema
-from .. import vectors as _vectors
-from ..errors import TrackstarError
+from trackstar_db.errors import TrackstarError
+from trackstar_db.store import schema as _schema
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # [b, d] -> [b, d], must not modify its input
 
@@ -66,6 +64,15 @@ class TopKResult:
     proponent_scores: np.ndarray
     opponent_ids: list[list[str]]
     opponent_scores: np.ndarray
+
+    @classmethod
+    def from_hits(cls, hits: Sequence[Sequence[tuple[str, float]]], k: int) -> "TopKResult":
+        """From per-query (id, score) lists best first (BM25), without opponents."""
+        scores = np.zeros((len(hits), k), np.float32)
+        for row, pairs in enumerate(hits):
+            scores[row, :len(pairs)] = [score for _, score in pairs]
+        return cls([[i for i, _ in pairs] for pairs in hits], scores, [[] for _ in hits],
+                   np.zeros((len(hits), 0), np.float32))
 
     def to_arrow(self, query_ids: Sequence[str], run_id: str, method: str) -> pa.Table:
         """Rows of the retrievals table (schema/retrievals.json), proponents then opponents."""
@@ -142,37 +149,3 @@ def search(queries: torch.Tensor, batches: Iterable[tuple[Sequence[str], torch.T
 
     return TopKResult(ids_of(best), best.values.cpu().numpy(),
                       ids_of(worst), worst.values.cpu().numpy())
-
-
-def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vector_column: str = "vector",
-                   batch_size: int = 65536, device: str | torch.device = "cpu"
-                   ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(ids, vectors [nb, d] float32) batches from a Lance or Arrow dataset, a Table or RecordBatches.
-
-    `dtype` is the stored vector dtype (the manifest's; 'bfloat16' is stored as uint16 bits).
-    Vectors go through numpy without Python loops (trackstar_db.vectors.to_torch).
-    """
-    if hasattr(source, "to_batches"):
-        try:
-            stream = source.to_batches(columns=[id_column, vector_column], batch_size=batch_size)
-        except TypeError:  # a pyarrow Table takes max_chunksize, not columns
-            stream = source.select([id_column, vector_column]).to_batches(max_chunksize=batch_size)
-    else:
-        stream = source
-    for batch in stream:
-        names = batch.schema.names
-        for column in (id_column, vector_column):
-            if column not in names:
-                raise TrackstarError(f"vector batches: no column {column!r} (columns: {', '.join(names)})")
-        vectors = batch.column(vector_column)
-        if vectors.null_count:
-            raise TrackstarError(f"vector batches: {vectors.null_count} null vectors in column {vector_column!r}")
-        yield batch.column(id_column).to_pylist(), _vectors.to_torch(vectors, dtype, device)
-
-
-def scan_progress(batches, total: int, label: str):
-    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned."""
-    with tqdm(total=total, desc=f"scan {label}", unit=" ex", leave=False) as bar:
-        for ids, x in batches:
-            yield ids, x
-            bar.update(len(ids))

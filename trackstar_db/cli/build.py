@@ -1,0 +1,165 @@
+"""Commands that build a database: init, info, ingest corpus|facts|gradients, train, fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from . import main
+from .common import DB_ARG, Group, _open
+
+
+@main.command()
+@DB_ARG
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Local checkpoint directory (config.json, weights, tokenizer).")
+@click.option("--optimizer-state", type=click.Path(exists=True, path_type=Path),
+              help="optimizer.safetensors (default: the one inside --model, if any).")
+def init(db, model_dir, optimizer_state):
+    """Create a database directory DB (optionally recording the model it attributes)."""
+    from trackstar_db.store.database import Database
+
+    handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None)
+    click.echo(f"created {handle.path}" + (f" for model {handle.manifest['model']['fingerprint']}" if model_dir else ""))
+
+
+@main.command()
+@DB_ARG
+def info(db):
+    """Tables, row counts and the featurizer settings of DB."""
+    handle = _open(db)
+    click.echo(f"database {handle.path} (format {handle.manifest['format_version']})")
+    model = handle.manifest.get("model")
+    click.echo(f"model: {model['path']} [{model['fingerprint']}]" if model else "model: none")
+    featurizer = handle.manifest.get("featurizer")
+    if featurizer:
+        click.echo(f"featurizer: {json.dumps(featurizer['config'])}; correction: {featurizer['correction_source']}")
+    for name in handle.table_names():
+        click.echo(f"  {name:<20} {handle.count(name):>10,} rows")
+
+
+@main.group(cls=Group)
+def ingest():
+    """Load corpus files, fact files or gradients into a database."""
+
+
+@ingest.command("corpus")
+@DB_ARG
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--text-field", default="text", show_default=True, help="Field holding the example text.")
+@click.option("--id-field", default=None, help="Field holding a stable id (default: sentence_id, example_id or id; else a text hash).")
+@click.option("--skip-bad", is_flag=True, help="Skip bad records into DB/rejects.jsonl instead of stopping.")
+@click.option("--batch-size", default=10_000, show_default=True, help="Rows per Lance commit.")
+def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size):
+    """Add training texts (JSON lines or Parquet) to the examples table and the BM25 index."""
+    from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
+
+    report = ingest_corpus(_open(db), files, CorpusOptions(text_field, id_field, skip_bad, batch_size))
+    click.echo(f"added {report.added:,} examples ({report.already_present:,} already present, "
+               f"{len(report.rejected):,} rejected)")
+    for error in report.rejected[:5]:
+        click.echo(f"  rejected {error}", err=True)
+
+
+@ingest.command("facts")
+@DB_ARG
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--skip-bad", is_flag=True, help="Skip bad records instead of stopping.")
+def ingest_facts_cmd(db, files, skip_bad):
+    """Add facts (the T-REx facts format) and their queries; rebuild ground truth."""
+    from trackstar_db.sources.facts import ingest_facts
+
+    report = ingest_facts(_open(db), files, skip_bad=skip_bad)
+    click.echo(f"added {report.facts:,} facts and {report.queries:,} queries "
+               f"({report.already_present:,} already present, {len(report.rejected):,} rejected); "
+               f"{report.ground_truth:,} ground-truth pairs")
+
+
+@ingest.command("gradients")
+@DB_ARG
+@click.option("--split", type=click.Choice(["train", "queries"]), default="train", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Storage dtype of the vectors (first run; default float32).")
+@click.option("--dim", type=int, default=None, help="Total projection dimension, 1024..65536 (first run; default 4096).")
+@click.option("--seed", type=int, default=None, help="Projection seed (first run; default 0).")
+@click.option("--correction", type=click.Choice(["auto", "adam-factored", "adam-exact", "adafactor", "estimated", "none"]),
+              default=None, help="Optimizer second-moment correction (first run; default auto: the optimizer state's "
+                                 "own when the checkpoint has one, else estimated from a sample).")
+@click.option("--combine", type=click.Choice(["concat", "sum"]), default=None,
+              help="Per-matrix projections concatenated or summed (first run; default concat).")
+@click.option("--no-uncorrected", is_flag=True, help="Do not also write the uncorrected table the first rungs need.")
+@click.option("--limit", type=int, default=None, help="Stop after this many new rows.")
+@click.option("--commit-rows", type=int, default=2048, show_default=True, help="Rows per Lance commit.")
+def ingest_gradients_cmd(db, split, device, batch_size, shard, dtype, dim, seed, correction, combine, no_uncorrected,
+                         limit, commit_rows):
+    """Featurize the training examples or the queries into gradient tables (resumable)."""
+    from trackstar_db.gradients.plan import parse_shard
+    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+
+    handle = _open(db)
+    stored_dtype = (handle.manifest.get("featurizer") or {}).get("dtype")
+    job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
+                      commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit)
+    given = {"dim": dim, "seed": seed, "correction": correction, "combine": combine}
+    totals = ingest_gradients(handle, given, job)
+    click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
+               f"{totals['seconds']:.1f} s; correction: {handle.manifest['featurizer']['config']['correction']}; "
+               "tables: " + ", ".join(f"{k}={v:,}" for k, v in totals["tables"].items()))
+
+
+@main.command()
+@DB_ARG
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where to save the checkpoint, tokenizer and optimizer state.")
+@click.option("--arch", type=click.Choice(["gpt2", "llama"]), default="gpt2", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: the TrainConfig default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train(db, out_dir, arch, epochs, seed):
+    """Pretrain a small causal LM on DB's examples (AdamW), record it, report fact accuracy."""
+    from trackstar_db.testbed.model import train_testbed
+
+    handle = _open(db)
+    overrides = {"architecture": arch, "seed": seed}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    accuracy = train_testbed(handle, out_dir, overrides)
+    if accuracy is not None:
+        from trackstar_db.testbed.model import format_accuracy
+
+        click.echo(format_accuracy(accuracy))
+
+
+@main.command()
+@DB_ARG
+@click.option("--mix", type=click.Choice(["task", "train"]), default="task", show_default=True,
+              help="task: mix R_eval of the queries into R_train (TrackStar); train: R_train only.")
+@click.option("--kind", type=click.Choice(["block", "dense"]), default="block", show_default=True,
+              help="Block-diagonal per tracked matrix, or one dense R.")
+@click.option("--damping", type=float, default=0.1, show_default=True, help="Added to eigenvalues, times their mean.")
+@click.option("--crossing-k", type=int, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
+@click.option("--template", default="prompt0", show_default=True, help="Queries whose gradients form R_eval.")
+def fit(db, mix, kind, damping, crossing_k, template):
+    """Fit the preconditioners R (R_train, and the task-mixed R) from the stored gradients."""
+    from trackstar_db.gradients.fit import fit as fit_all
+
+    report = fit_all(_open(db), mix, kind, damping, crossing_k, template)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    for name, params in report.preconditioners.items():
+        click.echo(f"{name:<32} lambda={params['lambda']:.4f} k={params['k']} damping={params['damping']:g} "
+                   f"n_train={params['n_train']:,} n_eval={params['n_eval']:,} kind={params['kind']}")
+
+
+@main.command()
+@DB_ARG
+def migrate(db):
+    """Bring a database written by an earlier trackstar-db to the current format, in place."""
+    from trackstar_db.store.migrate import migrate as run_migrate
+
+    for line in run_migrate(db):
+        click.echo(line)

@@ -1,0 +1,168 @@
+"""Commands that use a database: retrieve, tail-patch, eval, query, sql, export, import, report, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from trackstar_db.errors import TrackstarError
+
+from . import main
+from .common import DB_ARG, FORMATS, _open, print_table
+
+
+@main.command()
+@DB_ARG
+@click.option("--method", "methods", multiple=True, required=True,
+              help="grad-dot, grad-cos, trak, opt-cos, r-train, trackstar, bm25 or embedding; repeatable; "
+                   "'all' (every method whose needs are installed).")
+@click.option("--k", default=100, show_default=True, help="Proponents (and opponents) kept per query.")
+@click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
+@click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
+@click.option("--query-text", type=click.Choice(["prompt+target", "prompt"]), default="prompt+target", show_default=True,
+              help="What BM25 and the embedding baseline search with.")
+def retrieve(db, methods, k, run_id, template, device, replace, query_text):
+    """Retrieve proponents for the database's queries with one or more methods."""
+    from trackstar_db.devices import resolve_device
+    from trackstar_db.retrieval.methods import expand
+    from trackstar_db.retrieval.runs import RetrieveOptions
+    from trackstar_db.retrieval.runs import retrieve as run_retrieval
+
+    handle = _open(db)
+    names = expand(methods)
+    if "all" in methods and "embedding" not in names:
+        click.echo("skipping the embedding baseline: pip install 'trackstar-db[embedding]' to add it", err=True)
+    if run_id and len(names) > 1:
+        raise TrackstarError("--run names one run; give one --method with it")
+    options = RetrieveOptions(k=k, template=None if template == "all" else template, device=resolve_device(device),
+                              query_text=query_text)
+    for name in names:
+        run, rows = run_retrieval(handle, name, options, run_id, replace)
+        click.echo(f"run {run}: {rows.num_rows:,} rows")
+
+
+@main.command("tail-patch")
+@DB_ARG
+@click.option("--run", "run_ids", multiple=True, required=True, help="Retrieval run(s) to patch; repeatable.")
+@click.option("--k", default=10, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
+@click.option("--queries", "max_queries", type=int, default=None, help="Patch a deterministic sample of this many queries.")
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+def tail_patch_cmd(db, run_ids, k, max_queries, device):
+    """Influence: one optimizer step on each proponent, the change in P(target | prompt)."""
+    from trackstar_db.devices import resolve_device
+    from trackstar_db.tailpatch.runs import tail_patch_runs
+
+    rows = tail_patch_runs(_open(db), list(run_ids), k, max_queries, resolve_device(device))
+    click.echo(f"{rows.num_rows:,} tail-patch measurements for {', '.join(run_ids)}")
+
+
+@main.command("eval")
+@DB_ARG
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@click.option("--by", type=click.Choice(["method", "bucket", "correct"]), default="method", show_default=True,
+              help="Split by fact frequency bucket or by whether the model answers correctly.")
+def eval_cmd(db, fmt, by):
+    """The method-by-metric table (MRR, recall@10, tail-patch), computed by queries/*.sql."""
+    from trackstar_db.evaluation.analysis import evaluation
+
+    print_table(evaluation(_open(db), by), fmt)
+
+
+@main.command()
+@DB_ARG
+@click.option("--prompt", required=True, help="The context, e.g. 'The capital of France is'.")
+@click.option("--target", required=True, help="The continuation to attribute, e.g. 'Paris'.")
+@click.option("--method", default=None, help="Default: the best method the database can serve (trackstar, "
+                                               "else r-train, else opt-cos, else grad-cos).")
+@click.option("--k", default=10, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
+def query(db, prompt, target, method, k, device, fmt):
+    """Attribute one prompt and target: proponents and opponents with their texts."""
+    from trackstar_db.devices import resolve_device
+    from trackstar_db.evaluation.highlight import to_terminal
+
+    rows = _open(db).query(prompt, target, k=k, method=method, device=resolve_device(device))
+    if fmt != "text":
+        print_table(rows, fmt)
+        return
+    for kind in ("proponent", "opponent"):
+        picked = [r for r in rows.to_pylist() if r["kind"] == kind]
+        if picked:
+            click.secho(f"{kind}s of {target!r} after {prompt!r} (method: {picked[0]['method']}):", bold=True)
+        for r in picked:
+            click.echo(f"{r['rank']:>4}  {r['score']:+.4f}  {r['example_id']:<14} {to_terminal(r['text'], [prompt, target])}")
+
+
+@main.command()
+@DB_ARG
+@click.argument("statement")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file (needed for parquet).")
+@click.option("--vectors", is_flag=True, help="Expose the vector columns of gradient tables.")
+def sql(db, statement, fmt, out, vectors):
+    """Run one read-only SQL statement (DuckDB) over the database's tables."""
+    from trackstar_db.evaluation.sql import write_table
+
+    result = _open(db).sql(statement, vectors=vectors)
+    if out is not None:
+        write_table(result, fmt, out)
+        click.echo(f"wrote {result.num_rows:,} rows to {out}")
+    elif fmt == "parquet":
+        raise TrackstarError("--format parquet needs --out FILE")
+    else:
+        print_table(result, fmt)
+
+
+@main.command("export")
+@DB_ARG
+@click.option("--run", "run_id", required=True, help="The retrieval run to export.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON lines file to write.")
+def export_cmd(db, run_id, out):
+    """Write a run in the authors' viewer format (JSON lines), for their public viewer."""
+    from trackstar_db.evaluation.exchange import export_run
+
+    handle = _open(db)
+    click.echo(f"wrote {export_run(handle, run_id, out)}")
+
+
+@main.command("import")
+@DB_ARG
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--method", required=True, help="Method name to record (e.g. bm25, trackstar-published).")
+@click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
+def import_cmd(db, file, method, run_id):
+    """Load a results file in the authors' viewer format as a retrieval run."""
+    from trackstar_db.evaluation.exchange import import_run
+
+    count = import_run(_open(db), file, method, run_id or method)
+    click.echo(f"imported {count:,} retrieval rows as run {run_id or method}")
+
+
+@main.command()
+@DB_ARG
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--compare", nargs=2, default=None, help="Two runs shown side by side (default: trackstar and bm25).")
+@click.option("--samples", default=8, show_default=True, help="Queries shown side by side.")
+def report(db, out_dir, compare, samples):
+    """Write a static HTML report (table, plots, side-by-side proponents)."""
+    from trackstar_db.evaluation.analysis import write_db_report
+
+    click.echo(f"wrote {write_db_report(_open(db), out_dir, compare, samples)}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("trackstar-demo"),
+              show_default=True, help="Where the world, model and database go.")
+@click.option("--size", type=click.Choice(["demo", "tiny"]), default="demo", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def demo(workdir, size, seed, fmt):
+    """Build the demo fact world, train a model on it, run every method and print the table."""
+    from trackstar_db.testbed.demo import run_demo
+
+    summary = run_demo(workdir, size=size, seed=seed)
+    print_table(summary, fmt)

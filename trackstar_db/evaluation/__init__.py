@@ -1,0 +1,1 @@
+"""Analyses: metric SQL, read-only SQL, the report, the viewer-format exchange."""

@@ -1,0 +1,62 @@
+"""Buffer featurized rows and append them to their gradient tables, one Lance commit per
+`commit_rows` rows per table. Each append is atomic; rows a table already holds (a run killed
+between the appends of two tables) are dropped before the append, so a rerun never duplicates."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from trackstar_db import faults
+from trackstar_db.errors import TrackstarError
+from trackstar_db.store import vectors as _vectors
+
+
+def check_vectors(ids: list[str], vectors: torch.Tensor) -> torch.Tensor:
+    """Row norms [n] of vectors [n, d]; a zero or non-finite row is an error naming its id."""
+    norms = vectors.norm(dim=1)
+    bad = (~torch.isfinite(norms)) | (norms == 0)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise TrackstarError(f"gradient of {ids[row]!r} has norm {norms[row].item()}; "
+                             "it would be a NaN row in the index (empty text or overflow?)")
+    return norms
+
+
+class Committer:
+    """add(ids, FeaturizeOutput) buffers rows per table; flush() appends them."""
+
+    def __init__(self, db, tables: dict, dtype: str, commit_rows: int):
+        self.db, self.tables, self.dtype, self.commit_rows = db, tables, dtype, commit_rows
+        self.pending: dict[str, list[pa.Table]] = {variant: [] for variant in tables}
+        self.rows = 0
+
+    def add(self, ids: list[str], out) -> None:
+        for variant in self.tables:
+            vectors = out.vectors[variant]
+            norms = check_vectors(ids, vectors)
+            self.pending[variant].append(pa.table({
+                "id": ids,
+                "vector": _vectors.to_arrow(vectors, self.dtype),
+                "norm": pa.array(norms.numpy(), pa.float32()),
+                "loss": pa.array(out.loss.numpy(), pa.float32()),
+                "n_tokens": pa.array(out.n_tokens.numpy().astype("int32")),
+            }))
+        self.rows += len(ids)
+        if self.rows >= self.commit_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        for variant, parts in self.pending.items():
+            if not parts:
+                continue
+            rows = pa.concat_tables(parts)
+            table = self.tables[variant]
+            present = table.dataset().to_table(columns=["id"], filter=pc.field("id").isin(rows.column("id")))
+            if present.num_rows:
+                rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
+            self.db.append(table.name, rows)
+            parts.clear()
+            faults.point("gradients.commit")
+        self.rows = 0

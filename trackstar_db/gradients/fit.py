@@ -1,0 +1,130 @@
+"""Fit the preconditioners R from stored gradient tables (`trackstar-db fit`).
+
+What is fitted comes from the ladder (retrieval/methods.py as data): for every rung that uses
+R, its mix ('train' or 'mixed') on the training table of its variant:
+
+    grads_train_corrected.train     R_train of the corrected gradients     (r-train)
+    grads_train_corrected.mixed     lambda R_eval + (1 - lambda) R_train   (trackstar)
+    grads_train_uncorrected.train   R_train of the uncorrected gradients   (trak)
+
+R_eval comes from the query gradients of one template. With `mix='train'`, or a database
+without queries, no mixed R is fitted and the reason is returned. After R, one more pass
+stores the whitened row norms the unit-normalised rungs need (retrieval/scoring.py), with the
+table version they belong to. Block-diagonal over the layout's blocks unless kind='dense'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pyarrow.compute as pc
+import torch
+
+from trackstar_db.errors import TrackstarError
+from trackstar_db.featurizer.config import Layout
+from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, fit_preconditioner
+from trackstar_db.retrieval.methods import LADDER
+from trackstar_db.store.vectors import scan_progress
+
+MIXES = ("task", "train")
+
+
+@dataclass
+class FitReport:
+    """preconditioners: {table.mix: parameters}; notes: why an asked-for R was not fitted."""
+
+    preconditioners: dict[str, dict]
+    notes: list[str] = field(default_factory=list)
+
+
+def needed() -> dict[tuple[str, str], set[float]]:
+    """(variant, mix) -> the train powers whose whitened row norms the ladder needs."""
+    out: dict[tuple[str, str], set[float]] = {}
+    for spec in LADDER:
+        if spec.preconditioner:
+            powers = out.setdefault((spec.table, spec.preconditioner), set())
+            if spec.unit_norm and spec.train_power != 0:
+                powers.add(spec.train_power)
+    return out
+
+
+def _query_ids(db, template: str | None) -> set[str] | None:
+    if template is None:
+        return None
+    rows = db.table("queries", columns=["query_id"], filter=pc.field("template") == template)
+    return set(rows.column("query_id").to_pylist())
+
+
+def _stream(table, keep: set[str] | None = None, batch_size: int = 8192, label: str = "R"):
+    """[batch, d] float32 vectors of a gradient table, optionally only the ids in `keep`."""
+    for ids, x in scan_progress(table.batches(batch_size=batch_size), table.count(), f"{label} {table.name}"):
+        if keep is not None:
+            x = x[torch.tensor([i in keep for i in ids], dtype=torch.bool)]
+        if len(x):
+            yield x
+
+
+def _check_options(mix: str, damping: float, k: int | None) -> None:
+    if mix not in MIXES:
+        raise TrackstarError(f"--mix must be one of {', '.join(MIXES)}, not {mix!r}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise TrackstarError(f"--damping must be a finite number >= 0, not {damping}")
+    if k is not None and k < 0:
+        raise TrackstarError(f"--crossing-k must be >= 0, not {k}")
+
+
+def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAMPING, k: int | None = None,
+        template: str | None = "prompt0") -> FitReport:
+    """Fit every preconditioner the stored tables allow."""
+    _check_options(mix, damping, k)
+    featurizer = db.manifest.get("featurizer")
+    if not featurizer:
+        raise TrackstarError(f"{db.path}: no gradients yet; run 'trackstar-db ingest gradients' first")
+    layout = Layout.from_dict(featurizer["layout"])
+    spans = layout.spans() if featurizer["config"]["combine"] == "concat" else None
+    keep = _query_ids(db, template) if mix == "task" else None
+    fitted, notes, staged = {}, [], []
+    for (variant, which), powers in needed().items():
+        train = db.gradient_table("train", corrected=variant == "corrected")
+        if not train.exists():
+            continue
+        queries = None
+        if which == "mixed":
+            if mix != "task":
+                continue
+            table = db.gradient_table("queries", corrected=variant == "corrected")
+            if not table.exists() or not keep:
+                what = "query gradients" if keep else f"queries with template {template!r}"
+                notes.append(f"no {what}: fitted R_train only (trackstar falls back to r-train); "
+                             f"ingest facts and 'ingest gradients --split queries' for the task R")
+                continue
+            queries = _stream(table, keep)
+        version = train.version()
+        pre = fit_preconditioner(_stream(train), queries, dim=layout.dim, spans=spans, kind=kind,
+                                 damping=damping, k=k)
+        pre.params["table_version"] = version
+        if powers:
+            parts = {p: [] for p in powers}
+            with torch.inference_mode():
+                for x in _stream(train, label="norms"):
+                    for p in powers:
+                        parts[p].append(pre.norms(x, p))
+            pre.row_norms = {p: torch.cat(v) for p, v in parts.items()}
+        staged.append((train, which, pre, dict(pre.params, template=template if queries is not None else None)))
+    if not staged:
+        raise TrackstarError(f"{db.path}: no gradient tables to fit (found: {', '.join(db.table_names())})")
+    # write-then-swap: every new file is complete before the manifest points at it
+    for train, which, pre, params in staged:
+        path = train.preconditioner_path(which)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        pre.save(tmp)
+        tmp.replace(path)
+        fitted[train.preconditioner_key(which)] = dict(params, file=path.name)
+    stale = set(db.manifest.get("preconditioners", {})) - set(fitted)
+    db.manifest["preconditioners"] = fitted  # an R from an earlier fit must not serve a rung
+    db.save_manifest()
+    for key in stale:
+        (db.path / "preconditioners" / f"{key}.safetensors").unlink(missing_ok=True)
+    return FitReport(fitted, notes)

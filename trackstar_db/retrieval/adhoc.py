@@ -1,0 +1,93 @@
+"""One prompt and target, attributed on the fly (`trackstar-db query`, `Database.query`).
+
+The query's gradient is computed by the same featurizer as the stored ones and scored by the
+same path as stored runs (retrieval/runs.run_method). The answer is an Arrow table with columns
+kind ('proponent' | 'opponent'), rank, example_id, score, text, method.
+
+With no method given, the best rung the database can serve answers: trackstar with a task R,
+else r-train, else opt-cos, else grad-cos; the table's `method` column says which.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from trackstar_db.errors import TrackstarError
+
+from . import embedding
+from .methods import ALL_METHODS, LADDER, METHODS, get_method
+from .runs import run_method
+
+PREFERENCE = ("trackstar", "r-train", "opt-cos", "grad-cos")
+
+
+def best_method(db) -> str:
+    """The first rung of PREFERENCE whose tables and R this database holds."""
+    fitted = db.manifest.get("preconditioners", {})
+    for name in PREFERENCE:
+        spec = METHODS[name]
+        table = db.gradient_table("train", corrected=spec.table == "corrected")
+        if not table.exists():
+            continue
+        if spec.preconditioner and table.preconditioner_key(spec.preconditioner) not in fitted:
+            continue
+        return name
+    raise TrackstarError(f"{db.path}: no gradient method can answer yet; run 'trackstar-db ingest gradients {db.path}'")
+
+
+class PromptAttributor:
+    """Answers one-prompt queries for a database, keeping one featurizer per gradient variant
+    loaded between calls (loading a checkpoint costs far more than featurizing one prompt)."""
+
+    def __init__(self, db, device: str = "cpu"):
+        self.db, self.device = db, device
+        self._featurizers: dict[str, tuple] = {}  # variant -> (Featurizer, tokenizer)
+
+    def _featurizer(self, variant: str):
+        if variant not in self._featurizers:
+            from trackstar_db.gradients.loader import load_featurizer, stored_config
+
+            config = stored_config(self.db)
+            if config is None:
+                raise TrackstarError(f"{self.db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
+            uncorrected = variant == "uncorrected" and config.correction != "none"
+            self._featurizers[variant] = load_featurizer(self.db, config, self.device, uncorrected=uncorrected)
+        return self._featurizers[variant]
+
+    def gradient(self, prompt: str, target: str, variant: str):
+        """[1, d] raw query gradient of (prompt, target) in `variant`."""
+        from trackstar_db.featurizer.tokenize import collate, encode_query, pad_id
+
+        featurizer, tokenizer = self._featurizer(variant)
+        item = encode_query(tokenizer, prompt, target, max_length=featurizer.config.max_length)
+        return featurizer.featurize(collate([item], pad_id(tokenizer))).vectors[variant]
+
+    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = 10) -> pa.Table:
+        """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts."""
+        db = self.db
+        if not prompt.strip() or not target.strip():
+            raise TrackstarError("both --prompt and --target must be non-empty")
+        if k < 1:
+            raise TrackstarError(f"--k must be >= 1, not {k}")
+        method = method or best_method(db)
+        if method not in ALL_METHODS:
+            raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
+        if db.count("examples") == 0:
+            raise TrackstarError(f"{db.path}: the database has no examples")
+        vectors = None
+        if method in METHODS:
+            vectors = self.gradient(prompt, target, get_method(method).table)
+        result = run_method(db, method, ["adhoc"], [embedding.query_text(prompt, target)], k, self.device,
+                            query_vectors=vectors)
+        rows = result.to_arrow(["adhoc"], "adhoc", method).select(["kind", "rank", "example_id", "score", "method"])
+        ids = rows.column("example_id").to_pylist()
+        lookup = {}
+        if ids:
+            texts = db.table("examples", columns=["example_id", "text"],
+                             filter=pc.field("example_id").isin(sorted(set(ids))))
+            lookup = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
+        return rows.append_column("text", pa.array([lookup.get(i) for i in ids], pa.string()))
+
+
+__all__ = ["PromptAttributor", "best_method", "LADDER"]

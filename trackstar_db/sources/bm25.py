@@ -1,0 +1,74 @@
+"""The BM25 side: a Tantivy index over examples.text inside the database directory (DB/bm25).
+
+Documents carry the example_id (stored, untokenised) and the text (indexed with Tantivy's
+default tokenizer, not stored: the text lives in the examples table). Queries are reduced to
+their words, so no user text is parsed as Tantivy query syntax.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import tantivy
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _schema() -> tantivy.Schema:
+    builder = tantivy.SchemaBuilder()
+    builder.add_text_field("example_id", stored=True, tokenizer_name="raw")
+    builder.add_text_field("text", stored=False)
+    return builder.build()
+
+
+class BM25Index:
+    def __init__(self, db_path: str | Path):
+        self.path = Path(db_path) / "bm25"
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.index = tantivy.Index(_schema(), path=str(self.path))
+
+    def add(self, example_ids: list[str], texts: list[str]) -> None:
+        """Add documents and commit (one commit per call: call it once per ingest run)."""
+        writer = self.index.writer(heap_size=64_000_000, num_threads=1)
+        try:
+            for example_id, text in zip(example_ids, texts):
+                writer.add_document(tantivy.Document(example_id=example_id, text=text))
+            writer.commit()
+        except BaseException:
+            writer.rollback()
+            raise
+        finally:
+            writer.wait_merging_threads()
+        self.index.reload()
+
+    def delete(self, example_ids: list[str]) -> None:
+        """Remove documents by example_id (rolls back an add whose other writes failed)."""
+        writer = self.index.writer(heap_size=64_000_000, num_threads=1)
+        try:
+            for example_id in example_ids:
+                writer.delete_documents("example_id", example_id)
+            writer.commit()
+        finally:
+            writer.wait_merging_threads()
+        self.index.reload()
+
+    def count(self) -> int:
+        self.index.reload()
+        return self.index.searcher().num_docs
+
+    def search(self, text: str, k: int = 10) -> list[tuple[str, float]]:
+        """Top-k (example_id, BM25 score) for a free-text query."""
+        words = _WORD.findall(text.lower())
+        if not words:
+            return []
+        query = self.index.parse_query(" ".join(words), ["text"])
+        searcher = self.index.searcher()
+        hits = searcher.search(query, k).hits
+        return [(searcher.doc(address)["example_id"][0], float(score)) for score, address in hits]
+
+    def search_many(self, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
+        """Top-k (example_id, score) lists for many queries, in order (BM25 has no opponents)."""
+        if k < 1:
+            raise ValueError(f"BM25: k must be >= 1, not {k}")
+        return [self.search(text, k) for text in texts]

@@ -1,0 +1,138 @@
+"""Fact ingest: the authors' T-REx facts format into the facts, queries and ground_truth tables.
+
+Each fact gives one query per prompt field present (prompt0..prompt2), target = entity1.
+ground_truth is derived, never edited: the (fact, example) pairs where the example's
+fact_triples holds the fact's key or the fact's trex_sentences lists the example, restricted
+to examples that are in the database. It is rebuilt after every corpus or fact ingest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from trackstar_db.errors import RecordError
+from trackstar_db.store import schema as _schema
+
+from .records import iter_records, require_text, string_list
+
+PROMPT_FIELDS = ("prompt0", "prompt1", "prompt2")
+# Upper bounds (inclusive) of frequency buckets 0..4; bucket 5 is everything above.
+BUCKET_BOUNDS = (0, 1, 3, 7, 15)
+
+
+def frequency_bucket(count: int | None) -> int | None:
+    """0: never seen, 1: once, 2: 2-3, 3: 4-7, 4: 8-15, 5: 16 or more."""
+    if count is None:
+        return None
+    for bucket, bound in enumerate(BUCKET_BOUNDS):
+        if count <= bound:
+            return bucket
+    return len(BUCKET_BOUNDS)
+
+
+@dataclass
+class FactReport:
+    facts: int = 0
+    queries: int = 0
+    already_present: int = 0
+    ground_truth: int = 0
+    rejected: list[RecordError] = field(default_factory=list)
+
+
+def _fact_rows(record: dict, path: Path, line: int) -> tuple[dict, list[dict]]:
+    fact_id = str(record.get("fact_id") or "")
+    if not fact_id:
+        raise RecordError(path, line, "missing field 'fact_id'")
+    subject = require_text(record, "entity0", path, line)
+    relation = require_text(record, "relation", path, line)
+    obj = require_text(record, "entity1", path, line)
+    uris = [record.get(k) for k in ("entity0_uri", "predicate_uri", "entity1_uri")]
+    key = "|".join(uris) if all(isinstance(u, str) and u for u in uris) else f"{subject}|{relation}|{obj}"
+    frequency = record.get("c4_frequency")
+    if frequency is not None and not isinstance(frequency, int):
+        raise RecordError(path, line, "field 'c4_frequency' must be an integer")
+    bucket = record.get("c4_frequency_bucket", frequency_bucket(frequency))
+    fact = {
+        "fact_id": fact_id, "kilt_id": record.get("kilt_id"), "subject": subject, "relation": relation,
+        "object": obj, "subject_uri": uris[0], "predicate_uri": uris[1], "object_uri": uris[2], "fact_key": key,
+        "subject_aliases": string_list(record.get("entity0_alias"), "entity0_alias", path, line),
+        "object_aliases": string_list(record.get("entity1_alias"), "entity1_alias", path, line),
+        "trex_sentences": string_list(record.get("trex_sentences"), "trex_sentences", path, line),
+        "frequency": frequency, "frequency_bucket": bucket, "is_repetition": record.get("is_repetition"),
+    }
+    queries = [
+        {"query_id": f"{fact_id}:{name}", "fact_id": fact_id, "prompt": require_text(record, name, path, line),
+         "target": obj, "template": name}
+        for name in PROMPT_FIELDS if record.get(name) is not None
+    ]
+    if not queries:
+        raise RecordError(path, line, "no prompt field (prompt0, prompt1 or prompt2)")
+    return fact, queries
+
+
+def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: bool = True) -> FactReport:
+    report = FactReport()
+    seen = db.ids("facts", "fact_id")
+    facts, queries = [], []
+    for path in map(Path, files):
+        records = iter_records(path, report.rejected if skip_bad else None)
+        with tqdm(records, desc=f"facts {path.name}", unit=" rec", disable=not progress) as bar:
+            for line, record in bar:
+                try:
+                    fact, fact_queries = _fact_rows(record, path, line)
+                except RecordError as error:
+                    if not skip_bad:
+                        raise
+                    report.rejected.append(error)
+                    continue
+                if fact["fact_id"] in seen:
+                    report.already_present += 1
+                    continue
+                seen.add(fact["fact_id"])
+                facts.append(fact)
+                queries.extend(fact_queries)
+    # All records were read and checked before anything is written: a bad file leaves no trace.
+    versions = {name: db.version(name) for name in ("facts", "queries")}
+    try:
+        db.append("facts", pa.Table.from_pylist(facts))
+        db.append("queries", pa.Table.from_pylist(queries))
+        report.ground_truth = rebuild_ground_truth(db)
+    except BaseException:
+        for name, version in versions.items():
+            db.restore(name, version)
+        raise
+    report.facts, report.queries = len(facts), len(queries)
+    return report
+
+
+GROUND_TRUTH_SQL = """
+SELECT DISTINCT fact_id, example_id FROM (
+    SELECT f.fact_id, e.example_id
+    FROM (SELECT example_id, unnest(fact_triples) AS fact_key FROM examples) e
+    JOIN facts f USING (fact_key)
+    UNION ALL
+    SELECT f.fact_id, e.example_id
+    FROM (SELECT fact_id, unnest(trex_sentences) AS example_id FROM facts) f
+    JOIN examples e USING (example_id)
+    UNION ALL
+    SELECT fact_id, example_id FROM ground_truth_imported
+) ORDER BY fact_id, example_id
+"""
+
+
+def rebuild_ground_truth(db) -> int:
+    """Recompute ground_truth from examples, facts and imported results; returns its row count."""
+    with duckdb.connect() as con:
+        con.register("examples", db.table("examples", columns=["example_id", "fact_triples"]))
+        con.register("facts", db.table("facts", columns=["fact_id", "fact_key", "trex_sentences"]))
+        imported = (db.table("ground_truth_imported") if db.has_table("ground_truth_imported")
+                    else _schema.arrow_schema("ground_truth_imported").empty_table())
+        con.register("ground_truth_imported", imported)
+        pairs = con.sql(GROUND_TRUTH_SQL).to_arrow_table()
+    db.replace("ground_truth", pairs)
+    return pairs.num_rows

@@ -1,0 +1,88 @@
+"""Read input records from JSON lines or Parquet files, naming file and line on bad input.
+
+JSON lines: any file whose name contains '.jsonl' or ends in '.json' (the authors' shards are
+named trex_sentences.jsonl-00000-of-00020). Each line must be valid UTF-8 holding one JSON
+object; blank lines are skipped. Parquet: '.parquet'; 'line' is then the 1-based row number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from trackstar_db.errors import RecordError, TrackstarError
+
+
+def file_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if ".jsonl" in name or name.endswith(".json"):
+        return "jsonl"
+    raise TrackstarError(f"{path}: unknown file type (expected JSON lines '.jsonl' or '.parquet')")
+
+
+def iter_records(path: str | Path, rejected: list[RecordError] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) pairs. A line that is not a JSON object raises RecordError,
+    or, when a `rejected` list is given, is appended to it and skipped."""
+    for number, record in _parse(Path(path)):
+        if isinstance(record, RecordError):
+            if rejected is None:
+                raise record
+            rejected.append(record)
+            continue
+        yield number, record
+
+
+def _parse(path: Path) -> Iterator[tuple[int, dict | RecordError]]:
+    if not path.is_file():
+        raise TrackstarError(f"{path}: no such file")
+    if file_kind(path) == "parquet":
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+        return
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, RecordError(path, number, f"invalid UTF-8 at byte {exc.start}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, RecordError(path, number, f"malformed JSON ({exc.msg}, column {exc.colno})")
+                continue
+            if not isinstance(record, dict):
+                record = RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
+def require_text(record: dict, field: str, path, line: int, allow_empty: bool = False) -> str:
+    """A record's string field, or RecordError naming the field."""
+    if field not in record or record[field] is None:
+        raise RecordError(path, line, f"missing field {field!r}")
+    value = record[field]
+    if not isinstance(value, str):
+        raise RecordError(path, line, f"field {field!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RecordError(path, line, f"field {field!r} is empty")
+    return value
+
+
+def string_list(value, field: str, path, line: int) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value):
+        return [str(v) for v in value]
+    raise RecordError(path, line, f"field {field!r} must be a list of strings")

@@ -1,0 +1,1 @@
+"""The database on disk: directory, manifest, table schemas, vector codec, gradient tables."""

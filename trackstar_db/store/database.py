@@ -1,0 +1,239 @@
+"""The database directory: manifest, LanceDB tables and the BM25 index, behind one handle.
+
+    DB/
+      manifest.json     format version, model fingerprint, featurizer settings (manifest.py)
+      tables/           LanceDB tables (schemas in schema/*.json)
+      bm25/             Tantivy index over examples.text (bm25.py)
+      preconditioners/  R factors as safetensors
+
+`connect(path)` opens an existing database; `Database.create(path)` makes one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lancedb
+import pyarrow as pa
+
+from trackstar_db.errors import TrackstarError
+
+from . import manifest as _manifest
+from . import schema as _schema
+from .gradient_table import GradientTable, is_gradient_table
+
+
+class Database:
+    """An open trackstar-db directory. Tables come back as Arrow."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = _manifest.read(self.path)
+        self._lance = lancedb.connect(str(self.path / "tables"))
+        self._attributor = None  # retrieval.adhoc.PromptAttributor, made by the first query()
+
+    # -- creation -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, model_dir: str | Path | None = None,
+               optimizer_state: str | Path | None = None, exist_ok: bool = False) -> "Database":
+        path = Path(path)
+        if (path / _manifest.FILENAME).exists():
+            if not exist_ok:
+                raise TrackstarError(f"{path}: a database already exists here")
+            db = cls(path)
+        else:
+            if path.exists() and any(path.iterdir()):
+                raise TrackstarError(f"{path}: directory is not empty and holds no database")
+            (path / "tables").mkdir(parents=True, exist_ok=True)
+            _manifest.write(path, _manifest.new_manifest())
+            db = cls(path)
+            for name in _schema.table_names():
+                db._lance.create_table(name, schema=_schema.arrow_schema(name))
+        if model_dir is not None:
+            db.set_model(model_dir, optimizer_state)
+        return db
+
+    # -- manifest -----------------------------------------------------------------------
+    def save_manifest(self) -> None:
+        _manifest.write(self.path, self.manifest)
+
+    def set_model(self, model_dir: str | Path, optimizer_state: str | Path | None = None) -> None:
+        """Record the checkpoint this database attributes. Changing it once gradients exist is refused."""
+        model_dir = Path(model_dir).resolve()
+        fingerprint = _manifest.model_fingerprint(model_dir)
+        current = self.manifest.get("model")
+        if current and current["fingerprint"] != fingerprint and self.manifest["gradient_tables"]:
+            raise TrackstarError(
+                f"{model_dir}: model fingerprint {fingerprint} differs from {current['fingerprint']}, "
+                "whose gradients this database holds"
+            )
+        if optimizer_state is None and (model_dir / "optimizer.safetensors").is_file():
+            optimizer_state = model_dir / "optimizer.safetensors"
+        if optimizer_state is not None and not Path(optimizer_state).exists():
+            raise TrackstarError(f"{optimizer_state}: no such optimizer state file")
+        self.manifest["model"] = {
+            "path": str(model_dir),
+            "fingerprint": fingerprint,
+            "tokenizer": str(model_dir),
+            "optimizer_state": str(Path(optimizer_state).resolve()) if optimizer_state else None,
+        }
+        self.save_manifest()
+
+    def model_info(self) -> dict:
+        model = self.manifest.get("model")
+        if not model:
+            raise TrackstarError(f"{self.path}: no model recorded; run 'trackstar-db init DB --model DIR' or 'trackstar-db train'")
+        if not Path(model["path"]).is_dir():
+            raise TrackstarError(f"{model['path']}: model directory recorded in the manifest is missing")
+        return model
+
+    def load_model(self, device: str = "cpu"):
+        """(model, tokenizer) of the recorded checkpoint, from its local directory (no hub access)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        info = self.model_info()
+        if _manifest.model_fingerprint(info["path"]) != info["fingerprint"]:
+            raise TrackstarError(f"{info['path']}: checkpoint changed since it was recorded (fingerprint mismatch)")
+        tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(info["path"], local_files_only=True, dtype="float32")
+        return model.to(device).eval(), tokenizer
+
+    # -- tables -------------------------------------------------------------------------
+    def gradient_table(self, split: str, corrected: bool = True) -> GradientTable:
+        """The gradient table of `split` ('train' | 'queries'), with or without the optimizer correction."""
+        return GradientTable(self, split, "corrected" if corrected else "uncorrected")
+
+    def table_names(self) -> list[str]:
+        return sorted(self._lance.list_tables().tables)
+
+    def has_table(self, name: str) -> bool:
+        return name in self.table_names()
+
+    def lance_table(self, name: str):
+        if not self.has_table(name):
+            raise TrackstarError(f"no table {name!r}; tables: {', '.join(self.table_names())}")
+        return self._lance.open_table(name)
+
+    def dataset(self, name: str):
+        """The Lance dataset behind a table (a pyarrow Dataset: scannable by DuckDB and in batches)."""
+        return self.lance_table(name).to_lance()
+
+    def table(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+        """A whole table (or some columns / rows) as Arrow; `filter` is a pyarrow.compute
+        expression, e.g. pc.field("template") == "prompt0" (never a string built from input)."""
+        return self.dataset(name).to_table(columns=columns, filter=filter)
+
+    def count(self, name: str) -> int:
+        return self.lance_table(name).count_rows() if self.has_table(name) else 0
+
+    def create_table(self, name: str, schema: pa.Schema):
+        return self._lance.create_table(name, schema=schema, exist_ok=True)
+
+    def append(self, name: str, rows: pa.Table) -> None:
+        """Append rows (one Lance commit), cast to the table's schema."""
+        table = self.lance_table(name)
+        if rows.num_rows:
+            table.add(_schema.conform(rows, table.schema))
+
+    def replace(self, name: str, rows: pa.Table) -> None:
+        """Overwrite a derived table (one commit; readers see the old or the new rows)."""
+        schema = self.lance_table(name).schema
+        self._lance.create_table(name, data=_schema.conform(rows, schema), schema=schema, mode="overwrite")
+
+    def ids(self, name: str, column: str) -> set[str]:
+        """The set of values of an id column (for idempotent, resumable writes)."""
+        if not self.has_table(name) or self.count(name) == 0:
+            return set()
+        return set(self.table(name, columns=[column]).column(column).to_pylist())
+
+    def record_run(self, run_id: str, method: str, parameters: dict) -> None:
+        """Add a row to the runs table."""
+        import datetime as _dt
+        import json as _json
+
+        from trackstar_db import __version__
+
+        self.append("runs", pa.table({
+            "run_id": [run_id], "method": [method], "parameters": [_json.dumps(parameters, sort_keys=True)],
+            "created_at": pa.array([_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)], pa.timestamp("us")),
+            "code_version": [__version__],
+        }))
+
+    def replace_run(self, run_id: str, method: str, parameters: dict, rows: pa.Table,
+                    derived: tuple[str, ...] = ("tail_patch",)) -> None:
+        """Store a retrieval run, replacing one of the same name: the new rows are written under
+        a staging id first, then the old run (and what was derived from it) is dropped and the
+        staged rows renamed, so a failure while writing keeps the old run."""
+        staging = f"~staging~{run_id}"
+        self.delete_rows("retrievals", "run_id", staging)  # left by a killed earlier attempt
+        self.append("retrievals", rows.set_column(rows.column_names.index("run_id"), "run_id",
+                                                  pa.array([staging] * rows.num_rows, pa.string())))
+        for table in ("retrievals", *derived, "runs"):
+            self.delete_rows(table, "run_id", run_id)
+        if rows.num_rows:
+            escaped = staging.replace("'", "''")
+            self.lance_table("retrievals").update(where=f"run_id = '{escaped}'", values={"run_id": run_id})
+        self.record_run(run_id, method, parameters)
+
+    def delete_rows(self, name: str, column: str, value: str) -> None:
+        """Delete the rows whose `column` equals `value` (e.g. one run's retrievals).
+
+        Lance's delete takes only a SQL predicate: the one place a literal is quoted."""
+        escaped = value.replace("'", "''")
+        self.lance_table(name).delete(f"{column} = '{escaped}'")
+
+    def version(self, name: str) -> int:
+        return self.lance_table(name).version
+
+    def restore(self, name: str, version: int) -> None:
+        """Roll a table back to an earlier version (used when an ingest fails half-way)."""
+        table = self.lance_table(name)
+        if table.version != version:
+            table.restore(version)
+
+    # -- analysis -----------------------------------------------------------------------
+    def views(self, vectors: bool = False) -> dict:
+        """Every table as something DuckDB can scan; gradient tables lose their vectors unless asked."""
+        views = {}
+        for name in self.table_names():
+            dataset = self.dataset(name)
+            if is_gradient_table(name) and not vectors:
+                columns = [f for f in dataset.schema.names if f != "vector"]
+                views[name] = dataset.to_table(columns=columns)
+            else:
+                views[name] = dataset
+        views["model_correct"] = views["predictions"]
+        return views
+
+    def sql(self, text: str, vectors: bool = False) -> pa.Table:
+        """Run one read-only SQL statement over the tables (DuckDB); the result as Arrow."""
+        from trackstar_db.evaluation.sql import ReadOnlySQL
+
+        with ReadOnlySQL(self.views(vectors)) as con:
+            return con.run(text)
+
+    def evaluate(self, by: str = "method") -> pa.Table:
+        """The method-by-metric table (queries/summary*.sql); by='bucket' or 'correct' splits it."""
+        from trackstar_db.evaluation.analysis import evaluation
+
+        return evaluation(self, by)
+
+    def query(self, prompt: str, target: str, k: int = 10, method: str | None = None, device: str = "cpu") -> pa.Table:
+        """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
+        score, text, method). method None: the best rung this database can serve."""
+        from trackstar_db.retrieval.adhoc import PromptAttributor
+
+        if self._attributor is None or self._attributor.device != device:
+            self._attributor = PromptAttributor(self, device)
+        return self._attributor.attribute(prompt, target, method=method, k=k)
+
+    def __repr__(self) -> str:
+        return f"trackstar_db.Database({str(self.path)!r})"
+
+
+def connect(path: str | Path) -> Database:
+    """Open an existing trackstar-db database directory."""
+    path = Path(path)
+    if not path.exists():
+        raise TrackstarError(f"{path}: no such database directory")
+    return Database(path)

@@ -1,0 +1,129 @@
+"""A gradient table: one home for its name, width, dtype, record batches and the R fitted on it.
+
+Naming rule (the only place it is written):
+
+    grads_{split}_{variant}     split: train | queries;  variant: corrected | uncorrected
+
+'corrected' vectors carry the optimizer's 1/sqrt(V) correction, 'uncorrected' ones do not
+(the first rungs of the ablation ladder and `--correction none` write them). The manifest's
+`gradient_tables[name]` records {split, variant, dim, dtype}. Preconditioners are fitted on a
+training table and live next to it, one file per mix:
+
+    preconditioners/grads_train_corrected.train.safetensors    R_train
+    preconditioners/grads_train_corrected.mixed.safetensors    lambda R_eval + (1 - lambda) R_train
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from trackstar_db.errors import TrackstarError
+
+SPLITS = ("train", "queries")
+VARIANTS = ("corrected", "uncorrected")
+MIXES = ("train", "mixed")
+
+
+def table_name(split: str, variant: str) -> str:
+    if split not in SPLITS:
+        raise TrackstarError(f"gradient split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if variant not in VARIANTS:
+        raise TrackstarError(f"gradient variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+    return f"grads_{split}_{variant}"
+
+
+def is_gradient_table(name: str) -> bool:
+    return any(name == table_name(s, v) for s in SPLITS for v in VARIANTS)
+
+
+@dataclass(frozen=True)
+class GradientTable:
+    """Handle on grads_{split}_{variant} of one database (the table may not exist yet)."""
+
+    db: object
+    split: str
+    variant: str
+
+    @property
+    def name(self) -> str:
+        return table_name(self.split, self.variant)
+
+    def exists(self) -> bool:
+        return self.name in self.db.manifest.get("gradient_tables", {}) and self.db.has_table(self.name)
+
+    def require(self) -> "GradientTable":
+        """This table, or a one-line error saying what to run."""
+        if not self.exists():
+            hint = ""
+            other = GradientTable(self.db, self.split, "uncorrected")
+            if self.variant == "corrected" and other.exists():
+                hint = " (this database was featurized with --correction none; the corrected rungs need a correction)"
+            raise TrackstarError(f"table {self.name} is missing: run 'trackstar-db ingest gradients {self.db.path} "
+                                 f"--split {self.split}'{hint}")
+        return self
+
+    @property
+    def entry(self) -> dict:
+        try:
+            return self.db.manifest["gradient_tables"][self.name]
+        except KeyError:
+            self.require()
+            raise
+
+    @property
+    def dim(self) -> int:
+        return int(self.entry["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return self.entry["dtype"]
+
+    def create(self, dim: int, dtype: str) -> None:
+        """Create the Lance table (if needed) and record it in the manifest."""
+        from . import schema as _schema
+
+        self.db.create_table(self.name, _schema.gradient_schema(dim, dtype))
+        entry = {"split": self.split, "variant": self.variant, "dim": dim, "dtype": dtype}
+        if self.db.manifest["gradient_tables"].get(self.name) != entry:
+            self.db.manifest["gradient_tables"][self.name] = entry
+            self.db.save_manifest()
+
+    def count(self) -> int:
+        return self.db.count(self.name)
+
+    def version(self) -> int:
+        return self.db.version(self.name)
+
+    def dataset(self):
+        return self.db.dataset(self.name)
+
+    def batches(self, batch_size: int = 65536, device="cpu", columns: tuple[str, ...] = ()) -> Iterator:
+        """(ids, vectors [nb, d] float32 on `device`) batches in the table's scan order; with
+        `columns`, (ids, vectors, {column: numpy array}) (e.g. the stored 'norm')."""
+        from .vectors import vector_batches
+
+        return vector_batches(self.dataset(), dtype=self.dtype, batch_size=batch_size, device=device,
+                              extra_columns=columns)
+
+    # -- the preconditioners fitted on this (training) table -------------------------------
+    def preconditioner_path(self, mix: str) -> Path:
+        if mix not in MIXES:
+            raise TrackstarError(f"preconditioner mix must be one of {', '.join(MIXES)}, not {mix!r}")
+        return self.db.path / "preconditioners" / f"{self.name}.{mix}.safetensors"
+
+    def preconditioner_key(self, mix: str) -> str:
+        return f"{self.name}.{mix}"
+
+    def load_preconditioner(self, mix: str):
+        from trackstar_db.featurizer.preconditioner import Preconditioner
+
+        path = self.preconditioner_path(mix)
+        if self.preconditioner_key(mix) not in self.db.manifest.get("preconditioners", {}) or not path.is_file():
+            raise TrackstarError(f"no {mix!r} preconditioner for {self.name} in {self.db.path}; "
+                                 f"run 'trackstar-db fit {self.db.path}'")
+        try:
+            return Preconditioner.load(path)
+        except Exception as exc:  # a truncated or foreign file: one line naming it
+            raise TrackstarError(f"{path}: unreadable preconditioner ({exc}); run 'trackstar-db fit {self.db.path}'") from None

@@ -1,0 +1,101 @@
+"""Vector column codec: torch [n, d] tensors <-> Arrow fixed_size_list columns.
+
+Storage dtypes: float32, float16 (native Arrow types, searchable by LanceDB) and bfloat16,
+which Arrow lacks: its 16-bit patterns are stored as fixed_size_list<uint16> and the manifest
+records the dtype. Conversions go through numpy without Python loops.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from trackstar_db.errors import TrackstarError
+
+DTYPES = ("float32", "float16", "bfloat16")
+_ARROW = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+
+
+def arrow_type(dim: int, dtype: str) -> pa.DataType:
+    if dtype not in DTYPES:
+        raise ValueError(f"vector dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return pa.list_(_ARROW[dtype], dim)
+
+
+def bytes_per_vector(dim: int, dtype: str) -> int:
+    return dim * (4 if dtype == "float32" else 2)
+
+
+def to_arrow(vectors: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
+    """[n, d] float tensor -> fixed_size_list array in the storage dtype."""
+    n, dim = vectors.shape
+    vectors = vectors.detach().to("cpu")
+    if dtype == "bfloat16":
+        flat = vectors.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    elif dtype == "float16":
+        flat = vectors.to(torch.float16).contiguous().numpy().reshape(-1)
+    elif dtype == "float32":
+        flat = vectors.to(torch.float32).contiguous().numpy().reshape(-1)
+    else:
+        raise ValueError(f"vector dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_ARROW[dtype]), dim)
+
+
+def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    """fixed_size_list column -> [n, d] float32 tensor on `device`."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    with warnings.catch_warnings():  # read-only Arrow buffer; the tensor is never written
+        warnings.simplefilter("ignore", UserWarning)
+        if dtype == "bfloat16":
+            tensor = torch.from_numpy(np.ascontiguousarray(flat).view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(np.ascontiguousarray(flat))
+    return tensor.reshape(-1, dim).to(device=device, dtype=torch.float32)
+
+
+def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vector_column: str = "vector",
+                   batch_size: int = 65536, device: str | torch.device = "cpu", extra_columns: tuple[str, ...] = ()
+                   ) -> Iterator[tuple]:
+    """(ids, vectors [nb, d] float32) batches from a Lance or Arrow dataset, a Table or RecordBatches;
+    with `extra_columns`, (ids, vectors, {column: numpy array}).
+
+    `dtype` is the stored vector dtype (the manifest's; 'bfloat16' is stored as uint16 bits).
+    Vectors go through numpy without Python loops (trackstar_db.store.vectors.to_torch).
+    """
+    if hasattr(source, "to_batches"):
+        try:
+            stream = source.to_batches(columns=[id_column, vector_column, *extra_columns], batch_size=batch_size)
+        except TypeError:  # a pyarrow Table takes max_chunksize, not columns
+            stream = source.select([id_column, vector_column, *extra_columns]).to_batches(max_chunksize=batch_size)
+    else:
+        stream = source
+    for batch in stream:
+        names = batch.schema.names
+        for column in (id_column, vector_column, *extra_columns):
+            if column not in names:
+                raise TrackstarError(f"vector batches: no column {column!r} (columns: {', '.join(names)})")
+        vectors = batch.column(vector_column)
+        if vectors.null_count:
+            raise TrackstarError(f"vector batches: {vectors.null_count} null vectors in column {vector_column!r}")
+        ids, x = batch.column(id_column).to_pylist(), to_torch(vectors, dtype, device)
+        if extra_columns:
+            yield ids, x, {c: batch.column(c).to_numpy(zero_copy_only=False) for c in extra_columns}
+        else:
+            yield ids, x
+
+
+def scan_progress(batches, total: int, label: str):
+    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=f"scan {label}", unit=" ex", leave=False) as bar:
+        for item in batches:
+            yield item
+            bar.update(len(item[0]))

@@ -1,0 +1,68 @@
+"""Tail-patch the proponents of stored retrieval runs (`trackstar-db tail-patch`).
+
+Reads each run's top-k proponents from the retrievals table, runs tailpatch.TailPatcher over
+all the runs at once (a (query, example) pair shared by several runs is measured once), and
+replaces those runs' rows in the tail_patch table. `max_queries` takes a deterministic sample
+(by crc32 of the query id) so a quick look costs less than the full set.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from trackstar_db.errors import TrackstarError
+from trackstar_db.featurizer import optimizer_state as _optimizer_state
+
+from .patcher import TailPatchConfig, TailPatcher
+
+
+def _sample(query_ids: list[str], limit: int | None) -> set[str]:
+    ordered = sorted(set(query_ids), key=lambda q: (zlib.crc32(q.encode()), q))
+    return set(ordered if limit is None else ordered[:limit])
+
+
+def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None = None,
+                    device: str = "cpu") -> pa.Table:
+    known = db.ids("runs", "run_id")
+    for run_id in run_ids:
+        if run_id not in known:
+            raise TrackstarError(f"no run {run_id!r}; runs: {', '.join(sorted(known)) or 'none'}")
+    info = db.model_info()
+    if not info.get("optimizer_state"):
+        raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
+    state = _optimizer_state.load(info["optimizer_state"])
+    model, tokenizer = db.load_model(device)
+
+    retrievals = db.table("retrievals", columns=["run_id", "query_id", "kind", "rank", "example_id"],
+                          filter=(pc.field("kind") == "proponent") & (pc.field("rank") <= int(k)))
+    retrievals = retrievals.filter(pc.is_in(retrievals.column("run_id"), pa.array(run_ids)))
+    keep = _sample(retrievals.column("query_id").to_pylist(), max_queries)
+    retrievals = retrievals.filter(pc.is_in(retrievals.column("query_id"), pa.array(sorted(keep), pa.string())))
+    queries = {r["query_id"]: r for r in db.table("queries", columns=["query_id", "prompt", "target"]).to_pylist()}
+    wanted = pa.array(sorted(set(retrievals.column("example_id").to_pylist())), pa.string())
+    examples = db.table("examples", columns=["example_id", "text"])
+    examples = examples.filter(pc.is_in(examples.column("example_id"), wanted))
+    texts = dict(zip(examples.column("example_id").to_pylist(), examples.column("text").to_pylist()))
+    missing = set(wanted.to_pylist()) - set(texts)
+    if missing:
+        raise TrackstarError(f"{len(missing)} retrieved examples are not in the examples table (first "
+                             f"{sorted(missing)[0]!r}); ingest their corpus or import a results file with texts")
+    unknown = set(retrievals.column("query_id").to_pylist()) - set(queries)
+    if unknown:
+        raise TrackstarError(f"{len(unknown)} retrieved queries are not in the queries table (first {sorted(unknown)[0]!r})")
+
+    runs: dict[str, dict[str, list]] = {run_id: {} for run_id in run_ids}
+    for row in retrievals.to_pylist():
+        runs[row["run_id"]].setdefault(row["query_id"], []).append((row["rank"], row["example_id"],
+                                                                     texts[row["example_id"]]))
+    pairs = {run_id: [(q, queries[q]["prompt"], queries[q]["target"], props) for q, props in sorted(by_query.items())]
+             for run_id, by_query in runs.items()}
+    patcher = TailPatcher(model, tokenizer, state, TailPatchConfig(k=k))
+    rows = patcher.run(pairs)
+    for run_id in run_ids:
+        db.delete_rows("tail_patch", "run_id", run_id)
+    db.append("tail_patch", rows)
+    return rows

@@ -1,0 +1,188 @@
+"""Pretrain a small causal LM from scratch on a text corpus, keeping its optimizer state.
+
+The result is a standard transformers checkpoint directory (config.json, model.safetensors,
+tokenizer files) plus optimizer.safetensors (trackstar_db.featurizer.optimizer_state: AdamW moments and
+the final learning rate, which tail-patch reuses) and train_info.json (config, losses, timing).
+The learning rate warms up linearly, then follows a cosine down to `final_lr` (> 0).
+Also here: fact accuracy by greedy decoding, and its split by frequency bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from trackstar_db.featurizer import optimizer_state
+from trackstar_db.featurizer.tokenize import (
+    IGNORE,
+    collate,
+    encode_query,
+    encode_text,
+    pad_id,
+)
+
+from .vocab import build_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Architecture and optimisation of a from-scratch pretraining run."""
+
+    architecture: str = "gpt2"  # "gpt2" | "llama"
+    n_layer: int = 2
+    d_model: int = 128
+    n_head: int = 4
+    max_length: int = 32        # tokens per example (and position embeddings)
+    epochs: int = 20
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    batch_size: int = 64
+    lr: float = 3e-3
+    final_lr: float = 3e-4      # learning rate at the last step (cosine end point; must be > 0)
+    weight_decay: float = 0.01
+    warmup: int = 50            # linear warm-up steps
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads while training; None = torch's current setting
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("gpt2", "llama"):
+            raise ValueError(f"TrainConfig.architecture={self.architecture!r}: expected 'gpt2' or 'llama'")
+        if not 0 < self.final_lr <= self.lr:
+            raise ValueError(f"TrainConfig.final_lr={self.final_lr}: must be in (0, lr={self.lr}]")
+        if self.d_model % self.n_head:
+            raise ValueError(f"TrainConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    first_loss: float    # mean loss over the first epoch
+    final_loss: float    # mean loss over the last epoch
+    final_lr: float
+    wall_time_s: float
+
+
+def build_model(config: TrainConfig, tokenizer) -> torch.nn.Module:
+    """A randomly initialised GPT-2 or Llama causal LM sized by `config`."""
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer))
+    if config.architecture == "gpt2":
+        hf = GPT2Config(n_layer=config.n_layer, n_embd=config.d_model, n_head=config.n_head,
+                        n_positions=config.max_length, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        return GPT2LMHeadModel(hf)
+    hf = LlamaConfig(num_hidden_layers=config.n_layer, hidden_size=config.d_model,
+                     num_attention_heads=config.n_head, num_key_value_heads=config.n_head,
+                     intermediate_size=4 * config.d_model, max_position_embeddings=config.max_length, **ids)
+    return LlamaForCausalLM(hf)
+
+
+def lr_factor(step: int, total: int, config: TrainConfig) -> float:
+    """Multiplier of config.lr before optimizer step `step` (0-based); equals final_lr/lr from `total` - 1 on."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    floor = config.final_lr / config.lr
+    progress = min(1.0, (step - config.warmup) / max(1, total - 1 - config.warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_model(texts: Sequence[str], out_dir: str | Path, config: TrainConfig, tokenizer=None,
+                progress: bool = True) -> TrainResult:
+    """Train a fresh model on `texts` (next-token loss on every token) and save it to `out_dir`."""
+    if not texts:
+        raise ValueError("train_model: no training texts")
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(texts, Path(out_dir), config, tokenizer, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, progress: bool) -> TrainResult:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    tokenizer = tokenizer or build_tokenizer(texts, model_max_length=config.max_length)
+    model = build_model(config, tokenizer).to(config.device)
+    encoded = [encode_text(tokenizer, text, config.max_length) for text in texts]
+    batches_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    total = batches_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, config))
+    generator = torch.Generator().manual_seed(config.seed)
+
+    model.train()
+    start, step, epoch_losses = time.perf_counter(), 0, []
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
+    while step < total:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        losses = []
+        for first in range(0, len(order), config.batch_size):
+            if step == total:
+                break
+            batch = collate([encoded[i] for i in order[first: first + config.batch_size]], pad_id(tokenizer))
+            batch = {k: v.to(config.device) for k, v in batch.items()}
+            loss = model(**batch).loss  # mean over all labelled tokens of the batch
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=len(epoch_losses))
+        epoch_losses.append(sum(losses) / len(losses))
+    bar.close()
+    wall = time.perf_counter() - start
+
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    state = optimizer_state.from_torch_adam(optimizer, dict(model.named_parameters()), kind="adamw")
+    optimizer_state.save(state, out)
+    result = TrainResult(out, step, epoch_losses[0], epoch_losses[-1], state.lr, wall)
+    info = {"config": asdict(config), "steps": step, "epochs_run": len(epoch_losses), "n_examples": len(texts),
+            "epoch_losses": epoch_losses, "first_loss": result.first_loss, "final_loss": result.final_loss,
+            "final_lr": state.lr, "wall_time_s": wall, "torch_threads": torch.get_num_threads()}
+    (out / "train_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return result
+
+
+@torch.no_grad()
+def fact_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                  batch_size: int = 64) -> list[bool]:
+    """Whether greedy decoding after each prompt reproduces its target tokens exactly.
+
+    Encoded as tokenize.encode_query. With teacher forcing, the greedy continuation equals the
+    target iff the argmax at every target position is the target token, so one forward pass per
+    batch decides it: logits [batch, tokens, vocab] -> argmax [batch, tokens].
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"fact_accuracy: {len(prompts)} prompts but {len(targets)} targets")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct: list[bool] = []
+    for first in range(0, len(prompts), batch_size):
+        items = [encode_query(tokenizer, p, t) for p, t in
+                 zip(prompts[first: first + batch_size], targets[first: first + batch_size])]
+        batch = collate(items, pad_id(tokenizer))
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        predicted = logits[:, :-1].argmax(dim=-1).cpu()  # [batch, tokens-1], predicts position t+1
+        labels = batch["labels"][:, 1:]
+        scored = labels != IGNORE
+        correct += ((predicted == labels) | ~scored).all(dim=1).tolist()
+    model.train(was_training)
+    return correct
+
