@@ -4,7 +4,9 @@ The result is a standard transformers checkpoint directory (config.json, model.s
 tokenizer files) plus optimizer.safetensors (trackstar_db.featurizer.optimizer_state: AdamW moments and
 the final learning rate, which tail-patch reuses) and train_info.json (config, losses, timing).
 The learning rate warms up linearly, then follows a cosine down to `final_lr` (> 0).
-Also here: fact accuracy by greedy decoding, and its split by frequency bucket.
+Also here: fact accuracy by greedy decoding, and its split by frequency bucket; and, for
+Simfluence (trackstar_db.simfluence), short recorded runs (`train_recorded`: a step callback sees
+each batch's example indices) and `ProbeLosses`, the target loss of fixed probe queries.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +29,7 @@ from trackstar_db.featurizer.tokenize import (
     encode_query,
     encode_text,
     pad_id,
+    per_example_loss,
 )
 
 from .vocab import build_tokenizer
@@ -118,32 +121,8 @@ def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, prog
     total = batches_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, config))
-    generator = torch.Generator().manual_seed(config.seed)
-
-    model.train()
-    start, step, epoch_losses = time.perf_counter(), 0, []
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
-    while step < total:
-        order = torch.randperm(len(encoded), generator=generator).tolist()
-        losses = []
-        for first in range(0, len(order), config.batch_size):
-            if step == total:
-                break
-            batch = collate([encoded[i] for i in order[first: first + config.batch_size]], pad_id(tokenizer))
-            batch = {k: v.to(config.device) for k, v in batch.items()}
-            loss = model(**batch).loss  # mean over all labelled tokens of the batch
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=len(epoch_losses))
-        epoch_losses.append(sum(losses) / len(losses))
-    bar.close()
+    start = time.perf_counter()
+    optimizer, step, epoch_losses = _optimize(model, encoded, config, pad_id(tokenizer), total, config.seed, progress)
     wall = time.perf_counter() - start
 
     model.save_pretrained(str(out))
@@ -156,6 +135,88 @@ def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, prog
             "final_lr": state.lr, "wall_time_s": wall, "torch_threads": torch.get_num_threads()}
     (out / "train_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return result
+
+
+def _optimize(model, encoded: list, config: TrainConfig, pad: int, total: int, order_seed: int, progress: bool,
+              on_step: Callable | None = None):
+    """AdamW for `total` steps over random permutations of `encoded` (a new one each epoch, drawn
+    from `order_seed`). After each step, on_step(step, batch_indices, loss, lr, model) if given.
+    Returns (optimizer, steps, mean loss per epoch)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, config))
+    generator = torch.Generator().manual_seed(order_seed)
+
+    model.train()
+    step, epoch_losses = 0, []
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
+    while step < total:
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        losses = []
+        for first in range(0, len(order), config.batch_size):
+            if step == total:
+                break
+            indices = order[first: first + config.batch_size]
+            batch = collate([encoded[i] for i in indices], pad)
+            batch = {k: v.to(config.device) for k, v in batch.items()}
+            loss = model(**batch).loss  # mean over all labelled tokens of the batch
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            schedule.step()
+            step += 1
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, indices, losses[-1], lr, model)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=len(epoch_losses))
+        epoch_losses.append(sum(losses) / len(losses))
+    bar.close()
+    return optimizer, step, epoch_losses
+
+
+class ProbeLosses:
+    """Target loss of fixed probe queries (tokenize.encode_query) under a model: call it with the model."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 256,
+                 device: str = "cpu"):
+        items = [encode_query(tokenizer, p, t) for p, t in zip(prompts, targets)]
+        self.batches = [collate(items[i: i + batch_size], pad_id(tokenizer)) for i in range(0, len(items), batch_size)]
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, model) -> list[float]:
+        was_training = model.training
+        model.eval()
+        out: list[float] = []
+        for batch in self.batches:
+            logits = model(input_ids=batch["input_ids"].to(self.device),
+                           attention_mask=batch["attention_mask"].to(self.device)).logits
+            out += per_example_loss(logits, batch["labels"].to(self.device))[0].tolist()
+        model.train(was_training)
+        return out
+
+
+def train_recorded(texts: Sequence[str], config: TrainConfig, tokenizer, order_seed: int, on_step: Callable,
+                   init_dir: str | Path | None = None, progress: bool = False):
+    """One short run for Simfluence: a model initialised from `config.seed` (the same for every run;
+    or the checkpoint in `init_dir`), trained for config.max_steps steps on `texts` in the order drawn
+    from `order_seed`, calling on_step(step, batch_indices, loss, lr, model) after each step and once
+    before the first (step 0: no batch, loss nan, lr 0). Nothing is saved. Returns the trained model."""
+    from transformers import AutoModelForCausalLM
+
+    if not texts or not config.max_steps:
+        raise ValueError("train_recorded: needs texts and config.max_steps")
+    torch.manual_seed(config.seed)
+    if init_dir is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(init_dir), local_files_only=True, dtype="float32")
+    else:
+        model = build_model(config, tokenizer)
+    model = model.to(config.device)
+    on_step(0, [], float("nan"), 0.0, model)
+    encoded = [encode_text(tokenizer, text, config.max_length) for text in texts]
+    _optimize(model, encoded, config, pad_id(tokenizer), config.max_steps, order_seed, progress, on_step)
+    return model
 
 
 @torch.no_grad()
