@@ -9,6 +9,11 @@ target tokens are the same everywhere:
 
 Batches are right-padded; padded positions carry label -100 and attention 0, so results do not
 depend on batch composition.
+
+Nothing is longer than the model's context: the cut is min(max_length, the tokenizer's
+model_max_length), and `cap_tokenizer` sets model_max_length to the model's own context
+(n_positions / max_position_embeddings), as the gradient loader does. A text keeps its start;
+a query keeps its end (the prompt is cut from the left, the target is kept whole).
 """
 
 from __future__ import annotations
@@ -28,8 +33,36 @@ class Encoded:
     labels: list[int]
 
 
+_NO_LIMIT = 10**8  # transformers' "no model_max_length" is 1e30
+
+
+def model_context(model_config) -> int | None:
+    """The model's context in tokens (n_positions, max_position_embeddings, ...), or None if unknown."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def cap_tokenizer(tokenizer, model_config, max_length: int | None = None) -> int | None:
+    """Set tokenizer.model_max_length to the model's context; returns the cut encodings get
+    (min of max_length and the context), the 'context_cap' a manifest records."""
+    context = model_context(model_config)
+    if context is not None:
+        tokenizer.model_max_length = context
+    return token_limit(tokenizer, max_length)
+
+
+def token_limit(tokenizer, max_length: int | None = None) -> int | None:
+    """Tokens an encoding keeps: min(max_length, tokenizer.model_max_length when that is set)."""
+    limits = [n for n in (max_length, getattr(tokenizer, "model_max_length", None))
+              if isinstance(n, int) and 0 < n < _NO_LIMIT]
+    return min(limits) if limits else None
+
+
 def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _prefix(tokenizer) -> list[int]:
@@ -37,7 +70,8 @@ def _prefix(tokenizer) -> list[int]:
 
 
 def encode_text(tokenizer, text: str, max_length: int | None = None) -> Encoded:
-    """A training example: loss over the whole text."""
+    """A training example: loss over the whole text (its start, when longer than the cut)."""
+    max_length = token_limit(tokenizer, max_length)
     ids = _prefix(tokenizer) + _ids(tokenizer, text)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
@@ -56,12 +90,16 @@ def target_separator(prompt: str) -> str:
 def encode_query(tokenizer, prompt: str, target: str, max_length: int | None = None) -> Encoded:
     """A query: the prompt is context, the loss is on the target tokens only.
 
-    When `max_length` cuts, the prompt is truncated from the left so the target survives.
+    When `max_length` (or the model's context) cuts, the prompt is truncated from the left so
+    the target survives; a target that alone fills the context is refused.
     """
+    max_length = token_limit(tokenizer, max_length)
     prompt_ids = _prefix(tokenizer) + _ids(tokenizer, prompt)
     target_ids = _ids(tokenizer, target_separator(prompt) + target)
     if not target_ids:
         raise ValueError(f"target {target!r} encodes to no tokens")
+    if max_length is not None and len(target_ids) >= max_length:
+        raise ValueError(f"target {target[:40]!r} is {len(target_ids)} tokens; the model's context keeps {max_length}")
     if max_length is not None and len(prompt_ids) + len(target_ids) > max_length:
         keep = max(max_length - len(target_ids), 1)
         prompt_ids = prompt_ids[-keep:]

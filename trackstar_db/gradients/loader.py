@@ -9,7 +9,7 @@ from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.per_example import Featurizer
 from trackstar_db.featurizer.second_moment import build_second_moment
 from trackstar_db.featurizer.settings import resolve
-from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
+from trackstar_db.featurizer.tokenize import cap_tokenizer, collate, encode_text, pad_id
 
 
 def stored_config(db) -> FeaturizerConfig | None:
@@ -43,8 +43,10 @@ def sample_texts(db, limit: int) -> list[str]:
 
 def load_featurizer(db, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
                     estimate_sample: int = 512, batch_size: int = 16):
-    """(Featurizer, tokenizer) for the database's model, with the second moment config asks for."""
+    """(Featurizer, tokenizer) for the database's model, with the second moment config asks for.
+    The tokenizer's encodings are capped at the model's context (tokenize.cap_tokenizer)."""
     model, tokenizer = db.load_model(device)
+    cap_tokenizer(tokenizer, model.config, config.max_length)
     state = None
     if config.correction in ("adam-exact", "adam-factored", "adafactor"):
         path = db.model_info().get("optimizer_state")

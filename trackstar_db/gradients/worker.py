@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
-from trackstar_db.featurizer.tokenize import collate, encode_query, encode_text, pad_id
+from trackstar_db.featurizer.tokenize import collate, encode_query, encode_text, pad_id, token_limit
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store import vectors as _vectors
 from trackstar_db.store.gradient_table import SPLITS
@@ -59,15 +59,18 @@ class GradientJob:
             raise TrackstarError(f"--dtype must be one of {', '.join(_vectors.DTYPES)}, not {self.dtype!r}")
 
 
-def _record_settings(db, featurizer, job: GradientJob) -> None:
-    """Write the featurizer settings into the manifest, or check them against it."""
+def _record_settings(db, featurizer, job: GradientJob, context_cap: int | None = None) -> None:
+    """Write the featurizer settings into the manifest, or check them against it; context_cap
+    (tokens kept per encoding, tokenize.token_limit) follows from the model and is recorded."""
     given = dict(featurizer.manifest(), dtype=job.dtype)
     stored = db.manifest.get("featurizer")
     if stored is None:
-        db.manifest["featurizer"] = given
-        db.save_manifest()
+        db.manifest["featurizer"] = stored = given
     else:
-        _manifest.check_same(f"{db.path}: featurizer", stored, given)
+        _manifest.check_same(f"{db.path}: featurizer", {k: v for k, v in stored.items() if k != "context_cap"}, given)
+    if stored.get("context_cap") != context_cap:
+        stored["context_cap"] = context_cap
+        db.update_manifest(lambda manifest: manifest.setdefault("featurizer", stored).update(context_cap=context_cap))
 
 
 def _encode(tokenizer, split: str, chunk, max_length: int) -> list:
@@ -86,7 +89,7 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
         config = resolved_config(db, config)
     featurizer, tokenizer = load_featurizer(db, config, job.device, job.uncorrected, job.estimate_sample,
                                             job.batch_size)
-    _record_settings(db, featurizer, job)
+    _record_settings(db, featurizer, job, token_limit(tokenizer, config.max_length))
     tables = {variant: db.gradient_table(job.split, corrected=variant == "corrected")
               for variant in featurizer.variants}
     for table in tables.values():
