@@ -6,6 +6,16 @@ File `optimizer.safetensors` in the model directory holds, per trainable paramet
 or  exp_avg_sq_row.<name>, exp_avg_sq_col.<name>  Adafactor-style factored second moments
 and its metadata (all strings) records: optimizer ('adamw' | 'adam' | 'adafactor'), step, lr
 (the final learning rate), beta1, beta2, eps, weight_decay.
+
+A checkpoint saved by the transformers Trainer (checkpoint-N/) holds optimizer.pt instead: a
+torch optimizer state_dict whose state is keyed by parameter INDEX. `load_hf_trainer` reads it
+with torch.load(weights_only=True) (tensors and plain types, never code), maps the indices to
+names the way Trainer.create_optimizer numbered them (trainable parameters in
+model.named_parameters() order, split into a weight-decay group and a no-decay group; or one
+group of all of them), checks every shape, and takes the final learning rate from
+trainer_state.json (log_history's last 'learning_rate'), else scheduler.pt ('_last_lr'), else
+the optimizer's param group. Adam/AdamW (exp_avg, exp_avg_sq) and Adafactor (exp_avg_sq_row,
+exp_avg_sq_col) states are read. `load(path)` accepts either format.
 """
 
 from __future__ import annotations
@@ -16,7 +26,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from trackstar_db.errors import TrackstarError
+
 FILENAME = "optimizer.safetensors"
+TRAINER_FILENAME = "optimizer.pt"  # transformers Trainer checkpoints
 
 
 @dataclass
@@ -59,6 +72,36 @@ def from_torch_adam(optimizer: torch.optim.Optimizer, named_params: dict[str, to
                           float(group["eps"]), float(group.get("weight_decay", 0.0)), tensors)
 
 
+def from_torch(optimizer: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter],
+               lr: float | None = None) -> OptimizerState:
+    """Capture a live Adam/AdamW (exp_avg, exp_avg_sq) or Adafactor (exp_avg_sq_row/col) optimizer,
+    keyed by parameter name; lr: the final learning rate (default: the first param group's)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    group = optimizer.param_groups[0]
+    by_id = {id(p): n for n, p in named_params.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    kind, step = None, 0
+    for p, state in optimizer.state.items():
+        name = by_id.get(id(p))
+        if name is None:
+            continue
+        keys = [k for k in ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col") if k in state]
+        if "exp_avg_sq_row" in state or "RMS" in state:
+            kind = "adafactor"
+        elif "exp_avg_sq" in state:
+            kind = kind or "adamw"
+        for key in keys:
+            tensors[f"{key}.{name}"] = state[key].detach().float().cpu().contiguous()
+        step = max(step, int(state.get("step", 0)))
+    if kind is None:
+        raise TrackstarError("optimizer state: no Adam/AdamW or Adafactor moments (before the first step?)")
+    betas = group.get("betas") or (0.9, 0.999)
+    eps = group.get("eps", 1e-8)
+    eps = float(eps[0] if isinstance(eps, (tuple, list)) else eps)
+    return OptimizerState(kind, step, float(lr if lr is not None else group["lr"]), float(betas[0]), float(betas[1]),
+                          eps, float(group.get("weight_decay", 0.0) or 0.0), tensors)
+
+
 def save(state: OptimizerState, model_dir: str | Path) -> Path:
     path = Path(model_dir) / FILENAME
     meta = {"optimizer": state.optimizer, "step": str(state.step), "lr": repr(state.lr),
@@ -68,24 +111,44 @@ def save(state: OptimizerState, model_dir: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path) -> OptimizerState:
-    """Load a state from a model directory or an optimizer.safetensors file."""
+def find(model_dir: str | Path) -> Path | None:
+    """The optimizer state file inside a checkpoint directory: optimizer.safetensors, else
+    the Trainer's optimizer.pt, else None."""
+    for name in (FILENAME, TRAINER_FILENAME):
+        if (Path(model_dir) / name).is_file():
+            return Path(model_dir) / name
+    return None
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def load(path: str | Path, model: torch.nn.Module | None = None) -> OptimizerState:
+    """Load a state from a checkpoint directory, an optimizer.safetensors file or a Trainer
+    optimizer.pt (whose parameter names come from `model`, or from the checkpoint's config)."""
     path = Path(path)
     if path.is_dir():
-        path = path / FILENAME
+        path = find(path) or path / FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no optimizer state")
+    if not _is_safetensors(path):
+        return load_hf_trainer(path.parent, model, path)
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # a truncated or foreign file (the Rust side raises its own types)
+        raise TrackstarError(f"{path}: not a readable safetensors optimizer state ({_first_line(exc)})") from None
     try:
         state = OptimizerState(meta["optimizer"], int(meta["step"]), float(meta["lr"]),
                                float(meta.get("beta1", 0.9)), float(meta.get("beta2", 0.999)),
                                float(meta.get("eps", 1e-8)), float(meta.get("weight_decay", 0.0)))
     except KeyError as exc:
-        raise ValueError(f"{path}: optimizer metadata lacks field {exc.args[0]!r}") from None
-    state.tensors = load_file(str(path))
+        raise TrackstarError(f"{path}: optimizer metadata lacks field {exc.args[0]!r}") from None
+    state.tensors = tensors
     return state
 
 
@@ -93,7 +156,9 @@ def peek_kind(path: str | Path) -> str | None:
     """The optimizer name recorded in a state file, without loading its tensors (None if unreadable)."""
     path = Path(path)
     if path.is_dir():
-        path = path / FILENAME
+        path = find(path) or path / FILENAME
+    if not _is_safetensors(path):
+        return None  # a Trainer optimizer.pt: its kind is recorded in the manifest at init
     try:
         from safetensors import safe_open
 
@@ -101,3 +166,133 @@ def peek_kind(path: str | Path) -> str | None:
             return (handle.metadata() or {}).get("optimizer")
     except Exception:  # a missing or foreign file is reported by load(), where it is needed
         return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- transformers Trainer checkpoints (optimizer.pt) -------------------------------------------
+_NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def _skeleton(model_dir: Path) -> torch.nn.Module:
+    """The checkpoint's model built from its config.json on the meta device (names and shapes, no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise TrackstarError(f"{model_dir}: optimizer.pt must sit in its checkpoint directory (no config.json there)")
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _decay_names(model: torch.nn.Module) -> set[str]:
+    """Parameters the Trainer puts in its weight-decay group (Trainer.get_decay_parameter_names)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    return set(get_parameter_names(model, [torch.nn.LayerNorm], list(_NO_DECAY)))
+
+
+def parameter_order(model: torch.nn.Module, group_sizes: list[int], path: Path) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) for optimizer indices 0..n-1: the Trainer's decay / no-decay groups,
+    or one group of every trainable parameter, each in named_parameters() order."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = _decay_names(model)
+    split = [[(n, p) for n, p in trainable if n in decay], [(n, p) for n, p in trainable if n not in decay]]
+    if group_sizes == [len(split[0]), len(split[1])]:
+        return split[0] + split[1]
+    if group_sizes == [len(trainable)]:
+        return trainable
+    raise TrackstarError(f"{path}: parameter groups of sizes {group_sizes} do not fit the model's "
+                         f"{len(trainable)} trainable parameters ({len(split[0])} with weight decay, "
+                         f"{len(split[1])} without); was it saved for this model?")
+
+
+def _final_lr(model_dir: Path, groups: list[dict]) -> float:
+    import json
+
+    trainer_state = model_dir / "trainer_state.json"
+    if trainer_state.is_file():
+        try:
+            history = json.loads(trainer_state.read_text(encoding="utf-8")).get("log_history", [])
+        except (ValueError, OSError, AttributeError) as exc:
+            raise TrackstarError(f"{trainer_state}: unreadable ({_first_line(exc)})") from None
+        rates = [e["learning_rate"] for e in history if isinstance(e, dict) and "learning_rate" in e]
+        if rates:
+            return float(rates[-1])
+    scheduler = model_dir / "scheduler.pt"
+    if scheduler.is_file():
+        try:
+            last = torch.load(str(scheduler), map_location="cpu", weights_only=True).get("_last_lr")
+            if last:
+                return float(last[0])
+        except Exception:  # a scheduler state torch cannot load safely: fall back to the param group
+            pass
+    return float(groups[0]["lr"])
+
+
+def load_hf_trainer(model_dir: str | Path, model: torch.nn.Module | None = None,
+                    path: str | Path | None = None) -> OptimizerState:
+    """The optimizer state of a transformers Trainer checkpoint directory, keyed by parameter name.
+
+    model: the checkpoint's model (only names, shapes and requires_grad are used); default: built
+    from model_dir/config.json on the meta device."""
+    model_dir = Path(model_dir)
+    path = Path(path) if path is not None else model_dir / TRAINER_FILENAME
+    try:
+        saved = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, or holding objects weights_only refuses
+        raise TrackstarError(f"{path}: not a readable torch optimizer state ({_first_line(exc)})") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and saved.get("param_groups")):
+        raise TrackstarError(f"{path}: not an optimizer state_dict (needs 'state' and 'param_groups')")
+    groups = saved["param_groups"]
+    order = parameter_order(model if model is not None else _skeleton(model_dir),
+                            [len(g["params"]) for g in groups], path)
+    indices = [i for g in groups for i in g["params"]]
+    tensors: dict[str, torch.Tensor] = {}
+    kind, step = None, 0
+    for index, (name, param) in zip(indices, order):
+        state = saved["state"].get(index)
+        if not state:
+            continue  # a parameter that never received a gradient
+        if "exp_avg_sq_row" in state:
+            kind, keys = "adafactor", ("exp_avg_sq_row", "exp_avg_sq_col")
+            shapes = (tuple(param.shape[:-1]), tuple(param.shape[:-2]) + tuple(param.shape[-1:]))
+        elif "exp_avg_sq" in state:
+            kind = kind or ("adafactor" if "RMS" in state else "adamw")
+            keys, shapes = (("exp_avg", "exp_avg_sq") if "exp_avg" in state else ("exp_avg_sq",)), None
+        else:
+            raise TrackstarError(f"{path}: state of {name!r} has neither exp_avg_sq nor exp_avg_sq_row/col "
+                                 f"(keys: {', '.join(sorted(state))}); only Adam/AdamW and Adafactor are read")
+        for j, key in enumerate(keys):
+            tensor = state[key]
+            expected = shapes[j] if shapes else tuple(param.shape)
+            if tuple(tensor.shape) != expected:
+                raise TrackstarError(f"{path}: {key} of {name!r} has shape {tuple(tensor.shape)}, the model's "
+                                     f"parameter needs {expected}; was it saved for this model?")
+            tensors[f"{key}.{name}"] = tensor.detach().float().contiguous()
+        step = max(step, int(state.get("step", 0)))
+    if kind is None:
+        raise TrackstarError(f"{path}: the optimizer state is empty (saved before the first step?)")
+    first = groups[0]
+    betas = first.get("betas") or (0.9, 0.999)
+    eps = first.get("eps", 1e-8)
+    eps = float(eps[0] if isinstance(eps, (tuple, list)) else eps)
+    weight_decay = max(float(g.get("weight_decay", 0.0) or 0.0) for g in groups)
+    return OptimizerState(kind, step, _final_lr(model_dir, groups), float(betas[0]), float(betas[1]), eps,
+                          weight_decay, tensors)
+
+
+def describe(path: str | Path) -> str:
+    """The optimizer kind of a state file, checked readable (a Trainer optimizer.pt is loaded
+    and mapped in full, so a mismatch is refused at init, not at the first gradient run)."""
+    path = Path(path)
+    if not _is_safetensors(path):
+        return load_hf_trainer(path.parent, path=path).optimizer
+    kind = peek_kind(path)
+    if kind is None:
+        load(path)  # raises the one-line reason
+        raise TrackstarError(f"{path}: optimizer metadata lacks field 'optimizer'")
+    return kind

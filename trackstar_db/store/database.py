@@ -67,9 +67,11 @@ class Database:
                 f"{model_dir}: model fingerprint {fingerprint} differs from {current['fingerprint']}, "
                 "whose gradients this database holds"
             )
-        if optimizer_state is None and (model_dir / "optimizer.safetensors").is_file():
-            optimizer_state = model_dir / "optimizer.safetensors"
-        if optimizer_state is not None and not Path(optimizer_state).exists():
+        from trackstar_db.featurizer import optimizer_state as _optimizer_state
+
+        if optimizer_state is None:  # optimizer.safetensors, else a Trainer checkpoint's optimizer.pt
+            optimizer_state = _optimizer_state.find(model_dir)
+        if optimizer_state is not None and not Path(optimizer_state).is_file():
             raise TrackstarError(f"{optimizer_state}: no such optimizer state file")
         self.manifest["model"] = {
             "path": str(model_dir),
@@ -122,6 +124,7 @@ class Database:
         """A whole table (or some columns / rows) as Arrow; `filter` is a pyarrow.compute
         expression, e.g. pc.field("template") == "prompt0" (never a string built from input)."""
         return self.dataset(name).to_table(columns=columns, filter=filter)
+            "optimizer": _optimizer_state.describe(optimizer_state) if optimizer_state else None,
 
     def count(self, name: str) -> int:
         return self.lance_table(name).count_rows() if self.has_table(name) else 0

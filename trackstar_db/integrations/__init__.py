@@ -1,0 +1,1 @@
+"""Hooks into other tools' training loops (hf_trainer: a transformers TrainerCallback)."""
