@@ -160,3 +160,20 @@ def from_table(table, model: str, example_ids: list[str], query_ids: list[str], 
         if q in q_of and e in e_of:
             alpha[q_of[q], e_of[e]], beta[q_of[q], e_of[e]] = a, b
     return Simulator(model, example_ids, query_ids, alpha, beta, initial)
+
+
+def fit_and_store(db, ridge: float = 1.0, models=MODELS, run_ids: list[str] | None = None) -> dict:
+    """Fit each model on the recorded runs (all, or those named) and replace sim_coefficients."""
+    import pyarrow as pa
+
+    from .data import ensure_tables, load_runs
+
+    ensure_tables(db)
+    runs = load_runs(db, run_ids)
+    tables, fitted = [], {}
+    for model in models:
+        sim = fit(runs, model, ridge)
+        tables.append(to_table(sim))
+        fitted[model] = sim
+    db.replace("sim_coefficients", pa.concat_tables(tables))
+    return fitted
