@@ -1,7 +1,9 @@
 """Named fault points, so tests can kill a command exactly where a crash hurts most.
 
 TRACKSTAR_FAULT=name[:n] makes the n-th `point(name)` of the process (default the first) end it
-with SIGKILL, as `kill -9` would. Unset (always, outside tests) a point costs one dict lookup.
+with SIGKILL, as `kill -9` would. TRACKSTAR_FAULT_SLEEP=name:seconds makes every `point(name)`
+sleep instead (tests widen a race window with it). Unset (always, outside tests) a point costs
+two dict lookups.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ _reached: dict[str, int] = {}
 
 
 def point(name: str) -> None:
+    pause = os.environ.get("TRACKSTAR_FAULT_SLEEP")
+    if pause and pause.rpartition(":")[0] == name:
+        import time
+
+        time.sleep(float(pause.rpartition(":")[2]))
     spec = os.environ.get("TRACKSTAR_FAULT")
     if not spec:
         return

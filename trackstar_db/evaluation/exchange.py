@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.sources.bm25 import BM25Index
 from trackstar_db.sources.facts import rebuild_ground_truth
@@ -14,39 +15,39 @@ from trackstar_db.store.schema import arrow_schema
 
 
 def import_run(db, path: Path, method: str, run_id: str) -> int:
-    """Load a viewer-format results file as a run; unknown queries and examples are added too."""
+    """Load a viewer-format results file as a run; unknown queries and examples are added too.
+    All or nothing, kill -9 included: the tables and the BM25 documents are under one journal."""
+    from trackstar_db.store import journal
+
     from .viewer_format import import_viewer
 
-    if run_id in db.ids("runs", "run_id"):
-        raise TrackstarError(f"run {run_id!r} exists; pick another --run name")
-    imported = import_viewer(path, method, run_id)
-    if not db.has_table("ground_truth_imported"):
-        db.create_table("ground_truth_imported", arrow_schema("ground_truth_imported"))
+    imported = import_viewer(path, method, run_id)  # the whole file is read and checked first
     tables = ("queries", "examples", "retrievals", "runs", "ground_truth_imported", "ground_truth")
-    versions = {name: db.version(name) for name in tables}
-    bm25 = BM25Index(db.path)
-    bm25_docs = bm25.count()
-    fresh = {}
-    try:
+    with journal.transaction(db, f"import {path.name}", list(tables), bm25=True):
+        if run_id in db.ids("runs", "run_id"):
+            raise TrackstarError(f"run {run_id!r} exists; pick another --run name")
+        fresh = {}
         for name, key, rows in (("queries", "query_id", imported.queries),
                                 ("examples", "example_id", imported.examples)):
             have = db.ids(name, key)
             keep = [i for i, value in enumerate(rows.column(key).to_pylist()) if value not in have]
             fresh[name] = rows.take(pa.array(keep, pa.int64()))
             db.append(name, fresh[name])
+            faults.point(f"import.after_{name}")
         db.append("retrievals", imported.retrievals)
+        faults.point("import.after_retrievals")
         db.record_run(run_id, method, {"imported_from": str(path)})
+        faults.point("import.after_runs")
+        if not db.has_table("ground_truth_imported"):
+            db.create_table("ground_truth_imported", arrow_schema("ground_truth_imported"))
         db.append("ground_truth_imported", imported.ground_truth)
+        faults.point("import.after_ground_truth_imported")
         examples = fresh["examples"]
         if examples.num_rows:  # new texts join the BM25 index like ingested ones
-            bm25.add(examples.column("example_id").to_pylist(), examples.column("text").to_pylist())
+            BM25Index(db.path).add(examples.column("example_id").to_pylist(), examples.column("text").to_pylist())
+        faults.point("import.after_bm25")
         rebuild_ground_truth(db)
-    except BaseException:
-        for name, version in versions.items():
-            db.restore(name, version)
-        if bm25.count() != bm25_docs and "examples" in fresh:
-            bm25.delete(fresh["examples"].column("example_id").to_pylist())
-        raise
+        faults.point("import.after_ground_truth")
     return imported.retrievals.num_rows
 
 

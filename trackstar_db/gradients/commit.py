@@ -1,6 +1,7 @@
 """Buffer featurized rows and append them to their gradient tables, one Lance commit per
 `commit_rows` rows per table. Each append is atomic; rows a table already holds (a run killed
-between the appends of two tables) are dropped before the append, so a rerun never duplicates."""
+between the appends of two tables) are dropped before the append, so a rerun never duplicates;
+each flush holds the database's writer lock, so concurrent ingests of one split never do either."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.store import vectors as _vectors
+from trackstar_db.store.lock import default_timeout
+
+FLUSH_LOCK_TIMEOUT = 600.0  # a flush waits this long for the lock: featurized rows cost hours, not seconds
 
 
 def check_vectors(ids: list[str], vectors: torch.Tensor) -> torch.Tensor:
@@ -48,15 +52,22 @@ class Committer:
             self.flush()
 
     def flush(self) -> None:
-        for variant, parts in self.pending.items():
-            if not parts:
-                continue
-            rows = pa.concat_tables(parts)
-            table = self.tables[variant]
-            present = table.dataset().to_table(columns=["id"], filter=pc.field("id").isin(rows.column("id")))
-            if present.num_rows:
-                rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
-            self.db.append(table.name, rows)
-            parts.clear()
-            faults.point("gradients.commit")
+        if not any(self.pending.values()):
+            self.rows = 0
+            return
+        # Under the writer lock (only here: featurizing stays concurrent across shards and runs),
+        # dropping the ids a table holds before appending makes concurrent ingests duplicate-free.
+        with self.db.writer("ingest gradients", timeout=max(default_timeout(), FLUSH_LOCK_TIMEOUT)):
+            for variant, parts in self.pending.items():
+                if not parts:
+                    continue
+                rows = pa.concat_tables(parts)
+                table = self.tables[variant]
+                present = table.dataset().to_table(columns=["id"], filter=pc.field("id").isin(rows.column("id")))
+                if present.num_rows:
+                    rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
+                faults.point("gradients.before_append")
+                self.db.append(table.name, rows)
+                parts.clear()
+                faults.point("gradients.commit")
         self.rows = 0

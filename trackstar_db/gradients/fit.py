@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 import torch
 
+from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, fit_preconditioner
 from trackstar_db.retrieval.methods import LADDER
+from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.vectors import scan_progress
 
 MIXES = ("task", "train")
@@ -120,11 +122,18 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(".tmp")
         pre.save(tmp)
+        import hashlib  # the file's sha256, so `trackstar-db check` finds a swapped or damaged R
+
+        with tmp.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
         tmp.replace(path)
-        fitted[train.preconditioner_key(which)] = dict(params, file=path.name)
-    stale = set(db.manifest.get("preconditioners", {})) - set(fitted)
-    db.manifest["preconditioners"] = fitted  # an R from an earlier fit must not serve a rung
-    db.save_manifest()
+        fitted[train.preconditioner_key(which)] = dict(params, file=path.name, sha256=digest)
+    faults.point("fit.after_files")
+    with db.writer("fit"):
+        stale = set(_manifest.read(db.path).get("preconditioners", {})) - set(fitted)
+        # an R from an earlier fit must not serve a rung: the entries are replaced, not merged
+        db.update_manifest(lambda manifest: manifest.__setitem__("preconditioners", fitted))
+        faults.point("fit.after_manifest")
     for key in stale:
         (db.path / "preconditioners" / f"{key}.safetensors").unlink(missing_ok=True)
     return FitReport(fitted, notes)

@@ -23,8 +23,15 @@ def _schema() -> tantivy.Schema:
 
 
 class BM25Index:
-    def __init__(self, db_path: str | Path):
+    def __init__(self, db_path: str | Path, must_exist: bool = False):
+        """must_exist: refuse a missing index (a reader on a database with examples) instead of
+        creating an empty one that would answer every query with nothing."""
         self.path = Path(db_path) / "bm25"
+        if must_exist and not (self.path / "meta.json").is_file():
+            from trackstar_db.errors import TrackstarError
+
+            raise TrackstarError(f"{self.path}: the BM25 index is missing; run 'trackstar-db check {db_path}' "
+                                 f"and 'trackstar-db rebuild-bm25 {db_path}'")
         self.path.mkdir(parents=True, exist_ok=True)
         self.index = tantivy.Index(_schema(), path=str(self.path))
 
@@ -52,6 +59,17 @@ class BM25Index:
         finally:
             writer.wait_merging_threads()
         self.index.reload()
+
+    def all_ids(self) -> list[str]:
+        """The example_id of every document (a full scan: for reconciling after a rollback)."""
+        import tantivy
+
+        self.index.reload()
+        searcher = self.index.searcher()
+        if not searcher.num_docs:
+            return []
+        hits = searcher.search(tantivy.Query.all_query(), searcher.num_docs).hits
+        return [searcher.doc(address)["example_id"][0] for _, address in hits]
 
     def count(self) -> int:
         self.index.reload()

@@ -2,9 +2,11 @@
 
 Accepts the authors' T-REx sentence records (sentence_id, text, abstract_uri, sent_idx_in_abst,
 fact_triples) and plain records whose text and id fields are named by the caller. Ingest is
-idempotent (an example_id already stored is skipped) and all-or-nothing per run: on a bad
-record it either stops and rolls the table back to its previous version, or, with
-skip_bad=True, records the line in DB/rejects.jsonl and goes on.
+idempotent (an example_id already stored with the same text is skipped) and all-or-nothing per
+run, kill -9 included (the write-ahead journal, store/journal.py, covers examples, ground_truth
+and the BM25 documents): on a bad record it either stops and rolls back, or, with
+skip_bad=True, records the line in DB/rejects.jsonl and goes on. Ids are strings; integer ids
+are stored as their decimal text, and an input holding both 17 and "17" is refused.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from trackstar_db import faults
 from trackstar_db.errors import RecordError
 
 from .bm25 import BM25Index
-from .records import iter_records, require_text
+from .records import IdRegistry, iter_records, record_id, require_text
 
 TREX_FIELDS = {"sentence_id", "text", "abstract_uri", "sent_idx_in_abst", "fact_triples"}
 ID_CANDIDATES = ("sentence_id", "example_id", "id")
@@ -60,9 +63,7 @@ def to_row(record: dict, path: Path, line: int, options: CorpusOptions) -> dict:
     content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
     id_field = options.id_field or next((f for f in ID_CANDIDATES if f in record), None)
     if id_field is not None:
-        if record.get(id_field) in (None, ""):
-            raise RecordError(path, line, f"missing field {id_field!r}")
-        example_id = str(record[id_field])
+        example_id, _ = record_id(record, id_field, path, line)
     else:
         example_id = content_hash[:20]
     triples = record.get("fact_triples") or []
@@ -95,81 +96,113 @@ def _tokenizer(db):
     return AutoTokenizer.from_pretrained(db.model_info()["tokenizer"], local_files_only=True)
 
 
-def sync_bm25(db) -> int:
-    """Index examples the BM25 index lacks (after a run killed between its two commits)."""
+def sync_bm25(db, full: bool = False) -> int:
+    """Make the BM25 index hold exactly the stored examples: index those it lacks (a run killed
+    between its two commits) and, when the counts differ or `full`, remove documents whose
+    example is not stored (a rolled-back ingest). Returns how many documents changed."""
     index = BM25Index(db.path)
-    n_examples = db.count("examples")
-    if index.count() >= n_examples:
+    n_docs, n_examples = index.count(), db.count("examples")
+    if n_docs == n_examples and not full:
         return 0
-    import tantivy
-
-    searcher = index.index.searcher()
-    hits = searcher.search(tantivy.Query.all_query(), max(searcher.num_docs, 1)).hits
-    indexed = {searcher.doc(address)["example_id"][0] for _, address in hits}
+    indexed = index.all_ids()
     rows = db.table("examples", columns=["example_id", "text"])
-    missing = [i for i, eid in enumerate(rows.column("example_id").to_pylist()) if eid not in indexed]
+    stored = rows.column("example_id").to_pylist()
+    extra = sorted(set(indexed) - set(stored))
+    if extra:
+        index.delete(extra)
+    have = set(indexed)
+    missing = [i for i, eid in enumerate(stored) if eid not in have]
     if missing:
         taken = rows.take(missing)
         index.add(taken.column("example_id").to_pylist(), taken.column("text").to_pylist())
-    return len(missing)
+    return len(missing) + len(extra)
+
+
+def _stored_hashes(db) -> dict[str, tuple[str, str]]:
+    """example_id -> (content_hash, source file) of the stored examples."""
+    if db.count("examples") == 0:
+        return {}
+    rows = db.table("examples", columns=["example_id", "content_hash", "source"])
+    return {eid: (digest, source) for eid, digest, source in zip(*(rows.column(c).to_pylist() for c in rows.column_names))}
 
 
 def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = None,
                   progress: bool = True) -> IngestReport:
+    """Add the files' records to examples and BM25, all or nothing (store/journal.py), under the
+    writer lock. A conflicting duplicate id (in the files, or against a stored example) is a
+    RecordError naming both places."""
+    from trackstar_db.store import journal
+
     options = options or CorpusOptions()
     report = IngestReport()
-    sync_bm25(db)
-    seen = db.ids("examples", "example_id")
-    start_version = db.version("examples")
-    new_ids: list[str] = []
-    new_texts: list[str] = []
-    pending: list[dict] = []
-
     tokenizer = _tokenizer(db)
+    with journal.transaction(db, "ingest corpus", ["examples", "ground_truth"], bm25=True):
+        sync_bm25(db)
+        stored = _stored_hashes(db)
+        registry = IdRegistry("example")
+        new_ids: list[str] = []
+        new_texts: list[str] = []
+        pending: list[dict] = []
 
-    def flush():
-        if pending:
-            if tokenizer is not None:
-                counts = tokenizer([row["text"] for row in pending], add_special_tokens=False)["input_ids"]
-                for row, ids in zip(pending, counts):
-                    row["n_tokens"] = len(ids)
-            db.append("examples", pa.Table.from_pylist(pending))
-            pending.clear()
+        def flush():
+            if pending:
+                if tokenizer is not None:
+                    counts = tokenizer([row["text"] for row in pending], add_special_tokens=False)["input_ids"]
+                    for row, ids in zip(pending, counts):
+                        row["n_tokens"] = len(ids)
+                db.append("examples", pa.Table.from_pylist(pending))
+                pending.clear()
+                faults.point("corpus.after_examples")
 
-    bar = tqdm(desc="ingest corpus", unit=" rec", disable=not progress)
-    try:
-        for path in map(Path, files):
-            for line, record in iter_records(path, report.rejected if options.skip_bad else None):
-                bar.update()
-                try:
-                    row = to_row(record, path, line, options)
-                except RecordError as error:
-                    if not options.skip_bad:
-                        raise
-                    report.rejected.append(error)
-                    continue
-                if row["example_id"] in seen:
-                    report.already_present += 1
-                    continue
-                seen.add(row["example_id"])
-                pending.append(row)
-                new_ids.append(row["example_id"])
-                new_texts.append(row["text"])
-                if len(pending) >= options.batch_size:
-                    flush()
-        flush()
-        bar.close()
+        with tqdm(desc="ingest corpus", unit=" rec", disable=not progress) as bar:
+            for path in map(Path, files):
+                for line, record in iter_records(path, report.rejected if options.skip_bad else None):
+                    bar.update()
+                    try:
+                        row = to_row(record, path, line, options)
+                        new = _check_duplicate(row, _id_kind(record, options), stored, registry, path, line)
+                    except RecordError as error:
+                        if not options.skip_bad:
+                            raise
+                        report.rejected.append(error)
+                        continue
+                    if not new:
+                        report.already_present += 1
+                        continue
+                    pending.append(row)
+                    new_ids.append(row["example_id"])
+                    new_texts.append(row["text"])
+                    if len(pending) >= options.batch_size:
+                        flush()
+            flush()
         BM25Index(db.path).add(new_ids, new_texts)
-    except BaseException:
-        bar.close()
-        db.restore("examples", start_version)
-        raise
+        faults.point("corpus.after_bm25")
+        from .facts import rebuild_ground_truth
+
+        rebuild_ground_truth(db)
+        faults.point("corpus.after_ground_truth")
     report.added = len(new_ids)
     if report.rejected:
         with (db.path / "rejects.jsonl").open("a", encoding="utf-8") as handle:
             for error in report.rejected:
                 handle.write(json.dumps({"file": error.path, "line": error.line, "reason": error.reason}) + "\n")
-    from .facts import rebuild_ground_truth
-
-    rebuild_ground_truth(db)
     return report
+
+
+def _id_kind(record: dict, options: CorpusOptions) -> str:
+    id_field = options.id_field or next((f for f in ID_CANDIDATES if f in record), None)
+    if id_field is None:
+        return "hash"
+    return "integer" if isinstance(record.get(id_field), int) else "string"
+
+
+def _check_duplicate(row: dict, kind: str, stored: dict, registry: IdRegistry, path: Path, line: int) -> bool:
+    """True for a new example; False for one already stored or repeated with the same text."""
+    example_id = row["example_id"]
+    if example_id in stored:
+        digest, source = stored[example_id]
+        if digest != row["content_hash"]:
+            raise RecordError(path, line, f"example id {example_id!r} is stored (from {source}) with a different "
+                                          "text: same id, different content")
+        return False
+    return registry.add(example_id, kind, row["content_hash"], path, line)

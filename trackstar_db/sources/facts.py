@@ -4,10 +4,13 @@ Each fact gives one query per prompt field present (prompt0..prompt2), target = 
 ground_truth is derived, never edited: the (fact, example) pairs where the example's
 fact_triples holds the fact's key or the fact's trex_sentences lists the example, restricted
 to examples that are in the database. It is rebuilt after every corpus or fact ingest.
+Fact ingest is all or nothing (facts, queries and ground_truth under one journal).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,10 +18,11 @@ import duckdb
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from trackstar_db import faults
 from trackstar_db.errors import RecordError
 from trackstar_db.store import schema as _schema
 
-from .records import iter_records, require_text, string_list
+from .records import IdRegistry, iter_records, record_id, require_text, string_list
 
 PROMPT_FIELDS = ("prompt0", "prompt1", "prompt2")
 # Upper bounds (inclusive) of frequency buckets 0..4; bucket 5 is everything above.
@@ -45,9 +49,7 @@ class FactReport:
 
 
 def _fact_rows(record: dict, path: Path, line: int) -> tuple[dict, list[dict]]:
-    fact_id = str(record.get("fact_id") or "")
-    if not fact_id:
-        raise RecordError(path, line, "missing field 'fact_id'")
+    fact_id, _ = record_id(record, "fact_id", path, line)
     subject = require_text(record, "entity0", path, line)
     relation = require_text(record, "relation", path, line)
     obj = require_text(record, "entity1", path, line)
@@ -75,37 +77,72 @@ def _fact_rows(record: dict, path: Path, line: int) -> tuple[dict, list[dict]]:
     return fact, queries
 
 
-def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: bool = True) -> FactReport:
-    report = FactReport()
-    seen = db.ids("facts", "fact_id")
-    facts, queries = [], []
+def _digest(fact: dict, queries: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([fact, queries], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read(files, skip_bad: bool, progress: bool, report: FactReport) -> list[tuple[dict, list[dict], tuple]]:
+    """Every record of the files checked, before anything is written: (fact, queries, where).
+    An exact repeat of a fact is skipped; a conflicting one is a RecordError naming both lines."""
+    registry = IdRegistry("fact")
+    out = []
     for path in map(Path, files):
         records = iter_records(path, report.rejected if skip_bad else None)
         with tqdm(records, desc=f"facts {path.name}", unit=" rec", disable=not progress) as bar:
             for line, record in bar:
                 try:
                     fact, fact_queries = _fact_rows(record, path, line)
+                    kind = "integer" if isinstance(record.get("fact_id"), int) else "string"
+                    new = registry.add(fact["fact_id"], kind, _digest(fact, fact_queries), path, line)
                 except RecordError as error:
                     if not skip_bad:
                         raise
                     report.rejected.append(error)
                     continue
-                if fact["fact_id"] in seen:
+                if not new:
                     report.already_present += 1
                     continue
-                seen.add(fact["fact_id"])
-                facts.append(fact)
-                queries.extend(fact_queries)
-    # All records were read and checked before anything is written: a bad file leaves no trace.
-    versions = {name: db.version(name) for name in ("facts", "queries")}
-    try:
+                out.append((fact, fact_queries, (path, line)))
+    return out
+
+
+def _stored_facts(db) -> dict[str, tuple]:
+    if db.count("facts") == 0:
+        return {}
+    rows = db.table("facts", columns=["fact_id", "subject", "relation", "object"])
+    return {r["fact_id"]: (r["subject"], r["relation"], r["object"]) for r in rows.to_pylist()}
+
+
+def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: bool = True) -> FactReport:
+    """Add facts and their queries and rebuild ground_truth: all or nothing, kill -9 included
+    (store/journal.py), under the writer lock. A fact id stored with another subject, relation
+    or object is refused, naming the line."""
+    from trackstar_db.store import journal
+
+    report = FactReport()
+    parsed = _read(files, skip_bad, progress, report)
+    with journal.transaction(db, "ingest facts", ["facts", "queries", "ground_truth"]):
+        stored = _stored_facts(db)
+        facts, queries = [], []
+        for fact, fact_queries, where in parsed:
+            if fact["fact_id"] in stored:
+                if stored[fact["fact_id"]] != (fact["subject"], fact["relation"], fact["object"]):
+                    error = RecordError(*where, f"fact id {fact['fact_id']!r} is stored with a "
+                                        "different subject, relation or object: same id, different content")
+                    if not skip_bad:
+                        raise error
+                    report.rejected.append(error)
+                    continue
+                report.already_present += 1
+                continue
+            facts.append(fact)
+            queries.extend(fact_queries)
         db.append("facts", pa.Table.from_pylist(facts))
+        faults.point("facts.after_facts")
         db.append("queries", pa.Table.from_pylist(queries))
+        faults.point("facts.after_queries")
         report.ground_truth = rebuild_ground_truth(db)
-    except BaseException:
-        for name, version in versions.items():
-            db.restore(name, version)
-        raise
+        faults.point("facts.after_ground_truth")
     report.facts, report.queries = len(facts), len(queries)
     return report
 

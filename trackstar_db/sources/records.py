@@ -86,3 +86,42 @@ def string_list(value, field: str, path, line: int) -> list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value):
         return [str(v) for v in value]
     raise RecordError(path, line, f"field {field!r} must be a list of strings")
+
+
+def record_id(record: dict, field: str, path, line: int) -> tuple[str, str]:
+    """(id, kind) of a record's id field. Ids are strings; an integer id is stored as its decimal
+    string (the one canonical conversion), and kind ('string' | 'integer') lets IdRegistry refuse
+    an input where 17 and "17" both occur. Other types (floats, booleans, lists) are refused."""
+    value = record.get(field)
+    if value is None or value == "":
+        raise RecordError(path, line, f"missing field {field!r}")
+    if isinstance(value, str):
+        return value, "string"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value), "integer"
+    raise RecordError(path, line, f"field {field!r} must be a string (or an integer) id, got {type(value).__name__}")
+
+
+class IdRegistry:
+    """The ids of one input set, each with the digest of its content and where it first appeared.
+
+    add() returns False for an exact repeat (same id, same content: skipped), and raises a
+    RecordError naming both file:line for a conflicting duplicate (same id, other content) or
+    for an integer and a string id that are the same id once converted (17 and "17")."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.first: dict[str, tuple[str, str, str]] = {}  # id -> (digest, kind, "file:line")
+
+    def add(self, key: str, kind: str, digest: str, path, line: int) -> bool:
+        here = f"{path}:{line}"
+        if key not in self.first:
+            self.first[key] = (digest, kind, here)
+            return True
+        first_digest, first_kind, where = self.first[key]
+        if first_kind != kind:
+            raise RecordError(path, line, f"{self.what} id {key!r} ({kind}) is the same id as the {first_kind} id at "
+                                          f"{where} once converted to text; give every id one type")
+        if first_digest != digest:
+            raise RecordError(path, line, f"{self.what} id {key!r} conflicts with {where}: same id, different content")
+        return False

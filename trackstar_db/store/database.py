@@ -7,20 +7,33 @@
       preconditioners/  R factors as safetensors
 
 `connect(path)` opens an existing database; `Database.create(path)` makes one.
+
+Writing: one writer at a time (`with db.writer("ingest corpus"):`, store/lock.py, DB/.writer.lock);
+multi-table writes under a write-ahead journal (store/journal.py, DB/journal.json) that the next
+writer rolls back (or, for a write-then-swap whose new rows are complete, forward); manifest
+changes through `update_manifest(fn)`, which re-reads the manifest under the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import lancedb
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
 
+from . import journal as _journal
+from . import lock as _lock
 from . import manifest as _manifest
 from . import schema as _schema
 from .gradient_table import GradientTable, is_gradient_table
+
+
+STAGING = "~staging~"  # prefix of the key under which swap_rows writes new rows before the swap
 
 
 class Database:
@@ -31,6 +44,37 @@ class Database:
         self.manifest = _manifest.read(self.path)
         self._lance = lancedb.connect(str(self.path / "tables"))
         self._attributor = None  # retrieval.adhoc.PromptAttributor, made by the first query()
+        if (self.path / _journal.FILENAME).exists() and not _lock.held(self.path):
+            self._recover_abandoned()
+
+    def _recover_abandoned(self) -> None:
+        """A journal with no writer holding the lock was left by a killed command: finish it now."""
+        try:
+            with _lock.WriterLock(self.path, "recover", timeout=0):
+                _journal.recover(self)
+        except TrackstarError:
+            return  # a writer is at work (its journal is live), or the directory is read-only
+        self.manifest = _manifest.read(self.path)
+
+    # -- writing: lock, journal, manifest --------------------------------------------------
+    @contextlib.contextmanager
+    def writer(self, command: str, timeout: float | None = None):
+        """Hold the database's writer lock for `command`; the first holder of this process
+        recovers a journal left by a killed writer before anything else."""
+        with _lock.WriterLock(self.path, command, timeout) as held:
+            if held.first and (self.path / _journal.FILENAME).exists():
+                _journal.recover(self)
+            yield self
+
+    def update_manifest(self, change) -> dict:
+        """Apply `change(manifest)` to the manifest as stored now (re-read under the writer lock)
+        and write it atomically, so a concurrent command's entry is never lost."""
+        with self.writer("update manifest"):
+            manifest = _manifest.read(self.path)
+            change(manifest)
+            _manifest.write(self.path, manifest)
+            self.manifest = manifest
+        return manifest
 
     # -- creation -----------------------------------------------------------------------
     @classmethod
@@ -55,7 +99,9 @@ class Database:
 
     # -- manifest -----------------------------------------------------------------------
     def save_manifest(self) -> None:
-        _manifest.write(self.path, self.manifest)
+        """Write this handle's manifest as a whole (under the lock); prefer update_manifest."""
+        with self.writer("save manifest"):
+            _manifest.write(self.path, self.manifest)
 
     def set_model(self, model_dir: str | Path, optimizer_state: str | Path | None = None) -> None:
         """Record the checkpoint this database attributes. Changing it once gradients exist is refused."""
@@ -78,6 +124,7 @@ class Database:
             "fingerprint": fingerprint,
             "tokenizer": str(model_dir),
             "optimizer_state": str(Path(optimizer_state).resolve()) if optimizer_state else None,
+            "optimizer": _optimizer_state.describe(optimizer_state) if optimizer_state else None,
         }
         self.save_manifest()
 
@@ -124,7 +171,6 @@ class Database:
         """A whole table (or some columns / rows) as Arrow; `filter` is a pyarrow.compute
         expression, e.g. pc.field("template") == "prompt0" (never a string built from input)."""
         return self.dataset(name).to_table(columns=columns, filter=filter)
-            "optimizer": _optimizer_state.describe(optimizer_state) if optimizer_state else None,
 
     def count(self, name: str) -> int:
         return self.lance_table(name).count_rows() if self.has_table(name) else 0
@@ -164,19 +210,57 @@ class Database:
 
     def replace_run(self, run_id: str, method: str, parameters: dict, rows: pa.Table,
                     derived: tuple[str, ...] = ("tail_patch",)) -> None:
-        """Store a retrieval run, replacing one of the same name: the new rows are written under
-        a staging id first, then the old run (and what was derived from it) is dropped and the
-        staged rows renamed, so a failure while writing keeps the old run."""
-        staging = f"~staging~{run_id}"
-        self.delete_rows("retrievals", "run_id", staging)  # left by a killed earlier attempt
-        self.append("retrievals", rows.set_column(rows.column_names.index("run_id"), "run_id",
-                                                  pa.array([staging] * rows.num_rows, pa.string())))
-        for table in ("retrievals", *derived, "runs"):
-            self.delete_rows(table, "run_id", run_id)
-        if rows.num_rows:
-            escaped = staging.replace("'", "''")
-            self.lance_table("retrievals").update(where=f"run_id = '{escaped}'", values={"run_id": run_id})
-        self.record_run(run_id, method, parameters)
+        """Store a retrieval run, replacing one of the same name (write-then-swap, swap_rows):
+        a failure or a kill at any point keeps the old run or ends with the complete new one."""
+        self.swap_rows("retrievals", "run_id", [run_id], rows, drop_from=derived, fault="run",
+                       record_run={"run_id": run_id, "method": method, "parameters": parameters},
+                       command=f"retrieve --run {run_id}")
+
+    def swap_rows(self, name: str, column: str, keys: list[str], rows: pa.Table, drop_from: tuple[str, ...] = (),
+                  record_run: dict | None = None, fault: str = "swap", command: str | None = None) -> None:
+        """Replace the rows of `name` whose `column` is one of `keys` by `rows` (write-then-swap).
+
+        The new rows are appended under staging values of `column` (STAGING + key); once they are
+        all in, the journal turns to 'forward', the old rows (in `name`, `drop_from` and, with
+        `record_run`, runs) are deleted and the staged ones renamed. A kill before the staged rows
+        are complete rolls back to the old rows; after, the next writer finishes the swap."""
+        keys = sorted(set(keys))
+        values = rows.column(column).to_pylist()
+        if set(values) - set(keys):
+            raise TrackstarError(f"{name}: rows for {sorted(set(values) - set(keys))[0]!r}, which is not being replaced")
+        staged = {key: STAGING + key for key in keys}
+        tables = [name, *drop_from] + (["runs"] if record_run else [])
+        with _journal.transaction(self, command or f"replace {name}", tables) as entry:
+            index = rows.column_names.index(column)
+            self.append(name, rows.set_column(index, column, pa.array([staged[v] for v in values], pa.string())))
+            faults.point(f"{fault}.after_stage")
+            forward = {"table": name, "column": column, "staged": staged, "drop_from": list(drop_from),
+                       "counts": {key: values.count(key) for key in keys}, "record_run": record_run}
+            _journal.go_forward(self, entry, forward)
+            self.roll_forward(forward, fault)
+
+    def roll_forward(self, forward: dict, fault: str = "swap") -> None:
+        """Finish a swap_rows whose staged rows are complete; idempotent, so a kill while
+        finishing is finished by the next writer."""
+        name, column = forward["table"], forward["column"]
+        record = forward.get("record_run")
+        drop = [name, *forward["drop_from"]] + (["runs"] if record else [])
+        for key, staging in forward["staged"].items():
+            expected = forward["counts"][key]
+            have = self.table(name, columns=[column], filter=pc.field(column) == staging).num_rows
+            if have == expected:  # staged and not yet renamed (or nothing to rename)
+                for table in drop:
+                    self.delete_rows(table, column, key)
+                faults.point(f"{fault}.after_delete")
+                if expected:
+                    escaped, target = staging.replace("'", "''"), key
+                    self.lance_table(name).update(where=f"{column} = '{escaped}'", values={column: target})
+                faults.point(f"{fault}.after_rename")
+            elif have:
+                raise TrackstarError(f"{self.path}: {have} of {expected} staged rows of {key!r} in {name}; "
+                                     f"the journal {_journal.FILENAME} does not match the table")
+        if record and record["run_id"] not in self.ids("runs", "run_id"):
+            self.record_run(record["run_id"], record["method"], record["parameters"])
 
     def delete_rows(self, name: str, column: str, value: str) -> None:
         """Delete the rows whose `column` equals `value` (e.g. one run's retrievals).
@@ -184,6 +268,9 @@ class Database:
         Lance's delete takes only a SQL predicate: the one place a literal is quoted."""
         escaped = value.replace("'", "''")
         self.lance_table(name).delete(f"{column} = '{escaped}'")
+
+    def drop_table(self, name: str) -> None:
+        self._lance.drop_table(name)
 
     def version(self, name: str) -> int:
         return self.lance_table(name).version
@@ -229,6 +316,17 @@ class Database:
         if self._attributor is None or self._attributor.device != device:
             self._attributor = PromptAttributor(self, device)
         return self._attributor.attribute(prompt, target, method=method, k=k)
+
+    def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
+                            device: str = "cpu") -> pa.Table:
+        """Each token's part of `example_id`'s score for (prompt, target); the parts sum to the
+        score (position, token_id, token, start, end, contribution; retrieval/tokens.py)."""
+        from trackstar_db.retrieval.adhoc import PromptAttributor
+        from trackstar_db.retrieval.tokens import token_contributions
+
+        if self._attributor is None or self._attributor.device != device:
+            self._attributor = PromptAttributor(self, device)
+        return token_contributions(self, prompt, target, example_id, method, attributor=self._attributor)
 
     def __repr__(self) -> str:
         return f"trackstar_db.Database({str(self.path)!r})"

@@ -84,11 +84,14 @@ class GradientTable:
         """Create the Lance table (if needed) and record it in the manifest."""
         from . import schema as _schema
 
-        self.db.create_table(self.name, _schema.gradient_schema(dim, dtype))
+        from trackstar_db import faults
+
         entry = {"split": self.split, "variant": self.variant, "dim": dim, "dtype": dtype}
-        if self.db.manifest["gradient_tables"].get(self.name) != entry:
-            self.db.manifest["gradient_tables"][self.name] = entry
-            self.db.save_manifest()
+        with self.db.writer(f"create {self.name}"):
+            self.db.create_table(self.name, _schema.gradient_schema(dim, dtype))
+            faults.point("gradients.after_create_table")
+            if self.db.manifest["gradient_tables"].get(self.name) != entry:
+                self.db.update_manifest(lambda manifest: manifest["gradient_tables"].__setitem__(self.name, entry))
 
     def count(self) -> int:
         return self.db.count(self.name)

@@ -2,7 +2,8 @@
 
 Reads each run's top-k proponents from the retrievals table, runs tailpatch.TailPatcher over
 all the runs at once (a (query, example) pair shared by several runs is measured once), and
-replaces those runs' rows in the tail_patch table. `max_queries` takes a deterministic sample
+replaces those runs' rows in the tail_patch table, new rows written before the old are dropped
+(Database.swap_rows), a row with a NaN or infinite probability refused. `max_queries` takes a deterministic sample
 (by crc32 of the query id) so a quick look costs less than the full set.
 """
 
@@ -62,7 +63,19 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
              for run_id, by_query in runs.items()}
     patcher = TailPatcher(model, tokenizer, state, TailPatchConfig(k=k))
     rows = patcher.run(pairs)
-    for run_id in run_ids:
-        db.delete_rows("tail_patch", "run_id", run_id)
-    db.append("tail_patch", rows)
+    _check_finite(rows)
+    # write-then-swap (Database.swap_rows): the old rows stay until every new row is stored
+    db.swap_rows("tail_patch", "run_id", run_ids, rows, fault="tailpatch",
+                 command=f"tail-patch --run {' --run '.join(run_ids)}")
     return rows
+
+
+def _check_finite(rows: pa.Table) -> None:
+    """Refuse NaN or infinite probabilities (a diverged step): they would poison every average."""
+    for column in ("p_before", "p_after"):
+        values = rows.column(column)
+        bad = pc.invert(pc.is_finite(values))
+        if pc.any(bad).as_py():
+            row = rows.filter(bad).slice(0, 1).to_pylist()[0]
+            raise TrackstarError(f"tail-patch of run {row['run_id']!r}, query {row['query_id']!r}, example "
+                                 f"{row['example_id']!r}: {column} is {row[column]}; nothing was stored")
