@@ -13,6 +13,11 @@ table version it was fitted on. A table changed since is refused, never silently
 
 `score_table` is used by stored runs (retrieval/runs.py) and by one-prompt queries
 (retrieval/adhoc.py) alike.
+
+The scan reads each record batch zero-copy in its stored dtype and widens it to float32 tile by
+tile (a few MB, cache-resident) into one buffer reused for every batch, dividing by n_z while
+the tile is hot; float32 rungs without unit norm are scored straight from the Arrow buffer.
+Memory: one batch of vectors, one float32 buffer [batch_rows, d], the running top-k.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from trackstar_db.errors import TrackstarError
-from trackstar_db.store.vectors import scan_progress
+from trackstar_db.store.vectors import scan_progress, vector_batches
 
 from .methods import MethodSpec
 from .topk import TopKResult, search
@@ -77,18 +82,43 @@ def prepare(db, spec: MethodSpec) -> Scoring:
     return Scoring(spec, table, pre, norms)
 
 
-def _scaled(batches, scoring: Scoring, device):
-    """Stored batches with each row divided by its n_z (see the module docstring)."""
-    offset = 0
-    for ids, x in batches:
-        if scoring.spec.unit_norm:
-            if scoring.row_norms is not None:
-                n_z = scoring.row_norms[offset: offset + len(ids)].to(x.device)
-            else:
-                n_z = _norms(x, f"stored {scoring.table.name}")
-            x = x / n_z[:, None]
-        offset += len(ids)
-        yield ids, x
+TILE_BYTES = 4 << 20  # float32 bytes widened per step on the CPU: stays in cache
+BATCH_BYTES = 64 << 20  # float32 bytes of one scanned batch at most (bounds memory at any d)
+
+
+def scan(scoring: Scoring, device="cpu", batch_rows: int = 65536):
+    """(ids, x [nb, d] float32) batches of the stored rows, each row divided by its n_z (see the
+    module docstring). x is a view of a buffer reused by the next batch: consume it first."""
+    device = torch.device(device)
+    unit, stored = scoring.spec.unit_norm, scoring.row_norms
+    if stored is not None:
+        stored = stored.to(device)
+    buffer, offset = None, 0
+    batch_rows = max(1, min(batch_rows, BATCH_BYTES // (4 * scoring.table.dim)))
+    for ids, x in vector_batches(scoring.table.dataset(), dtype=scoring.table.dtype, batch_size=batch_rows,
+                                 native=True):
+        x, n = x.to(device, non_blocking=True), len(ids)
+        if not unit and x.dtype == torch.float32:
+            yield ids, x
+            offset += n
+            continue
+        if buffer is None or len(buffer) < n:
+            buffer = torch.empty((max(n, batch_rows), x.shape[1]), dtype=torch.float32, device=device)
+        out = buffer[:n]
+        tile = n if device.type != "cpu" else max(1, TILE_BYTES // (4 * x.shape[1]))
+        for a in range(0, n, tile):
+            part = out[a: a + tile]
+            part.copy_(x[a: a + tile])
+            if unit:
+                n_z = stored[offset + a: offset + a + len(part)] if stored is not None else \
+                    torch.linalg.vector_norm(part, dim=1)
+                bad = ~torch.isfinite(n_z) | (n_z == 0)
+                if bool(bad.any()):
+                    raise TrackstarError(f"{scoring.table.name}: example {ids[a + int(bad.nonzero()[0])]!r} "
+                                         f"has a zero or non-finite {'whitened ' if stored is not None else ''}norm")
+                part.div_(n_z[:, None])
+        offset += n
+        yield ids, out
 
 
 def score_table(db, spec: MethodSpec, g_q: torch.Tensor, k: int, *, device="cpu", batch_rows: int = 65536,
@@ -96,11 +126,11 @@ def score_table(db, spec: MethodSpec, g_q: torch.Tensor, k: int, *, device="cpu"
     """Top-k proponents and opponents of raw query gradients g_q [nq, d] under rung `spec`."""
     scoring = scoring or prepare(db, spec)
     q = scoring.query_side(g_q.to(device))
-    batches = scoring.table.batches(batch_size=batch_rows, device=device)
+    batches = scan(scoring, device, batch_rows)
     if progress:
         batches = scan_progress(batches, scoring.table.count(), spec.name)
     try:
-        return search(q, _scaled(batches, scoring, device), k)
+        return search(q, batches, k)
     except ValueError as exc:
         if isinstance(exc, TrackstarError):
             raise
