@@ -1,0 +1,220 @@
+"""Ingest gradients on Ray: actors featurize shards, write Lance fragments; the driver commits.
+
+    driver                                    actor i of N (one per GPU, or per CPU without)
+    ------                                    --------------------------------------------
+    actor 0: record settings, create tables   load the featurizer (gradients/loader.py)
+    ask every actor for its next batch   -->  plan: ids of shard i/N that a table lacks
+                                              (gradients/plan.py: crc32(id) % N == i)
+                                              featurize, buffer `commit_rows` rows, drop ids a
+                                              table already holds, write them as Lance
+                                              fragments (lance.fragment.write_fragments)
+    commit each batch's fragments        <--  fragment metadata (JSON), per table
+    (LanceDataset.commit(LanceOperation.Append))
+
+Lance's own distributed write path: workers write data files, one process commits them, so no
+two processes race on a table's manifest. Resumable like the local worker: a batch is in a table
+only once its Append commit lands; fragments of a killed worker (or of a killed driver) that
+were never committed are unreferenced files, and a rerun of the same command plans only the ids
+still missing, so no id is featurized twice into a table. A worker that dies is reported after
+the other workers finish their shards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from trackstar_db import faults
+from trackstar_db.errors import TrackstarError
+from trackstar_db.gradients.commit import Committer
+
+from . import cluster_cpus, ray_session
+
+
+class FragmentWriter(Committer):
+    """gradients/commit.Committer whose flush writes Lance fragments instead of appending:
+    `ready` collects (variant, [fragment metadata JSON], rows) for the driver to commit."""
+
+    def __init__(self, db, tables: dict, dtype: str, commit_rows: int, storage_options: dict | None = None):
+        super().__init__(db, tables, dtype, commit_rows)
+        self.storage_options = storage_options
+        self.ready: list[tuple[str, list[str], int]] = []
+
+    def flush(self) -> None:
+        import lance.fragment
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from trackstar_db.store import schema as _schema
+
+        for variant, parts in self.pending.items():
+            if not parts:
+                continue
+            table = self.tables[variant]
+            dataset = table.dataset()
+            rows = pa.concat_tables(parts)
+            present = dataset.to_table(columns=["id"], filter=pc.field("id").isin(rows.column("id")))
+            if present.num_rows:
+                rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
+            parts.clear()
+            if rows.num_rows:
+                rows = _schema.conform(rows, dataset.schema)
+                fragments = lance.fragment.write_fragments(rows, dataset.uri, schema=dataset.schema,
+                                                           storage_options=self.storage_options)
+                self.ready.append((variant, [f.to_json() for f in fragments], rows.num_rows))
+        faults.point("distributed.fragments")
+        self.rows = 0
+
+    def take(self) -> list:
+        ready, self.ready = self.ready, []
+        return ready
+
+
+class GradientActor:
+    """One Ray actor: featurizes shard (index, count) of the ids missing from the tables."""
+
+    def __init__(self, db_path: str, config: dict, job, device: str, shard: tuple[int, int],
+                 storage_options: dict | None = None):
+        import torch
+
+        from trackstar_db.devices import resolve_device
+        from trackstar_db.featurizer.config import FeaturizerConfig
+        from trackstar_db.gradients.loader import load_featurizer
+        from trackstar_db.store.database import connect
+
+        if not device.startswith("cuda"):
+            torch.set_num_threads(1)  # one core per CPU actor
+        self.db_path, self.job, self.shard, self.storage_options = db_path, job, shard, storage_options
+        self.config = FeaturizerConfig.from_dict(config)
+        self.device = resolve_device(device)
+        db = connect(db_path)
+        self.featurizer, self.tokenizer = load_featurizer(db, self.config, self.device, job.uncorrected,
+                                                          job.estimate_sample, job.batch_size)
+        self.batches = None
+
+    def setup(self) -> list[str]:
+        """Record (or check) the featurizer settings and create the tables; on one actor only."""
+        from trackstar_db.featurizer.tokenize import token_limit
+        from trackstar_db.gradients.worker import _record_settings
+        from trackstar_db.store.database import connect
+
+        db = connect(self.db_path)
+        _record_settings(db, self.featurizer, self.job, token_limit(self.tokenizer, self.config.max_length))
+        for variant in self.featurizer.variants:
+            db.gradient_table(self.job.split, corrected=variant == "corrected").create(
+                self.featurizer.layout.dim, self.job.dtype)
+        return list(self.featurizer.variants)
+
+    def start(self) -> None:
+        self.batches = self._batches()
+
+    def next(self):
+        """The next committed-to-be batch: {'fragments': [(variant, [json], rows)], 'rows', 'tokens'};
+        None when the shard is done."""
+        return next(self.batches, None)
+
+    def _batches(self):
+        from trackstar_db.featurizer.tokenize import collate, pad_id
+        from trackstar_db.gradients.plan import missing
+        from trackstar_db.gradients.worker import _encode
+        from trackstar_db.store.database import connect
+
+        db, job = connect(self.db_path), self.job
+        tables = {v: db.gradient_table(job.split, corrected=v == "corrected") for v in self.featurizer.variants}
+        writer = FragmentWriter(db, tables, job.dtype, job.commit_rows, self.storage_options)
+        rows = tokens = 0
+        for chunk in missing(db, job.split, list(tables.values()), self.shard):
+            items = _encode(self.tokenizer, job.split, chunk, self.config.max_length)
+            ids = chunk.column("id").to_pylist()
+            for offset in range(0, len(ids), job.batch_size):
+                batch_ids = ids[offset: offset + job.batch_size]
+                out = self.featurizer.featurize(collate(items[offset: offset + job.batch_size],
+                                                        pad_id(self.tokenizer)))
+                writer.add(batch_ids, out)
+                rows, tokens = rows + len(batch_ids), tokens + int(out.n_tokens.sum())
+                if writer.ready:
+                    yield {"fragments": writer.take(), "rows": rows, "tokens": tokens}
+                    rows = tokens = 0
+        writer.flush()
+        if writer.ready or rows:
+            yield {"fragments": writer.take(), "rows": rows, "tokens": tokens}
+
+
+def _commit(db, split: str, fragments: list, storage_options: dict | None) -> None:
+    """One Append commit per table of the fragments a worker wrote (corrected first, like the
+    local Committer, so a rerun after a kill between the two re-plans the id)."""
+    import lance
+    from lance.fragment import FragmentMetadata
+
+    for variant, metadata, _ in fragments:
+        dataset = db.gradient_table(split, corrected=variant == "corrected").dataset()
+        operation = lance.LanceOperation.Append([FragmentMetadata.from_json(m) for m in metadata])
+        lance.LanceDataset.commit(dataset.uri, operation, read_version=dataset.version,
+                                  storage_options=storage_options)
+
+
+def ingest_gradients(db, config, job, *, device: str | None = None, workers: int | None = None,
+                     progress: bool = True, storage_options: dict | None = None) -> dict:
+    """gradients.worker.ingest_gradients on Ray actors. `device`: what each actor uses ('cuda':
+    one actor per GPU of the cluster; default job.device); `workers`: the number of actors."""
+    from tqdm.auto import tqdm
+
+    from trackstar_db.featurizer.config import FeaturizerConfig
+    from trackstar_db.gradients.loader import resolved_config
+    from trackstar_db.gradients.plan import count_missing
+    from trackstar_db.store.database import connect
+
+    if job.limit is not None or job.shard != (0, 1):
+        raise TrackstarError("--engine ray plans its own shards; drop --limit and --shard")
+    ray = ray_session()
+    device = device or job.device
+    config = config if isinstance(config, FeaturizerConfig) else resolved_config(db, config)
+    gpus = device.startswith("cuda")
+    count = workers or (int(ray.cluster_resources().get("GPU", 0)) if gpus else cluster_cpus(ray))
+    if count < 1:
+        raise TrackstarError(f"--device {device}: the Ray cluster has no GPU")
+    env = {"TRACKSTAR_FAULT": os.environ["TRACKSTAR_FAULT"]} if os.environ.get("TRACKSTAR_FAULT") else {}
+    actor_class = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=0)(GradientActor)
+    options = {"runtime_env": {"env_vars": env}} if env else {}
+    actors = [actor_class.options(**options).remote(str(db.path), config.to_dict(), job, device, (i, count),
+                                                     storage_options) for i in range(count)]
+    start = time.perf_counter()
+    try:
+        variants = ray.get(actors[0].setup.remote())
+        db = connect(db.path)  # the manifest actor 0 wrote
+        tables = [db.gradient_table(job.split, corrected=v == "corrected") for v in variants]
+        total = count_missing(db, job.split, tables) if progress else None
+        ray.get([actor.start.remote() for actor in actors])
+        totals, failures = {"rows": 0, "tokens": 0}, []
+        pending = {actor.next.remote(): actor for actor in actors}
+        with tqdm(total=total, desc=f"gradients {job.split} (ray x{count})", unit=" ex", disable=not progress) as bar:
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(ref)
+                try:
+                    batch = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    failures.append(str(exc).strip().splitlines()[0])
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    cause = getattr(exc, "cause", None) or exc
+                    raise TrackstarError(f"Ray worker: {str(cause).strip().splitlines()[0]}") from None
+                if batch is None:
+                    continue
+                _commit(db, job.split, batch["fragments"], storage_options)
+                totals["rows"] += batch["rows"]
+                totals["tokens"] += batch["tokens"]
+                bar.update(batch["rows"])
+                pending[actor.next.remote()] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    if failures:
+        raise TrackstarError(f"{len(failures)} of {count} Ray workers died ({failures[0]}); "
+                             f"{totals['rows']:,} rows were committed; run the same command again for the rest")
+    if totals["rows"]:
+        for table in tables:  # merge the many small fragments, as an unsharded local run does
+            db.lance_table(table.name).optimize()
+    totals["seconds"] = time.perf_counter() - start
+    totals["tables"] = {table.name: table.count() for table in tables}
+    return totals
