@@ -116,7 +116,9 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
         staged.append((train, which, pre, dict(pre.params, template=template if queries is not None else None)))
     if not staged:
         raise TrackstarError(f"{db.path}: no gradient tables to fit (found: {', '.join(db.table_names())})")
-    # write-then-swap: every new file is complete before the manifest points at it
+    # write-then-swap: every new file is complete before one journaled step (Database.swap_files)
+    # moves them into place and points the manifest at them; a kill in that step is rolled forward
+    renames = []
     for train, which, pre, params in staged:
         path = train.preconditioner_path(which)
         path.parent.mkdir(exist_ok=True)
@@ -126,14 +128,12 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
 
         with tmp.open("rb") as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        tmp.replace(path)
+        renames.append((tmp.name, path.name))
         fitted[train.preconditioner_key(which)] = dict(params, file=path.name, sha256=digest)
     faults.point("fit.after_files")
     with db.writer("fit"):
-        stale = set(_manifest.read(db.path).get("preconditioners", {})) - set(fitted)
         # an R from an earlier fit must not serve a rung: the entries are replaced, not merged
-        db.update_manifest(lambda manifest: manifest.__setitem__("preconditioners", fitted))
-        faults.point("fit.after_manifest")
-    for key in stale:
-        (db.path / "preconditioners" / f"{key}.safetensors").unlink(missing_ok=True)
+        stale = set(_manifest.read(db.path).get("preconditioners", {})) - set(fitted)
+        db.swap_files("fit", "preconditioners", renames, {"preconditioners": fitted},
+                      unlink=[f"{key}.safetensors" for key in sorted(stale)], fault="fit")
     return FitReport(fitted, notes)

@@ -136,15 +136,16 @@ class Database:
             raise TrackstarError(f"{model['path']}: model directory recorded in the manifest is missing")
         return model
 
-    def load_model(self, device: str = "cpu"):
-        """(model, tokenizer) of the recorded checkpoint, from its local directory (no hub access)."""
+    def load_model(self, device: str = "cpu", dtype: str = "float32"):
+        """(model, tokenizer) of the recorded checkpoint, from its local directory (no hub access);
+        weights in `dtype` ('float32', 'bfloat16', 'float16')."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         info = self.model_info()
         if _manifest.model_fingerprint(info["path"]) != info["fingerprint"]:
             raise TrackstarError(f"{info['path']}: checkpoint changed since it was recorded (fingerprint mismatch)")
         tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(info["path"], local_files_only=True, dtype="float32")
+        model = AutoModelForCausalLM.from_pretrained(info["path"], local_files_only=True, dtype=dtype)
         return model.to(device).eval(), tokenizer
 
     # -- tables -------------------------------------------------------------------------
@@ -242,6 +243,8 @@ class Database:
     def roll_forward(self, forward: dict, fault: str = "swap") -> None:
         """Finish a swap_rows whose staged rows are complete; idempotent, so a kill while
         finishing is finished by the next writer."""
+        if forward.get("kind") == "files":
+            return self._finish_files(forward)
         name, column = forward["table"], forward["column"]
         record = forward.get("record_run")
         drop = [name, *forward["drop_from"]] + (["runs"] if record else [])
@@ -261,6 +264,28 @@ class Database:
                                      f"the journal {_journal.FILENAME} does not match the table")
         if record and record["run_id"] not in self.ids("runs", "run_id"):
             self.record_run(record["run_id"], record["method"], record["parameters"])
+
+    def swap_files(self, command: str, directory: str, renames: list[tuple[str, str]], manifest: dict,
+                   unlink: list[str] = (), fault: str = "files") -> None:
+        """Move complete temp files into place and point the manifest at them, as one step under
+        kill -9 (the journal rolls it forward): `renames` [(temp, final)] and `unlink` are file
+        names in DB/`directory`; `manifest` holds the top-level keys to set."""
+        forward = {"kind": "files", "directory": directory, "renames": [list(r) for r in renames],
+                   "manifest": manifest, "unlink": list(unlink), "fault": fault}
+        with _journal.transaction(self, command, []) as entry:
+            _journal.go_forward(self, entry, forward)
+            self._finish_files(forward)
+
+    def _finish_files(self, forward: dict) -> None:
+        folder = self.path / forward["directory"]
+        for tmp, final in forward["renames"]:
+            if (folder / tmp).exists():  # else moved by an earlier, interrupted attempt
+                (folder / tmp).replace(folder / final)
+        faults.point(f"{forward['fault']}.after_rename")
+        self.update_manifest(lambda manifest: manifest.update(forward["manifest"]))
+        faults.point(f"{forward['fault']}.after_manifest")
+        for name in forward["unlink"]:
+            (folder / name).unlink(missing_ok=True)
 
     def delete_rows(self, name: str, column: str, value: str) -> None:
         """Delete the rows whose `column` equals `value` (e.g. one run's retrievals).

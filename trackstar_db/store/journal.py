@@ -115,13 +115,15 @@ def recover(db) -> str | None:
 def transaction(db, command: str, tables: list[str], bm25: bool = False):
     """Hold the writer lock and a journal over a multi-table write; roll back on any failure.
 
-    Yields the journal entry (pass it to go_forward for a write-then-swap)."""
+    Yields the journal entry (pass it to go_forward for a write-then-swap). A failure after
+    go_forward leaves the journal, so the next writer finishes the swap."""
     with db.writer(command):
         entry = begin(db, command, tables, bm25)
         try:
             yield entry
         except BaseException:
-            rollback(db, entry)
-            clear(db)
+            if entry["phase"] != "forward":  # a failure while finishing: the next writer retries it
+                rollback(db, entry)
+                clear(db)
             raise
         clear(db)
