@@ -70,7 +70,7 @@ LADDER = (
     MethodSpec("trackstar", "corrected", -0.5, -0.5, True, "mixed"),
 )
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in LADDER}
-BASELINES = ("bm25", "embedding")  # model-free retrievers
+BASELINES = ("bm25", "embedding", "lm-embedding")  # retrievers without gradients (lm-embedding: the model's hidden states)
 # Every method in display order: the one list the CLI, the demo and the SQL summaries read.
 ALL_METHODS = BASELINES + tuple(METHODS)
 

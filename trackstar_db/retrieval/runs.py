@@ -87,6 +87,10 @@ def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, 
 
         batches = scan_progress(example_embeddings(db, device), db.count("examples"), "embedding")
         return search(embedding.embed(texts, device=device), batches, k, opponents=False)
+    if method == "lm-embedding":
+        from .lm_embedding import top_k
+
+        return top_k(db, texts, k, device)
     spec = get_method(method)
     if query_vectors is None:
         query_vectors = stored_query_vectors(db, spec, query_ids)
