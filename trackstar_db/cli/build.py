@@ -81,7 +81,12 @@ def ingest_facts_cmd(db, files, skip_bad):
 @DB_ARG
 @click.option("--split", type=click.Choice(["train", "queries"]), default="train", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--batch-size", default=16, show_default=True, help="Most rows per batch.")
+@click.option("--batch-tokens", default="auto", show_default=True,
+              help="Rows x padded width per batch (length-bucketed); auto: the largest that fits the device.")
+@click.option("--model-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Weights' dtype; auto: the checkpoint's (config.json), float32 when absent.")
+@click.option("--no-pipeline", is_flag=True, help="Tokenize, featurize and write one after the other on one thread.")
 @click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage dtype of the vectors (first run; default float32).")
@@ -95,8 +100,8 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--no-uncorrected", is_flag=True, help="Do not also write the uncorrected table the first rungs need.")
 @click.option("--limit", type=int, default=None, help="Stop after this many new rows.")
 @click.option("--commit-rows", type=int, default=2048, show_default=True, help="Rows per Lance commit.")
-def ingest_gradients_cmd(db, split, device, batch_size, shard, dtype, dim, seed, correction, combine, no_uncorrected,
-                         limit, commit_rows):
+def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtype, no_pipeline, shard, dtype, dim, seed,
+                         correction, combine, no_uncorrected, limit, commit_rows):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from trackstar_db.gradients.plan import parse_shard
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
@@ -104,12 +109,22 @@ def ingest_gradients_cmd(db, split, device, batch_size, shard, dtype, dim, seed,
     handle = _open(db)
     stored_dtype = (handle.manifest.get("featurizer") or {}).get("dtype")
     job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
-                      commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit)
+                      commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
+                      batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype, pipeline=not no_pipeline)
     given = {"dim": dim, "seed": seed, "correction": correction, "combine": combine}
     totals = ingest_gradients(handle, given, job)
     click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
                f"{totals['seconds']:.1f} s; correction: {handle.manifest['featurizer']['config']['correction']}; "
                "tables: " + ", ".join(f"{k}={v:,}" for k, v in totals["tables"].items()))
+
+
+def _batch_tokens(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: 'auto' or a number of tokens", param_hint="--batch-tokens") from None
 
 
 @main.command()

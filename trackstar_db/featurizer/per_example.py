@@ -12,11 +12,22 @@ and C the optimizer correction (second_moment.py):
 
 Blocks are concatenated or summed by the layout (config.py). Vectors are neither whitened nor
 unit-normalised: R and unit norm are applied downstream.
+
+Precision: the model runs in its own dtype. With a bfloat16 model the factors stay bfloat16 and
+each side X P^T is one bfloat16 matmul (float32 accumulation inside, as on tensor cores);
+the sum over tokens, (X_r P_r^T)^T (X_c P_c^T), and the blocks' sums are float32. A float16
+model projects in float32: P diag(1/(sqrt(V)+eps)) overflows float16's range (65,504).
+Vectors are float32 whatever the model dtype.
+
+`featurize(batch, non_blocking=True)` on CUDA copies inputs (pinned by the caller) and outputs
+(into pinned host memory) without waiting; `FeaturizeOutput.wait()` is then the point where the
+host may read the output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,11 +46,32 @@ class FeaturizeOutput:
     vectors: dict[str, torch.Tensor]
     loss: torch.Tensor
     n_tokens: torch.Tensor
+    ready: Any = None  # a CUDA event after a non-blocking copy; None when the tensors are ready
+
+    def wait(self) -> "FeaturizeOutput":
+        """Block until the (non-blocking) device-to-host copy is done; returns self."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self
+
+
+def projection_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of P and of the X P^T matmuls: bfloat16 for a bfloat16 model, else float32."""
+    return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float32
 
 
 def _project_side(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """X P^T: x [batch, tokens, n] float or [batch, tokens] ids, p [k, n] -> [batch, tokens, k]."""
-    return p.t()[x] if x.dtype == torch.long else x @ p.t()
+    """X P^T: x [batch, tokens, n] float or [batch, tokens] ids, p [k, n] -> [batch, tokens, k]
+    float32 (computed in p's dtype)."""
+    return (p.t()[x] if x.dtype == torch.long else x.to(p.dtype) @ p.t()).float()
+
+
+def _to_host(tensor: torch.Tensor, non_blocking: bool) -> torch.Tensor:
+    if not non_blocking or tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 class Featurizer:
@@ -66,6 +98,8 @@ class Featurizer:
             self.variants = ["uncorrected"]
         else:
             self.variants = ["corrected"] + (["uncorrected"] if uncorrected else [])
+        self.model_dtype = next(model.parameters()).dtype
+        self.dtype = projection_dtype(self.model_dtype)
         self._projections = Projections(config.seed, self.device)
         self._elementwise: dict[str, torch.Tensor] = {}
 
@@ -75,30 +109,35 @@ class Featurizer:
                 "tracked": [m.name for m in self.tracked],
                 "correction_source": self.second_moment.describe() if self.second_moment else "none"}
 
-    def _pair(self, name: str, corrected: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair(self, name: str, corrected: bool, dtype: torch.dtype | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         block = self._blocks[name]
         scale = (None, None)
         if corrected and self.second_moment is not None and self.second_moment.mode == "factored":
             scale = self.second_moment.weights[name]
-        return (self._projections.get(name, "row", block.k_r, self.rows[name], scale[0]),
-                self._projections.get(name, "col", block.k_c, self.cols[name], scale[1]))
+        dtype = dtype or self.dtype
+        return (self._projections.get(name, "row", block.k_r, self.rows[name], scale[0], dtype),
+                self._projections.get(name, "col", block.k_c, self.cols[name], scale[1], dtype))
 
     def _block(self, name: str, x_r: torch.Tensor, x_c: torch.Tensor, corrected: bool) -> torch.Tensor:
         """[batch, k_r * k_c] contribution of one use of `name`."""
-        p_r, p_c = self._pair(name, corrected)
         if corrected and self.second_moment is not None and self.second_moment.mode == "elementwise":
+            p_r, p_c = self._pair(name, corrected, torch.float32)
             if name not in self._elementwise:
                 self._elementwise[name] = self.second_moment.weights[name][0].to(self.device)
-            g = dense_gradient(x_r, x_c, self.rows[name]) * self._elementwise[name]
+            x_r = x_r if x_r.dtype == torch.long else x_r.float()
+            g = dense_gradient(x_r, x_c.float(), self.rows[name]) * self._elementwise[name]
             return (p_r @ g @ p_c.t()).flatten(1)
+        p_r, p_c = self._pair(name, corrected)
         return torch.bmm(_project_side(x_r, p_r).transpose(1, 2), _project_side(x_c, p_c)).flatten(1)
 
-    def featurize(self, batch: dict[str, torch.Tensor]) -> FeaturizeOutput:
-        """batch: input_ids, attention_mask, labels, each [batch, tokens]."""
+    def featurize(self, batch: dict[str, torch.Tensor], non_blocking: bool = False) -> FeaturizeOutput:
+        """batch: input_ids, attention_mask, labels, each [batch, tokens]. non_blocking: on CUDA,
+        return before the outputs reach the host (call .wait() before reading them)."""
         for key in ("input_ids", "attention_mask", "labels"):
             if key not in batch:
                 raise ValueError(f"featurize: batch lacks field {key!r}")
-        batch = {k: batch[k][:, : self.config.max_length].to(self.device)
+        batch = {k: batch[k][:, : self.config.max_length].to(self.device, non_blocking=non_blocking)
                  for k in ("input_ids", "attention_mask", "labels")}
         size = batch["input_ids"].shape[0]
         out = {v: torch.zeros(size, self.layout.dim, device=self.device) for v in self.variants}
@@ -109,5 +148,12 @@ class Featurizer:
                 span = out[variant][:, block.offset: block.offset + block.size]
                 span += self._block(name, x_r, x_c, corrected=variant == "corrected")
 
-        loss, n_tokens = per_example_backward(self.model, self.tracked, batch, on_factors)
-        return FeaturizeOutput({k: v.cpu() for k, v in out.items()}, loss.float().cpu(), n_tokens.cpu())
+        loss, n_tokens = per_example_backward(self.model, self.tracked, batch, on_factors,
+                                              factor_dtype=None if self.dtype == torch.bfloat16 else torch.float32)
+        non_blocking = non_blocking and self.device.type == "cuda"
+        result = FeaturizeOutput({k: _to_host(v, non_blocking) for k, v in out.items()},
+                                 _to_host(loss.float(), non_blocking), _to_host(n_tokens, non_blocking))
+        if non_blocking:
+            result.ready = torch.cuda.Event()
+            result.ready.record()
+        return result

@@ -67,14 +67,15 @@ def find_tracked(model: torch.nn.Module) -> list[TrackedMatrix]:
 OnFactors = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """[batch, ..., n] -> [batch, tokens, n] float32."""
-    return x.reshape(x.shape[0], -1, x.shape[-1]).float()
+def _flat(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """[batch, ..., n] -> [batch, tokens, n] in `dtype` (None: as it is)."""
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    return x if dtype is None else x.to(dtype)
 
 
 def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
-                         batch: dict[str, torch.Tensor], on_factors: OnFactors
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         batch: dict[str, torch.Tensor], on_factors: OnFactors,
+                         factor_dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward and one backward of sum_i loss_i (loss_i: mean token loss of example i).
 
     Each example's rows of the output-grads belong to its own loss only, so the factors are
@@ -82,7 +83,8 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
     embedding) is expanded to the batch so each example gets its own rows. The model runs in
     eval mode (restored after). Gradients are taken w.r.t. the embedding outputs
     (torch.autograd.grad), so no parameter .grad is filled and weight gradients are never
-    computed. Hooks are removed on exit. Returns loss [batch] (float32) and n_tokens [batch].
+    computed. Hooks are removed on exit. Factors come in `factor_dtype` (None: the model's).
+    Returns loss [batch] (float32) and n_tokens [batch].
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     roots: list[torch.Tensor] = []
@@ -99,11 +101,11 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
             if kind == "embedding":
                 roots.append(output)
                 ids = x.reshape(x.shape[0], -1)
-                output.register_hook(lambda g: on_factors(name, ids, _flat(g)))
+                output.register_hook(lambda g: on_factors(name, ids, _flat(g, factor_dtype)))
             elif kind == "linear":
-                output.register_hook(lambda g: on_factors(name, _flat(g), _flat(x)))
+                output.register_hook(lambda g: on_factors(name, _flat(g, factor_dtype), _flat(x, factor_dtype)))
             else:
-                output.register_hook(lambda g: on_factors(name, _flat(x), _flat(g)))
+                output.register_hook(lambda g: on_factors(name, _flat(x, factor_dtype), _flat(g, factor_dtype)))
             return output
         return hook
 
