@@ -139,6 +139,7 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
     with journal.transaction(db, "ingest corpus", ["examples", "ground_truth"], bm25=True):
         sync_bm25(db)
         stored = _stored_hashes(db)
+        faults.point("corpus.before_write")
         registry = IdRegistry("example")
         new_ids: list[str] = []
         new_texts: list[str] = []
