@@ -58,11 +58,20 @@ def test_without_queries_is_r_train():
     assert pre.params["lambda"] == 0.0 and pre.params["k"] == 1
 
 
-def test_half_power_twice_is_inverse():
-    pre = fit_preconditioner(stream(3, 60), stream(4, 20), dim=DIM, spans=SPANS, damping=1e-2, k=2)
-    x = torch.randn(4, DIM, dtype=torch.float64)
-    torch.testing.assert_close(pre.apply(pre.apply(x, -0.5), -0.5), pre.apply(x, -1.0))
-    torch.testing.assert_close(pre.apply(pre.apply(x, -1.0), 1.0), x)
+def test_whitened_row_norms_and_their_file_round_trip(tmp_path):
+    """The row norms stored with R (used by the pure scan) equal |x (R + d mean I)^-1/2| computed
+    with numpy's inverse of the explicit damped matrix, and survive save/load with the version."""
+    train, queries = stream(3, 60), stream(4, 20)
+    pre = fit_preconditioner(train, queries, dim=DIM, spans=SPANS, damping=1e-2, k=2)
+    x = torch.cat(train).double()
+    _, inverse = numpy_reference(train, queries, SPANS, 2, 1e-2, -1.0)  # (R_damped)^-1, dense
+    want = np.sqrt(np.einsum("nd,de,ne->n", x.numpy(), inverse, x.numpy()))  # |x R^-1/2|^2 = x R^-1 x^T
+    np.testing.assert_allclose(pre.norms(x, -0.5).numpy(), want, rtol=1e-6)  # norms are float32
+    pre.row_norms = {-0.5: pre.norms(x, -0.5).float()}
+    pre.params["table_version"] = 7
+    back = Preconditioner.load(pre.save(tmp_path / "R.safetensors"))
+    assert back.params["table_version"] == 7
+    torch.testing.assert_close(back.row_norms[-0.5], pre.row_norms[-0.5])
 
 
 def test_save_load_round_trip(tmp_path):

@@ -70,11 +70,11 @@ class PromptAttributor:
             raise TrackstarError("both --prompt and --target must be non-empty")
         if k < 1:
             raise TrackstarError(f"--k must be >= 1, not {k}")
+        if db.count("examples") == 0:
+            raise TrackstarError(f"{db.path}: the database has no examples")
         method = method or best_method(db)
         if method not in ALL_METHODS:
             raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
-        if db.count("examples") == 0:
-            raise TrackstarError(f"{db.path}: the database has no examples")
         vectors = None
         if method in METHODS:
             vectors = self.gradient(prompt, target, get_method(method).table)
