@@ -117,6 +117,33 @@ def test_mrr_and_recall_by_bucket_and_correctness():
     assert a["n_empty_lists"] == 2  # q3 and q6 have no proponents in run B
 
 
+def test_summary_by_split_matches_reference():
+    """summary_by_split.sql (which reuses mrr/recall/tail_patch_metrics) against the Python reference."""
+    correct = {"q1": True, "q2": False, "q6": True}
+    rows = run_sql_file("summary_by_split.sql", tables(correct)).to_pylist()
+    groups = [("frequency_bucket", "0", lambda q: BUCKET.get(QUERIES[q]) == 0),
+              ("frequency_bucket", "1", lambda q: BUCKET.get(QUERIES[q]) == 1),
+              ("model_correct", "true", lambda q: correct.get(q) is True),
+              ("model_correct", "false", lambda q: correct.get(q) is False)]
+    assert {r["split"] for r in rows} == {"frequency_bucket", "model_correct"}  # never the 'all' rows
+    for run in RUNS:
+        for split, value, keep in groups:
+            want = reference(run, lambda q: QUERIES[q] is not None and keep(q))
+            (got,) = [r for r in rows if (r["run_id"], r["split"], r["split_value"]) == (run, split, value)]
+            assert got["method"] == RUNS[run][0]
+            assert (got["n_queries"], got["n_no_ground_truth"]) == (want["n_queries"], want["n_no_ground_truth"])
+            assert got["mrr"] == (pytest.approx(want["mrr"]) if want["mrr"] is not None else None)
+            assert got["recall_at_10"] == (pytest.approx(want["recall_at_10"])
+                                           if want["recall_at_10"] is not None else None)
+            patched = [(before, afters) for (r, q), (before, afters) in PATCH.items() if r == run and keep(q)]
+            assert got["n_tailpatch_queries"] == len(patched)
+            if patched and len(patched[0][1]) >= 1:
+                want_1 = mean([(afters[0] - before) * 100 for before, afters in patched])
+                assert got["tailpatch_at_1"] == pytest.approx(want_1)
+    order = [r["method"] for r in rows if r["split"] == "frequency_bucket"]
+    assert order == sorted(order, key=["bm25", "trackstar"].index)  # the method list's order
+
+
 def test_tail_patch_sql():
     rows = run_sql_file("tail_patch_metrics.sql", tables()).to_pylist()
     (a,) = [r for r in rows if (r["run_id"], r["split"]) == ("A", "all")]

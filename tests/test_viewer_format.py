@@ -160,3 +160,34 @@ def test_malformed_line_named(tmp_path, bad, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="no such viewer file"):
         import_viewer(tmp_path / "nope.jsonl", "m", "r")
+
+
+def test_authors_file_imported_into_a_database_keeps_its_ground_truth(tmp_path):
+    """`trackstar-db import` of a results file whose correctness marks are the only ground truth:
+    `eval` must score it with them (query 7: first correct proponent at rank 2 -> MRR 0.5; the
+    fact-less query is not a fact query), and a later ground-truth rebuild must not drop them."""
+    from click.testing import CliRunner
+
+    from trackstar_db import connect
+    from trackstar_db.cli import main
+    from trackstar_db.sources.facts import rebuild_ground_truth
+
+    lines = [
+        {"example_id": 7, "query_set": "prompt0", "inputs_plaintext": "A is in", "targets_plaintext": " B",
+         "proponents": ["x A B", "y", "z"], "proponent_ids": [11, 12, 13], "proponent_scores": [9.5, 3, 1.25],
+         "fact_id": "f7", "relation": "in", "proponent_correct": [False, True, False]},
+        {"example_id": "8", "inputs_plaintext": "C", "targets_plaintext": " D",
+         "proponents": ["y"], "proponent_ids": ["12"], "proponent_scores": [0.5]},
+    ]
+    path = tmp_path / "bm25.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    runner = CliRunner()
+    assert runner.invoke(main, ["init", str(tmp_path / "db")]).exit_code == 0
+    result = runner.invoke(main, ["import", str(tmp_path / "db"), str(path), "--method", "bm25-authors"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in runner.invoke(main, ["eval", str(tmp_path / "db"), "--format", "json"]).output.splitlines()]
+    assert [(r["run_id"], r["n_queries"]) for r in rows] == [("bm25-authors", 1)]
+    assert rows[0]["mrr"] == pytest.approx(0.5) and rows[0]["recall_at_10"] == pytest.approx(1.0)
+    db = connect(tmp_path / "db")
+    rebuild_ground_truth(db)
+    assert db.table("ground_truth").to_pylist() == [{"fact_id": "f7", "example_id": "12"}]
