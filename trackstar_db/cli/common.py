@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 from pathlib import Path
 
 import click
@@ -13,16 +16,57 @@ DB_ARG = click.argument("db", type=click.Path(file_okay=False, path_type=Path))
 FORMATS = click.Choice(["table", "json", "csv"])
 
 
+_RUST_SOURCE = re.compile(r",? /\S+\.rs:\d+:\d+$")  # Lance appends the Rust source line of its error
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return _RUST_SOURCE.sub("", text.splitlines()[0]) if text else type(exc).__name__
+
+
+def one_line(exc: BaseException) -> str | None:
+    """The one line a user sees for `exc`, naming the file where the error knows it; None for
+    an error that is a bug in trackstar-db (its traceback is more useful than a line)."""
+    module = type(exc).__module__ or ""
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        if exc.errno == errno.ENOSPC:
+            return f"{where}disk full (no space left on device)"
+        if exc.errno is not None and exc.strerror:
+            return f"{where}{exc.strerror}"
+        return f"{where}{one_line(RuntimeError(_first_line(exc)))}"  # Lance/LanceDB: OSError, path inside
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, KeyError) and not isinstance(exc, TrackstarError):
+        return f"missing entry {exc.args[0]!r}" if exc.args else "missing entry"
+    if type(exc).__name__ == "SafetensorError" or module.startswith("safetensors"):
+        return f"safetensors file: {_first_line(exc)}"
+    if module.startswith(("duckdb", "_duckdb")):
+        return f"SQL: {_first_line(exc)}"
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to read"
+    if isinstance(exc, (OverflowError, MemoryError)):
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    if isinstance(exc, (ValueError, RuntimeError)) or module.startswith(("lance", "pyarrow", "tantivy")):
+        line = _first_line(exc)  # TrackstarError and the Rust side of Lance, LanceDB and Tantivy
+        if "LanceError" in line or module.startswith("lance"):
+            line += " (a damaged table? 'trackstar-db check DB' names it and its repair)"
+        return line
+    return None
+
+
 class Group(click.Group):
-    """Turns bad input into one clear line (set TRACKSTAR_DEBUG=1 for the traceback)."""
+    """Turns bad input, damage and OS errors into one clear line (TRACKSTAR_DEBUG=1 keeps the traceback)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (TrackstarError, ValueError, FileNotFoundError, KeyError) as exc:
-            if os.environ.get("TRACKSTAR_DEBUG"):
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            message = None if os.environ.get("TRACKSTAR_DEBUG") else one_line(exc)
+            if message is None:
                 raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise click.ClickException(message) from None
 
 

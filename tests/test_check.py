@@ -1,0 +1,205 @@
+"""`trackstar-db check`: each kind of damage is found and named with its repair; damaged
+databases fail with one line instead of a traceback or a silent empty answer."""
+
+import json
+import math
+import shutil
+
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from trackstar_db.cli import main
+
+
+def run(*args, ok=True, env=None):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=not ok, env=env)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The tiny world with train and query gradients and every R fitted."""
+    import torch
+
+    from trackstar_db import Database
+    from trackstar_db.gradients.fit import fit
+    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+    from trackstar_db.sources.corpus import ingest_corpus
+    from trackstar_db.sources.facts import ingest_facts
+    from trackstar_db.testbed.train import TrainConfig, train_model
+    from trackstar_db.testbed.world import generate_world
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("check")
+    world = generate_world(root / "world", seed=0, size="tiny")
+    db = Database.create(root / "db")
+    ingest_corpus(db, [world.sentences_path], progress=False)
+    ingest_facts(db, [world.facts_path], progress=False)
+    texts = db.table("examples", columns=["text"]).column("text").to_pylist()
+    train_model(texts, root / "model", TrainConfig(n_layer=1, d_model=32, n_head=2, max_length=32, batch_size=32,
+                                                   max_steps=10, warmup=2), progress=False)
+    db.set_model(root / "model")
+    for split in ("train", "queries"):
+        ingest_gradients(db, {"dim": 1024}, GradientJob(split, batch_size=32, device="cpu"), progress=False)
+    fit(db)
+    return root
+
+
+@pytest.fixture
+def copy(whole, tmp_path):
+    shutil.copytree(whole / "db", tmp_path / "db")
+    return tmp_path / "db"
+
+
+def problems(db):
+    from trackstar_db import connect
+    from trackstar_db.evaluation.check import check
+
+    return check(connect(db)).to_pylist()
+
+
+def test_a_whole_database_has_no_problems(copy):
+    assert problems(copy) == []
+    assert "no problems found" in run("check", copy).output
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert all(len(p["sha256"]) == 64 for p in manifest["preconditioners"].values())
+
+
+def _swap_r(db):
+    pre = db / "preconditioners"
+    shutil.copy(pre / "grads_train_corrected.mixed.safetensors", pre / "grads_train_corrected.train.safetensors")
+
+
+def _truncate_r(db):
+    path = db / "preconditioners" / "grads_train_corrected.mixed.safetensors"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _delete_gradient_row(db):
+    from trackstar_db import connect
+
+    connect(db).delete_rows("grads_train_corrected", "id", "S000003")
+
+
+def _nan_row(db):
+    from trackstar_db import connect
+
+    handle = connect(db)
+    row = handle.table("grads_train_uncorrected").slice(0, 1).to_pylist()[0]
+    row["vector"] = [math.nan] + row["vector"][1:]
+    handle.delete_rows("grads_train_uncorrected", "id", row["id"])
+    dataset = handle.dataset("grads_train_uncorrected")  # lance itself: LanceDB's add refuses NaN vectors
+    dataset.insert(pa.Table.from_pylist([row], schema=dataset.schema), mode="append")
+
+
+def _duplicate_row(db):
+    from trackstar_db import connect
+
+    handle = connect(db)
+    handle.append("grads_queries_corrected", handle.table("grads_queries_corrected").slice(0, 2))
+
+
+def _truncate_table(db):
+    data = sorted((db / "tables" / "grads_train_corrected.lance" / "data").glob("*.lance"))[0]
+    data.write_bytes(data.read_bytes()[:1000])
+
+
+def _drop_latest_version(db):
+    versions = db / "tables" / "examples.lance" / "_versions"
+    latest = min(versions.glob("*.manifest"), key=lambda p: int(p.stem))  # Lance names newest smallest
+    latest.unlink()
+
+
+CASES = {
+    "bm25 deleted": (lambda db: shutil.rmtree(db / "bm25"), "bm25", "missing", "rebuild-bm25"),
+    "R swapped": (_swap_r, "preconditioners/grads_train_corrected.train.safetensors", "sha256 differs", "fit"),
+    "R truncated": (_truncate_r, "preconditioners/grads_train_corrected.mixed.safetensors", "unreadable", "fit"),
+    "R deleted": (lambda db: (db / "preconditioners" / "grads_train_uncorrected.train.safetensors").unlink(),
+                  "preconditioners/grads_train_uncorrected.train.safetensors", "missing", "fit"),
+    "gradient row deleted": (_delete_gradient_row, "grads_train_corrected", "have no gradient", "ingest gradients"),
+    "R stale": (_delete_gradient_row, "preconditioners/grads_train_corrected.train.safetensors", "stale", "fit"),
+    "NaN vector": (_nan_row, "grads_train_uncorrected", "not finite", "ingest gradients"),
+    "duplicate ids": (_duplicate_row, "grads_queries_corrected", "duplicate ids", "ingest gradients"),
+    "table truncated": (_truncate_table, "grads_train_corrected", "unreadable", "ingest gradients"),
+    "latest version lost": (_drop_latest_version, "examples", "latest version", "ingest corpus"),
+    "model moved": (lambda db: shutil.move(db.parent / "model", db.parent / "moved"), "model", "missing", "init"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_damage_is_found_with_its_repair(case, copy, whole):
+    damage, table, problem, repair = CASES[case]
+    if case == "model moved":
+        shutil.copytree(whole / "model", copy.parent / "model")
+        from trackstar_db import connect
+
+        connect(copy).set_model(copy.parent / "model")
+    damage(copy)
+    found = [p for p in problems(copy) if p["table"] == table and problem in p["problem"]]
+    assert found, problems(copy)
+    assert repair in found[0]["repair"]
+    result = run("check", copy, ok=False)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert all("; repair: " in line for line in lines) and any(problem in line for line in lines)
+
+
+def test_a_deleted_bm25_index_fails_loudly_and_is_rebuilt(copy):
+    shutil.rmtree(copy / "bm25")
+    result = run("retrieve", copy, "--method", "bm25", "--run", "b", ok=False)
+    assert result.exit_code == 1 and "BM25 index is missing" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "354" in run("rebuild-bm25", copy).output or problems(copy) == []
+    assert problems(copy) == []
+    run("retrieve", copy, "--method", "bm25", "--k", 5)
+
+
+def test_damage_reaches_the_user_as_one_line(copy):
+    _truncate_table(copy)
+    result = run("retrieve", copy, "--method", "opt-cos", "--k", 5, ok=False)
+    errors = [line for line in result.output.replace("\r", "\n").splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output
+    assert "trackstar-db check" in errors[0] and ".rs:" not in errors[0]  # points to check, no Rust source line
+    debug = run("retrieve", copy, "--method", "opt-cos", "--k", 5, ok=False, env={"TRACKSTAR_DEBUG": "1"})
+    assert debug.exit_code == 1 and debug.exception is not None and not isinstance(debug.exception, SystemExit)
+
+
+def test_a_full_disk_says_so(copy):
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    result = run("sql", copy, "SELECT example_id FROM examples", "--format", "csv", "--out", "/dev/full", ok=False)
+    assert result.exit_code == 1 and "disk full" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_errors_become_one_line_naming_the_file(tmp_path):
+    import errno
+
+    import duckdb
+
+    from trackstar_db.cli.common import one_line
+
+    assert one_line(OSError(errno.ENOSPC, "No space left on device", "/data/db/x.lance")) == \
+        "/data/db/x.lance: disk full (no space left on device)"
+    assert one_line(PermissionError(errno.EACCES, "Permission denied", "/db/manifest.json")) == \
+        "/db/manifest.json: Permission denied"
+    try:
+        json.loads('{"a": ')
+    except json.JSONDecodeError as exc:
+        assert one_line(exc).startswith("invalid JSON")
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    from safetensors.torch import load_file
+
+    with pytest.raises(Exception) as info:
+        load_file(str(bad))
+    assert one_line(info.value).startswith("safetensors file: ")
+    with pytest.raises(duckdb.Error) as info:
+        duckdb.sql("SELECT * FROM no_such_table")
+    assert one_line(info.value).startswith("SQL: ")
+    assert one_line(TypeError("a bug")) is None  # bugs keep their traceback

@@ -1,0 +1,276 @@
+"""`trackstar-db check DB`: find damage instead of answering from it.
+
+check(db) reads everything once and returns an Arrow table of problems (table, problem,
+repair), one row each, empty when the database is whole:
+
+- every table opens and reads fully (all columns, all rows; the row count matches the scan);
+  the tables the manifest records exist;
+- gradient vectors are finite;
+- ids agree: examples = grads_train_* = BM25 documents (no missing, extra or duplicate ids);
+  queries = grads_queries_*; ground_truth's facts and examples exist; retrievals name stored
+  examples;
+- preconditioner files are present, readable, match the sha256 recorded at fit and are not
+  stale (their table_version is the training table's version);
+- the recorded model directory and optimizer state are there, and the weights are the ones
+  recorded (fingerprint).
+
+Id agreement runs in DuckDB over the Lance datasets (id columns only), so memory stays small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow as pa
+
+from trackstar_db.errors import TrackstarError
+
+_SCAN_ROWS = 8192
+
+# what rebuilds a table from its inputs
+_REBUILD = {
+    "examples": "trackstar-db ingest corpus {db} FILE... (into a new database if the table stays unreadable)",
+    "facts": "trackstar-db ingest facts {db} FILE...",
+    "queries": "trackstar-db ingest facts {db} FILE...",
+    "ground_truth": "trackstar-db ingest facts {db} FILE... (rebuilds ground_truth)",
+    "retrievals": "trackstar-db retrieve {db} --method M --replace",
+    "runs": "trackstar-db retrieve {db} --method M --replace",
+    "tail_patch": "trackstar-db tail-patch {db} --run NAME",
+    "predictions": "trackstar-db train {db} --out DIR (or re-record the model's predictions)",
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    from trackstar_db.cli.common import _first_line as first_line
+
+    return first_line(exc)[:300]
+
+
+def _split(name: str) -> str:
+    return "train" if name.startswith("grads_train") else "queries"
+
+
+def _rebuild(db, name: str) -> str:
+    from trackstar_db.store.gradient_table import is_gradient_table
+
+    if is_gradient_table(name):
+        return (f"delete {db.path / 'tables' / (name + '.lance')} and run 'trackstar-db ingest gradients {db.path} "
+                f"--split {_split(name)}', then 'trackstar-db fit {db.path}'")
+    return _REBUILD.get(name, "restore DB/tables/{name}.lance from a backup").format(db=db.path, name=name)
+
+
+class Checker:
+    """Collects problems; each check_* method adds rows."""
+
+    def __init__(self, db):
+        self.db = db
+        self.rows: list[dict] = []
+        self.readable: set[str] = set()
+        self.rows_read = 0
+
+    def add(self, table: str, problem: str, repair: str) -> None:
+        self.rows.append({"table": table, "problem": problem, "repair": repair})
+
+    # -- tables read fully, vectors finite ------------------------------------------------
+    def check_tables(self) -> None:
+        from trackstar_db.store import schema as _schema
+
+        db = self.db
+        try:
+            names = db.table_names()
+        except Exception as exc:  # the tables directory itself is unreadable
+            self.add("tables", f"cannot list tables: {_first_line(exc)}", f"restore {db.path / 'tables'} from a backup")
+            return
+        for name in _schema.table_names():
+            if name not in names:
+                self.add(name, "table is missing", _rebuild(db, name))
+        for name in db.manifest.get("gradient_tables", {}):
+            if name not in names:
+                self.add(name, "recorded in the manifest but the table is missing", _rebuild(db, name))
+        for name in names:
+            self._read(name)
+
+    def _read(self, name: str) -> None:
+        from trackstar_db.store.gradient_table import is_gradient_table
+        from trackstar_db.store.vectors import to_torch
+
+        db = self.db
+        entry = db.manifest.get("gradient_tables", {}).get(name)
+        try:
+            dataset = db.dataset(name)
+            expected = dataset.count_rows()
+            seen, bad, first_bad = 0, 0, None
+            for batch in dataset.to_batches(batch_size=_SCAN_ROWS):
+                if entry is not None and batch.num_rows:
+                    import torch
+
+                    x = to_torch(batch.column("vector"), entry["dtype"])
+                    finite = torch.isfinite(x).all(dim=1)
+                    if not finite.all():
+                        bad += int((~finite).sum())
+                        first_bad = first_bad or batch.column("id")[int((~finite).nonzero()[0])].as_py()
+                seen += batch.num_rows
+        except Exception as exc:  # Lance raises OSError / RuntimeError / ValueError from its Rust side
+            self.add(name, f"unreadable: {_first_line(exc)}", _rebuild(db, name))
+            return
+        self.rows_read += seen
+        hint = self._version_hint(name)
+        if hint is not None and hint > dataset.version:
+            self.add(name, f"latest version {hint} is missing (the table opens at version {dataset.version}); "
+                           "its newest rows are not visible", _rebuild(db, name))
+            return
+        if seen != expected:
+            self.add(name, f"reads {seen:,} rows but counts {expected:,}", _rebuild(db, name))
+            return
+        if bad:
+            self.add(name, f"{bad:,} vectors are not finite (first: id {first_bad!r})", _rebuild(db, name))
+        if is_gradient_table(name) and entry is None:
+            self.add(name, "gradient table not recorded in the manifest (left by a killed run?)", _rebuild(db, name))
+            return
+        self.readable.add(name)
+
+    def _version_hint(self, name: str) -> int | None:
+        """The latest version Lance recorded for a table (_versions/latest_version_hint.json), if any."""
+        import json
+
+        path = self.db.path / "tables" / f"{name}.lance" / "_versions" / "latest_version_hint.json"
+        try:
+            return int(json.loads(path.read_text())["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    # -- ids agree across tables ------------------------------------------------------------
+    def check_ids(self) -> None:
+        import duckdb
+
+        db = self.db
+        ids = {"examples": "example_id", "queries": "query_id", "facts": "fact_id"}
+        pairs = []  # (source, its id column, gradient table)
+        for name in db.manifest.get("gradient_tables", {}):
+            source = "examples" if _split(name) == "train" else "queries"
+            pairs.append((source, ids[source], name))
+        with duckdb.connect() as con:
+            for name in self.readable:
+                con.register(name, db.dataset(name))
+
+            def scalar(sql: str):
+                table = con.sql(sql).to_arrow_table()
+                return [table.column(i)[0].as_py() for i in range(table.num_columns)]
+
+            for name, column in [(n, c) for n, c in ids.items()] + [(g, "id") for _, _, g in pairs]:
+                if name not in self.readable:
+                    continue
+                n, first = scalar(f'SELECT count(*), min("{column}") FROM (SELECT "{column}" FROM "{name}" '
+                                  f'GROUP BY "{column}" HAVING count(*) > 1)')
+                if n:
+                    self.add(name, f"{n:,} duplicate ids (first: {first!r})", _rebuild(db, name))
+            for source, column, grads in pairs:
+                if source not in self.readable or grads not in self.readable:
+                    continue
+                missing, first = scalar(f'SELECT count(*), min(s."{column}") FROM "{source}" s '
+                                        f'WHERE s."{column}" NOT IN (SELECT id FROM "{grads}")')
+                if missing:
+                    self.add(grads, f"{missing:,} {source} ids have no gradient (first: {first!r})",
+                             f"trackstar-db ingest gradients {db.path} --split {_split(grads)} (resumes), "
+                             f"then 'trackstar-db fit {db.path}'")
+                extra, first = scalar(f'SELECT count(*), min(g.id) FROM "{grads}" g '
+                                      f'WHERE g.id NOT IN (SELECT "{column}" FROM "{source}")')
+                if extra:
+                    self.add(grads, f"{extra:,} gradient ids are not in {source} (first: {first!r})", _rebuild(db, grads))
+            refs = [("ground_truth", "fact_id", "facts", "fact_id"), ("ground_truth", "example_id", "examples", "example_id"),
+                    ("retrievals", "example_id", "examples", "example_id"), ("queries", "fact_id", "facts", "fact_id")]
+            for table, column, target, key in refs:
+                if table not in self.readable or target not in self.readable:
+                    continue
+                n, first = scalar(f'SELECT count(*), min(t."{column}") FROM "{table}" t '
+                                  f'WHERE t."{column}" NOT IN (SELECT "{key}" FROM "{target}")')
+                if n:
+                    self.add(table, f"{n:,} rows name a {column} not in {target} (first: {first!r})", _rebuild(db, table))
+
+    def check_bm25(self) -> None:
+        from trackstar_db.sources.bm25 import BM25Index
+
+        db = self.db
+        if "examples" not in self.readable:
+            return
+        n_examples = db.count("examples")
+        path = db.path / "bm25"
+        repair = f"trackstar-db rebuild-bm25 {db.path}"
+        if not (path / "meta.json").is_file():
+            if n_examples:
+                self.add("bm25", f"{path} is missing ({n_examples:,} examples are not searchable)", repair)
+            return
+        try:
+            n_docs = BM25Index(db.path, must_exist=True).count()
+        except Exception as exc:  # a damaged Tantivy index
+            self.add("bm25", f"unreadable: {_first_line(exc)}", f"delete {path}, then {repair}")
+            return
+        if n_docs != n_examples:
+            self.add("bm25", f"holds {n_docs:,} documents for {n_examples:,} examples", repair)
+
+    # -- preconditioners --------------------------------------------------------------------
+    def check_preconditioners(self) -> None:
+        from trackstar_db.featurizer.preconditioner import Preconditioner
+
+        db = self.db
+        repair = f"trackstar-db fit {db.path}"
+        for key, params in db.manifest.get("preconditioners", {}).items():
+            path = db.path / "preconditioners" / params.get("file", f"{key}.safetensors")
+            label = f"preconditioners/{path.name}"
+            if not path.is_file():
+                self.add(label, "file is missing", repair)
+                continue
+            try:
+                with path.open("rb") as handle:
+                    digest = hashlib.file_digest(handle, "sha256").hexdigest()
+                Preconditioner.load(path)
+            except Exception as exc:
+                self.add(label, f"unreadable: {_first_line(exc)}", repair)
+                continue
+            if "sha256" not in params:
+                self.add(label, "no sha256 recorded at fit (fitted by an older trackstar-db): cannot verify", repair)
+            elif digest != params["sha256"]:
+                self.add(label, "sha256 differs from the one recorded at fit (replaced or damaged)", repair)
+            table = key.rsplit(".", 1)[0]
+            if table not in self.readable:
+                continue
+            version = db.version(table)
+            if params.get("table_version") != version:
+                self.add(label, f"stale: fitted on version {params.get('table_version')} of {table}, "
+                                f"which is now at version {version}", repair)
+
+    # -- the model ----------------------------------------------------------------------------
+    def check_model(self) -> None:
+        from trackstar_db.store.manifest import model_fingerprint
+
+        db = self.db
+        model = db.manifest.get("model")
+        if not model:
+            return
+        repair = f"put the checkpoint back at {model['path']}, or 'trackstar-db init {db.path} --model DIR' with it"
+        if not Path(model["path"]).is_dir():
+            self.add("model", f"{model['path']} is missing", repair)
+            return
+        try:
+            if model_fingerprint(model["path"]) != model["fingerprint"]:
+                self.add("model", f"{model['path']}: weights changed since they were recorded (fingerprint)", repair)
+        except (TrackstarError, OSError) as exc:
+            self.add("model", _first_line(exc), repair)
+        state = model.get("optimizer_state")
+        if state and not Path(state).is_file():
+            self.add("model", f"optimizer state {state} is missing",
+                     f"put it back, or 'trackstar-db init {db.path} --model DIR --optimizer-state FILE'")
+
+
+def check(db) -> pa.Table:
+    """Problems of a database as an Arrow table (table, problem, repair); empty when it is whole."""
+    checker = Checker(db)
+    checker.check_tables()
+    checker.check_ids()
+    checker.check_bm25()
+    checker.check_preconditioners()
+    checker.check_model()
+    schema = pa.schema([("table", pa.string()), ("problem", pa.string()), ("repair", pa.string())])
+    table = pa.Table.from_pylist(checker.rows, schema=schema)
+    return table.replace_schema_metadata({"rows_read": str(checker.rows_read)})
