@@ -134,7 +134,7 @@ class _RunLog:
         self.run_id, self.subset_ids, self.probe_ids, self.losses_of = run_id, subset_ids, probe_ids, losses_of
         self.steps, self.batches, self.trajectory = [], [], []
 
-    def __call__(self, step, indices, loss, lr, model):
+    def __call__(self, step, indices, loss, lr, model, optimizer=None):
         if step > 0:
             self.steps.append((step, lr, loss, len(indices)))
             self.batches += [(step, self.subset_ids[i]) for i in indices]

@@ -98,20 +98,25 @@ def lr_factor(step: int, total: int, config: TrainConfig) -> float:
 
 
 def train_model(texts: Sequence[str], out_dir: str | Path, config: TrainConfig, tokenizer=None,
-                progress: bool = True) -> TrainResult:
-    """Train a fresh model on `texts` (next-token loss on every token) and save it to `out_dir`."""
+                progress: bool = True, checkpoints: int = 0) -> TrainResult:
+    """Train a fresh model on `texts` (next-token loss on every token) and save it to `out_dir`.
+
+    checkpoints > 0 also keeps that many intermediate checkpoints, evenly spaced, each a complete
+    checkpoint directory with its optimizer state and learning rate (out_dir/checkpoints/step-NNNNNN;
+    for TracIn-CP, whose last checkpoint is out_dir itself)."""
     if not texts:
         raise ValueError("train_model: no training texts")
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _train(texts, Path(out_dir), config, tokenizer, progress)
+        return _train(texts, Path(out_dir), config, tokenizer, progress, checkpoints)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, progress: bool) -> TrainResult:
+def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, progress: bool,
+           checkpoints: int = 0) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     tokenizer = tokenizer or build_tokenizer(texts, model_max_length=config.max_length)
@@ -121,8 +126,15 @@ def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, prog
     total = batches_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
+    keep = {round(total * j / (checkpoints + 1)) for j in range(1, checkpoints + 1)} - {0, total}
+    on_step = None
+    if keep:
+        def on_step(step, indices, loss, lr, model, optimizer):
+            if step in keep:
+                save_checkpoint(model, tokenizer, optimizer, out / "checkpoints" / f"step-{step:06d}")
     start = time.perf_counter()
-    optimizer, step, epoch_losses = _optimize(model, encoded, config, pad_id(tokenizer), total, config.seed, progress)
+    optimizer, step, epoch_losses = _optimize(model, encoded, config, pad_id(tokenizer), total, config.seed, progress,
+                                              on_step)
     wall = time.perf_counter() - start
 
     model.save_pretrained(str(out))
@@ -140,7 +152,7 @@ def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, prog
 def _optimize(model, encoded: list, config: TrainConfig, pad: int, total: int, order_seed: int, progress: bool,
               on_step: Callable | None = None):
     """AdamW for `total` steps over random permutations of `encoded` (a new one each epoch, drawn
-    from `order_seed`). After each step, on_step(step, batch_indices, loss, lr, model) if given.
+    from `order_seed`). After each step, on_step(step, batch_indices, loss, lr, model, optimizer) if given.
     Returns (optimizer, steps, mean loss per epoch)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, config))
@@ -167,12 +179,21 @@ def _optimize(model, encoded: list, config: TrainConfig, pad: int, total: int, o
             step += 1
             losses.append(loss.item())
             if on_step is not None:
-                on_step(step, indices, losses[-1], lr, model)
+                on_step(step, indices, losses[-1], lr, model, optimizer)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=len(epoch_losses))
         epoch_losses.append(sum(losses) / len(losses))
     bar.close()
     return optimizer, step, epoch_losses
+
+
+def save_checkpoint(model, tokenizer, optimizer, path: Path) -> Path:
+    """A complete checkpoint directory: weights, tokenizer, optimizer state (with the next step's lr)."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    optimizer_state.save(optimizer_state.from_torch_adam(optimizer, dict(model.named_parameters()), kind="adamw"), path)
+    return path
 
 
 class ProbeLosses:
@@ -201,8 +222,8 @@ def train_recorded(texts: Sequence[str], config: TrainConfig, tokenizer, order_s
                    init_dir: str | Path | None = None, progress: bool = False):
     """One short run for Simfluence: a model initialised from `config.seed` (the same for every run;
     or the checkpoint in `init_dir`), trained for config.max_steps steps on `texts` in the order drawn
-    from `order_seed`, calling on_step(step, batch_indices, loss, lr, model) after each step and once
-    before the first (step 0: no batch, loss nan, lr 0). Nothing is saved. Returns the trained model."""
+    from `order_seed`, calling on_step(step, batch_indices, loss, lr, model, optimizer) after each step and
+    once before the first (step 0: no batch, loss nan, lr 0, optimizer None). Nothing is saved. Returns the trained model."""
     from transformers import AutoModelForCausalLM
 
     if not texts or not config.max_steps:
@@ -213,7 +234,7 @@ def train_recorded(texts: Sequence[str], config: TrainConfig, tokenizer, order_s
     else:
         model = build_model(config, tokenizer)
     model = model.to(config.device)
-    on_step(0, [], float("nan"), 0.0, model)
+    on_step(0, [], float("nan"), 0.0, model, None)
     encoded = [encode_text(tokenizer, text, config.max_length) for text in texts]
     _optimize(model, encoded, config, pad_id(tokenizer), config.max_steps, order_seed, progress, on_step)
     return model
