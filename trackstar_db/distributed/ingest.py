@@ -21,6 +21,7 @@ the other workers finish their shards.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -61,7 +62,7 @@ class FragmentWriter(Committer):
                 rows = _schema.conform(rows, dataset.schema)
                 fragments = lance.fragment.write_fragments(rows, dataset.uri, schema=dataset.schema,
                                                            storage_options=self.storage_options)
-                self.ready.append((variant, [f.to_json() for f in fragments], rows.num_rows))
+                self.ready.append((variant, [json.dumps(f.to_json()) for f in fragments], rows.num_rows))
         faults.point("distributed.fragments")
         self.rows = 0
 
