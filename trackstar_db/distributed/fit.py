@@ -46,7 +46,7 @@ def gram(table, spans, *, workers: int | None = None, batch_rows: int = 8192, st
 
     ray, ranges = _ranges(table, workers, storage_options)
     task = ray.remote(num_cpus=1)(gram_range)
-    total = GramAccumulator(spans)
+    total = GramAccumulator([tuple(s) for s in spans])
     for part in _unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, total.spans, batch_rows)
                                                    for r in ranges]):
         for acc, s in zip(total.sums, part.sums):

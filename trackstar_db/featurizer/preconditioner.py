@@ -174,7 +174,8 @@ def fit_preconditioner(train: Iterable[torch.Tensor], queries: Iterable[torch.Te
                        damping: float = DEFAULT_DAMPING, k: int | None = None) -> Preconditioner:
     """Fit R (mixed when `queries` is given) from streams of [batch, dim] vectors.
 
-    kind="block" uses `spans` (Layout.spans()); kind="dense" one span [0, dim)."""
+    kind="block" uses `spans` (Layout.spans()); kind="dense" one span [0, dim). `train` may also
+    be a GramAccumulator already summed over those spans (the Ray engine's partial sums)."""
     if kind not in KINDS:
         raise ValueError(f"preconditioner kind must be one of {KINDS}, not {kind!r}")
     spans = [(0, dim)] if kind == "dense" or spans is None else [tuple(s) for s in spans]
@@ -182,9 +183,12 @@ def fit_preconditioner(train: Iterable[torch.Tensor], queries: Iterable[torch.Te
     if [offset for offset, _ in spans] != ends[:-1] or ends[-1] != dim:
         raise ValueError(f"preconditioner: spans {spans} do not tile [0, {dim})")
     k = max(1, dim // 64) if k is None else k
-    r_train = GramAccumulator(spans)
-    for x in train:
-        r_train.update(x)
+    r_train = train if isinstance(train, GramAccumulator) else GramAccumulator(spans)
+    if r_train is not train:
+        for x in train:
+            r_train.update(x)
+    elif r_train.spans != spans:  # summed elsewhere (distributed/fit.py): over the same blocks
+        raise ValueError(f"preconditioner: sums over spans {r_train.spans}, expected {spans}")
     matrices, lam, n_eval = r_train.means(), 0.0, 0
     if queries is not None:
         r_eval = GramAccumulator(spans)

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import torch
 
 from trackstar_db import faults
+from trackstar_db.distributed import check_engine
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, fit_preconditioner
@@ -77,9 +78,13 @@ def _check_options(mix: str, damping: float, k: int | None) -> None:
 
 
 def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAMPING, k: int | None = None,
-        template: str | None = "prompt0") -> FitReport:
-    """Fit every preconditioner the stored tables allow."""
+        template: str | None = "prompt0", engine: str = "local") -> FitReport:
+    """Fit every preconditioner the stored tables allow. engine='ray': the training tables' g g^T
+    sums and row norms come from Ray tasks over fragment ranges (distributed/fit.py)."""
     _check_options(mix, damping, k)
+    ray_fit = None
+    if check_engine(engine) == "ray":
+        from trackstar_db.distributed import fit as ray_fit
     featurizer = db.manifest.get("featurizer")
     if not featurizer:
         raise TrackstarError(f"{db.path}: no gradients yet; run 'trackstar-db ingest gradients' first")
@@ -103,10 +108,13 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
                 continue
             queries = _stream(table, keep)
         version = train.version()
-        pre = fit_preconditioner(_stream(train), queries, dim=layout.dim, spans=spans, kind=kind,
-                                 damping=damping, k=k)
+        source = _stream(train) if ray_fit is None else \
+            ray_fit.gram(train, [(0, layout.dim)] if kind == "dense" or spans is None else spans)
+        pre = fit_preconditioner(source, queries, dim=layout.dim, spans=spans, kind=kind, damping=damping, k=k)
         pre.params["table_version"] = version
-        if powers:
+        if powers and ray_fit is not None:
+            pre.row_norms = ray_fit.row_norms(train, pre, powers)
+        elif powers:
             parts = {p: [] for p in powers}
             with torch.inference_mode():
                 for x in _stream(train, label="norms"):
