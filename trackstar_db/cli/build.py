@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import click
 
 from . import main
+from .engine import ENGINE
 from .common import DB_ARG, Group, _open
 
 
@@ -100,14 +102,20 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--no-uncorrected", is_flag=True, help="Do not also write the uncorrected table the first rungs need.")
 @click.option("--limit", type=int, default=None, help="Stop after this many new rows.")
 @click.option("--commit-rows", type=int, default=2048, show_default=True, help="Rows per Lance commit.")
+@ENGINE
 def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtype, no_pipeline, shard, dtype, dim, seed,
-                         correction, combine, no_uncorrected, limit, commit_rows):
+                         correction, combine, no_uncorrected, limit, commit_rows, engine):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from trackstar_db.gradients.plan import parse_shard
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
 
     handle = _open(db)
     stored_dtype = (handle.manifest.get("featurizer") or {}).get("dtype")
+    if engine == "ray":  # actors resolve --device themselves: the driver may have no GPU
+        from trackstar_db.distributed.ingest import ingest_gradients as ray_ingest
+
+        ingest_gradients = partial(ray_ingest, device=device)
+        device = "cpu"
     job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
                       commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
                       batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype, pipeline=not no_pipeline)
@@ -158,11 +166,12 @@ def train(db, out_dir, arch, epochs, seed):
 @click.option("--damping", type=float, default=0.1, show_default=True, help="Added to eigenvalues, times their mean.")
 @click.option("--crossing-k", type=int, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
 @click.option("--template", default="prompt0", show_default=True, help="Queries whose gradients form R_eval.")
-def fit(db, mix, kind, damping, crossing_k, template):
+@ENGINE
+def fit(db, mix, kind, damping, crossing_k, template, engine):
     """Fit the preconditioners R (R_train, and the task-mixed R) from the stored gradients."""
     from trackstar_db.gradients.fit import fit as fit_all
 
-    report = fit_all(_open(db), mix, kind, damping, crossing_k, template)
+    report = fit_all(_open(db), mix, kind, damping, crossing_k, template, engine=engine)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     for name, params in report.preconditioners.items():

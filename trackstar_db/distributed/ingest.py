@@ -89,8 +89,13 @@ class GradientActor:
         self.config = FeaturizerConfig.from_dict(config)
         self.device = resolve_device(device)
         db = connect(db_path)
+        model_dtype = job.model_dtype
+        if model_dtype == "auto":  # as the local worker: the checkpoint's own dtype
+            from trackstar_db.gradients.worker import checkpoint_dtype
+
+            model_dtype = checkpoint_dtype(db.model_info()["path"])
         self.featurizer, self.tokenizer = load_featurizer(db, self.config, self.device, job.uncorrected,
-                                                          job.estimate_sample, job.batch_size)
+                                                          job.estimate_sample, job.batch_size, model_dtype=model_dtype)
         self.batches = None
 
     def setup(self) -> list[str]:
@@ -170,7 +175,7 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
     ray = ray_session()
     device = device or job.device
     config = config if isinstance(config, FeaturizerConfig) else resolved_config(db, config)
-    gpus = device.startswith("cuda")
+    gpus = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     count = workers or (int(ray.cluster_resources().get("GPU", 0)) if gpus else cluster_cpus(ray))
     if count < 1:
         raise TrackstarError(f"--device {device}: the Ray cluster has no GPU")
