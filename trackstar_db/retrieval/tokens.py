@@ -1,0 +1,107 @@
+"""Which tokens of a proponent carry its score: per-token attribution of one (prompt, target).
+
+`token_contributions(db, prompt, target, example_id, method)` recomputes the training example's
+gradient split by token position (featurizer/per_token.py) and dots each part with the query
+side of the scoring rung (retrieval/scoring.py), divided by the example's norm n_z, so the
+`contribution` column sums to the example's score under that method (up to float rounding and
+the stored vectors' dtype). Gradient methods only (bm25 and embedding have no gradient).
+
+The answer is an Arrow table, one row per token position of the example as the featurizer sees
+it (bos/eos included, cut at max_length): position, token_id, token, start, end (character span
+in the example's text; null for special tokens or where the tokenizer gives no offsets),
+contribution, and example_id, method.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from trackstar_db.errors import TrackstarError
+
+from .methods import METHODS, get_method
+
+SCHEMA = pa.schema([("position", pa.int32()), ("token_id", pa.int64()), ("token", pa.string()),
+                    ("start", pa.int32()), ("end", pa.int32()), ("contribution", pa.float64()),
+                    ("example_id", pa.string()), ("method", pa.string())])
+
+
+def _offsets(tokenizer, text: str, ids: list[int]) -> list[tuple[int | None, int | None]]:
+    """Character spans of `ids` (the encoded example) in `text`, None where unknown."""
+    spans: list[tuple[int | None, int | None]] = [(None, None)] * len(ids)
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        return spans
+    plain, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+    start = 1 if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else 0
+    for i, (token, span) in enumerate(zip(plain, offsets)):
+        if start + i < len(ids) and ids[start + i] == token:
+            spans[start + i] = (int(span[0]), int(span[1]))
+    return spans
+
+
+def example_text(db, example_id: str) -> str:
+    rows = db.table("examples", columns=["text"], filter=pc.field("example_id") == example_id)
+    if rows.num_rows == 0:
+        raise TrackstarError(f"{db.path}: no example {example_id!r} in table examples")
+    return rows.column("text")[0].as_py()
+
+
+def token_contributions(db, prompt: str, target: str, example_id: str, method: str | None = None,
+                        *, attributor=None, device: str = "cpu", scoring=None) -> pa.Table:
+    """Each token's part of `example_id`'s score for `target` after `prompt` under `method`."""
+    from trackstar_db.featurizer.per_token import per_token_vectors, token_scores
+    from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
+
+    from .adhoc import PromptAttributor, best_method
+    from .scoring import prepare
+
+    method = method or best_method(db)
+    if method not in METHODS:
+        raise TrackstarError(f"per-token attribution needs a gradient method ({', '.join(METHODS)}), not {method!r}")
+    spec = get_method(method)
+    attributor = attributor or PromptAttributor(db, device)
+    featurizer, tokenizer = attributor._featurizer(spec.table)
+    scoring = scoring or prepare(db, spec)
+    query = scoring.query_side(attributor.gradient(prompt, target, spec.table).to(featurizer.device))[0].cpu()
+    text = example_text(db, example_id)
+    item = encode_text(tokenizer, text, featurizer.config.max_length)
+    parts = per_token_vectors(featurizer, collate([item], pad_id(tokenizer)))[spec.table]
+    norm = torch.ones(())
+    if spec.unit_norm:
+        whole = parts.sum(0, keepdim=True)
+        seen = scoring.preconditioner.apply(whole, spec.train_power) if spec.train_power != 0 else whole
+        norm = torch.linalg.vector_norm(seen.double())
+    values = token_scores(parts, query, norm).tolist()
+    ids = item.input_ids[: len(values)]
+    spans = _offsets(tokenizer, text, ids)
+    n = len(ids)
+    return pa.table({
+        "position": pa.array(range(n), pa.int32()), "token_id": pa.array(ids, pa.int64()),
+        "token": pa.array(tokenizer.convert_ids_to_tokens(ids), pa.string()),
+        "start": pa.array([s for s, _ in spans], pa.int32()), "end": pa.array([e for _, e in spans], pa.int32()),
+        "contribution": pa.array(values, pa.float64()),
+        "example_id": pa.array([example_id] * n, pa.string()), "method": pa.array([method] * n, pa.string()),
+    }, schema=SCHEMA)
+
+
+def strongest(tokens: pa.Table, top: int = 5) -> list[tuple[str, float]]:
+    """The `top` (token, contribution) pairs of largest magnitude, strongest first."""
+    rows = sorted(zip(tokens.column("token").to_pylist(), tokens.column("contribution").to_pylist()),
+                  key=lambda r: -abs(r[1]))
+    return rows[:top]
+
+
+def hit_tokens(db, prompt: str, target: str, hits: pa.Table, device: str = "cpu") -> pa.Table:
+    """token_contributions of every row of a `Database.query` answer, with its kind and rank
+    prepended (one row per token per hit)."""
+    parts = []
+    for hit in hits.select(["kind", "rank", "example_id", "method"]).to_pylist():
+        tokens = db.token_contributions(prompt, target, hit["example_id"], hit["method"], device=device)
+        parts.append(tokens.add_column(0, "rank", pa.array([hit["rank"]] * tokens.num_rows, pa.int32()))
+                     .add_column(0, "kind", pa.array([hit["kind"]] * tokens.num_rows, pa.string())))
+    if not parts:
+        return SCHEMA.empty_table().add_column(0, "rank", pa.array([], pa.int32())).add_column(0, "kind", pa.array([], pa.string()))
+    return pa.concat_tables(parts)
