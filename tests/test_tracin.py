@@ -1,0 +1,81 @@
+"""TracIn-CP: one checkpoint is grad-dot times its learning rate; several are the explicit sum."""
+
+import numpy as np
+import pytest
+import torch
+
+TEXTS = [f"the cat number {i} sat on the mat {i % 7} today" for i in range(48)]
+QUERIES = [("the cat number 3 sat on the mat", "3"), ("the cat number 10 sat on", "the")]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny model trained 12 steps, keeping 2 intermediate checkpoints."""
+    from trackstar_db.testbed.train import TrainConfig, train_model
+
+    out = tmp_path_factory.mktemp("tracin") / "model"
+    config = TrainConfig(n_layer=1, d_model=16, n_head=2, batch_size=8, max_steps=12, warmup=2, lr=3e-3, final_lr=1e-3)
+    train_model(TEXTS, out, config, progress=False, checkpoints=2)
+    return out
+
+
+def direct_dot(path, config, variant="uncorrected"):
+    """[queries, texts] projected-gradient dot products at one checkpoint, one example per batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trackstar_db.featurizer.per_example import Featurizer
+    from trackstar_db.featurizer.tokenize import collate, encode_query, encode_text
+
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    featurizer = Featurizer(model, config, None)
+
+    def vec(item):
+        return featurizer.featurize(collate([item])).vectors[variant][0].double()
+
+    z = torch.stack([vec(encode_text(tokenizer, t, 32)) for t in TEXTS])
+    q = torch.stack([vec(encode_query(tokenizer, p, t, 32)) for p, t in QUERIES])
+    return (q @ z.T).numpy()
+
+
+def test_checkpoints_are_kept_with_their_learning_rates(run_dir):
+    from trackstar_db.retrieval.tracin_cp import checkpoints
+    from trackstar_db.testbed.train import TrainConfig, lr_factor
+
+    points = checkpoints(run_dir)
+    assert [p.name for p in points] == ["step-000004", "step-000008", "final"]
+    config = TrainConfig(n_layer=1, d_model=16, n_head=2, batch_size=8, max_steps=12, warmup=2, lr=3e-3, final_lr=1e-3)
+    for point, step in zip(points, (4, 8, 12)):  # the lr of the step after the checkpoint
+        assert point.lr == pytest.approx(config.lr * lr_factor(step, 12, config))
+
+
+def test_one_checkpoint_is_grad_dot_times_lr_and_several_the_explicit_sum(run_dir):
+    from trackstar_db.featurizer.config import FeaturizerConfig
+    from trackstar_db.retrieval.tracin_cp import checkpoints, scores
+
+    config = FeaturizerConfig(dim=1024, correction="none", max_length=32)
+    points = checkpoints(run_dir)
+    dots = [direct_dot(p.path, config) for p in points]
+    for point, dot in zip(points, dots):
+        got = scores([point], TEXTS, QUERIES, config, "tracin-cp").numpy()
+        np.testing.assert_allclose(got, point.lr * dot, rtol=1e-4, atol=1e-9)
+    two = scores(points[:2], TEXTS, QUERIES, config, "tracin-cp").numpy()
+    np.testing.assert_allclose(two, points[0].lr * dots[0] + points[1].lr * dots[1], rtol=1e-4, atol=1e-9)
+    every = scores(points, TEXTS, QUERIES, config, "tracin-cp").numpy()
+    np.testing.assert_allclose(every, sum(p.lr * d for p, d in zip(points, dots)), rtol=1e-4, atol=1e-9)
+    assert not np.allclose(dots[0], dots[-1])  # the checkpoints differ
+
+
+def test_unit_norm_variants_are_bounded_and_corrected_differs(run_dir):
+    from trackstar_db.featurizer.config import FeaturizerConfig
+    from trackstar_db.retrieval.tracin_cp import checkpoints, scores
+
+    config = FeaturizerConfig(dim=1024, correction="auto", max_length=32)
+    points = checkpoints(run_dir)
+    bound = sum(p.lr for p in points)
+    cos = scores(points, TEXTS, QUERIES, config, "tracin-cp-cos").numpy()
+    opt = scores(points, TEXTS, QUERIES, config, "tracin-cp-opt").numpy()
+    assert np.abs(cos).max() <= bound * (1 + 1e-6) and np.abs(opt).max() <= bound * (1 + 1e-6)
+    assert not np.allclose(cos, opt)
+    with pytest.raises(Exception, match="unknown TracIn-CP method"):
+        scores(points, TEXTS, QUERIES, config, "tracin")
