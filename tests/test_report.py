@@ -1,4 +1,5 @@
-"""The static HTML report and the shared-word highlighter it uses."""
+"""The static HTML report and query explorer: content, self-containment, and how it renders in
+headless Chromium at 1280 px (skipped cleanly without /usr/bin/chromium)."""
 
 from __future__ import annotations
 
@@ -13,37 +14,56 @@ import pyarrow as pa
 import pytest
 
 from trackstar_db.evaluation import highlight
-from trackstar_db.evaluation.report import build_samples, write_report
+from trackstar_db.evaluation.explorer import add_tokens, build_pages, choose_queries, shaded_html
+from trackstar_db.evaluation.report import write_report
 
 pytest.importorskip("matplotlib")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                    reason="needs /usr/bin/chromium (apt-get install -y chromium)")
+WIDTH = 1280
 
 SUMMARY = pa.table({
     "method": ["bm25", "trackstar", "trackstar"], "run_id": ["b", "t-d64", "t-d256"],
     "n_queries": [40, 40, 40], "mrr": [0.61234, 0.3012, 0.35],
-    "recall_at_10": [0.875, 0.55, 0.6], "tailpatch_at_1": [0.5, 1.25, 1.5],
+    "recall_at_10": [0.875, 0.55, 0.6], "n_tailpatch_queries": [40, 40, 40], "tailpatch_at_1": [0.5, 1.25, 1.5],
     "tailpatch_at_3": [0.4, 1.0, 1.1], "tailpatch_at_5": [0.3, 0.9, None], "tailpatch_at_10": [0.2, 0.7, 0.8]})
 BY_BUCKET = pa.table({
     "method": ["bm25"] * 3 + ["trackstar"] * 3, "run_id": ["b"] * 3 + ["t-d64"] * 3,
     "frequency_bucket": [0, 1, 2] * 2, "n_queries": [10, 20, 10] * 2,
     "mrr": [0.1, 0.5, 0.9, 0.05, 0.3, 0.4], "recall_at_10": [0.2, 0.6, 1.0, 0.1, 0.5, 0.7],
-    "tailpatch_at_10": [0.1, 0.2, 0.3, 0.6, 0.7, 0.9]})
+    "tailpatch_at_1": [0.1, 0.2, 0.3, 0.6, 0.7, 0.9]})
+BY_CORRECT = pa.table({
+    "method": ["bm25"] * 2 + ["trackstar"] * 2, "run_id": ["b"] * 2 + ["t-d64"] * 2,
+    "model_correct": [False, True] * 2, "mrr": [0.4, 0.7, 0.2, 0.35], "tailpatch_at_1": [0.2, 0.6, 0.9, 1.4]})
 
 
-def _samples() -> list[dict]:
-    queries = pa.table({"query_id": ["q1", "q2"], "fact_id": ["f1", "f2"],
-                        "prompt": ["The capital of France is", "Mount <Everest> lies in"],
-                        "target": [" Paris", " Nepal"], "template": ["prompt0"] * 2})
+def _tables() -> dict:
+    queries = pa.table({"query_id": ["q1", "q2", "q3"], "fact_id": ["f1", "f2", "f3"],
+                        "prompt": ["The capital of France is", "Mount <Everest> lies in", "Unretrieved"],
+                        "target": [" Paris", " Nepal", "x"], "template": ["prompt0"] * 3})
     examples = pa.table({"example_id": [f"e{i}" for i in range(4)], "text": [
         "Paris is the capital and largest city of France.", "Nepal & China share <Everest>.",
         "Berlin is a city.", "The river flows north."]})
     retrievals = pa.table({
-        "run_id": ["b"] * 4 + ["t-d64"] * 4, "method": ["bm25"] * 4 + ["trackstar"] * 4,
-        "query_id": ["q1", "q1", "q2", "q2"] * 2, "kind": ["proponent"] * 8,
-        "rank": pa.array([1, 2] * 4, pa.int32()), "example_id": ["e0", "e2", "e1", "e3", "e2", "e0", "e3", "e1"],
-        "score": pa.array([9.0, 1.0, 8.0, 0.5, 0.9, 0.8, 0.7, 0.6], pa.float32())})
-    ground_truth = pa.table({"fact_id": ["f1", "f2"], "example_id": ["e0", "e1"]})
-    return build_samples(retrievals, queries, examples, ground_truth, ["b", "t-d64"], n=5, k=2)
+        "run_id": ["b"] * 4 + ["t-d64"] * 6, "method": ["bm25"] * 4 + ["trackstar"] * 6,
+        "query_id": ["q1", "q1", "q2", "q2"] * 2 + ["q1", "q2"],
+        "kind": ["proponent"] * 8 + ["opponent"] * 2,
+        "rank": pa.array([1, 2] * 4 + [1, 1], pa.int32()),
+        "example_id": ["e0", "e2", "e1", "e3", "e2", "e0", "e3", "e1", "e3", "e2"],
+        "score": pa.array([9.0, 1.0, 8.0, 0.5, 0.9, 0.8, 0.7, 0.6, -0.5, -0.4], pa.float32())})
+    return {"retrievals": retrievals, "queries": queries, "examples": examples,
+            "ground_truth": pa.table({"fact_id": ["f1", "f2"], "example_id": ["e0", "e1"]}),
+            "tail_patch": pa.table({"run_id": ["t-d64"], "query_id": ["q1"], "rank": pa.array([2], pa.int32()),
+                                    "example_id": ["e0"], "p_before": [0.10], "p_after": [0.125]}),
+            "predictions": pa.table({"query_id": ["q1", "q2"], "correct": [True, False], "p_target": [0.6, 0.01]}),
+            "facts": pa.table({"fact_id": ["f1", "f2"], "frequency_bucket": [3, 0], "relation": ["capital", "located in"]})}
+
+
+def _pages() -> list[dict]:
+    tables = _tables()
+    ids = choose_queries(tables["retrievals"], ["b", "t-d64"], n=5)
+    return build_pages(tables, ["b", "t-d64"], ids, k=2)
 
 
 class _Collect(HTMLParser):
@@ -53,21 +73,40 @@ class _Collect(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
-        self._in = tag
+        self._in = (tag, dict(attrs).get("class", ""))
 
     def handle_data(self, data):
-        if self._in in ("td", "th"):
-            self.cells.append(data)
-        elif self._in == "mark":
+        if self._in and self._in[0] in ("td", "th"):
+            self.cells.append((data, self._in[1]))
+        elif self._in and self._in[0] == "mark":
             self.marks.append(data)
 
     def handle_endtag(self, tag):
         self._in = None
 
 
+def _parse(path: Path) -> tuple[str, _Collect]:
+    page = path.read_text(encoding="utf-8")
+    parser = _Collect()
+    parser.feed(page)
+    parser.close()
+    return page, parser
+
+
+def _self_contained(page: str, parser: _Collect) -> None:
+    assert not [t for t, a in parser.tags if t in ("script", "link", "img", "iframe")]
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    return write_report(tmp_path_factory.mktemp("report"), SUMMARY, _samples(), by_bucket=BY_BUCKET)
+    pages = _pages()
+    # fake token parts for the first trackstar proponent of q1 ("Berlin is a city."): Berlin +, city -
+    add_tokens(pages, lambda p, t, e, m, text: pa.table({
+        "start": [None, 0, 7, 12], "end": [None, 6, 9, 16], "contribution": [0.01, 0.5, 0.04, -0.2]}),
+        ["trackstar"], top=1)
+    return write_report(tmp_path_factory.mktemp("report"), SUMMARY, by_bucket=BY_BUCKET, by_correct=BY_CORRECT,
+                        pages=pages)
 
 
 def test_highlight_spans_and_renderers():
@@ -84,46 +123,108 @@ def test_highlight_spans_and_renderers():
     assert highlight.spans("of the a x", ["of the a x"]) == []  # stopwords and 1-letter words never count
 
 
-def test_build_samples():
-    samples = _samples()
-    assert [s["query_id"] for s in sorted(samples, key=lambda s: s["query_id"])] == ["q1", "q2"]
-    q1 = next(s for s in samples if s["query_id"] == "q1")
+def test_build_pages():
+    pages = _pages()
+    assert [p["query_id"] for p in pages] == ["q1", "q2"]  # q3 was retrieved by no run
+    q1, q2 = pages
+    assert (q1["correct"], q1["p_target"], q1["bucket"], q1["relation"]) == (True, 0.6, 3, "capital")
     assert [c["method"] for c in q1["columns"]] == ["bm25", "trackstar"]
-    assert [p["example_id"] for p in q1["columns"][1]["proponents"]] == ["e2", "e0"]
-    assert [p["correct"] for p in q1["columns"][0]["proponents"]] == [True, False]
+    bm25, trackstar = q1["columns"]
+    assert [h["example_id"] for h in trackstar["proponent"]] == ["e2", "e0"]
+    assert [h["correct"] for h in bm25["proponent"]] == [True, False]
+    assert [h["delta_pp"] for h in trackstar["proponent"]] == [None, pytest.approx(2.5)]
+    assert [h["example_id"] for h in trackstar["opponent"]] == ["e3"] and bm25["opponent"] == []
+    assert q2["correct"] is False and q2["columns"][1]["opponent"][0]["example_id"] == "e2"
 
 
-def test_report_html(report):
-    page = report.read_text(encoding="utf-8")
-    parser = _Collect()
-    parser.feed(page)
-    parser.close()
-    cells = set(c.strip() for c in parser.cells)
-    assert {"method", "mrr", "recall_at_10", "tailpatch_at_10", "frequency_bucket"} <= cells
-    assert {"0.6123", "0.875", "0.3012", "t-d256", "40", "0.9"} <= cells
-    assert page.count("<svg") == 2  # summary bars, bucket lines
-    assert "MRR" in page and "recall@10" in page and "tail-patch" in page
-    assert {"Paris", "capital", "France", "Nepal", "Everest"} <= set(parser.marks)
-    assert "&lt;Everest&gt;" in page and "<Everest>" not in page
-    # self-contained: no scripts, no external resources
-    assert not [t for t, a in parser.tags if t in ("script", "link", "img", "iframe")]
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
+def test_shaded_html_keeps_the_text_and_sums():
+    text = "Paris & <b>"
+    out = shaded_html(text, [(None, None, 0.25), (0, 5, 1.0), (8, 11, -0.5)], ["Paris"])
+    visible = re.sub(r"<[^>]+>", "", out.split("<div class=meta>")[0])
+    assert visible.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") == text
+    assert 'title="+1"' in out and 'title="-0.5"' in out and 'class="sh"' in out
+    assert "sum to 0.75" in out and "special tokens +0.25" in out
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)")
-def test_renders_in_headless_chromium(report, tmp_path):
-    png = tmp_path / "shot.png"
+def test_summary_page(report):
+    page, parser = _parse(report)
+    cells = {c.strip(): cls for c, cls in parser.cells}
+    assert {"method", "MRR", "recall@10", "tail-patch@1 (pp)", "tail-patch@10 (pp)"} <= set(cells)
+    assert {"bm25 (b)", "trackstar (t-d64)", "trackstar (t-d256)"} <= set(cells)  # methods as rows
+    assert "0.612" in cells and "0.61234" not in page  # rounded
+    best = {c for c, cls in parser.cells if "best" in cls}
+    assert {"0.612", "0.875", "1.50", "1.10", "0.90", "0.80"} <= best and "0.301" not in best
+    assert page.count("<svg") == 3  # summary bars, bucket lines, correctness lines
+    assert "By fact frequency bucket" in page and "By model correctness" in page and "wrong" in cells
+    assert 'href="queries/index.html"' in page
+    _self_contained(page, parser)
+
+
+def test_query_pages(report):
+    folder = report.parent / "queries"
+    assert sorted(p.name for p in folder.iterdir()) == ["index.html", "q-0001.html", "q-0002.html"]
+    picker, parser = _parse(folder / "index.html")
+    assert 'href="q-0001.html"' in picker and "Mount &lt;Everest&gt; lies in" in picker
+    page, parser = _parse(folder / "q-0001.html")
+    _self_contained(page, parser)
+    assert "The capital of France is" in page and "✓ answers correctly" in page and "frequency bucket 3" in page
+    assert "tail-patch +2.50 pp" in page and "✓ fact" in page
+    assert "<details><summary>opponents (1)</summary>" in page
+    assert {"Paris", "capital", "France"} <= set(parser.marks)  # bm25 column: shared words marked
+    assert 'title="+0.5"' in page and "token parts sum to 0.35" in page  # trackstar's shaded proponent
+    assert 'href="q-0002.html"' in page and 'href="../index.html"' in page
+    q2, _ = _parse(folder / "q-0002.html")
+    assert "&lt;Everest&gt;" in q2 and "<Everest>" not in q2 and "✗ answers wrongly" in q2
+
+
+def _chromium(*args: str, profile: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run(flags + [f"--screenshot={png}", "--window-size=1200,2000", report.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+             "--hide-scrollbars", f"--user-data-dir={profile}"]
+    return subprocess.run(flags + list(args), check=True, capture_output=True, text=True, timeout=timeout)
+
+
+def layout_width(page: Path, work: Path, width: int = WIDTH) -> tuple[int, int]:
+    """(scrollWidth of the document, innerWidth) of `page` laid out in a `width`-px window:
+    a copy of the page with a one-line script that writes both into the DOM, read by --dump-dom."""
+    probe = page.with_name(f"_probe_{page.name}")
+    probe.write_text(page.read_text(encoding="utf-8").replace(
+        "</body>", "<script>document.body.setAttribute('data-probe', document.documentElement.scrollWidth + ',' "
+                   "+ window.innerWidth)</script></body>"), encoding="utf-8")
+    try:
+        dom = _chromium(f"--window-size={width},900", "--dump-dom", probe.as_uri(), profile=work / "profile").stdout
+    finally:
+        probe.unlink()
+    scroll, inner = re.search(r'data-probe="(\d+),(\d+)"', dom).groups()
+    return int(scroll), int(inner)
+
+
+def screenshot(page: Path, png: Path, work: Path, width: int = WIDTH, height: int = 1600) -> Path:
+    _chromium(f"--screenshot={png}", f"--window-size={width},{height}", page.as_uri(), profile=work / "profile")
+    return png
+
+
+def _not_blank(png: Path, width: int) -> None:
     from PIL import Image
 
     image = Image.open(png).convert("L")
     low, high = image.getextrema()
-    assert image.size == (1200, 2000) and high - low > 100  # not blank
+    assert image.size[0] == width and high - low > 100
     assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20
-    dom = subprocess.run(flags + ["--dump-dom", report.as_uri()], check=True, capture_output=True,
-                         text=True, timeout=120).stdout
-    assert "<table>" in dom and "0.6123" in dom and "<svg" in dom
+
+
+@needs_chromium
+def test_renders_at_1280_without_overflow(report, tmp_path):
+    for page in (report, report.parent / "queries" / "q-0001.html", report.parent / "queries" / "index.html"):
+        scroll, inner = layout_width(page, tmp_path)
+        assert inner == WIDTH and scroll <= WIDTH, (page.name, scroll)
+    _not_blank(screenshot(report, tmp_path / "summary.png", tmp_path), WIDTH)
+    _not_blank(screenshot(report.parent / "queries" / "q-0001.html", tmp_path / "query.png", tmp_path), WIDTH)
+
+
+@needs_chromium
+def test_overflow_check_can_fail(tmp_path):
+    wide = tmp_path / "wide.html"
+    wide.write_text('<!DOCTYPE html><html><body><table><tr><td style="min-width:2000px">x</td></tr></table></body></html>')
+    scroll, inner = layout_width(wide, tmp_path)
+    assert inner == WIDTH and scroll > WIDTH

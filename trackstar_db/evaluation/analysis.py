@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,19 +36,51 @@ def evaluation(db, by: str = "method") -> pa.Table:
     return rows.drop_columns(["split", "split_value"]).add_column(index, column, values)
 
 
-def write_db_report(db, out_dir: Path, compare: tuple[str, str] | None = None, n_samples: int = 8) -> Path:
-    """The static HTML report of a database: summary, per-bucket plots, two runs side by side."""
-    from .report import build_samples, write_report
+def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_samples: int = 40, *,
+                    k: int = 5, tokens: bool = True, token_top: int = 3, device: str = "cpu", seed: int = 0) -> Path:
+    """The static HTML report of a database: the summary table, plots by frequency bucket and by
+    model correctness, and the query explorer (evaluation/explorer.py) over `n_samples` sampled
+    queries with every run side by side (or only the runs in `compare`), top-`k` hits each.
+
+    With `tokens`, the top `token_top` proponents of each gradient run are shaded by per-token
+    contribution, recomputed from the recorded checkpoint (skipped, with a note on stderr, when
+    the model or a run's tables and R are not available)."""
+    from .explorer import add_tokens, build_pages, choose_queries
+    from .report import write_report
 
     runs = db.ids("runs", "run_id")
     if not runs:
         raise TrackstarError(f"{db.path}: no retrieval runs to report; run 'trackstar-db retrieve' first")
-    if compare is None:
-        preferred = [r for r in ("trackstar", "bm25", "grad-dot") if r in runs]
-        compare = tuple((preferred + sorted(runs - set(preferred)))[:2])
-    missing = [r for r in compare if r not in runs]
+    missing = [r for r in (compare or ()) if r not in runs]
     if missing:
         raise TrackstarError(f"no run {missing[0]!r}; runs: {', '.join(sorted(runs))}")
-    samples = build_samples(db.dataset("retrievals"), db.dataset("queries"), db.dataset("examples"),
-                            db.dataset("ground_truth"), list(compare), n=n_samples)
-    return write_report(out_dir, evaluation(db), samples, by_bucket=evaluation(db, "bucket"))
+    summary = evaluation(db)
+    ordered = [r for r in summary.column("run_id").to_pylist() if r in runs]
+    shown = list(compare) if compare else ordered + sorted(runs - set(ordered))
+    names = ("retrievals", "queries", "examples", "ground_truth", "tail_patch", "predictions", "facts")
+    tables = {name: db.dataset(name) if db.count(name) else None for name in names}
+    pages = build_pages(tables, shown, choose_queries(tables["retrievals"], shown, n_samples, seed), k=k)
+    if tokens and pages:
+        _shade(db, pages, token_top, device)
+    return write_report(out_dir, summary, by_bucket=evaluation(db, "bucket"), by_correct=evaluation(db, "correct"),
+                        pages=pages)
+
+
+def _shade(db, pages: list[dict], top: int, device: str) -> None:
+    """Per-token shading of the top proponents of every gradient run whose needs are met."""
+    import sys
+
+    from trackstar_db.retrieval.methods import METHODS
+    from trackstar_db.retrieval.tokens import TokenAttributor
+
+    contributions = TokenAttributor(db, device=device)
+    usable = []
+    for method in sorted({c["method"] for p in pages for c in p["columns"]} & set(METHODS)):
+        try:
+            contributions(pages[0]["prompt"] or "x", pages[0]["target"] or "x", "", method, text="probe")
+            usable.append(method)
+        except (TrackstarError, OSError) as exc:
+            print(f"report: no token shading for {method}: {exc}", file=sys.stderr)
+    if usable:
+        add_tokens(pages, lambda prompt, target, example_id, method, text: contributions(
+            prompt, target, example_id, method, text), usable, top)

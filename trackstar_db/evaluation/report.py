@@ -1,14 +1,19 @@
-"""A static, self-contained HTML report: metric tables, plots and side-by-side proponents.
+"""The report's front page: the method-by-metric table and plots, static and self-contained.
 
-`write_report(out_dir, summary, samples, by_bucket=...)` writes out_dir/index.html with inline
-CSS and inline SVG plots (matplotlib's SVG backend; no scripts, no external files). Inputs:
+`write_report(out_dir, summary, by_bucket=..., by_correct=..., pages=...)` writes
+out_dir/index.html (inline CSS, inline SVG plots from matplotlib's SVG backend; no script, no
+external file) and, given query pages (explorer.build_pages), the query explorer under
+out_dir/queries/ (explorer.py). Inputs:
 
-    summary    one row per run: method, run_id, n_queries, mrr, recall_at_10,
-               tailpatch_at_1/3/5/10 (any subset of the metric columns; nulls are left blank)
-    by_bucket  the same metrics with a frequency_bucket column (one row per run and bucket)
-    samples    from `build_samples`: per query, the proponents of two or more runs
+    summary     one row per run: method, run_id, n_queries, mrr, recall_at_10,
+                n_tailpatch_queries, tailpatch_at_1/3/5/10 (any subset of the metric columns)
+    by_bucket   the same metrics with a frequency_bucket column (one row per run and bucket)
+    by_correct  the same with a model_correct column (does the model answer the query?)
 
-Every column of the given tables is shown; plots use the metric columns that are present.
+The summary table has methods as rows, numbers rounded (MRR and recall to 3 decimals,
+tail-patch to 2) and the best value of each metric column in bold on green; it is sized to fit
+a 1280 px window. The splits are plotted and tabulated compactly (one metric per small table:
+methods as rows, bucket / correctness as columns).
 """
 
 from __future__ import annotations
@@ -16,57 +21,107 @@ from __future__ import annotations
 import html
 import io
 import math
-import random
 from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from trackstar_db.errors import TrackstarError
 
-from . import highlight
-
 TAILPATCH = ("tailpatch_at_1", "tailpatch_at_3", "tailpatch_at_5", "tailpatch_at_10")
-LABELS = {"mrr": "MRR", "recall_at_10": "recall@10", **{c: f"tail-patch@{c.rsplit('_', 1)[1]} (pp)" for c in TAILPATCH}}
+METRICS = ("mrr", "recall_at_10") + TAILPATCH
+LABELS = {"mrr": "MRR", "recall_at_10": "recall@10", "n_queries": "queries",
+          "n_tailpatch_queries": "patched", **{c: f"tail-patch@{c.rsplit('_', 1)[1]}" for c in TAILPATCH}}
+DIGITS = {"mrr": 3, "recall_at_10": 3, **{c: 2 for c in TAILPATCH}}
 
 CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
-h1,h2{font-weight:600} table{border-collapse:collapse;margin:1em 0}
-th,td{border:1px solid #ccc;padding:.3em .6em} th{background:#f0f0f0}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1180px;padding:0 1em;color:#222}
+h1,h2{font-weight:600} h2{margin-top:1.6em;border-bottom:1px solid #ddd} nav a{margin-right:1em}
+table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.25em .55em}
+th{background:#f0f0f0;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.best{font-weight:700;background:#dff3df} .note{color:#555;font-size:.9em}
 .plots{display:flex;flex-wrap:wrap;gap:1em} .plots svg{max-width:100%;height:auto}
-.sample{border-top:2px solid #888;margin-top:1.5em}
-.side{display:grid;grid-template-columns:repeat(var(--n),1fr);gap:1em}
-.side ol{padding-left:1.5em} .side li{margin:.4em 0}
-.score{color:#666;font-size:.85em} .ok{color:#080;font-weight:bold} mark{background:#ffe27a}
+.tables{display:flex;flex-wrap:wrap;gap:0 2em}
 """
 
 
 def _label_runs(table: pa.Table) -> list[str]:
-    """'method', or 'method (run_id)' where a method has several runs."""
+    """'method', or 'method (run_id)' where a method has several runs or the run is renamed."""
     methods = table.column("method").to_pylist()
     runs = table.column("run_id").to_pylist() if "run_id" in table.column_names else methods
     several = {m for m in methods if len({r for mm, r in zip(methods, runs) if mm == m}) > 1}
-    return [f"{m} ({r})" if m in several else m for m, r in zip(methods, runs)]
+    return [f"{m} ({r})" if m in several or (r != m and r is not None) else m for m, r in zip(methods, runs)]
 
 
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(value, column: str = "") -> str:
+    if _missing(value):
         return ""
-    return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
+    if isinstance(value, float):
+        return f"{value:.{DIGITS[column]}f}" if column in DIGITS else f"{value:.4g}"
+    return html.escape(str(value))
 
 
-def html_table(table: pa.Table) -> str:
-    """`table` as an HTML <table>, numbers right-aligned."""
-    numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) for t in table.schema.types]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in table.column_names)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="num">{_fmt(v)}</td>' if num else f"<td>{_fmt(v)}</td>"
-                         for v, num in zip(row.values(), numeric)) + "</tr>"
-        for row in table.to_pylist())
+def metric_table(rows: Sequence[str], columns: Sequence[str], values: dict, headers: Sequence[str],
+                 digits: int, mark_best: bool = True) -> str:
+    """An HTML table: `rows` labels, `columns` keys, values[(row, column)] numbers; the largest
+    value of each column is marked best (class 'best')."""
+    best = {}
+    for c in columns:
+        seen = [values[(r, c)] for r in rows if not _missing(values.get((r, c)))]
+        best[c] = round(max(seen), digits) if seen and mark_best else None
+
+    def cell(r, c):
+        v = values.get((r, c))
+        if _missing(v):
+            return '<td class="num"></td>'
+        text = f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+        cls = "num best" if best[c] is not None and isinstance(v, float) and round(v, digits) == best[c] else "num"
+        return f'<td class="{cls}">{text}</td>'
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(f"<tr><td>{html.escape(r)}</td>" + "".join(cell(r, c) for c in columns) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def summary_html(summary: pa.Table) -> str:
+    """The method-by-metric table: methods as rows, rounded, the best of each metric marked."""
+    labels = _label_runs(summary)
+    columns = [c for c in ("n_queries", "mrr", "recall_at_10", "n_tailpatch_queries") + TAILPATCH
+               if c in summary.column_names]
+    rows = summary.to_pylist()
+    best = {}
+    for c in columns:
+        seen = [r[c] for r in rows if not _missing(r[c])]
+        best[c] = round(max(seen), DIGITS[c]) if c in DIGITS and seen else None
+    head = "<th>method</th>" + "".join(
+        f"<th>{LABELS[c]}{' (pp)' if c in TAILPATCH else ''}</th>" for c in columns)
+    body = []
+    for label, row in zip(labels, rows):
+        cells = []
+        for c in columns:
+            v = row[c]
+            mark = best[c] is not None and not _missing(v) and round(v, DIGITS[c]) == best[c]
+            cells.append(f'<td class="num{" best" if mark else ""}">{_fmt(v, c)}</td>')
+        body.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def split_tables(table: pa.Table, column: str, names: dict | None = None) -> str:
+    """Small tables of one metric each (MRR, tail-patch@1 when present): rows = runs, columns =
+    the values of `column` (e.g. frequency buckets)."""
+    labels = _label_runs(table)
+    keys = sorted(set(table.column(column).to_pylist()), key=lambda v: (v is None, v))
+    parts = []
+    for metric in [m for m in ("mrr", "tailpatch_at_1") if m in table.column_names]:
+        values = {(lab, r[column]): r[metric] for lab, r in zip(labels, table.to_pylist())}
+        heads = [LABELS[metric] + (" (pp)" if metric in TAILPATCH else "")] + [
+            (names or {}).get(k, str(k)) for k in keys]
+        parts.append(f"<div>{metric_table(list(dict.fromkeys(labels)), keys, values, heads, DIGITS[metric])}</div>")
+    return f'<div class="tables">{"".join(parts)}</div>'
 
 
 def _svg(fig, salt: str) -> str:
@@ -80,141 +135,109 @@ def _svg(fig, salt: str) -> str:
     return text[text.index("<svg"):]
 
 
-def _figure(n_panels: int):
+def _figure(n_panels: int, width: float = 3.7):
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise TrackstarError("the report needs matplotlib: pip install 'trackstar-db[report]'") from None
-    fig = Figure(figsize=(4.2 * n_panels, 3.4))
+    fig = Figure(figsize=(width * n_panels, 3.1))
     return fig, [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
 
 
-def _values(table: pa.Table, column: str) -> list[float]:
-    return [math.nan if v is None else float(v) for v in table.column(column).to_pylist()]
+def _values(rows: list[dict], column: str) -> list[float]:
+    return [math.nan if _missing(r[column]) else float(r[column]) for r in rows]
 
 
 def summary_plot(summary: pa.Table) -> str | None:
     """Bars per run: MRR, recall@10, and tail-patch at each k (grouped)."""
-    labels = _label_runs(summary)
+    labels, rows = _label_runs(summary), summary.to_pylist()
     panels = [c for c in ("mrr", "recall_at_10") if c in summary.column_names]
     ks = [c for c in TAILPATCH if c in summary.column_names]
     if not panels and not ks:
         return None
     fig, axes = _figure(len(panels) + bool(ks))
     for ax, column in zip(axes, panels):
-        ax.bar(range(len(labels)), _values(summary, column), color="#4c72b0")
+        ax.bar(range(len(labels)), _values(rows, column), color="#4c72b0")
         ax.set_title(LABELS[column])
     if ks:
         ax, width = axes[-1], 0.8 / len(ks)
         for i, column in enumerate(ks):
             ax.bar([x + (i - (len(ks) - 1) / 2) * width for x in range(len(labels))],
-                   _values(summary, column), width, label=column.rsplit("_", 1)[1])
+                   _values(rows, column), width, label=column.rsplit("_", 1)[1])
         ax.set_title("tail-patch (pp) at k")
         ax.legend(title="k", fontsize="small")
     for ax in axes:
-        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize="small")
         ax.grid(axis="y", alpha=0.3)
     return _svg(fig, "summary")
 
 
-def bucket_plot(by_bucket: pa.Table) -> str | None:
-    """One line per run over frequency buckets, one panel per metric."""
-    panels = [c for c in ("mrr", "recall_at_10", "tailpatch_at_10") if c in by_bucket.column_names]
-    if not panels or by_bucket.num_rows == 0:
+def split_plot(table: pa.Table, column: str, xlabel: str, salt: str) -> str | None:
+    """One line per run over the values of `column`, one panel per metric (MRR, recall@10, tail-patch@1)."""
+    panels = [c for c in ("mrr", "recall_at_10", "tailpatch_at_1") if c in table.column_names]
+    if not panels or table.num_rows == 0:
         return None
-    by_bucket = by_bucket.sort_by("frequency_bucket")
-    labels = _label_runs(by_bucket)
+    keys = sorted(set(table.column(column).to_pylist()), key=lambda v: (v is None, v))
+    position = {k: i for i, k in enumerate(keys)}
+    labels, rows = _label_runs(table), table.to_pylist()
     fig, axes = _figure(len(panels))
-    for ax, column in zip(axes, panels):
+    for ax, metric in zip(axes, panels):
         for label in dict.fromkeys(labels):
-            rows = by_bucket.filter(pa.array([lab == label for lab in labels]))
-            ax.plot(rows.column("frequency_bucket").to_pylist(), _values(rows, column), marker="o", label=label)
-        ax.set_title(LABELS[column])
-        ax.set_xticks(sorted(set(by_bucket.column("frequency_bucket").to_pylist())))
-        ax.set_xlabel("frequency bucket (5 = most common)")
+            mine = sorted((r for lab, r in zip(labels, rows) if lab == label), key=lambda r: position[r[column]])
+            ax.plot([position[r[column]] for r in mine], _values(mine, metric), marker="o", label=label)
+        ax.set_title(LABELS[metric] + (" (pp)" if metric in TAILPATCH else ""))
+        ax.set_xticks(range(len(keys)), [str(k) for k in keys])
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
-    return _svg(fig, "buckets")
+    axes[-1].legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _svg(fig, salt)
 
 
-def _where(data: pa.Table | ds.Dataset, expression: pc.Expression) -> pa.Table:
-    """Rows of a table or (Lance) dataset matching `expression`, as a table."""
-    return data.to_table(filter=expression) if isinstance(data, ds.Dataset) else data.filter(expression)
+def _check(name: str, table: pa.Table | None, column: str | None) -> None:
+    if table is None:
+        return
+    for needed in ("method", column):
+        if needed and needed not in table.column_names:
+            raise TrackstarError(f"report: the {name} table needs a {needed!r} column")
 
 
-def build_samples(retrievals: pa.Table | ds.Dataset, queries: pa.Table | ds.Dataset,
-                  examples: pa.Table | ds.Dataset, ground_truth: pa.Table | ds.Dataset | None, run_ids: Sequence[str],
-                  *, n: int = 5, k: int = 5, seed: int = 0) -> list[dict]:
-    """`n` random queries retrieved by every run in `run_ids`, with each run's top-k proponents.
-
-    Each sample: {query_id, prompt, target, columns: [{method, run_id, proponents:
-    [{rank, example_id, text, score, correct (bool, or None without ground truth)}]}]}.
-    """
-    props = _where(retrievals, (pc.field("kind") == "proponent") & (pc.field("rank") <= k)
-                   & pc.field("run_id").isin(list(run_ids)))
-    rows = props.sort_by([("rank", "ascending")]).to_pylist()
-    per_run = {r: {} for r in run_ids}
-    for row in rows:
-        per_run[row["run_id"]].setdefault(row["query_id"], []).append(row)
-    common = sorted(set.intersection(*(set(v) for v in per_run.values()))) if per_run else []
-    chosen = sorted(random.Random(seed).sample(common, min(n, len(common))))
-    query_rows = {q["query_id"]: q for q in _where(queries, pc.field("query_id").isin(chosen)).to_pylist()}
-    wanted = {r["example_id"] for q in chosen for run in per_run.values() for r in run[q]}
-    found = _where(examples, pc.field("example_id").isin(list(wanted)))
-    texts = dict(zip(found.column("example_id").to_pylist(), found.column("text").to_pylist()))
-    facts = list({q["fact_id"] for q in query_rows.values()} - {None})
-    truth = None if ground_truth is None else {
-        (row["fact_id"], row["example_id"]) for row in _where(ground_truth, pc.field("fact_id").isin(facts)).to_pylist()}
-    samples = []
-    for query_id in chosen:
-        q = query_rows.get(query_id, {"prompt": "", "target": "", "fact_id": None})
-        columns = [{"method": per_run[run][query_id][0]["method"], "run_id": run, "proponents": [
-            {"rank": r["rank"], "example_id": r["example_id"], "text": texts.get(r["example_id"], ""),
-             "score": r["score"], "correct": None if truth is None else (q["fact_id"], r["example_id"]) in truth}
-            for r in per_run[run][query_id]]} for run in run_ids]
-        samples.append({"query_id": query_id, "prompt": q["prompt"], "target": q["target"], "columns": columns})
-    return samples
-
-
-def _sample_html(sample: dict) -> str:
-    refs = [sample["prompt"], sample["target"]]
-    cells = []
-    for column in sample["columns"]:
-        items = "".join(
-            f'<li value="{p["rank"]}">{highlight.to_html(p["text"], refs)} '
-            f'<span class="score">{_fmt(p["score"])} · {html.escape(p["example_id"])}</span>'
-            f'{" <span class=ok>✓</span>" if p.get("correct") else ""}</li>'
-            for p in column["proponents"])
-        cells.append(f"<div><h4>{html.escape(column['method'])} <span class=score>"
-                     f"{html.escape(column['run_id'])}</span></h4><ol>{items}</ol></div>")
-    return (f'<div class="sample"><h3>{html.escape(sample["query_id"])}</h3>'
-            f"<p>{html.escape(sample['prompt'])} <b>{html.escape(sample['target'])}</b></p>"
-            f'<div class="side" style="--n:{len(cells)}">{"".join(cells)}</div></div>')
-
-
-def write_report(out_dir: str | Path, summary: pa.Table, samples: Sequence[dict] = (),
-                 *, by_bucket: pa.Table | None = None, title: str = "trackstar-db report") -> Path:
-    """Write out_dir/index.html (self-contained) and return its path."""
-    for name, table in (("summary", summary), ("by_bucket", by_bucket)):
-        if table is not None and "method" not in table.column_names:
-            raise TrackstarError(f"report: the {name} table needs a 'method' column")
-    if by_bucket is not None and "frequency_bucket" not in by_bucket.column_names:
-        raise TrackstarError("report: the by_bucket table needs a 'frequency_bucket' column")
-    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Methods by metric</h2>", html_table(summary)]
+def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table | None = None,
+                 by_correct: pa.Table | None = None, pages: Sequence[dict] = (),
+                 title: str = "trackstar-db report") -> Path:
+    """Write out_dir/index.html (and out_dir/queries/ given pages); return index.html's path."""
+    _check("summary", summary, None)
+    _check("by_bucket", by_bucket, "frequency_bucket")
+    _check("by_correct", by_correct, "model_correct")
+    nav = ['<a href="#summary">summary</a>']
+    parts = [f'<h2 id="summary">Methods by metric</h2>', summary_html(summary),
+             '<p class="note">MRR and recall@10 over the queries whose fact has a ground-truth example; '
+             "tail-patch in percentage points of P(target | prompt) over the patched queries. "
+             "Best of each column in bold.</p>"]
     plot = summary_plot(summary)
     if plot:
         parts.append(f'<div class="plots">{plot}</div>')
-    if by_bucket is not None:
-        parts += ["<h2>By fact frequency bucket</h2>", html_table(by_bucket)]
-        plot = bucket_plot(by_bucket)
+    for name, table, column, xlabel, names in (
+            ("bucket", by_bucket, "frequency_bucket", "fact frequency bucket (0 = never stated)", None),
+            ("correct", by_correct, "model_correct", "does the model answer correctly?", {True: "correct", False: "wrong"})):
+        if table is None or table.num_rows == 0:
+            continue
+        heading = "By fact frequency bucket" if name == "bucket" else "By model correctness"
+        nav.append(f'<a href="#{name}">{heading.lower()}</a>')
+        parts += [f'<h2 id="{name}">{heading}</h2>', split_tables(table, column, names)]
+        plot = split_plot(table, column, xlabel, name)
         if plot:
             parts.append(f'<div class="plots">{plot}</div>')
-    if samples:
-        parts.append("<h2>Proponents side by side</h2><p>Words shared with the prompt or target are "
-                     "<mark>marked</mark>; ✓ = annotated with the query's fact.</p>")
-        parts += [_sample_html(s) for s in samples]
+    if pages:
+        from .explorer import write_explorer
+
+        write_explorer(out_dir, pages)
+        nav.append('<a href="queries/index.html">explore queries</a>')
+        parts += ['<h2 id="queries">Queries</h2>',
+                  f'<p><a href="queries/index.html">Explore {len(pages)} sampled queries</a>: prompt, target, the '
+                  "model's answer and every run's proponents side by side.</p>"]
+    body = f"<h1>{html.escape(title)}</h1><nav>{''.join(nav)}</nav>{''.join(parts)}"
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+            f'<meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body>{body}</body></html>')
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
