@@ -49,42 +49,70 @@ def example_text(db, example_id: str) -> str:
     return rows.column("text")[0].as_py()
 
 
+class TokenAttributor:
+    """Per-token contributions for many (query, proponent) pairs of one database, keeping the
+    featurizers (PromptAttributor), each method's R and each query's vector between calls."""
+
+    def __init__(self, db, attributor=None, device: str = "cpu"):
+        from .adhoc import PromptAttributor
+
+        self.db = db
+        self.attributor = attributor or PromptAttributor(db, device)
+        self._scoring: dict[str, object] = {}
+        self._query: dict[tuple[str, str, str], torch.Tensor] = {}
+
+    def _spec(self, method: str | None):
+        from .adhoc import best_method
+
+        method = method or best_method(self.db)
+        if method not in METHODS:
+            raise TrackstarError(f"per-token attribution needs a gradient method ({', '.join(METHODS)}), "
+                                 f"not {method!r}")
+        return get_method(method)
+
+    def __call__(self, prompt: str, target: str, example_id: str, method: str | None = None,
+                 text: str | None = None) -> pa.Table:
+        """Each token's part of `example_id`'s score (see the module docstring); `text` saves a lookup."""
+        from trackstar_db.featurizer.per_token import per_token_vectors, token_scores
+        from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
+
+        from .scoring import prepare
+
+        spec = self._spec(method)
+        featurizer, tokenizer = self.attributor._featurizer(spec.table)
+        if spec.name not in self._scoring:
+            self._scoring[spec.name] = prepare(self.db, spec)
+        scoring = self._scoring[spec.name]
+        key = (prompt, target, spec.name)
+        if key not in self._query:
+            g_q = self.attributor.gradient(prompt, target, spec.table).to(featurizer.device)
+            self._query[key] = scoring.query_side(g_q)[0].cpu()
+        text = example_text(self.db, example_id) if text is None else text
+        item = encode_text(tokenizer, text, featurizer.config.max_length)
+        parts = per_token_vectors(featurizer, collate([item], pad_id(tokenizer)))[spec.table]
+        norm = torch.ones(())
+        if spec.unit_norm:
+            whole = parts.sum(0, keepdim=True)
+            seen = scoring.preconditioner.apply(whole, spec.train_power) if spec.train_power != 0 else whole
+            norm = torch.linalg.vector_norm(seen.double())
+        values = token_scores(parts, self._query[key], norm).tolist()
+        ids = item.input_ids[: len(values)]
+        spans = _offsets(tokenizer, text, ids)
+        n = len(ids)
+        return pa.table({
+            "position": pa.array(range(n), pa.int32()), "token_id": pa.array(ids, pa.int64()),
+            "token": pa.array(tokenizer.convert_ids_to_tokens(ids), pa.string()),
+            "start": pa.array([s for s, _ in spans], pa.int32()), "end": pa.array([e for _, e in spans], pa.int32()),
+            "contribution": pa.array(values, pa.float64()),
+            "example_id": pa.array([example_id] * n, pa.string()), "method": pa.array([spec.name] * n, pa.string()),
+        }, schema=SCHEMA)
+
+
 def token_contributions(db, prompt: str, target: str, example_id: str, method: str | None = None,
-                        *, attributor=None, device: str = "cpu", scoring=None) -> pa.Table:
-    """Each token's part of `example_id`'s score for `target` after `prompt` under `method`."""
-    from trackstar_db.featurizer.per_token import per_token_vectors, token_scores
-    from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
-
-    from .adhoc import PromptAttributor, best_method
-    from .scoring import prepare
-
-    method = method or best_method(db)
-    if method not in METHODS:
-        raise TrackstarError(f"per-token attribution needs a gradient method ({', '.join(METHODS)}), not {method!r}")
-    spec = get_method(method)
-    attributor = attributor or PromptAttributor(db, device)
-    featurizer, tokenizer = attributor._featurizer(spec.table)
-    scoring = scoring or prepare(db, spec)
-    query = scoring.query_side(attributor.gradient(prompt, target, spec.table).to(featurizer.device))[0].cpu()
-    text = example_text(db, example_id)
-    item = encode_text(tokenizer, text, featurizer.config.max_length)
-    parts = per_token_vectors(featurizer, collate([item], pad_id(tokenizer)))[spec.table]
-    norm = torch.ones(())
-    if spec.unit_norm:
-        whole = parts.sum(0, keepdim=True)
-        seen = scoring.preconditioner.apply(whole, spec.train_power) if spec.train_power != 0 else whole
-        norm = torch.linalg.vector_norm(seen.double())
-    values = token_scores(parts, query, norm).tolist()
-    ids = item.input_ids[: len(values)]
-    spans = _offsets(tokenizer, text, ids)
-    n = len(ids)
-    return pa.table({
-        "position": pa.array(range(n), pa.int32()), "token_id": pa.array(ids, pa.int64()),
-        "token": pa.array(tokenizer.convert_ids_to_tokens(ids), pa.string()),
-        "start": pa.array([s for s, _ in spans], pa.int32()), "end": pa.array([e for _, e in spans], pa.int32()),
-        "contribution": pa.array(values, pa.float64()),
-        "example_id": pa.array([example_id] * n, pa.string()), "method": pa.array([method] * n, pa.string()),
-    }, schema=SCHEMA)
+                        *, attributor=None, device: str = "cpu") -> pa.Table:
+    """Each token's part of `example_id`'s score for `target` after `prompt` under `method`
+    (default: the best rung the database serves)."""
+    return TokenAttributor(db, attributor, device)(prompt, target, example_id, method)
 
 
 def strongest(tokens: pa.Table, top: int = 5) -> list[tuple[str, float]]:
@@ -98,8 +126,10 @@ def hit_tokens(db, prompt: str, target: str, hits: pa.Table, device: str = "cpu"
     """token_contributions of every row of a `Database.query` answer, with its kind and rank
     prepended (one row per token per hit)."""
     parts = []
+    attributor = db._attributor if getattr(db, "_attributor", None) and db._attributor.device == device else None
+    contributions = TokenAttributor(db, attributor, device)
     for hit in hits.select(["kind", "rank", "example_id", "method"]).to_pylist():
-        tokens = db.token_contributions(prompt, target, hit["example_id"], hit["method"], device=device)
+        tokens = contributions(prompt, target, hit["example_id"], hit["method"])
         parts.append(tokens.add_column(0, "rank", pa.array([hit["rank"]] * tokens.num_rows, pa.int32()))
                      .add_column(0, "kind", pa.array([hit["kind"]] * tokens.num_rows, pa.string())))
     if not parts:
