@@ -86,13 +86,16 @@ class Database:
                 raise TrackstarError(f"{path}: a database already exists here")
             db = cls(path)
         else:
-            if path.exists() and any(path.iterdir()):
+            # tables first, the manifest last: a database exists once its manifest does, and an
+            # init killed half-way (only tables/ left) is simply run again
+            if path.exists() and any(p.name != "tables" for p in path.iterdir()):
                 raise TrackstarError(f"{path}: directory is not empty and holds no database")
             (path / "tables").mkdir(parents=True, exist_ok=True)
+            lance = lancedb.connect(str(path / "tables"))
+            for name in _schema.table_names():
+                lance.create_table(name, schema=_schema.arrow_schema(name), exist_ok=True)
             _manifest.write(path, _manifest.new_manifest())
             db = cls(path)
-            for name in _schema.table_names():
-                db._lance.create_table(name, schema=_schema.arrow_schema(name))
         if model_dir is not None:
             db.set_model(model_dir, optimizer_state)
         return db
@@ -333,14 +336,15 @@ class Database:
 
         return evaluation(self, by)
 
-    def query(self, prompt: str, target: str, k: int = 10, method: str | None = None, device: str = "cpu") -> pa.Table:
+    def query(self, prompt: str, target: str, k: int = 10, method: str | None = None, device: str = "cpu",
+              ann=None) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
         score, text, method). method None: the best rung this database can serve."""
         from trackstar_db.retrieval.adhoc import PromptAttributor
 
         if self._attributor is None or self._attributor.device != device:
             self._attributor = PromptAttributor(self, device)
-        return self._attributor.attribute(prompt, target, method=method, k=k)
+        return self._attributor.attribute(prompt, target, method=method, k=k, ann=ann)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:

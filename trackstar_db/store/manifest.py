@@ -1,6 +1,7 @@
 """The database manifest: format version, model fingerprint and the featurizer settings.
 
-manifest.json at the top of the database directory is written atomically (temp file + rename).
+manifest.json at the top of the database directory is written atomically (temp file, fsync,
+rename); changes go through Database.update_manifest, which re-reads it under the writer lock.
 Everything that makes stored vectors comparable lives here, and writers check it: a gradient
 table written with other settings is refused, never silently mixed.
 """
@@ -62,7 +63,10 @@ def read(db_path: Path, migrate_ok: bool = False) -> dict:
 def write(db_path: Path, manifest: dict) -> None:
     path = Path(db_path) / FILENAME
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as handle:  # complete on disk before it replaces the old one
+        handle.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
