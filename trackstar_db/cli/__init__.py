@@ -25,4 +25,4 @@ def main():
     """
 
 
-from . import build, simfluence, use  # noqa: E402,F401  (registers the commands)
+from . import build, scale, simfluence, use  # noqa: E402,F401  (registers the commands)

@@ -10,6 +10,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
+from .scale import ann_flags
 
 
 @main.command()
@@ -22,9 +23,10 @@ from .common import DB_ARG, FORMATS, _open, print_table
 @click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
+@ann_flags
 @click.option("--query-text", type=click.Choice(["prompt+target", "prompt"]), default="prompt+target", show_default=True,
               help="What BM25 and the embedding baseline search with.")
-def retrieve(db, methods, k, run_id, template, device, replace, query_text):
+def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann):
     """Retrieve proponents for the database's queries with one or more methods."""
     from trackstar_db.devices import resolve_device
     from trackstar_db.retrieval.methods import expand
@@ -38,7 +40,7 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text):
     if run_id and len(names) > 1:
         raise TrackstarError("--run names one run; give one --method with it")
     options = RetrieveOptions(k=k, template=None if template == "all" else template, device=resolve_device(device),
-                              query_text=query_text)
+                              query_text=query_text, ann=ann)
     for name in names:
         run, rows = run_retrieval(handle, name, options, run_id, replace)
         click.echo(f"run {run}: {rows.num_rows:,} rows")
@@ -79,13 +81,14 @@ def eval_cmd(db, fmt, by):
                                                "else r-train, else opt-cos, else grad-cos).")
 @click.option("--k", default=10, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@ann_flags
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
-def query(db, prompt, target, method, k, device, fmt):
+def query(db, prompt, target, method, k, device, fmt, ann):
     """Attribute one prompt and target: proponents and opponents with their texts."""
     from trackstar_db.devices import resolve_device
     from trackstar_db.evaluation.highlight import to_terminal
 
-    rows = _open(db).query(prompt, target, k=k, method=method, device=resolve_device(device))
+    rows = _open(db).query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann)
     if fmt != "text":
         print_table(rows, fmt)
         return

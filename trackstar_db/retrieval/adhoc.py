@@ -63,8 +63,9 @@ class PromptAttributor:
         item = encode_query(tokenizer, prompt, target, max_length=featurizer.config.max_length)
         return featurizer.featurize(collate([item], pad_id(tokenizer))).vectors[variant]
 
-    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = 10) -> pa.Table:
-        """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts."""
+    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = 10, ann=None) -> pa.Table:
+        """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts;
+        `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
         db = self.db
         if not prompt.strip() or not target.strip():
             raise TrackstarError("both --prompt and --target must be non-empty")
@@ -79,7 +80,7 @@ class PromptAttributor:
         if method in METHODS:
             vectors = self.gradient(prompt, target, get_method(method).table)
         result = run_method(db, method, ["adhoc"], [embedding.query_text(prompt, target)], k, self.device,
-                            query_vectors=vectors)
+                            query_vectors=vectors, ann=ann)
         rows = result.to_arrow(["adhoc"], "adhoc", method).select(["kind", "rank", "example_id", "score", "method"])
         ids = rows.column("example_id").to_pylist()
         lookup = {}

@@ -28,6 +28,7 @@ class RetrieveOptions:
     device: str = "cpu"
     batch_rows: int = 65536
     query_text: str = "prompt+target"  # what BM25 and embedding see: 'prompt+target' or 'prompt'
+    ann: object | None = None  # retrieval.ann.AnnOptions: approximate top-k from the method's index
 
     def __post_init__(self):
         if self.k < 1:
@@ -75,9 +76,12 @@ def example_embeddings(db, device: str = "cpu"):
 
 
 def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, device: str = "cpu",
-               query_vectors=None, batch_rows: int = 65536) -> TopKResult:
+               query_vectors=None, batch_rows: int = 65536, ann=None) -> TopKResult:
     """Top-k of one method for a set of queries: texts for bm25/embedding, gradients otherwise
-    (`query_vectors` [nq, d], or the stored query gradients of `query_ids`)."""
+    (`query_vectors` [nq, d], or the stored query gradients of `query_ids`); with `ann`
+    (AnnOptions), approximately from the method's index (retrieval/ann.py)."""
+    if ann is not None and method not in METHODS:
+        raise TrackstarError(f"--ann serves the gradient methods ({', '.join(METHODS)}), not {method}")
     if method == "bm25":
         from trackstar_db.sources.bm25 import BM25Index
 
@@ -94,6 +98,10 @@ def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, 
     spec = get_method(method)
     if query_vectors is None:
         query_vectors = stored_query_vectors(db, spec, query_ids)
+    if ann is not None:
+        from .ann import search_ann
+
+        return search_ann(db, method, query_vectors, k, ann)
     return score_table(db, spec, query_vectors, k, device=device, batch_rows=batch_rows)
 
 
@@ -103,14 +111,14 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     options = options or RetrieveOptions()
     if method not in ALL_METHODS:
         raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
-    run_id = run_id or method
+    run_id = run_id or (f"{method}-ann" if options.ann is not None else method)
     existing = db.table("runs", columns=["run_id"], filter=pc.field("run_id") == run_id).num_rows
     if existing and not replace:
         raise TrackstarError(f"run {run_id!r} exists; pick another --run name or pass --replace")
     query_rows = _queries(db, options.template)
     query_ids = query_rows.column("query_id").to_pylist()
     result = run_method(db, method, query_ids, _query_texts(query_rows, options.query_text), options.k,
-                        options.device, batch_rows=options.batch_rows)
+                        options.device, batch_rows=options.batch_rows, ann=options.ann)
     rows = result.to_arrow(query_ids, run_id, method)
     if method in METHODS and rows.num_rows == 0:
         raise TrackstarError(f"{method}: the scan returned no rows; is the gradient table damaged? "
@@ -118,5 +126,7 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     parameters = asdict(options)
     if method in METHODS:
         parameters["preconditioners"] = db.manifest.get("preconditioners", {})
+    if options.ann is not None:
+        parameters["ann_index"] = db.manifest["ann"][method]
     db.replace_run(run_id, method, parameters, rows)
     return run_id, rows

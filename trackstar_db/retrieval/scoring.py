@@ -62,12 +62,32 @@ def _norms(x: torch.Tensor, what: str) -> torch.Tensor:
     return norms
 
 
+_LOADED: dict[tuple, object] = {}  # (path, inode, size, mtime) -> Preconditioner, a warm process's R
+
+
+def load_preconditioner(table, mix: str):
+    """table.load_preconditioner(mix), kept while its file is unchanged (a refit replaces the
+    file, so a new inode or mtime loads the new R). R's powers stay cached inside it."""
+    path = table.preconditioner_path(mix)
+    try:
+        stat = path.stat()
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return table.load_preconditioner(mix)  # names what to run
+    if key not in _LOADED:
+        pre = table.load_preconditioner(mix)
+        if len(_LOADED) >= 4:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = pre
+    return _LOADED[key]
+
+
 def prepare(db, spec: MethodSpec) -> Scoring:
     """The table, R and row norms `spec` needs, checked against the table's current version."""
     table = db.gradient_table("train", corrected=spec.table == "corrected").require()
     if not spec.preconditioner:
         return Scoring(spec, table, None, None)
-    pre = table.load_preconditioner(spec.preconditioner)
+    pre = load_preconditioner(table, spec.preconditioner)
     norms = None
     if spec.unit_norm and spec.train_power != 0:
         norms = pre.row_norms.get(spec.train_power)
@@ -84,39 +104,56 @@ def prepare(db, spec: MethodSpec) -> Scoring:
 
 TILE_BYTES = 4 << 20  # float32 bytes widened per step on the CPU: stays in cache
 BATCH_BYTES = 64 << 20  # float32 bytes of one scanned batch at most (bounds memory at any d)
+_BUFFER: dict[str, torch.Tensor] = {}  # the float32 scan buffer, kept between scans of a warm process
+
+
+def _buffer(rows: int, dim: int, device: torch.device) -> torch.Tensor:
+    """A float32 [rows, dim] view of the one reused scan buffer (faulting fresh pages costs more
+    than widening the vectors into them)."""
+    held = _BUFFER.get("buffer")
+    if held is None or held.device != device or held.shape[1] != dim or held.shape[0] < rows:
+        _BUFFER.clear()
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            held = _BUFFER["buffer"] = torch.empty((rows, dim), dtype=torch.float32, device=device)
+    return held[:rows]
 
 
 def scan(scoring: Scoring, device="cpu", batch_rows: int = 65536):
     """(ids, x [nb, d] float32) batches of the stored rows, each row divided by its n_z (see the
     module docstring). x is a view of a buffer reused by the next batch: consume it first."""
-    device = torch.device(device)
-    unit, stored = scoring.spec.unit_norm, scoring.row_norms
-    if stored is not None:
-        stored = stored.to(device)
-    buffer, offset = None, 0
     batch_rows = max(1, min(batch_rows, BATCH_BYTES // (4 * scoring.table.dim)))
-    for ids, x in vector_batches(scoring.table.dataset(), dtype=scoring.table.dtype, batch_size=batch_rows,
-                                 native=True):
+    batches = vector_batches(scoring.table.dataset(), dtype=scoring.table.dtype, batch_size=batch_rows, native=True)
+    return widen(batches, unit=scoring.spec.unit_norm, row_norms=scoring.row_norms, device=device,
+                 batch_rows=batch_rows, label=scoring.table.name)
+
+
+def widen(batches, *, unit: bool, row_norms: torch.Tensor | None = None, device="cpu", batch_rows: int = 8192,
+          label: str = "vectors"):
+    """(ids, x in its stored dtype) batches -> (ids, x float32) in the reused buffer, tile by tile;
+    with `unit`, each row divided by row_norms[its position] or, without them, by its own norm."""
+    device = torch.device(device)
+    if row_norms is not None:
+        row_norms = row_norms.to(device)
+    offset = 0
+    for ids, x in batches:
         x, n = x.to(device, non_blocking=True), len(ids)
         if not unit and x.dtype == torch.float32:
             yield ids, x
             offset += n
             continue
-        if buffer is None or len(buffer) < n:
-            buffer = torch.empty((max(n, batch_rows), x.shape[1]), dtype=torch.float32, device=device)
-        out = buffer[:n]
+        out = _buffer(max(n, batch_rows), x.shape[1], device)[:n]
         tile = n if device.type != "cpu" else max(1, TILE_BYTES // (4 * x.shape[1]))
         for a in range(0, n, tile):
             part = out[a: a + tile]
             part.copy_(x[a: a + tile])
             if unit:
-                n_z = stored[offset + a: offset + a + len(part)] if stored is not None else \
+                n_z = row_norms[offset + a: offset + a + len(part)] if row_norms is not None else \
                     torch.linalg.vector_norm(part, dim=1)
                 bad = ~torch.isfinite(n_z) | (n_z == 0)
                 if bool(bad.any()):
-                    raise TrackstarError(f"{scoring.table.name}: example {ids[a + int(bad.nonzero()[0])]!r} "
-                                         f"has a zero or non-finite {'whitened ' if stored is not None else ''}norm")
-                part.div_(n_z[:, None])
+                    raise TrackstarError(f"{label}: example {ids[a + int(bad.nonzero()[0])]!r} has a zero or "
+                                         f"non-finite {'whitened ' if row_norms is not None else ''}norm")
+                part.mul_(n_z.reciprocal()[:, None])  # mul_: div_ is several times slower on CPU
         offset += n
         yield ids, out
 

@@ -1,0 +1,120 @@
+"""ANN index (retrieval/ann.py): recall against the exact scan on a small synthetic database,
+stale indexes refused, runs written through the CLI like any other, and the cost plan."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from trackstar_db import connect
+from trackstar_db.cli import main
+from trackstar_db.errors import TrackstarError
+from trackstar_db.gradients.fit import fit
+from trackstar_db.retrieval.ann import AnnOptions, build_index, open_table, search_ann
+from trackstar_db.retrieval.methods import get_method, train_transform
+from trackstar_db.retrieval.runs import stored_query_vectors
+from trackstar_db.retrieval.scoring import score_table
+from trackstar_db.testbed.synthetic import synthetic_database
+
+N, D, NQ, K = 3000, 1024, 12, 10
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ann")
+    db = synthetic_database(root / "db", N, D, "float16", n_queries=NQ, n_blocks=4, n_clusters=64)
+    fit(db)
+    build_index(db, "trackstar", num_partitions=8, progress=False)
+    return root / "db"
+
+
+@pytest.fixture
+def db(indexed, tmp_path):
+    shutil.copytree(indexed, tmp_path / "db")
+    return connect(tmp_path / "db")
+
+
+def query_ids():
+    return [f"q{i:06d}:prompt0" for i in range(NQ)]
+
+
+def test_recall_against_exact_and_scores_of_the_stored_vectors(db):
+    spec = get_method("trackstar")
+    g = stored_query_vectors(db, spec, query_ids())
+    exact = score_table(db, spec, g, K, progress=False)
+    approx = search_ann(db, "trackstar", g, K, AnnOptions(nprobes=8))
+    recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(exact.proponent_ids, approx.proponent_ids)])
+    assert recall >= 0.9, recall
+    # with every partition visited the index is exact up to float16 storage and SQ ties
+    full = search_ann(db, "trackstar", g, K, AnnOptions(nprobes=8, ef=200))
+    assert np.mean([len(set(a) & set(b)) / K for a, b in zip(exact.proponent_ids, full.proponent_ids)]) >= 0.95
+    # the stored ANN vectors are t_train(g_z): rescored scores equal exact ones within float16
+    np.testing.assert_allclose(full.proponent_scores[:, 0], exact.proponent_scores[:, 0], atol=2e-3)
+    table = open_table(db, "trackstar").to_arrow()
+    assert table.num_rows == N and str(table.schema.field("vector").type.value_type) == "halffloat"
+    pre = db.gradient_table("train").load_preconditioner("mixed")
+    first = db.gradient_table("train").dataset().head(4)
+    from trackstar_db.store.vectors import to_torch
+
+    want = train_transform(spec, {"mixed": pre})(to_torch(first.column("vector"), "float16")).numpy()
+    stored = to_torch(table.slice(0, 4).column("vector"), "float16").numpy()
+    assert table.column("id").to_pylist()[:4] == first.column("id").to_pylist()
+    np.testing.assert_allclose(stored, want, atol=2e-3)
+    # opponents come from the negated query: the most negative scores, worst first
+    assert (np.diff(full.opponent_scores, axis=1) >= -1e-6).all() and (full.opponent_scores[:, 0] < 0).all()
+
+
+def test_stale_index_refused_after_append_and_after_refit(db):
+    g = stored_query_vectors(db, get_method("trackstar"), query_ids()[:2])
+    fit(db, damping=0.5)  # R refitted: same rows, another R
+    with pytest.raises(TrackstarError, match=r"ann_trackstar is stale .*R.* refitted.*trackstar-db index"):
+        search_ann(db, "trackstar", g, K)
+    build_index(db, "trackstar", num_partitions=8, progress=False)
+    search_ann(db, "trackstar", g, K)
+    rows = db.table("grads_train_corrected").slice(0, 5)
+    db.append("grads_train_corrected", rows.set_column(0, "id", pa.array([f"extra{i}" for i in range(5)])))
+    with pytest.raises(TrackstarError, match="stale"):
+        search_ann(db, "trackstar", g, K)
+    # the CLI says it in one line
+    result = invoke("retrieve", db.path, "--method", "trackstar", "--ann", "--device", "cpu")
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1 and "stale" in result.output
+    with pytest.raises(TrackstarError, match="no ANN index for r-train"):
+        search_ann(db, "r-train", g, K)
+
+
+def test_cli_index_then_ann_runs_sit_next_to_exact_ones(db):
+    result = invoke("index", db.path, "--method", "grad-cos", "--kind", "ivf_flat", "--partitions", "4")
+    assert result.exit_code == 0, result.output
+    assert "ann_grad_cos: 3,000 vectors" in result.output
+    for extra in ([], ["--ann", "--nprobes", "4"]):
+        result = invoke("retrieve", db.path, "--method", "grad-cos", "--k", K, "--device", "cpu", *extra)
+        assert result.exit_code == 0, result.output
+    runs = {r["run_id"]: json.loads(r["parameters"]) for r in db.table("runs").to_pylist()}
+    assert runs["grad-cos-ann"]["ann"] == {"nprobes": 4, "refine_factor": None, "ef": None}
+    assert runs["grad-cos-ann"]["ann_index"]["source"]["table"] == "grads_train_uncorrected"
+    both = db.sql("SELECT a.query_id, count(*) AS shared FROM retrievals a JOIN retrievals b "
+                  "ON a.query_id = b.query_id AND a.example_id = b.example_id AND a.kind = b.kind "
+                  "WHERE a.run_id = 'grad-cos' AND b.run_id = 'grad-cos-ann' AND a.kind = 'proponent' "
+                  "GROUP BY a.query_id").column("shared").to_pylist()
+    assert len(both) == NQ and np.mean(both) / K >= 0.9  # IVF_FLAT at 4 of 4 partitions: exact
+    result = invoke("retrieve", db.path, "--method", "bm25", "--nprobes", "3")
+    assert result.exit_code != 0 and "need --ann" in result.output
+
+
+def test_plan_prints_bytes_ram_and_time(db):
+    result = invoke("plan", "--dim", 65536, "--dtype", "bfloat16", "--rows", 19_600_000, "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = {r["item"]: r for r in map(json.loads, result.output.splitlines())}
+    vectors = rows["disk: gradient vectors (one table)"]
+    assert vectors["bytes"] == 19_600_000 * 65536 * 2
+    assert rows["scan: one exact query, trackstar"]["seconds"] > 0
+    result = invoke("plan", db.path, "--dim", 1024, "--format", "json")
+    rows = {r["item"]: r for r in map(json.loads, result.output.splitlines())}
+    assert rows["disk: gradient vectors (one table)"]["bytes"] == N * 1024 * 2

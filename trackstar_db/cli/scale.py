@@ -1,0 +1,79 @@
+"""Commands for attribution at scale: index (an ANN index of a rung's final vectors) and plan
+(bytes, RAM and time of a build before it runs). `ann_flags` adds --ann and its search
+parameters to retrieve and query (cli/use.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from trackstar_db.errors import TrackstarError
+
+from . import main
+from .common import DB_ARG, FORMATS, _open, print_table
+
+
+def ann_flags(command):
+    """--ann, --nprobes, --refine-factor, --ef -> one `ann` argument (AnnOptions or None)."""
+
+    @click.option("--ann", "use_ann", is_flag=True,
+                  help="Approximate top-k from the method's index ('trackstar-db index'); the run is named METHOD-ann.")
+    @click.option("--nprobes", type=int, default=None, help="With --ann: IVF partitions searched (default: LanceDB's).")
+    @click.option("--refine-factor", type=int, default=None,
+                  help="With --ann: re-rank this many times k candidates on the full vectors (IVF-PQ).")
+    @click.option("--ef", type=int, default=None, help="With --ann: HNSW candidate list size (>= k).")
+    @functools.wraps(command)
+    def wrapper(*args, use_ann, nprobes, refine_factor, ef, **kwargs):
+        if not use_ann and (nprobes or refine_factor or ef):
+            raise TrackstarError("--nprobes, --refine-factor and --ef need --ann")
+        ann = None
+        if use_ann:
+            from trackstar_db.retrieval.ann import AnnOptions
+
+            ann = AnnOptions(nprobes, refine_factor, ef)
+        return command(*args, ann=ann, **kwargs)
+
+    return wrapper
+
+
+@main.command()
+@DB_ARG
+@click.option("--method", required=True, help="The rung whose final vectors are indexed (e.g. trackstar).")
+@click.option("--kind", type=click.Choice(["ivf_hnsw_sq", "ivf_pq", "ivf_flat"]), default="ivf_hnsw_sq",
+              show_default=True, help="LanceDB index type (ivf_hnsw_sq: best recall per ms in bench_scale).")
+@click.option("--partitions", "num_partitions", type=int, default=None, help="IVF partitions (default sqrt(rows)).")
+@click.option("--sub-vectors", "num_sub_vectors", type=int, default=None, help="IVF-PQ sub-vectors (default d/16).")
+@click.option("--device", default="cpu", show_default=True, help="Where R is applied to the stored rows.")
+def index(db, method, kind, num_partitions, num_sub_vectors, device):
+    """Materialise a rung's unit vectors (float16) in ann_<method> with a vector index, for --ann."""
+    from trackstar_db.devices import resolve_device
+    from trackstar_db.retrieval.ann import build_index
+
+    entry = build_index(_open(db), method, kind, num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
+                        device=resolve_device(device))
+    click.echo(f"{entry['table']}: {entry['source']['rows']:,} vectors of {entry['dim']} ({kind}) in "
+               f"{entry['write_seconds'] + entry['index_seconds']:.1f} s, from {entry['source']['table']} "
+               f"version {entry['source']['table_version']}")
+
+
+@main.command()
+@click.argument("db", required=False, type=click.Path(file_okay=False))
+@click.option("--dim", type=int, required=True, help="Projected dimensions per vector.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
+@click.option("--rows", type=int, default=None, help="Training examples (default: the examples in DB).")
+@click.option("--queries", type=int, default=None, help="Queries (default: those in DB, else 1,000).")
+@click.option("--blocks", type=int, default=None, help="Blocks of the block-diagonal R (default: d / 1,024).")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def plan(db, dim, dtype, rows, queries, blocks, fmt):
+    """Bytes on disk, RAM and time of ingest, fit, scan and index before building (DB optional)."""
+    from trackstar_db.evaluation.plan import Plan, plan_table
+
+    if db is not None:
+        handle = _open(db)
+        stored = max(handle.count("examples"), handle.count("grads_train_corrected"), handle.count("grads_train_uncorrected"))
+        rows = rows if rows is not None else stored
+        queries = queries if queries is not None else handle.count("queries")
+    if not rows:
+        raise TrackstarError("give --rows N (or a DB holding examples)")
+    print_table(plan_table(Plan(rows=rows, dim=dim, dtype=dtype, queries=queries or 1000, blocks=blocks)), fmt)

@@ -1,0 +1,135 @@
+"""A cost plan before a build (`trackstar-db plan`): bytes on disk, RAM and time of each step.
+
+Sizes are arithmetic on the layout (rows x d x bytes per value; block-diagonal R as float64
+eigenvectors per block). RAM is what this package holds at once (batches, buffers, R), not the
+model: add the checkpoint and its optimizer state for `ingest gradients`. Times are sizes
+divided by the rates below, measured by benchmarks/bench_scale.py on the 2-core development
+machine (shared, so treat them as a floor on speed), with the command that produced them:
+
+    BENCH = "BENCH_THREADS=1 python benchmarks/bench_scale.py --n 100000"
+
+Featurizing (the model's forward and backward) is not in the plan: measure it with
+benchmarks/bench_featurize.py on the target model and hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+BENCH = "BENCH_THREADS=1 python benchmarks/bench_scale.py --n 100000"
+# rates measured by BENCH (d = 4,096 float16, R blocks of 256)
+READ_GBPS = 1.0  # bare sequential read of the vector column, warm page cache
+SCAN_GBPS = {"grad-dot": 0.5, "grad-cos": 0.5, "trak": 0.5, "opt-cos": 0.5, "r-train": 0.5, "trackstar": 0.5}
+WRITE_GBPS = 0.05  # Database.append of gradient rows (vector, id, norm, loss, n_tokens)
+FIT_SECONDS_PER_ROW_BLOCK = 1e-7  # one Gram pass: seconds per row per (block size) at d = 4,096
+ANN_BUILD_ROWS_PER_S = 1000.0  # materialise + IVF_HNSW_SQ at d = 4,096
+ANN_QUERY_S = 0.05  # one query (proponents and opponents), recall@100 >= 0.95 setting
+
+ROW_OVERHEAD = 48  # bytes per gradient row besides the vector: id, norm, loss, n_tokens, offsets
+SCAN_BATCH_BYTES = 64 << 20  # retrieval/scoring.BATCH_BYTES
+COMMIT_ROWS = 2048  # GradientJob.commit_rows
+FIT_BATCH_ROWS = 8192  # gradients/fit._stream
+
+
+@dataclass
+class Plan:
+    """rows: training examples; dim, dtype: the vectors; queries; blocks of the block-diagonal R
+    (default one per 1,024 dimensions); variants: gradient tables per split (2: corrected and
+    uncorrected, the whole ladder)."""
+
+    rows: int
+    dim: int
+    dtype: str = "float16"
+    queries: int = 1000
+    blocks: int | None = None
+    variants: int = 2
+
+    def __post_init__(self):
+        from trackstar_db.errors import TrackstarError
+        from trackstar_db.store.vectors import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise TrackstarError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        for name in ("rows", "dim", "queries", "variants"):
+            if getattr(self, name) < 1:
+                raise TrackstarError(f"--{name} must be >= 1, not {getattr(self, name)}")
+        self.blocks = self.blocks or max(1, self.dim // 1024)
+        if self.blocks < 1 or self.blocks > self.dim:
+            raise TrackstarError(f"--blocks must be in [1, {self.dim}], not {self.blocks}")
+
+    @property
+    def value_bytes(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    @property
+    def block(self) -> int:
+        return -(-self.dim // self.blocks)
+
+
+def plan_rows(p: Plan) -> list[dict]:
+    """[{item, bytes, ram_bytes, seconds, note}] for plan `p`."""
+    vector = p.rows * p.dim * p.value_bytes
+    table = p.rows * (p.dim * p.value_bytes + ROW_OVERHEAD)
+    r_file = p.blocks * (p.block * p.block + p.block) * 8
+    scale = p.dim / 4096 * p.block / 256  # Gram and R work per row grows with d x block
+    rows = [
+        {"item": "disk: gradient vectors (one table)", "bytes": vector, "note": f"{p.rows:,} x {p.dim:,} {p.dtype}"},
+        {"item": "disk: training gradient tables", "bytes": p.variants * table,
+         "note": f"{p.variants} variants (corrected, uncorrected) with ids and columns"},
+        {"item": "disk: query gradient tables", "bytes": p.variants * p.queries * (p.dim * p.value_bytes + ROW_OVERHEAD)},
+        {"item": "disk: R files and row norms", "bytes": 3 * r_file + 2 * 4 * p.rows,
+         "note": f"3 R ({p.blocks:,} blocks of {p.block:,}, float64) + whitened norms"},
+        {"item": "disk: ANN table (float16) + index", "bytes": p.rows * (p.dim * 3 + ROW_OVERHEAD),
+         "note": "float16 vectors + 8-bit SQ codes"},
+        {"item": "ram: ingest gradients", "ram_bytes": p.variants * COMMIT_ROWS * p.dim * (4 + p.value_bytes),
+         "note": "commit buffers only; add the model, its optimizer state and activations"},
+        {"item": "ram: fit", "ram_bytes": 2 * r_file + 3 * p.block * p.block * 8 + FIT_BATCH_ROWS * p.dim * 12,
+         "note": "Gram sums (train + eval) + eigh workspace + one float32/float64 batch"},
+        {"item": "ram: scan (exact, any rung)",
+         "ram_bytes": SCAN_BATCH_BYTES * (1 + p.value_bytes / 4) + 4 * p.rows + r_file * 2,
+         "note": "one batch + the float32 buffer + row norms + R^p"},
+        {"item": "time: write vectors", "seconds": p.variants * table / (WRITE_GBPS * 1e9),
+         "note": "through Database.append; featurizing not included"},
+        {"item": "time: fit (3 R + norms)", "seconds": 5 * p.rows * FIT_SECONDS_PER_ROW_BLOCK * scale * 256
+         + 5 * vector / (READ_GBPS * 1e9), "note": "3 Gram passes + 2 norm passes"},
+    ]
+    for rung, rate in SCAN_GBPS.items():
+        rows.append({"item": f"scan: one exact query, {rung}", "seconds": vector / (rate * 1e9),
+                     "note": f"{rate:g} GB/s"})
+    rows += [
+        {"item": "time: ANN index build", "seconds": p.rows / ANN_BUILD_ROWS_PER_S * p.dim / 4096},
+        {"item": "scan: one ANN query", "seconds": ANN_QUERY_S, "note": "at the measured recall setting"},
+        {"item": "time: bare read of one table", "seconds": vector / (READ_GBPS * 1e9), "note": f"{READ_GBPS:g} GB/s"},
+    ]
+    return rows
+
+
+def _human(n: float | None, unit: str) -> str | None:
+    if n is None:
+        return None
+    if unit == "s":
+        for size, name in ((86400, "d"), (3600, "h"), (60, "min")):
+            if n >= size:
+                return f"{n / size:.1f} {name}"
+        return f"{n:.2f} s"
+    for size, name in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= size:
+            return f"{n / size:.1f} {name}"
+    return f"{n:.0f} B"
+
+
+def plan_table(p: Plan) -> pa.Table:
+    """The plan as Arrow: item, bytes, ram_bytes, seconds (numbers) and human-readable columns."""
+    rows = plan_rows(p)
+    return pa.table({
+        "item": [r["item"] for r in rows],
+        "size": [_human(r.get("bytes") or r.get("ram_bytes"), "B") if ("bytes" in r or "ram_bytes" in r) else None
+                 for r in rows],
+        "time": [_human(r.get("seconds"), "s") for r in rows],
+        "bytes": pa.array([r.get("bytes") for r in rows], pa.int64()),
+        "ram_bytes": pa.array([r.get("ram_bytes") for r in rows], pa.int64()),
+        "seconds": pa.array([r.get("seconds") for r in rows], pa.float64()),
+        "note": [r.get("note") for r in rows],
+    })
