@@ -85,7 +85,7 @@ def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, 
     if method == "bm25":
         from trackstar_db.sources.bm25 import BM25Index
 
-        return TopKResult.from_hits(BM25Index(db.path).search_many(texts, k), k)
+        return TopKResult.from_hits(BM25Index(db.path, must_exist=db.count("examples") > 0).search_many(texts, k), k)
     if method == "embedding":
         from trackstar_db.store.vectors import scan_progress
 
