@@ -83,14 +83,21 @@ def eval_cmd(db, fmt, by):
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @ann_flags
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
-def query(db, prompt, target, method, k, device, fmt, ann):
+@click.option("--tokens", is_flag=True, help="Also show which tokens of each hit carry its score (gradient methods; "
+                                             "with --format json/table/csv: one row per token).")
+def query(db, prompt, target, method, k, device, fmt, ann, tokens):
     """Attribute one prompt and target: proponents and opponents with their texts."""
+    import pyarrow.compute as pc
+
     from trackstar_db.devices import resolve_device
     from trackstar_db.evaluation.highlight import to_terminal
+    from trackstar_db.retrieval.tokens import hit_tokens, strongest
 
-    rows = _open(db).query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann)
+    handle = _open(db)
+    rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann)
+    per_hit = hit_tokens(handle, prompt, target, rows, resolve_device(device)) if tokens else None
     if fmt != "text":
-        print_table(rows, fmt)
+        print_table(per_hit if tokens else rows, fmt)
         return
     for kind in ("proponent", "opponent"):
         picked = [r for r in rows.to_pylist() if r["kind"] == kind]
@@ -98,6 +105,9 @@ def query(db, prompt, target, method, k, device, fmt, ann):
             click.secho(f"{kind}s of {target!r} after {prompt!r} (method: {picked[0]['method']}):", bold=True)
         for r in picked:
             click.echo(f"{r['rank']:>4}  {r['score']:+.4f}  {r['example_id']:<14} {to_terminal(r['text'], [prompt, target])}")
+            if tokens:
+                mine = per_hit.filter((pc.field("kind") == kind) & (pc.field("rank") == r["rank"]))
+                click.echo(" " * 6 + "tokens: " + "  ".join(f"{t}({c:+.4f})" for t, c in strongest(mine, 6)))
 
 
 @main.command()
