@@ -160,3 +160,26 @@ def test_ray_fit_and_retrieve_match_one_process(ray_cluster, local_db):
             assert many.proponent_ids == one.proponent_ids, spec.name
             assert many.opponent_ids == one.opponent_ids, spec.name
             assert np.allclose(many.proponent_scores, one.proponent_scores, rtol=1e-5, atol=1e-7)
+
+
+def test_cli_fit_and_retrieve_with_engine_ray_as_a_user_types_them(ray_cluster, local_db):
+    from click.testing import CliRunner
+
+    from trackstar_db import connect
+    from trackstar_db.cli import main
+
+    runner = CliRunner()
+    path = str(local_db.path)
+    for args in (["fit", path, "--engine", "ray"],
+                 ["retrieve", path, "--method", "trackstar", "--k", "5", "--engine", "ray", "--run", "ts-ray"],
+                 ["retrieve", path, "--method", "trackstar", "--k", "5", "--run", "ts-local"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+    rows = connect(path).sql("SELECT a.example_id AS a, b.example_id AS b, a.score AS sa, b.score AS sb "
+                             "FROM retrievals a JOIN retrievals b USING (query_id, kind, rank) "
+                             "WHERE a.run_id = 'ts-ray' AND b.run_id = 'ts-local'")
+    assert rows.num_rows == 2 * 5 * connect(path).count("queries") // 3 > 0  # prompt0 queries, both kinds
+    assert rows.column("a").to_pylist() == rows.column("b").to_pylist()
+    assert np.allclose(rows.column("sa").to_numpy(), rows.column("sb").to_numpy(), rtol=1e-5, atol=1e-7)
+    bad = runner.invoke(main, ["fit", path, "--engine", "spark"])
+    assert bad.exit_code != 0 and "--engine" in bad.output
