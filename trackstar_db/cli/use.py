@@ -9,6 +9,7 @@ import click
 from trackstar_db.errors import TrackstarError
 
 from . import main
+from .engine import ENGINE
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
 
@@ -26,7 +27,8 @@ from .scale import ann_flags
 @ann_flags
 @click.option("--query-text", type=click.Choice(["prompt+target", "prompt"]), default="prompt+target", show_default=True,
               help="What BM25 and the embedding baseline search with.")
-def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann):
+@ENGINE
+def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann, engine):
     """Retrieve proponents for the database's queries with one or more methods."""
     from trackstar_db.devices import resolve_device
     from trackstar_db.retrieval.methods import expand
@@ -40,7 +42,7 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann)
     if run_id and len(names) > 1:
         raise TrackstarError("--run names one run; give one --method with it")
     options = RetrieveOptions(k=k, template=None if template == "all" else template, device=resolve_device(device),
-                              query_text=query_text, ann=ann)
+                              query_text=query_text, ann=ann, engine=engine)
     for name in names:
         run, rows = run_retrieval(handle, name, options, run_id, replace)
         click.echo(f"run {run}: {rows.num_rows:,} rows")

@@ -29,6 +29,7 @@ class RetrieveOptions:
     batch_rows: int = 65536
     query_text: str = "prompt+target"  # what BM25 and embedding see: 'prompt+target' or 'prompt'
     ann: object | None = None  # retrieval.ann.AnnOptions: approximate top-k from the method's index
+    engine: str = "local"  # 'ray': the gradient scan in Ray tasks over fragment ranges (distributed/scan.py)
 
     def __post_init__(self):
         if self.k < 1:
@@ -37,6 +38,9 @@ class RetrieveOptions:
             raise TrackstarError(f"batch_rows must be >= 1, not {self.batch_rows}")
         if self.query_text not in ("prompt+target", "prompt"):
             raise TrackstarError(f"query text must be 'prompt+target' or 'prompt', not {self.query_text!r}")
+        from trackstar_db.distributed import check_engine
+
+        check_engine(self.engine)
 
 
 def _queries(db, template: str | None) -> pa.Table:
@@ -76,7 +80,7 @@ def example_embeddings(db, device: str = "cpu"):
 
 
 def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, device: str = "cpu",
-               query_vectors=None, batch_rows: int = 65536, ann=None) -> TopKResult:
+               query_vectors=None, batch_rows: int = 65536, ann=None, engine: str = "local") -> TopKResult:
     """Top-k of one method for a set of queries: texts for bm25/embedding, gradients otherwise
     (`query_vectors` [nq, d], or the stored query gradients of `query_ids`); with `ann`
     (AnnOptions), approximately from the method's index (retrieval/ann.py)."""
@@ -102,6 +106,10 @@ def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, 
         from .ann import search_ann
 
         return search_ann(db, method, query_vectors, k, ann)
+    if engine == "ray":
+        from trackstar_db.distributed.scan import score_table as ray_score_table
+
+        return ray_score_table(db, spec, query_vectors, k, batch_rows=batch_rows)
     return score_table(db, spec, query_vectors, k, device=device, batch_rows=batch_rows)
 
 
@@ -118,7 +126,7 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     query_rows = _queries(db, options.template)
     query_ids = query_rows.column("query_id").to_pylist()
     result = run_method(db, method, query_ids, _query_texts(query_rows, options.query_text), options.k,
-                        options.device, batch_rows=options.batch_rows, ann=options.ann)
+                        options.device, batch_rows=options.batch_rows, ann=options.ann, engine=options.engine)
     rows = result.to_arrow(query_ids, run_id, method)
     if method in METHODS and rows.num_rows == 0:
         raise TrackstarError(f"{method}: the scan returned no rows; is the gradient table damaged? "
