@@ -1,6 +1,16 @@
-"""Featurizer tokens/s next to a plain AdamW training step on a small GPT-2 (random weights).
+"""Featurizer tokens/s next to a plain AdamW training step of the same model (random weights).
 
-    python benchmarks/bench_featurize.py [--device cuda] [--dim 4096] [--batch 32] [--seq 32]
+    python benchmarks/bench_featurize.py [--model gpt2-124m|pythia-160m|pythia-410m|pythia-1b|DIR]
+        [--model-dtype float32|bfloat16|float16] [--device cuda] [--dim 4096] [--batch 32] [--seq 32]
+        [--plan-gib 80]
+
+Default model: a 4-layer, 128-wide GPT-2 (--layers/--width/--vocab). --model takes a preset
+(configs of the published shapes, built from dicts here, random weights) or a local directory:
+a checkpoint (its weights) or a config.json alone (random weights). --plan-gib G prints the
+token budget the ingest worker's memory plan (trackstar_db.gradients.memory) would pick on a
+device with G GiB free after the weights, and whether one max_length example fits.
+Imports torch, transformers and trackstar_db.featurizer only (no LanceDB, Arrow or DuckDB), so
+it runs on a machine that has nothing else.
 
 Featurizer throughput next to a plain training step, measured side by side in one run.
 
@@ -104,7 +114,7 @@ def run_featurize_bench(model: torch.nn.Module, batches: list[dict[str, torch.Te
                         warmup: int = 1, repeats: int = 5) -> dict:
     """Tokens/s of the featurizer and of a plain AdamW training step; ratio = featurizer / plain."""
     device = torch.device(device)
-    config = config or FeaturizerConfig()
+    config = config or FeaturizerConfig(correction="none")
     batches = [{k: v[:, : config.max_length].to(device) for k, v in b.items()} for b in batches]
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
 
@@ -126,14 +136,74 @@ def run_featurize_bench(model: torch.nn.Module, batches: list[dict[str, torch.Te
             "featurize_tokens_per_s": tokens / feat_s, "train_step_tokens_per_s": tokens / plain_s,
             "ratio": plain_s / feat_s, "featurize_peak_mib": feat_mib, "train_step_peak_mib": plain_mib}
 
+PRESETS = {
+    "gpt2-124m": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    "pythia-160m": ("gpt_neox", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072, vocab_size=50304, max_position_embeddings=2048,
+                                     rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)),
+    "pythia-410m": ("gpt_neox", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=4096, vocab_size=50304, max_position_embeddings=2048,
+                                     rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)),
+    "pythia-1b": ("gpt_neox", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                                   intermediate_size=8192, vocab_size=50304, max_position_embeddings=2048,
+                                   rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)),
+}
 
 
+def build_model(args) -> tuple[torch.nn.Module, str]:
+    """(model in args.model_dtype, description) from --model, or the small default GPT-2."""
+    import os
 
-import transformers
+    import transformers
+
+    dtype = getattr(torch, args.model_dtype)
+    if args.model is None:
+        config = transformers.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=4, vocab_size=args.vocab,
+                                         n_positions=max(args.seq, 32), bos_token_id=1, eos_token_id=2)
+        name = f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}"
+        model = transformers.GPT2LMHeadModel(config)
+    elif args.model in PRESETS:
+        model_type, fields = PRESETS[args.model]
+        config = transformers.AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, **fields)
+        name = f"{args.model} (preset config, random weights)"
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    elif os.path.isdir(args.model):
+        weights = any(f.endswith((".safetensors", ".bin")) and not f.startswith("optimizer")
+                      for f in os.listdir(args.model))
+        if weights:
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+            name = f"{args.model} (checkpoint)"
+        else:
+            config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            name = f"{args.model} (config, random weights)"
+    else:
+        raise SystemExit(f"--model {args.model!r}: not a preset ({', '.join(PRESETS)}) nor a directory")
+    params = sum(p.numel() for p in model.parameters())
+    return model.to(dtype).eval(), f"{name}, {params / 1e6:.0f}M parameters, {args.model_dtype}"
+
+
+def print_plan(model, config, gib: float) -> None:
+    """The worker's token budget on a device with `gib` GiB free after the weights."""
+    from trackstar_db.errors import TrackstarError
+    from trackstar_db.gradients.memory import plan_batch_tokens
+
+    featurizer = Featurizer(model, config, device="cpu")
+    try:
+        plan = plan_batch_tokens(featurizer, config.max_length, free_bytes=int(gib * 2**30))
+        print(f"memory plan for {gib:g} GiB free, d={featurizer.layout.dim}: {plan.describe()}; "
+              f"{plan.batch_tokens // config.max_length} rows of {config.max_length} tokens")
+    except TrackstarError as exc:
+        print(f"memory plan for {gib:g} GiB free: refused: {exc}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help=f"a preset ({', '.join(PRESETS)}) or a local directory")
+    parser.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--plan-gib", type=float, default=None,
+                        help="also print the memory plan for this many GiB free (no run when --batches 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--combine", default="concat", choices=["concat", "sum"])
@@ -145,20 +215,24 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=4, vocab_size=args.vocab,
-                                     n_positions=args.seq, bos_token_id=1, eos_token_id=2)
-    model = transformers.GPT2LMHeadModel(config)
+    model, name = build_model(args)
+    vocab = model.config.vocab_size
+    config = FeaturizerConfig(dim=args.dim, combine=args.combine, correction="none", max_length=max(args.seq, 2))
+    if args.plan_gib is not None:
+        print_plan(model, config, args.plan_gib)
+        if args.batches == 0:
+            return
     batches = []
     for _ in range(args.batches):
-        ids = torch.randint(3, args.vocab, (args.batch, args.seq))
+        ids = torch.randint(3, vocab, (args.batch, args.seq))
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    result = run_featurize_bench(model, batches, args.device,
-                                 FeaturizerConfig(dim=args.dim, combine=args.combine), repeats=args.repeats)
-    print(f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}, batch {args.batch} x seq {args.seq}, "
-          f"{result['tracked']} tracked matrices, d={result['dim']} ({args.combine}), "
-          f"{result['device']}, {result['threads']} threads")
+    result = run_featurize_bench(model, batches, args.device, config, repeats=args.repeats)
+    print(f"{name}; batch {args.batch} x seq {args.seq}, {result['tracked']} tracked matrices, "
+          f"d={result['dim']} ({args.combine}), {result['device']}, {result['threads']} threads")
     print(f"{'step':<22}{'tokens/s':>12}{'peak MiB':>12}")
     for name, key in (("featurize", "featurize"), ("train step (AdamW)", "train_step")):
         peak = result[f"{key}_peak_mib"]
