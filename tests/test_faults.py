@@ -115,14 +115,35 @@ def snapshot(path) -> dict:
     from trackstar_db.sources.bm25 import BM25Index
 
     db = connect(path)
-    state = {"journal": (db.path / "journal.json").exists(), "manifest": db.manifest,
+    state = {"journal": (db.path / "journal.json").exists(),
              "bm25": sorted(BM25Index(db.path).all_ids()) if (db.path / "bm25").exists() else []}
     for name in db.table_names():
         state[f"table {name}"] = _rows(db.table(name), VOLATILE.get(name, ()))
     folder = db.path / "preconditioners"
-    state["preconditioners"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                                for p in sorted(folder.glob("*.safetensors"))} if folder.exists() else {}
+    files = sorted(folder.glob("*.safetensors")) if folder.exists() else []
+    state["preconditioners"] = {p.name: _tensors(p) for p in files}
+    # the manifest names each R file with its sha256: it must describe the file that is there
+    # (the bytes of two fits of the same data differ in layout only, so the hash is compared here)
+    entries = db.manifest.get("preconditioners", {})
+    state["manifest hashes match"] = all(
+        hashlib.sha256((folder / e["file"]).read_bytes()).hexdigest() == e["sha256"]
+        for e in entries.values() if "sha256" in e)
+    state["manifest"] = json.loads(json.dumps(db.manifest))
+    for entry in state["manifest"].get("preconditioners", {}).values():
+        entry.pop("sha256", None)
     return state
+
+
+def _tensors(path) -> dict:
+    """An R file's metadata and the bytes of each tensor (not the file's bytes: see above)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        out = {"metadata": handle.metadata()}
+        for key in sorted(handle.keys()):
+            tensor = handle.get_tensor(key).contiguous().reshape(-1)
+            out[key] = hashlib.sha256(tensor.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
 
 
 _clean: dict[str, dict] = {}
