@@ -121,7 +121,16 @@ def find(model_dir: str | Path) -> Path | None:
 
 
 def _is_safetensors(path: Path) -> bool:
-    return path.suffix == ".safetensors"
+    """By name, then content: torch.save writes a zip ('PK') or a pickle (0x80); anything else is
+    read as safetensors."""
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return False
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return path.suffix == ".safetensors"
+    return not (head.startswith(b"PK") or head[:1] == b"\x80")
 
 
 def load(path: str | Path, model: torch.nn.Module | None = None) -> OptimizerState:

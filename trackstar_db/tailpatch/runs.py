@@ -36,6 +36,9 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
         raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
     state = _optimizer_state.load(info["optimizer_state"])
     model, tokenizer = db.load_model(device)
+    from trackstar_db.featurizer.tokenize import cap_tokenizer
+
+    cap_tokenizer(tokenizer, model.config)  # long prompts and texts are cut to the model's context
 
     retrievals = db.table("retrievals", columns=["run_id", "query_id", "kind", "rank", "example_id"],
                           filter=(pc.field("kind") == "proponent") & (pc.field("rank") <= int(k)))
