@@ -203,3 +203,33 @@ def test_errors_become_one_line_naming_the_file(tmp_path):
         duckdb.sql("SELECT * FROM no_such_table")
     assert one_line(info.value).startswith("SQL: ")
     assert one_line(TypeError("a bug")) is None  # bugs keep their traceback
+
+
+def test_half_precision_tables_and_orphan_ids(tmp_path):
+    """No model needed: float16 vectors are checked (DuckDB reads only the ids), an id without
+    an example and a NaN in a half-precision row are each found."""
+    import torch
+
+    from trackstar_db import Database
+    from trackstar_db.evaluation.check import check
+    from trackstar_db.sources.bm25 import BM25Index
+    from trackstar_db.store import vectors as _vectors
+
+    db = Database.create(tmp_path / "db")
+    ids, texts = ["a", "b", "c"], ["one text", "two texts", "three texts"]
+    db.append("examples", pa.table({"example_id": ids, "text": texts, "source": ["t"] * 3, "content_hash": ids}))
+    BM25Index(db.path).add(ids, texts)
+    table = db.gradient_table("train")
+    table.create(1024, "float16")
+
+    def rows(names, x):
+        return pa.table({"id": names, "vector": _vectors.to_arrow(x, "float16"), "norm": pa.array([1.0] * len(names), pa.float32()),
+                         "loss": pa.array([1.0] * len(names), pa.float32()), "n_tokens": pa.array([1] * len(names), pa.int32())})
+
+    db.append(table.name, rows(ids, torch.randn(3, 1024)))
+    assert check(db).num_rows == 0
+    x = torch.randn(1, 1024)
+    x[0, 7] = math.inf
+    db.dataset(table.name).insert(rows(["zz"], x), mode="append")
+    found = {(p["table"], p["problem"].split(" (")[0]) for p in check(db).to_pylist()}
+    assert found == {(table.name, "1 vectors are not finite"), (table.name, "1 gradient ids are not in examples")}
