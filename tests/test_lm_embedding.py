@@ -15,14 +15,15 @@ def direct_embedding(model, tokenizer, text, index):
     return (mean / mean.norm()).numpy()
 
 
-@pytest.mark.parametrize("layer", ["final", "middle"])
+@pytest.mark.parametrize("layer", ["input", "final"])
 def test_retrieval_matches_direct_hidden_state_cosine(tiny_db, layer):
     from trackstar_db.retrieval import lm_embedding
     from trackstar_db.retrieval.embedding import query_text
 
     model, tokenizer = tiny_db.load_model()
     index = lm_embedding.layer_index(model.config.num_hidden_layers, layer)
-    assert index == (model.config.num_hidden_layers if layer == "final" else max(1, model.config.num_hidden_layers // 2))
+    assert index == {"input": 0, "final": model.config.num_hidden_layers}[layer]
+    assert lm_embedding.layer_index(4, "middle") == 2 and lm_embedding.LAYER == "input"
     examples = tiny_db.table("examples", columns=["example_id", "text"])
     ids, texts = examples.column("example_id").to_pylist(), examples.column("text").to_pylist()
     queries = tiny_db.table("queries", columns=["prompt", "target"]).slice(0, 3).to_pylist()
