@@ -105,7 +105,8 @@ def test_init_with_optimizer_pt_equals_the_safetensors_state(adam_run, tmp_path)
         db = tmp_path / keep / "db"
         run("init", db, "--model", model)
         manifest = json.loads((db / "manifest.json").read_text())
-        assert manifest["model"]["optimizer"] == "adamw"
+        assert manifest["model"]["optimizer"] == "adamw" and manifest["model"]["optimizer_step"] == 3
+        assert manifest["model"]["optimizer_lr"] == pytest.approx(opt.load(model).lr)
         assert manifest["model"]["optimizer_state"].endswith(keep)
         run("ingest", "corpus", db, corpus)
         out = run("ingest", "gradients", db, "--dim", 1024, "--device", "cpu", "--no-uncorrected").output

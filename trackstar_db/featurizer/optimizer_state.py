@@ -294,14 +294,22 @@ def load_hf_trainer(model_dir: str | Path, model: torch.nn.Module | None = None,
                           weight_decay, tensors)
 
 
-def describe(path: str | Path) -> str:
-    """The optimizer kind of a state file, checked readable (a Trainer optimizer.pt is loaded
-    and mapped in full, so a mismatch is refused at init, not at the first gradient run)."""
+def describe(path: str | Path) -> dict:
+    """What the manifest records about a state file ({optimizer, optimizer_step, optimizer_lr}),
+    checked readable: a Trainer optimizer.pt is loaded and mapped in full, so a mismatch is
+    refused at init, not at the first gradient run; a safetensors file by its metadata."""
     path = Path(path)
     if not _is_safetensors(path):
-        return load_hf_trainer(path.parent, path=path).optimizer
-    kind = peek_kind(path)
-    if kind is None:
-        load(path)  # raises the one-line reason
-        raise TrackstarError(f"{path}: optimizer metadata lacks field 'optimizer'")
-    return kind
+        state = load_hf_trainer(path.parent, path=path)
+        return {"optimizer": state.optimizer, "optimizer_step": state.step, "optimizer_lr": state.lr}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as exc:  # a truncated or foreign file
+        raise TrackstarError(f"{path}: not a readable safetensors optimizer state ({_first_line(exc)})") from None
+    try:
+        return {"optimizer": meta["optimizer"], "optimizer_step": int(meta["step"]), "optimizer_lr": float(meta["lr"])}
+    except (KeyError, ValueError) as exc:
+        raise TrackstarError(f"{path}: optimizer metadata lacks or garbles field {exc.args[0]!r}") from None
