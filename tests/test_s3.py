@@ -140,3 +140,51 @@ def test_two_processes_appending_to_one_s3_table_lose_nothing(s3, tmp_path):
     assert [w.wait(timeout=300) for w in writers] == [0, 0]
     ids = lance.dataset(uri, storage_options=options).to_table(columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 100  # 2 processes x 5 commits x 10 rows, none lost
+
+
+def test_a_database_with_tables_on_s3_gives_the_same_evaluation_as_a_local_one(s3, tiny_db_template, tmp_path,
+                                                                                monkeypatch):
+    """init --tables s3://..., ingest corpus/facts/gradients, fit, retrieve, eval, as typed."""
+    import json
+
+    from click.testing import CliRunner
+
+    from trackstar_db import connect
+    from trackstar_db.cli import main
+    from trackstar_db.testbed.world import generate_world
+
+    options, client = s3
+    for key, value in {"AWS_ENDPOINT": options["aws_endpoint"], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+                       "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
+        monkeypatch.setenv(key, value)
+    world = generate_world(tmp_path / "world", seed=0, size="tiny")
+    model = str(tiny_db_template / "model")
+    runner = CliRunner()
+    outputs = {}
+    for name, extra in (("local", []), ("s3", ["--tables", "s3://bucket/tiny/tables"])):
+        db = str(tmp_path / name)
+        for args in (["init", db, "--model", model, *extra],
+                     ["ingest", "corpus", db, str(world.sentences_path)],
+                     ["ingest", "facts", db, str(world.facts_path)],
+                     ["ingest", "gradients", db, "--split", "train", "--dim", "1024", "--correction", "adam-factored"],
+                     ["ingest", "gradients", db, "--split", "queries"],
+                     ["fit", db],
+                     ["retrieve", db, "--method", "trackstar", "--k", "10"],
+                     ["retrieve", db, "--method", "bm25", "--k", "10"],
+                     ["eval", db, "--format", "json"]):
+            result = runner.invoke(main, args)
+            assert result.exit_code == 0, f"{name}: {' '.join(args)}: {result.output}"
+        outputs[name] = [json.loads(line) for line in result.output.splitlines() if line.strip()]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="tiny/tables/")["Contents"]]
+    assert any(k.startswith("tiny/tables/grads_train_corrected.lance/data/") for k in keys)
+    assert not any((tmp_path / "s3" / "tables").iterdir())  # nothing of the tables stayed local
+    assert connect(tmp_path / "s3").count("grads_train_corrected") == connect(tmp_path / "local").count("examples")
+    local, remote = outputs["local"], outputs["s3"]
+    assert len(local) == len(remote) > 0
+    for a, b in zip(local, remote):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+            else:
+                assert a[key] == b[key], key

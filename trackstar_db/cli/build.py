@@ -19,11 +19,13 @@ from .common import DB_ARG, Group, _open
               help="Local checkpoint directory (config.json, weights, tokenizer).")
 @click.option("--optimizer-state", type=click.Path(exists=True, path_type=Path),
               help="optimizer.safetensors (default: the one inside --model, if any).")
-def init(db, model_dir, optimizer_state):
+@click.option("--tables", "tables_uri", default=None,
+              help="Keep the tables at this object-store URI (s3://bucket/db/tables; AWS_* environment) instead of DB/tables.")
+def init(db, model_dir, optimizer_state, tables_uri):
     """Create a database directory DB (optionally recording the model it attributes)."""
     from trackstar_db.store.database import Database
 
-    handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None)
+    handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None, tables_uri=tables_uri)
     click.echo(f"created {handle.path}" + (f" for model {handle.manifest['model']['fingerprint']}" if model_dir else ""))
 
 

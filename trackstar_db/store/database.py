@@ -42,10 +42,16 @@ class Database:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = _manifest.read(self.path)
-        self._lance = lancedb.connect(str(self.path / "tables"))
+        self._lance = lancedb.connect(self.tables_uri)
         self._attributor = None  # retrieval.adhoc.PromptAttributor, made by the first query()
         if (self.path / _journal.FILENAME).exists() and not _lock.held(self.path):
             self._recover_abandoned()
+
+    @property
+    def tables_uri(self) -> str:
+        """Where the LanceDB tables live: DB/tables, or the object-store URI given at init (s3://...;
+        endpoint and credentials from the AWS_* environment, as Lance reads them)."""
+        return self.manifest.get("tables_uri") or str(self.path / "tables")
 
     def _recover_abandoned(self) -> None:
         """A journal with no writer holding the lock was left by a killed command: finish it now."""
@@ -79,7 +85,8 @@ class Database:
     # -- creation -----------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, model_dir: str | Path | None = None,
-               optimizer_state: str | Path | None = None, exist_ok: bool = False) -> "Database":
+               optimizer_state: str | Path | None = None, exist_ok: bool = False,
+               tables_uri: str | None = None) -> "Database":
         path = Path(path)
         if (path / _manifest.FILENAME).exists():
             if not exist_ok:
@@ -91,10 +98,10 @@ class Database:
             if path.exists() and any(p.name != "tables" for p in path.iterdir()):
                 raise TrackstarError(f"{path}: directory is not empty and holds no database")
             (path / "tables").mkdir(parents=True, exist_ok=True)
-            lance = lancedb.connect(str(path / "tables"))
+            lance = lancedb.connect(tables_uri or str(path / "tables"))
             for name in _schema.table_names():
                 lance.create_table(name, schema=_schema.arrow_schema(name), exist_ok=True)
-            _manifest.write(path, _manifest.new_manifest())
+            _manifest.write(path, dict(_manifest.new_manifest(), **({"tables_uri": tables_uri} if tables_uri else {})))
             db = cls(path)
         if model_dir is not None:
             db.set_model(model_dir, optimizer_state)
@@ -127,7 +134,7 @@ class Database:
             "fingerprint": fingerprint,
             "tokenizer": str(model_dir),
             "optimizer_state": str(Path(optimizer_state).resolve()) if optimizer_state else None,
-            **(_optimizer_state.describe(optimizer_state) if optimizer_state else {"optimizer": None}),
+            "optimizer": _optimizer_state.describe(optimizer_state) if optimizer_state else None,
         }
         self.save_manifest()
 
