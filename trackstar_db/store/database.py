@@ -134,7 +134,7 @@ class Database:
             "fingerprint": fingerprint,
             "tokenizer": str(model_dir),
             "optimizer_state": str(Path(optimizer_state).resolve()) if optimizer_state else None,
-            "optimizer": _optimizer_state.describe(optimizer_state) if optimizer_state else None,
+            **(_optimizer_state.describe(optimizer_state) if optimizer_state else {"optimizer": None}),
         }
         self.save_manifest()
 
