@@ -194,8 +194,8 @@ def test_two_corpus_ingests_at_once_store_each_example_once(bases, tmp_path):
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     first.write_text("".join(lines[: 2 * len(lines) // 3]))
     second.write_text("".join(lines[len(lines) // 3:]))  # a third of the records are in both files
-    # both read what is stored, then wait 3 s before writing: without the lock both would add the overlap
-    env = dict(ENV, TRACKSTAR_FAULT_SLEEP="corpus.before_write:3")
+    # both read what is stored, then wait 5 s before writing: without the lock both would add the overlap
+    env = dict(ENV, TRACKSTAR_FAULT_SLEEP="corpus.before_write:5")
     processes = [subprocess.Popen([sys.executable, "-m", "trackstar_db.cli", "ingest", "corpus", str(db), str(f)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for f in (first, second)]
     for process in processes:
@@ -213,8 +213,8 @@ def test_two_gradient_ingests_of_one_split_store_each_id_once(bases, tmp_path):
     shutil.copytree(bases["dirs"]["full"], db)
     argv = ["ingest", "gradients", str(db), "--split", "queries", "--dim", "1024", "--device", "cpu", "--batch-size", "8"]
     _cli([*argv, "--limit", "1"])  # the settings are fixed first, as ingest/multi_gpu.sh does
-    # both featurize every missing query; each waits 3 s between its duplicate check and its append
-    env = dict(ENV, TRACKSTAR_FAULT_SLEEP="gradients.before_append:3")
+    # both featurize every missing query; each waits 10 s between its duplicate check and its append
+    env = dict(ENV, TRACKSTAR_FAULT_SLEEP="gradients.before_append:10")
     processes = [subprocess.Popen([sys.executable, "-m", "trackstar_db.cli", *argv], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=env) for _ in range(2)]
     for process in processes:
