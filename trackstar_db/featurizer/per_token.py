@@ -55,7 +55,8 @@ def per_token_vectors(featurizer: Featurizer, batch: dict[str, torch.Tensor]) ->
             part = featurizer._block(name, x_r, x_c, corrected=variant == "corrected")
             out[variant][:, block.offset: block.offset + block.size] += part
 
-    per_example_backward(featurizer.model, featurizer.tracked, batch, on_factors)
+    per_example_backward(featurizer.model, featurizer.tracked, batch, on_factors,
+                         factor_dtype=None if getattr(featurizer, "dtype", None) == torch.bfloat16 else torch.float32)
     return {k: v.cpu() for k, v in out.items()}
 
 

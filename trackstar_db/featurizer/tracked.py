@@ -81,13 +81,15 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
     Each example's rows of the output-grads belong to its own loss only, so the factors are
     per-example. A module output shared by the batch (batch dim 1, e.g. GPT-2's position
     embedding) is expanded to the batch so each example gets its own rows. The model runs in
-    eval mode (restored after). Gradients are taken w.r.t. the embedding outputs
-    (torch.autograd.grad), so no parameter .grad is filled and weight gradients are never
+    eval mode (restored after). Gradients are taken w.r.t. the embedding outputs (or, when no
+    tracked embedding is used, e.g. only LoRA adapters are trainable, w.r.t. the tracked
+    modules' outputs) (torch.autograd.grad), so no parameter .grad is filled and weight gradients are never
     computed. Hooks are removed on exit. Factors come in `factor_dtype` (None: the model's).
     Returns loss [batch] (float32) and n_tokens [batch].
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     roots: list[torch.Tensor] = []
+    others: list[torch.Tensor] = []  # the roots when no tracked embedding is used (LoRA adapters only)
     size = batch["input_ids"].shape[0]
 
     def make_hook(name: str, kind: str):
@@ -103,8 +105,10 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
                 ids = x.reshape(x.shape[0], -1)
                 output.register_hook(lambda g: on_factors(name, ids, _flat(g, factor_dtype)))
             elif kind == "linear":
+                others.append(output)
                 output.register_hook(lambda g: on_factors(name, _flat(g, factor_dtype), _flat(x, factor_dtype)))
             else:
+                others.append(output)
                 output.register_hook(lambda g: on_factors(name, _flat(x, factor_dtype), _flat(g, factor_dtype)))
             return output
         return hook
@@ -117,9 +121,9 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
         with torch.enable_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss, n_tokens = per_example_loss(logits, batch["labels"])
-            if not roots:
-                raise ValueError("the model used no tracked nn.Embedding; cannot take per-example gradients")
-            torch.autograd.grad(loss.sum(), roots, allow_unused=True)
+            if not roots and not others:
+                raise ValueError("the model used no tracked matrix; cannot take per-example gradients")
+            torch.autograd.grad(loss.sum(), roots or others, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -107,8 +107,11 @@ def _encode(tokenizer, split: str, chunk, max_length: int) -> list:
 
 
 def checkpoint_dtype(model_dir: str | Path) -> str:
-    """The dtype a checkpoint's config.json records (torch_dtype or dtype), float32 when absent."""
-    path = Path(model_dir) / "config.json"
+    """The dtype a checkpoint's config.json records (torch_dtype or dtype), float32 when absent;
+    for a PEFT adapter, its base model's."""
+    from trackstar_db.store.adapters import base_path, is_adapter
+
+    path = Path(base_path(model_dir) if is_adapter(model_dir) else model_dir) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -28,6 +28,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import journal as _journal
 from . import lock as _lock
+from . import adapters as _adapters
 from . import manifest as _manifest
 from . import schema as _schema
 from .gradient_table import GradientTable, is_gradient_table
@@ -154,6 +155,9 @@ class Database:
         info = self.model_info()
         if _manifest.model_fingerprint(info["path"]) != info["fingerprint"]:
             raise TrackstarError(f"{info['path']}: checkpoint changed since it was recorded (fingerprint mismatch)")
+        if _adapters.is_adapter(info["path"]):  # base + PEFT adapter: the adapter weights are tracked
+            tokenizer = AutoTokenizer.from_pretrained(_adapters.tokenizer_path(info["path"]), local_files_only=True)
+            return _adapters.load_adapter_model(info["path"], dtype).to(device).eval(), tokenizer
         tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(info["path"], local_files_only=True, dtype=dtype)
         return model.to(device).eval(), tokenizer

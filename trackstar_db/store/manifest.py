@@ -89,14 +89,18 @@ def _file_digest(path: Path) -> str:
 def model_fingerprint(model_dir: str | Path) -> str:
     """Fingerprint of a local checkpoint: its config and weight files (not the optimizer state)."""
     model_dir = Path(model_dir)
-    config = model_dir / "config.json"
+    config, base = model_dir / "config.json", ""
+    if not config.is_file() and (model_dir / "adapter_config.json").is_file():  # PEFT adapter: it and its base
+        from .adapters import base_path
+
+        config, base = model_dir / "adapter_config.json", model_fingerprint(base_path(model_dir))
     if not config.is_file():
         raise TrackstarError(f"{model_dir}: not a model directory (no config.json)")
     weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
     weights = [w for w in weights if w.name != "optimizer.safetensors"]
     if not weights:
         raise TrackstarError(f"{model_dir}: no weight files (*.safetensors or *.bin)")
-    digest = hashlib.sha256(config.read_bytes())
+    digest = hashlib.sha256(config.read_bytes() + base.encode())
     for weight in weights:
         digest.update(weight.name.encode())
         digest.update(_file_digest(weight).encode())
