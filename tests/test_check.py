@@ -233,3 +233,10 @@ def test_half_precision_tables_and_orphan_ids(tmp_path):
     db.dataset(table.name).insert(rows(["zz"], x), mode="append")
     found = {(p["table"], p["problem"].split(" (")[0]) for p in check(db).to_pylist()}
     assert found == {(table.name, "1 vectors are not finite"), (table.name, "1 gradient ids are not in examples")}
+
+
+def test_a_swapped_preconditioner_is_refused_not_used(copy):
+    _swap_r(copy)
+    result = run("retrieve", copy, "--method", "r-train", "--k", 5, ok=False)
+    assert result.exit_code == 1 and "sha256 differs" in result.output and "trackstar-db fit" in result.output
+    run("retrieve", copy, "--method", "trackstar", "--k", 5)  # the untouched mixed R still serves

@@ -126,6 +126,13 @@ class GradientTable:
         if self.preconditioner_key(mix) not in self.db.manifest.get("preconditioners", {}) or not path.is_file():
             raise TrackstarError(f"no {mix!r} preconditioner for {self.name} in {self.db.path}; "
                                  f"run 'trackstar-db fit {self.db.path}'")
+        recorded = self.db.manifest["preconditioners"][self.preconditioner_key(mix)].get("sha256")
+        if recorded is not None:  # recorded at fit: a swapped or damaged file is refused, not used
+            import hashlib
+
+            with path.open("rb") as handle:
+                if hashlib.file_digest(handle, "sha256").hexdigest() != recorded:
+                    raise TrackstarError(f"{path}: not the file fitted (sha256 differs); run 'trackstar-db fit {self.db.path}'")
         try:
             return Preconditioner.load(path)
         except Exception as exc:  # a truncated or foreign file: one line naming it
