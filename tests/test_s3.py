@@ -7,6 +7,7 @@ and two processes appending at once without losing a commit. The database direct
 Skipped without the `s3` extra (moto[server], boto3).
 """
 
+import json
 import socket
 import subprocess
 import sys
@@ -188,3 +189,51 @@ def test_a_database_with_tables_on_s3_gives_the_same_evaluation_as_a_local_one(s
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
             else:
                 assert a[key] == b[key], key
+
+
+def _aws_env(monkeypatch, options):
+    for key, value in {"AWS_ENDPOINT": options["aws_endpoint"], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+                       "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_database_at_an_s3_uri_is_shared_through_caches_and_its_manifest_swap(s3, tiny_db_template, tmp_path,
+                                                                                monkeypatch):
+    """open_database('s3://bucket/home'): one cache builds it (tables, BM25, manifest), a second,
+    empty cache reads it whole; of two writers that read the same manifest, the second loses."""
+    from trackstar_db.distributed.objectstore import open_database, pull, push
+    from trackstar_db.errors import TrackstarError
+    from trackstar_db.sources.bm25 import BM25Index
+    from trackstar_db.sources.corpus import ingest_corpus
+    from trackstar_db.testbed.world import generate_world
+
+    options, client = s3
+    _aws_env(monkeypatch, options)
+    uri = "s3://bucket/home"
+    world = generate_world(tmp_path / "world", seed=0, size="tiny")
+    monkeypatch.setenv("TRACKSTAR_CACHE", str(tmp_path / "cache-a"))
+    with open_database(uri, create=True, model_dir=tiny_db_template / "model") as db:
+        ingest_corpus(db, [world.sentences_path], progress=False)
+        texts = db.table("examples", columns=["example_id", "text"]).slice(0, 3).to_pylist()
+        hits = BM25Index(db.path).search_many([t["text"] for t in texts], 3)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="home/")["Contents"]}
+    assert "home/manifest.json" in keys and any(k.startswith("home/bm25/") for k in keys)
+    monkeypatch.setenv("TRACKSTAR_CACHE", str(tmp_path / "cache-b"))  # another node: nothing cached
+    with open_database(uri) as db:
+        assert db.path.is_relative_to(tmp_path / "cache-b")
+        assert db.count("examples") > 0 and db.manifest["model"] is not None
+        assert BM25Index(db.path, must_exist=True).search_many([t["text"] for t in texts], 3) == hits
+    assert [h[0][0] for h in hits] == [t["example_id"] for t in texts]  # each text finds itself first
+    # two writers read the same manifest; the first upload wins, the second is refused, not merged
+    caches = []
+    for name in ("cache-c", "cache-d"):
+        monkeypatch.setenv("TRACKSTAR_CACHE", str(tmp_path / name))
+        caches.append(pull(uri))
+    for (cache, before), value in zip(caches, ("c", "d")):
+        manifest = json.loads((cache / "manifest.json").read_text())
+        (cache / "manifest.json").write_text(json.dumps(dict(manifest, note=value)))
+    push(uri, *caches[0])
+    with pytest.raises(TrackstarError, match="changed the database's manifest"):
+        push(uri, *caches[1])
+    stored = json.loads(client.get_object(Bucket="bucket", Key="home/manifest.json")["Body"].read())
+    assert stored["note"] == "c"
