@@ -79,3 +79,15 @@ def test_unit_norm_variants_are_bounded_and_corrected_differs(run_dir):
     assert not np.allclose(cos, opt)
     with pytest.raises(Exception, match="unknown TracIn-CP method"):
         scores(points, TEXTS, QUERIES, config, "tracin")
+
+
+def test_keeping_checkpoints_does_not_change_training(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from trackstar_db.testbed.train import TrainConfig, train_model
+
+    config = TrainConfig(n_layer=1, d_model=16, n_head=2, batch_size=8, max_steps=12, warmup=2, lr=3e-3, final_lr=1e-3)
+    train_model(TEXTS, tmp_path / "plain", config, progress=False)
+    assert not (tmp_path / "plain" / "checkpoints").exists()
+    plain, kept = load_file(tmp_path / "plain" / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert plain.keys() == kept.keys() and all(torch.equal(plain[k], kept[k]) for k in plain)
