@@ -160,8 +160,8 @@ def import_cmd(db, file, method, run_id):
 @main.command()
 @DB_ARG
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--compare", nargs=2, default=None, help="Two runs shown side by side (default: trackstar and bm25).")
-@click.option("--samples", default=8, show_default=True, help="Queries shown side by side.")
+@click.option("--compare", nargs=2, default=None, help="Show only these two runs on the query pages (default: every run).")
+@click.option("--samples", default=40, show_default=True, help="Queries given a page in the explorer (a seeded sample).")
 def report(db, out_dir, compare, samples):
     """Write a static HTML report (table, plots, side-by-side proponents)."""
     from trackstar_db.evaluation.analysis import write_db_report
