@@ -60,6 +60,12 @@ def s3():
         server.wait()
 
 
+def _aws_env(monkeypatch, options):
+    for key, value in {"AWS_ENDPOINT": options["aws_endpoint"], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+                       "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
+        monkeypatch.setenv(key, value)
+
+
 def _rows(start: int, n: int) -> pa.Table:
     from trackstar_db.store import schema as _schema
     from trackstar_db.store import vectors
@@ -143,9 +149,10 @@ def test_two_processes_appending_to_one_s3_table_lose_nothing(s3, tmp_path):
     assert len(ids) == len(set(ids)) == 100  # 2 processes x 5 commits x 10 rows, none lost
 
 
-def test_a_database_with_tables_on_s3_gives_the_same_evaluation_as_a_local_one(s3, tiny_db_template, tmp_path,
+def test_a_database_at_s3_gives_the_same_evaluation_as_a_local_one(s3, tiny_db_template, tmp_path,
                                                                                 monkeypatch):
-    """init --tables s3://..., ingest corpus/facts/gradients, fit, retrieve, eval, as typed."""
+    """init s3://bucket/tiny, ingest corpus/facts/gradients, fit, retrieve, eval, as typed; a
+    second cache (another node) then reads the same evaluation back."""
     import json
 
     from click.testing import CliRunner
@@ -155,16 +162,14 @@ def test_a_database_with_tables_on_s3_gives_the_same_evaluation_as_a_local_one(s
     from trackstar_db.testbed.world import generate_world
 
     options, client = s3
-    for key, value in {"AWS_ENDPOINT": options["aws_endpoint"], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
-                       "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
-        monkeypatch.setenv(key, value)
+    _aws_env(monkeypatch, options)
     world = generate_world(tmp_path / "world", seed=0, size="tiny")
     model = str(tiny_db_template / "model")
     runner = CliRunner()
     outputs = {}
-    for name, extra in (("local", []), ("s3", ["--tables", "s3://bucket/tiny/tables"])):
-        db = str(tmp_path / name)
-        for args in (["init", db, "--model", model, *extra],
+    monkeypatch.setenv("TRACKSTAR_CACHE", str(tmp_path / "cache"))
+    for name, db in (("local", str(tmp_path / "local")), ("s3", "s3://bucket/tiny")):
+        for args in (["init", db, "--model", model],
                      ["ingest", "corpus", db, str(world.sentences_path)],
                      ["ingest", "facts", db, str(world.facts_path)],
                      ["ingest", "gradients", db, "--split", "train", "--dim", "1024", "--correction", "adam-factored"],
@@ -178,8 +183,12 @@ def test_a_database_with_tables_on_s3_gives_the_same_evaluation_as_a_local_one(s
         outputs[name] = [json.loads(line) for line in result.output.splitlines() if line.strip()]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="tiny/tables/")["Contents"]]
     assert any(k.startswith("tiny/tables/grads_train_corrected.lance/data/") for k in keys)
-    assert not any((tmp_path / "s3" / "tables").iterdir())  # nothing of the tables stayed local
-    assert connect(tmp_path / "s3").count("grads_train_corrected") == connect(tmp_path / "local").count("examples")
+    cache = tmp_path / "cache" / "bucket" / "tiny"
+    assert not any((cache / "tables").iterdir())  # nothing of the tables stayed local
+    assert connect(cache).count("grads_train_corrected") == connect(tmp_path / "local").count("examples")
+    monkeypatch.setenv("TRACKSTAR_CACHE", str(tmp_path / "other-node"))
+    again = runner.invoke(main, ["eval", "s3://bucket/tiny", "--format", "json"])
+    assert again.exit_code == 0 and again.output == result.output
     local, remote = outputs["local"], outputs["s3"]
     assert len(local) == len(remote) > 0
     for a, b in zip(local, remote):
@@ -189,12 +198,6 @@ def test_a_database_with_tables_on_s3_gives_the_same_evaluation_as_a_local_one(s
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
             else:
                 assert a[key] == b[key], key
-
-
-def _aws_env(monkeypatch, options):
-    for key, value in {"AWS_ENDPOINT": options["aws_endpoint"], "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
-                       "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
-        monkeypatch.setenv(key, value)
 
 
 def test_a_database_at_an_s3_uri_is_shared_through_caches_and_its_manifest_swap(s3, tiny_db_template, tmp_path,

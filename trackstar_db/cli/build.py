@@ -25,7 +25,12 @@ def init(db, model_dir, optimizer_state, tables_uri):
     """Create a database directory DB (optionally recording the model it attributes)."""
     from trackstar_db.store.database import Database
 
-    handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None, tables_uri=tables_uri)
+    from trackstar_db.distributed.objectstore import object_uri, open_for_command
+
+    if object_uri(db):  # s3://bucket/db: tables at s3://bucket/db/tables, the rest through a local cache
+        handle = open_for_command(object_uri(db), create=True, model_dir=model_dir)
+    else:
+        handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None, tables_uri=tables_uri)
     click.echo(f"created {handle.path}" + (f" for model {handle.manifest['model']['fingerprint']}" if model_dir else ""))
 
 

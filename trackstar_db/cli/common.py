@@ -71,9 +71,10 @@ class Group(click.Group):
 
 
 def _open(db: Path):
+    from trackstar_db.distributed.objectstore import object_uri, open_for_command
     from trackstar_db.store.database import connect
 
-    return connect(db)
+    return open_for_command(object_uri(db)) if object_uri(db) else connect(db)
 
 
 def print_table(table, fmt: str = "table") -> None:

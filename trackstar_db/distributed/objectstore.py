@@ -151,5 +151,31 @@ def open_database(uri: str, create: bool = False, model_dir=None):
         db = connect(cache)
         if db.manifest.get("tables_uri") != tables:
             raise TrackstarError(f"{uri}/{MANIFEST}: its tables are at {db.manifest.get('tables_uri')!r}, not {tables!r}")
+        if model_dir is not None:
+            db.set_model(model_dir)
     yield db
     push(uri, cache, before, client)
+
+
+def object_uri(db) -> str | None:
+    """'s3://bucket/db' for a command's DB argument naming one (click's Path keeps one slash), else None."""
+    text = str(db)
+    return "s3://" + text[4:].lstrip("/") if text.startswith("s3:/") else None
+
+
+def open_for_command(uri: str, create: bool = False, model_dir=None):
+    """open_database for the running CLI command: its changes are uploaded when the command ends
+    without an error; after an error nothing is uploaded (the next pull restores the cache)."""
+    import sys
+
+    import click
+
+    manager = open_database(uri, create=create, model_dir=model_dir)
+    db = manager.__enter__()
+
+    def finish():
+        if sys.exc_info()[1] is None:
+            manager.__exit__(None, None, None)
+
+    click.get_current_context().call_on_close(finish)
+    return db
