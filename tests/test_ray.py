@@ -115,11 +115,18 @@ def test_ray_ingest_killed_worker_resumes_and_matches_one_process(ray_cluster, l
         ingest_gradients(db, CONFIG, job, progress=False)
     monkeypatch.delenv("TRACKSTAR_FAULT")
     db = connect(db.path)
+    assert db.manifest["featurizer"]["config"] == CONFIG.to_dict()  # actor 0 recorded the settings
     done = db.count("grads_train_corrected")
     assert 0 < done < n  # the first batch of each worker was committed, the rest was not
-    totals = ingest_gradients(db, CONFIG, job, progress=False)
-    assert totals["rows"] == n - done  # the rerun featurized only what was missing
-    assert totals["tables"] == {"grads_train_corrected": n, "grads_train_uncorrected": n}
+    from click.testing import CliRunner
+
+    from trackstar_db.cli import main
+
+    result = CliRunner().invoke(main, ["ingest", "gradients", str(db.path), "--engine", "ray", "--device", "cpu",
+                                       "--batch-size", "8", "--commit-rows", "24"])  # the rerun, as typed
+    assert result.exit_code == 0, result.output
+    assert f"featurized {n - done:,} train rows" in result.output  # only what was missing
+    assert f"grads_train_corrected={n:,}, grads_train_uncorrected={n:,}" in result.output
     for name in ("grads_train_corrected", "grads_train_uncorrected"):
         ids, vectors = _by_id(db, name)
         local_ids, local = _by_id(local_db, name)

@@ -168,7 +168,7 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
     from trackstar_db.featurizer.config import FeaturizerConfig
     from trackstar_db.gradients.loader import resolved_config
     from trackstar_db.gradients.plan import count_missing
-    from trackstar_db.store.database import connect
+    from trackstar_db.store import manifest as _manifest
 
     if job.limit is not None or job.shard != (0, 1):
         raise TrackstarError("--engine ray plans its own shards; drop --limit and --shard")
@@ -187,7 +187,7 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
     start = time.perf_counter()
     try:
         variants = ray.get(actors[0].setup.remote())
-        db = connect(db.path)  # the manifest actor 0 wrote
+        db.manifest = _manifest.read(db.path)  # what actor 0 recorded, for the caller's handle too
         tables = [db.gradient_table(job.split, corrected=v == "corrected") for v in variants]
         total = count_missing(db, job.split, tables) if progress else None
         ray.get([actor.start.remote() for actor in actors])
