@@ -91,3 +91,36 @@ def test_keeping_checkpoints_does_not_change_training(run_dir, tmp_path):
     assert not (tmp_path / "plain" / "checkpoints").exists()
     plain, kept = load_file(tmp_path / "plain" / "model.safetensors"), load_file(run_dir / "model.safetensors")
     assert plain.keys() == kept.keys() and all(torch.equal(plain[k], kept[k]) for k in plain)
+
+
+def test_stored_tracin_cp_run_is_the_grad_dot_run_times_lr(tiny_db):
+    """On a database whose model kept no intermediate checkpoint, tracin-cp = lr x grad-dot, ranks included."""
+    from click.testing import CliRunner
+
+    from trackstar_db.cli import main
+    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+    from trackstar_db.retrieval.methods import expand
+    from trackstar_db.retrieval.tracin_cp import checkpoints
+
+    for split in ("train", "queries"):
+        ingest_gradients(tiny_db, {"dim": 1024}, GradientJob(split, batch_size=32), progress=False)
+    result = CliRunner().invoke(main, ["retrieve", str(tiny_db.path), "--method", "grad-dot", "--method", "tracin-cp",
+                                       "--k", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (point,) = checkpoints(tiny_db.model_info()["path"])
+    rows = {m: tiny_db.sql(f"SELECT query_id, kind, rank, example_id, score FROM retrievals WHERE method = '{m}' "
+                           "ORDER BY query_id, kind, rank").to_pydict() for m in ("grad-dot", "tracin-cp")}
+    assert rows["grad-dot"]["query_id"] == rows["tracin-cp"]["query_id"] and len(rows["grad-dot"]["rank"]) > 0
+    np.testing.assert_allclose(np.array(rows["tracin-cp"]["score"]), point.lr * np.array(rows["grad-dot"]["score"]),
+                               rtol=2e-3, atol=1e-6 * point.lr)
+    # the same examples, except where a score ties with a neighbour (duplicate texts) or sits at the cut
+    score, ids = np.array(rows["grad-dot"]["score"]), rows["grad-dot"]["example_id"]
+    checked = 0
+    for i in range(len(ids)):
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(ids) and rows["grad-dot"]["query_id"][j] ==
+                      rows["grad-dot"]["query_id"][i] and rows["grad-dot"]["kind"][j] == rows["grad-dot"]["kind"][i]]
+        if rows["grad-dot"]["rank"][i] < 5 and all(abs(score[i] - score[j]) > 1e-2 * abs(score[i]) for j in neighbours):
+            assert rows["tracin-cp"]["example_id"][i] == ids[i]
+            checked += 1
+    assert checked > len(ids) // 4
+    assert "tracin-cp" not in expand(["all"])

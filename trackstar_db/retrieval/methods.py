@@ -71,8 +71,10 @@ LADDER = (
 )
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in LADDER}
 BASELINES = ("bm25", "embedding", "lm-embedding")  # retrievers without gradients (lm-embedding: the model's hidden states)
+# TracIn-CP over the checkpoints training kept (retrieval/tracin_cp.py); not in 'all': it featurizes every checkpoint.
+CHECKPOINT_METHODS = ("tracin-cp", "tracin-cp-cos", "tracin-cp-opt")
 # Every method in display order: the one list the CLI, the demo and the SQL summaries read.
-ALL_METHODS = BASELINES + tuple(METHODS)
+ALL_METHODS = BASELINES + tuple(METHODS) + CHECKPOINT_METHODS
 
 
 def method_order() -> list[tuple[str, int]]:
@@ -86,7 +88,7 @@ def expand(names, installed=None) -> list[str]:
     if installed is None:
         from . import embedding
 
-        installed = lambda name: name != "embedding" or embedding.available()  # noqa: E731
+        installed = lambda name: (name != "embedding" or embedding.available()) and name not in CHECKPOINT_METHODS  # noqa: E731
     out = []
     for name in names:
         for method in (ALL_METHODS if name == "all" else (name,)):

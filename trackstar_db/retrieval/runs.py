@@ -99,6 +99,10 @@ def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, 
         from .lm_embedding import top_k
 
         return top_k(db, texts, k, device)
+    if method.startswith("tracin-cp"):
+        from .tracin_cp import top_k_stored
+
+        return top_k_stored(db, query_ids, k, method, device)
     spec = get_method(method)
     if query_vectors is None:
         query_vectors = stored_query_vectors(db, spec, query_ids)

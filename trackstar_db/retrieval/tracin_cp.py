@@ -124,3 +124,15 @@ def top_k(db, query_texts: Sequence[tuple[str, str]], k: int, method: str = "tra
     best, worst = torch.topk(score, kk, dim=1), torch.topk(score, kk, dim=1, largest=False)
     return TopKResult([[ids[i] for i in row] for row in best.indices.tolist()], best.values.float().numpy().astype(np.float32),
                       [[ids[i] for i in row] for row in worst.indices.tolist()], worst.values.float().numpy().astype(np.float32))
+
+
+def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp", device: str = "cpu"):
+    """top_k for stored queries of the database, by id (the target-only loss needs prompt and target apart)."""
+    import pyarrow.compute as pc
+
+    rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("query_id").isin(list(query_ids)))
+    pairs = {q: (p, t) for q, p, t in zip(*(rows.column(c).to_pylist() for c in ("query_id", "prompt", "target")))}
+    missing = [q for q in query_ids if q not in pairs]
+    if missing:
+        raise TrackstarError(f"{method}: query {missing[0]!r} is not in the queries table (ad-hoc queries are not supported)")
+    return top_k(db, [pairs[q] for q in query_ids], k, method, device)
