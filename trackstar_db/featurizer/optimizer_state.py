@@ -127,9 +127,11 @@ def _is_safetensors(path: Path) -> bool:
         return False
     try:
         with path.open("rb") as handle:
-            head = handle.read(2)
+            head = handle.read(9)
     except OSError:
         return path.suffix == ".safetensors"
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header (the length may start 0x80)
+        return True
     return not (head.startswith(b"PK") or head[:1] == b"\x80")
 
 
