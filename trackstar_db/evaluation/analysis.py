@@ -45,7 +45,7 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
     With `tokens`, the top `token_top` proponents of each gradient run are shaded by per-token
     contribution, recomputed from the recorded checkpoint (skipped, with a note on stderr, when
     the model or a run's tables and R are not available)."""
-    from .explorer import add_tokens, build_pages, choose_queries
+    from .explorer import build_pages, choose_queries
     from .report import write_report
 
     runs = db.ids("runs", "run_id")
@@ -72,6 +72,8 @@ def _shade(db, pages: list[dict], top: int, device: str) -> None:
 
     from trackstar_db.retrieval.methods import METHODS
     from trackstar_db.retrieval.tokens import TokenAttributor
+
+    from .explorer import add_tokens
 
     contributions = TokenAttributor(db, device=device)
     usable = []
