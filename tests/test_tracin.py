@@ -124,3 +124,24 @@ def test_stored_tracin_cp_run_is_the_grad_dot_run_times_lr(tiny_db):
             checked += 1
     assert checked > len(ids) // 4
     assert "tracin-cp" not in expand(["all"])
+
+
+def test_train_keeps_checkpoints_and_retrieve_scores_over_them(tiny_db, tmp_path):
+    """As a user types it: train --checkpoints 2, then retrieve --method tracin-cp-cos over the three checkpoints."""
+    from click.testing import CliRunner
+
+    from trackstar_db.cli import main
+    from trackstar_db.retrieval.tracin_cp import checkpoints
+
+    runner = CliRunner()
+    out = tmp_path / "retrained"
+    result = runner.invoke(main, ["train", str(tiny_db.path), "--out", str(out), "--epochs", "1", "--checkpoints", "2"])
+    assert result.exit_code == 0, result.output
+    points = checkpoints(out)
+    assert len(points) == 3 and points[-1].name == "final" and all(p.lr > 0 for p in points)
+    result = runner.invoke(main, ["retrieve", str(tiny_db.path), "--method", "tracin-cp-cos", "--k", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    scores = tiny_db.sql("SELECT kind, score FROM retrievals WHERE method = 'tracin-cp-cos'").to_pydict()
+    assert len(scores["score"]) > 0 and max(abs(s) for s in scores["score"]) <= sum(p.lr for p in points) * (1 + 1e-5)
+    result = runner.invoke(main, ["train", str(tiny_db.path), "--out", str(tmp_path / "x"), "--checkpoints", "-1"])
+    assert result.exit_code != 0 and "checkpoints must be >= 0" in result.output

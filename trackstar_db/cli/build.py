@@ -149,7 +149,9 @@ def _batch_tokens(text: str):
 @click.option("--arch", type=click.Choice(["gpt2", "llama"]), default="gpt2", show_default=True)
 @click.option("--epochs", type=int, default=None, help="Training epochs (default: the TrainConfig default).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def train(db, out_dir, arch, epochs, seed):
+@click.option("--checkpoints", type=int, default=0, show_default=True,
+              help="Also keep this many evenly spaced intermediate checkpoints (OUT/checkpoints/), for tracin-cp.")
+def train(db, out_dir, arch, epochs, seed, checkpoints):
     """Pretrain a small causal LM on DB's examples (AdamW), record it, report fact accuracy."""
     from trackstar_db.testbed.model import train_testbed
 
@@ -157,7 +159,7 @@ def train(db, out_dir, arch, epochs, seed):
     overrides = {"architecture": arch, "seed": seed}
     if epochs is not None:
         overrides["epochs"] = epochs
-    accuracy = train_testbed(handle, out_dir, overrides)
+    accuracy = train_testbed(handle, out_dir, overrides, checkpoints=checkpoints)
     if accuracy is not None:
         from trackstar_db.testbed.model import format_accuracy
 

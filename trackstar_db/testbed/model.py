@@ -59,8 +59,10 @@ def accuracy_table(db) -> pa.Table:
     return db.sql(ACCURACY_SQL)
 
 
-def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bool = True) -> pa.Table | None:
-    """Train the testbed model on the examples, record it in the manifest, score the queries."""
+def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bool = True,
+                  checkpoints: int = 0) -> pa.Table | None:
+    """Train the testbed model on the examples, record it in the manifest, score the queries
+    (checkpoints > 0: also keep that many intermediate checkpoints, for TracIn-CP)."""
     from .train import TrainConfig, train_model
 
     if db.manifest["gradient_tables"]:
@@ -69,7 +71,7 @@ def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bo
     texts = db.table("examples", columns=["text"]).column("text").to_pylist()
     if not texts:
         raise TrackstarError(f"{db.path}: no examples to train on; run 'trackstar-db ingest corpus' first")
-    result = train_model(texts, out_dir, TrainConfig(**(overrides or {})), progress=progress)
+    result = train_model(texts, out_dir, TrainConfig(**(overrides or {})), progress=progress, checkpoints=checkpoints)
     db.set_model(out_dir)
     echo(f"trained {result.steps} steps in {result.wall_time_s:.0f} s: loss {result.first_loss:.3f} -> "
          f"{result.final_loss:.3f}; model {db.manifest['model']['fingerprint']} saved to {out_dir}")

@@ -106,6 +106,8 @@ def train_model(texts: Sequence[str], out_dir: str | Path, config: TrainConfig, 
     for TracIn-CP, whose last checkpoint is out_dir itself)."""
     if not texts:
         raise ValueError("train_model: no training texts")
+    if checkpoints < 0:
+        raise ValueError(f"train_model: checkpoints must be >= 0, not {checkpoints}")
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
