@@ -152,3 +152,20 @@ def test_state_of_another_model_is_refused_in_one_line(adam_run, tmp_path):
     result = run("init", tmp_path / "db2", "--model", garbage, ok=False)
     assert "not a readable torch optimizer state" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_format_is_sniffed_by_name_then_content(tmp_path):
+    """A safetensors file whose 8-byte header length starts with 0x80 (a pickle's first byte) is
+    still read as safetensors; a torch file under another name is read as torch, safely."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "optimizer.safetensors"
+    tensors = {"exp_avg_sq.w": torch.ones(2, 2), "exp_avg.w": torch.zeros(2, 2)}
+    for pad in range(300):  # metadata of growing length until the header length's low byte is 0x80
+        save_file(tensors, str(path), metadata={"optimizer": "adamw", "step": "1", "lr": "0.001", "pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert opt._is_safetensors(path) and opt.load(path).optimizer == "adamw"
+    torch.save({"state": {}, "param_groups": []}, tmp_path / "renamed.safetensors")
+    assert not opt._is_safetensors(tmp_path / "renamed.safetensors")
