@@ -219,7 +219,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    model, name = build_model(args)
+    if args.batches == 0:  # plan only: shapes on the meta device, no weights made
+        with torch.device("meta"):
+            model, name = build_model(args)
+    else:
+        model, name = build_model(args)
     vocab = model.config.vocab_size
     config = FeaturizerConfig(dim=args.dim, combine=args.combine, correction="none", max_length=max(args.seq, 2))
     if args.plan_gib is not None:
