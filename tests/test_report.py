@@ -228,3 +228,69 @@ def test_overflow_check_can_fail(tmp_path):
     wide.write_text('<!DOCTYPE html><html><body><table><tr><td style="min-width:2000px">x</td></tr></table></body></html>')
     scroll, inner = layout_width(wide, tmp_path)
     assert inner == WIDTH and scroll > WIDTH
+
+
+@pytest.fixture(scope="module")
+def db_report(tiny_db_template, tmp_path_factory) -> Path:
+    """`trackstar-db report` as a user runs it, on the tiny database with three runs, a tail-patch
+    sample and the model's predictions."""
+    from click.testing import CliRunner
+
+    from trackstar_db import connect
+    from trackstar_db.cli import main
+    from trackstar_db.featurizer.config import FeaturizerConfig
+    from trackstar_db.gradients.fit import fit
+    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+    from trackstar_db.testbed.model import score_predictions
+
+    root = tmp_path_factory.mktemp("db_report")
+    shutil.copytree(tiny_db_template / "model", root / "model")
+    shutil.copytree(tiny_db_template / "db", root / "db")
+    db = connect(root / "db")
+    db.set_model(root / "model")
+    for split in ("train", "queries"):
+        ingest_gradients(db, FeaturizerConfig(dim=1024, correction="adam-factored"),
+                         GradientJob(split, batch_size=16, device="cpu"), progress=False)
+    fit(db)
+    score_predictions(db)
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    for method in ("trackstar", "grad-dot", "bm25"):
+        run("retrieve", db.path, "--method", method, "--k", 10, "--device", "cpu")
+    run("tail-patch", db.path, "--run", "trackstar", "--k", 3, "--queries", 6, "--device", "cpu")
+    out = run("report", db.path, "--out", root / "report", "--samples", 6)
+    assert "index.html" in out
+    return root / "report" / "index.html"
+
+
+def test_database_report_end_to_end(db_report):
+    page, parser = _parse(db_report)
+    _self_contained(page, parser)
+    cells = {c.strip() for c, _ in parser.cells}
+    assert {"trackstar", "grad-dot", "bm25"} <= cells and page.count("<svg") == 3
+    folder = db_report.parent / "queries"
+    pages = sorted(folder.glob("q-*.html"))
+    assert len(pages) == 6
+    shaded = 0
+    for path in pages:
+        text, parser = _parse(path)
+        _self_contained(text, parser)
+        assert text.count('<section class="run">') == 3 and "answers" in text
+        # every shaded proponent: its token parts sum to its stored score
+        for total, score in re.findall(r"token parts sum to (\S+?)(?: \(special tokens \S+\))?</div>"
+                                       r"<div class=\"meta\">score (\S+?) ", text):
+            assert abs(float(total) - float(score)) <= 2e-3 * max(1.0, abs(float(score))), (path.name, total, score)
+            shaded += 1
+    assert shaded >= 6 * 2 * 2  # top proponents of both gradient runs on every page
+    assert any("tail-patch" in p.read_text() for p in pages)
+
+
+@needs_chromium
+def test_database_report_fits_1280(db_report, tmp_path):
+    for page in (db_report, db_report.parent / "queries" / "q-0001.html"):
+        scroll, inner = layout_width(page, tmp_path)
+        assert inner == WIDTH and scroll <= WIDTH, (page.name, scroll)
