@@ -111,10 +111,10 @@ def test_cli_index_then_ann_runs_sit_next_to_exact_ones(db):
 def test_plan_prints_bytes_ram_and_time(db):
     result = invoke("plan", "--dim", 65536, "--dtype", "bfloat16", "--rows", 19_600_000, "--format", "json")
     assert result.exit_code == 0, result.output
-    rows = {r["item"]: r for r in map(json.loads, result.output.splitlines())}
+    rows = {r["item"]: r for r in map(json.loads, result.stdout.splitlines())}
     vectors = rows["disk: gradient vectors (one table)"]
     assert vectors["bytes"] == 19_600_000 * 65536 * 2
     assert rows["scan: one exact query, trackstar"]["seconds"] > 0
     result = invoke("plan", db.path, "--dim", 1024, "--format", "json")
-    rows = {r["item"]: r for r in map(json.loads, result.output.splitlines())}
+    rows = {r["item"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert rows["disk: gradient vectors (one table)"]["bytes"] == N * 1024 * 2

@@ -176,7 +176,7 @@ def test_rows_appended_after_fit_are_refused_then_refit_serves_them(db, tmp_path
         check_run(db, spec, rows, sorted(set(rows.column("query_id").to_pylist())))
     # an R file from before the append put back (a stale copy): refused, not silently mixed
     (db.path / "preconditioners" / "grads_train_corrected.mixed.safetensors").write_bytes(before)
-    with pytest.raises(TrackstarError, match="changed since R was fitted"):
+    with pytest.raises(TrackstarError, match="changed since R was fitted|not the file fitted"):
         retrieve(db, "trackstar", RetrieveOptions(k=K), replace=True)
 
 
@@ -202,3 +202,24 @@ def test_to_torch_reads_every_dtype_zero_copy_and_sliced(dtype):
     assert torch.equal(vectors.to_torch(chunked, dtype), want)
     with pytest.raises(TrackstarError, match="dtype"):
         vectors.to_torch(column, "float32" if dtype != "float32" else "float16")
+
+
+def test_query_with_ann_matches_the_exact_query(db):
+    """`query --ann` as typed: an IVF_FLAT index searched over all its partitions returns the
+    exact top ids; its scores are dot products of the float16 unit vectors."""
+    from trackstar_db.retrieval.ann import build_index
+
+    build_index(db, "trackstar", kind="ivf_flat", num_partitions=2, progress=False)
+    query = next(q for q in db.table("queries").sort_by("query_id").to_pylist() if q["template"] == "prompt0")
+    exact = db.query(query["prompt"], query["target"], k=K, method="trackstar").to_pylist()
+    result = CliRunner().invoke(main, ["query", str(db.path), "--prompt", query["prompt"], "--target", query["target"],
+                                       "--method", "trackstar", "--k", str(K), "--ann", "--nprobes", "2",
+                                       "--device", "cpu", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    approx = [json.loads(line) for line in result.stdout.splitlines()]
+    for kind in ("proponent", "opponent"):
+        want = [h for h in exact if h["kind"] == kind]
+        got = [h for h in approx if h["kind"] == kind]
+        assert [h["example_id"] for h in got] == [h["example_id"] for h in want] or \
+            np.allclose([h["score"] for h in got], [h["score"] for h in want], atol=2e-3)
+        np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=2e-3)
