@@ -105,3 +105,9 @@ def test_record_fit_simulate_eval_on_tiny_world(tiny_db, tmp_path):
     assert result.exit_code != 0 and "bad.jsonl:1" in result.output and "no-such-example" in result.output
     result = runner.invoke(main, ["simfluence", "eval", str(tiny_db.path), "--format", "csv"])
     assert result.exit_code == 0 and result.output.startswith("method,")
+    result = runner.invoke(main, ["simfluence", "record", str(tiny_db.path), "--runs", "1", "--steps", "2",
+                                  "--probes", "6", "--batch-size", "4", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert "sim-004" in result.output and tiny_db.count("sim_runs") == 5 and tiny_db.count("sim_batches") == 160 + 8
+    result = runner.invoke(main, ["simfluence", "record", str(tiny_db.path), "--subset", "1.5"])
+    assert result.exit_code != 0 and "--subset must be in (0, 1]" in result.output

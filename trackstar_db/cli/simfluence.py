@@ -24,15 +24,16 @@ def simfluence():
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (linear warm-up, cosine down to --final-lr).")
 @click.option("--final-lr", default=3e-4, show_default=True)
+@click.option("--warmup", default=10, show_default=True, help="Linear warm-up steps.")
 @click.option("--init", type=click.Choice(["scratch", "checkpoint"]), default="scratch", show_default=True,
               help="scratch: the testbed model's initialisation (same in every run); checkpoint: the database's model.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the runs' subsets and orders.")
-def record(db, runs, steps, subset, probes, batch_size, lr, final_lr, init, seed):
+def record(db, runs, steps, subset, probes, batch_size, lr, final_lr, warmup, init, seed):
     """Train short runs on random subsets and orders; record batches and probe losses (sim_* tables)."""
     from trackstar_db.simfluence.record import RecordOptions, record_runs
 
     options = RecordOptions(runs=runs, steps=steps, subset=subset, probes=probes, batch_size=batch_size, lr=lr,
-                            final_lr=final_lr, init=init, seed=seed)
+                            final_lr=final_lr, warmup=warmup, init=init, seed=seed)
     done = record_runs(_open(db), options)
     click.echo(f"recorded {len(done)} runs ({done[0]} .. {done[-1]}) of {steps} steps, {probes} probes")
 
