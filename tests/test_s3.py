@@ -240,3 +240,38 @@ def test_a_database_at_an_s3_uri_is_shared_through_caches_and_its_manifest_swap(
         push(uri, *caches[1])
     stored = json.loads(client.get_object(Bucket="bucket", Key="home/manifest.json")["Body"].read())
     assert stored["note"] == "c"
+
+
+def test_two_processes_ingest_shards_into_one_s3_database(s3, tiny_db_template, tmp_path, monkeypatch):
+    """`ingest gradients s3://... --shard I/2` from two processes at once, each with its own cache
+    (two nodes): every example once in each table, the settings fixed by a first --limit 1 run."""
+    import os
+
+    from click.testing import CliRunner
+
+    from trackstar_db.cli import main
+    from trackstar_db.distributed.objectstore import open_database
+    from trackstar_db.testbed.world import generate_world
+
+    options, _ = s3
+    _aws_env(monkeypatch, options)
+    monkeypatch.setenv("TRACKSTAR_CACHE", str(tmp_path / "cache-0"))
+    world = generate_world(tmp_path / "world", seed=0, size="tiny")
+    db = "s3://bucket/shards"
+    runner = CliRunner()
+    for args in (["init", db, "--model", str(tiny_db_template / "model")],
+                 ["ingest", "corpus", db, str(world.sentences_path)],
+                 ["ingest", "gradients", db, "--dim", "1024", "--correction", "adam-factored", "--limit", "1"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, f"{' '.join(args)}: {result.output}"
+    shards = [subprocess.Popen([sys.executable, "-m", "trackstar_db.cli", "ingest", "gradients", db, "--device", "cpu",
+                                "--shard", f"{i}/2", "--commit-rows", "32"],
+                               env=dict(os.environ, TRACKSTAR_CACHE=str(tmp_path / f"cache-{i + 1}")),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [shard.communicate(timeout=900)[0] for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], outputs
+    with open_database(db) as handle:
+        n = handle.count("examples")
+        for name in ("grads_train_corrected", "grads_train_uncorrected"):
+            ids = handle.table(name, columns=["id"]).column("id").to_pylist()
+            assert len(ids) == len(set(ids)) == n, name
