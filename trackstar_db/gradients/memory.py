@@ -86,6 +86,7 @@ def plan_batch_tokens(featurizer, max_length: int, free_bytes: int | None = None
     if free_bytes is None:
         import torch
 
+        torch.cuda.empty_cache()  # blocks cached by earlier steps (the second-moment sample) count as free
         free_bytes, _ = torch.cuda.mem_get_info(device)
     per_token = bytes_per_token(featurizer, max_length)
     fixed = projection_bytes(featurizer)

@@ -172,16 +172,19 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
     if job.pipeline:
         batches = ahead(batches, job.queue_depth)
     start = time.perf_counter()
-    with tqdm(total=total, desc=f"gradients {job.split}", unit=" ex", disable=not progress) as bar, \
-            Writer(lambda ids, out: committer.add(ids, out.wait()), job.queue_depth, threaded=job.pipeline) as writer:
-        for batch in batches:
-            out = featurizer.featurize(batch.tensors, non_blocking=job.pipeline)
-            writer.put(batch.ids, out)
-            totals["rows"] += batch.rows
-            totals["batches"] += 1
-            totals["tokens"] += int(batch.tensors["attention_mask"].sum())
-            bar.update(batch.rows)
-            bar.set_postfix_str(f"{totals['tokens'] / (time.perf_counter() - start):,.0f} tok/s")
+    try:
+        with tqdm(total=total, desc=f"gradients {job.split}", unit=" ex", disable=not progress) as bar, \
+                Writer(lambda ids, out: committer.add(ids, out.wait()), job.queue_depth, threaded=job.pipeline) as writer:
+            for batch in batches:
+                out = featurizer.featurize(batch.tensors, non_blocking=job.pipeline)
+                writer.put(batch.ids, out)
+                totals["rows"] += batch.rows
+                totals["batches"] += 1
+                totals["tokens"] += int(batch.tensors["attention_mask"].sum())  # input tokens, padding excluded
+                bar.update(batch.rows)
+                bar.set_postfix_str(f"{totals['tokens'] / (time.perf_counter() - start):,.0f} tok/s")
+    finally:
+        batches.close()  # stops the tokenizer thread (and the plan's DuckDB scan) on an error too
     committer.flush()
     if job.shard == (0, 1) and totals["rows"]:
         for table in tables.values():  # merge the per-commit fragments; shards leave it to the last run
