@@ -115,7 +115,7 @@ def step_index(args) -> dict:
     from trackstar_db.retrieval.ann import build_index
 
     start = time.perf_counter()
-    entry = build_index(connect(args.db), "trackstar", args.kind, progress=False)
+    entry = build_index(connect(args.db), "trackstar", args.kind, ef_construction=args.ef_construction, progress=False)
     return {"seconds": time.perf_counter() - start, "write_s": entry["write_seconds"],
             "index_s": entry["index_seconds"], "partitions": entry["params"]["num_partitions"]}
 
@@ -158,7 +158,7 @@ def run_step(args, step: str, **extra) -> dict:
     """One step in a fresh interpreter; its result dict plus peak RSS (MB)."""
     command = [sys.executable, __file__, "--step", step, "--db", str(args.db), "--n", str(args.n),
                "--dim", str(args.dim), "--dtype", args.dtype, "--queries", str(args.queries),
-               "--block", str(args.block), "--kind", args.kind]
+               "--block", str(args.block), "--kind", args.kind, "--ef-construction", str(args.ef_construction)]
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--block", type=int, default=256, help="block size of the block-diagonal R")
     parser.add_argument("--kind", default="ivf_hnsw_sq", help="ANN index kind")
+    parser.add_argument("--ef-construction", type=int, default=300, help="HNSW build candidate list size")
     parser.add_argument("--workdir", type=Path, default=Path("bench-scale"))
     parser.add_argument("--reuse", action="store_true", help="keep an existing database (skip write and fit)")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip (e.g. index,ann)")

@@ -155,8 +155,8 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
             yield pa.record_batch([pa.array(ids, pa.string()), _vectors.to_arrow(x, "float16")], schema=schema)
 
     start = time.perf_counter()
-    table = connection(db).create_table(name, data=pa.RecordBatchReader.from_batches(schema, batches()), schema=schema,
-                               mode="overwrite")
+    reader = pa.RecordBatchReader.from_batches(schema, batches())
+    table = connection(db).create_table(name, data=reader, schema=schema, mode="overwrite")
     written = time.perf_counter()
     options = {"num_partitions": num_partitions or _default_partitions(source["rows"], kind)}
     if kind == "ivf_pq":
