@@ -111,3 +111,19 @@ def test_record_fit_simulate_eval_on_tiny_world(tiny_db, tmp_path):
     assert "sim-004" in result.output and tiny_db.count("sim_runs") == 5 and tiny_db.count("sim_batches") == 160 + 8
     result = runner.invoke(main, ["simfluence", "record", str(tiny_db.path), "--subset", "1.5"])
     assert result.exit_code != 0 and "--subset must be in (0, 1]" in result.output
+
+
+def test_held_out_evaluation_and_trajectory_on_synthetic_runs():
+    from trackstar_db.simfluence.evaluate import evaluate_runs, split_runs, trajectories
+
+    runs, _, _ = synthetic_runs(n_runs=20, noise=0.0)
+    train, held = split_runs([r.run_id for r in runs.runs], 0.25)
+    assert (len(train), len(held)) == (15, 5) and held[-1] == "sim-019"
+    table = evaluate_runs(runs, train, held, ridge=1e-6).to_pylist()
+    by = {row["method"]: row for row in table}
+    assert by["simfluence-linear"]["mse"] < 1e-6 and by["simfluence-linear"]["spearman"] == pytest.approx(1.0)
+    assert by["constant"]["mse"] > by["simfluence-linear"]["mse"]
+    curve = trajectories(runs, train, held[0], runs.query_ids[1], ridge=1e-6).to_pydict()
+    np.testing.assert_allclose(curve["linear"], curve["actual"], atol=1e-4)
+    with pytest.raises(Exception, match="at least 2 recorded runs"):
+        split_runs(["sim-000"], 0.25)
