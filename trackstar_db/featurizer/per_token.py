@@ -32,8 +32,10 @@ from .per_example import Featurizer
 from .tracked import per_example_backward
 
 
-def per_token_vectors(featurizer: Featurizer, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-position parts of ONE example's vectors: {variant: [T, dim]} float32 on the CPU.
+def per_token_vectors(featurizer: Featurizer, batch: dict[str, torch.Tensor],
+                      variants: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Per-position parts of ONE example's vectors: {variant: [T, dim]} float32 on the CPU, for
+    `variants` (default: every variant of the featurizer).
 
     batch: a collate()d batch of one example (input_ids, attention_mask, labels [1, T]);
     row t of a part belongs to position t (padding, if any, gets zero rows). Summing over rows
@@ -44,14 +46,18 @@ def per_token_vectors(featurizer: Featurizer, batch: dict[str, torch.Tensor]) ->
     length = featurizer.config.max_length
     batch = {k: batch[k][:, :length].to(featurizer.device) for k in ("input_ids", "attention_mask", "labels")}
     tokens = batch["input_ids"].shape[1]
-    out = {v: torch.zeros(tokens, featurizer.layout.dim, device=featurizer.device) for v in featurizer.variants}
+    variants = list(featurizer.variants if variants is None else variants)
+    unknown = sorted(set(variants) - set(featurizer.variants))
+    if unknown:
+        raise ValueError(f"per_token_vectors: the featurizer makes {featurizer.variants}, not {unknown}")
+    out = {v: torch.zeros(tokens, featurizer.layout.dim, device=featurizer.device) for v in variants}
 
     def on_factors(name: str, x_r: torch.Tensor, x_c: torch.Tensor) -> None:
         block = featurizer.layout.block(name)
         # [1, T, n] -> [T, 1, n] (ids [1, T] -> [T, 1]): one "example" per position
         x_r = x_r.reshape(tokens, 1, -1) if x_r.dtype != torch.long else x_r.reshape(tokens, 1)
         x_c = x_c.reshape(tokens, 1, -1)
-        for variant in featurizer.variants:
+        for variant in variants:
             part = featurizer._block(name, x_r, x_c, corrected=variant == "corrected")
             out[variant][:, block.offset: block.offset + block.size] += part
 

@@ -89,7 +89,7 @@ class TokenAttributor:
             self._query[key] = scoring.query_side(g_q)[0].cpu()
         text = example_text(self.db, example_id) if text is None else text
         item = encode_text(tokenizer, text, featurizer.config.max_length)
-        parts = per_token_vectors(featurizer, collate([item], pad_id(tokenizer)))[spec.table]
+        parts = per_token_vectors(featurizer, collate([item], pad_id(tokenizer)), [spec.table])[spec.table]
         norm = torch.ones(())
         if spec.unit_norm:
             whole = parts.sum(0, keepdim=True)
