@@ -153,6 +153,27 @@ def test_bfloat16_model_gives_the_float32_vectors_within_tolerance(tiny_db, refe
         ingest_gradients(tiny_db, CONFIG, GradientJob("train", model_dtype="float32"), progress=False)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptneox"])
+def test_bfloat16_featurizer_matches_float32_on_every_family(family):
+    """Corrected (factored, estimated) and uncorrected vectors of a bfloat16 copy of a model."""
+    from tiny_models import make_model, random_batch
+
+    from trackstar_db.featurizer import Featurizer, build_second_moment
+
+    model = make_model(family)
+    config = FeaturizerConfig(dim=1024, correction="estimated")
+    moment = build_second_moment(config, model, None, [random_batch(8, seed=2)])
+    batch = random_batch(12, seed=1)
+    want = Featurizer(model, config, moment, uncorrected=True).featurize(batch)
+    half = Featurizer(model.to(torch.bfloat16), config, moment, uncorrected=True)
+    assert half.dtype == torch.bfloat16
+    got = half.featurize(batch)
+    for variant in ("corrected", "uncorrected"):
+        assert got.vectors[variant].dtype == torch.float32
+        assert close(got.vectors[variant], want.vectors[variant], BF16_TOLERANCE)
+    assert torch.allclose(got.loss, want.loss, atol=2e-2)
+
+
 def test_checkpoint_dtype_reads_config_json(tmp_path):
     (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
     assert checkpoint_dtype(tmp_path) == "bfloat16"
