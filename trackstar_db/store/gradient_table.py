@@ -87,7 +87,10 @@ class GradientTable:
         from trackstar_db import faults
 
         entry = {"split": self.split, "variant": self.variant, "dim": dim, "dtype": dtype}
-        with self.db.writer(f"create {self.name}"):
+        from .lock import default_timeout
+
+        # part of a gradient ingest, which may start while other shards commit: it waits as a flush does
+        with self.db.writer(f"create {self.name}", timeout=max(default_timeout(), 600.0)):
             self.db.create_table(self.name, _schema.gradient_schema(dim, dtype))
             faults.point("gradients.after_create_table")
             if self.db.manifest["gradient_tables"].get(self.name) != entry:
