@@ -41,7 +41,7 @@ def ann_flags(command):
 @DB_ARG
 @click.option("--method", required=True, help="The rung whose final vectors are indexed (e.g. trackstar).")
 @click.option("--kind", type=click.Choice(["ivf_hnsw_sq", "ivf_pq", "ivf_flat"]), default="ivf_hnsw_sq",
-              show_default=True, help="LanceDB index type (ivf_hnsw_sq: best recall per ms in bench_scale).")
+              show_default=True, help="LanceDB index type (measured figures: docs/scale.md).")
 @click.option("--partitions", "num_partitions", type=int, default=None, help="IVF partitions (default sqrt(rows)).")
 @click.option("--sub-vectors", "num_sub_vectors", type=int, default=None, help="IVF-PQ sub-vectors (default d/16).")
 @click.option("--device", default="cpu", show_default=True, help="Where R is applied to the stored rows.")
