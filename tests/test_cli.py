@@ -71,15 +71,19 @@ def test_one_prompt_query_equals_the_stored_run_for_that_query(built, method):
     fact = db.sql("SELECT query_id, prompt, target FROM queries WHERE template = 'prompt0' ORDER BY query_id LIMIT 1")
     query_id, prompt, target = (fact.column(c)[0].as_py() for c in ("query_id", "prompt", "target"))
     stored = db.sql(f"SELECT kind, rank, example_id, score FROM retrievals WHERE run_id = '{method}' "
-                    f"AND query_id = '{query_id}' AND rank <= 5 ORDER BY kind DESC, rank")
+                    f"AND query_id = '{query_id}' ORDER BY kind DESC, rank")
     api = db.query(prompt, target, k=5, method=method)
     assert api.column_names == ["kind", "rank", "example_id", "score", "method", "text"]
-    assert api.column("example_id").to_pylist() == stored.column("example_id").to_pylist()
-    assert api.column("score").to_pylist() == pytest.approx(stored.column("score").to_pylist(), rel=1e-4, abs=1e-6)
+    top = [r for r in stored.to_pylist() if r["rank"] <= 5]
+    assert api.column("score").to_pylist() == pytest.approx([r["score"] for r in top], rel=1e-4, abs=1e-5)
+    # duplicate texts tie exactly in storage; float noise may order them either way on the fly
+    by_id = {(r["kind"], r["example_id"]): r["score"] for r in stored.to_pylist()}
+    for row in api.to_pylist():
+        assert by_id.get((row["kind"], row["example_id"])) == pytest.approx(row["score"], rel=1e-4, abs=1e-5), row
     assert all(t for t in api.column("text").to_pylist()) and set(api.column("method").to_pylist()) == {method}
     cli = [json.loads(l) for l in run("query", built / "db", "--prompt", prompt, "--target", target, "--k", 5,
                                       "--method", method, "--format", "json").stdout.splitlines()]
-    assert [r["example_id"] for r in cli] == stored.column("example_id").to_pylist()
+    assert [r["example_id"] for r in cli] == api.column("example_id").to_pylist()
 
 
 def test_query_default_method_and_bm25_text(built):

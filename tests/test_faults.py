@@ -18,6 +18,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow  # minutes: run by CI after the fast suite (pytest -m slow)
 import torch
 from click.testing import CliRunner
 

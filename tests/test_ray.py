@@ -100,6 +100,7 @@ def _by_id(db, name):
     return table.column("id").to_pylist(), to_torch(table.column("vector"), db.manifest["gradient_tables"][name]["dtype"])
 
 
+@pytest.mark.slow
 def test_ray_ingest_killed_worker_resumes_and_matches_one_process(ray_cluster, local_db, tiny_db_template,
                                                                   tmp_path, monkeypatch):
     from trackstar_db import connect
@@ -135,6 +136,7 @@ def test_ray_ingest_killed_worker_resumes_and_matches_one_process(ray_cluster, l
     assert connect(db.path).manifest["featurizer"] == local_db.manifest["featurizer"]
 
 
+@pytest.mark.slow
 def test_ray_fit_and_retrieve_match_one_process(ray_cluster, local_db):
     from trackstar_db.distributed import fit as ray_fit
     from trackstar_db.distributed.scan import score_table as ray_score
@@ -169,6 +171,7 @@ def test_ray_fit_and_retrieve_match_one_process(ray_cluster, local_db):
             assert np.allclose(many.proponent_scores, one.proponent_scores, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_cli_fit_and_retrieve_with_engine_ray_as_a_user_types_them(ray_cluster, local_db):
     from click.testing import CliRunner
 

@@ -267,6 +267,7 @@ def db_report(tiny_db_template, tmp_path_factory) -> Path:
     return root / "report" / "index.html"
 
 
+@pytest.mark.slow
 def test_database_report_end_to_end(db_report):
     page, parser = _parse(db_report)
     _self_contained(page, parser)
@@ -289,6 +290,7 @@ def test_database_report_end_to_end(db_report):
     assert any("tail-patch" in p.read_text() for p in pages)
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_database_report_fits_1280(db_report, tmp_path):
     for page in (db_report, db_report.parent / "queries" / "q-0001.html"):

@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+
+pytestmark = pytest.mark.slow  # minutes: run by CI after the fast suite (pytest -m slow)
 import torch
 
 pytest.importorskip("boto3")

@@ -57,6 +57,7 @@ def test_simulate_reproduces_held_out_run_and_linear_beats_additive():
     assert err["linear"] < err["additive"]
 
 
+@pytest.mark.slow
 def test_record_fit_simulate_eval_on_tiny_world(tiny_db, tmp_path):
     from click.testing import CliRunner
 

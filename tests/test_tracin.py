@@ -126,6 +126,7 @@ def test_stored_tracin_cp_run_is_the_grad_dot_run_times_lr(tiny_db):
     assert "tracin-cp" not in expand(["all"])
 
 
+@pytest.mark.slow
 def test_train_keeps_checkpoints_and_retrieve_scores_over_them(tiny_db, tmp_path):
     """As a user types it: train --checkpoints 2, then retrieve --method tracin-cp-cos over the three checkpoints."""
     from click.testing import CliRunner

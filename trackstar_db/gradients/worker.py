@@ -89,14 +89,23 @@ def _record_settings(db, featurizer, job: GradientJob, context_cap: int | None =
     model_dtype = str(featurizer.model_dtype).removeprefix("torch.")
     if model_dtype != "float32":  # absent = float32, so databases written before stay valid
         given["model_dtype"] = model_dtype
+
+    def same(stored: dict) -> None:  # context_cap follows the model: recorded, never compared
+        settings = [{k: v for k, v in d.items() if k != "context_cap"} for d in (stored, given)]
+        _manifest.check_same(f"{db.path}: featurizer", *settings)
+
+    def record(manifest: dict) -> None:  # applied to the manifest as stored now, under the lock
+        if manifest.get("featurizer") is None:
+            manifest["featurizer"] = dict(given, context_cap=context_cap)
+        else:
+            same(manifest["featurizer"])
+            manifest["featurizer"]["context_cap"] = context_cap
+
     stored = db.manifest.get("featurizer")
-    if stored is None:
-        db.manifest["featurizer"] = stored = given
-    else:
-        _manifest.check_same(f"{db.path}: featurizer", {k: v for k, v in stored.items() if k != "context_cap"}, given)
-    if stored.get("context_cap") != context_cap:
-        stored["context_cap"] = context_cap
-        db.update_manifest(lambda manifest: manifest.setdefault("featurizer", stored).update(context_cap=context_cap))
+    if stored is not None:  # refuse other settings before taking the lock
+        same(stored)
+    if stored is None or stored.get("context_cap") != context_cap:
+        db.update_manifest(record)
 
 
 def _encode(tokenizer, split: str, chunk, max_length: int) -> list:
