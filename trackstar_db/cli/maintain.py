@@ -34,7 +34,7 @@ def check(db, fmt):
 @DB_ARG
 def rebuild_bm25(db):
     """Make the BM25 index hold exactly the stored examples (after a deleted or damaged bm25/)."""
-    from trackstar_db.sources.corpus import sync_bm25
+    from trackstar_db.sources.bm25 import sync_bm25
     from trackstar_db.sources.bm25 import BM25Index
 
     handle = _open(db)

@@ -17,8 +17,9 @@ from .scale import ann_flags
 @main.command()
 @DB_ARG
 @click.option("--method", "methods", multiple=True, required=True,
-              help="grad-dot, grad-cos, trak, opt-cos, r-train, trackstar, bm25 or embedding; repeatable; "
-                   "'all' (every method whose needs are installed).")
+              help="A method of the ladder (grad-dot, grad-cos, trak, opt-cos, r-train, trackstar), a baseline "
+                   "(bm25, embedding, lm-embedding) or tracin-cp[-cos|-opt]; repeatable; 'all' = every ladder "
+                   "rung and baseline whose needs are installed.")
 @click.option("--k", default=100, show_default=True, help="Proponents (and opponents) kept per query.")
 @click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
 @click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")

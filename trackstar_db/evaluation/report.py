@@ -209,7 +209,7 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
     _check("by_bucket", by_bucket, "frequency_bucket")
     _check("by_correct", by_correct, "model_correct")
     nav = ['<a href="#summary">summary</a>']
-    parts = [f'<h2 id="summary">Methods by metric</h2>', summary_html(summary),
+    parts = ['<h2 id="summary">Methods by metric</h2>', summary_html(summary),
              '<p class="note">MRR and recall@10 over the queries whose fact has a ground-truth example; '
              "tail-patch in percentage points of P(target | prompt) over the patched queries. "
              "Best of each column in bold.</p>"]

@@ -90,3 +90,26 @@ class BM25Index:
         if k < 1:
             raise ValueError(f"BM25: k must be >= 1, not {k}")
         return [self.search(text, k) for text in texts]
+
+
+def sync_bm25(db, full: bool = False) -> int:
+    """Make the BM25 index hold exactly the stored examples: index those it lacks (a run killed
+    between its two commits) and, when the counts differ or `full`, remove documents whose
+    example is not stored (a rolled-back ingest). Returns how many documents changed."""
+    index = BM25Index(db.path)
+    n_docs, n_examples = index.count(), db.count("examples")
+    if n_docs == n_examples and not full:
+        return 0
+    indexed = index.all_ids()
+    rows = db.table("examples", columns=["example_id", "text"])
+    stored = rows.column("example_id").to_pylist()
+    extra = sorted(set(indexed) - set(stored))
+    if extra:
+        index.delete(extra)
+    have = set(indexed)
+    missing = [i for i, eid in enumerate(stored) if eid not in have]
+    if missing:
+        taken = rows.take(missing)
+        index.add(taken.column("example_id").to_pylist(), taken.column("text").to_pylist())
+    return len(missing) + len(extra)
+

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from trackstar_db import faults
 from trackstar_db.errors import RecordError
 
-from .bm25 import BM25Index
+from .bm25 import BM25Index, sync_bm25
 from .records import IdRegistry, iter_records, record_id, require_text
 
 TREX_FIELDS = {"sentence_id", "text", "abstract_uri", "sent_idx_in_abst", "fact_triples"}
@@ -94,28 +94,6 @@ def _tokenizer(db):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(db.model_info()["tokenizer"], local_files_only=True)
-
-
-def sync_bm25(db, full: bool = False) -> int:
-    """Make the BM25 index hold exactly the stored examples: index those it lacks (a run killed
-    between its two commits) and, when the counts differ or `full`, remove documents whose
-    example is not stored (a rolled-back ingest). Returns how many documents changed."""
-    index = BM25Index(db.path)
-    n_docs, n_examples = index.count(), db.count("examples")
-    if n_docs == n_examples and not full:
-        return 0
-    indexed = index.all_ids()
-    rows = db.table("examples", columns=["example_id", "text"])
-    stored = rows.column("example_id").to_pylist()
-    extra = sorted(set(indexed) - set(stored))
-    if extra:
-        index.delete(extra)
-    have = set(indexed)
-    missing = [i for i, eid in enumerate(stored) if eid not in have]
-    if missing:
-        taken = rows.take(missing)
-        index.add(taken.column("example_id").to_pylist(), taken.column("text").to_pylist())
-    return len(missing) + len(extra)
 
 
 def _stored_hashes(db) -> dict[str, tuple[str, str]]:

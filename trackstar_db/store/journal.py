@@ -91,7 +91,7 @@ def rollback(db, entry: dict) -> None:
         elif db.has_table(name):
             db.restore(name, int(version))
     if entry.get("bm25"):
-        from trackstar_db.sources.corpus import sync_bm25
+        from trackstar_db.sources.bm25 import sync_bm25  # the one derived index outside Lance
 
         sync_bm25(db, full=True)
 
