@@ -103,15 +103,20 @@ def test_export_refuses_bad_input(tmp_path):
                       tmp_path / "x.jsonl")
 
 
+# Two records as the authors' BM25/Gecko files hold them: integer ids, no opponents, one record
+# without a fact (an ad-hoc query); query 7's correct proponent is at rank 2.
+AUTHORS_LINES = [
+    {"example_id": 7, "query_set": "prompt0", "inputs_plaintext": "A is in", "targets_plaintext": " B",
+     "proponents": ["x A B", "y", "z"], "proponent_ids": [11, 12, 13], "proponent_scores": [9.5, 3, 1.25],
+     "fact_id": "f7", "relation": "in", "proponent_correct": [False, True, False]},
+    {"example_id": "8", "inputs_plaintext": "C", "targets_plaintext": " D",
+     "proponents": ["y"], "proponent_ids": ["12"], "proponent_scores": [0.5]},
+]
+
+
 def test_authors_file_without_opponents(tmp_path):
     """Their BM25/Gecko files: no opponents, integer ids; gzip; evaluated with the same SQL."""
-    lines = [
-        {"example_id": 7, "query_set": "prompt0", "inputs_plaintext": "A is in", "targets_plaintext": " B",
-         "proponents": ["x A B", "y", "z"], "proponent_ids": [11, 12, 13], "proponent_scores": [9.5, 3, 1.25],
-         "fact_id": "f7", "relation": "in", "proponent_correct": [False, True, False]},
-        {"example_id": "8", "inputs_plaintext": "C", "targets_plaintext": " D",
-         "proponents": ["y"], "proponent_ids": ["12"], "proponent_scores": [0.5]},
-    ]
+    lines = AUTHORS_LINES
     path = tmp_path / "bm25.jsonl.gz"
     with gzip.open(path, "wt") as out:
         out.write("\n".join(json.dumps(r) for r in lines) + "\n\n")
@@ -172,13 +177,7 @@ def test_authors_file_imported_into_a_database_keeps_its_ground_truth(tmp_path):
     from trackstar_db.cli import main
     from trackstar_db.sources.facts import rebuild_ground_truth
 
-    lines = [
-        {"example_id": 7, "query_set": "prompt0", "inputs_plaintext": "A is in", "targets_plaintext": " B",
-         "proponents": ["x A B", "y", "z"], "proponent_ids": [11, 12, 13], "proponent_scores": [9.5, 3, 1.25],
-         "fact_id": "f7", "relation": "in", "proponent_correct": [False, True, False]},
-        {"example_id": "8", "inputs_plaintext": "C", "targets_plaintext": " D",
-         "proponents": ["y"], "proponent_ids": ["12"], "proponent_scores": [0.5]},
-    ]
+    lines = AUTHORS_LINES
     path = tmp_path / "bm25.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     runner = CliRunner()
