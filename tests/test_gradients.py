@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from stored_vectors import close, vectors_by_id
 
 from trackstar_db import connect
 from trackstar_db.errors import TrackstarError
@@ -15,20 +16,9 @@ from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
 from trackstar_db.gradients.loader import load_featurizer
 from trackstar_db.gradients.worker import GradientJob, ingest_gradients
-from trackstar_db.store.vectors import to_torch
 
 CONFIG = FeaturizerConfig(dim=1024, correction="adam-factored")
 
-
-def close(a, b, tol=1e-4):
-    """Row-wise relative error below tol (elementwise rtol fails near zero for honest float noise)."""
-    return a.shape == b.shape and bool(((a - b).norm(dim=1) <= tol * b.norm(dim=1)).all())
-
-
-def vectors_by_id(db, name):
-    table = db.table(name).sort_by("id")
-    dtype = db.manifest["gradient_tables"][name]["dtype"]
-    return table.column("id").to_pylist(), to_torch(table.column("vector"), dtype), table
 
 
 def test_stored_vectors_equal_the_featurizer_and_cover_every_example(tiny_db):

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import torch
+from stored_vectors import close, vectors_by_id
 
 from trackstar_db import connect
 from trackstar_db.errors import TrackstarError
@@ -18,22 +19,15 @@ from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.tokenize import Encoded
 from trackstar_db.gradients.memory import CPU_BATCH_TOKENS, plan_batch_tokens
 from trackstar_db.gradients.pipeline import Writer, ahead, token_batches
-from trackstar_db.gradients.worker import GradientJob, checkpoint_dtype, ingest_gradients
-from trackstar_db.store.vectors import to_torch
+from trackstar_db.gradients.worker import (
+    GradientJob,
+    checkpoint_dtype,
+    ingest_gradients,
+)
 
 CONFIG = FeaturizerConfig(dim=1024, correction="adam-factored")
 BF16_TOLERANCE = 3e-2  # row-relative, bfloat16 model vs float32 model (measured <= 1e-2 on tiny models)
 
-
-def close(a, b, tol=1e-4):
-    """Row-relative error below tol."""
-    return a.shape == b.shape and bool(((a - b).norm(dim=1) <= tol * b.norm(dim=1)).all())
-
-
-def vectors_by_id(db, name):
-    table = db.table(name).sort_by("id")
-    dtype = db.manifest["gradient_tables"][name]["dtype"]
-    return table.column("id").to_pylist(), to_torch(table.column("vector"), dtype), table
 
 
 def fresh_copy(db, path):
