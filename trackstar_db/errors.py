@@ -1,5 +1,16 @@
 """The one exception type users see: a clear, one-line message about their input."""
 
+import re
+
+_RUST_SOURCE = re.compile(r",? /\S+\.rs:\d+:\d+$")  # Lance appends the Rust source line of its error
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty), without the Rust
+    source location Lance appends."""
+    text = str(exc).strip()
+    return _RUST_SOURCE.sub("", text.splitlines()[0]) if text else type(exc).__name__
+
 
 class TrackstarError(ValueError):
     """Bad input or a database in the wrong state; the message names the file, line or field."""

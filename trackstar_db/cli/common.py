@@ -5,23 +5,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 from pathlib import Path
 
 import click
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import first_line as _first_line
 
 DB_ARG = click.argument("db", type=click.Path(file_okay=False, path_type=Path))
 FORMATS = click.Choice(["table", "json", "csv"])
-
-
-_RUST_SOURCE = re.compile(r",? /\S+\.rs:\d+:\d+$")  # Lance appends the Rust source line of its error
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return _RUST_SOURCE.sub("", text.splitlines()[0]) if text else type(exc).__name__
 
 
 def one_line(exc: BaseException) -> str | None:

@@ -72,7 +72,7 @@ def _shade(db, pages: list[dict], top: int, device: str) -> None:
     """Per-token shading of the top proponents of every gradient run whose needs are met."""
     import sys
 
-    from trackstar_db.retrieval.methods import METHODS
+    from trackstar_db.ladder import METHODS
     from trackstar_db.retrieval.tokens import TokenAttributor
 
     from .explorer import add_tokens

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import TrackstarError, first_line
 
 _SCAN_ROWS = 8192
 
@@ -42,8 +42,6 @@ _REBUILD = {
 
 
 def _first_line(exc: BaseException) -> str:
-    from trackstar_db.cli.common import _first_line as first_line
-
     return first_line(exc)[:300]
 
 

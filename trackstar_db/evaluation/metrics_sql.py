@@ -26,8 +26,8 @@ MODEL_CORRECT = pa.schema([pa.field("query_id", pa.string(), nullable=False),
 
 
 def method_order_table() -> pa.Table:
-    """(method, position) from the one method list (retrieval/methods.py), for summaries' order."""
-    from trackstar_db.retrieval.methods import method_order
+    """(method, position) from the one method list (trackstar_db/ladder.py), for summaries' order."""
+    from trackstar_db.ladder import method_order
 
     rows = method_order()
     return pa.table({"method": [m for m, _ in rows], "position": pa.array([p for _, p in rows], pa.int32())})

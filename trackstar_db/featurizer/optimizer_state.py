@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import TrackstarError, first_line
 
 FILENAME = "optimizer.safetensors"
 TRAINER_FILENAME = "optimizer.pt"  # transformers Trainer checkpoints
@@ -152,7 +152,7 @@ def load(path: str | Path, model: torch.nn.Module | None = None) -> OptimizerSta
             meta = handle.metadata() or {}
         tensors = load_file(str(path))
     except Exception as exc:  # a truncated or foreign file (the Rust side raises its own types)
-        raise TrackstarError(f"{path}: not a readable safetensors optimizer state ({_first_line(exc)})") from None
+        raise TrackstarError(f"{path}: not a readable safetensors optimizer state ({first_line(exc)})") from None
     try:
         state = OptimizerState(meta["optimizer"], int(meta["step"]), float(meta["lr"]),
                                float(meta.get("beta1", 0.9)), float(meta.get("beta2", 0.999)),
@@ -177,11 +177,6 @@ def peek_kind(path: str | Path) -> str | None:
             return (handle.metadata() or {}).get("optimizer")
     except Exception:  # a missing or foreign file is reported by load(), where it is needed
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # -- transformers Trainer checkpoints (optimizer.pt) -------------------------------------------
@@ -229,7 +224,7 @@ def _final_lr(model_dir: Path, groups: list[dict]) -> float:
         try:
             history = json.loads(trainer_state.read_text(encoding="utf-8")).get("log_history", [])
         except (ValueError, OSError, AttributeError) as exc:
-            raise TrackstarError(f"{trainer_state}: unreadable ({_first_line(exc)})") from None
+            raise TrackstarError(f"{trainer_state}: unreadable ({first_line(exc)})") from None
         rates = [e["learning_rate"] for e in history if isinstance(e, dict) and "learning_rate" in e]
         if rates:
             return float(rates[-1])
@@ -255,7 +250,7 @@ def load_hf_trainer(model_dir: str | Path, model: torch.nn.Module | None = None,
     try:
         saved = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # not a torch file, truncated, or holding objects weights_only refuses
-        raise TrackstarError(f"{path}: not a readable torch optimizer state ({_first_line(exc)})") from None
+        raise TrackstarError(f"{path}: not a readable torch optimizer state ({first_line(exc)})") from None
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and saved.get("param_groups")):
         raise TrackstarError(f"{path}: not an optimizer state_dict (needs 'state' and 'param_groups')")
     groups = saved["param_groups"]
@@ -310,7 +305,7 @@ def describe(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
     except Exception as exc:  # a truncated or foreign file
-        raise TrackstarError(f"{path}: not a readable safetensors optimizer state ({_first_line(exc)})") from None
+        raise TrackstarError(f"{path}: not a readable safetensors optimizer state ({first_line(exc)})") from None
     try:
         return {"optimizer": meta["optimizer"], "optimizer_step": int(meta["step"]), "optimizer_lr": float(meta["lr"])}
     except (KeyError, ValueError) as exc:

@@ -1,6 +1,6 @@
 """Fit the preconditioners R from stored gradient tables (`trackstar-db fit`).
 
-What is fitted comes from the ladder (retrieval/methods.py as data): for every rung that uses
+What is fitted comes from the ladder (trackstar_db/ladder.py): for every rung that uses
 R, its mix ('train' or 'mixed') on the training table of its variant:
 
     grads_train_corrected.train     R_train of the corrected gradients     (r-train)
@@ -26,7 +26,7 @@ from trackstar_db.distributed import check_engine
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, fit_preconditioner
-from trackstar_db.retrieval.methods import LADDER
+from trackstar_db.ladder import LADDER
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.vectors import scan_progress
 
@@ -60,7 +60,12 @@ def _query_ids(db, template: str | None) -> set[str] | None:
 
 
 def _stream(table, keep: set[str] | None = None, batch_size: int = 8192, label: str = "R"):
-    """[batch, d] float32 vectors of a gradient table, optionally only the ids in `keep`."""
+    """[batch, d] float32 vectors of a gradient table, optionally only the ids in `keep`. A batch
+    holds at most the scan's BATCH_BYTES of float32 (4,096 rows at d = 4,096, 256 at 65,536):
+    the Gram update widens it to float64 and Lance reads several batches ahead."""
+    from trackstar_db.retrieval.scoring import BATCH_BYTES
+
+    batch_size = max(1, min(batch_size, BATCH_BYTES // (4 * table.dim)))
     for ids, x in scan_progress(table.batches(batch_size=batch_size), table.count(), f"{label} {table.name}"):
         if keep is not None:
             x = x[torch.tensor([i in keep for i in ids], dtype=torch.bool)]
