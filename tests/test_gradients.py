@@ -171,3 +171,28 @@ def test_adafactor_correction_without_its_state_is_a_clear_error(tiny_db):
         ingest_gradients(tiny_db, FeaturizerConfig(dim=1024, correction="adafactor"), GradientJob("train", limit=2),
                          progress=False)
     assert not tiny_db.has_table("grads_train_corrected")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_of_a_checkpoint_equals_clean_run(tiny_db, tmp_path):
+    """An intermediate checkpoint's ingest (--checkpoint) resumes after kill -9 like the final one's."""
+    import shutil
+
+    from test_tracin import db_with_checkpoints
+
+    db_with_checkpoints(tiny_db, tmp_path / "kept", attach=False)  # the final checkpoint's tables only
+    clean = tmp_path / "clean"
+    shutil.copytree(tiny_db.path, clean)
+    name, table = "step-000008", "grads_train_corrected__step-000008"
+    args = ["ingest", "gradients", tiny_db.path, "--split", "train", "--checkpoint", name, "--batch-size", 8,
+            "--commit-rows", 16]
+    ingest_gradients(connect(clean), None, GradientJob("train", batch_size=8, checkpoint=name), progress=False)
+    killed = _cli(*args, env=dict(os.environ, TRACKSTAR_FAULT="gradients.commit:2"))
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    assert 0 < connect(tiny_db.path).count(table) < tiny_db.count("examples"), "kill came too late to test resuming"
+    resumed = _cli(*args)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    (ids_a, a, _), (ids_b, b, _) = (vectors_by_id(connect(path), table) for path in (tiny_db.path, clean))
+    assert ids_a == ids_b and close(a, b)
+    _, final, _ = vectors_by_id(connect(clean), "grads_train_corrected")
+    assert not close(a, final)  # the checkpoint's own weights, not the final one's

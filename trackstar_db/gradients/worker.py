@@ -18,6 +18,12 @@ grads_{split}_uncorrected (the plain projection the first ladder rungs need); wi
 'none' only the uncorrected one. Resumable and idempotent: each Lance append is atomic and a run
 featurizes only the ids a table lacks, so a killed run started again ends with exactly one row
 per id. A run whose settings differ from the manifest is refused.
+
+Checkpoints (`checkpoint=NAME`, `ingest gradients --checkpoint NAME`): the same run on another
+checkpoint of the model (store/checkpoints.py attaches it: a directory in the model's
+checkpoints/ or a path), into that checkpoint's tables grads_{split}_{variant}__NAME
+(store/gradient_table.py), with the database's projection settings and the checkpoint's own
+optimizer state; the final checkpoint's run fixes those settings, so it comes first.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.tokenize import encode_query, encode_text, pad_id, token_limit
 from trackstar_db.store import manifest as _manifest
+from trackstar_db.store import checkpoints as _checkpoints
 from trackstar_db.store import vectors as _vectors
-from trackstar_db.store.gradient_table import SPLITS
+from trackstar_db.store.gradient_table import SPLITS, GradientTable
 
 from .commit import Committer
 from .loader import load_featurizer, resolved_config
@@ -61,6 +68,7 @@ class GradientJob:
     model_dtype: str = "auto"  # the checkpoint's (config.json), float32 when it says nothing
     pipeline: bool = True  # tokenize ahead and write behind on threads; False: all on this thread
     queue_depth: int = 4  # batches waiting in each queue of the pipeline
+    checkpoint: str | None = None  # an attached checkpoint's name (or a path to attach); None: the final one
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -82,17 +90,28 @@ class GradientJob:
             raise TrackstarError(f"--dtype must be one of {', '.join(_vectors.DTYPES)}, not {self.dtype!r}")
 
 
-def _record_settings(db, featurizer, job: GradientJob, context_cap: int | None = None) -> None:
+def _record_settings(db, featurizer, job: GradientJob, context_cap: int | None = None,
+                     checkpoint: str | None = None) -> None:
     """Write the featurizer settings into the manifest, or check them against it; context_cap
-    (tokens kept per encoding, tokenize.token_limit) follows from the model and is recorded."""
+    (tokens kept per encoding, tokenize.token_limit) follows from the model and is recorded.
+    An attached checkpoint's run is checked against the settings (its correction source, its own
+    optimizer state, goes into its checkpoint entry) and records nothing else."""
     given = dict(featurizer.manifest(), dtype=job.dtype)
     model_dtype = str(featurizer.model_dtype).removeprefix("torch.")
     if model_dtype != "float32":  # absent = float32, so databases written before stay valid
         given["model_dtype"] = model_dtype
+    own = ("context_cap", "correction_source") if checkpoint else ("context_cap",)
 
     def same(stored: dict) -> None:  # context_cap follows the model: recorded, never compared
-        settings = [{k: v for k, v in d.items() if k != "context_cap"} for d in (stored, given)]
+        settings = [{k: v for k, v in d.items() if k not in own} for d in (stored, given)]
         _manifest.check_same(f"{db.path}: featurizer", *settings)
+
+    if checkpoint:
+        same(db.manifest["featurizer"])
+        source = given["correction_source"]
+        if db.manifest["checkpoints"][checkpoint].get("correction_source") != source:
+            db.update_manifest(lambda m: m["checkpoints"][checkpoint].__setitem__("correction_source", source))
+        return
 
     def record(manifest: dict) -> None:  # applied to the manifest as stored now, under the lock
         if manifest.get("featurizer") is None:
@@ -145,23 +164,34 @@ def _chunks(db, job: GradientJob, tables: list, tokenizer, max_length: int):
             return
 
 
+def _checkpoint_source(db, job: GradientJob):
+    """(the database or a view of it whose model is job.checkpoint, the attached name or None)."""
+    if _checkpoints.is_default(job.checkpoint):
+        return db, None
+    if db.manifest.get("featurizer") is None:
+        raise TrackstarError(f"{db.path}: featurize the final checkpoint first ('trackstar-db ingest gradients "
+                             f"{db.path} --split train'): its run fixes the settings every checkpoint shares")
+    name = _checkpoints.attach(db, job.checkpoint)
+    return (db, None) if _checkpoints.is_default(name) else (_checkpoints.CheckpointView(db, name), name)
+
+
 def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJob, progress: bool = True) -> dict:
     """Featurize every id of job.split (in job.shard) that its tables lack. Returns counts,
     speed and the token budget used.
 
     config: full settings, or a dict of the given ones (None entries = not given), resolved
     against the stored settings and the checkpoint (featurizer.settings.resolve)."""
+    source, checkpoint = _checkpoint_source(db, job)
     if not isinstance(config, FeaturizerConfig):
         config = resolved_config(db, config)
     model_dtype = job.model_dtype
     if model_dtype == "auto":
-        model_dtype = checkpoint_dtype(db.model_info()["path"])
-    featurizer, tokenizer = load_featurizer(db, config, job.device, job.uncorrected, job.estimate_sample,
+        model_dtype = checkpoint_dtype(source.model_info()["path"])
+    featurizer, tokenizer = load_featurizer(source, config, job.device, job.uncorrected, job.estimate_sample,
                                             job.batch_size, model_dtype=model_dtype)
     cap = token_limit(tokenizer, config.max_length)
-    _record_settings(db, featurizer, job, cap)
-    tables = {variant: db.gradient_table(job.split, corrected=variant == "corrected")
-              for variant in featurizer.variants}
+    _record_settings(db, featurizer, job, cap, checkpoint)
+    tables = {variant: GradientTable(db, job.split, variant, checkpoint) for variant in featurizer.variants}
     for table in tables.values():
         table.create(featurizer.layout.dim, job.dtype)
     if job.batch_tokens == "auto":
@@ -182,7 +212,7 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
         batches = ahead(batches, job.queue_depth)
     start = time.perf_counter()
     try:
-        with tqdm(total=total, desc=f"gradients {job.split}", unit=" ex", disable=not progress) as bar, \
+        with tqdm(total=total, desc=f"gradients {job.split}" + (f" {checkpoint}" if checkpoint else ""), unit=" ex", disable=not progress) as bar, \
                 Writer(lambda ids, out: committer.add(ids, out.wait()), job.queue_depth, threaded=job.pipeline) as writer:
             for batch in batches:
                 out = featurizer.featurize(batch.tensors, non_blocking=job.pipeline)

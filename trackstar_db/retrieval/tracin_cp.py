@@ -12,46 +12,35 @@ of the variants:
 | tracin-cp-cos | uncorrected                     | unit norm       |
 | tracin-cp-opt | corrected by c's Adam 1/sqrt(V) | unit norm       |
 
-Checkpoints: `checkpoints(model_dir)` = model_dir/checkpoints/step-* (testbed.train keeps them
-with `checkpoints=N`) in step order, then model_dir itself. Vectors are computed in memory per
-checkpoint (no gradient tables per checkpoint yet): fine for the testbed worlds, not for a corpus
-that needs the resumable worker.
+Where the vectors come from (`top_k`):
+
+- stored: when checkpoints are attached to the database (`ingest gradients --checkpoint NAME`,
+  store/checkpoints.py), or the model kept none, the sum runs over the attached checkpoints and
+  the final one, reading each one's gradient tables (store/gradient_table.py) in batches: one
+  scan per checkpoint and block of queries, memory O(queries x examples) per block. A missing or
+  incomplete table is refused with the command that writes it.
+- in memory: when the model kept intermediate checkpoints (model_dir/checkpoints/step-*,
+  `train --checkpoints N`) and none is attached, each is featurized in memory on every call
+  (`scores`; a note on stderr says how to store them): fine for the testbed worlds, not for a
+  corpus that needs the resumable worker.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Sequence
+import sys
+from dataclasses import replace
+from collections.abc import Sequence
 
 import torch
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.store.checkpoints import Checkpoint, attached, stored
+from trackstar_db.store.checkpoints import kept as checkpoints  # the name callers use
+from trackstar_db.store.gradient_table import GradientTable
 
 VARIANTS = {"tracin-cp": ("uncorrected", False), "tracin-cp-cos": ("uncorrected", True),
             "tracin-cp-opt": ("corrected", True)}
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str
-    path: Path
-    lr: float
-
-
-def checkpoints(model_dir: str | Path) -> list[Checkpoint]:
-    """The intermediate checkpoints of a run (step order) and the final one, with their learning rates."""
-    from trackstar_db.featurizer import optimizer_state
-
-    model_dir = Path(model_dir)
-    paths = sorted((model_dir / "checkpoints").glob("step-*")) + [model_dir]
-    out = []
-    for path in paths:
-        state_file = path / "optimizer.safetensors"
-        if not state_file.is_file():
-            raise TrackstarError(f"{state_file}: missing; TracIn-CP needs each checkpoint's learning rate")
-        out.append(Checkpoint("final" if path == model_dir else path.name, path, optimizer_state.load(state_file).lr))
-    return out
+SCORE_BYTES = 1 << 30  # the [queries, examples] float64 block summed over checkpoints, at most
 
 
 def _featurizer(checkpoint: Checkpoint, config, variant: str, device: str):
@@ -90,11 +79,9 @@ def scores(points: Sequence[Checkpoint], texts: Sequence[str], queries: Sequence
 
     from .methods import unit_normalize
 
-    if method not in VARIANTS:
-        raise TrackstarError(f"unknown TracIn-CP method {method!r}; methods: {', '.join(VARIANTS)}")
+    variant, unit = _check(method)
     if not points:
         raise TrackstarError("TracIn-CP needs at least one checkpoint")
-    variant, unit = VARIANTS[method]
     total = torch.zeros((len(queries), len(texts)), dtype=torch.float64)
     for point in points:
         featurizer, tokenizer = _featurizer(point, config, variant, device)
@@ -107,19 +94,78 @@ def scores(points: Sequence[Checkpoint], texts: Sequence[str], queries: Sequence
     return total
 
 
-def top_k(db, query_texts: Sequence[tuple[str, str]], k: int, method: str = "tracin-cp", device: str = "cpu"):
-    """Top-k proponents and opponents per query over every example (retrieval.topk.TopKResult)."""
-    from trackstar_db.featurizer.config import FeaturizerConfig
+def _check(method: str) -> tuple[str, bool]:
+    if method not in VARIANTS:
+        raise TrackstarError(f"unknown TracIn-CP method {method!r}; methods: {', '.join(VARIANTS)}")
+    return VARIANTS[method]
 
+
+def _table(db, split: str, variant: str, point: Checkpoint, n_rows: int) -> GradientTable:
+    table = GradientTable(db, split, variant, point.name).require()
+    if table.count() != n_rows:  # an interrupted ingest: resume it rather than sum over part of the corpus
+        where = "" if table.is_default else f" --checkpoint {point.name}"
+        raise TrackstarError(f"table {table.name} holds {table.count():,} of {n_rows:,} rows; run 'trackstar-db ingest "
+                             f"gradients {db.path} --split {split}{where}' to finish it")
+    return table
+
+
+def _query_vectors(table: GradientTable, query_ids: Sequence[str]) -> torch.Tensor:
+    import pyarrow.compute as pc
+
+    from trackstar_db.store.vectors import to_torch
+
+    rows = table.dataset().to_table(columns=["id", "vector"], filter=pc.field("id").isin(list(query_ids)))
+    order = pc.index_in(query_ids, value_set=rows.column("id"))
+    if order.null_count:
+        raise TrackstarError(f"{table.name}: query {query_ids[order.is_null().index(True).as_py()]!r} has no gradient; "
+                             f"run 'trackstar-db ingest gradients {table.db.path} --split queries'")
+    return to_torch(rows.column("vector").take(order), table.dtype).double()
+
+
+def stored_scores(db, points: Sequence[Checkpoint], example_ids: Sequence[str], query_ids: Sequence[str],
+                  method: str = "tracin-cp", batch_rows: int = 8192) -> torch.Tensor:
+    """[n_queries, n_examples] TracIn-CP scores from the checkpoints' stored gradient tables
+    (examples in the order of `example_ids`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from .methods import unit_normalize
+
+    variant, unit = _check(method)
+    every = pa.array(list(example_ids), pa.string())
+    total = torch.zeros((len(query_ids), len(example_ids)), dtype=torch.float64)
+    for point in points:
+        q = _query_vectors(_table(db, "queries", variant, point, db.count("queries")), query_ids)
+        q = unit_normalize(q) if unit else q
+        for ids, z in _table(db, "train", variant, point, len(example_ids)).batches(batch_rows):
+            columns = torch.from_numpy(pc.index_in(pa.array(ids, pa.string()), value_set=every).to_numpy(False))
+            z = z.double()
+            total[:, columns] += point.lr * (q @ (unit_normalize(z) if unit else z).T)
+    return total
+
+
+def _points(db, method: str) -> tuple[str, list[Checkpoint]]:
+    """('stored' | 'memory', the checkpoints summed over); see the module docstring."""
+    model_dir = db.model_info()["path"]
+    kept = checkpoints(model_dir)
+    if attached(db) or len(kept) == 1:
+        points = stored(db)
+        unattached = sorted({p.name for p in kept} - {p.name for p in points})
+        if unattached:
+            print(f"{method}: summing over the attached checkpoints; not attached: {', '.join(unattached)}",
+                  file=sys.stderr)
+        return "stored", points
+    first = kept[0].name
+    print(f"{method}: featurizing {len(kept)} checkpoints in memory (store them with 'trackstar-db ingest gradients "
+          f"{db.path} --split train --checkpoint {first}' and --split queries, for each of them)", file=sys.stderr)
+    return "memory", kept
+
+
+def _top(score: torch.Tensor, ids: list[str], k: int):
     import numpy as np
 
     from .topk import TopKResult
 
-    entry = db.manifest.get("featurizer")
-    config = FeaturizerConfig.from_dict(entry["config"]) if entry else FeaturizerConfig()
-    examples = db.table("examples", columns=["example_id", "text"])
-    ids, texts = examples.column("example_id").to_pylist(), examples.column("text").to_pylist()
-    score = scores(checkpoints(db.model_info()["path"]), texts, query_texts, config, method, device)
     kk = min(k, len(ids))
     best, worst = torch.topk(score, kk, dim=1), torch.topk(score, kk, dim=1, largest=False)
     return TopKResult([[ids[i] for i in row] for row in best.indices.tolist()], best.values.float().numpy().astype(np.float32),
@@ -127,12 +173,34 @@ def top_k(db, query_texts: Sequence[tuple[str, str]], k: int, method: str = "tra
 
 
 def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp", device: str = "cpu"):
-    """top_k for stored queries of the database, by id (the target-only loss needs prompt and target apart)."""
+    """Top-k proponents and opponents (retrieval.topk.TopKResult) of stored queries, by id, over every example."""
     import pyarrow.compute as pc
 
+    from trackstar_db.featurizer.config import FeaturizerConfig
+
+    from .topk import TopKResult
+
+    _check(method)
+    ids = db.table("examples", columns=["example_id"]).column("example_id").to_pylist()
+    mode, points = _points(db, method)
+    if mode == "stored":
+        block = max(1, SCORE_BYTES // (8 * max(1, len(ids))))
+        parts = [_top(stored_scores(db, points, ids, query_ids[i:i + block], method), ids, k)
+                 for i in range(0, len(query_ids), block)]
+        return TopKResult([p for r in parts for p in r.proponent_ids], _stack([r.proponent_scores for r in parts]),
+                          [p for r in parts for p in r.opponent_ids], _stack([r.opponent_scores for r in parts]))
     rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("query_id").isin(list(query_ids)))
     pairs = {q: (p, t) for q, p, t in zip(*(rows.column(c).to_pylist() for c in ("query_id", "prompt", "target")))}
     missing = [q for q in query_ids if q not in pairs]
     if missing:
         raise TrackstarError(f"{method}: query {missing[0]!r} is not in the queries table (ad-hoc queries are not supported)")
-    return top_k(db, [pairs[q] for q in query_ids], k, method, device)
+    entry = db.manifest.get("featurizer")
+    config = FeaturizerConfig.from_dict(entry["config"]) if entry else FeaturizerConfig()
+    texts = db.table("examples", columns=["text"]).column("text").to_pylist()
+    return _top(scores(points, texts, [pairs[q] for q in query_ids], config, method, device), ids, k)
+
+
+def _stack(parts):
+    import numpy as np
+
+    return np.concatenate(parts, axis=0)

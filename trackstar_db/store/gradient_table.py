@@ -2,11 +2,15 @@
 
 Naming rule (the only place it is written):
 
-    grads_{split}_{variant}     split: train | queries;  variant: corrected | uncorrected
+    grads_{split}_{variant}                 the final checkpoint (the default)
+    grads_{split}_{variant}__{checkpoint}   an attached checkpoint (store/checkpoints.py), e.g.
+                                            grads_train_corrected__step-000425
+    split: train | queries;  variant: corrected | uncorrected
 
 'corrected' vectors carry the optimizer's 1/sqrt(V) correction, 'uncorrected' ones do not
 (the first rungs of the ablation ladder and `--correction none` write them). The manifest's
-`gradient_tables[name]` records {split, variant, dim, dtype}. Preconditioners are fitted on a
+`gradient_tables[name]` records {split, variant, dim, dtype} (and `checkpoint` for an attached
+one; every checkpoint shares the database's projection settings). Preconditioners are fitted on a
 training table and live next to it, one file per mix:
 
     preconditioners/grads_train_corrected.train.safetensors    R_train
@@ -15,6 +19,7 @@ training table and live next to it, one file per mix:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,31 +29,47 @@ from trackstar_db.errors import TrackstarError
 SPLITS = ("train", "queries")
 VARIANTS = ("corrected", "uncorrected")
 MIXES = ("train", "mixed")
+_NAME = re.compile(rf"grads_({'|'.join(SPLITS)})_({'|'.join(VARIANTS)})(?:__([A-Za-z0-9][A-Za-z0-9_-]*))?")
 
 
-def table_name(split: str, variant: str) -> str:
+def table_name(split: str, variant: str, checkpoint: str | None = None) -> str:
+    from .checkpoints import check_name, is_default
+
     if split not in SPLITS:
         raise TrackstarError(f"gradient split must be one of {', '.join(SPLITS)}, not {split!r}")
     if variant not in VARIANTS:
         raise TrackstarError(f"gradient variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
-    return f"grads_{split}_{variant}"
+    return f"grads_{split}_{variant}" + ("" if is_default(checkpoint) else f"__{check_name(checkpoint)}")
+
+
+def parse_table_name(name: str) -> tuple[str, str, str | None] | None:
+    """(split, variant, checkpoint or None for the default) of a gradient table's name, else None."""
+    match = _NAME.fullmatch(name)
+    return match.groups() if match else None
 
 
 def is_gradient_table(name: str) -> bool:
-    return any(name == table_name(s, v) for s in SPLITS for v in VARIANTS)
+    return parse_table_name(name) is not None
 
 
 @dataclass(frozen=True)
 class GradientTable:
-    """Handle on grads_{split}_{variant} of one database (the table may not exist yet)."""
+    """Handle on grads_{split}_{variant}[__{checkpoint}] of one database (the table may not exist yet)."""
 
     db: object
     split: str
     variant: str
+    checkpoint: str | None = None  # None or 'final': the database's model
 
     @property
     def name(self) -> str:
-        return table_name(self.split, self.variant)
+        return table_name(self.split, self.variant, self.checkpoint)
+
+    @property
+    def is_default(self) -> bool:
+        from .checkpoints import is_default
+
+        return is_default(self.checkpoint)
 
     def exists(self) -> bool:
         return self.name in self.db.manifest.get("gradient_tables", {}) and self.db.has_table(self.name)
@@ -57,11 +78,12 @@ class GradientTable:
         """This table, or a one-line error saying what to run."""
         if not self.exists():
             hint = ""
-            other = GradientTable(self.db, self.split, "uncorrected")
+            other = GradientTable(self.db, self.split, "uncorrected", self.checkpoint)
             if self.variant == "corrected" and other.exists():
                 hint = " (this database was featurized with --correction none; the corrected rungs need a correction)"
+            where = "" if self.is_default else f" --checkpoint {self.checkpoint}"
             raise TrackstarError(f"table {self.name} is missing: run 'trackstar-db ingest gradients {self.db.path} "
-                                 f"--split {self.split}'{hint}")
+                                 f"--split {self.split}{where}'{hint}")
         return self
 
     @property
@@ -87,6 +109,8 @@ class GradientTable:
         from trackstar_db import faults
 
         entry = {"split": self.split, "variant": self.variant, "dim": dim, "dtype": dtype}
+        if not self.is_default:
+            entry["checkpoint"] = self.checkpoint
         from .lock import default_timeout
 
         # part of a gradient ingest, which may start while other shards commit: it waits as a flush does

@@ -1,0 +1,142 @@
+"""The checkpoints of one database: the final one (the recorded model, the default) and any
+others attached by name, e.g. the intermediate checkpoints TracIn-CP sums over.
+
+    manifest["checkpoints"][name] = {path, fingerprint, optimizer_state, optimizer,
+                                     optimizer_step, optimizer_lr}
+
+`attach(db, ref)` records one: `ref` names a directory in the model's checkpoints/ folder
+(`trackstar-db train --checkpoints N` keeps step-NNNNNN there) or is a path to a checkpoint
+directory; its name is the directory's name. The final checkpoint is never attached: it is the
+manifest's `model`, and its name `final` selects the default tables (store/gradient_table.py).
+`CheckpointView(db, name)` is the database seen with that checkpoint as its model, so the code
+that loads a database's model (gradients/loader.py) loads the checkpoint unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from trackstar_db.errors import TrackstarError
+
+from . import manifest as _manifest
+
+DEFAULT = "final"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_name(name: str) -> str:
+    """A checkpoint name usable in a table name (letters, digits, '-' and '_'), or a one-line error."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise TrackstarError(f"checkpoint name {name!r}: use letters, digits, '-' and '_' (at most 64)")
+    return name
+
+
+def is_default(name: str | None) -> bool:
+    return name is None or name == DEFAULT
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    path: Path
+    lr: float
+
+
+def learning_rate(path: str | Path) -> float:
+    """The learning rate recorded in a checkpoint directory's optimizer state."""
+    from trackstar_db.featurizer import optimizer_state
+
+    state_file = optimizer_state.find(Path(path))
+    if state_file is None:
+        raise TrackstarError(f"{Path(path) / optimizer_state.FILENAME}: missing; TracIn-CP needs each checkpoint's "
+                             "learning rate")
+    return float(optimizer_state.load(state_file).lr)
+
+
+def kept(model_dir: str | Path) -> list[Checkpoint]:
+    """The intermediate checkpoints a run kept (model_dir/checkpoints/step-*, step order), then the final one."""
+    model_dir = Path(model_dir)
+    paths = sorted((model_dir / "checkpoints").glob("step-*")) + [model_dir]
+    return [Checkpoint(DEFAULT if path == model_dir else path.name, path, learning_rate(path)) for path in paths]
+
+
+def attached(db) -> dict[str, dict]:
+    """name -> manifest entry of every attached (non-default) checkpoint, in name order."""
+    return dict(sorted((db.manifest.get("checkpoints") or {}).items()))
+
+
+def stored(db) -> list[Checkpoint]:
+    """The attached checkpoints (name order) and the final one, as TracIn-CP sums them."""
+    points = [Checkpoint(name, Path(e["path"]), float(e["optimizer_lr"])) for name, e in attached(db).items()]
+    final = db.model_info()["path"]
+    return points + [Checkpoint(DEFAULT, Path(final), learning_rate(final))]
+
+
+def entry(db, name: str) -> dict:
+    try:
+        return attached(db)[name]
+    except KeyError:
+        raise TrackstarError(f"checkpoint {name!r} is not attached to {db.path}; run 'trackstar-db ingest gradients "
+                             f"{db.path} --split train --checkpoint {name}'") from None
+
+
+def resolve(db, ref: str | Path) -> tuple[str, Path]:
+    """(name, directory) of a checkpoint reference: a directory in the model's checkpoints/, or a path."""
+    model_dir = Path(db.model_info()["path"])
+    inside = model_dir / "checkpoints" / str(ref)
+    path = inside if inside.is_dir() else Path(ref)
+    if not path.is_dir():
+        raise TrackstarError(f"checkpoint {ref!r}: neither a directory in {model_dir / 'checkpoints'} nor a path to one")
+    path = path.resolve()
+    if path == model_dir.resolve():
+        return DEFAULT, path
+    return check_name(path.name), path
+
+
+def attach(db, ref: str | Path) -> str:
+    """Record a checkpoint (directory, fingerprint, optimizer state and learning rate); return its name.
+    The same checkpoint again is a no-op; other weights under a name whose tables exist are refused."""
+    from trackstar_db.featurizer import optimizer_state
+
+    name, path = resolve(db, ref)
+    if is_default(name):
+        return DEFAULT
+    fingerprint = _manifest.model_fingerprint(path)
+    current = attached(db).get(name)
+    if current is not None and current["fingerprint"] == fingerprint and current["path"] == str(path):
+        return name
+    has_tables = any(e.get("checkpoint") == name for e in db.manifest.get("gradient_tables", {}).values())
+    if current is not None and has_tables:
+        raise TrackstarError(f"{path}: checkpoint {name!r} is attached as {current['path']} [{current['fingerprint']}], "
+                             "whose gradients this database holds")
+    state = optimizer_state.find(path)
+    if state is None:
+        raise TrackstarError(f"{path}: no optimizer state (optimizer.safetensors or optimizer.pt); a checkpoint needs "
+                             "its learning rate")
+    described = optimizer_state.describe(state)
+    if described.get("optimizer_lr") is None:
+        raise TrackstarError(f"{state}: records no learning rate")
+    record = {"path": str(path), "fingerprint": fingerprint, "optimizer_state": str(Path(state).resolve()), **described}
+    db.update_manifest(lambda manifest: manifest.setdefault("checkpoints", {}).__setitem__(name, record))
+    return name
+
+
+class CheckpointView:
+    """The database with an attached checkpoint as its model (model_info, load_model); the rest is db's."""
+
+    def __init__(self, db, name: str):
+        self._db, self.checkpoint = db, name
+        self._entry = entry(db, name)
+
+    def __getattr__(self, attribute):
+        return getattr(self._db, attribute)
+
+    def model_info(self) -> dict:
+        if not Path(self._entry["path"]).is_dir():
+            raise TrackstarError(f"{self._entry['path']}: directory of checkpoint {self.checkpoint!r} is missing")
+        return dict(self._entry, tokenizer=self._entry["path"])
+
+    def load_model(self, device: str = "cpu", dtype: str = "float32"):
+        return type(self._db).load_model(self, device, dtype)  # the database's loader, reading this model_info
