@@ -21,7 +21,9 @@ from .common import DB_ARG, Group, _open
               help="optimizer.safetensors (default: the one inside --model, if any).")
 @click.option("--tables", "tables_uri", default=None,
               help="Keep the tables at this object-store URI (s3://bucket/db/tables; AWS_* environment) instead of DB/tables.")
-def init(db, model_dir, optimizer_state, tables_uri):
+@click.option("--checkpoint", "checkpoint_refs", multiple=True,
+              help="Also attach this checkpoint (a directory in the model's checkpoints/, or a path); repeatable.")
+def init(db, model_dir, optimizer_state, tables_uri, checkpoint_refs):
     """Create a database directory DB (optionally recording the model it attributes)."""
     from trackstar_db.store.database import Database
 
@@ -30,8 +32,16 @@ def init(db, model_dir, optimizer_state, tables_uri):
     if object_uri(db):  # s3://bucket/db: tables at s3://bucket/db/tables, the rest through a local cache
         handle = open_for_command(object_uri(db), create=True, model_dir=model_dir)
     else:
-        handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None, tables_uri=tables_uri)
+        handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None or bool(checkpoint_refs),
+                                 tables_uri=tables_uri)
     click.echo(f"created {handle.path}" + (f" for model {handle.manifest['model']['fingerprint']}" if model_dir else ""))
+    if checkpoint_refs:
+        from trackstar_db.store.checkpoints import attach
+
+        for ref in checkpoint_refs:
+            name = attach(handle, ref)
+            click.echo(f"attached checkpoint {name}" + (f" ({handle.manifest['checkpoints'][name]['path']})"
+                                                         if name in handle.manifest.get("checkpoints", {}) else ""))
 
 
 @main.command()
@@ -45,8 +55,19 @@ def info(db):
     featurizer = handle.manifest.get("featurizer")
     if featurizer:
         click.echo(f"featurizer: {json.dumps(featurizer['config'])}; correction: {featurizer['correction_source']}")
-    for name in handle.table_names():
+    names = handle.table_names()
+    for name in names:
         click.echo(f"  {name:<20} {handle.count(name):>10,} rows")
+    from trackstar_db.store.checkpoints import attached
+    from trackstar_db.store.gradient_table import parse_table_name
+
+    points = attached(handle)
+    if points or model:
+        click.echo("checkpoints (TracIn-CP sums over these):")
+    for name, entry in [("final", model)] * bool(model) + list(points.items()):
+        tables = [t for t in names if (parse_table_name(t) or (0, 0, -1))[2] == (None if name == "final" else name)]
+        lr = entry.get("optimizer_lr")
+        click.echo(f"  {name:<20} lr={'?' if lr is None else f'{lr:.3g}'} {entry['path']}; tables: {', '.join(tables) or 'none'}")
 
 
 @main.group(cls=Group)
@@ -109,15 +130,20 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--no-uncorrected", is_flag=True, help="Do not also write the uncorrected table the first rungs need.")
 @click.option("--limit", type=int, default=None, help="Stop after this many new rows.")
 @click.option("--commit-rows", type=int, default=2048, show_default=True, help="Rows per Lance commit.")
+@click.option("--checkpoint", default=None, help="Featurize this checkpoint instead of the final one (a directory in "
+              "the model's checkpoints/, e.g. step-000425, or a path): attached by name, into its own tables.")
 @ENGINE
 def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtype, no_pipeline, shard, dtype, dim, seed,
-                         correction, combine, no_uncorrected, limit, commit_rows, engine):
+                         correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from trackstar_db.gradients.plan import parse_shard
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
 
     handle = _open(db)
     stored_dtype = (handle.manifest.get("featurizer") or {}).get("dtype")
+    if engine == "ray" and checkpoint:
+        raise click.BadParameter("--engine ray featurizes the final checkpoint only; run --checkpoint locally",
+                                 param_hint="--checkpoint")
     if engine == "ray":  # actors resolve --device themselves: the driver may have no GPU
         from trackstar_db.distributed.ingest import ingest_gradients as ray_ingest
 
@@ -125,7 +151,8 @@ def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtyp
         device = "cpu"
     job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
                       commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
-                      batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype, pipeline=not no_pipeline)
+                      batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype, pipeline=not no_pipeline,
+                      checkpoint=checkpoint)
     given = {"dim": dim, "seed": seed, "correction": correction, "combine": combine}
     totals = ingest_gradients(handle, given, job)
     click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
