@@ -23,8 +23,8 @@ import torch
 
 def build(path: Path, rows: int, dim: int, dtype: str):
     from trackstar_db import Database
-    from trackstar_db.sources.bm25 import BM25Index
     from trackstar_db.store import vectors as _vectors
+    from trackstar_db.store.bm25 import BM25Index
 
     if path.exists():
         shutil.rmtree(path)

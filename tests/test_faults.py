@@ -114,7 +114,7 @@ def _rows(table, drop=()) -> list[str]:
 
 def snapshot(path) -> dict:
     """Everything a command may change, in a comparable form (opening recovers a journal)."""
-    from trackstar_db.sources.bm25 import BM25Index
+    from trackstar_db.store.bm25 import BM25Index
 
     db = connect(path)
     state = {"journal": (db.path / "journal.json").exists(),
@@ -188,7 +188,7 @@ def test_kill_9_at_fault_point_then_rerun_equals_clean_run(command, point, bases
 
 
 def test_two_corpus_ingests_at_once_store_each_example_once(bases, tmp_path):
-    from trackstar_db.sources.bm25 import BM25Index
+    from trackstar_db.store.bm25 import BM25Index
 
     db = tmp_path / "db"
     shutil.copytree(bases["dirs"]["facts_only"], db)

@@ -7,9 +7,9 @@ import pytest
 
 from trackstar_db import Database, connect
 from trackstar_db.errors import RecordError, TrackstarError
-from trackstar_db.sources.bm25 import BM25Index
 from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
 from trackstar_db.sources.facts import frequency_bucket, ingest_facts
+from trackstar_db.store.bm25 import BM25Index
 
 SENTENCES = [
     {"sentence_id": "s1", "text": "Alice Zorn was born in Paris.", "abstract_uri": "A1", "sent_idx_in_abst": 0,

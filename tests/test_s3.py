@@ -208,8 +208,8 @@ def test_a_database_at_an_s3_uri_is_shared_through_caches_and_its_manifest_swap(
     empty cache reads it whole; of two writers that read the same manifest, the second loses."""
     from trackstar_db.distributed.objectstore import open_database, pull, push
     from trackstar_db.errors import TrackstarError
-    from trackstar_db.sources.bm25 import BM25Index
     from trackstar_db.sources.corpus import ingest_corpus
+    from trackstar_db.store.bm25 import BM25Index
     from trackstar_db.testbed.world import generate_world
 
     options, client = s3

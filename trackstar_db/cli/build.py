@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .engine import ENGINE
+from .engine import ENGINE, engine_arguments
 from .common import DB_ARG, Group, _open
 
 
@@ -25,7 +25,7 @@ from .common import DB_ARG, Group, _open
               help="Also attach this checkpoint (a directory in the model's checkpoints/, or a path); repeatable.")
 def init(db, model_dir, optimizer_state, tables_uri, checkpoint_refs):
     """Create a database directory DB (optionally recording the model it attributes)."""
-    from trackstar_db.store.database import Database
+    from trackstar_db.api import Database
 
     from trackstar_db.distributed.objectstore import object_uri, open_for_command
 
@@ -207,7 +207,7 @@ def fit(db, mix, kind, damping, crossing_k, template, engine):
     """Fit the preconditioners R (R_train, and the task-mixed R) from the stored gradients."""
     from trackstar_db.gradients.fit import fit as fit_all
 
-    report = fit_all(_open(db), mix, kind, damping, crossing_k, template, engine=engine)
+    report = fit_all(_open(db), mix, kind, damping, crossing_k, template, **engine_arguments(engine, "fit"))
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     for name, params in report.preconditioners.items():

@@ -63,8 +63,8 @@ class Group(click.Group):
 
 
 def _open(db: Path):
+    from trackstar_db.api import connect
     from trackstar_db.distributed.objectstore import object_uri, open_for_command
-    from trackstar_db.store.database import connect
 
     return open_for_command(object_uri(db)) if object_uri(db) else connect(db)
 

@@ -34,8 +34,8 @@ def check(db, fmt):
 @DB_ARG
 def rebuild_bm25(db):
     """Make the BM25 index hold exactly the stored examples (after a deleted or damaged bm25/)."""
-    from trackstar_db.sources.bm25 import sync_bm25
-    from trackstar_db.sources.bm25 import BM25Index
+    from trackstar_db.store.bm25 import sync_bm25
+    from trackstar_db.store.bm25 import BM25Index
 
     handle = _open(db)
     writer = getattr(handle, "writer", None)  # the writer lock, where this version has one

@@ -9,7 +9,7 @@ import click
 from trackstar_db.errors import TrackstarError
 
 from . import main
-from .engine import ENGINE
+from .engine import ENGINE, engine_arguments
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
 
@@ -43,9 +43,9 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann,
     if run_id and len(names) > 1:
         raise TrackstarError("--run names one run; give one --method with it")
     options = RetrieveOptions(k=k, template=None if template == "all" else template, device=resolve_device(device),
-                              query_text=query_text, ann=ann, engine=engine)
+                              query_text=query_text, ann=ann)
     for name in names:
-        run, rows = run_retrieval(handle, name, options, run_id, replace)
+        run, rows = run_retrieval(handle, name, options, run_id, replace, **engine_arguments(engine, "retrieve"))
         click.echo(f"run {run}: {rows.num_rows:,} rows")
 
 

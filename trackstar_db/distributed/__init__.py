@@ -18,15 +18,6 @@ import os
 
 from trackstar_db.errors import TrackstarError
 
-ENGINES = ("local", "ray")
-
-
-def check_engine(engine: str) -> str:
-    if engine not in ENGINES:
-        raise TrackstarError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    return engine
-
-
 def ray_session(num_cpus: int | None = None):
     """The ray module, connected: an existing session, RAY_ADDRESS's cluster, or a new local one."""
     try:

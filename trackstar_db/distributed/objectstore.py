@@ -136,7 +136,7 @@ def _md5(path: Path) -> str:
 def open_database(uri: str, create: bool = False, model_dir=None):
     """The Database at `uri` (s3://bucket/db) on its local cache; changes are uploaded on exit.
     create: make one there when the bucket holds none (model_dir as for `init --model`)."""
-    from trackstar_db.store.database import Database, connect
+    from trackstar_db.api import Database, connect
 
     uri = uri.rstrip("/")
     client = _client()

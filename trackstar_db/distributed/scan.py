@@ -96,3 +96,6 @@ def score_table(db, spec, g_q, k: int, *, batch_rows: int = 65536, workers: int 
                            None if norms is None else norms[r.offset: r.offset + r.rows].clone(), k, batch_rows)
                for r in ranges]
     return merge_topk(_unwrap(ray, spec.name, futures), k)
+
+
+score_table.engine = "ray"  # recorded in a run's parameters (retrieval/runs.retrieve(scorer=score_table))

@@ -195,7 +195,7 @@ class Checker:
                     self.add(table, f"{n:,} rows name a {column} not in {target} (first: {first!r})", _rebuild(db, table))
 
     def check_bm25(self) -> None:
-        from trackstar_db.sources.bm25 import BM25Index
+        from trackstar_db.store.bm25 import BM25Index
 
         db = self.db
         if "examples" not in self.readable:

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
-from trackstar_db.sources.bm25 import BM25Index
+from trackstar_db.store.bm25 import BM25Index
 from trackstar_db.sources.facts import rebuild_ground_truth
 from trackstar_db.store.schema import arrow_schema
 

@@ -179,66 +179,7 @@ def peek_kind(path: str | Path) -> str | None:
         return None
 
 
-# -- transformers Trainer checkpoints (optimizer.pt) -------------------------------------------
-_NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
-
-
-def _skeleton(model_dir: Path) -> torch.nn.Module:
-    """The checkpoint's model built from its config.json on the meta device (names and shapes, no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if not (model_dir / "config.json").is_file():
-        raise TrackstarError(f"{model_dir}: optimizer.pt must sit in its checkpoint directory (no config.json there)")
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def _decay_names(model: torch.nn.Module) -> set[str]:
-    """Parameters the Trainer puts in its weight-decay group (Trainer.get_decay_parameter_names)."""
-    from transformers.trainer_pt_utils import get_parameter_names
-
-    return set(get_parameter_names(model, [torch.nn.LayerNorm], list(_NO_DECAY)))
-
-
-def parameter_order(model: torch.nn.Module, group_sizes: list[int], path: Path) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) for optimizer indices 0..n-1: the Trainer's decay / no-decay groups,
-    or one group of every trainable parameter, each in named_parameters() order."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = _decay_names(model)
-    split = [[(n, p) for n, p in trainable if n in decay], [(n, p) for n, p in trainable if n not in decay]]
-    if group_sizes == [len(split[0]), len(split[1])]:
-        return split[0] + split[1]
-    if group_sizes == [len(trainable)]:
-        return trainable
-    raise TrackstarError(f"{path}: parameter groups of sizes {group_sizes} do not fit the model's "
-                         f"{len(trainable)} trainable parameters ({len(split[0])} with weight decay, "
-                         f"{len(split[1])} without); was it saved for this model?")
-
-
-def _final_lr(model_dir: Path, groups: list[dict]) -> float:
-    import json
-
-    trainer_state = model_dir / "trainer_state.json"
-    if trainer_state.is_file():
-        try:
-            history = json.loads(trainer_state.read_text(encoding="utf-8")).get("log_history", [])
-        except (ValueError, OSError, AttributeError) as exc:
-            raise TrackstarError(f"{trainer_state}: unreadable ({first_line(exc)})") from None
-        rates = [e["learning_rate"] for e in history if isinstance(e, dict) and "learning_rate" in e]
-        if rates:
-            return float(rates[-1])
-    scheduler = model_dir / "scheduler.pt"
-    if scheduler.is_file():
-        try:
-            last = torch.load(str(scheduler), map_location="cpu", weights_only=True).get("_last_lr")
-            if last:
-                return float(last[0])
-        except Exception:  # a scheduler state torch cannot load safely: fall back to the param group
-            pass
-    return float(groups[0]["lr"])
-
-
+# -- transformers Trainer checkpoints (optimizer.pt; the Trainer's numbering in trainer_state.py) --
 def load_hf_trainer(model_dir: str | Path, model: torch.nn.Module | None = None,
                     path: str | Path | None = None) -> OptimizerState:
     """The optimizer state of a transformers Trainer checkpoint directory, keyed by parameter name.
@@ -253,8 +194,10 @@ def load_hf_trainer(model_dir: str | Path, model: torch.nn.Module | None = None,
         raise TrackstarError(f"{path}: not a readable torch optimizer state ({first_line(exc)})") from None
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and saved.get("param_groups")):
         raise TrackstarError(f"{path}: not an optimizer state_dict (needs 'state' and 'param_groups')")
+    from .trainer_state import final_lr, parameter_order, skeleton
+
     groups = saved["param_groups"]
-    order = parameter_order(model if model is not None else _skeleton(model_dir),
+    order = parameter_order(model if model is not None else skeleton(model_dir),
                             [len(g["params"]) for g in groups], path)
     indices = [i for g in groups for i in g["params"]]
     tensors: dict[str, torch.Tensor] = {}
@@ -287,7 +230,7 @@ def load_hf_trainer(model_dir: str | Path, model: torch.nn.Module | None = None,
     eps = first.get("eps", 1e-8)
     eps = float(eps[0] if isinstance(eps, (tuple, list)) else eps)
     weight_decay = max(float(g.get("weight_decay", 0.0) or 0.0) for g in groups)
-    return OptimizerState(kind, step, _final_lr(model_dir, groups), float(betas[0]), float(betas[1]), eps,
+    return OptimizerState(kind, step, final_lr(model_dir, groups), float(betas[0]), float(betas[1]), eps,
                           weight_decay, tensors)
 
 

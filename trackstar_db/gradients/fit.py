@@ -22,13 +22,12 @@ import pyarrow.compute as pc
 import torch
 
 from trackstar_db import faults
-from trackstar_db.distributed import check_engine
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, fit_preconditioner
 from trackstar_db.ladder import LADDER
 from trackstar_db.store import manifest as _manifest
-from trackstar_db.store.vectors import scan_progress
+from trackstar_db.store.vectors import BATCH_BYTES, scan_progress
 
 MIXES = ("task", "train")
 
@@ -63,8 +62,6 @@ def _stream(table, keep: set[str] | None = None, batch_size: int = 8192, label: 
     """[batch, d] float32 vectors of a gradient table, optionally only the ids in `keep`. A batch
     holds at most the scan's BATCH_BYTES of float32 (4,096 rows at d = 4,096, 256 at 65,536):
     the Gram update widens it to float64 and Lance reads several batches ahead."""
-    from trackstar_db.retrieval.scoring import BATCH_BYTES
-
     batch_size = max(1, min(batch_size, BATCH_BYTES // (4 * table.dim)))
     for ids, x in scan_progress(table.batches(batch_size=batch_size), table.count(), f"{label} {table.name}"):
         if keep is not None:
@@ -82,14 +79,31 @@ def _check_options(mix: str, damping: float, k: int | None) -> None:
         raise TrackstarError(f"--crossing-k must be >= 0, not {k}")
 
 
+class LocalPasses:
+    """The two passes fit makes over a training table, in this process. Another engine passes an
+    object with the same two functions (trackstar_db.distributed.fit: Ray tasks over fragment ranges)."""
+
+    @staticmethod
+    def gram(table, spans):
+        """g g^T over the table: a stream of batches that fit_preconditioner sums (or the sums)."""
+        return _stream(table)
+
+    @staticmethod
+    def row_norms(table, pre, powers) -> dict:
+        """{power: [n_rows] |g R^power|} in the table's scan order."""
+        parts = {p: [] for p in powers}
+        with torch.inference_mode():
+            for x in _stream(table, label="norms"):
+                for p in powers:
+                    parts[p].append(pre.norms(x, p))
+        return {p: torch.cat(v) for p, v in parts.items()}
+
+
 def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAMPING, k: int | None = None,
-        template: str | None = "prompt0", engine: str = "local") -> FitReport:
-    """Fit every preconditioner the stored tables allow. engine='ray': the training tables' g g^T
-    sums and row norms come from Ray tasks over fragment ranges (distributed/fit.py)."""
+        template: str | None = "prompt0", passes=LocalPasses) -> FitReport:
+    """Fit every preconditioner the stored tables allow. `passes`: who reads the training tables
+    (LocalPasses; trackstar_db.distributed.fit sums over Ray tasks)."""
     _check_options(mix, damping, k)
-    ray_fit = None
-    if check_engine(engine) == "ray":
-        from trackstar_db.distributed import fit as ray_fit
     featurizer = db.manifest.get("featurizer")
     if not featurizer:
         raise TrackstarError(f"{db.path}: no gradients yet; run 'trackstar-db ingest gradients' first")
@@ -113,19 +127,11 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
                 continue
             queries = _stream(table, keep)
         version = train.version()
-        source = _stream(train) if ray_fit is None else \
-            ray_fit.gram(train, [(0, layout.dim)] if kind == "dense" or spans is None else spans)
+        source = passes.gram(train, [(0, layout.dim)] if kind == "dense" or spans is None else spans)
         pre = fit_preconditioner(source, queries, dim=layout.dim, spans=spans, kind=kind, damping=damping, k=k)
         pre.params["table_version"] = version
-        if powers and ray_fit is not None:
-            pre.row_norms = ray_fit.row_norms(train, pre, powers)
-        elif powers:
-            parts = {p: [] for p in powers}
-            with torch.inference_mode():
-                for x in _stream(train, label="norms"):
-                    for p in powers:
-                        parts[p].append(pre.norms(x, p))
-            pre.row_norms = {p: torch.cat(v) for p, v in parts.items()}
+        if powers:
+            pre.row_norms = passes.row_norms(train, pre, powers)
         staged.append((train, which, pre, dict(pre.params, template=template if queries is not None else None)))
     if not staged:
         raise TrackstarError(f"{db.path}: no gradient tables to fit (found: {', '.join(db.table_names())})")

@@ -1,6 +1,6 @@
 """Stored retrieval runs: one method over the database's queries into the retrievals table.
 
-Methods (retrieval/methods.py: ALL_METHODS): the gradient ladder, scored by the one scoring
+Methods (trackstar_db/ladder.py: ALL_METHODS): the gradient ladder, scored by the one scoring
 path (retrieval/scoring.py) from the stored query gradients; bm25 (Tantivy); embedding
 (all-MiniLM-L6-v2, when installed). A rerun with `replace` writes the new rows first and only
 then drops the old ones, so a failure keeps the old run.
@@ -29,7 +29,6 @@ class RetrieveOptions:
     batch_rows: int = 65536
     query_text: str = "prompt+target"  # what BM25 and embedding see: 'prompt+target' or 'prompt'
     ann: object | None = None  # retrieval.ann.AnnOptions: approximate top-k from the method's index
-    engine: str = "local"  # 'ray': the gradient scan in Ray tasks over fragment ranges (distributed/scan.py)
 
     def __post_init__(self):
         if self.k < 1:
@@ -38,9 +37,6 @@ class RetrieveOptions:
             raise TrackstarError(f"batch_rows must be >= 1, not {self.batch_rows}")
         if self.query_text not in ("prompt+target", "prompt"):
             raise TrackstarError(f"query text must be 'prompt+target' or 'prompt', not {self.query_text!r}")
-        from trackstar_db.distributed import check_engine
-
-        check_engine(self.engine)
 
 
 def _queries(db, template: str | None) -> pa.Table:
@@ -80,14 +76,15 @@ def example_embeddings(db, device: str = "cpu"):
 
 
 def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, device: str = "cpu",
-               query_vectors=None, batch_rows: int = 65536, ann=None, engine: str = "local") -> TopKResult:
+               query_vectors=None, batch_rows: int = 65536, ann=None, scorer=None) -> TopKResult:
     """Top-k of one method for a set of queries: texts for bm25/embedding, gradients otherwise
     (`query_vectors` [nq, d], or the stored query gradients of `query_ids`); with `ann`
-    (AnnOptions), approximately from the method's index (retrieval/ann.py)."""
+    (AnnOptions), approximately from the method's index (retrieval/ann.py). `scorer` replaces
+    scoring.score_table for the gradient scan (distributed/scan.py: Ray tasks over fragment ranges)."""
     if ann is not None and method not in METHODS:
         raise TrackstarError(f"--ann serves the gradient methods ({', '.join(METHODS)}), not {method}")
     if method == "bm25":
-        from trackstar_db.sources.bm25 import BM25Index
+        from trackstar_db.store.bm25 import BM25Index
 
         return TopKResult.from_hits(BM25Index(db.path, must_exist=db.count("examples") > 0).search_many(texts, k), k)
     if method == "embedding":
@@ -110,16 +107,15 @@ def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, 
         from .ann import search_ann
 
         return search_ann(db, method, query_vectors, k, ann)
-    if engine == "ray":
-        from trackstar_db.distributed.scan import score_table as ray_score_table
-
-        return ray_score_table(db, spec, query_vectors, k, batch_rows=batch_rows)
+    if scorer is not None:
+        return scorer(db, spec, query_vectors, k, batch_rows=batch_rows)
     return score_table(db, spec, query_vectors, k, device=device, batch_rows=batch_rows)
 
 
 def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: str | None = None,
-             replace: bool = False) -> tuple[str, pa.Table]:
-    """Retrieve proponents (and opponents, for gradient methods) of the queries; store and return them."""
+             replace: bool = False, scorer=None) -> tuple[str, pa.Table]:
+    """Retrieve proponents (and opponents, for gradient methods) of the queries; store and return them.
+    scorer: another engine's score_table (trackstar_db.distributed.scan.score_table for Ray)."""
     options = options or RetrieveOptions()
     if method not in ALL_METHODS:
         raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
@@ -130,12 +126,12 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     query_rows = _queries(db, options.template)
     query_ids = query_rows.column("query_id").to_pylist()
     result = run_method(db, method, query_ids, _query_texts(query_rows, options.query_text), options.k,
-                        options.device, batch_rows=options.batch_rows, ann=options.ann, engine=options.engine)
+                        options.device, batch_rows=options.batch_rows, ann=options.ann, scorer=scorer)
     rows = result.to_arrow(query_ids, run_id, method)
     if method in METHODS and rows.num_rows == 0:
         raise TrackstarError(f"{method}: the scan returned no rows; is the gradient table damaged? "
                              f"run 'trackstar-db check {db.path}'")
-    parameters = asdict(options)
+    parameters = dict(asdict(options), engine=getattr(scorer, "engine", "local") if scorer else "local")
     if method in METHODS:
         parameters["preconditioners"] = db.manifest.get("preconditioners", {})
     if options.ann is not None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from trackstar_db.errors import TrackstarError
-from trackstar_db.store.vectors import scan_progress, vector_batches
+from trackstar_db.store.vectors import BATCH_BYTES, scan_progress, vector_batches
 
 from .methods import MethodSpec
 from .topk import TopKResult, search
@@ -103,7 +103,6 @@ def prepare(db, spec: MethodSpec) -> Scoring:
 
 
 TILE_BYTES = 4 << 20  # float32 bytes widened per step on the CPU: stays in cache
-BATCH_BYTES = 64 << 20  # float32 bytes of one scanned batch at most (bounds memory at any d)
 # Lance read-ahead: batches, fragments and bytes of I/O in flight (defaults 16, 4 and 2 GiB). Bounded,
 # the peak RSS of a bare read of 100K x 4096 float16 (7 fragments) went from 0.92 to 0.78 GB.
 READAHEAD, FRAGMENT_READAHEAD, IO_BUFFER_BYTES = 4, 1, 256 << 20

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from trackstar_db import faults
 from trackstar_db.errors import RecordError
+from trackstar_db.store.bm25 import BM25Index, sync_bm25
 
-from .bm25 import BM25Index, sync_bm25
-from .records import IdRegistry, iter_records, record_id, require_text
+from .records import IdRegistry, checked_records, record_id, require_text
 
 TREX_FIELDS = {"sentence_id", "text", "abstract_uri", "sent_idx_in_abst", "fact_triples"}
 ID_CANDIDATES = ("sentence_id", "example_id", "id")
@@ -133,27 +132,17 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
                 pending.clear()
                 faults.point("corpus.after_examples")
 
-        with tqdm(desc="ingest corpus", unit=" rec", disable=not progress) as bar:
-            for path in map(Path, files):
-                for line, record in iter_records(path, report.rejected if options.skip_bad else None):
-                    bar.update()
-                    try:
-                        row = to_row(record, path, line, options)
-                        new = _check_duplicate(row, _id_kind(record, options), stored, registry, path, line)
-                    except RecordError as error:
-                        if not options.skip_bad:
-                            raise
-                        report.rejected.append(error)
-                        continue
-                    if not new:
-                        report.already_present += 1
-                        continue
-                    pending.append(row)
-                    new_ids.append(row["example_id"])
-                    new_texts.append(row["text"])
-                    if len(pending) >= options.batch_size:
-                        flush()
-            flush()
+        def check(record, path, line):
+            row = to_row(record, path, line, options)
+            return row, _check_duplicate(row, _id_kind(record, options), stored, registry, path, line)
+
+        for _, _, row in checked_records(files, check, report, options.skip_bad, progress, "corpus"):
+            pending.append(row)
+            new_ids.append(row["example_id"])
+            new_texts.append(row["text"])
+            if len(pending) >= options.batch_size:
+                flush()
+        flush()
         BM25Index(db.path).add(new_ids, new_texts)
         faults.point("corpus.after_bm25")
         from .facts import rebuild_ground_truth

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from trackstar_db import faults
 from trackstar_db.errors import RecordError
 from trackstar_db.store import schema as _schema
 
-from .records import IdRegistry, iter_records, record_id, require_text, string_list
+from .records import IdRegistry, checked_records, record_id, require_text, string_list
 
 PROMPT_FIELDS = ("prompt0", "prompt1", "prompt2")
 # Upper bounds (inclusive) of frequency buckets 0..4; bucket 5 is everything above.
@@ -85,25 +84,14 @@ def _read(files, skip_bad: bool, progress: bool, report: FactReport) -> list[tup
     """Every record of the files checked, before anything is written: (fact, queries, where).
     An exact repeat of a fact is skipped; a conflicting one is a RecordError naming both lines."""
     registry = IdRegistry("fact")
-    out = []
-    for path in map(Path, files):
-        records = iter_records(path, report.rejected if skip_bad else None)
-        with tqdm(records, desc=f"facts {path.name}", unit=" rec", disable=not progress) as bar:
-            for line, record in bar:
-                try:
-                    fact, fact_queries = _fact_rows(record, path, line)
-                    kind = "integer" if isinstance(record.get("fact_id"), int) else "string"
-                    new = registry.add(fact["fact_id"], kind, _digest(fact, fact_queries), path, line)
-                except RecordError as error:
-                    if not skip_bad:
-                        raise
-                    report.rejected.append(error)
-                    continue
-                if not new:
-                    report.already_present += 1
-                    continue
-                out.append((fact, fact_queries, (path, line)))
-    return out
+
+    def check(record, path, line):
+        fact, fact_queries = _fact_rows(record, path, line)
+        kind = "integer" if isinstance(record.get("fact_id"), int) else "string"
+        return (fact, fact_queries), registry.add(fact["fact_id"], kind, _digest(fact, fact_queries), path, line)
+
+    return [(fact, fact_queries, (path, line))
+            for path, line, (fact, fact_queries) in checked_records(files, check, report, skip_bad, progress, "facts")]
 
 
 def _stored_facts(db) -> dict[str, tuple]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -125,3 +125,27 @@ class IdRegistry:
         if first_digest != digest:
             raise RecordError(path, line, f"{self.what} id {key!r} conflicts with {where}: same id, different content")
         return False
+
+
+def checked_records(files, check: Callable[[dict, Path, int], tuple[object, bool]], report, skip_bad: bool,
+                    progress: bool, desc: str) -> Iterator[tuple[Path, int, object]]:
+    """(path, line, value) for every record of `files` that `check(record, path, line) -> (value,
+    is_new)` accepts as new. A RecordError is raised, or with skip_bad kept in report.rejected; a
+    repeat counts in report.already_present. One progress bar per file."""
+    from tqdm.auto import tqdm
+
+    for path in map(Path, files):
+        records = iter_records(path, report.rejected if skip_bad else None)
+        with tqdm(records, desc=f"{desc} {path.name}", unit=" rec", disable=not progress) as bar:
+            for line, record in bar:
+                try:
+                    value, new = check(record, path, line)
+                except RecordError as error:
+                    if not skip_bad:
+                        raise
+                    report.rejected.append(error)
+                    continue
+                if new:
+                    yield path, line, value
+                else:
+                    report.already_present += 1

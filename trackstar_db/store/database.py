@@ -21,9 +21,7 @@ from pathlib import Path
 
 import lancedb
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
 
 from . import journal as _journal
@@ -32,19 +30,16 @@ from . import adapters as _adapters
 from . import manifest as _manifest
 from . import schema as _schema
 from .gradient_table import GradientTable, is_gradient_table
+from .swap import SwapWriter
 
 
-STAGING = "~staging~"  # prefix of the key under which swap_rows writes new rows before the swap
-
-
-class Database:
+class Database(SwapWriter):
     """An open trackstar-db directory. Tables come back as Arrow."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = _manifest.read(self.path)
         self._lance = lancedb.connect(self.tables_uri)
-        self._attributor = None  # retrieval.adhoc.PromptAttributor, made by the first query()
         if (self.path / _journal.FILENAME).exists() and not _lock.held(self.path):
             self._recover_abandoned()
 
@@ -210,97 +205,6 @@ class Database:
             return set()
         return set(self.table(name, columns=[column]).column(column).to_pylist())
 
-    def record_run(self, run_id: str, method: str, parameters: dict) -> None:
-        """Add a row to the runs table."""
-        import datetime as _dt
-        import json as _json
-
-        from trackstar_db import __version__
-
-        self.append("runs", pa.table({
-            "run_id": [run_id], "method": [method], "parameters": [_json.dumps(parameters, sort_keys=True)],
-            "created_at": pa.array([_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)], pa.timestamp("us")),
-            "code_version": [__version__],
-        }))
-
-    def replace_run(self, run_id: str, method: str, parameters: dict, rows: pa.Table,
-                    derived: tuple[str, ...] = ("tail_patch",)) -> None:
-        """Store a retrieval run, replacing one of the same name (write-then-swap, swap_rows):
-        a failure or a kill at any point keeps the old run or ends with the complete new one."""
-        self.swap_rows("retrievals", "run_id", [run_id], rows, drop_from=derived, fault="run",
-                       record_run={"run_id": run_id, "method": method, "parameters": parameters},
-                       command=f"retrieve --run {run_id}")
-
-    def swap_rows(self, name: str, column: str, keys: list[str], rows: pa.Table, drop_from: tuple[str, ...] = (),
-                  record_run: dict | None = None, fault: str = "swap", command: str | None = None) -> None:
-        """Replace the rows of `name` whose `column` is one of `keys` by `rows` (write-then-swap).
-
-        The new rows are appended under staging values of `column` (STAGING + key); once they are
-        all in, the journal turns to 'forward', the old rows (in `name`, `drop_from` and, with
-        `record_run`, runs) are deleted and the staged ones renamed. A kill before the staged rows
-        are complete rolls back to the old rows; after, the next writer finishes the swap."""
-        keys = sorted(set(keys))
-        values = rows.column(column).to_pylist()
-        if set(values) - set(keys):
-            raise TrackstarError(f"{name}: rows for {sorted(set(values) - set(keys))[0]!r}, which is not being replaced")
-        staged = {key: STAGING + key for key in keys}
-        tables = [name, *drop_from] + (["runs"] if record_run else [])
-        with _journal.transaction(self, command or f"replace {name}", tables) as entry:
-            index = rows.column_names.index(column)
-            self.append(name, rows.set_column(index, column, pa.array([staged[v] for v in values], pa.string())))
-            faults.point(f"{fault}.after_stage")
-            forward = {"table": name, "column": column, "staged": staged, "drop_from": list(drop_from),
-                       "counts": {key: values.count(key) for key in keys}, "record_run": record_run}
-            _journal.go_forward(self, entry, forward)
-            self.roll_forward(forward, fault)
-
-    def roll_forward(self, forward: dict, fault: str = "swap") -> None:
-        """Finish a swap_rows whose staged rows are complete; idempotent, so a kill while
-        finishing is finished by the next writer."""
-        if forward.get("kind") == "files":
-            return self._finish_files(forward)
-        name, column = forward["table"], forward["column"]
-        record = forward.get("record_run")
-        drop = [name, *forward["drop_from"]] + (["runs"] if record else [])
-        for key, staging in forward["staged"].items():
-            expected = forward["counts"][key]
-            have = self.table(name, columns=[column], filter=pc.field(column) == staging).num_rows
-            if have == expected:  # staged and not yet renamed (or nothing to rename)
-                for table in drop:
-                    self.delete_rows(table, column, key)
-                faults.point(f"{fault}.after_delete")
-                if expected:
-                    escaped, target = staging.replace("'", "''"), key
-                    self.lance_table(name).update(where=f"{column} = '{escaped}'", values={column: target})
-                faults.point(f"{fault}.after_rename")
-            elif have:
-                raise TrackstarError(f"{self.path}: {have} of {expected} staged rows of {key!r} in {name}; "
-                                     f"the journal {_journal.FILENAME} does not match the table")
-        if record and record["run_id"] not in self.ids("runs", "run_id"):
-            self.record_run(record["run_id"], record["method"], record["parameters"])
-
-    def swap_files(self, command: str, directory: str, renames: list[tuple[str, str]], manifest: dict,
-                   unlink: list[str] = (), fault: str = "files") -> None:
-        """Move complete temp files into place and point the manifest at them, as one step under
-        kill -9 (the journal rolls it forward): `renames` [(temp, final)] and `unlink` are file
-        names in DB/`directory`; `manifest` holds the top-level keys to set."""
-        forward = {"kind": "files", "directory": directory, "renames": [list(r) for r in renames],
-                   "manifest": manifest, "unlink": list(unlink), "fault": fault}
-        with _journal.transaction(self, command, []) as entry:
-            _journal.go_forward(self, entry, forward)
-            self._finish_files(forward)
-
-    def _finish_files(self, forward: dict) -> None:
-        folder = self.path / forward["directory"]
-        for tmp, final in forward["renames"]:
-            if (folder / tmp).exists():  # else moved by an earlier, interrupted attempt
-                (folder / tmp).replace(folder / final)
-        faults.point(f"{forward['fault']}.after_rename")
-        self.update_manifest(lambda manifest: manifest.update(forward["manifest"]))
-        faults.point(f"{forward['fault']}.after_manifest")
-        for name in forward["unlink"]:
-            (folder / name).unlink(missing_ok=True)
-
     def delete_rows(self, name: str, column: str, value: str) -> None:
         """Delete the rows whose `column` equals `value` (e.g. one run's retrievals).
 
@@ -333,40 +237,6 @@ class Database:
                 views[name] = dataset
         views["model_correct"] = views["predictions"]
         return views
-
-    def sql(self, text: str, vectors: bool = False) -> pa.Table:
-        """Run one read-only SQL statement over the tables (DuckDB); the result as Arrow."""
-        from trackstar_db.evaluation.sql import ReadOnlySQL
-
-        with ReadOnlySQL(self.views(vectors)) as con:
-            return con.run(text)
-
-    def evaluate(self, by: str = "method") -> pa.Table:
-        """The method-by-metric table (queries/summary*.sql); by='bucket' or 'correct' splits it."""
-        from trackstar_db.evaluation.analysis import evaluation
-
-        return evaluation(self, by)
-
-    def query(self, prompt: str, target: str, k: int = 10, method: str | None = None, device: str = "cpu",
-              ann=None) -> pa.Table:
-        """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
-        score, text, method). method None: the best rung this database can serve."""
-        from trackstar_db.retrieval.adhoc import PromptAttributor
-
-        if self._attributor is None or self._attributor.device != device:
-            self._attributor = PromptAttributor(self, device)
-        return self._attributor.attribute(prompt, target, method=method, k=k, ann=ann)
-
-    def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
-                            device: str = "cpu") -> pa.Table:
-        """Each token's part of `example_id`'s score for (prompt, target); the parts sum to the
-        score (position, token_id, token, start, end, contribution; retrieval/tokens.py)."""
-        from trackstar_db.retrieval.adhoc import PromptAttributor
-        from trackstar_db.retrieval.tokens import token_contributions
-
-        if self._attributor is None or self._attributor.device != device:
-            self._attributor = PromptAttributor(self, device)
-        return token_contributions(self, prompt, target, example_id, method, attributor=self._attributor)
 
     def __repr__(self) -> str:
         return f"trackstar_db.Database({str(self.path)!r})"

@@ -16,7 +16,7 @@ anything else:
   created by the command is dropped) and, when `bm25` is set, the BM25 index is reconciled with
   the examples table (documents of rolled-back examples removed, missing ones added);
 - phase "forward" (a write-then-swap whose new rows are complete): roll FORWARD by calling
-  Database.roll_forward(entry["forward"]), which finishes the swap idempotently.
+  Database.roll_forward(entry["forward"]) (store/swap.py), which finishes the swap idempotently.
 
 Every journal is written and recovered under the writer lock (store/lock.py).
 """
@@ -91,7 +91,7 @@ def rollback(db, entry: dict) -> None:
         elif db.has_table(name):
             db.restore(name, int(version))
     if entry.get("bm25"):
-        from trackstar_db.sources.bm25 import sync_bm25  # the one derived index outside Lance
+        from trackstar_db.store.bm25 import sync_bm25  # the one derived index outside Lance
 
         sync_bm25(db, full=True)
 

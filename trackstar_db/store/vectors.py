@@ -21,6 +21,7 @@ import torch
 from trackstar_db.errors import TrackstarError
 
 DTYPES = ("float32", "float16", "bfloat16")
+BATCH_BYTES = 64 << 20  # float32 bytes of one scanned batch at most (bounds memory at any d)
 _ARROW = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
 

@@ -30,7 +30,7 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
     from trackstar_db.sources.corpus import ingest_corpus
     from trackstar_db.sources.facts import ingest_facts
-    from trackstar_db.store.database import Database
+    from trackstar_db.api import Database
     from trackstar_db.tailpatch.runs import tail_patch_runs
 
     from .model import format_accuracy, train_testbed

@@ -56,7 +56,10 @@ GROUP BY ALL ORDER BY f.frequency_bucket
 
 def accuracy_table(db) -> pa.Table:
     """Accuracy of the model on prompt0 queries, by fact frequency bucket."""
-    return db.sql(ACCURACY_SQL)
+    from trackstar_db.evaluation.sql import ReadOnlySQL
+
+    with ReadOnlySQL(db.views()) as con:
+        return con.run(ACCURACY_SQL)
 
 
 def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bool = True,
