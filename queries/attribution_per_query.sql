@@ -13,6 +13,9 @@
 --   list_length        proponents retrieved for the query in this run
 --   frequency_bucket   facts.frequency_bucket of the query's fact (NULL when unknown)
 --   model_correct      model_correct.correct of the query (NULL when not measured)
+--   splits             the (split, split_value) groups the row counts in, for the metric files:
+--                      ('all', 'all'), ('frequency_bucket', bucket), ('model_correct', 'true'/'false');
+--                      'unknown' when the bucket or correctness is not known
 WITH runs_ AS (SELECT DISTINCT run_id, method FROM retrievals),
 truth AS (SELECT DISTINCT fact_id, example_id FROM ground_truth),
 fact_queries AS (
@@ -35,7 +38,10 @@ proponents AS (
 SELECT u.run_id, u.method, q.query_id, q.fact_id, q.frequency_bucket, q.model_correct, q.has_ground_truth,
        count(p.rank) AS list_length,
        min(p.rank) FILTER (WHERE p.correct) AS first_correct_rank,
-       coalesce(1.0 / min(p.rank) FILTER (WHERE p.correct), 0.0) AS reciprocal_rank
+       coalesce(1.0 / min(p.rank) FILTER (WHERE p.correct), 0.0) AS reciprocal_rank,
+       [{'split': 'all', 'split_value': 'all'},
+        {'split': 'frequency_bucket', 'split_value': coalesce(CAST(q.frequency_bucket AS VARCHAR), 'unknown')},
+        {'split': 'model_correct', 'split_value': coalesce(CAST(q.model_correct AS VARCHAR), 'unknown')}] AS splits
 FROM runs_ u
 CROSS JOIN fact_queries q
 LEFT JOIN proponents p ON p.run_id = u.run_id AND p.method = u.method AND p.query_id = q.query_id

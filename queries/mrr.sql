@@ -7,17 +7,12 @@
 -- (the cut-off of "in the retrieved list"); n_empty_lists counts queries with no proponent.
 -- split: 'all' | 'frequency_bucket' | 'model_correct'; split_value: the bucket, 'true'/'false',
 -- or 'unknown' when the bucket or correctness is not known.
-SELECT run_id, method,
-       CASE WHEN grouping(frequency_bucket) = 0 THEN 'frequency_bucket'
-            WHEN grouping(model_correct) = 0 THEN 'model_correct' ELSE 'all' END AS split,
-       CASE WHEN grouping(frequency_bucket) = 0 THEN coalesce(CAST(frequency_bucket AS VARCHAR), 'unknown')
-            WHEN grouping(model_correct) = 0 THEN coalesce(CAST(model_correct AS VARCHAR), 'unknown')
-            ELSE 'all' END AS split_value,
+SELECT run_id, method, split, split_value,
        count(*) FILTER (WHERE has_ground_truth) AS n_queries,
        count(*) FILTER (WHERE NOT has_ground_truth) AS n_no_ground_truth,
        count(*) FILTER (WHERE list_length = 0) AS n_empty_lists,
        max(list_length) AS list_length,
        avg(reciprocal_rank) FILTER (WHERE has_ground_truth) AS mrr
-FROM attribution_per_query
-GROUP BY GROUPING SETS ((run_id, method), (run_id, method, frequency_bucket), (run_id, method, model_correct))
+FROM (SELECT *, unnest(splits, recursive := true) FROM attribution_per_query)
+GROUP BY run_id, method, split, split_value
 ORDER BY run_id, method, split, split_value

@@ -1,19 +1,9 @@
--- The method-by-metric table: one row per retrieval run, the 'all' rows of mrr.sql,
--- recall.sql and tail_patch_metrics.sql side by side (each metric is defined in its own file only).
--- uses: mrr, recall, tail_patch_metrics
---
---   n_queries          fact queries with >= 1 ground-truth example (the MRR/recall denominator)
---   n_no_ground_truth  fact queries whose fact has no ground-truth example (counted apart)
---   list_length        longest proponent list of the run
---   tailpatch_at_k     percentage points; NULL when not measured
--- method_order (method, position) is given by the caller from the method list
--- (trackstar_db/retrieval/methods.py: baselines, then the ablation ladder); others go last.
-SELECT m.method, m.run_id, m.n_queries, m.n_no_ground_truth, m.list_length, m.mrr, r.recall_at_10,
-       coalesce(t.n_queries, 0) AS n_tailpatch_queries,
-       t.tailpatch_at_1, t.tailpatch_at_3, t.tailpatch_at_5, t.tailpatch_at_10
-FROM mrr m
-JOIN recall r USING (run_id, split, split_value)
-LEFT JOIN tail_patch_metrics t USING (run_id, split, split_value)
-LEFT JOIN method_order o ON o.method = m.method
-WHERE m.split = 'all'
-ORDER BY coalesce(o.position, 99), m.method, m.run_id
+-- The method-by-metric table: one row per retrieval run, the 'all' rows of run_metrics.sql
+-- (mrr.sql, recall.sql and tail_patch_metrics.sql side by side; columns explained there),
+-- in the order of the method list.
+-- uses: run_metrics
+SELECT method, run_id, n_queries, n_no_ground_truth, list_length, mrr, recall_at_10, n_tailpatch_queries,
+       tailpatch_at_1, tailpatch_at_3, tailpatch_at_5, tailpatch_at_10
+FROM run_metrics
+WHERE split = 'all'
+ORDER BY position, method, run_id

@@ -8,6 +8,7 @@ import shutil
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from databases import copy_db
 
 from trackstar_db.cli import main
 
@@ -20,28 +21,16 @@ def run(*args, ok=True, env=None):
 
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """The tiny world with train and query gradients and every R fitted."""
+def whole(tiny_db_template, tmp_path_factory):
+    """A copy of the tiny database with train and query gradients and every R fitted."""
     import torch
 
-    from trackstar_db import Database
     from trackstar_db.gradients.fit import fit
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
-    from trackstar_db.sources.corpus import ingest_corpus
-    from trackstar_db.sources.facts import ingest_facts
-    from trackstar_db.testbed.train import TrainConfig, train_model
-    from trackstar_db.testbed.world import generate_world
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("check")
-    world = generate_world(root / "world", seed=0, size="tiny")
-    db = Database.create(root / "db")
-    ingest_corpus(db, [world.sentences_path], progress=False)
-    ingest_facts(db, [world.facts_path], progress=False)
-    texts = db.table("examples", columns=["text"]).column("text").to_pylist()
-    train_model(texts, root / "model", TrainConfig(n_layer=1, d_model=32, n_head=2, max_length=32, batch_size=32,
-                                                   max_steps=10, warmup=2), progress=False)
-    db.set_model(root / "model")
+    db = copy_db(tiny_db_template, root)
     for split in ("train", "queries"):
         ingest_gradients(db, {"dim": 1024}, GradientJob(split, batch_size=32, device="cpu"), progress=False)
     fit(db)
@@ -212,8 +201,8 @@ def test_half_precision_tables_and_orphan_ids(tmp_path):
 
     from trackstar_db import Database
     from trackstar_db.evaluation.check import check
-    from trackstar_db.sources.bm25 import BM25Index
     from trackstar_db.store import vectors as _vectors
+    from trackstar_db.store.bm25 import BM25Index
 
     db = Database.create(tmp_path / "db")
     ids, texts = ["a", "b", "c"], ["one text", "two texts", "three texts"]

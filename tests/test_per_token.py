@@ -1,12 +1,11 @@
 """Per-token attribution: the parts of a proponent's projected gradient, and of its score, sum exactly."""
 
-import shutil
 
 import pytest
 import torch
+from databases import copy_db
 
 from tests.tiny_models import make_model, random_batch
-from trackstar_db import connect
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.per_example import Featurizer
@@ -50,10 +49,7 @@ def test_one_example_only():
 def fitted(tiny_db_template, tmp_path_factory):
     """A copy of the tiny database with both gradient tables and every R (built once here)."""
     root = tmp_path_factory.mktemp("per_token")
-    shutil.copytree(tiny_db_template / "model", root / "model")
-    shutil.copytree(tiny_db_template / "db", root / "db")
-    db = connect(root / "db")
-    db.set_model(root / "model")
+    db = copy_db(tiny_db_template, root)
     config = FeaturizerConfig(dim=1024, correction="adam-factored")
     for split in ("train", "queries"):
         ingest_gradients(db, config, GradientJob(split, batch_size=16), progress=False)

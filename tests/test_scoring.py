@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
+from databases import copy_db
 
-from trackstar_db import connect
 from trackstar_db.cli import main
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
@@ -34,13 +34,8 @@ K = 8
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, tiny_db_template):
     """The tiny database with train and query gradients (both variants) and every R fitted."""
-    import shutil
-
     root = tmp_path_factory.mktemp("scoring")
-    shutil.copytree(tiny_db_template / "model", root / "model")
-    shutil.copytree(tiny_db_template / "db", root / "db")
-    db = connect(root / "db")
-    db.set_model(root / "model")
+    db = copy_db(tiny_db_template, root)
     ingest_gradients(db, CONFIG, GradientJob("train", batch_size=32), progress=False)
     ingest_gradients(db, CONFIG, GradientJob("queries", batch_size=32), progress=False)
     fit(db)
@@ -49,13 +44,7 @@ def fitted(tmp_path_factory, tiny_db_template):
 
 @pytest.fixture
 def db(fitted, tmp_path):
-    import shutil
-
-    shutil.copytree(fitted / "model", tmp_path / "model")
-    shutil.copytree(fitted / "db", tmp_path / "db")
-    handle = connect(tmp_path / "db")
-    handle.set_model(tmp_path / "model")
-    return handle
+    return copy_db(fitted, tmp_path)
 
 
 def stored(db, name):
