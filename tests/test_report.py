@@ -296,3 +296,29 @@ def test_database_report_fits_1280(db_report, tmp_path):
     for page in (db_report, db_report.parent / "queries" / "q-0001.html"):
         scroll, inner = layout_width(page, tmp_path)
         assert inner == WIDTH and scroll <= WIDTH, (page.name, scroll)
+
+
+TRAJECTORY = pa.table({"step": list(range(6)), "actual": [5.0, 4.6, 4.1, 3.9, 3.5, 3.4],
+                       "linear": [5.0, 4.5, 4.2, 3.8, 3.6, 3.3], "additive": [5.0, 4.8, 4.5, 4.3, 4.0, 3.9],
+                       "constant": [5.0] * 6}).replace_schema_metadata(
+    {"run_id": "sim-011", "query_id": "F00003:prompt0", "train_runs": "9"})
+
+
+@needs_chromium
+def test_simfluence_trajectory_section_renders_at_1280(tmp_path):
+    """The plot of a probe's recorded vs simulated loss, the MSE of each simulator (lowest marked)."""
+    page = write_report(tmp_path / "report", SUMMARY, trajectory=TRAJECTORY)
+    text, parser = _parse(page)
+    _self_contained(text, parser)
+    assert 'id="simfluence"' in text and "F00003:prompt0" in text and "sim-011" in text
+    assert text.count("<svg") == 2 and "Simfluence-Linear" in text and "TracIn as simulator" in text
+    cells = [c.strip() for c, _ in parser.cells]
+    assert cells[cells.index("Simfluence-Linear") + 1] == "0.0100"  # mean of (pred - actual)^2 over steps 1..5
+    assert '<td class="num best">0.0100</td>' in text  # the lowest MSE is the best
+    scroll, inner = layout_width(page, tmp_path)
+    assert inner == WIDTH and scroll <= WIDTH
+    _not_blank(screenshot(page, tmp_path / "simfluence.png", tmp_path), WIDTH)
+    plain = write_report(tmp_path / "plain", SUMMARY)
+    assert 'id="simfluence"' not in plain.read_text()
+    with pytest.raises(Exception, match="trajectory table needs a 'actual' column"):
+        write_report(tmp_path / "bad", SUMMARY, trajectory=TRAJECTORY.drop_columns(["actual"]))

@@ -112,6 +112,17 @@ def test_record_fit_simulate_eval_on_tiny_world(tiny_db, tmp_path):
     assert "sim-004" in result.output and tiny_db.count("sim_runs") == 5 and tiny_db.count("sim_batches") == 160 + 8
     result = runner.invoke(main, ["simfluence", "record", str(tiny_db.path), "--subset", "1.5"])
     assert result.exit_code != 0 and "--subset must be in (0, 1]" in result.output
+    # the report plots a probe's recorded and simulated loss on the first held-out run
+    from trackstar_db.simfluence.evaluate import report_trajectory
+
+    curve = report_trajectory(tiny_db)
+    assert curve.column_names == ["step", "actual", "linear", "additive", "constant"]
+    assert curve.schema.metadata[b"run_id"] == b"sim-004" and curve.num_rows == 3  # the 2-step run recorded last
+    assert runner.invoke(main, ["retrieve", str(tiny_db.path), "--method", "bm25", "--k", "3"]).exit_code == 0
+    result = runner.invoke(main, ["report", str(tiny_db.path), "--out", str(tmp_path / "report"), "--samples", "2"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert 'id="simfluence"' in page and curve.schema.metadata[b"query_id"].decode() in page
 
 
 def test_held_out_evaluation_and_trajectory_on_synthetic_runs():

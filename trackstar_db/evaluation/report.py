@@ -9,6 +9,9 @@ out_dir/queries/ (explorer.py). Inputs:
                 n_tailpatch_queries, tailpatch_at_1/3/5/10 (any subset of the metric columns)
     by_bucket   the same metrics with a frequency_bucket column (one row per run and bucket)
     by_correct  the same with a model_correct column (does the model answer the query?)
+    trajectory  one probe's loss over a held-out Simfluence run: step, actual and the simulated
+                columns linear, additive, constant (simfluence.evaluate.report_trajectory; the
+                schema metadata names run_id, query_id and train_runs)
 
 The summary table has methods as rows, numbers rounded (MRR and recall to 3 decimals,
 tail-patch to 2) and the best value of each metric column in bold on green; it is sized to fit
@@ -66,13 +69,13 @@ def _fmt(value, column: str = "") -> str:
 
 
 def metric_table(rows: Sequence[str], columns: Sequence[str], values: dict, headers: Sequence[str],
-                 digits: int, mark_best: bool = True) -> str:
+                 digits: int, mark_best: bool = True, best_of=max) -> str:
     """An HTML table: `rows` labels, `columns` keys, values[(row, column)] numbers; the largest
-    value of each column is marked best (class 'best')."""
+    value of each column (`best_of=min`: the smallest) is marked best (class 'best')."""
     best = {}
     for c in columns:
         seen = [values[(r, c)] for r in rows if not _missing(values.get((r, c)))]
-        best[c] = round(max(seen), digits) if seen and mark_best else None
+        best[c] = round(best_of(seen), digits) if seen and mark_best else None
 
     def cell(r, c):
         v = values.get((r, c))
@@ -193,6 +196,36 @@ def split_plot(table: pa.Table, column: str, xlabel: str, salt: str) -> str | No
     return _svg(fig, salt)
 
 
+TRAJECTORY = (("actual", "recorded", {"color": "black", "marker": "o", "markersize": 3}),
+              ("linear", "Simfluence-Linear", {"color": "#c44e52"}),
+              ("additive", "TracIn as simulator (additive)", {"color": "#4c72b0"}),
+              ("constant", "constant loss", {"color": "#888888", "linestyle": "--"}))
+
+
+def trajectory_section(table: pa.Table) -> str:
+    """A probe's recorded vs simulated loss over a held-out run: the plot and each simulator's MSE."""
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    fig, (ax,) = _figure(1, width=7.5)
+    steps, actual = table.column("step").to_pylist(), table.column("actual").to_numpy()
+    values = {}
+    for column, label, style in TRAJECTORY:
+        if column in table.column_names:
+            ax.plot(steps, table.column(column).to_numpy(), label=label, linewidth=1.4, **style)
+            if column != "actual":
+                values[(label, "mse")] = float(((table.column(column).to_numpy() - actual)[1:] ** 2).mean())
+    ax.set_xlabel("training step")
+    ax.set_ylabel("probe loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    rows = [label for _, label, _ in TRAJECTORY[1:] if (label, "mse") in values]
+    note = (f"Probe {html.escape(meta.get('query_id', '?'))} on held-out run {html.escape(meta.get('run_id', '?'))}: "
+            f"the simulators were fitted on {html.escape(meta.get('train_runs', '?'))} other runs and rolled out from "
+            "the probe's loss at step 0 through this run's batches, never fed its recorded losses. "
+            "MSE over steps 1..T of this probe (lower is better); `trackstar-db simfluence eval` gives all probes.")
+    table_html = metric_table(rows, ["mse"], values, ["simulator", "MSE"], 4, best_of=min)
+    return (f'<p class="note">{note}</p><div class="plots">{_svg(fig, "trajectory")}<div>{table_html}</div></div>')
+
+
 def _check(name: str, table: pa.Table | None, column: str | None) -> None:
     if table is None:
         return
@@ -203,11 +236,14 @@ def _check(name: str, table: pa.Table | None, column: str | None) -> None:
 
 def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table | None = None,
                  by_correct: pa.Table | None = None, pages: Sequence[dict] = (),
-                 title: str = "trackstar-db report") -> Path:
+                 trajectory: pa.Table | None = None, title: str = "trackstar-db report") -> Path:
     """Write out_dir/index.html (and out_dir/queries/ given pages); return index.html's path."""
     _check("summary", summary, None)
     _check("by_bucket", by_bucket, "frequency_bucket")
     _check("by_correct", by_correct, "model_correct")
+    for needed in ("step", "actual") if trajectory is not None else ():
+        if needed not in trajectory.column_names:
+            raise TrackstarError(f"report: the trajectory table needs a {needed!r} column")
     nav = ['<a href="#summary">summary</a>']
     parts = ['<h2 id="summary">Methods by metric</h2>', summary_html(summary),
              '<p class="note">MRR and recall@10 over the queries whose fact has a ground-truth example; '
@@ -227,6 +263,10 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
         plot = split_plot(table, column, xlabel, name)
         if plot:
             parts.append(f'<div class="plots">{plot}</div>')
+    if trajectory is not None and trajectory.num_rows:
+        nav.append('<a href="#simfluence">simulated trajectory</a>')
+        parts += ['<h2 id="simfluence">Simfluence: a probe\'s loss, recorded and simulated</h2>',
+                  trajectory_section(trajectory)]
     if pages:
         from .explorer import write_explorer
 

@@ -87,3 +87,19 @@ def trajectories(runs, train_ids: list[str], run_id: str, query_id: str, ridge: 
     for model in ("linear", "additive"):
         out[model] = fit(train, model, ridge).simulate(run.batches, run.losses[:, 0])[q]
     return pa.table(out)
+
+
+def report_trajectory(db, holdout: float = 0.25, ridge: float = 1.0) -> pa.Table | None:
+    """The report's trajectory plot: on the first held-out run (split_runs), the probe whose
+    recorded loss moves most, with its Simfluence-Linear, additive (TracIn as simulator) and
+    constant-loss predictions; None when the database has fewer than 2 recorded runs."""
+    if not db.has_table("sim_runs") or db.count("sim_runs") < 2:
+        return None
+    runs = load_runs(db)
+    train_ids, held_ids = split_runs([r.run_id for r in runs.runs], holdout)
+    run = next(r for r in runs.runs if r.run_id == held_ids[0])
+    probe = int(np.argmax(np.abs(run.losses[:, -1] - run.losses[:, 0])))
+    table = trajectories(runs, train_ids, run.run_id, runs.query_ids[probe], ridge)
+    table = table.append_column("constant", pa.array(np.full(table.num_rows, run.losses[probe, 0])))
+    return table.replace_schema_metadata({"run_id": run.run_id, "query_id": runs.query_ids[probe],
+                                          "train_runs": str(len(train_ids))})
