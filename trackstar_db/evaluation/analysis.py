@@ -64,8 +64,10 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
     pages = build_pages(tables, shown, choose_queries(tables["retrievals"], shown, n_samples, seed), k=k)
     if tokens and pages:
         _shade(db, pages[:token_pages], token_top, device)
+    from trackstar_db.simfluence.evaluate import report_trajectory
+
     return write_report(out_dir, summary, by_bucket=evaluation(db, "bucket"), by_correct=evaluation(db, "correct"),
-                        pages=pages)
+                        pages=pages, trajectory=report_trajectory(db))
 
 
 def _shade(db, pages: list[dict], top: int, device: str) -> None:
