@@ -62,9 +62,15 @@ def projection_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 
 def _project_side(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """X P^T: x [batch, tokens, n] float or [batch, tokens] ids, p [k, n] -> [batch, tokens, k]
-    float32 (computed in p's dtype)."""
-    return (p.t()[x] if x.dtype == torch.long else x.to(p.dtype) @ p.t()).float()
+    """(X P^T)^T per example: x [batch, tokens, n] float or [batch, tokens] ids, p [k, n] ->
+    [batch, k, tokens] float32 (computed in p's dtype). It is one P [k, n] x X^T [n, batch*tokens]
+    matmul: with k much smaller than batch*tokens this orientation (long side of the output on
+    the tokens) runs about twice as fast on CPU as X P^T for the same dot products."""
+    if x.dtype == torch.long:
+        side = p[:, x]  # [k, batch, tokens]: columns of P picked by id
+    else:
+        side = (p @ x.reshape(-1, x.shape[-1]).to(p.dtype).t()).view(p.shape[0], *x.shape[:2])
+    return side.transpose(0, 1).float()
 
 
 def _to_host(tensor: torch.Tensor, non_blocking: bool) -> torch.Tensor:
@@ -129,7 +135,7 @@ class Featurizer:
             g = dense_gradient(x_r, x_c.float(), self.rows[name]) * self._elementwise[name]
             return (p_r @ g @ p_c.t()).flatten(1)
         p_r, p_c = self._pair(name, corrected)
-        return torch.bmm(_project_side(x_r, p_r).transpose(1, 2), _project_side(x_c, p_c)).flatten(1)
+        return torch.bmm(_project_side(x_r, p_r), _project_side(x_c, p_c).transpose(1, 2)).flatten(1)
 
     def featurize(self, batch: dict[str, torch.Tensor], non_blocking: bool = False) -> FeaturizeOutput:
         """batch: input_ids, attention_mask, labels, each [batch, tokens]. non_blocking: on CUDA,
