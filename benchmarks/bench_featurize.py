@@ -18,7 +18,9 @@ run_featurize_bench times, on the same model, batches and device: the featurizer
 one backward to the embedding outputs, projections in hooks) and a plain training step
 (forward, backward of the mean loss filling .grad, AdamW step) on a copy of the model.
 After a warm-up and one pass each for peak memory, `repeats` timed passes over the batches
-alternate between the two; the median pass of each counts.
+alternate between the two; the median pass of each counts. Also printed: the range of the
+pass-by-pass ratios and the ratio of median process CPU seconds (on a shared machine CPU time
+is less moved by other processes than wall time; with 2+ threads it includes spin-waits).
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the peak resident
 set over one pass (sampled every 1 ms), in a fresh (spawned) process per step kind.
 """
@@ -100,12 +102,15 @@ def _peak(name, step, model, batches, device, config) -> float | None:
     return queue.get() if child.exitcode == 0 else None
 
 
-def _pass(step, batches, device) -> float:
-    t0 = time.perf_counter()
+def _pass(step, batches, device, cpu_times: list[float] | None = None) -> float:
+    """Wall seconds of one pass; its process CPU seconds are appended to `cpu_times` when given."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for batch in batches:
         step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if cpu_times is not None:
+        cpu_times.append(time.process_time() - c0)
     return time.perf_counter() - t0
 
 
@@ -126,15 +131,17 @@ def run_featurize_bench(model: torch.nn.Module, batches: list[dict[str, torch.Te
     peaks = {name: _peak(name, step, model.cpu() if device.type == "cpu" else model, batches, device, config)
              for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):  # interleaved, so a busy machine slows both alike
         for name, step in steps.items():
-            times[name].append(_pass(step, batches, device))
+            times[name].append(_pass(step, batches, device, cpu[name]))
     plain_s, feat_s = statistics.median(times["plain"]), statistics.median(times["feat"])
     plain_mib, feat_mib = peaks["plain"], peaks["feat"]
     return {"device": str(device), "tokens": tokens, "dim": featurizer.layout.dim,
             "tracked": len(featurizer.tracked), "threads": torch.get_num_threads(),
             "featurize_tokens_per_s": tokens / feat_s, "train_step_tokens_per_s": tokens / plain_s,
-            "ratio": plain_s / feat_s, "featurize_peak_mib": feat_mib, "train_step_peak_mib": plain_mib}
+            "ratio": plain_s / feat_s, "pair_ratios": sorted(p / f for p, f in zip(times["plain"], times["feat"])),
+            "cpu_ratio": statistics.median(cpu["plain"]) / statistics.median(cpu["feat"]), "featurize_peak_mib": feat_mib, "train_step_peak_mib": plain_mib}
 
 PRESETS = {
     "gpt2-124m": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
@@ -241,7 +248,9 @@ def main() -> None:
     for name, key in (("featurize", "featurize"), ("train step (AdamW)", "train_step")):
         peak = result[f"{key}_peak_mib"]
         print(f"{name:<22}{result[f'{key}_tokens_per_s']:>12.0f}{'' if peak is None else f'{peak:.1f}':>12}")
-    print(f"ratio featurize / train step: {result['ratio']:.2f}")
+    pairs = result["pair_ratios"]
+    print(f"ratio featurize / train step: {result['ratio']:.2f} (pass pairs {pairs[0]:.2f}-{pairs[-1]:.2f}; "
+          f"by process CPU time {result['cpu_ratio']:.2f})")
 
 
 if __name__ == "__main__":
