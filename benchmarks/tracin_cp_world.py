@@ -2,9 +2,10 @@
 
     python benchmarks/tracin_cp_world.py WORKDIR [tiny|demo] [checkpoints=3] [dim=4096] [methods,...] [tail-patch queries]
 
-Trains the testbed model keeping intermediate checkpoints, featurizes the final checkpoint,
-fits R, retrieves with grad-dot, grad-cos, opt-cos, trackstar and the three tracin-cp variants,
-tail-patches their top 10, and prints the method-by-metric table.
+Trains the testbed model keeping intermediate checkpoints, featurizes the final checkpoint and
+then each kept one into its own gradient tables (`ingest gradients --checkpoint NAME`), fits R,
+retrieves with grad-dot, grad-cos, opt-cos, trackstar and the three tracin-cp variants (summed
+over the stored per-checkpoint tables), tail-patches their top 10, and prints the table.
 """
 import shutil
 import sys
@@ -22,6 +23,7 @@ from trackstar_db.gradients.worker import GradientJob, ingest_gradients  # noqa:
 from trackstar_db.retrieval.runs import RetrieveOptions, retrieve  # noqa: E402
 from trackstar_db.sources.corpus import ingest_corpus  # noqa: E402
 from trackstar_db.sources.facts import ingest_facts  # noqa: E402
+from trackstar_db.store.checkpoints import kept  # noqa: E402
 from trackstar_db.store.database import Database  # noqa: E402
 from trackstar_db.tailpatch.runs import tail_patch_runs  # noqa: E402
 from trackstar_db.testbed.model import train_testbed  # noqa: E402
@@ -40,8 +42,10 @@ ingest_facts(db, [world.facts_path], progress=False)
 train_testbed(db, work / "model", {"seed": 0} if size == "demo" else {"seed": 0, "epochs": 10}, progress=False,
               checkpoints=n_checkpoints)
 print(f"[{time.perf_counter() - start:.0f} s] trained", flush=True)
-for split in ("train", "queries"):
-    ingest_gradients(db, {"dim": dim}, GradientJob(split, batch_size=32), progress=False)
+for point in [None] + [p.name for p in kept(work / "model")[:-1]]:  # the final checkpoint first
+    for split in ("train", "queries"):
+        ingest_gradients(db, {"dim": dim}, GradientJob(split, batch_size=32, checkpoint=point), progress=False)
+print(f"[{time.perf_counter() - start:.0f} s] featurized {n_checkpoints} + 1 checkpoints", flush=True)
 fit(db)
 methods = ["grad-dot", "grad-cos", "opt-cos", "trackstar", "tracin-cp", "tracin-cp-cos", "tracin-cp-opt"]
 if len(sys.argv) > 5:

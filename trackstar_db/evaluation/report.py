@@ -221,7 +221,7 @@ def trajectory_section(table: pa.Table) -> str:
     note = (f"Probe {html.escape(meta.get('query_id', '?'))} on held-out run {html.escape(meta.get('run_id', '?'))}: "
             f"the simulators were fitted on {html.escape(meta.get('train_runs', '?'))} other runs and rolled out from "
             "the probe's loss at step 0 through this run's batches, never fed its recorded losses. "
-            "MSE over steps 1..T of this probe (lower is better); `trackstar-db simfluence eval` gives all probes.")
+            "MSE over steps 1..T of this probe (lower is better); <code>trackstar-db simfluence eval</code> gives all probes.")
     table_html = metric_table(rows, ["mse"], values, ["simulator", "MSE"], 4, best_of=min)
     return (f'<p class="note">{note}</p><div class="plots">{_svg(fig, "trajectory")}<div>{table_html}</div></div>')
 

@@ -3,6 +3,13 @@
 world (world.py) -> database -> corpus and facts -> testbed model -> gradients -> R -> every
 retrieval method -> tail-patch -> the method-by-metric table and the HTML report. Each step is
 the library call the CLI also exposes one by one; this module only chains them.
+
+`full=True` (`trackstar-db demo --full`) adds the line of work around TrackStar, which does not
+fit the plain demo's 5 minutes on 2 cores: training keeps FULL_CHECKPOINTS intermediate
+checkpoints, each is featurized into its own gradient tables (`ingest gradients --checkpoint`),
+the TracIn-CP methods score from those stored tables and are tail-patched like the rest, and
+Simfluence records SIMFLUENCE short runs, evaluates on the held-out ones (printed) and puts a
+probe's recorded vs simulated loss in the report.
 """
 
 from __future__ import annotations
@@ -16,16 +23,19 @@ from click import echo
 from trackstar_db.errors import TrackstarError
 
 DEMO_MARKER = ".trackstar-demo"
+FULL_CHECKPOINTS = 3
+SIMFLUENCE = {"runs": 8, "steps": 40, "probes": 32}  # 6 runs fit, 2 held out (eval --holdout 0.25)
 
 
 def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_queries: int | None = None,
-             dim: int = 4096) -> pa.Table:
+             dim: int = 4096, full: bool = False) -> pa.Table:
     """The whole flow on the generated fact world: returns the method-by-metric table."""
     import shutil
 
     from trackstar_db.evaluation.analysis import evaluation, write_db_report
     from trackstar_db.gradients.fit import fit
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+    from trackstar_db.ladder import CHECKPOINT_METHODS
     from trackstar_db.retrieval.methods import expand
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
     from trackstar_db.sources.corpus import ingest_corpus
@@ -55,16 +65,23 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     ingest_facts(db, [world.facts_path])
     step(f"{db.count('examples'):,} examples, {db.count('facts'):,} facts, {db.count('queries'):,} queries; training")
     overrides = {"seed": seed} if size == "demo" else {"seed": seed, "epochs": 10}
-    accuracy = train_testbed(db, workdir / "model", overrides)
+    accuracy = train_testbed(db, workdir / "model", overrides, checkpoints=FULL_CHECKPOINTS if full else 0)
     echo(format_accuracy(accuracy))
     step("featurizing training examples and queries (TrackStar gradients)")
     for split in ("train", "queries"):  # correction auto: the AdamW state saved with the model
         ingest_gradients(db, {"dim": dim}, GradientJob(split, batch_size=32))
+    if full:
+        from trackstar_db.store.checkpoints import kept
+
+        for point in kept(workdir / "model")[:-1]:
+            step(f"featurizing checkpoint {point.name} (lr {point.lr:.2g}) for TracIn-CP")
+            for split in ("train", "queries"):
+                ingest_gradients(db, None, GradientJob(split, batch_size=32, checkpoint=point.name))
     step(f"fitting R_train and the task-specific mixed R "
          f"(correction: {db.manifest['featurizer']['correction_source'].split(';')[0]})")
     for name, params in fit(db).preconditioners.items():
         echo(f"  {name}: lambda={params['lambda']:.3f}")
-    methods = expand(["all"])
+    methods = expand(["all"]) + (list(CHECKPOINT_METHODS) if full else [])
     if "embedding" not in methods:
         echo("  (embedding baseline skipped: pip install 'trackstar-db[embedding]' to add it)")
     step(f"retrieving with {', '.join(methods)}")
@@ -72,8 +89,23 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
         retrieve(db, method, RetrieveOptions(k=100))
     step(f"tail-patching the top-10 proponents of {tail_patch_queries or 'all'} queries per method")
     tail_patch_runs(db, methods, k=10, max_queries=tail_patch_queries)
+    if full:
+        _simfluence(db, step)
     step("evaluating (queries/summary.sql)")
     summary = evaluation(db)
     report = write_db_report(db, workdir / "report")
     step(f"done; database {db.path}, report {report}")
     return summary
+
+
+def _simfluence(db, step) -> None:
+    """Record Simfluence runs from scratch, print the held-out evaluation (the report plots one probe)."""
+    from trackstar_db.evaluation.sql import format_table
+    from trackstar_db.simfluence.evaluate import evaluate
+    from trackstar_db.simfluence.record import RecordOptions, record_runs
+
+    step(f"Simfluence: recording {SIMFLUENCE['runs']} runs of {SIMFLUENCE['steps']} steps from scratch, "
+         f"{SIMFLUENCE['probes']} probes")
+    record_runs(db, RecordOptions(**SIMFLUENCE))
+    step("Simfluence: fit on the first runs, simulate the held-out ones (simfluence eval --holdout 0.25 --ridge 1)")
+    echo(format_table(evaluate(db, holdout=0.25, ridge=1.0), "table"))
