@@ -176,9 +176,11 @@ def report(db, out_dir, compare, samples):
 @click.option("--size", type=click.Choice(["demo", "tiny"]), default="demo", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def demo(workdir, size, seed, fmt):
+@click.option("--full", is_flag=True, help="Also keep checkpoints for TracIn-CP (stored per checkpoint) and run "
+              "Simfluence (record, held-out eval, report plot): several minutes more.")
+def demo(workdir, size, seed, fmt, full):
     """Build the demo fact world, train a model on it, run every method and print the table."""
     from trackstar_db.testbed.demo import run_demo
 
-    summary = run_demo(workdir, size=size, seed=seed)
+    summary = run_demo(workdir, size=size, seed=seed, full=full)
     print_table(summary, fmt)
