@@ -20,7 +20,8 @@ Gaussian projections, per-example mean token loss, no optimizer correction, no u
 Two bergson scopes are timed: "bergson" on the whole model (its lm_head, i.e. GPT-2's tied wte,
 is projected like trackstar's), and "bergson-base" on model.base_model, which is what bergson's
 collect_gradients hands its collector (no lm_head/embed_out). `repeats` timed passes over the
-batches alternate between the steps after one warm-up batch each; the median pass counts.
+batches alternate between the steps after one warm-up batch each; the median pass counts (the
+ratio of median process CPU seconds is printed too: on a shared machine it moves less).
 """
 
 from __future__ import annotations
@@ -138,12 +139,14 @@ def run(steps, info, batches, args, name, version, reference) -> None:
     for key, step in steps.items():  # warm-up (projection matrices made), and the vectors of batch 0
         vectors[key] = step(*batches[0])
     times: dict[str, list[float]] = {key: [] for key in steps}
+    cpu: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(args.repeats):  # alternating passes: a busy machine slows every step alike
         for key, step in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for rows, batch in batches:
                 step(rows, batch)
             times[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
     print(f"{name}; batch {args.batch} x seq {args.seq} x {args.batches} batches, cpu, "
           f"{torch.get_num_threads()} threads, bergson {version}, {args.repeats} alternating passes")
     print(f"{'step':<14}{'tokens/s':>10}{'min':>10}{'max':>10}  projection")
@@ -157,7 +160,8 @@ def run(steps, info, batches, args, name, version, reference) -> None:
         if key.startswith("bergson"):
             print(f"ratio trackstar / {key} (tokens/s, median passes): {statistics.median(times[key]) / ts:.2f}"
                   f"; pass by pass {min(b / t for b, t in zip(times[key], times['trackstar'])):.2f}"
-                  f"-{max(b / t for b, t in zip(times[key], times['trackstar'])):.2f}")
+                  f"-{max(b / t for b, t in zip(times[key], times['trackstar'])):.2f}"
+                  f"; by process CPU time {statistics.median(cpu[key]) / statistics.median(cpu['trackstar']):.2f}")
             print(f"  agreement of example-pair cosines (batch 0), trackstar vs {key}: "
                   f"r = {gram_agreement(vectors['trackstar'], vectors[key]):.2f}")
 
