@@ -106,7 +106,7 @@ def step_retrieve(args) -> dict:
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
 
     start = time.perf_counter()
-    retrieve(connect(args.db), "trackstar", RetrieveOptions(k=100), run_id="bench", replace=True)
+    retrieve(connect(args.db), args.retrieve_method, RetrieveOptions(k=100), run_id="bench", replace=True)
     return {"seconds": time.perf_counter() - start}
 
 
@@ -158,13 +158,16 @@ def run_step(args, step: str, **extra) -> dict:
     """One step in a fresh interpreter; its result dict plus peak RSS (MB)."""
     command = [sys.executable, __file__, "--step", step, "--db", str(args.db), "--n", str(args.n),
                "--dim", str(args.dim), "--dtype", args.dtype, "--queries", str(args.queries),
-               "--block", str(args.block), "--kind", args.kind, "--ef-construction", str(args.ef_construction)]
+               "--block", str(args.block), "--kind", args.kind, "--ef-construction", str(args.ef_construction),
+               "--retrieve-method", args.retrieve_method]
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"step {step} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["load"] = os.getloadavg()[0]  # 1-minute load average as the step ends (a shared machine)
+    return result
 
 
 def main() -> None:
@@ -179,6 +182,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench-scale"))
     parser.add_argument("--reuse", action="store_true", help="keep an existing database (skip write and fit)")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip (e.g. index,ann)")
+    parser.add_argument("--rungs", default=",".join(RUNGS), help="comma-separated rungs to scan (without a fit: "
+                        "grad-dot,grad-cos,opt-cos, the rungs without R)")
+    parser.add_argument("--retrieve-method", default="trackstar", help="the method of the retrieve step")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rung", help=argparse.SUPPRESS)
@@ -202,18 +208,21 @@ def main() -> None:
             continue
         results[step] = run_step(args, step)
         print(f"{step:10} {results[step]['seconds']:9.1f} s   peak RSS {results[step]['peak_rss_mb']:8.0f} MB"
-              + (f"   {results[step]['GB/s']:.3f} GB/s written" if step == "write" else ""), flush=True)
+              + (f"   {results[step]['GB/s']:.3f} GB/s written" if step == "write" else "")
+              + f"   load {results[step]['load']:.1f}", flush=True)
     read = run_step(args, "read")
     print(f"{'read':10} {read['seconds']:9.3f} s   peak RSS {read['peak_rss_mb']:8.0f} MB   "
-          f"{read['GB/s']:.2f} GB/s bare sequential read of {read['bytes'] / 1e9:.2f} GB", flush=True)
-    print(f"{'rung':10} {'1 query s':>9}   {'peak RSS MB':>11}   {'GB/s':>6}   {'vs read':>7}")
-    for rung in RUNGS:
+          f"{read['GB/s']:.2f} GB/s bare sequential read of {read['bytes'] / 1e9:.2f} GB   load {read['load']:.1f}",
+          flush=True)
+    print(f"{'rung':10} {'1 query s':>9}   {'peak RSS MB':>11}   {'GB/s':>6}   {'vs read':>7}   {'load':>5}")
+    for rung in filter(None, args.rungs.split(",")):
         scan = run_step(args, "scan", rung=rung)
         print(f"{rung:10} {scan['seconds']:9.3f}   {scan['peak_rss_mb']:11.0f}   {scan['GB/s']:6.2f}   "
-              f"{scan['GB/s'] / read['GB/s']:7.2f}", flush=True)
+              f"{scan['GB/s'] / read['GB/s']:7.2f}   {scan['load']:5.1f}", flush=True)
     if "retrieve" not in skip:
         r = run_step(args, "retrieve")
-        print(f"retrieve trackstar, {args.queries} queries, k=100: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+        print(f"retrieve {args.retrieve_method}, {args.queries} queries, k=100: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+              f"load {r['load']:.1f}",
               flush=True)
     if "index" not in skip:
         index = run_step(args, "index")

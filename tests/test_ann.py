@@ -118,3 +118,36 @@ def test_plan_prints_bytes_ram_and_time(db):
     result = invoke("plan", db.path, "--dim", 1024, "--format", "json")
     rows = {r["item"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert rows["disk: gradient vectors (one table)"]["bytes"] == N * 1024 * 2
+
+
+def test_refined_and_flat_searches_score_from_lance_distances(db):
+    """With refine_factor (or an IVF_FLAT index) the hits' scores come from Lance's own 'dot'
+    distance (1 - q.x), not from fetched vectors: each equals t_query(g_q) . the stored vector."""
+    from trackstar_db.retrieval.methods import query_transform
+    from trackstar_db.store.vectors import to_torch
+
+    spec = get_method("trackstar")
+    g = stored_query_vectors(db, spec, query_ids()[:4])
+    q = query_transform(spec, {"mixed": db.gradient_table("train").load_preconditioner("mixed")})(g.float()).numpy()
+    for kind, options in (("ivf_pq", AnnOptions(nprobes=8, refine_factor=20)), ("ivf_flat", AnnOptions(nprobes=8))):
+        entry = build_index(db, "trackstar", kind, num_partitions=8, progress=False, reuse_vectors=True)
+        assert entry["kind"] == kind and entry["params"]["max_iterations"] > 0
+        assert open_table(db, "trackstar").count_rows() == N  # the vectors were kept, not rewritten
+        stored = open_table(db, "trackstar").to_arrow()
+        row_of = {i: n for n, i in enumerate(stored.column("id").to_pylist())}
+        x = to_torch(stored.column("vector"), "float16").float().numpy()
+        approx = search_ann(db, "trackstar", g, K, options)
+        for ids, scores in ((approx.proponent_ids, approx.proponent_scores), (approx.opponent_ids, approx.opponent_scores)):
+            want = np.stack([x[[row_of[i] for i in row]] @ q[n] for n, row in enumerate(ids)])
+            np.testing.assert_allclose(scores, want, atol=1e-3)
+        assert (np.diff(approx.proponent_scores, axis=1) <= 1e-6).all()
+        assert (np.diff(approx.opponent_scores, axis=1) >= -1e-6).all()
+
+
+def test_fit_batches_are_capped_by_bytes(db, monkeypatch):
+    """gradients/fit.py reads at most the scan's BATCH_BYTES of float32 per batch at any d."""
+    from trackstar_db.gradients import fit as _fit
+
+    monkeypatch.setattr(_fit, "BATCH_BYTES", 4 * D * 100)  # 100 rows of float32 at this d
+    sizes = [len(x) for x in _fit._stream(db.gradient_table("train"))]
+    assert max(sizes) == 100 and sum(sizes) == N

@@ -10,19 +10,26 @@ scan as exact retrieval, into the table
 
 in DB/ann/ (a LanceDB directory of its own: SQL over the database never meets the float16
 column, which DuckDB cannot read) and builds a vector index on it (metric 'dot': the score of
-every rung is a dot product). A query
-is t_query(g_q) = unit?(g_q R^p_query) (methods.query_transform); proponents are its nearest
-vectors, opponents the nearest to -t_query. Scores are recomputed in float32 from the returned
-float16 vectors, so an ANN run's scores are dot products of the same vectors the index holds.
+every rung is a dot product). A query is t_query(g_q) = unit?(g_q R^p_query)
+(methods.query_transform); proponents are its nearest vectors, opponents the nearest to
+-t_query. Scores are dot products of the float16 vectors the table holds: Lance's own 'dot'
+distance (1 - q.x) when its candidates were re-ranked on those vectors (refine_factor) or the
+index is flat, else recomputed in float32 from the returned vectors (a quantised distance is
+only an estimate).
 
 Provenance: the manifest's `ann[<method>]` records the source table's version and row count and,
 for rungs with R, the preconditioner key, its file's sha256 and its parameters (lambda, damping,
 k, kind, table_version). A search compares them with the database as it is now and refuses a
 stale index in one line saying what to run (rows appended, R refitted).
 
-Index kinds (KINDS): ivf_hnsw_sq (default; recall@100 0.96 at 5K x 1,024 but only 0.82 at
-100K x 4,096 with 2.6 s per query on the loaded 2-core machine: docs/scale.md), ivf_pq (smaller;
-needs refine_factor for recall; not benchmarked) and ivf_flat (exact within the partitions searched).
+Index kinds (KINDS): ivf_pq, ivf_rq (RaBitQ), ivf_hnsw_sq (default) and ivf_flat (exact within
+the partitions searched). What was measured (docs/scale.md): ivf_hnsw_sq at 100K x 4,096 gave
+1.8-2.6 s per query and recall@100 <= 0.82 after a 56-minute build on the loaded 2-core machine;
+LanceDB trains and assigns in the table's float16 much more slowly than in float32 here
+(x2.5-3.5 per build at 10K x 4,096), and even with the k-means bounded (MAX_ITERATIONS,
+SAMPLE_RATE instead of LanceDB's 50 and 256) 8-bit IVF_PQ and IVF_RQ builds of 100K x 4,096 did
+not finish in 13-15 minutes at a load average of 5-9. `reuse_vectors` rebuilds only the index
+over an up-to-date table (to try another kind or parameters).
 """
 
 from __future__ import annotations
@@ -40,8 +47,11 @@ from trackstar_db.errors import TrackstarError
 from .methods import get_method, query_transform
 from .topk import TopKResult
 
-KINDS = {"ivf_hnsw_sq": "IVF_HNSW_SQ", "ivf_pq": "IVF_PQ", "ivf_flat": "IVF_FLAT"}
+KINDS = ("ivf_pq", "ivf_rq", "ivf_hnsw_sq", "ivf_flat")
 DEFAULT_KIND = "ivf_hnsw_sq"
+# k-means of the IVF (and PQ) training: iterations and sampled rows per partition (LanceDB's
+# defaults 50 and 256 made the build of 100K x 4,096 float16 take longer than an hour here)
+MAX_ITERATIONS, SAMPLE_RATE = 20, 64
 
 
 @dataclass
@@ -119,32 +129,38 @@ def source_version(db, method: str) -> dict:
 
 
 def _default_partitions(rows: int, kind: str) -> int:
-    """IVF partitions: sqrt(rows) for the flat and PQ kinds; for HNSW inside each partition, one
-    per 16,384 rows (a graph searches a big partition well; few partitions keep nprobes small)."""
+    """IVF partitions: sqrt(rows) for the flat and quantised kinds; for HNSW inside each partition,
+    one per 16,384 rows (a graph searches a big partition well; few partitions keep nprobes small)."""
     if kind == "ivf_hnsw_sq":
         return max(1, rows // 16384)
     return max(1, min(4096, int(math.sqrt(rows))))
 
 
-def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: int | None = None,
-                num_sub_vectors: int | None = None, m: int = 20, ef_construction: int = 300,
-                batch_rows: int = 8192, device="cpu", progress: bool = True) -> dict:
-    """Materialise `method`'s final unit vectors into ann_<method>, index them, record provenance.
-    Returns the manifest entry (with build seconds). Memory: one scanned batch at a time."""
+def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vectors, m, ef_construction,
+                  max_iterations, sample_rate):
+    """LanceDB's index config object for `kind` (metric 'dot') and its parameters as recorded."""
+    from lancedb import index as _index
+
+    params = {"num_partitions": num_partitions or _default_partitions(rows, kind),
+              "max_iterations": max_iterations, "sample_rate": sample_rate}
+    if kind == "ivf_pq":
+        params["num_sub_vectors"] = num_sub_vectors or max(1, dim // 16)
+    if kind == "ivf_hnsw_sq":
+        params.update(m=m, ef_construction=ef_construction)
+    config = {"ivf_pq": _index.IvfPq, "ivf_rq": _index.IvfRq, "ivf_hnsw_sq": _index.HnswSq,
+              "ivf_flat": _index.IvfFlat}[kind]
+    return config(distance_type="dot", **params), params
+
+
+def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device, progress: bool):
+    """Write t_train(g_z) of every stored row into ann_<method>; the LanceDB table."""
     from trackstar_db.store import vectors as _vectors
     from trackstar_db.store.vectors import scan_progress
 
-    from .scoring import prepare, scan
+    from .scoring import scan
 
-    if kind not in KINDS:
-        raise TrackstarError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
     spec = get_method(method)
-    source = source_version(db, method)
-    scoring = prepare(db, spec)  # refuses stale row norms before anything is written
-    if source["rows"] < 2:
-        raise TrackstarError(f"{source['table']}: {source['rows']} rows; an index needs at least 2")
-    dim, name = scoring.table.dim, table_name(method)
-    schema = pa.schema([("id", pa.string()), ("vector", _vectors.arrow_type(dim, "float16"))])
+    schema = pa.schema([("id", pa.string()), ("vector", _vectors.arrow_type(scoring.table.dim, "float16"))])
 
     def batches():
         stream = scan(scoring, device, batch_rows)
@@ -155,17 +171,42 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
                 x = scoring.preconditioner.apply(x, spec.train_power)
             yield pa.record_batch([pa.array(ids, pa.string()), _vectors.to_arrow(x, "float16")], schema=schema)
 
-    start = time.perf_counter()
     reader = pa.RecordBatchReader.from_batches(schema, batches())
-    table = connection(db).create_table(name, data=reader, schema=schema, mode="overwrite")
+    return connection(db).create_table(table_name(method), data=reader, schema=schema, mode="overwrite")
+
+
+def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: int | None = None,
+                num_sub_vectors: int | None = None, m: int = 20, ef_construction: int = 300,
+                max_iterations: int = MAX_ITERATIONS, sample_rate: int = SAMPLE_RATE, batch_rows: int = 8192,
+                device="cpu", progress: bool = True, reuse_vectors: bool = False) -> dict:
+    """Materialise `method`'s final unit vectors into ann_<method>, index them, record provenance.
+    Returns the manifest entry (with build seconds). Memory: one scanned batch at a time.
+    reuse_vectors: keep ann_<method>'s vectors when the recorded index was built from the
+    database as it is now (same source, every row there) and only rebuild the index (another
+    kind or parameters)."""
+    from .scoring import prepare
+
+    if kind not in KINDS:
+        raise TrackstarError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    spec = get_method(method)
+    source = source_version(db, method)
+    scoring = prepare(db, spec)  # refuses stale row norms before anything is written
+    if source["rows"] < 2:
+        raise TrackstarError(f"{source['table']}: {source['rows']} rows; an index needs at least 2")
+    dim, name = scoring.table.dim, table_name(method)
+    start = time.perf_counter()
+    old = db.manifest.get("ann", {}).get(method)
+    table = None
+    if reuse_vectors and old is not None and old["source"] == source and name in connection(db).list_tables().tables:
+        table = connection(db).open_table(name)
+        table = table if table.count_rows() == source["rows"] else None
+    if table is None:
+        table = _materialise(db, method, source, scoring, batch_rows, device, progress)
     written = time.perf_counter()
-    options = {"num_partitions": num_partitions or _default_partitions(source["rows"], kind)}
-    if kind == "ivf_pq":
-        options["num_sub_vectors"] = num_sub_vectors or max(1, dim // 16)
-    if kind == "ivf_hnsw_sq":
-        options.update(m=m, ef_construction=ef_construction)
-    table.create_index(metric="dot", vector_column_name="vector", index_type=KINDS[kind], replace=True, **options)
-    entry = {"table": name, "kind": kind, "params": options, "source": source, "dim": dim,
+    config, params = _index_config(kind, dim, source["rows"], num_partitions, num_sub_vectors, m, ef_construction,
+                                   max_iterations, sample_rate)
+    table.create_index("vector", config=config, replace=True)
+    entry = {"table": name, "kind": kind, "params": params, "source": source, "dim": dim,
              "write_seconds": round(written - start, 3), "index_seconds": round(time.perf_counter() - written, 3)}
     _set_manifest(db, lambda manifest: manifest.setdefault("ann", {}).__setitem__(method, entry))
     return entry
@@ -200,6 +241,9 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
     if q.shape[1] != entry["dim"]:
         raise TrackstarError(f"{entry['table']}: vectors have dim {entry['dim']}, the query {q.shape[1]}")
     table = open_table(db, method)
+    # re-ranked on the full vectors (refine_factor) or flat: Lance's distances are exact, and
+    # fetching 8 KB per hit to recompute them is not needed
+    exact_distances = bool(options.refine_factor) or entry["kind"] == "ivf_flat"
     found = {"proponent": ([], np.zeros((len(q), k), np.float32)), "opponent": ([], np.zeros((len(q), k), np.float32))}
     for row, vector in enumerate(q):
         for kind, sign in (("proponent", 1.0), ("opponent", -1.0)):
@@ -210,8 +254,12 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
                 builder = builder.refine_factor(options.refine_factor)
             if options.ef:
                 builder = builder.ef(options.ef)
-            hits = builder.select(["id", "vector", "_distance"]).to_arrow()
-            ids, scores = _rescored(hits, vector, sign)
+            if exact_distances:  # Lance's 'dot' distance is 1 - (sign q) . x on the float16 vectors
+                hits = builder.select(["id", "_distance"]).to_arrow()
+                ids = hits.column("id").to_pylist()
+                scores = sign * (1.0 - hits.column("_distance").to_numpy().astype(np.float32))
+            else:
+                ids, scores = _rescored(builder.select(["id", "vector", "_distance"]).to_arrow(), vector, sign)
             found[kind][0].append(ids)
             found[kind][1][row, :len(ids)] = scores
     return TopKResult(found["proponent"][0], found["proponent"][1], found["opponent"][0], found["opponent"][1])
