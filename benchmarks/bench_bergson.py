@@ -77,13 +77,14 @@ def trackstar_step(model: torch.nn.Module, config: FeaturizerConfig):
 
 
 def gram_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of the off-diagonal cosine similarities of two sets of vectors of the
-    same examples: two random projections of the same gradients agree up to projection noise."""
+    """Pearson correlation of the pairwise cosine similarities of two sets of vectors of the same
+    examples: two random projections of the same gradients agree up to projection noise (nan
+    below 3 examples: one pair has no correlation)."""
     def cosines(x):
         x = torch.nn.functional.normalize(x.double(), dim=1)
-        g = x @ x.t()
-        return g[~torch.eye(len(g), dtype=torch.bool)]
-    return float(torch.corrcoef(torch.stack([cosines(a), cosines(b)]))[0, 1])
+        rows, cols = torch.triu_indices(len(x), len(x), offset=1)
+        return (x @ x.t())[rows, cols]
+    return float(torch.corrcoef(torch.stack([cosines(a), cosines(b)]))[0, 1]) if len(a) > 2 else float("nan")
 
 
 def main() -> None:
