@@ -14,7 +14,7 @@ seconds and its peak RSS (resource.getrusage). Printed in one run:
     ann            warm single-query latency and recall@10/@100 against exact, at a few settings
 
     python benchmarks/bench_scale.py                      # N=20,000, d=4,096 float16: minutes on 2 cores
-    python benchmarks/bench_scale.py --n 1000000 --workdir /big/disk   # the 1M case (~25 GB on disk)
+    python benchmarks/bench_scale.py --n 1000000 --workdir /big/disk   # the 1M case (16 GB of tables + 8 GB ANN)
 
 The database is kept in --workdir (delete it after; --reuse skips write and fit when it exists).
 """
@@ -32,7 +32,13 @@ import time
 from pathlib import Path
 
 RUNGS = ("grad-dot", "grad-cos", "trak", "opt-cos", "r-train", "trackstar")
-ANN_SETTINGS = ({"nprobes": 2, "ef": 150}, {"nprobes": 4, "ef": 300}, {"nprobes": 8, "ef": 600})
+# search settings per index kind (retrieval/ann.py; measured figures in docs/scale.md)
+ANN_SETTINGS = {
+    "ivf_pq": ({"nprobes": 4, "refine_factor": 10}, {"nprobes": 8, "refine_factor": 10}, {"nprobes": 16, "refine_factor": 30}),
+    "ivf_rq": ({"nprobes": 8, "refine_factor": 10}, {"nprobes": 16, "refine_factor": 30}),
+    "ivf_hnsw_sq": ({"nprobes": 2, "ef": 150}, {"nprobes": 4, "ef": 300}, {"nprobes": 8, "ef": 600}),
+    "ivf_flat": ({"nprobes": 4}, {"nprobes": 8}, {"nprobes": 16}),
+}
 
 
 def peak_rss_mb() -> float:
@@ -133,7 +139,7 @@ def step_ann(args) -> dict:
     g = stored_query_vectors(db, spec, query_ids(args.queries))
     exact = score_table(db, spec, g, 100, progress=False)
     out = {}
-    for setting in ANN_SETTINGS:
+    for setting in ANN_SETTINGS[args.kind]:
         options = AnnOptions(**setting)
         search_ann(db, "trackstar", g[:1], 100, options)  # warm
         recall = {10: [], 100: []}
@@ -177,7 +183,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--block", type=int, default=256, help="block size of the block-diagonal R")
-    parser.add_argument("--kind", default="ivf_hnsw_sq", help="ANN index kind")
+    parser.add_argument("--kind", default="ivf_pq", choices=sorted(ANN_SETTINGS), help="ANN index kind")
     parser.add_argument("--ef-construction", type=int, default=300, help="HNSW build candidate list size")
     parser.add_argument("--workdir", type=Path, default=Path("bench-scale"))
     parser.add_argument("--reuse", action="store_true", help="keep an existing database (skip write and fit)")

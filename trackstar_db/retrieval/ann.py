@@ -22,8 +22,12 @@ for rungs with R, the preconditioner key, its file's sha256 and its parameters (
 k, kind, table_version). A search compares them with the database as it is now and refuses a
 stale index in one line saying what to run (rows appended, R refitted).
 
-Index kinds (KINDS): ivf_pq, ivf_rq (RaBitQ), ivf_hnsw_sq (default) and ivf_flat (exact within
-the partitions searched). What was measured (docs/scale.md): ivf_hnsw_sq at 100K x 4,096 gave
+Index kinds (KINDS): ivf_pq (default), ivf_rq (RaBitQ), ivf_hnsw_sq and ivf_flat (exact within
+the partitions searched). What was measured (docs/scale.md): ivf_pq with 64 partitions and 4-bit
+codes, re-ranked on the float16 vectors (nprobes 16, 3,000 candidates: QUANTISED_SEARCH), gave
+recall@100 0.951 at 100K x 4,096 after a 391 s build, but 1.4 s per search at a load average of
+9 (the re-ranking's random reads of 3,000 vectors of 8 KB dominate; codes alone: 43 ms and
+recall@100 0.35); ivf_hnsw_sq at 100K x 4,096 gave
 1.8-2.6 s per query and recall@100 <= 0.82 after a 56-minute build on the loaded 2-core machine;
 LanceDB trains and assigns in the table's float16 much more slowly than in float32 here
 (x2.5-3.5 per build at 10K x 4,096), and even with the k-means bounded (MAX_ITERATIONS,
@@ -48,7 +52,11 @@ from .methods import get_method, query_transform
 from .topk import TopKResult
 
 KINDS = ("ivf_pq", "ivf_rq", "ivf_hnsw_sq", "ivf_flat")
-DEFAULT_KIND = "ivf_hnsw_sq"
+DEFAULT_KIND = "ivf_pq"  # the one measured to reach recall@100 >= 0.95 at 100K x 4,096 (docs/scale.md)
+# on ivf_pq / ivf_rq when not given: nprobes, and candidates re-ranked on the float16 vectors
+# (refine_factor = candidates / k): recall@100 0.951 at 100K x 4,096 with 64 partitions and 4-bit
+# PQ (nprobes 16, refine_factor 30; 0.943 at nprobes 8, refine_factor 10)
+QUANTISED_SEARCH = {"nprobes": 16, "candidates": 3000}
 # k-means of the IVF (and PQ) training: iterations and sampled rows per partition (LanceDB's
 # defaults 50 and 256 made the build of 100K x 4,096 float16 take longer than an hour here)
 MAX_ITERATIONS, SAMPLE_RATE = 20, 64
@@ -56,8 +64,9 @@ MAX_ITERATIONS, SAMPLE_RATE = 20, 64
 
 @dataclass
 class AnnOptions:
-    """Search parameters (None: LanceDB's default). nprobes: IVF partitions visited;
-    refine_factor: re-rank refine_factor * k candidates with the full float16 vectors (PQ);
+    """Search parameters (None: LanceDB's default, except on a quantised index, ivf_pq or ivf_rq:
+    QUANTISED_SEARCH, since its codes alone gave recall@100 0.35). nprobes: IVF partitions
+    visited; refine_factor: re-rank refine_factor * k candidates with the full float16 vectors;
     ef: HNSW candidate list size (IVF_HNSW_*), >= k."""
 
     nprobes: int | None = None
@@ -129,11 +138,12 @@ def source_version(db, method: str) -> dict:
 
 
 def _default_partitions(rows: int, kind: str) -> int:
-    """IVF partitions: sqrt(rows) for the flat and quantised kinds; for HNSW inside each partition,
-    one per 16,384 rows (a graph searches a big partition well; few partitions keep nprobes small)."""
+    """IVF partitions: sqrt(rows) / 5 for the flat and quantised kinds (63 at 100K rows: the
+    measured IVF_PQ had 64; LanceDB's k-means over float16 costs partitions^2 here); for HNSW
+    inside each partition, one per 16,384 rows (a graph searches a big partition well)."""
     if kind == "ivf_hnsw_sq":
         return max(1, rows // 16384)
-    return max(1, min(4096, int(math.sqrt(rows))))
+    return max(1, min(4096, int(math.sqrt(rows)) // 5))
 
 
 def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vectors, m, ef_construction,
@@ -143,8 +153,8 @@ def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vector
 
     params = {"num_partitions": num_partitions or _default_partitions(rows, kind),
               "max_iterations": max_iterations, "sample_rate": sample_rate}
-    if kind == "ivf_pq":
-        params["num_sub_vectors"] = num_sub_vectors or max(1, dim // 16)
+    if kind == "ivf_pq":  # 4-bit codes: the 8-bit codebook training did not finish in 13 minutes
+        params.update(num_sub_vectors=num_sub_vectors or max(1, dim // 16), num_bits=4)
     if kind == "ivf_hnsw_sq":
         params.update(m=m, ef_construction=ef_construction)
     config = {"ivf_pq": _index.IvfPq, "ivf_rq": _index.IvfRq, "ivf_hnsw_sq": _index.HnswSq,
@@ -243,6 +253,9 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
     table = open_table(db, method)
     # re-ranked on the full vectors (refine_factor) or flat: Lance's distances are exact, and
     # fetching 8 KB per hit to recompute them is not needed
+    if entry["kind"] in ("ivf_pq", "ivf_rq"):
+        options = AnnOptions(options.nprobes or QUANTISED_SEARCH["nprobes"],
+                             options.refine_factor or -(-QUANTISED_SEARCH["candidates"] // k), options.ef)
     exact_distances = bool(options.refine_factor) or entry["kind"] == "ivf_flat"
     found = {"proponent": ([], np.zeros((len(q), k), np.float32)), "opponent": ([], np.zeros((len(q), k), np.float32))}
     for row, vector in enumerate(q):
