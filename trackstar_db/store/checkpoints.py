@@ -52,7 +52,7 @@ def learning_rate(path: str | Path) -> float:
     if state_file is None:
         raise TrackstarError(f"{Path(path) / optimizer_state.FILENAME}: missing; TracIn-CP needs each checkpoint's "
                              "learning rate")
-    return float(optimizer_state.load(state_file).lr)
+    return float(optimizer_state.describe(state_file)["optimizer_lr"])  # safetensors: the metadata only
 
 
 def kept(model_dir: str | Path) -> list[Checkpoint]:
