@@ -166,8 +166,10 @@ def import_cmd(db, file, method, run_id):
 def report(db, out_dir, compare, samples):
     """Write a static HTML report (table, plots, side-by-side proponents)."""
     from trackstar_db.evaluation.analysis import write_db_report
+    from trackstar_db.simfluence.evaluate import report_trajectory
 
-    click.echo(f"wrote {write_db_report(_open(db), out_dir, compare, samples)}")
+    handle = _open(db)
+    click.echo(f"wrote {write_db_report(handle, out_dir, compare, samples, trajectory=report_trajectory(handle))}")
 
 
 @main.command()
@@ -180,7 +182,8 @@ def report(db, out_dir, compare, samples):
               "Simfluence (record, held-out eval, report plot): several minutes more.")
 def demo(workdir, size, seed, fmt, full):
     """Build the demo fact world, train a model on it, run every method and print the table."""
+    from trackstar_db.simfluence.evaluate import record_and_evaluate
     from trackstar_db.testbed.demo import run_demo
 
-    summary = run_demo(workdir, size=size, seed=seed, full=full)
+    summary = run_demo(workdir, size=size, seed=seed, full=full, simfluence=record_and_evaluate if full else None)
     print_table(summary, fmt)

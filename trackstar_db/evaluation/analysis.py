@@ -38,7 +38,7 @@ def evaluation(db, by: str = "method") -> pa.Table:
 
 def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_samples: int = 40, *,
                     k: int = 5, tokens: bool = True, token_top: int = 3, token_pages: int = 12, device: str = "cpu",
-                    seed: int = 0) -> Path:
+                    seed: int = 0, trajectory: pa.Table | None = None) -> Path:
     """The static HTML report of a database: the summary table, plots by frequency bucket and by
     model correctness, and the query explorer (evaluation/explorer.py) over `n_samples` sampled
     queries with every run side by side (or only the runs in `compare`), top-`k` hits each.
@@ -46,7 +46,8 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
     With `tokens`, the top `token_top` proponents of each gradient run on the first `token_pages`
     query pages are shaded by per-token contribution (one backward pass each), recomputed from
     the recorded checkpoint (skipped, with a note on stderr, when
-    the model or a run's tables and R are not available)."""
+    the model or a run's tables and R are not available). `trajectory`: a Simfluence probe's
+    recorded vs simulated loss (simfluence.evaluate.report_trajectory, handed in by the caller)."""
     from .explorer import build_pages, choose_queries
     from .report import write_report
 
@@ -64,10 +65,8 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
     pages = build_pages(tables, shown, choose_queries(tables["retrievals"], shown, n_samples, seed), k=k)
     if tokens and pages:
         _shade(db, pages[:token_pages], token_top, device)
-    from trackstar_db.simfluence.evaluate import report_trajectory
-
     return write_report(out_dir, summary, by_bucket=evaluation(db, "bucket"), by_correct=evaluation(db, "correct"),
-                        pages=pages, trajectory=report_trajectory(db))
+                        pages=pages, trajectory=trajectory)
 
 
 def _shade(db, pages: list[dict], top: int, device: str) -> None:

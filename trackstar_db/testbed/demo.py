@@ -9,7 +9,9 @@ fit the plain demo's 5 minutes on 2 cores: training keeps FULL_CHECKPOINTS inter
 checkpoints, each is featurized into its own gradient tables (`ingest gradients --checkpoint`),
 the TracIn-CP methods score from those stored tables and are tail-patched like the rest, and
 Simfluence records SIMFLUENCE short runs, evaluates on the held-out ones (printed) and puts a
-probe's recorded vs simulated loss in the report.
+probe's recorded vs simulated loss in the report. Simfluence sits above this stage (it trains
+with testbed/train.py), so the caller hands it in: `simfluence(db, **SIMFLUENCE)` returns (the
+held-out table, the report's trajectory); the CLI passes simfluence.evaluate.record_and_evaluate.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ SIMFLUENCE = {"runs": 8, "steps": 40, "probes": 32}  # 6 runs fit, 2 held out (e
 
 
 def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_queries: int | None = None,
-             dim: int = 4096, full: bool = False) -> pa.Table:
+             dim: int = 4096, full: bool = False, simfluence=None) -> pa.Table:
     """The whole flow on the generated fact world: returns the method-by-metric table."""
     import shutil
 
+    from trackstar_db.api import Database
     from trackstar_db.evaluation.analysis import evaluation, write_db_report
     from trackstar_db.gradients.fit import fit
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
@@ -40,7 +43,6 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
     from trackstar_db.sources.corpus import ingest_corpus
     from trackstar_db.sources.facts import ingest_facts
-    from trackstar_db.api import Database
     from trackstar_db.tailpatch.runs import tail_patch_runs
 
     from .model import format_accuracy, train_testbed
@@ -89,23 +91,17 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
         retrieve(db, method, RetrieveOptions(k=100))
     step(f"tail-patching the top-10 proponents of {tail_patch_queries or 'all'} queries per method")
     tail_patch_runs(db, methods, k=10, max_queries=tail_patch_queries)
-    if full:
-        _simfluence(db, step)
+    trajectory = None
+    if full and simfluence is not None:
+        from trackstar_db.evaluation.sql import format_table
+
+        step(f"Simfluence: recording {SIMFLUENCE['runs']} runs of {SIMFLUENCE['steps']} steps from scratch, "
+             f"{SIMFLUENCE['probes']} probes; fit on the first, simulate the held-out ones (eval --holdout 0.25)")
+        held_out, trajectory = simfluence(db, **SIMFLUENCE)
+        echo(format_table(held_out, "table"))
     step("evaluating (queries/summary.sql)")
     summary = evaluation(db)
-    report = write_db_report(db, workdir / "report")
+    report = write_db_report(db, workdir / "report", trajectory=trajectory)
     step(f"done; database {db.path}, report {report}")
     return summary
 
-
-def _simfluence(db, step) -> None:
-    """Record Simfluence runs from scratch, print the held-out evaluation (the report plots one probe)."""
-    from trackstar_db.evaluation.sql import format_table
-    from trackstar_db.simfluence.evaluate import evaluate
-    from trackstar_db.simfluence.record import RecordOptions, record_runs
-
-    step(f"Simfluence: recording {SIMFLUENCE['runs']} runs of {SIMFLUENCE['steps']} steps from scratch, "
-         f"{SIMFLUENCE['probes']} probes")
-    record_runs(db, RecordOptions(**SIMFLUENCE))
-    step("Simfluence: fit on the first runs, simulate the held-out ones (simfluence eval --holdout 0.25 --ridge 1)")
-    echo(format_table(evaluate(db, holdout=0.25, ridge=1.0), "table"))
