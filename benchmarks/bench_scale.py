@@ -234,14 +234,14 @@ def main() -> None:
         index = run_step(args, "index")
         print(f"index {args.kind}: {index['seconds']:.1f} s ({index['write_s']:.1f} s materialise, "
               f"{index['index_s']:.1f} s LanceDB index, {index['partitions']} partitions), "
-              f"peak RSS {index['peak_rss_mb']:.0f} MB", flush=True)
+              f"peak RSS {index['peak_rss_mb']:.0f} MB, load {index['load']:.1f}", flush=True)
     if "ann" not in skip:
         ann = run_step(args, "ann")
-        rss = ann.pop("peak_rss_mb")
+        rss, load = ann.pop("peak_rss_mb"), ann.pop("load")
         for setting, row in ann.items():
             print(f"ann {setting:28} {row['ms']:7.1f} ms/query   recall@10 {row['recall@10']:.3f}   "
                   f"recall@100 {row['recall@100']:.3f}")
-        print(f"ann step peak RSS {rss:.0f} MB (exact reference scan included)")
+        print(f"ann step peak RSS {rss:.0f} MB (exact reference scan included), load {load:.1f}")
 
 
 if __name__ == "__main__":

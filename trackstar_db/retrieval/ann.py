@@ -24,10 +24,10 @@ stale index in one line saying what to run (rows appended, R refitted).
 
 Index kinds (KINDS): ivf_pq (default), ivf_rq (RaBitQ), ivf_hnsw_sq and ivf_flat (exact within
 the partitions searched). What was measured (docs/scale.md): ivf_pq with 64 partitions and 4-bit
-codes, re-ranked on the float16 vectors (nprobes 16, 3,000 candidates: QUANTISED_SEARCH), gave
-recall@100 0.951 at 100K x 4,096 after a 391 s build, but 1.4 s per search at a load average of
-9 (the re-ranking's random reads of 3,000 vectors of 8 KB dominate; codes alone: 43 ms and
-recall@100 0.35); ivf_hnsw_sq at 100K x 4,096 gave
+codes, re-ranked on the float16 vectors (nprobes 8, 1,000 candidates: QUANTISED_SEARCH), gave
+recall@100 0.998 at 100K x 4,096 after a 244 s build (materialising included), but 551 ms per
+query (two searches) at a load average of 6-7 (the re-ranking's random reads of 8 KB vectors
+dominate; codes alone: 43 ms per search and recall@100 0.35); ivf_hnsw_sq at 100K x 4,096 gave
 1.8-2.6 s per query and recall@100 <= 0.82 after a 56-minute build on the loaded 2-core machine;
 LanceDB trains and assigns in the table's float16 much more slowly than in float32 here
 (x2.5-3.5 per build at 10K x 4,096), and even with the k-means bounded (MAX_ITERATIONS,
@@ -54,9 +54,10 @@ from .topk import TopKResult
 KINDS = ("ivf_pq", "ivf_rq", "ivf_hnsw_sq", "ivf_flat")
 DEFAULT_KIND = "ivf_pq"  # the one measured to reach recall@100 >= 0.95 at 100K x 4,096 (docs/scale.md)
 # on ivf_pq / ivf_rq when not given: nprobes, and candidates re-ranked on the float16 vectors
-# (refine_factor = candidates / k): recall@100 0.951 at 100K x 4,096 with 64 partitions and 4-bit
-# PQ (nprobes 16, refine_factor 30; 0.943 at nprobes 8, refine_factor 10)
-QUANTISED_SEARCH = {"nprobes": 16, "candidates": 3000}
+# (refine_factor = candidates / k). At 100K x 4,096 with build_index's defaults (63 partitions,
+# 4-bit PQ) nprobes 8 and 1,000 candidates gave recall@100 0.998 at 551 ms per query with
+# opponents, nprobes 16 and 3,000 the same recall at 1,123 ms (bench_scale.py, load 6-7)
+QUANTISED_SEARCH = {"nprobes": 8, "candidates": 1000}
 # k-means of the IVF (and PQ) training: iterations and sampled rows per partition (LanceDB's
 # defaults 50 and 256 made the build of 100K x 4,096 float16 take longer than an hour here)
 MAX_ITERATIONS, SAMPLE_RATE = 20, 64
