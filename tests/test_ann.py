@@ -151,3 +151,12 @@ def test_fit_batches_are_capped_by_bytes(db, monkeypatch):
     monkeypatch.setattr(_fit, "BATCH_BYTES", 4 * D * 100)  # 100 rows of float32 at this d
     sizes = [len(x) for x in _fit._stream(db.gradient_table("train"))]
     assert max(sizes) == 100 and sum(sizes) == N
+
+
+def test_cli_index_offers_the_kinds_and_default_of_the_library():
+    """cli/scale.py spells the kinds out (so --help never imports the ANN module): they must match."""
+    from trackstar_db.cli.scale import index
+    from trackstar_db.retrieval import ann
+
+    kind = next(p for p in index.params if p.name == "kind")
+    assert tuple(kind.type.choices) == ann.KINDS and kind.default == ann.DEFAULT_KIND
