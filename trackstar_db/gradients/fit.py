@@ -24,7 +24,7 @@ import torch
 from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import Layout
-from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, fit_preconditioner
+from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, GramAccumulator, fit_preconditioner
 from trackstar_db.ladder import LADDER
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.vectors import BATCH_BYTES, scan_progress
@@ -70,6 +70,16 @@ def _stream(table, keep: set[str] | None = None, batch_size: int = 8192, label: 
             yield x
 
 
+def _summed(source, blocks) -> GramAccumulator:
+    """The g g^T sums of a stream of batches (or the sums another engine already made)."""
+    if isinstance(source, GramAccumulator):
+        return source
+    acc = GramAccumulator(blocks)
+    for x in source:
+        acc.update(x)
+    return acc
+
+
 def _check_options(mix: str, damping: float, k: int | None) -> None:
     if mix not in MIXES:
         raise TrackstarError(f"--mix must be one of {', '.join(MIXES)}, not {mix!r}")
@@ -85,7 +95,7 @@ class LocalPasses:
 
     @staticmethod
     def gram(table, spans):
-        """g g^T over the table: a stream of batches that fit_preconditioner sums (or the sums)."""
+        """g g^T over the table: a stream of batches (fit sums them) or the sums themselves."""
         return _stream(table)
 
     @staticmethod
@@ -111,6 +121,7 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     spans = layout.spans() if featurizer["config"]["combine"] == "concat" else None
     keep = _query_ids(db, template) if mix == "task" else None
     fitted, notes, staged = {}, [], []
+    grams: dict[str, GramAccumulator] = {}  # R_train's sums, shared by the train and mixed R of a table
     for (variant, which), powers in needed().items():
         train = db.gradient_table("train", corrected=variant == "corrected")
         if not train.exists():
@@ -127,8 +138,11 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
                 continue
             queries = _stream(table, keep)
         version = train.version()
-        source = passes.gram(train, [(0, layout.dim)] if kind == "dense" or spans is None else spans)
-        pre = fit_preconditioner(source, queries, dim=layout.dim, spans=spans, kind=kind, damping=damping, k=k)
+        if train.name not in grams:
+            blocks = [(0, layout.dim)] if kind == "dense" or spans is None else [tuple(s) for s in spans]
+            grams[train.name] = _summed(passes.gram(train, blocks), blocks)
+        pre = fit_preconditioner(grams[train.name], queries, dim=layout.dim, spans=spans, kind=kind, damping=damping,
+                                 k=k)
         pre.params["table_version"] = version
         if powers:
             pre.row_norms = passes.row_norms(train, pre, powers)

@@ -103,9 +103,6 @@ def prepare(db, spec: MethodSpec) -> Scoring:
 
 
 TILE_BYTES = 4 << 20  # float32 bytes widened per step on the CPU: stays in cache
-# Lance read-ahead: batches, fragments and bytes of I/O in flight (defaults 16, 4 and 2 GiB). Bounded,
-# the peak RSS of a bare read of 100K x 4096 float16 (7 fragments) went from 0.92 to 0.78 GB.
-READAHEAD, FRAGMENT_READAHEAD, IO_BUFFER_BYTES = 4, 1, 256 << 20
 _BUFFER: dict[str, torch.Tensor] = {}  # the float32 scan buffer, kept between scans of a warm process
 
 
@@ -124,13 +121,7 @@ def scan(scoring: Scoring, device="cpu", batch_rows: int = 65536):
     """(ids, x [nb, d] float32) batches of the stored rows, each row divided by its n_z (see the
     module docstring). x is a view of a buffer reused by the next batch: consume it first."""
     batch_rows = max(1, min(batch_rows, BATCH_BYTES // (4 * scoring.table.dim)))
-    dataset = scoring.table.dataset()
-    try:
-        stream = dataset.to_batches(columns=["id", "vector"], batch_size=batch_rows, batch_readahead=READAHEAD,
-                                    fragment_readahead=FRAGMENT_READAHEAD, io_buffer_size=IO_BUFFER_BYTES)
-    except TypeError:  # not a Lance dataset
-        stream = dataset
-    batches = vector_batches(stream, dtype=scoring.table.dtype, batch_size=batch_rows, native=True)
+    batches = vector_batches(scoring.table.dataset(), dtype=scoring.table.dtype, batch_size=batch_rows, native=True)
     return widen(batches, unit=scoring.spec.unit_norm, row_norms=scoring.row_norms, device=device,
                  batch_rows=batch_rows, label=scoring.table.name)
 

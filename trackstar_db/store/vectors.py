@@ -79,6 +79,23 @@ def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch
     return tensor.to(device=device, dtype=torch.float32)
 
 
+# Lance read-ahead: batches, fragments and bytes of I/O in flight (defaults 16, 4 and 2 GiB). Bounded,
+# the peak RSS of a bare read of 100K x 4096 float16 (7 fragments) went from 0.92 to 0.78 GB.
+READAHEAD, FRAGMENT_READAHEAD, IO_BUFFER_BYTES = 4, 1, 256 << 20
+
+
+def record_batches(source, columns: list[str], batch_size: int):
+    """Record batches of `columns` from a Lance dataset (read-ahead bounded as above), an Arrow
+    dataset or a Table: every scan of stored vectors (retrieve, fit, index) reads through here."""
+    if isinstance(source, pa.Table):
+        return source.select(columns).to_batches(max_chunksize=batch_size)
+    try:
+        return source.to_batches(columns=columns, batch_size=batch_size, batch_readahead=READAHEAD,
+                                 fragment_readahead=FRAGMENT_READAHEAD, io_buffer_size=IO_BUFFER_BYTES)
+    except TypeError:  # an Arrow dataset: no io_buffer_size
+        return source.to_batches(columns=columns, batch_size=batch_size)
+
+
 def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vector_column: str = "vector",
                    batch_size: int = 65536, device: str | torch.device = "cpu", extra_columns: tuple[str, ...] = (),
                    native: bool = False) -> Iterator[tuple]:
@@ -88,13 +105,8 @@ def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vec
 
     `dtype` is the stored vector dtype (the manifest's; 'bfloat16' is stored as uint16 bits).
     """
-    if hasattr(source, "to_batches"):
-        try:
-            stream = source.to_batches(columns=[id_column, vector_column, *extra_columns], batch_size=batch_size)
-        except TypeError:  # a pyarrow Table takes max_chunksize, not columns
-            stream = source.select([id_column, vector_column, *extra_columns]).to_batches(max_chunksize=batch_size)
-    else:
-        stream = source
+    columns = [id_column, vector_column, *extra_columns]
+    stream = record_batches(source, columns, batch_size) if hasattr(source, "to_batches") else source
     for batch in stream:
         names = batch.schema.names
         for column in (id_column, vector_column, *extra_columns):
