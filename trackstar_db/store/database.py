@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import lancedb
 import pyarrow as pa
 
 from trackstar_db.errors import TrackstarError
@@ -39,9 +38,24 @@ class Database(SwapWriter):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = _manifest.read(self.path)
-        self._lance = lancedb.connect(self.tables_uri)
+        self._connection = None  # the LanceDB connection, made by the first write (reads open Lance directly)
         if (self.path / _journal.FILENAME).exists() and not _lock.held(self.path):
             self._recover_abandoned()
+
+    @property
+    def _lance(self):
+        """The LanceDB connection (writes, and every access to tables at an object-store URI)."""
+        if self._connection is None:
+            import lancedb
+
+            self._connection = lancedb.connect(self.tables_uri)
+        return self._connection
+
+    def _local_tables(self) -> Path | None:
+        """DB/tables when the tables are on this machine: read with Lance alone, so a read-only
+        command (query, info, sql) never imports LanceDB (2.4 s of a cold start here)."""
+        uri = self.tables_uri
+        return None if "://" in uri else Path(uri)
 
     @property
     def tables_uri(self) -> str:
@@ -94,6 +108,8 @@ class Database(SwapWriter):
             if path.exists() and any(p.name != "tables" for p in path.iterdir()):
                 raise TrackstarError(f"{path}: directory is not empty and holds no database")
             (path / "tables").mkdir(parents=True, exist_ok=True)
+            import lancedb
+
             lance = lancedb.connect(tables_uri or str(path / "tables"))
             for name in _schema.table_names():
                 lance.create_table(name, schema=_schema.arrow_schema(name), exist_ok=True)
@@ -163,7 +179,13 @@ class Database(SwapWriter):
         return GradientTable(self, split, "corrected" if corrected else "uncorrected")
 
     def table_names(self) -> list[str]:
-        return sorted(self._lance.list_tables().tables)
+        local = self._local_tables()
+        if local is None:
+            return sorted(self._lance.list_tables().tables)
+        if not local.is_dir():
+            return []
+        return sorted(p.name[: -len(".lance")] for p in local.iterdir()
+                      if p.name.endswith(".lance") and (p / "_versions").is_dir())
 
     def has_table(self, name: str) -> bool:
         return name in self.table_names()
@@ -174,8 +196,16 @@ class Database(SwapWriter):
         return self._lance.open_table(name)
 
     def dataset(self, name: str):
-        """The Lance dataset behind a table (a pyarrow Dataset: scannable by DuckDB and in batches)."""
-        return self.lance_table(name).to_lance()
+        """The Lance dataset behind a table (a pyarrow Dataset: scannable by DuckDB and in batches),
+        at its latest version."""
+        local = self._local_tables()
+        if local is None:
+            return self.lance_table(name).to_lance()
+        if not self.has_table(name):
+            raise TrackstarError(f"no table {name!r}; tables: {', '.join(self.table_names())}")
+        import lance
+
+        return lance.dataset(str(local / f"{name}.lance"))
 
     def table(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         """A whole table (or some columns / rows) as Arrow; `filter` is a pyarrow.compute
@@ -183,7 +213,7 @@ class Database(SwapWriter):
         return self.dataset(name).to_table(columns=columns, filter=filter)
 
     def count(self, name: str) -> int:
-        return self.lance_table(name).count_rows() if self.has_table(name) else 0
+        return self.dataset(name).count_rows() if self.has_table(name) else 0
 
     def create_table(self, name: str, schema: pa.Schema):
         return self._lance.create_table(name, schema=schema, exist_ok=True)
@@ -216,7 +246,7 @@ class Database(SwapWriter):
         self._lance.drop_table(name)
 
     def version(self, name: str) -> int:
-        return self.lance_table(name).version
+        return self.dataset(name).version
 
     def restore(self, name: str, version: int) -> None:
         """Roll a table back to an earlier version (used when an ingest fails half-way)."""
