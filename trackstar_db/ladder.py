@@ -63,7 +63,8 @@ LADDER = (
 )
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in LADDER}
 BASELINES = ("bm25", "embedding", "lm-embedding")  # retrievers without gradients (lm-embedding: the model's hidden states)
-# TracIn-CP over the checkpoints training kept (retrieval/tracin_cp.py); not in 'all': it featurizes every checkpoint.
+# TracIn-CP over the checkpoints training kept (retrieval/tracin_cp.py); not in 'all': it needs every checkpoint's
+# gradient tables (ingest gradients --checkpoint NAME) or featurizes them in memory.
 CHECKPOINT_METHODS = ("tracin-cp", "tracin-cp-cos", "tracin-cp-opt")
 # Every method in display order: the one list the CLI, the demo and the SQL summaries read.
 ALL_METHODS = BASELINES + tuple(METHODS) + CHECKPOINT_METHODS
