@@ -38,7 +38,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_featurize import _plain_step, build_model  # noqa: E402
+from bench_featurize import _plain_step, add_workload_arguments, build_model  # noqa: E402
 
 from trackstar_db.featurizer import Featurizer, FeaturizerConfig  # noqa: E402
 
@@ -91,14 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a bench_featurize preset or a local directory")
     parser.add_argument("--model-dtype", default="float32", choices=["float32"])
-    parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_workload_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-step", action="store_true", help="also time a plain AdamW training step")
     parser.add_argument("--no-base", action="store_true", help="skip the bergson-base scope")

@@ -204,6 +204,18 @@ def print_plan(model, config, gib: float) -> None:
         print(f"memory plan for {gib:g} GiB free: refused: {exc}")
 
 
+def add_workload_arguments(parser) -> None:
+    """The model shape (without --model), batches and repeats; bench_bergson.py takes the same."""
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=2000)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help=f"a preset ({', '.join(PRESETS)}) or a local directory")
@@ -212,15 +224,8 @@ def main() -> None:
                         help="also print the memory plan for this many GiB free (no run when --batches 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--combine", default="concat", choices=["concat", "sum"])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=2000)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_workload_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
