@@ -6,10 +6,10 @@
 -- See tail_patch_per_query.sql for every term. Ground truth plays no part here.
 SELECT run_id, method, split, split_value,
        count(*) AS n_queries,
-       avg(tailpatch_at_1) AS tailpatch_at_1,
-       avg(tailpatch_at_3) AS tailpatch_at_3,
-       avg(tailpatch_at_5) AS tailpatch_at_5,
-       avg(tailpatch_at_10) AS tailpatch_at_10
+       avg(tailpatch_at_1 ORDER BY query_id) AS tailpatch_at_1,
+       avg(tailpatch_at_3 ORDER BY query_id) AS tailpatch_at_3,
+       avg(tailpatch_at_5 ORDER BY query_id) AS tailpatch_at_5,
+       avg(tailpatch_at_10 ORDER BY query_id) AS tailpatch_at_10
 FROM (SELECT *, unnest(splits, recursive := true) FROM tail_patch_per_query)
 GROUP BY run_id, method, split, split_value
 ORDER BY run_id, method, split, split_value

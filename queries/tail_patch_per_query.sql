@@ -16,10 +16,10 @@ WITH measured AS (
 )
 SELECT t.run_id, r.method, t.query_id, q.fact_id, f.frequency_bucket, m.correct AS model_correct,
        count(*) AS n_patched,
-       CASE WHEN max(t.depth) >= 1 THEN avg(t.delta_pp) FILTER (WHERE t.rank <= 1) END AS tailpatch_at_1,
-       CASE WHEN max(t.depth) >= 3 THEN avg(t.delta_pp) FILTER (WHERE t.rank <= 3) END AS tailpatch_at_3,
-       CASE WHEN max(t.depth) >= 5 THEN avg(t.delta_pp) FILTER (WHERE t.rank <= 5) END AS tailpatch_at_5,
-       CASE WHEN max(t.depth) >= 10 THEN avg(t.delta_pp) FILTER (WHERE t.rank <= 10) END AS tailpatch_at_10,
+       CASE WHEN max(t.depth) >= 1 THEN avg(t.delta_pp ORDER BY t.rank) FILTER (WHERE t.rank <= 1) END AS tailpatch_at_1,
+       CASE WHEN max(t.depth) >= 3 THEN avg(t.delta_pp ORDER BY t.rank) FILTER (WHERE t.rank <= 3) END AS tailpatch_at_3,
+       CASE WHEN max(t.depth) >= 5 THEN avg(t.delta_pp ORDER BY t.rank) FILTER (WHERE t.rank <= 5) END AS tailpatch_at_5,
+       CASE WHEN max(t.depth) >= 10 THEN avg(t.delta_pp ORDER BY t.rank) FILTER (WHERE t.rank <= 10) END AS tailpatch_at_10,
        [{'split': 'all', 'split_value': 'all'},
         {'split': 'frequency_bucket', 'split_value': coalesce(CAST(f.frequency_bucket AS VARCHAR), 'unknown')},
         {'split': 'model_correct', 'split_value': coalesce(CAST(m.correct AS VARCHAR), 'unknown')}] AS splits
