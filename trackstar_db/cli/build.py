@@ -58,16 +58,21 @@ def info(db):
     names = handle.table_names()
     for name in names:
         click.echo(f"  {name:<20} {handle.count(name):>10,} rows")
-    from trackstar_db.store.checkpoints import attached
+    from trackstar_db.store.checkpoints import DEFAULT, attached
     from trackstar_db.store.gradient_table import parse_table_name
 
-    points = attached(handle)
-    if points or model:
+    tables: dict[str, list[str]] = {}  # checkpoint -> its gradient tables
+    for name in names:
+        parsed = parse_table_name(name)
+        if parsed:
+            tables.setdefault(parsed[2] or DEFAULT, []).append(name)
+    points = ({DEFAULT: model} if model else {}) | attached(handle)
+    if points:
         click.echo("checkpoints (TracIn-CP sums over these):")
-    for name, entry in [("final", model)] * bool(model) + list(points.items()):
-        tables = [t for t in names if (parse_table_name(t) or (0, 0, -1))[2] == (None if name == "final" else name)]
+    for name, entry in points.items():
         lr = entry.get("optimizer_lr")
-        click.echo(f"  {name:<20} lr={'?' if lr is None else f'{lr:.3g}'} {entry['path']}; tables: {', '.join(tables) or 'none'}")
+        click.echo(f"  {name:<20} lr={'?' if lr is None else f'{lr:.3g}'} {entry['path']}; "
+                   f"tables: {', '.join(tables.get(name, [])) or 'none'}")
 
 
 @main.group(cls=Group)

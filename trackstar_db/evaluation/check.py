@@ -52,8 +52,9 @@ def _split(name: str) -> str:
 def _rebuild(db, name: str) -> str:
     from trackstar_db.store.gradient_table import parse_table_name
 
-    if parse_table_name(name):  # an attached checkpoint's table is written again with its --checkpoint
-        checkpoint = parse_table_name(name)[2]
+    parsed = parse_table_name(name)
+    if parsed:  # an attached checkpoint's table is written again with its --checkpoint
+        checkpoint = parsed[2]
         return (f"delete {db.path / 'tables' / (name + '.lance')} and run 'trackstar-db ingest gradients {db.path} "
                 f"--split {_split(name)}{f' --checkpoint {checkpoint}' if checkpoint else ''}', "
                 f"then 'trackstar-db fit {db.path}'")

@@ -25,7 +25,7 @@ READ_GBPS = 0.47  # bare sequential read of the vector column, warm page cache (
 SCAN_GBPS = {"grad-dot": 0.51, "grad-cos": 0.50, "trak": 0.34, "opt-cos": 0.48, "r-train": 0.45,
              "trackstar": 0.50}  # one exact query per rung, warm
 WRITE_GBPS = 0.037  # synthetic rows through GradientTable.create + Database.append (1.64 GB in 44.3 s)
-FIT_SECONDS_PER_ROW = 1.09e-3  # the whole fit (3 Gram passes + 2 norm passes): 109.4 s for 100K rows
+FIT_SECONDS_PER_ROW = 1.09e-3  # the whole fit, 109.4 s for 100K rows (3 Gram + 2 norm passes then; now 2 + 2)
 # ANN (the default IVF_PQ: 63 partitions at 100K, 4-bit codes, re-ranked on the float16 vectors):
 # ANN_BENCH built the 100K x 4,096 index in 244.0 s (57.7 s materialising, 181.2 s LanceDB) and
 # answered one query with opponents in 551 ms at nprobes 8 and 1,000 candidates (recall@100
@@ -38,7 +38,7 @@ PROCESS_BYTES = 330 << 20  # python + torch + pyarrow + lancedb imported (VmRSS 
 LANCE_READ_BYTES = 450 << 20  # Lance's reader at the bounded read-ahead (peak RSS of a bare read - the above)
 
 ROW_OVERHEAD = 48  # bytes per gradient row besides the vector: id, norm, loss, n_tokens, offsets
-SCAN_BATCH_BYTES = 64 << 20  # retrieval/scoring.BATCH_BYTES
+SCAN_BATCH_BYTES = 64 << 20  # store/vectors.BATCH_BYTES (copied: the plan must not import torch)
 COMMIT_ROWS = 2048  # GradientJob.commit_rows
 FIT_BATCH_ROWS = 8192  # gradients/fit._stream, at most SCAN_BATCH_BYTES of float32
 
@@ -103,7 +103,7 @@ def plan_rows(p: Plan) -> list[dict]:
         {"item": "time: write vectors", "seconds": p.variants * table / (WRITE_GBPS * 1e9),
          "note": "through Database.append; featurizing not included"},
         {"item": "time: fit (3 R + norms)", "seconds": p.rows * FIT_SECONDS_PER_ROW * scale,
-         "note": "3 Gram passes + 2 norm passes; work per row grows with d x block"},
+         "note": "2 Gram passes + 2 norm passes; work per row grows with d x block"},
     ]
     for rung, rate in SCAN_GBPS.items():
         rows.append({"item": f"scan: one exact query, {rung}", "seconds": vector / (rate * 1e9),

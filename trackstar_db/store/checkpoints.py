@@ -23,12 +23,12 @@ from trackstar_db.errors import TrackstarError
 from . import manifest as _manifest
 
 DEFAULT = "final"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # also the suffix of its table names
 
 
 def check_name(name: str) -> str:
     """A checkpoint name usable in a table name (letters, digits, '-' and '_'), or a one-line error."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise TrackstarError(f"checkpoint name {name!r}: use letters, digits, '-' and '_' (at most 64)")
     return name
 

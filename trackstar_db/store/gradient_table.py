@@ -26,20 +26,22 @@ from typing import Iterator
 
 from trackstar_db.errors import TrackstarError
 
+from . import checkpoints as _checkpoints
+
 SPLITS = ("train", "queries")
 VARIANTS = ("corrected", "uncorrected")
 MIXES = ("train", "mixed")
-_NAME = re.compile(rf"grads_({'|'.join(SPLITS)})_({'|'.join(VARIANTS)})(?:__([A-Za-z0-9][A-Za-z0-9_-]*))?")
+_NAME = re.compile(rf"grads_({'|'.join(SPLITS)})_({'|'.join(VARIANTS)})(?:__({_checkpoints.NAME.pattern}))?")
 
 
 def table_name(split: str, variant: str, checkpoint: str | None = None) -> str:
-    from .checkpoints import check_name, is_default
-
     if split not in SPLITS:
         raise TrackstarError(f"gradient split must be one of {', '.join(SPLITS)}, not {split!r}")
     if variant not in VARIANTS:
         raise TrackstarError(f"gradient variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
-    return f"grads_{split}_{variant}" + ("" if is_default(checkpoint) else f"__{check_name(checkpoint)}")
+    if _checkpoints.is_default(checkpoint):
+        return f"grads_{split}_{variant}"
+    return f"grads_{split}_{variant}__{_checkpoints.check_name(checkpoint)}"
 
 
 def parse_table_name(name: str) -> tuple[str, str, str | None] | None:
@@ -67,9 +69,7 @@ class GradientTable:
 
     @property
     def is_default(self) -> bool:
-        from .checkpoints import is_default
-
-        return is_default(self.checkpoint)
+        return _checkpoints.is_default(self.checkpoint)
 
     def exists(self) -> bool:
         return self.name in self.db.manifest.get("gradient_tables", {}) and self.db.has_table(self.name)
