@@ -59,7 +59,7 @@ def test_recall_against_exact_and_scores_of_the_stored_vectors(db):
     assert np.mean([len(set(a) & set(b)) / K for a, b in zip(exact.proponent_ids, full.proponent_ids)]) >= 0.95
     # the stored ANN vectors are t_train(g_z): rescored scores equal exact ones within float16
     np.testing.assert_allclose(full.proponent_scores[:, 0], exact.proponent_scores[:, 0], atol=2e-3)
-    table = open_table(db, "trackstar").to_arrow()
+    table = open_table(db, "trackstar").to_table()
     assert table.num_rows == N and str(table.schema.field("vector").type.value_type) == "halffloat"
     pre = db.gradient_table("train").load_preconditioner("mixed")
     first = db.gradient_table("train").dataset().head(4)
@@ -135,7 +135,7 @@ def test_refined_and_flat_searches_score_from_lance_distances(db):
         entry = build_index(db, "trackstar", kind, num_partitions=8, progress=False, reuse_vectors=True)
         assert entry["kind"] == kind and entry["params"]["max_iterations"] > 0
         assert open_table(db, "trackstar").count_rows() == N  # the vectors were kept, not rewritten
-        stored = open_table(db, "trackstar").to_arrow()
+        stored = open_table(db, "trackstar").to_table()
         row_of = {i: n for n, i in enumerate(stored.column("id").to_pylist())}
         x = to_torch(stored.column("vector"), "float16").float().numpy()
         approx = search_ann(db, "trackstar", g, K, options)
@@ -153,6 +153,25 @@ def test_fit_batches_are_capped_by_bytes(db, monkeypatch):
     monkeypatch.setattr(_fit, "BATCH_BYTES", 4 * D * 100)  # 100 rows of float32 at this d
     sizes = [len(x) for x in _fit._stream(db.gradient_table("train"))]
     assert max(sizes) == 100 and sum(sizes) == N
+
+
+def test_batched_searches_equal_one_search_per_query(db, monkeypatch):
+    """Lance gets SEARCH_BATCH query vectors per call: however they are cut (even one per call),
+    every query gets the hits and scores it gets alone."""
+    from trackstar_db.retrieval import ann
+
+    g = stored_query_vectors(db, get_method("trackstar"), query_ids())
+    whole = search_ann(db, "trackstar", g, K)
+    alone = [search_ann(db, "trackstar", g[i: i + 1], K) for i in range(NQ)]
+    for size in (1, 5):
+        monkeypatch.setattr(ann, "SEARCH_BATCH", size)
+        cut = search_ann(db, "trackstar", g, K)
+        assert cut.proponent_ids == whole.proponent_ids and cut.opponent_ids == whole.opponent_ids
+        np.testing.assert_array_equal(cut.proponent_scores, whole.proponent_scores)
+    assert [a.proponent_ids[0] for a in alone] == whole.proponent_ids
+    assert [a.opponent_ids[0] for a in alone] == whole.opponent_ids
+    # one vector per call and a batch take different SIMD paths in Lance: equal to ~1e-5
+    np.testing.assert_allclose(np.stack([a.opponent_scores[0] for a in alone]), whole.opponent_scores, atol=1e-4)
 
 
 def test_cli_index_offers_the_kinds_and_default_of_the_library():

@@ -40,7 +40,7 @@ def ann_flags(command):
 @main.command()
 @DB_ARG
 @click.option("--method", required=True, help="The rung whose final vectors are indexed (e.g. trackstar).")
-@click.option("--kind", type=click.Choice(["ivf_pq", "ivf_rq", "ivf_hnsw_sq", "ivf_flat"]), default="ivf_pq",
+@click.option("--kind", type=click.Choice(["ivf_rq", "ivf_pq", "ivf_hnsw_sq", "ivf_flat"]), default="ivf_rq",
               show_default=True, help="LanceDB index type (retrieval/ann.py KINDS; measured figures: docs/scale.md).")
 @click.option("--partitions", "num_partitions", type=int, default=None, help="IVF partitions (default sqrt(rows)/5).")
 @click.option("--sub-vectors", "num_sub_vectors", type=int, default=None, help="IVF-PQ sub-vectors (default d/16).")

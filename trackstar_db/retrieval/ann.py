@@ -51,13 +51,14 @@ from trackstar_db.errors import TrackstarError
 from .methods import get_method, query_transform
 from .topk import TopKResult
 
-KINDS = ("ivf_pq", "ivf_rq", "ivf_hnsw_sq", "ivf_flat")
-DEFAULT_KIND = "ivf_pq"  # the one measured to reach recall@100 >= 0.95 at 100K x 4,096 (docs/scale.md)
-# on ivf_pq / ivf_rq when not given: nprobes, and candidates re-ranked on the float16 vectors
-# (refine_factor = candidates / k). At 100K x 4,096 with build_index's defaults (63 partitions,
-# 4-bit PQ) nprobes 8 and 1,000 candidates gave recall@100 0.998 at 551 ms per query with
-# opponents, nprobes 16 and 3,000 the same recall at 1,123 ms (bench_scale.py, load 6-7)
-QUANTISED_SEARCH = {"nprobes": 8, "candidates": 1000}
+KINDS = ("ivf_rq", "ivf_pq", "ivf_hnsw_sq", "ivf_flat")
+# 4-bit RaBitQ codes: at 100K x 4,096 recall@100 0.996 from 150 re-ranked candidates, where
+# 4-bit PQ (dim / 16 sub-vectors) needed 500, and a faster build (bench_scale.py, docs/scale.md)
+DEFAULT_KIND = "ivf_rq"
+RQ_BITS, PQ_BITS = 4, 4  # PQ: the 8-bit codebook training did not finish in 13 minutes here
+# on a quantised index (ivf_rq, ivf_pq) when not given: nprobes, and how many candidates are
+# re-ranked on the float16 vectors (refine_factor = candidates / k); measured in docs/scale.md
+QUANTISED_SEARCH = {"ivf_rq": {"nprobes": 8, "candidates": 300}, "ivf_pq": {"nprobes": 8, "candidates": 1000}}
 # k-means of the IVF (and PQ) training: iterations and sampled rows per partition (LanceDB's
 # defaults 50 and 256 made the build of 100K x 4,096 float16 take longer than an hour here)
 MAX_ITERATIONS, SAMPLE_RATE = 20, 64
@@ -65,8 +66,8 @@ MAX_ITERATIONS, SAMPLE_RATE = 20, 64
 
 @dataclass
 class AnnOptions:
-    """Search parameters (None: LanceDB's default, except on a quantised index, ivf_pq or ivf_rq:
-    QUANTISED_SEARCH, since its codes alone gave recall@100 0.35). nprobes: IVF partitions
+    """Search parameters (None: LanceDB's default, except on a quantised index, ivf_rq or ivf_pq:
+    QUANTISED_SEARCH, since 4-bit PQ codes alone gave recall@100 0.35). nprobes: IVF partitions
     visited; refine_factor: re-rank refine_factor * k candidates with the full float16 vectors;
     ef: HNSW candidate list size (IVF_HNSW_*), >= k."""
 
@@ -93,11 +94,14 @@ def connection(db):
 
 
 def open_table(db, method: str):
-    """The LanceDB table of method's index (refused when missing; not checked for staleness)."""
-    conn, name = connection(db), table_name(method)
-    if name not in conn.list_tables().tables:
+    """The Lance dataset of method's index (refused when missing; not checked for staleness).
+    Read with Lance alone: a search never imports LanceDB."""
+    import lance
+
+    path = db.path / "ann" / f"{table_name(method)}.lance"
+    if not (path / "_versions").is_dir():
         raise TrackstarError(f"{db.path}: no ANN index for {method}; run 'trackstar-db index {db.path} --method {method}'")
-    return conn.open_table(name)
+    return lance.dataset(str(path))
 
 
 def _set_manifest(db, change) -> None:
@@ -154,8 +158,10 @@ def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vector
 
     params = {"num_partitions": num_partitions or _default_partitions(rows, kind),
               "max_iterations": max_iterations, "sample_rate": sample_rate}
-    if kind == "ivf_pq":  # 4-bit codes: the 8-bit codebook training did not finish in 13 minutes
-        params.update(num_sub_vectors=num_sub_vectors or max(1, dim // 16), num_bits=4)
+    if kind == "ivf_pq":
+        params.update(num_sub_vectors=num_sub_vectors or max(1, dim // 16), num_bits=PQ_BITS)
+    if kind == "ivf_rq":
+        params.update(num_bits=RQ_BITS)
     if kind == "ivf_hnsw_sq":
         params.update(m=m, ef_construction=ef_construction)
     config = {"ivf_pq": _index.IvfPq, "ivf_rq": _index.IvfRq, "ivf_hnsw_sq": _index.HnswSq,
@@ -237,8 +243,15 @@ def require_index(db, method: str) -> dict:
     return entry
 
 
+SEARCH_BATCH = 64  # query vectors per Lance call (each call returns SEARCH_BATCH x k hits)
+
+
 def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions | None = None) -> TopKResult:
-    """Approximate top-k proponents and opponents of raw query gradients g_q [nq, d]."""
+    """Approximate top-k proponents and opponents of raw query gradients g_q [nq, d].
+
+    The index is read with Lance directly (not through LanceDB's query builder, which cost about
+    3x per search here: bench_scale.py) and the 2 x nq searches (t_query, -t_query) go to Lance
+    SEARCH_BATCH vectors per call."""
     options = options or AnnOptions()
     spec = get_method(method)
     entry = require_index(db, method)
@@ -248,35 +261,41 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
 
         table = db.gradient_table("train", corrected=spec.table == "corrected")
         preconditioners[spec.preconditioner] = load_preconditioner(table, spec.preconditioner)
-    q = query_transform(spec, preconditioners)(g_q.float().cpu()).numpy()
+    q = query_transform(spec, preconditioners)(g_q.float().cpu()).numpy().astype(np.float32)
     if q.shape[1] != entry["dim"]:
         raise TrackstarError(f"{entry['table']}: vectors have dim {entry['dim']}, the query {q.shape[1]}")
-    table = open_table(db, method)
+    if entry["kind"] in QUANTISED_SEARCH:  # a quantised distance is only an estimate: re-rank
+        default = QUANTISED_SEARCH[entry["kind"]]
+        options = AnnOptions(options.nprobes or default["nprobes"],
+                             options.refine_factor or -(-default["candidates"] // k), options.ef)
     # re-ranked on the full vectors (refine_factor) or flat: Lance's distances are exact, and
     # fetching 8 KB per hit to recompute them is not needed
-    if entry["kind"] in ("ivf_pq", "ivf_rq"):
-        options = AnnOptions(options.nprobes or QUANTISED_SEARCH["nprobes"],
-                             options.refine_factor or -(-QUANTISED_SEARCH["candidates"] // k), options.ef)
     exact_distances = bool(options.refine_factor) or entry["kind"] == "ivf_flat"
-    found = {"proponent": ([], np.zeros((len(q), k), np.float32)), "opponent": ([], np.zeros((len(q), k), np.float32))}
-    for row, vector in enumerate(q):
-        for kind, sign in (("proponent", 1.0), ("opponent", -1.0)):
-            builder = table.search(sign * vector, vector_column_name="vector").distance_type("dot").limit(k)
-            if options.nprobes:
-                builder = builder.nprobes(options.nprobes)
-            if options.refine_factor:
-                builder = builder.refine_factor(options.refine_factor)
-            if options.ef:
-                builder = builder.ef(options.ef)
+    nearest = {"column": "vector", "k": k, "nprobes": options.nprobes, "refine_factor": options.refine_factor,
+               "ef": options.ef}
+    nearest = {key: value for key, value in nearest.items() if value is not None}
+    columns = ["id", "_distance"] if exact_distances else ["id", "vector", "_distance"]
+    dataset = open_table(db, method)
+    signed = np.concatenate([q, -q])  # rows 0..nq-1: proponents; nq..2nq-1: opponents
+    ids: list[list[str]] = []
+    scores = np.zeros((len(signed), k), np.float32)
+    for first in range(0, len(signed), SEARCH_BATCH):
+        chunk = signed[first: first + SEARCH_BATCH]
+        hits = dataset.to_table(columns=columns, nearest=dict(nearest, q=chunk if len(chunk) > 1 else chunk[0]))
+        which = hits.column("query_index").to_numpy() if "query_index" in hits.column_names else np.zeros(hits.num_rows, int)
+        for row, vector in enumerate(chunk):
+            mine = hits.filter(pa.array(which == row))
+            sign = 1.0 if first + row < len(q) else -1.0
             if exact_distances:  # Lance's 'dot' distance is 1 - (sign q) . x on the float16 vectors
-                hits = builder.select(["id", "_distance"]).to_arrow()
-                ids = hits.column("id").to_pylist()
-                scores = sign * (1.0 - hits.column("_distance").to_numpy().astype(np.float32))
+                found = mine.sort_by("_distance")
+                row_ids = found.column("id").to_pylist()
+                row_scores = sign * (1.0 - found.column("_distance").to_numpy().astype(np.float32))
             else:
-                ids, scores = _rescored(builder.select(["id", "vector", "_distance"]).to_arrow(), vector, sign)
-            found[kind][0].append(ids)
-            found[kind][1][row, :len(ids)] = scores
-    return TopKResult(found["proponent"][0], found["proponent"][1], found["opponent"][0], found["opponent"][1])
+                row_ids, row_scores = _rescored(mine, vector * sign, sign)
+            ids.append(row_ids)
+            scores[first + row, :len(row_ids)] = row_scores
+    nq = len(q)
+    return TopKResult(ids[:nq], scores[:nq], ids[nq:], scores[nq:])
 
 
 def _rescored(hits: pa.Table, query: np.ndarray, sign: float) -> tuple[list[str], np.ndarray]:
