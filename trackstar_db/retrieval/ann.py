@@ -22,18 +22,11 @@ for rungs with R, the preconditioner key, its file's sha256 and its parameters (
 k, kind, table_version). A search compares them with the database as it is now and refuses a
 stale index in one line saying what to run (rows appended, R refitted).
 
-Index kinds (KINDS): ivf_pq (default), ivf_rq (RaBitQ), ivf_hnsw_sq and ivf_flat (exact within
-the partitions searched). What was measured (docs/scale.md): ivf_pq with 64 partitions and 4-bit
-codes, re-ranked on the float16 vectors (nprobes 8, 1,000 candidates: QUANTISED_SEARCH), gave
-recall@100 0.998 at 100K x 4,096 after a 244 s build (materialising included), but 551 ms per
-query (two searches) at a load average of 6-7 (the re-ranking's random reads of 8 KB vectors
-dominate; codes alone: 43 ms per search and recall@100 0.35); ivf_hnsw_sq at 100K x 4,096 gave
-1.8-2.6 s per query and recall@100 <= 0.82 after a 56-minute build on the loaded 2-core machine;
-LanceDB trains and assigns in the table's float16 much more slowly than in float32 here
-(x2.5-3.5 per build at 10K x 4,096), and even with the k-means bounded (MAX_ITERATIONS,
-SAMPLE_RATE instead of LanceDB's 50 and 256) 8-bit IVF_PQ and IVF_RQ builds of 100K x 4,096 did
-not finish in 13-15 minutes at a load average of 5-9. `reuse_vectors` rebuilds only the index
-over an up-to-date table (to try another kind or parameters).
+Index kinds (KINDS): ivf_rq (RaBitQ codes, the default), ivf_pq, ivf_hnsw_sq and ivf_flat (exact
+within the partitions searched). The quantised kinds re-rank QUANTISED_SEARCH candidates on the
+float16 vectors unless told otherwise. Why these defaults, and what each kind measured at 100K and
+1M rows: docs/scale.md. `reuse_vectors` rebuilds only the index over an up-to-date table (to try
+another kind or parameters).
 """
 
 from __future__ import annotations
@@ -130,7 +123,8 @@ def source_version(db, method: str) -> dict:
     """What an index of `method` is built from, as the database holds it now."""
     spec = get_method(method)
     table = db.gradient_table("train", corrected=spec.table == "corrected").require()
-    out = {"table": table.name, "table_version": table.version(), "rows": table.count()}
+    dataset = table.dataset()  # opened once: a search checks this on every call
+    out = {"table": table.name, "table_version": dataset.version, "rows": dataset.count_rows()}
     if spec.preconditioner:
         key = table.preconditioner_key(spec.preconditioner)
         path = table.preconditioner_path(spec.preconditioner)

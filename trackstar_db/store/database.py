@@ -198,11 +198,15 @@ class Database(SwapWriter):
     def dataset(self, name: str):
         """The Lance dataset behind a table (a pyarrow Dataset: scannable by DuckDB and in batches),
         at its latest version."""
-        local = self._local_tables()
-        if local is None:
-            return self.lance_table(name).to_lance()
         if not self.has_table(name):
             raise TrackstarError(f"no table {name!r}; tables: {', '.join(self.table_names())}")
+        return self._open_dataset(name)
+
+    def _open_dataset(self, name: str):
+        """dataset(name) of a table known to exist."""
+        local = self._local_tables()
+        if local is None:
+            return self._lance.open_table(name).to_lance()
         import lance
 
         return lance.dataset(str(local / f"{name}.lance"))
@@ -213,7 +217,7 @@ class Database(SwapWriter):
         return self.dataset(name).to_table(columns=columns, filter=filter)
 
     def count(self, name: str) -> int:
-        return self.dataset(name).count_rows() if self.has_table(name) else 0
+        return self._open_dataset(name).count_rows() if self.has_table(name) else 0
 
     def create_table(self, name: str, schema: pa.Schema):
         return self._lance.create_table(name, schema=schema, exist_ok=True)
