@@ -174,6 +174,22 @@ def test_batched_searches_equal_one_search_per_query(db, monkeypatch):
     np.testing.assert_allclose(np.stack([a.opponent_scores[0] for a in alone]), whole.opponent_scores, atol=1e-4)
 
 
+def test_a_rebuild_keeps_one_version_of_the_vectors(db):
+    """Rebuilding (materialising again, or another index over the same vectors) leaves one
+    version of ann_<method> on disk, not one copy of the vectors per build."""
+    def size():
+        return sum(f.stat().st_size for f in (db.path / "ann").rglob("*") if f.is_file())
+
+    before = size()
+    build_index(db, "trackstar", num_partitions=8, progress=False)  # materialised again
+    assert len(open_table(db, "trackstar").versions()) == 1
+    assert size() < 1.1 * before, (before, size())  # without the cleanup: twice the vectors
+    build_index(db, "trackstar", "ivf_flat", num_partitions=4, progress=False, reuse_vectors=True)
+    assert len(open_table(db, "trackstar").versions()) == 1
+    g = stored_query_vectors(db, get_method("trackstar"), query_ids())
+    assert len(search_ann(db, "trackstar", g, K).proponent_ids[0]) == K
+
+
 def test_cli_index_offers_the_kinds_and_default_of_the_library():
     """cli/scale.py spells the kinds out (so --help never imports the ANN module): they must match."""
     from trackstar_db.cli.scale import index

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import timedelta
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,6 +218,9 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
     config, params = _index_config(kind, dim, source["rows"], num_partitions, num_sub_vectors, m, ef_construction,
                                    max_iterations, sample_rate)
     table.create_index("vector", config=config, replace=True)
+    # a new materialisation (an overwrite) or a replaced index leaves the old version's files
+    # behind, 8 GB per rebuild at 1M x 4,096; searches read the latest version only
+    open_table(db, method).cleanup_old_versions(older_than=timedelta(0))
     entry = {"table": name, "kind": kind, "params": params, "source": source, "dim": dim,
              "write_seconds": round(written - start, 3), "index_seconds": round(time.perf_counter() - written, 3)}
     _set_manifest(db, lambda manifest: manifest.setdefault("ann", {}).__setitem__(method, entry))
