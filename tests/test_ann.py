@@ -190,6 +190,29 @@ def test_a_rebuild_keeps_one_version_of_the_vectors(db):
     assert len(search_ann(db, "trackstar", g, K).proponent_ids[0]) == K
 
 
+def test_searches_and_scans_read_without_lancedb(db):
+    """A search (and the exact scan beside it) reads with Lance alone: LanceDB, seconds to import,
+    is made unimportable in a fresh interpreter and nothing asks for it."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["lancedb"] = None
+from trackstar_db import connect
+from trackstar_db.retrieval.ann import search_ann
+from trackstar_db.retrieval.methods import get_method
+from trackstar_db.retrieval.runs import stored_query_vectors
+from trackstar_db.retrieval.scoring import score_table
+db = connect({str(db.path)!r})
+g = stored_query_vectors(db, get_method("trackstar"), ["q000000:prompt0"])
+assert len(search_ann(db, "trackstar", g, 5).proponent_ids[0]) == 5
+assert len(score_table(db, get_method("trackstar"), g, 5, progress=False).proponent_ids[0]) == 5
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_cli_index_offers_the_kinds_and_default_of_the_library():
     """cli/scale.py spells the kinds out (so --help never imports the ANN module): they must match."""
     from trackstar_db.cli.scale import index
