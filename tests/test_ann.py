@@ -213,6 +213,26 @@ assert len(score_table(db, get_method("trackstar"), g, 5, progress=False).propon
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_a_build_waits_for_the_writer_lock_and_changes_nothing(db, monkeypatch):
+    """index writes DB/ann and the manifest: it takes the database's writer lock like every
+    writing command, and fails in one line naming the holder, leaving the index as it was."""
+    from test_lock import _hold
+
+    monkeypatch.setenv("TRACKSTAR_LOCK_TIMEOUT", "0.5")
+    before = open_table(db, "trackstar").version
+    process = _hold(db.path, 30)
+    try:
+        with pytest.raises(TrackstarError, match="test holder") as error:
+            build_index(db, "trackstar", num_partitions=8, progress=False)
+        assert "\n" not in str(error.value)
+    finally:
+        process.kill()
+        process.wait()
+    assert open_table(db, "trackstar").version == before
+    g = stored_query_vectors(db, get_method("trackstar"), query_ids())
+    assert len(search_ann(db, "trackstar", g, K).proponent_ids[0]) == K
+
+
 def test_cli_index_offers_the_kinds_and_default_of_the_library():
     """cli/scale.py spells the kinds out (so --help never imports the ANN module): they must match."""
     from trackstar_db.cli.scale import index

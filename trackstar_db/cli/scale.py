@@ -19,7 +19,7 @@ def ann_flags(command):
 
     @click.option("--ann", "use_ann", is_flag=True,
                   help="Approximate top-k from the method's index ('trackstar-db index'); the run is named METHOD-ann.")
-    @click.option("--nprobes", type=int, default=None, help="With --ann: IVF partitions searched (default: 8 on the quantised kinds, else LanceDB's).")
+    @click.option("--nprobes", type=int, default=None, help="With --ann: IVF partitions searched (default: 4 on ivf_rq, 8 on ivf_pq, else LanceDB's).")
     @click.option("--refine-factor", type=int, default=None,
                   help="With --ann: re-rank this many times k candidates on the full vectors "
                        "(ivf_rq, ivf_pq; default: 300 candidates on ivf_rq, 1,000 on ivf_pq).")

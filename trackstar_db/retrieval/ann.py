@@ -31,6 +31,7 @@ another kind or parameters).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from datetime import timedelta
@@ -52,7 +53,7 @@ DEFAULT_KIND = "ivf_rq"
 RQ_BITS, PQ_BITS = 4, 4  # PQ: the 8-bit codebook training did not finish in 13 minutes here
 # on a quantised index (ivf_rq, ivf_pq) when not given: nprobes, and how many candidates are
 # re-ranked on the float16 vectors (refine_factor = candidates / k); measured in docs/scale.md
-QUANTISED_SEARCH = {"ivf_rq": {"nprobes": 8, "candidates": 300}, "ivf_pq": {"nprobes": 8, "candidates": 1000}}
+QUANTISED_SEARCH = {"ivf_rq": {"nprobes": 4, "candidates": 300}, "ivf_pq": {"nprobes": 8, "candidates": 1000}}
 # k-means of the IVF (and PQ) training: iterations and sampled rows per partition (LanceDB's
 # defaults 50 and 256 made the build of 100K x 4,096 float16 take longer than an hour here)
 MAX_ITERATIONS, SAMPLE_RATE = 20, 64
@@ -198,33 +199,36 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
     kind or parameters)."""
     from .scoring import prepare
 
-    if kind not in KINDS:
-        raise TrackstarError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    spec = get_method(method)
-    source = source_version(db, method)
-    scoring = prepare(db, spec)  # refuses stale row norms before anything is written
-    if source["rows"] < 2:
-        raise TrackstarError(f"{source['table']}: {source['rows']} rows; an index needs at least 2")
-    dim, name = scoring.table.dim, table_name(method)
-    start = time.perf_counter()
-    old = db.manifest.get("ann", {}).get(method)
-    table = None
-    if reuse_vectors and old is not None and old["source"] == source and name in connection(db).list_tables().tables:
-        table = connection(db).open_table(name)
-        table = table if table.count_rows() == source["rows"] else None
-    if table is None:
-        table = _materialise(db, method, source, scoring, batch_rows, device, progress)
-    written = time.perf_counter()
-    config, params = _index_config(kind, dim, source["rows"], num_partitions, num_sub_vectors, m, ef_construction,
-                                   max_iterations, sample_rate)
-    table.create_index("vector", config=config, replace=True)
-    # a new materialisation (an overwrite) or a replaced index leaves the old version's files
-    # behind, 8 GB per rebuild at 1M x 4,096; searches read the latest version only
-    open_table(db, method).cleanup_old_versions(older_than=timedelta(0))
-    entry = {"table": name, "kind": kind, "params": params, "source": source, "dim": dim,
-             "write_seconds": round(written - start, 3), "index_seconds": round(time.perf_counter() - written, 3)}
-    _set_manifest(db, lambda manifest: manifest.setdefault("ann", {}).__setitem__(method, entry))
-    return entry
+    # one writer of DB/ann and the manifest at a time (store/lock.py), as fit holds it
+    with db.writer(f"index {method}") if hasattr(db, "writer") else contextlib.nullcontext():
+        if kind not in KINDS:
+            raise TrackstarError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        spec = get_method(method)
+        source = source_version(db, method)
+        scoring = prepare(db, spec)  # refuses stale row norms before anything is written
+        if source["rows"] < 2:
+            raise TrackstarError(f"{source['table']}: {source['rows']} rows; an index needs at least 2")
+        dim, name = scoring.table.dim, table_name(method)
+        start = time.perf_counter()
+        old = db.manifest.get("ann", {}).get(method)
+        table = None
+        if reuse_vectors and old is not None and old["source"] == source and name in connection(db).list_tables().tables:
+            table = connection(db).open_table(name)
+            table = table if table.count_rows() == source["rows"] else None
+        if table is None:
+            table = _materialise(db, method, source, scoring, batch_rows, device, progress)
+        written = time.perf_counter()
+        config, params = _index_config(kind, dim, source["rows"], num_partitions, num_sub_vectors, m, ef_construction,
+                                       max_iterations, sample_rate)
+        table.create_index("vector", config=config, replace=True)
+        # a new materialisation (an overwrite) or a replaced index leaves the old version's files
+        # behind, 8 GB per rebuild at 1M x 4,096, and a killed build its unreferenced files; searches
+        # read the latest version only, and no other build writes while this one holds the lock
+        open_table(db, method).cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+        entry = {"table": name, "kind": kind, "params": params, "source": source, "dim": dim,
+                 "write_seconds": round(written - start, 3), "index_seconds": round(time.perf_counter() - written, 3)}
+        _set_manifest(db, lambda manifest: manifest.setdefault("ann", {}).__setitem__(method, entry))
+        return entry
 
 
 def require_index(db, method: str) -> dict:
