@@ -11,7 +11,9 @@ seconds and its peak RSS (resource.getrusage). Printed in one run:
     scan <rung>    one exact query per rung, warm: seconds, GB/s, ratio to the read
     retrieve       a stored trackstar run over all queries (k=100), as `retrieve` does it
     index          ANN index build (materialise + LanceDB index), seconds
-    ann            warm single-query latency and recall@10/@100 against exact, at a few settings
+    ann            single-query latency (proponents and opponents: one query of `query --ann`) in a
+                   warm process, each query's first search and the same search repeated (Lance's
+                   index cache then holds its partitions), recall@10/@100 against exact
 
     python benchmarks/bench_scale.py                      # N=20,000, d=4,096 float16: minutes on 2 cores
     python benchmarks/bench_scale.py --n 1000000 --workdir /big/disk   # the 1M case (16 GB of tables + 8 GB ANN)
@@ -36,8 +38,8 @@ RUNGS = ("grad-dot", "grad-cos", "trak", "opt-cos", "r-train", "trackstar")
 ANN_SETTINGS = {
     "ivf_pq": ({"nprobes": 4, "refine_factor": 3}, {"nprobes": 8, "refine_factor": 5}, {"nprobes": 8, "refine_factor": 10},
                {"nprobes": 16, "refine_factor": 10}),
-    "ivf_rq": ({"nprobes": 4, "refine_factor": 1}, {"nprobes": 4, "refine_factor": 2}, {"nprobes": 8, "refine_factor": 3},
-               {"nprobes": 16, "refine_factor": 5}),
+    "ivf_rq": ({"nprobes": 2, "refine_factor": 2}, {"nprobes": 2, "refine_factor": 3}, {"nprobes": 4, "refine_factor": 3},
+               {"nprobes": 8, "refine_factor": 5}),
     "ivf_hnsw_sq": ({"nprobes": 2, "ef": 150}, {"nprobes": 4, "ef": 300}, {"nprobes": 8, "ef": 600}),
     "ivf_flat": ({"nprobes": 4}, {"nprobes": 8}, {"nprobes": 16}),
 }
@@ -138,20 +140,28 @@ def step_ann(args) -> dict:
     db, spec = connect(args.db), get_method("trackstar")
     g = stored_query_vectors(db, spec, query_ids(args.queries))
     exact = score_table(db, spec, g, 100, progress=False)
+    # the exact scan pushed the index out of the page cache; a process serving queries keeps it
+    # there: read its files once (vectors, codes), as a warm server would have them
+    for path in (args.db / "ann").rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                while handle.read(1 << 24):
+                    pass
     out = {}
     for setting in ANN_SETTINGS[args.kind]:
         options = AnnOptions(**setting)
-        search_ann(db, "trackstar", g[:1], 100, options)  # warm
         recall = {10: [], 100: []}
-        seconds = []
+        seconds = {"first": [], "repeat": []}  # each query's first search with this setting, then again
         for row in range(len(g)):
-            start = time.perf_counter()
-            hits = search_ann(db, "trackstar", g[row: row + 1], 100, options)
-            seconds.append(time.perf_counter() - start)
+            for times in seconds.values():
+                start = time.perf_counter()
+                hits = search_ann(db, "trackstar", g[row: row + 1], 100, options)
+                times.append(time.perf_counter() - start)
             for k, found in recall.items():
                 truth = set(exact.proponent_ids[row][:k])
                 found.append(len(truth & set(hits.proponent_ids[0][:k])) / k)
-        out[json.dumps(setting)] = {"ms": 1000 * float(np.median(seconds)),
+        out[json.dumps(setting)] = {"ms": 1000 * float(np.median(seconds["repeat"])),
+                                    "ms first": 1000 * float(np.median(seconds["first"])),
                                     "recall@10": float(np.mean(recall[10])), "recall@100": float(np.mean(recall[100]))}
     return out
 
@@ -239,8 +249,8 @@ def main() -> None:
         ann = run_step(args, "ann")
         rss, load = ann.pop("peak_rss_mb"), ann.pop("load")
         for setting, row in ann.items():
-            print(f"ann {setting:28} {row['ms']:7.1f} ms/query   recall@10 {row['recall@10']:.3f}   "
-                  f"recall@100 {row['recall@100']:.3f}")
+            print(f"ann {setting:28} {row['ms first']:7.1f} ms/query first, {row['ms']:6.1f} repeated   "
+                  f"recall@10 {row['recall@10']:.3f}   recall@100 {row['recall@100']:.3f}")
         print(f"ann step peak RSS {rss:.0f} MB (exact reference scan included), load {load:.1f}")
 
 

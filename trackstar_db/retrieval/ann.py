@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
-from datetime import timedelta
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -88,15 +90,25 @@ def connection(db):
     return lancedb.connect(str(db.path / "ann"))
 
 
+# Lance's caches of opened index partitions and file metadata, shared by every ANN dataset this
+# process opens: without it each search (a fresh dataset at the latest version) reads its
+# partitions again, about 2x the search at 1M rows (docs/scale.md). Bounded: INDEX_CACHE_BYTES.
+INDEX_CACHE_BYTES = 1 << 30
+_SESSION = None
+
+
 def open_table(db, method: str):
     """The Lance dataset of method's index (refused when missing; not checked for staleness).
     Read with Lance alone: a search never imports LanceDB."""
+    global _SESSION
     import lance
 
     path = db.path / "ann" / f"{table_name(method)}.lance"
     if not (path / "_versions").is_dir():
         raise TrackstarError(f"{db.path}: no ANN index for {method}; run 'trackstar-db index {db.path} --method {method}'")
-    return lance.dataset(str(path))
+    if _SESSION is None:
+        _SESSION = lance.Session(index_cache_size_bytes=INDEX_CACHE_BYTES)
+    return lance.dataset(str(path), session=_SESSION)
 
 
 def _set_manifest(db, change) -> None:
@@ -253,7 +265,7 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
 
     The index is read with Lance directly (not through LanceDB's query builder, which cost about
     3x per search here: bench_scale.py) and the 2 x nq searches (t_query, -t_query) go to Lance
-    SEARCH_BATCH vectors per call."""
+    at most SEARCH_BATCH vectors per call, the calls spread over the machine's cores."""
     options = options or AnnOptions()
     spec = get_method(method)
     entry = require_index(db, method)
@@ -279,23 +291,32 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
     columns = ["id", "_distance"] if exact_distances else ["id", "vector", "_distance"]
     dataset = open_table(db, method)
     signed = np.concatenate([q, -q])  # rows 0..nq-1: proponents; nq..2nq-1: opponents
+    # calls run on every core (Lance releases the GIL): one query's two searches side by side
+    workers = max(1, min(os.cpu_count() or 1, len(signed)))
+    size = min(SEARCH_BATCH, -(-len(signed) // workers))
+    starts = range(0, len(signed), size)
+
+    def search(first: int) -> pa.Table:
+        chunk = signed[first: first + size]
+        return dataset.to_table(columns=columns, nearest=dict(nearest, q=chunk if len(chunk) > 1 else chunk[0]))
+
     ids: list[list[str]] = []
     scores = np.zeros((len(signed), k), np.float32)
-    for first in range(0, len(signed), SEARCH_BATCH):
-        chunk = signed[first: first + SEARCH_BATCH]
-        hits = dataset.to_table(columns=columns, nearest=dict(nearest, q=chunk if len(chunk) > 1 else chunk[0]))
-        which = hits.column("query_index").to_numpy() if "query_index" in hits.column_names else np.zeros(hits.num_rows, int)
-        for row, vector in enumerate(chunk):
-            mine = hits.filter(pa.array(which == row))
-            sign = 1.0 if first + row < len(q) else -1.0
-            if exact_distances:  # Lance's 'dot' distance is 1 - (sign q) . x on the float16 vectors
-                found = mine.sort_by("_distance")
-                row_ids = found.column("id").to_pylist()
-                row_scores = sign * (1.0 - found.column("_distance").to_numpy().astype(np.float32))
-            else:
-                row_ids, row_scores = _rescored(mine, vector * sign, sign)
-            ids.append(row_ids)
-            scores[first + row, :len(row_ids)] = row_scores
+    with ThreadPoolExecutor(workers) as pool:
+        for first, hits in zip(starts, pool.map(search, starts)):
+            chunk = signed[first: first + size]
+            which = hits.column("query_index").to_numpy() if "query_index" in hits.column_names else np.zeros(hits.num_rows, int)
+            for row, vector in enumerate(chunk):
+                mine = hits.filter(pa.array(which == row))
+                sign = 1.0 if first + row < len(q) else -1.0
+                if exact_distances:  # Lance's 'dot' distance is 1 - (sign q) . x on the float16 vectors
+                    found = mine.sort_by("_distance")
+                    row_ids = found.column("id").to_pylist()
+                    row_scores = sign * (1.0 - found.column("_distance").to_numpy().astype(np.float32))
+                else:
+                    row_ids, row_scores = _rescored(mine, vector * sign, sign)
+                ids.append(row_ids)
+                scores[first + row, :len(row_ids)] = row_scores
     nq = len(q)
     return TopKResult(ids[:nq], scores[:nq], ids[nq:], scores[nq:])
 
