@@ -26,13 +26,14 @@ SCAN_GBPS = {"grad-dot": 0.51, "grad-cos": 0.50, "trak": 0.34, "opt-cos": 0.48, 
              "trackstar": 0.50}  # one exact query per rung, warm
 WRITE_GBPS = 0.037  # synthetic rows through GradientTable.create + Database.append (1.64 GB in 44.3 s)
 FIT_SECONDS_PER_ROW = 1.09e-3  # the whole fit, 109.4 s for 100K rows (3 Gram + 2 norm passes then; now 2 + 2)
-# ANN (the default IVF_PQ: 63 partitions at 100K, 4-bit codes, re-ranked on the float16 vectors):
-# ANN_BENCH built the 100K x 4,096 index in 244.0 s (57.7 s materialising, 181.2 s LanceDB) and
-# answered one query with opponents in 551 ms at nprobes 8 and 1,000 candidates (recall@100
-# 0.998), at a load average of 6-7. The earlier IVF_HNSW_SQ took 3,502.8 s and 2.6 s per query.
-ANN_BENCH = "BENCH_THREADS=1 python benchmarks/bench_scale.py --n 100000 --reuse --skip retrieve --rungs '' --queries 16"
-ANN_BUILD_ROWS_PER_S = 410  # at d = 4,096
-ANN_QUERY_S = 0.55  # at 100K x 4,096; grows with the rows in the partitions searched
+# ANN (the default IVF_RQ: sqrt(rows) / 5 partitions, 4-bit codes, re-ranked on the float16
+# vectors), measured by ANN_BENCH at 1M x 4,096 (docs/scale.md, 2026-11-30, load 1-4): built in
+# 1,313.6 s (186.2 s materialising, 1,126.0 s LanceDB, 200 partitions); one query with opponents,
+# repeated in a warm process, 62 ms at the default search (nprobes 4, 300 candidates; recall@100
+# 0.993), 43 ms at nprobes 2.
+ANN_BENCH = "BENCH_THREADS=1 python benchmarks/bench_scale.py --n 1000000 --reuse --skip retrieve --rungs ''"
+ANN_BUILD_ROWS_PER_S = 760  # at d = 4,096
+ANN_QUERY_S = 0.062  # at 1M x 4,096; grows with the rows in the partitions searched
 
 PROCESS_BYTES = 330 << 20  # python + torch + pyarrow + lancedb imported (VmRSS before a scan)
 LANCE_READ_BYTES = 450 << 20  # Lance's reader at the bounded read-ahead (peak RSS of a bare read - the above)
@@ -91,8 +92,8 @@ def plan_rows(p: Plan) -> list[dict]:
         {"item": "disk: query gradient tables", "bytes": p.variants * p.queries * (p.dim * p.value_bytes + ROW_OVERHEAD)},
         {"item": "disk: R files and row norms", "bytes": 3 * r_file + 2 * 4 * p.rows,
          "note": f"3 R ({p.blocks:,} blocks of {p.block:,}, float64) + whitened norms"},
-        {"item": "disk: ANN table (float16) + index", "bytes": p.rows * (p.dim * 2 + p.dim // 32 + ROW_OVERHEAD),
-         "note": "float16 vectors + 4-bit PQ codes (d / 16 sub-vectors)"},
+        {"item": "disk: ANN table (float16) + index", "bytes": p.rows * (p.dim * 2 + p.dim // 2 + ROW_OVERHEAD),
+         "note": "float16 vectors + 4-bit RaBitQ codes (d / 2 bytes)"},
         {"item": "ram: ingest gradients", "ram_bytes": PROCESS_BYTES + p.variants * COMMIT_ROWS * p.dim * (4 + p.value_bytes),
          "note": "process + commit buffers; add the model, its optimizer state and activations"},
         {"item": "ram: fit", "ram_bytes": PROCESS_BYTES + LANCE_READ_BYTES + 2 * r_file + 3 * p.block * p.block * 8
@@ -110,7 +111,9 @@ def plan_rows(p: Plan) -> list[dict]:
                      "note": f"{rate:g} GB/s"})
     rows += [
         {"item": "time: ANN index build", "seconds": p.rows / ANN_BUILD_ROWS_PER_S * p.dim / 4096},
-        {"item": "scan: one ANN query", "seconds": ANN_QUERY_S, "note": "at the measured recall setting"},
+        # partitions of 5 sqrt(rows) rows each: the codes read grow with sqrt(rows), every byte with d
+        {"item": "scan: one ANN query", "seconds": ANN_QUERY_S * p.dim / 4096 * max(1.0, (p.rows / 1e6) ** 0.5),
+         "note": "default search, warm process; measured at 1M x 4,096, scaled by d and sqrt(rows)"},
         {"item": "time: bare read of one table", "seconds": vector / (READ_GBPS * 1e9), "note": f"{READ_GBPS:g} GB/s"},
     ]
     return rows
