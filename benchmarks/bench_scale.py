@@ -120,7 +120,7 @@ def step_retrieve(args) -> dict:
 
 def step_index(args) -> dict:
     from trackstar_db import connect
-    from trackstar_db.retrieval.ann import build_index
+    from trackstar_db.retrieval.ann_build import build_index
 
     start = time.perf_counter()
     entry = build_index(connect(args.db), "trackstar", args.kind, ef_construction=args.ef_construction, progress=False)

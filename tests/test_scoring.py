@@ -196,7 +196,7 @@ def test_to_torch_reads_every_dtype_zero_copy_and_sliced(dtype):
 def test_query_with_ann_matches_the_exact_query(db):
     """`query --ann` as typed: an IVF_FLAT index searched over all its partitions returns the
     exact top ids; its scores are dot products of the float16 unit vectors."""
-    from trackstar_db.retrieval.ann import build_index
+    from trackstar_db.retrieval.ann_build import build_index
 
     build_index(db, "trackstar", kind="ivf_flat", num_partitions=2, progress=False)
     query = next(q for q in db.table("queries").sort_by("query_id").to_pylist() if q["template"] == "prompt0")

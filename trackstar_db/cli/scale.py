@@ -49,7 +49,7 @@ def ann_flags(command):
 def index(db, method, kind, num_partitions, num_sub_vectors, device):
     """Materialise a rung's unit vectors (float16) in ann_<method> with a vector index, for --ann."""
     from trackstar_db.devices import resolve_device
-    from trackstar_db.retrieval.ann import build_index
+    from trackstar_db.retrieval.ann_build import build_index
 
     entry = build_index(_open(db), method, kind, num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
                         device=resolve_device(device))

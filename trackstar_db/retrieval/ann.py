@@ -1,8 +1,9 @@
 """Approximate top-k for interactive latency: a rung's final train vectors in a Lance table with
-LanceDB's own vector index (`trackstar-db index`, `retrieve --ann`, `query --ann`).
+LanceDB's own vector index (`trackstar-db index`, `retrieve --ann`, `query --ann`). This module
+searches an index and checks that it is fresh; retrieval/ann_build.py builds one.
 
 The exact scan (retrieval/scoring.py) keeps R on the query side so one stored table serves every
-rung. An index cannot: it needs the vectors the rung actually compares. `build_index` therefore
+rung. An index cannot: it needs the vectors the rung actually compares. The build therefore
 materialises t_train(g_z) = unit?(g_z R^p_train) (float16, [n_rows, d]) once, streaming the same
 scan as exact retrieval, into the table
 
@@ -25,19 +26,14 @@ stale index in one line saying what to run (rows appended, R refitted).
 Index kinds (KINDS): ivf_rq (RaBitQ codes, the default), ivf_pq, ivf_hnsw_sq and ivf_flat (exact
 within the partitions searched). The quantised kinds re-rank QUANTISED_SEARCH candidates on the
 float16 vectors unless told otherwise. Why these defaults, and what each kind measured at 100K and
-1M rows: docs/scale.md. `reuse_vectors` rebuilds only the index over an up-to-date table (to try
-another kind or parameters).
+1M rows: docs/scale.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -52,13 +48,9 @@ KINDS = ("ivf_rq", "ivf_pq", "ivf_hnsw_sq", "ivf_flat")
 # 4-bit RaBitQ codes: at 100K x 4,096 recall@100 0.996 from 150 re-ranked candidates, where
 # 4-bit PQ (dim / 16 sub-vectors) needed 500, and a faster build (bench_scale.py, docs/scale.md)
 DEFAULT_KIND = "ivf_rq"
-RQ_BITS, PQ_BITS = 4, 4  # PQ: the 8-bit codebook training did not finish in 13 minutes here
 # on a quantised index (ivf_rq, ivf_pq) when not given: nprobes, and how many candidates are
 # re-ranked on the float16 vectors (refine_factor = candidates / k); measured in docs/scale.md
 QUANTISED_SEARCH = {"ivf_rq": {"nprobes": 4, "candidates": 300}, "ivf_pq": {"nprobes": 8, "candidates": 1000}}
-# k-means of the IVF (and PQ) training: iterations and sampled rows per partition (LanceDB's
-# defaults 50 and 256 made the build of 100K x 4,096 float16 take longer than an hour here)
-MAX_ITERATIONS, SAMPLE_RATE = 20, 64
 
 
 @dataclass
@@ -83,13 +75,6 @@ def table_name(method: str) -> str:
     return "ann_" + get_method(method).name.replace("-", "_")
 
 
-def connection(db):
-    """The LanceDB directory DB/ann/ holding the ANN tables."""
-    import lancedb
-
-    return lancedb.connect(str(db.path / "ann"))
-
-
 # Lance's caches of opened index partitions and file metadata, shared by every ANN dataset this
 # process opens: without it each search (a fresh dataset at the latest version) reads its
 # partitions again, about 2x the search at 1M rows (docs/scale.md). Bounded: INDEX_CACHE_BYTES.
@@ -109,14 +94,6 @@ def open_table(db, method: str):
     if _SESSION is None:
         _SESSION = lance.Session(index_cache_size_bytes=INDEX_CACHE_BYTES)
     return lance.dataset(str(path), session=_SESSION)
-
-
-def _set_manifest(db, change) -> None:
-    if hasattr(db, "update_manifest"):
-        db.update_manifest(change)
-    else:
-        change(db.manifest)
-        db.save_manifest()
 
 
 _DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256, so a warm query does not rehash R
@@ -148,99 +125,6 @@ def source_version(db, method: str) -> dict:
         params = {name: entry.get(name) for name in ("lambda", "damping", "k", "kind", "table_version")}
         out.update(preconditioner=key, r_sha256=_digest(path), r_params=params)
     return out
-
-
-def _default_partitions(rows: int, kind: str) -> int:
-    """IVF partitions: sqrt(rows) / 5 for the flat and quantised kinds (63 at 100K rows: the
-    measured IVF_PQ had 64; LanceDB's k-means over float16 costs partitions^2 here); for HNSW
-    inside each partition, one per 16,384 rows (a graph searches a big partition well)."""
-    if kind == "ivf_hnsw_sq":
-        return max(1, rows // 16384)
-    return max(1, min(4096, int(math.sqrt(rows)) // 5))
-
-
-def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vectors, m, ef_construction,
-                  max_iterations, sample_rate):
-    """LanceDB's index config object for `kind` (metric 'dot') and its parameters as recorded."""
-    from lancedb import index as _index
-
-    params = {"num_partitions": num_partitions or _default_partitions(rows, kind),
-              "max_iterations": max_iterations, "sample_rate": sample_rate}
-    if kind == "ivf_pq":
-        params.update(num_sub_vectors=num_sub_vectors or max(1, dim // 16), num_bits=PQ_BITS)
-    if kind == "ivf_rq":
-        params.update(num_bits=RQ_BITS)
-    if kind == "ivf_hnsw_sq":
-        params.update(m=m, ef_construction=ef_construction)
-    config = {"ivf_pq": _index.IvfPq, "ivf_rq": _index.IvfRq, "ivf_hnsw_sq": _index.HnswSq,
-              "ivf_flat": _index.IvfFlat}[kind]
-    return config(distance_type="dot", **params), params
-
-
-def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device, progress: bool):
-    """Write t_train(g_z) of every stored row into ann_<method>; the LanceDB table."""
-    from trackstar_db.store import vectors as _vectors
-    from trackstar_db.store.vectors import scan_progress
-
-    from .scoring import scan
-
-    spec = get_method(method)
-    schema = pa.schema([("id", pa.string()), ("vector", _vectors.arrow_type(scoring.table.dim, "float16"))])
-
-    def batches():
-        stream = scan(scoring, device, batch_rows)
-        if progress:
-            stream = scan_progress(stream, source["rows"], f"index {method}")
-        for ids, x in stream:
-            if spec.train_power != 0:  # (g / n_z) R^p = unit(g R^p): n_z is the whitened norm
-                x = scoring.preconditioner.apply(x, spec.train_power)
-            yield pa.record_batch([pa.array(ids, pa.string()), _vectors.to_arrow(x, "float16")], schema=schema)
-
-    reader = pa.RecordBatchReader.from_batches(schema, batches())
-    return connection(db).create_table(table_name(method), data=reader, schema=schema, mode="overwrite")
-
-
-def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: int | None = None,
-                num_sub_vectors: int | None = None, m: int = 20, ef_construction: int = 300,
-                max_iterations: int = MAX_ITERATIONS, sample_rate: int = SAMPLE_RATE, batch_rows: int = 8192,
-                device="cpu", progress: bool = True, reuse_vectors: bool = False) -> dict:
-    """Materialise `method`'s final unit vectors into ann_<method>, index them, record provenance.
-    Returns the manifest entry (with build seconds). Memory: one scanned batch at a time.
-    reuse_vectors: keep ann_<method>'s vectors when the recorded index was built from the
-    database as it is now (same source, every row there) and only rebuild the index (another
-    kind or parameters)."""
-    from .scoring import prepare
-
-    # one writer of DB/ann and the manifest at a time (store/lock.py), as fit holds it
-    with db.writer(f"index {method}") if hasattr(db, "writer") else contextlib.nullcontext():
-        if kind not in KINDS:
-            raise TrackstarError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
-        spec = get_method(method)
-        source = source_version(db, method)
-        scoring = prepare(db, spec)  # refuses stale row norms before anything is written
-        if source["rows"] < 2:
-            raise TrackstarError(f"{source['table']}: {source['rows']} rows; an index needs at least 2")
-        dim, name = scoring.table.dim, table_name(method)
-        start = time.perf_counter()
-        old = db.manifest.get("ann", {}).get(method)
-        table = None
-        if reuse_vectors and old is not None and old["source"] == source and name in connection(db).list_tables().tables:
-            table = connection(db).open_table(name)
-            table = table if table.count_rows() == source["rows"] else None
-        if table is None:
-            table = _materialise(db, method, source, scoring, batch_rows, device, progress)
-        written = time.perf_counter()
-        config, params = _index_config(kind, dim, source["rows"], num_partitions, num_sub_vectors, m, ef_construction,
-                                       max_iterations, sample_rate)
-        table.create_index("vector", config=config, replace=True)
-        # a new materialisation (an overwrite) or a replaced index leaves the old version's files
-        # behind, 8 GB per rebuild at 1M x 4,096, and a killed build its unreferenced files; searches
-        # read the latest version only, and no other build writes while this one holds the lock
-        open_table(db, method).cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
-        entry = {"table": name, "kind": kind, "params": params, "source": source, "dim": dim,
-                 "write_seconds": round(written - start, 3), "index_seconds": round(time.perf_counter() - written, 3)}
-        _set_manifest(db, lambda manifest: manifest.setdefault("ann", {}).__setitem__(method, entry))
-        return entry
 
 
 def require_index(db, method: str) -> dict:
