@@ -45,8 +45,8 @@ from .methods import get_method, query_transform
 from .topk import TopKResult
 
 KINDS = ("ivf_rq", "ivf_pq", "ivf_hnsw_sq", "ivf_flat")
-# 4-bit RaBitQ codes: at 100K x 4,096 recall@100 0.996 from 150 re-ranked candidates, where
-# 4-bit PQ (dim / 16 sub-vectors) needed 500, and a faster build (bench_scale.py, docs/scale.md)
+# 4-bit RaBitQ codes: from 300 re-ranked candidates, recall@100 0.969 at 100K x 4,096 where 4-bit
+# PQ (d / 16 sub-vectors) gave 0.826, and 0.993 at 1M in 43-62 ms a query (docs/scale.md)
 DEFAULT_KIND = "ivf_rq"
 # on a quantised index (ivf_rq, ivf_pq) when not given: nprobes, and how many candidates are
 # re-ranked on the float16 vectors (refine_factor = candidates / k); measured in docs/scale.md
@@ -147,9 +147,9 @@ SEARCH_BATCH = 64  # query vectors per Lance call (each call returns SEARCH_BATC
 def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions | None = None) -> TopKResult:
     """Approximate top-k proponents and opponents of raw query gradients g_q [nq, d].
 
-    The index is read with Lance directly (not through LanceDB's query builder, which cost about
-    3x per search here: bench_scale.py) and the 2 x nq searches (t_query, -t_query) go to Lance
-    at most SEARCH_BATCH vectors per call, the calls spread over the machine's cores."""
+    The index is read with Lance directly (through LanceDB's query builder a search at 100K took
+    85 ms instead of 21-30: docs/scale.md) and the 2 x nq searches (t_query, -t_query) go to
+    Lance at most SEARCH_BATCH vectors per call, the calls spread over the machine's cores."""
     options = options or AnnOptions()
     spec = get_method(method)
     entry = require_index(db, method)
@@ -188,25 +188,22 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
     scores = np.zeros((len(signed), k), np.float32)
     with ThreadPoolExecutor(workers) as pool:
         for first, hits in zip(starts, pool.map(search, starts)):
-            chunk = signed[first: first + size]
             which = hits.column("query_index").to_numpy() if "query_index" in hits.column_names else np.zeros(hits.num_rows, int)
-            for row, vector in enumerate(chunk):
-                mine = hits.filter(pa.array(which == row))
+            for row, vector in enumerate(signed[first: first + size]):
                 sign = 1.0 if first + row < len(q) else -1.0
-                if exact_distances:  # Lance's 'dot' distance is 1 - (sign q) . x on the float16 vectors
-                    found = mine.sort_by("_distance")
-                    row_ids = found.column("id").to_pylist()
-                    row_scores = sign * (1.0 - found.column("_distance").to_numpy().astype(np.float32))
-                else:
-                    row_ids, row_scores = _rescored(mine, vector * sign, sign)
+                row_ids, row_scores = _ranked(hits.filter(pa.array(which == row)), vector * sign, sign, exact_distances)
                 ids.append(row_ids)
                 scores[first + row, :len(row_ids)] = row_scores
     nq = len(q)
     return TopKResult(ids[:nq], scores[:nq], ids[nq:], scores[nq:])
 
 
-def _rescored(hits: pa.Table, query: np.ndarray, sign: float) -> tuple[list[str], np.ndarray]:
-    """Ids and float32 scores (query . stored float16 vector), best first for `sign`."""
+def _ranked(hits: pa.Table, query: np.ndarray, sign: float, exact_distances: bool) -> tuple[list[str], np.ndarray]:
+    """One search's ids and float32 scores (query . stored float16 vector), best first for `sign`:
+    from Lance's 'dot' distance 1 - (sign query) . x when it is exact, else recomputed."""
+    if exact_distances:
+        found = hits.sort_by("_distance")
+        return found.column("id").to_pylist(), sign * (1.0 - found.column("_distance").to_numpy().astype(np.float32))
     if hits.num_rows == 0:
         return [], np.zeros(0, np.float32)
     from trackstar_db.store.vectors import to_torch
