@@ -5,7 +5,6 @@ What the kinds and their defaults measured: docs/scale.md."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from datetime import timedelta
@@ -28,14 +27,6 @@ def connection(db):
     import lancedb
 
     return lancedb.connect(str(db.path / "ann"))
-
-
-def _set_manifest(db, change) -> None:
-    if hasattr(db, "update_manifest"):
-        db.update_manifest(change)
-    else:
-        change(db.manifest)
-        db.save_manifest()
 
 
 def _default_partitions(rows: int, kind: str) -> int:
@@ -100,7 +91,7 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
     from .scoring import prepare
 
     # one writer of DB/ann and the manifest at a time (store/lock.py), as fit holds it
-    with db.writer(f"index {method}") if hasattr(db, "writer") else contextlib.nullcontext():
+    with db.writer(f"index {method}"):
         if kind not in KINDS:
             raise TrackstarError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
         spec = get_method(method)
@@ -111,9 +102,9 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
         dim, name = scoring.table.dim, table_name(method)
         start = time.perf_counter()
         old = db.manifest.get("ann", {}).get(method)
-        table = None
-        if reuse_vectors and old is not None and old["source"] == source and name in connection(db).list_tables().tables:
-            table = connection(db).open_table(name)
+        table, ann = None, connection(db)
+        if reuse_vectors and old is not None and old["source"] == source and name in ann.list_tables().tables:
+            table = ann.open_table(name)
             table = table if table.count_rows() == source["rows"] else None
         if table is None:
             table = _materialise(db, method, source, scoring, batch_rows, device, progress)
@@ -127,5 +118,5 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
         open_table(db, method).cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         entry = {"table": name, "kind": kind, "params": params, "source": source, "dim": dim,
                  "write_seconds": round(written - start, 3), "index_seconds": round(time.perf_counter() - written, 3)}
-        _set_manifest(db, lambda manifest: manifest.setdefault("ann", {}).__setitem__(method, entry))
+        db.update_manifest(lambda manifest: manifest.setdefault("ann", {}).__setitem__(method, entry))
         return entry

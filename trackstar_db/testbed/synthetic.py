@@ -46,11 +46,7 @@ def synthetic_database(path: str | Path, n_rows: int, dim: int = 4096, dtype: st
     config = {"dim": dim, "seed": seed, "combine": "concat", "correction": "adam-factored", "eps": 1e-8,
               "max_length": 512}
     entry = {"config": config, "layout": layout, "dtype": dtype, "correction_source": "synthetic"}
-    if hasattr(db, "update_manifest"):
-        db.update_manifest(lambda manifest: manifest.__setitem__("featurizer", entry))
-    else:
-        db.manifest["featurizer"] = entry
-        db.save_manifest()
+    db.update_manifest(lambda manifest: manifest.__setitem__("featurizer", entry))
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(n_clusters, dim, generator=g)
     scales = {"corrected": (1.0 + torch.arange(dim) % block) ** -0.5,
