@@ -11,6 +11,7 @@ import click
 from . import main
 from .engine import ENGINE, engine_arguments
 from .common import DB_ARG, Group, _open
+from trackstar_db.validation import NON_NEGATIVE, OUTPUT_DIR, POSITIVE
 
 
 @main.command()
@@ -86,7 +87,7 @@ def ingest():
 @click.option("--text-field", default="text", show_default=True, help="Field holding the example text.")
 @click.option("--id-field", default=None, help="Field holding a stable id (default: sentence_id, example_id or id; else a text hash).")
 @click.option("--skip-bad", is_flag=True, help="Skip bad records into DB/rejects.jsonl instead of stopping.")
-@click.option("--batch-size", default=10_000, show_default=True, help="Rows per Lance commit.")
+@click.option("--batch-size", type=POSITIVE, default=10_000, show_default=True, help="Rows per Lance commit.")
 def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size):
     """Add training texts (JSON lines or Parquet) to the examples table and the BM25 index."""
     from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
@@ -116,7 +117,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @DB_ARG
 @click.option("--split", type=click.Choice(["train", "queries"]), default="train", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
-@click.option("--batch-size", default=16, show_default=True, help="Most rows per batch.")
+@click.option("--batch-size", type=POSITIVE, default=16, show_default=True, help="Most rows per batch.")
 @click.option("--batch-tokens", default="auto", show_default=True,
               help="Rows x padded width per batch (length-bucketed); auto: the largest that fits the device.")
 @click.option("--model-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
@@ -126,15 +127,15 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage dtype of the vectors (first run; default float32).")
 @click.option("--dim", type=int, default=None, help="Total projection dimension, 1024..65536 (first run; default 4096).")
-@click.option("--seed", type=int, default=None, help="Projection seed (first run; default 0).")
+@click.option("--seed", type=NON_NEGATIVE, default=None, help="Projection seed (first run; default 0).")
 @click.option("--correction", type=click.Choice(["auto", "adam-factored", "adam-exact", "adafactor", "estimated", "none"]),
               default=None, help="Optimizer second-moment correction (first run; default auto: the optimizer state's "
                                  "own when the checkpoint has one, else estimated from a sample).")
 @click.option("--combine", type=click.Choice(["concat", "sum"]), default=None,
               help="Per-matrix projections concatenated or summed (first run; default concat).")
 @click.option("--no-uncorrected", is_flag=True, help="Do not also write the uncorrected table the first rungs need.")
-@click.option("--limit", type=int, default=None, help="Stop after this many new rows.")
-@click.option("--commit-rows", type=int, default=2048, show_default=True, help="Rows per Lance commit.")
+@click.option("--limit", type=POSITIVE, default=None, help="Stop after this many new rows.")
+@click.option("--commit-rows", type=POSITIVE, default=2048, show_default=True, help="Rows per Lance commit.")
 @click.option("--checkpoint", default=None, help="Featurize this checkpoint instead of the final one (a directory in "
               "the model's checkpoints/, e.g. step-000425, or a path): attached by name, into its own tables.")
 @ENGINE
@@ -176,14 +177,15 @@ def _batch_tokens(text: str):
 
 @main.command()
 @DB_ARG
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=OUTPUT_DIR,
               help="Where to save the checkpoint, tokenizer and optimizer state.")
+@click.option("--overwrite", is_flag=True, help="Replace the model --out already holds (refused without it).")
 @click.option("--arch", type=click.Choice(["gpt2", "llama"]), default="gpt2", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Training epochs (default: the TrainConfig default).")
+@click.option("--epochs", type=POSITIVE, default=None, help="Training epochs (default: the TrainConfig default).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--checkpoints", type=int, default=0, show_default=True,
+@click.option("--checkpoints", type=NON_NEGATIVE, default=0, show_default=True,
               help="Also keep this many evenly spaced intermediate checkpoints (OUT/checkpoints/), for tracin-cp.")
-def train(db, out_dir, arch, epochs, seed, checkpoints):
+def train(db, out_dir, arch, epochs, seed, checkpoints, overwrite):
     """Pretrain a small causal LM on DB's examples (AdamW), record it, report fact accuracy."""
     from trackstar_db.testbed.model import train_testbed
 
@@ -191,7 +193,7 @@ def train(db, out_dir, arch, epochs, seed, checkpoints):
     overrides = {"architecture": arch, "seed": seed}
     if epochs is not None:
         overrides["epochs"] = epochs
-    accuracy = train_testbed(handle, out_dir, overrides, checkpoints=checkpoints)
+    accuracy = train_testbed(handle, out_dir, overrides, checkpoints=checkpoints, overwrite=overwrite)
     if accuracy is not None:
         from trackstar_db.testbed.model import format_accuracy
 
@@ -204,8 +206,8 @@ def train(db, out_dir, arch, epochs, seed, checkpoints):
               help="task: mix R_eval of the queries into R_train (TrackStar); train: R_train only.")
 @click.option("--kind", type=click.Choice(["block", "dense"]), default="block", show_default=True,
               help="Block-diagonal per tracked matrix, or one dense R.")
-@click.option("--damping", type=float, default=0.1, show_default=True, help="Added to eigenvalues, times their mean.")
-@click.option("--crossing-k", type=int, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
+@click.option("--damping", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="Added to eigenvalues, times their mean.")
+@click.option("--crossing-k", type=POSITIVE, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
 @click.option("--template", default="prompt0", show_default=True, help="Queries whose gradients form R_eval.")
 @ENGINE
 def fit(db, mix, kind, damping, crossing_k, template, engine):

@@ -5,7 +5,23 @@ from __future__ import annotations
 
 import click
 
+
+
+def _engine_installed(ctx, param, value):
+    """--engine ray without Ray: say which extra to install before anything runs."""
+    if value == "ray":
+        from trackstar_db.errors import TrackstarError
+        from trackstar_db.validation import require_extra
+
+        try:
+            require_extra("ray", "ray")
+        except TrackstarError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+    return value
+
+
 ENGINE = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                      callback=_engine_installed,
                       help="local: this process; ray: Ray workers (joins RAY_ADDRESS's cluster, else starts one; "
                            "pip install 'trackstar-db[ray]').")
 

@@ -12,6 +12,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
+from trackstar_db.validation import POSITIVE
 
 
 def ann_flags(command):
@@ -19,11 +20,11 @@ def ann_flags(command):
 
     @click.option("--ann", "use_ann", is_flag=True,
                   help="Approximate top-k from the method's index ('trackstar-db index'); the run is named METHOD-ann.")
-    @click.option("--nprobes", type=int, default=None, help="With --ann: IVF partitions searched (default: 4 on ivf_rq, 8 on ivf_pq, else LanceDB's).")
-    @click.option("--refine-factor", type=int, default=None,
+    @click.option("--nprobes", type=POSITIVE, default=None, help="With --ann: IVF partitions searched (default: 4 on ivf_rq, 8 on ivf_pq, else LanceDB's).")
+    @click.option("--refine-factor", type=POSITIVE, default=None,
                   help="With --ann: re-rank this many times k candidates on the full vectors "
                        "(ivf_rq, ivf_pq; default: 300 candidates on ivf_rq, 1,000 on ivf_pq).")
-    @click.option("--ef", type=int, default=None, help="With --ann: HNSW candidate list size (>= k).")
+    @click.option("--ef", type=POSITIVE, default=None, help="With --ann: HNSW candidate list size (>= k).")
     @functools.wraps(command)
     def wrapper(*args, use_ann, nprobes, refine_factor, ef, **kwargs):
         if not use_ann and (nprobes or refine_factor or ef):
@@ -43,8 +44,8 @@ def ann_flags(command):
 @click.option("--method", required=True, help="The rung whose final vectors are indexed (e.g. trackstar).")
 @click.option("--kind", type=click.Choice(["ivf_rq", "ivf_pq", "ivf_hnsw_sq", "ivf_flat"]), default="ivf_rq",
               show_default=True, help="LanceDB index type (retrieval/ann.py KINDS; measured figures: docs/scale.md).")
-@click.option("--partitions", "num_partitions", type=int, default=None, help="IVF partitions (default sqrt(rows)/5).")
-@click.option("--sub-vectors", "num_sub_vectors", type=int, default=None, help="IVF-PQ sub-vectors (default d/16).")
+@click.option("--partitions", "num_partitions", type=POSITIVE, default=None, help="IVF partitions (default sqrt(rows)/5).")
+@click.option("--sub-vectors", "num_sub_vectors", type=POSITIVE, default=None, help="IVF-PQ sub-vectors (default d/16).")
 @click.option("--device", default="cpu", show_default=True, help="Where R is applied to the stored rows.")
 def index(db, method, kind, num_partitions, num_sub_vectors, device):
     """Materialise a rung's unit vectors (float16) in ann_<method> with a vector index, for --ann."""
@@ -60,11 +61,11 @@ def index(db, method, kind, num_partitions, num_sub_vectors, device):
 
 @main.command()
 @click.argument("db", required=False, type=click.Path(file_okay=False))
-@click.option("--dim", type=int, required=True, help="Projected dimensions per vector.")
+@click.option("--dim", type=POSITIVE, required=True, help="Projected dimensions per vector.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True)
-@click.option("--rows", type=int, default=None, help="Training examples (default: the examples in DB).")
-@click.option("--queries", type=int, default=None, help="Queries (default: those in DB, else 1,000).")
-@click.option("--blocks", type=int, default=None, help="Blocks of the block-diagonal R (default: d / 1,024).")
+@click.option("--rows", type=POSITIVE, default=None, help="Training examples (default: the examples in DB).")
+@click.option("--queries", type=POSITIVE, default=None, help="Queries (default: those in DB, else 1,000).")
+@click.option("--blocks", type=POSITIVE, default=None, help="Blocks of the block-diagonal R (default: d / 1,024).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def plan(db, dim, dtype, rows, queries, blocks, fmt):
     """Bytes on disk, RAM and time of ingest, fit, scan and index before building (DB optional)."""

@@ -8,6 +8,7 @@ import click
 
 from . import main
 from .common import DB_ARG, FORMATS, Group, _open, print_table
+from trackstar_db.validation import NAME, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT
 
 
 @main.group(cls=Group)
@@ -17,17 +18,17 @@ def simfluence():
 
 @simfluence.command()
 @DB_ARG
-@click.option("--runs", default=8, show_default=True, help="Short training runs to record (added to any recorded).")
-@click.option("--steps", default=100, show_default=True, help="Optimizer steps per run.")
-@click.option("--subset", default=0.5, show_default=True, help="Fraction of the examples each run trains on.")
-@click.option("--probes", default=64, show_default=True, help="prompt0 queries whose loss is recorded every step.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate (linear warm-up, cosine down to --final-lr).")
-@click.option("--final-lr", default=3e-4, show_default=True)
-@click.option("--warmup", default=10, show_default=True, help="Linear warm-up steps.")
+@click.option("--runs", type=POSITIVE, default=8, show_default=True, help="Short training runs to record (added to any recorded).")
+@click.option("--steps", type=POSITIVE, default=100, show_default=True, help="Optimizer steps per run.")
+@click.option("--subset", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True, help="Fraction of the examples each run trains on.")
+@click.option("--probes", type=POSITIVE, default=64, show_default=True, help="prompt0 queries whose loss is recorded every step.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
+@click.option("--lr", type=POSITIVE_FLOAT, default=3e-3, show_default=True, help="Peak learning rate (linear warm-up, cosine down to --final-lr).")
+@click.option("--final-lr", type=click.FloatRange(min=0.0), default=3e-4, show_default=True)
+@click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
 @click.option("--init", type=click.Choice(["scratch", "checkpoint"]), default="scratch", show_default=True,
               help="scratch: the testbed model's initialisation (same in every run); checkpoint: the database's model.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the runs' subsets and orders.")
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seeds the runs' subsets and orders.")
 def record(db, runs, steps, subset, probes, batch_size, lr, final_lr, warmup, init, seed):
     """Train short runs on random subsets and orders; record batches and probe losses (sim_* tables)."""
     from trackstar_db.simfluence.record import RecordOptions, record_runs
@@ -40,8 +41,8 @@ def record(db, runs, steps, subset, probes, batch_size, lr, final_lr, warmup, in
 
 @simfluence.command()
 @DB_ARG
-@click.option("--ridge", default=1.0, show_default=True, help="Ridge penalty on the per-example effects.")
-@click.option("--run", "run_ids", multiple=True, help="Fit on these recorded runs only (default: all); repeatable.")
+@click.option("--ridge", type=click.FloatRange(min=0.0), default=1.0, show_default=True, help="Ridge penalty on the per-example effects.")
+@click.option("--run", "run_ids", type=NAME, multiple=True, help="Fit on these recorded runs only (default: all); repeatable.")
 def fit(db, ridge, run_ids):
     """Fit Simfluence-Linear and its additive special case per probe; store them in sim_coefficients."""
     from trackstar_db.simfluence.fit import fit_and_store
@@ -68,8 +69,8 @@ def simulate(db, curriculum, query_ids, model, fmt):
 
 @simfluence.command("eval")
 @DB_ARG
-@click.option("--holdout", default=0.25, show_default=True, help="Fraction of the recorded runs held out (the last ones).")
-@click.option("--ridge", default=1.0, show_default=True)
+@click.option("--holdout", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.25, show_default=True, help="Fraction of the recorded runs held out (the last ones).")
+@click.option("--ridge", type=click.FloatRange(min=0.0), default=1.0, show_default=True)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def eval_cmd(db, holdout, ridge, fmt):
     """Held-out runs: all-steps MSE and Spearman of final losses, linear vs additive (TracIn) vs constant."""

@@ -12,6 +12,7 @@ from . import main
 from .engine import ENGINE, engine_arguments
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
+from trackstar_db.validation import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP_K
 
 
 @main.command()
@@ -20,8 +21,8 @@ from .scale import ann_flags
               help="A method of the ladder (grad-dot, grad-cos, trak, opt-cos, r-train, trackstar), a baseline "
                    "(bm25, embedding, lm-embedding) or tracin-cp[-cos|-opt]; repeatable; 'all' = every ladder "
                    "rung and baseline whose needs are installed.")
-@click.option("--k", default=100, show_default=True, help="Proponents (and opponents) kept per query.")
-@click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
+@click.option("--k", type=TOP_K, default=100, show_default=True, help="Proponents (and opponents) kept per query.")
+@click.option("--run", "run_id", type=NAME, default=None, help="Run name (default: the method name).")
 @click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
@@ -51,9 +52,9 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann,
 
 @main.command("tail-patch")
 @DB_ARG
-@click.option("--run", "run_ids", multiple=True, required=True, help="Retrieval run(s) to patch; repeatable.")
-@click.option("--k", default=10, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
-@click.option("--queries", "max_queries", type=int, default=None, help="Patch a deterministic sample of this many queries.")
+@click.option("--run", "run_ids", type=NAME, multiple=True, required=True, help="Retrieval run(s) to patch; repeatable.")
+@click.option("--k", type=TOP_K, default=10, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
+@click.option("--queries", "max_queries", type=POSITIVE, default=None, help="Patch a deterministic sample of this many queries.")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 def tail_patch_cmd(db, run_ids, k, max_queries, device):
     """Influence: one optimizer step on each proponent, the change in P(target | prompt)."""
@@ -82,7 +83,7 @@ def eval_cmd(db, fmt, by):
 @click.option("--target", required=True, help="The continuation to attribute, e.g. 'Paris'.")
 @click.option("--method", default=None, help="Default: the best method the database can serve (trackstar, "
                                                "else r-train, else opt-cos, else grad-cos).")
-@click.option("--k", default=10, show_default=True)
+@click.option("--k", type=TOP_K, default=10, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @ann_flags
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
@@ -117,7 +118,7 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens):
 @DB_ARG
 @click.argument("statement")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to a file (needed for parquet).")
+@click.option("--out", type=OUTPUT_FILE, default=None, help="Write to a file (needed for parquet).")
 @click.option("--vectors", is_flag=True, help="Expose the vector columns of gradient tables.")
 def sql(db, statement, fmt, out, vectors):
     """Run one read-only SQL statement (DuckDB) over the database's tables."""
@@ -135,8 +136,8 @@ def sql(db, statement, fmt, out, vectors):
 
 @main.command("export")
 @DB_ARG
-@click.option("--run", "run_id", required=True, help="The retrieval run to export.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON lines file to write.")
+@click.option("--run", "run_id", type=NAME, required=True, help="The retrieval run to export.")
+@click.option("--out", required=True, type=OUTPUT_FILE, help="JSON lines file to write.")
 def export_cmd(db, run_id, out):
     """Write a run in the authors' viewer format (JSON lines), for their public viewer."""
     from trackstar_db.evaluation.exchange import export_run
@@ -148,8 +149,8 @@ def export_cmd(db, run_id, out):
 @main.command("import")
 @DB_ARG
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--method", required=True, help="Method name to record (e.g. bm25, trackstar-published).")
-@click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
+@click.option("--method", type=NAME, required=True, help="Method name to record (e.g. bm25, trackstar-published).")
+@click.option("--run", "run_id", type=NAME, default=None, help="Run name (default: the method name).")
 def import_cmd(db, file, method, run_id):
     """Load a results file in the authors' viewer format as a retrieval run."""
     from trackstar_db.evaluation.exchange import import_run
@@ -160,9 +161,9 @@ def import_cmd(db, file, method, run_id):
 
 @main.command()
 @DB_ARG
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=OUTPUT_DIR)
 @click.option("--compare", nargs=2, default=None, help="Show only these two runs on the query pages (default: every run).")
-@click.option("--samples", default=40, show_default=True, help="Queries given a page in the explorer (a seeded sample).")
+@click.option("--samples", type=POSITIVE, default=40, show_default=True, help="Queries given a page in the explorer (a seeded sample).")
 def report(db, out_dir, compare, samples):
     """Write a static HTML report (table, plots, side-by-side proponents)."""
     from trackstar_db.evaluation.analysis import write_db_report

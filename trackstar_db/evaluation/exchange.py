@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db import faults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import RecordError, TrackstarError
 from trackstar_db.store.bm25 import BM25Index
 from trackstar_db.sources.facts import rebuild_ground_truth
 from trackstar_db.store.schema import arrow_schema
@@ -16,16 +16,22 @@ from trackstar_db.store.schema import arrow_schema
 
 def import_run(db, path: Path, method: str, run_id: str) -> int:
     """Load a viewer-format results file as a run; unknown queries and examples are added too.
-    All or nothing, kill -9 included: the tables and the BM25 documents are under one journal."""
+    All or nothing, kill -9 included: the tables and the BM25 documents are under one journal.
+    A query, example or fact the database holds with other content (prompt, target, fact, text,
+    relation) is refused, naming the line: nothing is stored."""
     from trackstar_db.store import journal
+    from trackstar_db.validation import name
 
     from .viewer_format import import_viewer
 
+    name("--run", run_id)
+    name("--method", method)
     imported = import_viewer(path, method, run_id)  # the whole file is read and checked first
     tables = ("queries", "examples", "retrievals", "runs", "ground_truth_imported", "ground_truth")
     with journal.transaction(db, f"import {path.name}", list(tables), bm25=True):
         if run_id in db.ids("runs", "run_id"):
             raise TrackstarError(f"run {run_id!r} exists; pick another --run name")
+        _refuse_conflicts(db, path, imported)
         fresh = {}
         for name, key, rows in (("queries", "query_id", imported.queries),
                                 ("examples", "example_id", imported.examples)):
@@ -51,10 +57,44 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     return imported.retrievals.num_rows
 
 
+def _refuse_conflicts(db, path: Path, imported) -> None:
+    """RecordError at the first query, example or fact the file gives other content than the stored one
+    (a field the file leaves out, such as a query's fact_id, is not compared)."""
+    from .viewer_format import _rows_by
+
+    checks = (("queries", "query_id", ("prompt", "target", "fact_id"), imported.queries, "query"),
+              ("examples", "example_id", ("text",), imported.examples, "example"))
+    for table, key, fields, rows, what in checks:
+        if not rows.num_rows:
+            continue
+        stored = _rows_by(db.dataset(table), key, rows.column(key).to_pylist(), [key, *fields])
+        for row in rows.select([key, *fields]).to_pylist():
+            old = stored.get(row[key])
+            for field in fields if old is not None else ():
+                if row[field] is not None and row[field] != old[field]:
+                    raise RecordError(path, imported.lines.get((what, row[key]), 0),
+                                      f"{what} {row[key]!r}: {field} {_short(row[field])} differs from the stored "
+                                      f"{_short(old[field])}; fix the file or import into another database")
+    relations = _rows_by(db.dataset("facts"), "fact_id", list(imported.relations), ["fact_id", "relation"])
+    for fact_id, relation in imported.relations.items():
+        if fact_id in relations and relations[fact_id]["relation"] != relation:
+            raise RecordError(path, imported.lines.get(("fact", fact_id), 0),
+                              f"fact {fact_id!r}: relation {_short(relation)} differs from the stored "
+                              f"{_short(relations[fact_id]['relation'])}; fix the file or import into another database")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def export_run(db, run_id: str, path: Path) -> Path:
     """Write one run as viewer JSON lines (proponents, opponents, texts, proponent_correct)."""
+    from trackstar_db.validation import outside_database
+
     from .viewer_format import export_viewer
 
+    outside_database("--out", path)
     if run_id not in db.ids("runs", "run_id"):
         raise TrackstarError(f"no run {run_id!r}; runs: {', '.join(sorted(db.ids('runs', 'run_id'))) or 'none'}")
     return export_viewer(db.table("retrievals", filter=pc.field("run_id") == run_id), db.dataset("queries"),

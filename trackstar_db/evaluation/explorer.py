@@ -54,20 +54,26 @@ def _where(data, expression: pc.Expression) -> pa.Table:
     return data.to_table(filter=expression) if isinstance(data, ds.Dataset) else data.filter(expression)
 
 
+def _isin(field: str, values) -> pc.Expression:
+    """field IN values, typed as strings (an empty list would be a null array Lance refuses)."""
+    return pc.field(field).isin(pa.array(list(values), pa.string()))
+
+
 def choose_queries(retrievals, run_ids: Sequence[str], n: int, seed: int = 0) -> list[str]:
-    """`n` query ids (seeded sample, sorted) that every run in `run_ids` retrieved for."""
-    rows = _where(retrievals, (pc.field("rank") == 1) & pc.field("run_id").isin(list(run_ids)))
+    """`n` query ids (seeded sample, sorted) that every run in `run_ids` retrieved for (when the
+    runs share none, e.g. an imported run of other queries: that any of them retrieved for)."""
+    rows = _where(retrievals, (pc.field("rank") == 1) & _isin("run_id", run_ids))
     seen: dict[str, set[str]] = {r: set() for r in run_ids}
     for run, query in zip(rows.column("run_id").to_pylist(), rows.column("query_id").to_pylist()):
         seen[run].add(query)
-    common = sorted(set.intersection(*seen.values())) if seen else []
+    common = sorted(set.intersection(*seen.values()) or set.union(*seen.values())) if seen else []
     return sorted(random.Random(seed).sample(common, min(n, len(common))))
 
 
 def _lookup(data, key: str, values: list, columns: list[str] | None = None) -> dict:
     if data is None or not values:
         return {}
-    rows = _where(data, pc.field(key).isin(values)).to_pylist()
+    rows = _where(data, _isin(key, values)).to_pylist()
     return {r[key]: r for r in rows} if columns is None else {r[key]: {c: r.get(c) for c in columns} for r in rows}
 
 
@@ -76,19 +82,19 @@ def build_pages(tables: Mapping[str, object], run_ids: Sequence[str], query_ids:
     """Page data for `query_ids`: tables holds retrievals, queries, examples and optionally
     ground_truth, tail_patch, predictions, facts (Arrow tables or Lance datasets)."""
     query_ids = list(query_ids)
-    hits = _where(tables["retrievals"], pc.field("query_id").isin(query_ids) & (pc.field("rank") <= k)
-                  & pc.field("run_id").isin(list(run_ids))).sort_by([("rank", "ascending")]).to_pylist()
+    hits = _where(tables["retrievals"], _isin("query_id", query_ids) & (pc.field("rank") <= k)
+                  & _isin("run_id", run_ids)).sort_by([("rank", "ascending")]).to_pylist()
     queries = _lookup(tables["queries"], "query_id", query_ids)
     texts = {i: r["text"] for i, r in _lookup(tables["examples"], "example_id",
                                               sorted({h["example_id"] for h in hits}), ["text"]).items()}
     facts = sorted({q["fact_id"] for q in queries.values() if q.get("fact_id")})
     truth = None
     if tables.get("ground_truth") is not None:
-        rows = _where(tables["ground_truth"], pc.field("fact_id").isin(facts))
+        rows = _where(tables["ground_truth"], _isin("fact_id", facts))
         truth = set(zip(rows.column("fact_id").to_pylist(), rows.column("example_id").to_pylist()))
     patched = {}
     if tables.get("tail_patch") is not None:
-        for r in _where(tables["tail_patch"], pc.field("query_id").isin(query_ids)).to_pylist():
+        for r in _where(tables["tail_patch"], _isin("query_id", query_ids)).to_pylist():
             patched[(r["run_id"], r["query_id"], r["example_id"])] = 100.0 * (r["p_after"] - r["p_before"])
     answers = _lookup(tables.get("predictions"), "query_id", query_ids)
     buckets = _lookup(tables.get("facts"), "fact_id", facts, ["frequency_bucket", "relation"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +43,8 @@ class ViewerImport(NamedTuple):
     queries: pa.Table
     examples: pa.Table      # the texts seen in the file; source = file name, other fields null
     ground_truth: pa.Table  # (fact_id, example_id) of retrieved examples marked correct
+    lines: dict = {}        # ("query" | "example" | "fact", id) -> the line that first gave it
+    relations: dict = {}    # fact_id -> the relation a record names for it
 
 
 def _select(data: pa.Table | ds.Dataset, key: str, ids, columns: list[str]) -> pa.Table:
@@ -145,13 +148,15 @@ def _hits(record: dict, texts_key: str, ids_key: str, scores_key: str, fail) -> 
             fail(f"{ids_key}[{i}] must be a string")
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             fail(f"{scores_key}[{i}] must be a number")
+        if not math.isfinite(score):
+            fail(f"{scores_key}[{i}] is {score}: scores must be finite numbers")
         if texts is not None and not isinstance(texts[i], str):
             fail(f"{texts_key}[{i}] must be a string")
     return [(str(e), float(s), None if texts is None else texts[i]) for i, (e, s) in enumerate(zip(ids, scores))]
 
 
-def _read_record(path: Path, number: int, line: str) -> tuple[dict, list[tuple], list[bool] | None]:
-    """(query row, [(kind, example_id, score, text | None)] in rank order, proponent_correct)."""
+def _read_record(path: Path, number: int, line: str) -> tuple[dict, list[tuple], list[bool] | None, str | None]:
+    """(query row, [(kind, example_id, score, text | None)] in rank order, proponent_correct, relation)."""
     def fail(message):
         raise RecordError(path, number, message)
 
@@ -159,6 +164,10 @@ def _read_record(path: Path, number: int, line: str) -> tuple[dict, list[tuple],
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         fail(f"not JSON ({exc.msg})")
+    except RecursionError:
+        fail("JSON nested too deeply to read")
+    except ValueError as exc:  # an integer of over 4,300 digits
+        fail(f"unreadable number ({exc})")
     if not isinstance(record, dict):
         fail("a record must be a JSON object")
     query = {"query_id": _string(record, "example_id", fail),
@@ -172,7 +181,7 @@ def _read_record(path: Path, number: int, line: str) -> tuple[dict, list[tuple],
     if flags is not None and (not isinstance(flags, list) or len(flags) != n_proponents
                               or not all(isinstance(f, bool) for f in flags)):
         fail("'proponent_correct' must be one bool per proponent")
-    return query, hits, flags
+    return query, hits, flags, _string(record, "relation", fail, required=False)
 
 
 def import_viewer(path: str | Path, method: str, run_id: str) -> ViewerImport:
@@ -180,21 +189,28 @@ def import_viewer(path: str | Path, method: str, run_id: str) -> ViewerImport:
     path = Path(path)
     if not path.is_file():
         raise TrackstarError(f"{path}: no such viewer file")
-    retrievals, queries, texts, gt = [], {}, {}, set()
+    retrievals, queries, texts, gt, where, relations = [], {}, {}, set(), {}, {}
     with _open(path) as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            query, hits, flags = _read_record(path, number, line)
+            query, hits, flags, relation = _read_record(path, number, line)
             query_id = query["query_id"]
             if query_id in queries:
                 raise RecordError(path, number, f"query {query_id!r} appears twice")
             queries[query_id] = query
+            where[("query", query_id)] = number
+            if query["fact_id"] is not None:
+                where.setdefault(("fact", query["fact_id"]), number)
+                if relation is not None and relations.setdefault(query["fact_id"], relation) != relation:
+                    raise RecordError(path, number, f"fact {query['fact_id']!r} has another relation than on an "
+                                                    "earlier line")
             ranks = {"proponent": 0, "opponent": 0}
             for kind, example_id, score, text in hits:
                 ranks[kind] += 1
                 retrievals.append({"run_id": run_id, "method": method, "query_id": query_id, "kind": kind,
                                    "rank": ranks[kind], "example_id": example_id, "score": score})
+                where.setdefault(("example", example_id), number)
                 if text is not None and texts.setdefault(example_id, text) != text:
                     raise RecordError(path, number, f"example {example_id!r} has another text than on an earlier line")
                 if kind == "proponent" and flags and flags[ranks[kind] - 1] and query["fact_id"] is not None:
@@ -207,6 +223,7 @@ def import_viewer(path: str | Path, method: str, run_id: str) -> ViewerImport:
         queries=_from_rows(list(queries.values()), "queries"),
         examples=_from_rows(examples, "examples"),
         ground_truth=_from_rows([{"fact_id": f, "example_id": e} for f, e in sorted(gt)], "ground_truth"),
+        lines=where, relations=relations,
     )
 
 

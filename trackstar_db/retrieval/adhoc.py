@@ -69,8 +69,9 @@ class PromptAttributor:
         db = self.db
         if not prompt.strip() or not target.strip():
             raise TrackstarError("both --prompt and --target must be non-empty")
-        if k < 1:
-            raise TrackstarError(f"--k must be >= 1, not {k}")
+        from trackstar_db.validation import K_MAX, count
+
+        count("--k", k, 1, K_MAX)
         if db.count("examples") == 0:
             raise TrackstarError(f"{db.path}: the database has no examples")
         method = method or best_method(db)

@@ -31,10 +31,10 @@ class RetrieveOptions:
     ann: object | None = None  # retrieval.ann.AnnOptions: approximate top-k from the method's index
 
     def __post_init__(self):
-        if self.k < 1:
-            raise TrackstarError(f"--k must be >= 1, not {self.k}")
-        if self.batch_rows < 1:
-            raise TrackstarError(f"batch_rows must be >= 1, not {self.batch_rows}")
+        from trackstar_db.validation import K_MAX, count
+
+        count("--k", self.k, 1, K_MAX)
+        count("batch_rows", self.batch_rows)
         if self.query_text not in ("prompt+target", "prompt"):
             raise TrackstarError(f"query text must be 'prompt+target' or 'prompt', not {self.query_text!r}")
 

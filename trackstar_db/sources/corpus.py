@@ -35,6 +35,11 @@ class CorpusOptions:
     skip_bad: bool = False
     batch_size: int = 10_000
 
+    def __post_init__(self):
+        from trackstar_db.validation import count
+
+        count("--batch-size", self.batch_size)
+
 
 @dataclass
 class IngestReport:

@@ -85,11 +85,14 @@ def entry(db, name: str) -> dict:
 def resolve(db, ref: str | Path) -> tuple[str, Path]:
     """(name, directory) of a checkpoint reference: a directory in the model's checkpoints/, or a path."""
     model_dir = Path(db.model_info()["path"])
+    plain = "/" not in str(ref) and "\\" not in str(ref) and str(ref) not in ("", ".", "..")  # a name, not a path
     inside = model_dir / "checkpoints" / str(ref)
-    path = inside if inside.is_dir() else Path(ref)
+    path = inside if plain and inside.is_dir() else Path(ref)
     if not path.is_dir():
         raise TrackstarError(f"checkpoint {ref!r}: neither a directory in {model_dir / 'checkpoints'} nor a path to one")
     path = path.resolve()
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise TrackstarError(f"checkpoint {ref!r}: {path} holds no checkpoint (no config.json)")
     if path == model_dir.resolve():
         return DEFAULT, path
     return check_name(path.name), path

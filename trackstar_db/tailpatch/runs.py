@@ -27,6 +27,10 @@ def _sample(query_ids: list[str], limit: int | None) -> set[str]:
 
 def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
+    from trackstar_db.validation import K_MAX, count
+
+    count("--k", k, 1, K_MAX)
+    count("--queries", max_queries)
     known = db.ids("runs", "run_id")
     for run_id in run_ids:
         if run_id not in known:

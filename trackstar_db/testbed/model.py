@@ -63,10 +63,17 @@ def accuracy_table(db) -> pa.Table:
 
 
 def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bool = True,
-                  checkpoints: int = 0) -> pa.Table | None:
+                  checkpoints: int = 0, overwrite: bool = False) -> pa.Table | None:
     """Train the testbed model on the examples, record it in the manifest, score the queries
     (checkpoints > 0: also keep that many intermediate checkpoints, for TracIn-CP)."""
+    from trackstar_db.validation import holds_model, outside_database
+
     from .train import TrainConfig, train_model
+
+    outside_database("--out", out_dir)
+    if holds_model(out_dir) and not overwrite:
+        raise TrackstarError(f"{out_dir}: already holds a model (config.json or weights); choose another --out "
+                             "or pass --overwrite to replace it")
 
     if db.manifest["gradient_tables"]:
         raise TrackstarError(f"{db.path}: holds gradients of model {db.manifest['model']['fingerprint']}; "

@@ -60,6 +60,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.architecture={self.architecture!r}: expected 'gpt2' or 'llama'")
         if not 0 < self.final_lr <= self.lr:
             raise ValueError(f"TrainConfig.final_lr={self.final_lr}: must be in (0, lr={self.lr}]")
+        for name in ("epochs", "batch_size", "max_length", "n_layer", "n_head", "d_model"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be an integer >= 1")
         if self.d_model % self.n_head:
             raise ValueError(f"TrainConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
 
