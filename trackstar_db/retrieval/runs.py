@@ -119,7 +119,9 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     options = options or RetrieveOptions()
     if method not in ALL_METHODS:
         raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
-    run_id = run_id or (f"{method}-ann" if options.ann is not None else method)
+    from trackstar_db.validation import name
+
+    run_id = name("--run", run_id or (f"{method}-ann" if options.ann is not None else method))
     existing = db.table("runs", columns=["run_id"], filter=pc.field("run_id") == run_id).num_rows
     if existing and not replace:
         raise TrackstarError(f"run {run_id!r} exists; pick another --run name or pass --replace")

@@ -55,9 +55,15 @@ def _fact_rows(record: dict, path: Path, line: int) -> tuple[dict, list[dict]]:
     uris = [record.get(k) for k in ("entity0_uri", "predicate_uri", "entity1_uri")]
     key = "|".join(uris) if all(isinstance(u, str) and u for u in uris) else f"{subject}|{relation}|{obj}"
     frequency = record.get("c4_frequency")
-    if frequency is not None and not isinstance(frequency, int):
-        raise RecordError(path, line, "field 'c4_frequency' must be an integer")
+    if frequency is not None and (isinstance(frequency, bool) or not isinstance(frequency, int)):
+        raise RecordError(path, line, f"field 'c4_frequency' must be an integer, got {type(frequency).__name__}")
+    if frequency is not None and not 0 <= frequency < 2**63:
+        raise RecordError(path, line, f"field 'c4_frequency' must be a count >= 0, got {frequency}")
     bucket = record.get("c4_frequency_bucket", frequency_bucket(frequency))
+    if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int)
+                               or not 0 <= bucket <= len(BUCKET_BOUNDS)):
+        raise RecordError(path, line, f"field 'c4_frequency_bucket' must be an integer 0..{len(BUCKET_BOUNDS)}, "
+                                      f"got {bucket!r}")
     fact = {
         "fact_id": fact_id, "kilt_id": record.get("kilt_id"), "subject": subject, "relation": relation,
         "object": obj, "subject_uri": uris[0], "predicate_uri": uris[1], "object_uri": uris[2], "fact_key": key,

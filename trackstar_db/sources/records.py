@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
-from trackstar_db.errors import RecordError, TrackstarError
+from trackstar_db.errors import RecordError, TrackstarError, first_line
 
 
 def file_kind(path: Path) -> str:
@@ -41,11 +41,7 @@ def _parse(path: Path) -> Iterator[tuple[int, dict | RecordError]]:
     if not path.is_file():
         raise TrackstarError(f"{path}: no such file")
     if file_kind(path) == "parquet":
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
-            for record in batch.to_pylist():
-                row += 1
-                yield row, record
+        yield from _parquet(path)
         return
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -56,14 +52,89 @@ def _parse(path: Path) -> Iterator[tuple[int, dict | RecordError]]:
                 continue
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield number, RecordError(path, number, f"malformed JSON ({exc.msg}, column {exc.colno})")
-                continue
-            if not isinstance(record, dict):
-                record = RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
-            yield number, record
+            yield number, _json_record(line, path, number)
+
+
+def _parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    """(row number, record) of a Parquet file; a file Arrow cannot read is one error naming it."""
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (OSError, ValueError, TypeError, NotImplementedError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        where = f"after row {row}" if row else "at the start"
+        raise TrackstarError(f"{path}: not a readable Parquet file ({first_line(exc)}, {where})") from None
+
+
+class _HugeInt(int):
+    """An integer literal too long for Python to convert to int (over sys.get_int_max_str_digits())."""
+
+    digits = 0
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # over the digit limit: kept as a marker so the error can name its field
+        marker = _HugeInt(0)
+        marker.digits = len(text.lstrip("-"))
+        return marker
+
+
+def _json_record(line: str, path: Path, number: int) -> dict | RecordError:
+    """One JSON-lines record, or the RecordError naming its line (and field, where one is to blame)."""
+    try:
+        record = json.loads(line, parse_int=_parse_int)
+    except json.JSONDecodeError as exc:
+        return RecordError(path, number, f"malformed JSON ({exc.msg}, column {exc.colno})")
+    except RecursionError:
+        field = _deep_field(line)
+        return RecordError(path, number, (f"field {field!r}: " if field else "") + "JSON nested too deeply to read")
+    if not isinstance(record, dict):
+        return RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
+    for key, value in record.items():
+        huge = _find_huge(value)
+        if huge is not None:
+            return RecordError(path, number, f"field {key!r}: an integer of {huge.digits:,} digits is too long to read "
+                                             "(give long ids as strings)")
+    return record
+
+
+def _find_huge(value, depth: int = 0):
+    if isinstance(value, _HugeInt):
+        return value
+    if depth < 64 and isinstance(value, (list, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            found = _find_huge(item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _deep_field(line: str, limit: int = 200) -> str | None:
+    """The top-level key whose value nests deeper than `limit` (a scan outside string literals)."""
+    depth, last, start, in_string, escape = 0, None, 0, False, False
+    for i, char in enumerate(line):
+        if in_string:
+            if escape:
+                escape = False
+            elif char == "\\":
+                escape = True
+            elif char == '"':
+                in_string = False
+                if depth == 1:
+                    last = line[start:i]
+        elif char == '"':
+            in_string, start = True, i + 1
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return last
+        elif char in "]}":
+            depth -= 1
+    return None
 
 
 def require_text(record: dict, field: str, path, line: int, allow_empty: bool = False) -> str:

@@ -98,6 +98,10 @@ class Database(SwapWriter):
                optimizer_state: str | Path | None = None, exist_ok: bool = False,
                tables_uri: str | None = None) -> "Database":
         path = Path(path)
+        if model_dir is not None:  # a bad model directory is refused before anything is made
+            from .model_dir import validate
+
+            validate(model_dir)
         if (path / _manifest.FILENAME).exists():
             if not exist_ok:
                 raise TrackstarError(f"{path}: a database already exists here")
@@ -127,7 +131,9 @@ class Database(SwapWriter):
 
     def set_model(self, model_dir: str | Path, optimizer_state: str | Path | None = None) -> None:
         """Record the checkpoint this database attributes. Changing it once gradients exist is refused."""
-        model_dir = Path(model_dir).resolve()
+        from .model_dir import validate
+
+        model_dir = validate(model_dir)
         fingerprint = _manifest.model_fingerprint(model_dir)
         current = self.manifest.get("model")
         if current and current["fingerprint"] != fingerprint and self.manifest["gradient_tables"]:
@@ -163,7 +169,10 @@ class Database(SwapWriter):
         weights in `dtype` ('float32', 'bfloat16', 'float16')."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from .model_dir import validate
+
         info = self.model_info()
+        validate(info["path"])
         if _manifest.model_fingerprint(info["path"]) != info["fingerprint"]:
             raise TrackstarError(f"{info['path']}: checkpoint changed since it was recorded (fingerprint mismatch)")
         if _adapters.is_adapter(info["path"]):  # base + PEFT adapter: the adapter weights are tracked

@@ -18,7 +18,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import journal as _journal
 
-STAGING = "~staging~"  # prefix of the key under which swap_rows writes new rows before the swap
+from trackstar_db.validation import RESERVED_PREFIX as STAGING  # prefix of the key under which swap_rows writes new rows
 
 
 class SwapWriter:
@@ -30,6 +30,9 @@ class SwapWriter:
         import json as _json
 
         from trackstar_db import __version__
+        from trackstar_db.validation import name
+
+        name("run", run_id)
 
         self.append("runs", pa.table({
             "run_id": [run_id], "method": [method], "parameters": [_json.dumps(parameters, sort_keys=True)],
@@ -53,7 +56,9 @@ class SwapWriter:
         all in, the journal turns to 'forward', the old rows (in `name`, `drop_from` and, with
         `record_run`, runs) are deleted and the staged ones renamed. A kill before the staged rows
         are complete rolls back to the old rows; after, the next writer finishes the swap."""
-        keys = sorted(set(keys))
+        from trackstar_db.validation import name
+
+        keys = sorted(name(column, key) for key in set(keys))  # never a staging key: a swap of one would jam
         values = rows.column(column).to_pylist()
         if set(values) - set(keys):
             raise TrackstarError(f"{name}: rows for {sorted(set(values) - set(keys))[0]!r}, which is not being replaced")
