@@ -30,9 +30,9 @@ class SwapWriter:
         import json as _json
 
         from trackstar_db import __version__
-        from trackstar_db.validation import name
+        from trackstar_db.validation import name as valid_name
 
-        name("run", run_id)
+        valid_name("run", run_id)
 
         self.append("runs", pa.table({
             "run_id": [run_id], "method": [method], "parameters": [_json.dumps(parameters, sort_keys=True)],
@@ -56,9 +56,9 @@ class SwapWriter:
         all in, the journal turns to 'forward', the old rows (in `name`, `drop_from` and, with
         `record_run`, runs) are deleted and the staged ones renamed. A kill before the staged rows
         are complete rolls back to the old rows; after, the next writer finishes the swap."""
-        from trackstar_db.validation import name
+        from trackstar_db.validation import name as valid_name
 
-        keys = sorted(name(column, key) for key in set(keys))  # never a staging key: a swap of one would jam
+        keys = sorted(valid_name(column, key) for key in set(keys))  # never a staging key: a swap of one would jam
         values = rows.column(column).to_pylist()
         if set(values) - set(keys):
             raise TrackstarError(f"{name}: rows for {sorted(set(values) - set(keys))[0]!r}, which is not being replaced")
