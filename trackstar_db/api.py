@@ -36,20 +36,22 @@ class Database(_store.Database):
         """Run one read-only SQL statement over the tables (DuckDB); the result as Arrow."""
         from trackstar_db.evaluation.sql import ReadOnlySQL
 
-        with ReadOnlySQL(self.views(vectors)) as con:
+        with self.reading(), ReadOnlySQL(self.views(vectors)) as con:
             return con.run(text)
 
     def evaluate(self, by: str = "method") -> pa.Table:
         """The method-by-metric table (queries/summary*.sql); by='bucket' or 'correct' splits it."""
         from trackstar_db.evaluation.analysis import evaluation
 
-        return evaluation(self, by)
+        with self.reading():
+            return evaluation(self, by)
 
     def query(self, prompt: str, target: str, k: int = 10, method: str | None = None, device: str = "cpu",
               ann=None) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
         score, text, method). method None: the best rung this database can serve."""
-        return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann)
+        with self.reading():
+            return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:
@@ -57,7 +59,9 @@ class Database(_store.Database):
         score (position, token_id, token, start, end, contribution; retrieval/tokens.py)."""
         from trackstar_db.retrieval.tokens import token_contributions
 
-        return token_contributions(self, prompt, target, example_id, method, attributor=self._attributor_for(device))
+        with self.reading():
+            return token_contributions(self, prompt, target, example_id, method,
+                                       attributor=self._attributor_for(device))
 
 
 def connect(path: str | Path) -> Database:

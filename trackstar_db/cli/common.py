@@ -62,11 +62,19 @@ class Group(click.Group):
             raise click.ClickException(message) from None
 
 
+# commands that only read: each pins the committed state for its whole run (store/snapshot.py)
+READ_COMMANDS = {"eval", "sql", "export", "query", "report", "info", "simulate"}
+
+
 def _open(db: Path):
     from trackstar_db.api import connect
     from trackstar_db.distributed.objectstore import object_uri, open_for_command
 
-    return open_for_command(object_uri(db)) if object_uri(db) else connect(db)
+    handle = open_for_command(object_uri(db)) if object_uri(db) else connect(db)
+    context = click.get_current_context(silent=True)
+    if context is not None and context.info_name in READ_COMMANDS:
+        handle.pin()
+    return handle
 
 
 def print_table(table, fmt: str = "table") -> None:

@@ -29,6 +29,8 @@ from trackstar_db.ladder import LADDER
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.vectors import BATCH_BYTES, scan_progress
 
+RETIRE_SECONDS = 3600.0  # a replaced R file stays this long for readers that pinned the manifest naming it
+
 MIXES = ("task", "train")
 
 
@@ -151,22 +153,47 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
         raise TrackstarError(f"{db.path}: no gradient tables to fit (found: {', '.join(db.table_names())})")
     # write-then-swap: every new file is complete before one journaled step (Database.swap_files)
     # moves them into place and points the manifest at them; a kill in that step is rolled forward
+    # new files are named by their content, so a reader pinned to the old manifest keeps its R files
+    # (retired, removed by a later fit once RETIRE_SECONDS have passed)
     renames = []
     for train, which, pre, params in staged:
-        path = train.preconditioner_path(which)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = train.db.path / "preconditioners" / f"{train.preconditioner_key(which)}.tmp"
+        tmp.parent.mkdir(exist_ok=True)
         pre.save(tmp)
         import hashlib  # the file's sha256, so `trackstar-db check` finds a swapped or damaged R
 
         with tmp.open("rb") as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        path = train.preconditioner_path(which, digest)
         renames.append((tmp.name, path.name))
         fitted[train.preconditioner_key(which)] = dict(params, file=path.name, sha256=digest)
     faults.point("fit.after_files")
     with db.writer("fit"):
         # an R from an earlier fit must not serve a rung: the entries are replaced, not merged
-        stale = set(_manifest.read(db.path).get("preconditioners", {})) - set(fitted)
-        db.swap_files("fit", "preconditioners", renames, {"preconditioners": fitted},
-                      unlink=[f"{key}.safetensors" for key in sorted(stale)], fault="fit")
+        retired, expired = _retire(_manifest.read(db.path), fitted)
+        db.swap_files("fit", "preconditioners", renames, {"preconditioners": fitted, "retired_preconditioners": retired},
+                      unlink=expired, fault="fit")
     return FitReport(fitted, notes)
+
+
+def _retire(manifest: dict, fitted: dict) -> tuple[dict, list[str]]:
+    """({file: retired at} of the R files readers may still use, [files old enough to remove])."""
+    import datetime as _dt
+    import os
+
+    grace = float(os.environ.get("TRACKSTAR_RETIRE_SECONDS", RETIRE_SECONDS))
+    now = _dt.datetime.now(_dt.timezone.utc)
+    keep = {entry["file"] for entry in fitted.values()}
+    retired, expired = {}, []
+    for name, since in (manifest.get("retired_preconditioners") or {}).items():
+        if name in keep:
+            continue
+        if (now - _dt.datetime.fromisoformat(since)).total_seconds() > grace:
+            expired.append(name)
+        else:
+            retired[name] = since
+    for key, entry in (manifest.get("preconditioners") or {}).items():
+        name = entry.get("file", f"{key}.safetensors")
+        if name not in keep:
+            retired.setdefault(name, now.isoformat(timespec="seconds"))
+    return retired, sorted(expired)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import TrackstarError, first_line
 
 from . import journal as _journal
 from . import lock as _lock
 from . import adapters as _adapters
 from . import manifest as _manifest
 from . import schema as _schema
+from . import snapshot as _snapshot
 from .gradient_table import GradientTable, is_gradient_table
 from .swap import SwapWriter
 
@@ -39,6 +40,7 @@ class Database(SwapWriter):
         self.path = Path(path)
         self.manifest = _manifest.read(self.path)
         self._connection = None  # the LanceDB connection, made by the first write (reads open Lance directly)
+        self._pinned: dict[str, int] | None = None  # table -> version, while a read is pinned (pin())
         if (self.path / _journal.FILENAME).exists() and not _lock.held(self.path):
             self._recover_abandoned()
 
@@ -68,8 +70,9 @@ class Database(SwapWriter):
         try:
             with _lock.WriterLock(self.path, "recover", timeout=0):
                 _journal.recover(self)
-        except TrackstarError:
-            return  # a writer is at work (its journal is live), or the directory is read-only
+                _snapshot.write(self, _manifest.read(self.path))
+        except (TrackstarError, OSError):
+            return  # a writer is at work (its journal is live), the directory is read-only, or the journal is damaged
         self.manifest = _manifest.read(self.path)
 
     # -- writing: lock, journal, manifest --------------------------------------------------
@@ -78,9 +81,47 @@ class Database(SwapWriter):
         """Hold the database's writer lock for `command`; the first holder of this process
         recovers a journal left by a killed writer before anything else."""
         with _lock.WriterLock(self.path, command, timeout) as held:
-            if held.first and (self.path / _journal.FILENAME).exists():
-                _journal.recover(self)
+            if held.first:
+                if (self.path / _journal.FILENAME).exists():
+                    _journal.recover(self)
+                _snapshot.refuse_damage(self)
             yield self
+            if held.first:  # the command finished cleanly: its state is the one readers pin from now on
+                _snapshot.write(self, _manifest.read(self.path))
+
+    # -- reading: one committed version for a whole command ------------------------------------
+    def pin(self) -> "Database":
+        """Read the committed state from now on (store/snapshot.py): every table at the version
+        the last writer committed and the manifest committed with them, until unpin(). A damaged
+        database (a table behind its committed version, a manifest whose featurizer or dims differ
+        from the stored vectors', an unreadable journal) is refused with one line and its repair."""
+        if (self.path / _journal.FILENAME).exists():
+            _journal.pending(self.path)  # an unreadable journal: one line, its repair
+        record = _snapshot.read(self.path)
+        if record is None:  # written before committed versions were recorded: the newest ones now
+            self.manifest = _manifest.read(self.path)
+            self._pinned = _snapshot.latest_versions(self)
+            return self
+        _snapshot.refuse_damage(self, record)
+        self.manifest = record.get("manifest") or _manifest.read(self.path)
+        self._pinned = dict(record["tables"])
+        return self
+
+    def unpin(self) -> None:
+        self._pinned = None
+        self.manifest = _manifest.read(self.path)
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Pin the committed state for the block (nothing changes when already pinned)."""
+        if self._pinned is not None:
+            yield self
+            return
+        self.pin()
+        try:
+            yield self
+        finally:
+            self.unpin()
 
     def update_manifest(self, change) -> dict:
         """Apply `change(manifest)` to the manifest as stored now (re-read under the writer lock)
@@ -188,6 +229,8 @@ class Database(SwapWriter):
         return GradientTable(self, split, "corrected" if corrected else "uncorrected")
 
     def table_names(self) -> list[str]:
+        if self._pinned is not None:  # a table created since the commit is not there yet
+            return sorted(self._pinned)
         local = self._local_tables()
         if local is None:
             return sorted(self._lance.list_tables().tables)
@@ -214,11 +257,20 @@ class Database(SwapWriter):
     def _open_dataset(self, name: str):
         """dataset(name) of a table known to exist."""
         local = self._local_tables()
+        version = None if self._pinned is None else self._pinned.get(name)
         if local is None:
-            return self._lance.open_table(name).to_lance()
+            dataset = self._lance.open_table(name).to_lance()
+            return dataset if version is None else dataset.checkout_version(version)
         import lance
 
-        return lance.dataset(str(local / f"{name}.lance"))
+        try:
+            return lance.dataset(str(local / f"{name}.lance"), version=version)
+        except (OSError, ValueError) as exc:
+            if version is None:
+                raise
+            raise TrackstarError(f"{local / (name + '.lance')}: committed version {version} cannot be read "
+                                 f"({first_line(exc)}); repair: restore the table from a backup, then run "
+                                 f"'trackstar-db check {self.path}'") from None
 
     def table(self, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
         """A whole table (or some columns / rows) as Arrow; `filter` is a pyarrow.compute

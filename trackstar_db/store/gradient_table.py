@@ -138,10 +138,16 @@ class GradientTable:
                               extra_columns=columns)
 
     # -- the preconditioners fitted on this (training) table -------------------------------
-    def preconditioner_path(self, mix: str) -> Path:
+    def preconditioner_path(self, mix: str, digest: str | None = None) -> Path:
+        """The R file the manifest names for `mix` (a reader's pinned manifest names the file its
+        snapshot was fitted with); with `digest`, the name a new fit writes its file under."""
         if mix not in MIXES:
             raise TrackstarError(f"preconditioner mix must be one of {', '.join(MIXES)}, not {mix!r}")
-        return self.db.path / "preconditioners" / f"{self.name}.{mix}.safetensors"
+        folder = self.db.path / "preconditioners"
+        if digest is not None:  # named by content: a refit never overwrites a file a reader may be using
+            return folder / f"{self.name}.{mix}.{digest[:16]}.safetensors"
+        entry = self.db.manifest.get("preconditioners", {}).get(self.preconditioner_key(mix)) or {}
+        return folder / entry.get("file", f"{self.name}.{mix}.safetensors")
 
     def preconditioner_key(self, mix: str) -> str:
         return f"{self.name}.{mix}"
