@@ -9,6 +9,9 @@ repair), one row each, empty when the database is whole:
 - ids agree: examples = grads_train_* = BM25 documents (no missing, extra or duplicate ids);
   queries = grads_queries_*; ground_truth's facts and examples exist; retrievals name stored
   examples;
+- the journal of an interrupted command is readable and names versions that exist; no table is
+  missing or behind the version its last writer committed; the manifest's featurizer settings
+  and dims agree with those the stored vectors were written with (store/snapshot.py);
 - preconditioner files are present, readable, match the sha256 recorded at fit and are not
   stale (their table_version is the training table's version);
 - the recorded model directory and optimizer state are there, and the weights are the ones
@@ -249,6 +252,36 @@ class Checker:
                 self.add(label, f"stale: fitted on version {params.get('table_version')} of {table}, "
                                 f"which is now at version {version}", repair)
 
+    # -- the journal and the committed versions (store/journal.py, store/snapshot.py) -----------
+    def check_committed(self) -> None:
+        from trackstar_db.store import journal, snapshot
+
+        db = self.db
+        try:
+            entry = journal.pending(db.path)
+        except TrackstarError as exc:
+            self.add("journal.json", _first_line(exc).split(": ", 1)[-1], f"move {journal.path_of(db)} away, then "
+                     f"run 'trackstar-db check {db.path}' again to see what the interrupted command left")
+            entry = None
+        if entry is not None:
+            latest = snapshot.latest_versions(db)
+            for name, version in sorted(entry["tables"].items()):
+                if version is not None and name in latest and not self._has_version(name, int(version)):
+                    self.add("journal.json", f"names version {version} of {name}, which no longer exists",
+                             f"move {journal.path_of(db)} away to keep {name} as it is, then run "
+                             f"'trackstar-db check {db.path}'")
+        try:
+            for name, problem, repair in snapshot.damage(db):
+                self.add(name, problem, repair)
+        except TrackstarError as exc:
+            self.add(snapshot.FILENAME, _first_line(exc), f"delete {db.path / snapshot.FILENAME}")
+
+    def _has_version(self, name: str, version: int) -> bool:
+        try:
+            return any(v["version"] == version for v in self.db._open_dataset(name).versions())
+        except Exception:
+            return False
+
     # -- the model ----------------------------------------------------------------------------
     def check_model(self) -> None:
         from trackstar_db.store.manifest import model_fingerprint
@@ -275,6 +308,7 @@ class Checker:
 def check(db) -> pa.Table:
     """Problems of a database as an Arrow table (table, problem, repair); empty when it is whole."""
     checker = Checker(db)
+    checker.check_committed()
     checker.check_tables()
     checker.check_ids()
     checker.check_bm25()

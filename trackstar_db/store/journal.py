@@ -28,7 +28,7 @@ import json
 import os
 from pathlib import Path
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import TrackstarError, first_line
 
 FILENAME = "journal.json"
 
@@ -89,7 +89,13 @@ def rollback(db, entry: dict) -> None:
             if db.has_table(name):
                 db.drop_table(name)
         elif db.has_table(name):
-            db.restore(name, int(version))
+            try:
+                db.restore(name, int(version))
+            except (OSError, ValueError, RuntimeError) as exc:  # the version is gone (deleted by hand)
+                raise TrackstarError(
+                    f"{path_of(db)}: the interrupted '{entry.get('command')}' needs version {version} of {name} to "
+                    f"roll back, which cannot be restored ({first_line(exc)}); repair: move {path_of(db)} away to keep "
+                    f"{name} as it is, then run 'trackstar-db check {db.path}'") from None
     if entry.get("bm25"):
         from trackstar_db.store.bm25 import sync_bm25  # the one derived index outside Lance
 

@@ -146,4 +146,4 @@ def refuse_damage(db, record: dict | None = None) -> None:
     found = damage(db, record)
     if found:
         name, problem, repair = found[0]
-        raise TrackstarError(f"{db.path}: table {name!r}: {problem}; repair: {repair}")
+        raise TrackstarError(f"{db.path}: {name}: {problem}; repair: {repair}")
