@@ -260,8 +260,9 @@ class Checker:
         try:
             entry = journal.pending(db.path)
         except TrackstarError as exc:
-            self.add("journal.json", _first_line(exc).split(": ", 1)[-1], f"move {journal.path_of(db)} away, then "
-                     f"run 'trackstar-db check {db.path}' again to see what the interrupted command left")
+            self.add("journal.json", _first_line(exc).split(": ", 1)[-1].split("; repair:")[0],
+                     f"move {journal.path_of(db)} away, then run 'trackstar-db check {db.path}' again to see what "
+                     "the interrupted command left")
             entry = None
         if entry is not None:
             latest = snapshot.latest_versions(db)

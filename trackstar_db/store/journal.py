@@ -45,10 +45,11 @@ def pending(db_path: str | Path) -> dict | None:
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise TrackstarError(f"{path}: unreadable journal ({exc}); it records an interrupted write: "
-                             "restore the tables it names by hand or remove it") from None
+        raise TrackstarError(f"{path}: unreadable journal ({exc}) of an interrupted write; repair: move it away, "
+                             f"then run 'trackstar-db check {Path(db_path)}' to see what the write left") from None
     if not isinstance(entry, dict) or not isinstance(entry.get("tables"), dict):
-        raise TrackstarError(f"{path}: not a trackstar-db journal (expected an object with 'tables')")
+        raise TrackstarError(f"{path}: not a trackstar-db journal (expected an object with 'tables'); repair: move "
+                             f"it away, then run 'trackstar-db check {Path(db_path)}'")
     return entry
 
 

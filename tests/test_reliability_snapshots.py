@@ -1,0 +1,220 @@
+"""Readers see one committed version; damage is never silent (issue 27, items 1 and 2).
+
+- A reader process loops over eval, sql, export and query (the CLI, in-process in that reader)
+  while other processes run `retrieve --replace` (alternating k, widened between staging and
+  swap) and `fit` (alternating damping): every read must succeed and see one committed state
+  (a run's rows all of one k, never a staged run, never an R file that is not the fitted one).
+- Each silent-damage case of the issue (latest Lance version of a table deleted, an edited
+  projection seed or dim, a garbage journal, a journal naming a lost version) is named by
+  `check` and refused by reads with one line that names the repair.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from trackstar_db.cli import main
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TRACKSTAR_LOCK_TIMEOUT="120")
+
+
+def _cli(*argv, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in argv], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_db_template, tmp_path_factory):
+    """The tiny database with a bm25 run (k 3), gradients of both splits (dim 1024) and R fitted."""
+    from databases import copy_db
+
+    from trackstar_db.gradients.fit import fit
+    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+
+    root = tmp_path_factory.mktemp("snapshots")
+    db = copy_db(tiny_db_template, root)
+    _cli("retrieve", db.path, "--method", "bm25", "--k", "3")
+    for split in ("train", "queries"):
+        ingest_gradients(db, {"dim": 1024}, GradientJob(split, batch_size=16, device="cpu"), progress=False)
+    fit(db)
+    return db.path
+
+
+def _copy(fitted, tmp_path):
+    shutil.copytree(fitted, tmp_path / "db")
+    shutil.copytree(fitted.parent / "model", tmp_path / "model")
+    from trackstar_db import connect
+
+    connect(tmp_path / "db").set_model(tmp_path / "model")
+    return tmp_path / "db"
+
+
+READER = textwrap.dedent("""
+    import json, sys, time
+    from click.testing import CliRunner
+    from trackstar_db.cli import main
+
+    import os
+
+    db, out, stop, n_queries = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    seen = {"reads": 0, "counts": set()}
+
+    def run(*argv):
+        result = CliRunner().invoke(main, [str(a) for a in argv], catch_exceptions=False)
+        if result.exit_code != 0:
+            sys.exit(f"{argv[0]} failed: {result.output[-800:]}")
+        seen["reads"] += 1
+        return result.output
+
+    while not os.path.exists(stop) or seen["reads"] < 4:
+        methods = [json.loads(line)["run_id"] for line in run("eval", db, "--format", "json").splitlines()]
+        if sorted(methods) != ["bm25"]:
+            sys.exit(f"eval lists runs {methods}")
+        rows = [json.loads(line) for line in run("sql", db, "SELECT run_id, count(*) AS n, max(rank) AS k "
+                                                 "FROM retrievals GROUP BY run_id", "--format", "json").splitlines()]
+        if len(rows) != 1 or rows[0]["run_id"] != "bm25" or rows[0]["n"] != n_queries * rows[0]["k"]:
+            sys.exit(f"sql sees {rows}")
+        seen["counts"].add(rows[0]["k"])
+        run("export", db, "--run", "bm25", "--out", out)
+        lengths = {len(json.loads(line)["proponent_ids"]) for line in open(out)}
+        if len(lengths) != 1:
+            sys.exit(f"export mixes runs of k {sorted(lengths)}")
+        run("query", db, "--prompt", "As the records show, Veidukrouth was born in", "--target", "Zuteil",
+            "--method", "trackstar", "--k", "3", "--device", "cpu", "--format", "json")
+    print(json.dumps({"reads": seen["reads"], "ks": sorted(seen["counts"])}))
+""")
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from click.testing import CliRunner
+    from trackstar_db.cli import main
+
+    db, kind, times = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    done = 0
+    while done < times:
+        if kind == "retrieve":
+            argv = ["retrieve", db, "--method", "bm25", "--k", "5" if done % 2 == 0 else "3", "--replace"]
+        else:
+            argv = ["fit", db, "--damping", "0.2" if done % 2 == 0 else "0.1"]
+        result = CliRunner().invoke(main, argv, catch_exceptions=False)
+        if result.exit_code != 0:
+            sys.exit(f"{argv[0]} failed: {result.output[-800:]}")
+        done += 1
+    print(done)
+""")
+
+
+@pytest.mark.slow  # a minute on a loaded machine: three replaces and three fits beside the reader
+def test_readers_see_only_committed_states_beside_replace_and_fit(fitted, tmp_path):
+    db = _copy(fitted, tmp_path)
+    from trackstar_db import connect
+
+    n_queries = connect(db).sql("SELECT count(DISTINCT query_id) AS n FROM retrievals").column("n")[0].as_py()
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(db), str(tmp_path / "out.jsonl"), str(stop),
+                               str(n_queries)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(ENV, TRACKSTAR_FAULT_SLEEP="run.after_stage:1")  # the staged run waits before its swap
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), kind, "3"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for kind in ("retrieve", "fit")]
+    outputs = [w.communicate(timeout=600) for w in writers]
+    stop.touch()
+    out, err = reader.communicate(timeout=600)
+    for writer, (written, werr) in zip(writers, outputs):
+        assert writer.returncode == 0, werr[-2000:]
+        assert int(written.split()[-1]) == 3
+    assert reader.returncode == 0, (out[-1000:], err[-3000:])
+    reader.stdout = out
+    seen = json.loads(out.splitlines()[-1])
+    assert seen["reads"] >= 8
+    assert set(seen["ks"]) <= {3, 5}
+
+
+def test_a_staged_run_is_invisible_and_the_replaced_one_readable_until_the_swap(fitted, tmp_path):
+    """Deterministic: the writer is held between staging and swap; the reader then sees the old run only."""
+    db = _copy(fitted, tmp_path)
+    env = dict(ENV, TRACKSTAR_FAULT_SLEEP="run.after_stage:6")
+    writer = subprocess.Popen([sys.executable, "-m", "trackstar_db.cli", "retrieve", str(db), "--method", "bm25",
+                               "--k", "5", "--replace"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        from trackstar_db.store.lock import holder
+
+        while not (db / "journal.json").exists() and time.monotonic() < deadline:  # the swap's journal is written
+            time.sleep(0.1)
+        time.sleep(2)  # the staged rows are appended
+        staged = _cli("sql", db, "SELECT DISTINCT run_id FROM retrievals", "--format", "json").output
+        assert holder(db) is not None and writer.poll() is None, "the writer finished before the reads"
+        assert [json.loads(line) for line in staged.splitlines()] == [{"run_id": "bm25"}]
+        assert '"run_id": "bm25"' in _cli("eval", db, "--format", "json").output
+        _cli("export", db, "--run", "bm25", "--out", tmp_path / "old.jsonl")
+        assert {len(json.loads(x)["proponent_ids"]) for x in open(tmp_path / "old.jsonl")} == {3}
+    finally:
+        writer.communicate(timeout=120)
+    assert writer.returncode == 0
+    _cli("export", db, "--run", "bm25", "--out", tmp_path / "new.jsonl")
+    assert {len(json.loads(x)["proponent_ids"]) for x in open(tmp_path / "new.jsonl")} == {5}
+
+
+# -- damage (item 2) ----------------------------------------------------------------------------
+def _drop_latest(db, table):
+    versions = sorted((db / "tables" / f"{table}.lance" / "_versions").glob("*.manifest"))
+    # V2 naming: the newest version has the smallest file name
+    versions[0].unlink()
+
+
+def _edit_manifest(db, change):
+    path = db / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "examples behind": (lambda db: _drop_latest(db, "examples"), "examples", ["sql", "DB", "SELECT count(*) FROM examples"]),
+    "retrievals behind": (lambda db: _drop_latest(db, "retrievals"), "retrievals", ["eval", "DB"]),
+    "ground_truth behind": (lambda db: _drop_latest(db, "ground_truth"), "ground_truth", ["eval", "DB"]),
+    "projection seed edited": (lambda db: _edit_manifest(db, lambda m: m["featurizer"]["config"].__setitem__("seed", 7)),
+                               "config.seed", ["query", "DB", "--prompt", "p", "--target", "t", "--device", "cpu"]),
+    "dim edited": (lambda db: _edit_manifest(db, lambda m: m["gradient_tables"]["grads_train_corrected"]
+                                             .__setitem__("dim", 2048)), "records dim 2048",
+                   ["query", "DB", "--prompt", "p", "--target", "t", "--device", "cpu"]),
+    "garbage journal": (lambda db: (db / "journal.json").write_text("garbage{"), "unreadable journal",
+                        ["sql", "DB", "SELECT 1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damage_is_named_by_check_and_refused_by_reads(fitted, tmp_path, case):
+    damage, fragment, read = DAMAGE[case]
+    db = _copy(fitted, tmp_path)
+    assert _cli("check", db).exit_code == 0
+    damage(db)
+    checked = _cli("check", db, ok=False)
+    assert checked.exit_code == 1 and fragment in checked.output and "repair:" in checked.output, checked.output
+    result = _cli(*[db if a == "DB" else a for a in read], ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and fragment in errors[0] and "repair:" in errors[0], result.output
+
+
+def test_a_journal_naming_a_lost_version_is_one_line_with_its_repair(fitted, tmp_path):
+    db = _copy(fitted, tmp_path)
+    (db / "journal.json").write_text(json.dumps({"command": "ingest corpus", "pid": 1, "bm25": False, "phase": "write",
+                                                 "forward": None, "tables": {"examples": 999}}))
+    checked = _cli("check", db, ok=False)
+    assert "names version 999 of examples" in checked.output
+    result = _cli("retrieve", db, "--method", "bm25", "--run", "again", ok=False)
+    line = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert len(line) == 1 and "version 999 of examples" in line[0] and "repair: move" in line[0], result.output
+    (db / "journal.json").rename(tmp_path / "journal.json")  # the repair it names
+    _cli("retrieve", db, "--method", "bm25", "--run", "again")
