@@ -123,16 +123,26 @@ def snapshot(path) -> dict:
         state[f"table {name}"] = _rows(db.table(name), VOLATILE.get(name, ()))
     folder = db.path / "preconditioners"
     files = sorted(folder.glob("*.safetensors")) if folder.exists() else []
-    state["preconditioners"] = {p.name: _tensors(p) for p in files}
-    # the manifest names each R file with its sha256: it must describe the file that is there
-    # (the bytes of two fits of the same data differ in layout only, so the hash is compared here)
+    # R files are named by their content (a refit never overwrites a file a pinned reader uses), and
+    # the bytes of two fits of the same data differ in layout only: R is compared by manifest key
     entries = db.manifest.get("preconditioners", {})
+    state["preconditioners"] = {key: _tensors(folder / e["file"]) for key, e in entries.items()}
+    # the manifest names each R file with its sha256: it must describe the file that is there
     state["manifest hashes match"] = all(
         hashlib.sha256((folder / e["file"]).read_bytes()).hexdigest() == e["sha256"]
         for e in entries.values() if "sha256" in e)
+    retired = db.manifest.get("retired_preconditioners", {})
+    current = {e["file"] for e in entries.values()}
+    state["no stray R files"] = {p.name for p in files} <= current | set(retired)
+    # retired files kept for readers: those whose R differs from the current one, by key
+    now = {key: state["preconditioners"][key] for key in entries}
+    state["retired R"] = sorted({name.rsplit(".", 2)[0] for name in retired if (folder / name).exists()
+                                 and _tensors(folder / name) != now.get(name.rsplit(".", 2)[0])})
     state["manifest"] = json.loads(json.dumps(db.manifest))
+    state["manifest"].pop("retired_preconditioners", None)
     for entry in state["manifest"].get("preconditioners", {}).values():
         entry.pop("sha256", None)
+        entry.pop("file", None)
     return state
 
 

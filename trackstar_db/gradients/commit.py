@@ -57,7 +57,13 @@ class Committer:
             return
         # Under the writer lock (only here: featurizing stays concurrent across shards and runs),
         # dropping the ids a table holds before appending makes concurrent ingests duplicate-free.
-        with self.db.writer("ingest gradients", timeout=max(default_timeout(), FLUSH_LOCK_TIMEOUT)):
+        # The appends of one flush are journaled: a failure (a full disk) or a kill between the
+        # tables' appends rolls both back, so no table holds rows the other lacks.
+        from trackstar_db.store import journal
+
+        names = [table.name for variant, table in self.tables.items() if self.pending[variant]]
+        with self.db.writer("ingest gradients", timeout=max(default_timeout(), FLUSH_LOCK_TIMEOUT)), \
+                journal.transaction(self.db, "ingest gradients", names):
             for variant, parts in self.pending.items():
                 if not parts:
                     continue
@@ -68,6 +74,7 @@ class Committer:
                     rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
                 faults.point("gradients.before_append")
                 self.db.append(table.name, rows)
-                parts.clear()
                 faults.point("gradients.commit")
+        for parts in self.pending.values():
+            parts.clear()
         self.rows = 0
