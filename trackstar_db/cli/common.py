@@ -14,6 +14,8 @@ from trackstar_db.errors import first_line as _first_line
 
 DB_ARG = click.argument("db", type=click.Path(file_okay=False, path_type=Path))
 FORMATS = click.Choice(["table", "json", "csv"])
+_DISK_FULL = ("disk full (no space left on device); nothing half-written is kept: free space and run the command "
+              "again")
 
 
 def one_line(exc: BaseException) -> str | None:
@@ -23,10 +25,14 @@ def one_line(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         if exc.errno == errno.ENOSPC:
-            return f"{where}disk full (no space left on device)"
+            return f"{where}{_DISK_FULL}"
         if exc.errno is not None and exc.strerror:
             return f"{where}{exc.strerror}"
+        if "os error 28" in str(exc) or "No space left" in str(exc):  # Lance's IO error of a full disk
+            return f"{where}{_DISK_FULL}"
         return f"{where}{one_line(RuntimeError(_first_line(exc)))}"  # Lance/LanceDB: OSError, path inside
+    if "os error 28" in str(exc) or "No space left on device" in str(exc):  # safetensors, Tantivy
+        return _DISK_FULL
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
     if isinstance(exc, KeyError) and not isinstance(exc, TrackstarError):

@@ -156,17 +156,23 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     # new files are named by their content, so a reader pinned to the old manifest keeps its R files
     # (retired, removed by a later fit once RETIRE_SECONDS have passed)
     renames = []
-    for train, which, pre, params in staged:
-        tmp = train.db.path / "preconditioners" / f"{train.preconditioner_key(which)}.tmp"
-        tmp.parent.mkdir(exist_ok=True)
-        pre.save(tmp)
-        import hashlib  # the file's sha256, so `trackstar-db check` finds a swapped or damaged R
+    try:
+        for train, which, pre, params in staged:
+            tmp = train.db.path / "preconditioners" / f"{train.preconditioner_key(which)}.tmp"
+            tmp.parent.mkdir(exist_ok=True)
+            renames.append((tmp.name, None))
+            pre.save(tmp)
+            import hashlib  # the file's sha256, so `trackstar-db check` finds a swapped or damaged R
 
-        with tmp.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        path = train.preconditioner_path(which, digest)
-        renames.append((tmp.name, path.name))
-        fitted[train.preconditioner_key(which)] = dict(params, file=path.name, sha256=digest)
+            with tmp.open("rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            path = train.preconditioner_path(which, digest)
+            renames[-1] = (tmp.name, path.name)
+            fitted[train.preconditioner_key(which)] = dict(params, file=path.name, sha256=digest)
+    except BaseException:  # a full disk: the partial files go, the fitted ones stay as they were
+        for tmp, _ in renames:
+            (db.path / "preconditioners" / tmp).unlink(missing_ok=True)
+        raise
     faults.point("fit.after_files")
     with db.writer("fit"):
         # an R from an earlier fit must not serve a rung: the entries are replaced, not merged
