@@ -35,3 +35,15 @@ def copy_db(source: Path, root: Path):
     db = connect(root / "db")
     db.set_model(root / "model")
     return db
+
+
+def run_cli(*argv, ok: bool = True):
+    """Run the command line in-process as a user types it (arguments as text); with ok, it must succeed."""
+    from click.testing import CliRunner
+
+    from trackstar_db.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in argv], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result

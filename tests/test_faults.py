@@ -103,8 +103,8 @@ def bases(tiny_db_template, tmp_path_factory):
     return {"dirs": {name: db.path for name, db in made.items()}, "files": files, "root": root}
 
 
-def _argv(command: str, db, files) -> list[str]:
-    return [str(db) if a == "DB" else str(files.get(a, a)) for a in COMMANDS[command][1]]
+def _argv(command: str, db, files, commands: dict = COMMANDS) -> list[str]:
+    return [str(db) if a == "DB" else str(files.get(a, a)) for a in commands[command][1]]
 
 
 def _rows(table, drop=()) -> list[str]:
@@ -161,14 +161,15 @@ def _tensors(path) -> dict:
 _clean: dict[str, dict] = {}
 
 
-def clean_state(command: str, bases) -> dict:
-    """The database after a clean, uninterrupted run of the command (computed once)."""
-    if command not in _clean:
+def clean_state(command: str, bases, commands: dict = COMMANDS, cache: dict = _clean) -> dict:
+    """The database after a clean, uninterrupted run of the command (computed once per cache);
+    `commands`: command -> (base database, argv, ...), as COMMANDS."""
+    if command not in cache:
         target = bases["root"] / f"clean {command}"
-        shutil.copytree(bases["dirs"][COMMANDS[command][0]], target)
-        _cli(_argv(command, target, bases["files"]))
-        _clean[command] = snapshot(target)
-    return _clean[command]
+        shutil.copytree(bases["dirs"][commands[command][0]], target)
+        _cli(_argv(command, target, bases["files"], commands))
+        cache[command] = snapshot(target)
+    return cache[command]
 
 
 def _differences(a: dict, b: dict) -> list[str]:

@@ -15,20 +15,16 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
+from databases import run_cli
 
 from trackstar_db import faults
-from trackstar_db.cli import main
-from test_faults import _differences, snapshot
+from test_faults import _argv, _differences, clean_state, snapshot
 
 pytestmark = pytest.mark.slow  # about a minute: a database with gradients and R is built first
 
 
 def _cli(argv, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in argv], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+    return run_cli(*argv, ok=ok)
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +71,8 @@ CASES = [(c, p) for c, (_, _, points) in COMMANDS.items() for p in points]
 _clean: dict = {}
 
 
-def _argv(command, db, files):
-    return [db if a == "DB" else files.get(a, a) for a in COMMANDS[command][1]]
-
-
 def _clean_state(command, bases):
-    if command not in _clean:
-        target = bases["root"] / f"clean {command}"
-        shutil.copytree(bases["dirs"][COMMANDS[command][0]], target)
-        _cli(_argv(command, target, bases["files"]))
-        _clean[command] = snapshot(target)
-    return _clean[command]
+    return clean_state(command, bases, COMMANDS, _clean)
 
 
 @pytest.mark.parametrize("command,point", CASES, ids=[f"{c}@{p}" for c, p in CASES])
@@ -97,13 +84,13 @@ def test_injected_enospc_keeps_the_database_and_the_rerun_equals_a_clean_run(com
     clean = _clean_state(command, bases)
     faults._reached.clear()
     monkeypatch.setenv("TRACKSTAR_FAULT_ENOSPC", point)
-    failed = _cli(_argv(command, db, bases["files"]), ok=False)
+    failed = _cli(_argv(command, db, bases["files"], COMMANDS), ok=False)
     assert failed.exit_code == 1 and "disk full" in failed.output and "Traceback" not in failed.output, failed.output
     monkeypatch.delenv("TRACKSTAR_FAULT_ENOSPC")
     after_failure = snapshot(db)
     if command != "ingest gradients":  # resumable, not atomic: whole commits may stay
         assert after_failure == before, f"the failure changed {_differences(after_failure, before)}"
-    _cli(_argv(command, db, bases["files"]))
+    _cli(_argv(command, db, bases["files"], COMMANDS))
     assert snapshot(db) == clean, f"the rerun differs from a clean run in {_differences(snapshot(db), clean)}"
 
 
@@ -134,7 +121,7 @@ def test_a_real_full_disk_heals_after_space_is_freed(command, bases, tmp_path):
             pytest.skip("the base does not fit the tmpfs")
         before = snapshot(mount / "db")
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        argv = [str(a) for a in _argv(command, mount / "db", bases["files"])]
+        argv = [str(a) for a in _argv(command, mount / "db", bases["files"], COMMANDS)]
         first = subprocess.run([sys.executable, "-m", "trackstar_db.cli", *argv], capture_output=True, text=True,
                                env=env, timeout=600)
         subprocess.run(["mount", "-o", "remount,size=200m", str(mount)], check=True)

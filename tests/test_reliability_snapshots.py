@@ -18,18 +18,14 @@ import textwrap
 import time
 
 import pytest
-from click.testing import CliRunner
+from databases import run_cli
 
-from trackstar_db.cli import main
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TRACKSTAR_LOCK_TIMEOUT="120")
 
 
 def _cli(*argv, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in argv], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
+    return run_cli(*argv, ok=ok)
 
 
 @pytest.fixture(scope="module")

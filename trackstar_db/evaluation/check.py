@@ -272,8 +272,10 @@ class Checker:
                              f"move {journal.path_of(db)} away to keep {name} as it is, then run "
                              f"'trackstar-db check {db.path}'")
         try:
+            reported = {row["table"] for row in self.rows}
             for name, problem, repair in snapshot.damage(db):
-                self.add(name, problem, repair)
+                if name not in reported:  # a table check_tables found damaged already says how to rebuild it
+                    self.add(name, problem, repair)
         except TrackstarError as exc:
             self.add(snapshot.FILENAME, _first_line(exc), f"delete {db.path / snapshot.FILENAME}")
 
@@ -309,8 +311,8 @@ class Checker:
 def check(db) -> pa.Table:
     """Problems of a database as an Arrow table (table, problem, repair); empty when it is whole."""
     checker = Checker(db)
-    checker.check_committed()
     checker.check_tables()
+    checker.check_committed()
     checker.check_ids()
     checker.check_bm25()
     checker.check_preconditioners()

@@ -39,12 +39,7 @@ def read(db_path: Path, migrate_ok: bool = False) -> dict:
     path = Path(db_path) / FILENAME
     if not path.is_file():
         raise TrackstarError(f"{db_path}: not a trackstar-db database (no {FILENAME}); create one with 'trackstar-db init'")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TrackstarError(f"{path}: corrupt manifest ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TrackstarError(f"{path}: unreadable manifest ({exc})") from None
+    manifest = read_json(path, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise TrackstarError(f"{path}: not a trackstar-db manifest")
     version = manifest.get("format_version")
@@ -60,13 +55,31 @@ def read(db_path: Path, migrate_ok: bool = False) -> dict:
     return manifest
 
 
+def read_json(path: Path, what: str):
+    """The JSON value in `path`, or one line naming the file and what is wrong with it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TrackstarError(f"{path}: corrupt {what} ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrackstarError(f"{path}: unreadable {what} ({exc})") from None
+
+
 def write(db_path: Path, manifest: dict) -> None:
-    path = Path(db_path) / FILENAME
+    write_atomic(Path(db_path) / FILENAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` as one step: a temp file, complete on disk, renamed over it."""
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:  # complete on disk before it replaces the old one
-        handle.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:  # a full disk: no partial temp file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -9,7 +9,6 @@ adapter directory (adapter_config.json) is checked the same way, its tokenizer p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trackstar_db.errors import TrackstarError
@@ -18,12 +17,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 
 def _config_object(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TrackstarError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TrackstarError(f"{path}: unreadable ({exc})") from None
+    from .manifest import read_json
+
+    config = read_json(path, "model config")
     if not isinstance(config, dict):
         raise TrackstarError(f"{path}: must hold a JSON object, not a {type(config).__name__}")
     return config

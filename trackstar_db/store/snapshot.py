@@ -20,7 +20,6 @@ committed one (its latest versions deleted) is refused by reads and writes and n
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from trackstar_db.errors import TrackstarError
@@ -47,14 +46,10 @@ def read(db_path: str | Path) -> dict | None:
 
 def write(db, manifest: dict) -> None:
     """Record every table's newest version and `manifest` as the committed state."""
-    path = Path(db.path) / FILENAME
-    record = {"tables": latest_versions(db), "manifest": manifest}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    from .manifest import write_atomic
+
+    write_atomic(Path(db.path) / FILENAME, json.dumps({"tables": latest_versions(db), "manifest": manifest},
+                                                      sort_keys=True))
 
 
 def _latest_local(table_dir: Path) -> int | None:
