@@ -41,6 +41,10 @@ def bases(tiny_db_template, tmp_path_factory):
     files = {"SENTENCES": world / "trex_sentences.jsonl", "FACTS": world / "trex_facts.jsonl"}
     facts_only = Database.create(root / "facts_only")
     ingest_facts(facts_only, [files["FACTS"]], progress=False)
+    from trackstar_db.sources.corpus import ingest_corpus
+
+    corpus_only = Database.create(root / "corpus_only")
+    ingest_corpus(corpus_only, [files["SENTENCES"]], progress=False)
     full = copy_db(tiny_db_template, root)
     _cli(["retrieve", full.path, "--method", "bm25", "--k", "3"])
     files["EXPORTED"] = root / "bm25.jsonl"
@@ -52,7 +56,8 @@ def bases(tiny_db_template, tmp_path_factory):
     for split in ("train", "queries"):
         ingest_gradients(grads, {"dim": 1024}, GradientJob(split, batch_size=16, device="cpu"), progress=False)
     fit(grads)
-    return {"dirs": {"facts_only": facts_only.path, "full": full.path, "gradients": root / "gradients"},
+    return {"dirs": {"facts_only": facts_only.path, "corpus_only": corpus_only.path, "full": full.path,
+                     "gradients": root / "gradients"},
             "files": files, "root": root}
 
 
@@ -60,6 +65,9 @@ def bases(tiny_db_template, tmp_path_factory):
 COMMANDS = {
     "ingest corpus": ("facts_only", ["ingest", "corpus", "DB", "SENTENCES", "--batch-size", "100"],
                       ["corpus.after_examples:2", "corpus.after_bm25"]),
+    "ingest facts": ("corpus_only", ["ingest", "facts", "DB", "FACTS"], ["facts.after_facts", "facts.after_queries"]),
+    "tail-patch": ("full", ["tail-patch", "DB", "--run", "bm25", "--k", "2", "--queries", "3", "--device", "cpu"],
+                   ["tailpatch.after_stage"]),
     "import": ("facts_only", ["import", "DB", "EXPORTED", "--method", "bm25-published", "--run", "published"],
                ["import.after_examples", "import.after_ground_truth_imported", "import.after_bm25"]),
     "retrieve --replace": ("full", ["retrieve", "DB", "--method", "bm25", "--k", "5", "--replace"], ["run.after_stage"]),
