@@ -92,7 +92,7 @@ class Database(SwapWriter):
     # -- reading: one committed version for a whole command ------------------------------------
     def pin(self) -> "Database":
         """Read the committed state from now on (store/snapshot.py): every table at the version
-        the last writer committed and the manifest committed with them, until unpin(). A damaged
+        the last writer committed, and the manifest as it is now, until unpin(). A damaged
         database (a table behind its committed version, a manifest whose featurizer or dims differ
         from the stored vectors', an unreadable journal) is refused with one line and its repair."""
         if (self.path / _journal.FILENAME).exists():
@@ -103,7 +103,9 @@ class Database(SwapWriter):
             self._pinned = _snapshot.latest_versions(self)
             return self
         _snapshot.refuse_damage(self, record)
-        self.manifest = record.get("manifest") or _manifest.read(self.path)
+        # the manifest as it is (a hand-moved model is seen); what must match the stored vectors
+        # was compared with the committed one just now; the R files it names are never overwritten
+        self.manifest = _manifest.read(self.path)
         self._pinned = dict(record["tables"])
         return self
 

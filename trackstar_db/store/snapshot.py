@@ -6,8 +6,9 @@ DB/versions.json holds the state of the database as its last writer left it, wri
 
     {"tables": {"examples": 7, "retrievals": 12, ...}, "manifest": {...the manifest then...}}
 
-A read command pins it (Database.pin): every table is read at its committed version and the
-manifest is the one committed with them, for the whole command. So rows a writer has staged,
+A read command pins it (Database.pin): every table is read at its committed version for the
+whole command, with the manifest read once at its start (its featurizer settings and dims are
+compared with the committed ones first; the R files it names are never overwritten). So rows a writer has staged,
 or written but not yet committed (a retrieve --replace, an import, a fit in progress), are never
 seen, and a run being replaced stays readable until its writer commits; old Lance versions and
 old preconditioner files stay on disk for such readers (gradients/fit.py keeps retired R files).
