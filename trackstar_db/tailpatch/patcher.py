@@ -31,8 +31,8 @@ from trackstar_db.featurizer.tokenize import (
     encode_query,
     encode_text,
     pad_id,
-    per_example_loss,
 )
+from trackstar_db.featurizer.task import per_example_loss
 from trackstar_db.store import schema as _schema
 
 # (query_id, prompt, target, [(rank, example_id, text), ...]): one query and its proponents
