@@ -1,0 +1,91 @@
+"""Chat records: a `messages` list (role, content) rendered with the tokenizer's own chat template.
+
+The stored text is the template's rendering of the whole conversation; its loss spans
+(featurizer/task.py, loss "chat") are the assistant turns as the template renders them: for
+assistant message i, from the end of render(messages[:i], add_generation_prompt=True) to the end
+of render(messages[:i + 1]), i.e. the content and the template's end-of-turn marker. The
+template must render each prefix of a conversation as a prefix of the whole (every common
+template does); one that does not is refused rather than guessed at.
+
+The template comes from the database's model directory (tokenizer_config.json's chat_template,
+or chat_template.jinja beside it), read offline, or from a file given with --chat-template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trackstar_db.errors import RecordError, TrackstarError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_tokenizer(db, template_file: str | Path | None = None):
+    """The database model's tokenizer with a chat template (its own, or `template_file`'s)."""
+    if not db.manifest.get("model"):
+        raise TrackstarError(f"{db.path}: chat records are rendered with the model's chat template; record the "
+                             f"model first ('trackstar-db init {db.path} --model DIR')")
+    from transformers import AutoTokenizer
+
+    source = db.model_info()["tokenizer"]
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if template_file is not None:
+        try:
+            tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TrackstarError(f"{template_file}: cannot read the chat template ({exc})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrackstarError(f"{source}: the tokenizer has no chat template; set 'chat_template' in "
+                             "tokenizer_config.json (or add chat_template.jinja) or pass --chat-template FILE")
+    return tokenizer
+
+
+def messages_of(record: dict, field: str, path, line: int) -> list[dict]:
+    """The record's messages as [{'role', 'content'}], checked; RecordError naming the field."""
+    messages = record.get(field)
+    if messages is None:
+        raise RecordError(path, line, f"missing field {field!r}")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise RecordError(path, line, f"field {field!r} must be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise RecordError(path, line, f"field {field!r}[{i}] must be an object with string 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise RecordError(path, line, f"field {field!r}[{i}]: unknown role {message['role']!r} "
+                                          f"(expected one of {', '.join(ROLES)})")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise RecordError(path, line, f"field {field!r}[{i}]: the assistant turn is empty")
+        out.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise RecordError(path, line, f"field {field!r} has no assistant turn (the loss is on the assistant turns)")
+    return out
+
+
+def _render(tokenizer, messages: list[dict], path, line: int, generation: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    except Exception as exc:  # the template's own error (jinja raise_exception, a bad role order...)
+        text = str(exc).strip().splitlines()
+        raise RecordError(path, line, f"the chat template cannot render this conversation "
+                                      f"({text[0] if text else type(exc).__name__})") from None
+
+
+def render(tokenizer, messages: list[dict], path, line: int) -> tuple[str, list[int]]:
+    """(the conversation rendered, loss spans [start, end, ...] of its assistant turns)."""
+    text = _render(tokenizer, messages, path, line)
+    spans: list[int] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], path, line, generation=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], path, line)
+        if not (text.startswith(upto) and upto.startswith(before)) or (spans and len(before) < spans[-1]):
+            raise RecordError(path, line, "the chat template does not render the conversation's turns as prefixes "
+                                          "of it, so the assistant turns cannot be located; pass --chat-template FILE")
+        if len(upto) > len(before):
+            spans += [len(before), len(upto)]
+    if not spans:
+        raise RecordError(path, line, "the chat template renders no assistant text for this conversation")
+    return text, spans
