@@ -17,9 +17,6 @@ from pathlib import Path
 
 from trackstar_db.errors import RecordError, TrackstarError
 
-ROLES = ("system", "user", "assistant", "tool")
-
-
 def chat_tokenizer(db, template_file: str | Path | None = None):
     """The database model's tokenizer with a chat template (its own, or `template_file`'s)."""
     if not db.manifest.get("model"):
@@ -41,7 +38,8 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
 
 
 def messages_of(record: dict, field: str, path, line: int) -> list[dict]:
-    """The record's messages as [{'role', 'content'}], checked; RecordError naming the field."""
+    """The record's messages as [{'role', 'content'}], checked; RecordError naming the field.
+    Roles are the template's business (it renders them or raises); the loss is on 'assistant'."""
     messages = record.get(field)
     if messages is None:
         raise RecordError(path, line, f"missing field {field!r}")
@@ -52,9 +50,6 @@ def messages_of(record: dict, field: str, path, line: int) -> list[dict]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
             raise RecordError(path, line, f"field {field!r}[{i}] must be an object with string 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise RecordError(path, line, f"field {field!r}[{i}]: unknown role {message['role']!r} "
-                                          f"(expected one of {', '.join(ROLES)})")
         if message["role"] == "assistant" and not message["content"].strip():
             raise RecordError(path, line, f"field {field!r}[{i}]: the assistant turn is empty")
         out.append({"role": message["role"], "content": message["content"]})
