@@ -47,9 +47,14 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
     retrievals = retrievals.filter(pc.is_in(retrievals.column("query_id"), pa.array(sorted(keep), pa.string())))
     queries = {r["query_id"]: r for r in db.table("queries", columns=["query_id", "prompt", "target"]).to_pylist()}
     wanted = pa.array(sorted(set(retrievals.column("example_id").to_pylist())), pa.string())
-    examples = db.table("examples", columns=["example_id", "text"])
+    from trackstar_db.featurizer.task import task_of
+
+    task = task_of(db.manifest)
+    examples = db.table("examples", columns=["example_id", "text"] + (["loss_spans"] if task.masked else []))
     examples = examples.filter(pc.is_in(examples.column("example_id"), wanted))
     texts = dict(zip(examples.column("example_id").to_pylist(), examples.column("text").to_pylist()))
+    spans = dict(zip(examples.column("example_id").to_pylist(), examples.column("loss_spans").to_pylist())) \
+        if task.masked else None
     missing = set(wanted.to_pylist()) - set(texts)
     if missing:
         raise TrackstarError(f"{len(missing)} retrieved examples are not in the examples table (first "
@@ -64,7 +69,7 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
                                                                      texts[row["example_id"]]))
     pairs = {run_id: [(q, queries[q]["prompt"], queries[q]["target"], props) for q, props in sorted(by_query.items())]
              for run_id, by_query in runs.items()}
-    patcher = TailPatcher(model, tokenizer, state, TailPatchConfig(k=k))
+    patcher = TailPatcher(model, tokenizer, state, TailPatchConfig(k=k), task=task, spans=spans)
     rows = patcher.run(pairs)
     _check_finite(rows)
     # write-then-swap (Database.swap_rows): the old rows stay until every new row is stored
