@@ -182,14 +182,17 @@ def _loss_of_table(db, options: CorpusOptions):
     return replace(task, examples=options.loss)
 
 
-def _record_task(db, task) -> None:
-    """Write the task into the manifest (and the loss_spans column into an older examples table)."""
-    from trackstar_db.featurizer.task import MANIFEST_KEY
-
+def _add_spans_column(db, task) -> None:
+    """An examples table made before loss spans existed gains the (null) column for masked rows."""
     if task.masked and "loss_spans" not in db.lance_table("examples").schema.names:
         import pyarrow as pa
 
         db.lance_table("examples").add_columns(pa.field("loss_spans", pa.list_(pa.int32())))
+
+
+def _record_task(db, task) -> None:
+    from trackstar_db.featurizer.task import MANIFEST_KEY
+
     if db.manifest.get(MANIFEST_KEY) != task.to_dict():
         db.update_manifest(lambda manifest: manifest.__setitem__(MANIFEST_KEY, task.to_dict()))
 
@@ -218,7 +221,7 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
         sync_bm25(db)
         stored = _stored_hashes(db)
         faults.point("corpus.before_write")
-        _record_task(db, task)
+        _add_spans_column(db, task)
         registry = IdRegistry("example")
         bm25 = BM25Index(db.path)
         pending: list[dict] = []
@@ -249,6 +252,7 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
 
         rebuild_ground_truth(db)
         faults.point("corpus.after_ground_truth")
+        _record_task(db, task)  # last: a run killed before here is rolled back to the old manifest
     if report.rejected:
         with (db.path / "rejects.jsonl").open("a", encoding="utf-8") as handle:
             for error in report.rejected:
