@@ -162,3 +162,48 @@ def test_task_round_trip_and_manifests_without_the_field():
         Task("tokens")
     with pytest.raises(ValueError, match="unknown field"):
         Task.from_dict({"examples": "all", "weights": 2})
+
+
+def test_tail_patch_steps_on_the_completion_loss(tokenizer):
+    """Tail-patch's optimizer step on a completion example equals a manual AdamW step on the loss
+    with the prompt tokens zeroed (and differs from a step on every token)."""
+    import copy
+
+    from trackstar_db.featurizer.optimizer_state import OptimizerState
+    from trackstar_db.tailpatch.patcher import TailPatcher
+
+    model = tiny_model(tokenizer)
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for n, p in model.named_parameters():
+        tensors[f"exp_avg.{n}"] = torch.randn(p.shape, generator=g) * 1e-3
+        tensors[f"exp_avg_sq.{n}"] = torch.rand(p.shape, generator=g) * 1e-5 + 1e-8
+    state = OptimizerState("adamw", step=10, lr=3e-2, beta2=0.999, tensors=tensors)
+    (prompt, completion), (q_prompt, q_target) = PAIRS[1], PAIRS[0]
+    text, spans = text_and_spans({"prompt": prompt, "completion": completion}, "x.jsonl", 1, OPTIONS)
+    pairs = [("q", q_prompt, q_target, [(1, "e", text)])]
+    got = TailPatcher(model, tokenizer, state, task=Task("completion"), spans={"e": spans}).run({"r": pairs})
+    plain = TailPatcher(model, tokenizer, state).run({"r": pairs})
+
+    manual = copy.deepcopy(model)
+    names = [n for n, _ in manual.named_parameters()]
+    opt = torch.optim.AdamW(manual.parameters(), lr=state.lr, betas=(state.beta1, state.beta2), eps=state.eps,
+                            weight_decay=state.weight_decay)
+    saved = opt.state_dict()
+    saved["state"] = {i: {"step": torch.tensor(float(state.step)), "exp_avg": tensors[f"exp_avg.{n}"].clone(),
+                          "exp_avg_sq": tensors[f"exp_avg_sq.{n}"].clone()} for i, n in enumerate(names)}
+    opt.load_state_dict(saved)
+    head = [tokenizer.bos_token_id] + words(tokenizer, prompt)
+    ids = torch.tensor([head + words(tokenizer, completion) + [tokenizer.eos_token_id]])
+    weight = torch.tensor([0.0] * len(head) + [1.0] * (ids.shape[1] - len(head)))[1:]
+    token_loss = torch.nn.functional.cross_entropy(manual(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+    ((token_loss * weight).sum() / weight.sum()).backward()
+    opt.step()
+    query = collate([encode_query(tokenizer, q_prompt, q_target)], pad_id(tokenizer))
+    with torch.no_grad():
+        from trackstar_db.featurizer.task import per_example_loss
+
+        loss, n = per_example_loss(manual(input_ids=query["input_ids"]).logits, query["labels"])
+    want = float(torch.exp(-(loss.double() * n))[0])
+    assert got.column("p_after")[0].as_py() == pytest.approx(want, rel=1e-5)
+    assert abs(plain.column("p_after")[0].as_py() - want) > 1e-3 * want

@@ -177,3 +177,22 @@ def test_an_older_empty_examples_table_gains_the_loss_spans_column(tmp_path, mod
     run("ingest", "corpus", db_path, path, "--prompt-field", "prompt", "--completion-field", "completion")
     rows = connect(db_path).table("examples").to_pylist()
     assert len(rows) == len(PAIRS) and all(r["loss_spans"][1] == len(r["text"]) for r in rows)
+
+
+def test_tracked_modules_are_part_of_the_recorded_task(completion_db):
+    from dataclasses import replace
+
+    from trackstar_db.errors import TrackstarError
+    from trackstar_db.featurizer.task import record_task
+
+    db = connect(completion_db)
+    task = replace(task_of(db.manifest), modules=("transformer.h.1.*",))
+    record_task(db, task)
+    run("ingest", "gradients", completion_db, "--correction", "none", "--dim", "1024", "--device", "cpu")
+    manifest = connect(completion_db).manifest
+    assert manifest[MANIFEST_KEY] == {"examples": "completion", "queries": "target", "modules": ["transformer.h.1.*"]}
+    tracked = manifest["featurizer"]["tracked"]
+    assert tracked and all(name.startswith("transformer.h.1.") for name in tracked)
+    assert manifest["featurizer"]["task"] == manifest[MANIFEST_KEY]
+    with pytest.raises(TrackstarError, match="fixed by the first gradient run"):
+        record_task(connect(completion_db), replace(task, modules=None))

@@ -102,6 +102,19 @@ def task_of(manifest: dict) -> Task:
     return Task.from_dict(manifest.get(MANIFEST_KEY))
 
 
+def record_task(db, task: Task) -> None:
+    """Write `task` into the database's manifest (under its writer lock). The tracked modules are
+    fixed by the first gradient run: a change after it is refused."""
+    stored = db.manifest.get("featurizer")
+    if stored is not None and task.modules != task_of(db.manifest).modules:
+        from trackstar_db.errors import TrackstarError
+
+        raise TrackstarError(f"{db.path}: the tracked modules are fixed by the first gradient run "
+                             f"({len(stored.get('tracked', []))} matrices); featurize into a new database to track others")
+    if db.manifest.get(MANIFEST_KEY) != task.to_dict():
+        db.update_manifest(lambda manifest: manifest.__setitem__(MANIFEST_KEY, task.to_dict()))
+
+
 def segments(text: str, spans: list[int]) -> list[tuple[str, bool]]:
     """The pieces of `text` cut at its loss spans [start0, end0, start1, end1, ...] (character
     offsets, increasing): (piece, carries loss)."""

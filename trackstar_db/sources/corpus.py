@@ -190,19 +190,13 @@ def _add_spans_column(db, task) -> None:
         db.lance_table("examples").add_columns(pa.field("loss_spans", pa.list_(pa.int32())))
 
 
-def _record_task(db, task) -> None:
-    from trackstar_db.featurizer.task import MANIFEST_KEY
-
-    if db.manifest.get(MANIFEST_KEY) != task.to_dict():
-        db.update_manifest(lambda manifest: manifest.__setitem__(MANIFEST_KEY, task.to_dict()))
-
-
 def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = None,
                   progress: bool = True) -> IngestReport:
     """Add the files' records to examples and BM25, all or nothing (store/journal.py), under the
     writer lock. A conflicting duplicate id (in the files, or against a stored example) is a
     RecordError naming both places; records whose loss differs from the stored examples' are
     refused before anything is written."""
+    from trackstar_db.featurizer.task import record_task
     from trackstar_db.store import journal
 
     options = options or CorpusOptions()
@@ -252,7 +246,7 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
 
         rebuild_ground_truth(db)
         faults.point("corpus.after_ground_truth")
-        _record_task(db, task)  # last: a run killed before here is rolled back to the old manifest
+        record_task(db, task)  # last: a run killed before here is rolled back to the old manifest
     if report.rejected:
         with (db.path / "rejects.jsonl").open("a", encoding="utf-8") as handle:
             for error in report.rejected:
