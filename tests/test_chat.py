@@ -103,6 +103,8 @@ def test_chat_records_ingest_and_featurize_on_the_assistant_turns(tmp_path, chat
     ({"id": "b", "messages": [{"role": "user", "text": "hello"}]}, "field 'messages'[0] must be an object"),
     ({"id": "b", "messages": [{"role": 3, "content": "hello"}]}, "field 'messages'[0] must be an object"),
     ({"id": "b", "messages": "hello"}, "field 'messages' must be a non-empty list"),
+    ({"id": "b", "messages": [{"role": "user", "content": "river " * 70}, {"role": "assistant", "content": "fine"}]},
+     "no assistant token lies within the first 64 tokens"),  # the tiny model's context is 64
 ])
 def test_bad_chat_records_stop_with_one_line_and_lose_nothing(tmp_path, chat_model, record, message):
     db = tmp_path / "db"

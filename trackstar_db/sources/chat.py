@@ -13,9 +13,29 @@ or chat_template.jinja beside it), read offline, or from a file given with --cha
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from trackstar_db.errors import RecordError, TrackstarError
+
+
+@dataclass
+class ChatRenderer:
+    """Renders chat records for one database: its tokenizer (with a template) and the cut."""
+
+    tokenizer: object
+    cap: int | None
+
+    def __call__(self, record: dict, field: str, path, line: int) -> tuple[str, list[int]]:
+        """(text, loss spans) of the record's conversation; RecordError naming the field."""
+        text, spans = render(self.tokenizer, messages_of(record, field, path, line), path, line)
+        check_fits(self.tokenizer, text, spans, self.cap, path, line)
+        return text, spans
+
+
+def chat_renderer(db, template_file: str | Path | None = None) -> ChatRenderer:
+    tokenizer = chat_tokenizer(db, template_file)
+    return ChatRenderer(tokenizer, context_cap(db, tokenizer))
 
 def chat_tokenizer(db, template_file: str | Path | None = None):
     """The database model's tokenizer with a chat template (its own, or `template_file`'s)."""
@@ -35,6 +55,32 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
         raise TrackstarError(f"{source}: the tokenizer has no chat template; set 'chat_template' in "
                              "tokenizer_config.json (or add chat_template.jinja) or pass --chat-template FILE")
     return tokenizer
+
+
+def context_cap(db, tokenizer) -> int | None:
+    """Tokens a featurized chat keeps: the stored (or default) max_length, capped at the model's
+    context (tokenize.cap_tokenizer), as the gradient run will cut it."""
+    from trackstar_db.featurizer.config import FeaturizerConfig
+    from trackstar_db.featurizer.tokenize import cap_tokenizer, token_limit
+
+    entry = db.manifest.get("featurizer") or {}
+    max_length = entry.get("config", {}).get("max_length", FeaturizerConfig().max_length)
+    try:
+        from transformers import AutoConfig
+
+        return cap_tokenizer(tokenizer, AutoConfig.from_pretrained(db.model_info()["path"], local_files_only=True),
+                             max_length)
+    except (OSError, ValueError):  # an adapter directory has no config.json of its own
+        return token_limit(tokenizer, max_length)
+
+
+def check_fits(tokenizer, text: str, spans: list[int], cap: int | None, path, line: int) -> None:
+    """Refuse a chat whose assistant tokens all lie beyond the cut (its loss would be empty)."""
+    from trackstar_db.featurizer.task import Task
+    from trackstar_db.featurizer.tokenize import IGNORE
+
+    if cap is not None and all(label == IGNORE for label in Task("chat").encode_example(tokenizer, text, spans, cap).labels):
+        raise RecordError(path, line, f"no assistant token lies within the first {cap} tokens the model keeps")
 
 
 def messages_of(record: dict, field: str, path, line: int) -> list[dict]:

@@ -101,7 +101,7 @@ def fact_key(triple, path, line) -> str:
 def text_and_spans(record: dict, path: Path, line: int, options: CorpusOptions,
                    chat=None) -> tuple[str, list[int] | None]:
     """The example's text and loss spans (None: every token) under the options' loss; `chat`:
-    the tokenizer whose template renders chat records."""
+    the renderer of chat records (chat.ChatRenderer)."""
     if options.loss == "all":
         return require_text(record, options.text_field, path, line), None
     if options.loss == "completion":
@@ -111,9 +111,7 @@ def text_and_spans(record: dict, path: Path, line: int, options: CorpusOptions,
         completion = require_text(record, options.completion_field, path, line)
         text = prompt + target_separator(prompt) + completion
         return text, [len(prompt), len(text)]
-    from .chat import messages_of, render
-
-    return render(chat, messages_of(record, options.messages_field, path, line), path, line)
+    return chat(record, options.messages_field, path, line)
 
 
 def to_row(record: dict, path: Path, line: int, options: CorpusOptions, chat=None, source: str | None = None) -> dict:
@@ -205,9 +203,10 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
     sources = {shard: f"{path.name}/{shard.name}" for path in map(Path, files) if path.is_dir()
                for shard in expand([path])}
     if options.loss == "chat":
-        from .chat import chat_tokenizer
+        from .chat import chat_renderer
 
-        tokenizer = chat = chat_tokenizer(db, options.chat_template)
+        chat = chat_renderer(db, options.chat_template)
+        tokenizer = chat.tokenizer
     else:
         tokenizer, chat = _tokenizer(db), None
     with journal.transaction(db, "ingest corpus", ["examples", "ground_truth"], bm25=True):
