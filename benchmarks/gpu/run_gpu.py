@@ -146,8 +146,8 @@ def bench_sharded(args, device, dtype, results) -> None:
     config = FeaturizerConfig(dim=args.dim, correction="none", max_length=args.seq)
     batches = make_batches(make_model(preset, dtype, "meta").config.vocab_size, args.batches, args.batch, args.seq, seed=3)
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    plain = Featurizer(make_model(preset, dtype, device), config, device=device)
-    sharded = Featurizer(shard_model(make_model(preset, dtype, "cpu"), mesh_for(rank)), config, device=device)
+    plain = Featurizer(make_model(preset, dtype, "cpu").to(device), config, device=device)  # same weights:
+    sharded = Featurizer(shard_model(make_model(preset, dtype, "cpu"), mesh_for(rank)), config, device=device)  # CPU init
     ref = plain.featurize(batches[0]).vectors["uncorrected"]
     got = sharded.featurize(batches[0]).vectors["uncorrected"]
     rel = float(((got - ref).norm(dim=1) / ref.norm(dim=1)).max())
