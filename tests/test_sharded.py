@@ -132,3 +132,55 @@ def test_shard_model_refuses_an_explicit_shard(tiny_db):
 
     result = CliRunner().invoke(main, ["ingest", "gradients", str(tiny_db.path), "--shard-model", "--shard", "1/2"])
     assert result.exit_code != 0 and "--shard-model" in result.output
+
+
+# -- the device plan ---------------------------------------------------------------------------
+
+def test_device_plan_counts_shards_gathered_groups_and_the_fewest_devices_that_fit():
+    from trackstar_db.errors import TrackstarError
+    from trackstar_db.featurizer import FeaturizerConfig
+    from trackstar_db.gradients.memory import HEADROOM, RESERVE, bytes_per_token, device_need, devices_needed
+
+    model = make_model("gptneox")
+    featurizer = Featurizer(model, FeaturizerConfig(dim=1024, correction="none", max_length=64))
+    weights = sum(p.numel() * 4 for p in model.parameters())  # float32
+    layers = [sum(p.numel() * 4 for p in layer.parameters()) for layer in model.gpt_neox.layers]
+    root = weights - sum(layers)
+    one, two = device_need(featurizer, 1, 64, 64), device_need(featurizer, 2, 64, 64)
+    assert (one.shard_bytes, one.gathered_bytes) == (weights, 0)
+    assert (two.shard_bytes, two.gathered_bytes) == (-(-weights // 2), root + 2 * max(layers))
+    assert one.activation_bytes == 64 * bytes_per_token(featurizer, 64)
+    assert one.total_bytes == int((weights + one.projection_bytes + one.activation_bytes + RESERVE) / HEADROOM)
+    assert devices_needed(featurizer, one.total_bytes, 64).devices == 1
+    with pytest.raises(TrackstarError, match="no sharding up to 64 devices"):
+        devices_needed(featurizer, RESERVE, 64)
+
+
+def test_device_plan_shards_a_model_whose_weights_exceed_one_device():
+    import transformers
+
+    from trackstar_db.featurizer import FeaturizerConfig
+    from trackstar_db.gradients.memory import GiB, devices_needed
+
+    config = transformers.GPTNeoXConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                        intermediate_size=16384, vocab_size=50304)  # a 7B shape
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    featurizer = Featurizer(model, FeaturizerConfig(dim=65536, correction="none", max_length=512))
+    weights = sum(p.numel() * 2 for p in model.parameters())
+    need = devices_needed(featurizer, 16 * GiB, 512)
+    assert weights > 12 * GiB and need.devices >= 2 and need.total_bytes <= 16 * GiB
+    assert devices_needed(featurizer, 80 * GiB, 512).devices == 1
+
+
+def test_plan_command_adds_the_devices_a_model_needs(tmp_path):
+    from click.testing import CliRunner
+    from tiny_models import make_config
+
+    from trackstar_db.cli import main
+
+    make_config("gptneox").save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(main, ["plan", "--rows", "1000", "--dim", "1024", "--model", str(tmp_path / "model"),
+                                       "--device-gib", "1", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "devices: featurize on 1 GiB devices" in result.output and "1 device, unsharded" in result.output
