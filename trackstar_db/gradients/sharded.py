@@ -85,6 +85,8 @@ def init_ranks(device: str = "auto") -> Rank:
         if not torch.cuda.is_available():
             raise TrackstarError(f"--device {device}: no CUDA GPU is available here")
         index = int(env.get("LOCAL_RANK", "0")) if device in ("auto", "cuda") else torch.device(device).index or 0
+        if index >= torch.cuda.device_count():  # a launcher that shows each task its one GPU (srun --gpus-per-task=1)
+            index = 0
         torch.cuda.set_device(index)
         where = torch.device("cuda", index)
     else:
