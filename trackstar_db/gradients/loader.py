@@ -46,12 +46,16 @@ def sample_texts(db, limit: int, spans: bool = False) -> list:
 
 
 def load_featurizer(db, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
-                    estimate_sample: int = 512, batch_size: int = 16, model_dtype: str = "float32"):
+                    estimate_sample: int = 512, batch_size: int = 16, model_dtype: str = "float32",
+                    prepare=None):
     """(Featurizer, tokenizer) for the database's model and task (featurizer/task.py), with the
     second moment config asks for (estimated from the task's loss on a sample).
-    The tokenizer's encodings are capped at the model's context (tokenize.cap_tokenizer)."""
+    The tokenizer's encodings are capped at the model's context (tokenize.cap_tokenizer).
+    prepare: model -> model, given the model loaded on the CPU (gradients/sharded.py shards it)."""
     task = task_of(db.manifest)
-    model, tokenizer = db.load_model(device, model_dtype)
+    model, tokenizer = db.load_model("cpu" if prepare else device, model_dtype)
+    if prepare is not None:
+        model = prepare(model)
     cap_tokenizer(tokenizer, model.config, config.max_length)
     state = None
     if config.correction in ("adam-exact", "adam-factored", "adafactor"):
