@@ -59,6 +59,22 @@ class Database(_store.Database):
 
         return token_contributions(self, prompt, target, example_id, method, attributor=self._attributor_for(device))
 
+    def validate(self, options=None, bootstrap: int = 1000, report=None, **settings) -> pa.Table:
+        """Counterfactual validation (validate/): retrain on random subsets the validation lacks
+        (options: validate.options.ValidateOptions, or its fields as keywords: models, fraction,
+        seed, name, train_command, ...), then the LDS of every retrieval run with a bootstrap
+        interval (run_id, method, validation, n_queries, n_undefined, n_subsets, lds, lds_low, lds_high)."""
+        from trackstar_db.validate.lds import lds_table
+        from trackstar_db.validate.options import ValidateOptions
+        from trackstar_db.validate.runner import run_validation
+
+        options = options or ValidateOptions(**settings)
+        trained = run_validation(self, options)
+        if report is not None:
+            report(f"validation {options.name}: trained {len(trained)} model(s) now, "
+                   f"{options.models - len(trained)} already stored")
+        return lds_table(self, options.name, bootstrap)
+
 
 def connect(path: str | Path) -> Database:
     """Open an existing trackstar-db database directory."""

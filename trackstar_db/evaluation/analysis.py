@@ -19,6 +19,8 @@ def evaluation(db, by: str = "method") -> pa.Table:
     if by != "method" and by not in splits:
         raise TrackstarError(f"--by must be one of method, {', '.join(splits)}, not {by!r}")
     tables = {name: db.dataset(name) for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs")}
+    for name in ("validate_runs", "validate_losses"):  # absent from databases made before `validate`
+        tables[name] = db.dataset(name) if db.has_table(name) else None
     tables["model_correct"] = db.dataset("predictions")
     # Evaluate the queries some run retrieved for (e.g. the prompt0 ones), not every template.
     retrieved = pa.array(sorted(set(db.table("retrievals", columns=["query_id"]).column("query_id").to_pylist())),
