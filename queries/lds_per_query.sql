@@ -27,7 +27,7 @@ scored AS (  -- one score per (run, query, example): an example can be both prop
     FROM retrievals GROUP BY run_id, query_id, example_id
 ),
 sums AS (
-    SELECT s.run_id, m.validation, m.subset, s.query_id, sum(s.score) AS subset_score
+    SELECT s.run_id, m.validation, m.subset, s.query_id, sum(s.score ORDER BY s.example_id) AS subset_score
     FROM scored s JOIN members m USING (example_id)
     GROUP BY s.run_id, m.validation, m.subset, s.query_id
 ),
@@ -48,9 +48,9 @@ ranked AS (
              + (count(*) OVER (PARTITION BY run_id, validation, query_id, loss) - 1) / 2.0 AS loss_rank
     FROM grid
 )
-SELECT run_id, any_value(method) AS method, validation, query_id, count(*) AS n_subsets,
-       coalesce(corr(score_rank, loss_rank), 0.0) AS lds,
-       corr(score_rank, loss_rank) IS NOT NULL AS defined
-FROM ranked
-GROUP BY run_id, validation, query_id
+SELECT run_id, method, validation, query_id, n_subsets, coalesce(rho, 0.0) AS lds, rho IS NOT NULL AS defined
+FROM (SELECT run_id, any_value(method) AS method, validation, query_id, count(*) AS n_subsets,
+             CASE WHEN var_pop(score_rank) > 0 AND var_pop(loss_rank) > 0 THEN corr(score_rank, loss_rank) END AS rho
+      FROM ranked
+      GROUP BY run_id, validation, query_id)
 ORDER BY run_id, validation, query_id

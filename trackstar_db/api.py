@@ -73,7 +73,11 @@ class Database(_store.Database):
         if report is not None:
             report(f"validation {options.name}: trained {len(trained)} model(s) now, "
                    f"{options.models - len(trained)} already stored")
-        return lds_table(self, options.name, bootstrap)
+        table = lds_table(self, options.name, bootstrap)
+        if report is not None and table.num_rows == 0:
+            report("no retrieval run covers these queries yet: run 'trackstar-db retrieve', then validate again "
+                   "(nothing is retrained)")
+        return table
 
 
 def connect(path: str | Path) -> Database:

@@ -11,8 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trackstar_db.errors import TrackstarError
-
 TABLES = ("retrievals", "runs", "validate_runs", "validate_losses")
 
 
@@ -47,11 +45,7 @@ def lds_table(db_or_tables, validation: str | None = None, bootstrap: int = 1000
     tables = db_or_tables if isinstance(db_or_tables, dict) else _tables(db_or_tables)
     summary = run_sql_file("lds.sql", tables)
     per_query = run_sql_file("lds_per_query.sql", tables)
-    if validation is not None:
-        known = set(summary.column("validation").to_pylist())
-        if validation not in known:
-            raise TrackstarError(f"no validation {validation!r} with retrieval runs to score; "
-                                 f"validations: {', '.join(sorted(known)) or 'none'}")
+    if validation is not None:  # no row when no retrieval run covers the validation's queries
         summary = summary.filter(pc.equal(summary.column("validation"), validation))
     groups: dict[tuple[str, str], list[float]] = {}
     for run, name, value in zip(*(per_query.column(c).to_pylist() for c in ("run_id", "validation", "lds"))):
