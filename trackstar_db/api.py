@@ -46,10 +46,11 @@ class Database(_store.Database):
         return evaluation(self, by)
 
     def query(self, prompt: str, target: str, k: int = 10, method: str | None = None, device: str = "cpu",
-              ann=None) -> pa.Table:
+              ann=None, verify: bool = False) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
-        score, text, method). method None: the best rung this database can serve."""
-        return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann)
+        score, method, text, and evidence: retrieval/evidence.py). method None: the best rung this
+        database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label)."""
+        return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:

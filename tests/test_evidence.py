@@ -1,0 +1,87 @@
+"""Evidence on query hits: the text checks against brute force, BM25 per example against the
+index's own search, and `query --verify` against stored `tail-patch` for the same examples."""
+
+import json
+import random
+
+import pyarrow.compute as pc
+import pytest
+from click.testing import CliRunner
+
+from trackstar_db.retrieval.evidence import contains, label, longest_shared_span, text_evidence, words
+
+
+def _brute_span(a, b):
+    return max([n for i in range(len(a)) for j in range(len(b)) for n in range(1, min(len(a) - i, len(b) - j) + 1)
+                if a[i:i + n] == b[j:j + n]], default=0)
+
+
+def test_longest_shared_span_and_contains_match_brute_force():
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 12))]
+        b = [rng.choice("abcd") for _ in range(rng.randint(0, 8))]
+        assert longest_shared_span(a, b) == _brute_span(a, b)
+        needle = b[:rng.randint(0, 3)]
+        assert contains(a, needle) == (bool(needle) and any(a[i:i + len(needle)] == needle for i in range(len(a))))
+
+
+def test_text_evidence_and_labels():
+    columns = text_evidence("The capital of France is", "Paris",
+                            ["Paris is the capital of France.", "Parisian food", "The capital of France is big.",
+                             "Ada lives in Paris."], subject="France")
+    assert columns["has_target"] == [True, False, False, True]  # whole words: 'Parisian' is not 'Paris'
+    assert columns["has_subject"] == [True, False, True, False]
+    assert columns["shared_span"] == [4, 0, 5, 1]  # "the capital of france"; "the capital of france is"
+    assert columns["states_it"] == [True, False, False, False]
+    assert words("Ça, c'est Paris!") == ["ça", "c", "est", "paris"]
+    assert [label(s, m) for s, m in [(True, True), (True, False), (False, True), (False, False)]] == \
+        ["both", "states it", "moves the model", "neither"]
+    assert label(True, None) == "states it (not verified)" and label(False, None) == "not verified"
+
+
+def test_bm25_scores_of_equals_the_index_search(tiny_db):
+    from trackstar_db.store.bm25 import BM25Index
+
+    index = BM25Index(tiny_db.path)
+    text = tiny_db.table("queries").to_pylist()[0]
+    query = f"{text['prompt']} {text['target']}"
+    hits = index.search(query, 8)
+    ids = [e for e, _ in hits[2:6]] + ["no-such-example"]
+    scores = index.scores_of(query, ids)
+    assert scores == {**{e: pytest.approx(s, rel=1e-6) for e, s in hits[2:6]}, "no-such-example": 0.0}
+
+
+def test_query_verify_gives_the_stored_tail_patch_delta(tiny_db):
+    from trackstar_db.api import connect
+    from trackstar_db.cli import main
+    from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
+    from trackstar_db.tailpatch.runs import tail_patch_runs
+
+    retrieve(tiny_db, "bm25", RetrieveOptions(k=5))
+    stored = tail_patch_runs(tiny_db, ["bm25"], k=5, max_queries=2)
+    query_id = stored.column("query_id")[0].as_py()
+    query = tiny_db.table("queries", filter=pc.field("query_id") == query_id).to_pylist()[0]
+    expected = {r["example_id"]: r["p_after"] - r["p_before"]
+                for r in stored.filter(pc.equal(stored.column("query_id"), query_id)).to_pylist()}
+    db = connect(tiny_db.path)
+    rows = db.query(query["prompt"], query["target"], k=5, method="bm25", verify=True).to_pylist()
+    assert {r["example_id"] for r in rows} == set(expected)
+    for r in rows:
+        assert r["delta_p"] == pytest.approx(expected[r["example_id"]], rel=1e-5, abs=1e-9)
+        assert r["verify_ms"] > 0 and r["moves_model"] == (r["delta_p"] >= 1e-3)
+        assert r["label"] in ("both", "states it", "moves the model", "neither")
+        assert r["bm25"] > 0 and r["has_subject"] is not None  # a stored query: its fact's subject is known
+    plain = db.query(query["prompt"], query["target"], k=5, method="bm25").to_pylist()
+    assert all(r["delta_p"] is None and r["label"] in ("not verified", "states it (not verified)") for r in plain)
+
+    runner = CliRunner()
+    args = ["query", str(tiny_db.path), "--prompt", query["prompt"], "--target", query["target"], "--k", "5",
+            "--method", "bm25", "--verify"]
+    text = runner.invoke(main, args)
+    assert text.exit_code == 0, text.output
+    assert text.output.count(" ms)") == 5 and "tail-patch dP" in text.output
+    as_json = runner.invoke(main, args + ["--format", "json"])
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["label"] for r in lines] == [r["label"] for r in rows]
+    assert {"bm25", "has_target", "has_subject", "shared_span", "states_it", "delta_p", "moves_model"} <= set(lines[0])
