@@ -2,14 +2,14 @@
 the target loss of models retrained on random halves of the corpus.
 
 Builds the world with the demo's own pipeline (testbed/demo.run_demo with full=True: model with
-intermediate checkpoints for TracIn-CP, gradients, R, every method, tail-patch of a few queries),
-re-retrieves each method with k = every example (so a subset's summed score misses no example),
+intermediate checkpoints for TracIn-CP, gradients, R, every method), re-retrieves each method with
+k = every example (so a subset's summed score misses no example), tail-patches a sample of queries,
 then runs `validate` (M retrained models, each on a seeded random half) and prints the LDS table
 with bootstrap intervals, the wall time of each stage and the machine load. The retrained models
 use the base model's training config unless --steps caps them.
 
     python benchmarks/bench_lds.py                               # tiny world, M=24 (a few minutes on 2 cores)
-    python benchmarks/bench_lds.py --size demo --models 16 --steps 400 --device cuda   # the demo world
+    python benchmarks/bench_lds.py --size demo --models 12 --steps 300   # the demo world (much longer)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per retrained model (default: "
                                                                 "the base model's own config)")
     parser.add_argument("--dim", type=int, default=1024, help="projected gradient width")
+    parser.add_argument("--patch-queries", type=int, default=20, help="queries tail-patched per method")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -41,20 +42,23 @@ def main() -> None:
     from trackstar_db.api import connect
     from trackstar_db.evaluation.sql import format_table
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
+    from trackstar_db.tailpatch.runs import tail_patch_runs
     from trackstar_db.testbed.demo import run_demo
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-lds-")) / "world"
     load = os.getloadavg()
     times = {}
     started = time.perf_counter()
-    run_demo(workdir, size=args.size, dim=args.dim, full=True, tail_patch_queries=5)
-    times["build (world, train, featurize, fit, retrieve k=100, tail-patch 5 queries)"] = time.perf_counter() - started
+    run_demo(workdir, size=args.size, dim=args.dim, full=True, tail_patch_queries=1)
+    times["build (world, train, featurize, fit, retrieve k=100)"] = time.perf_counter() - started
     db = connect(workdir / "db")
     n = db.count("examples")
     mark = time.perf_counter()
     for method in METHODS:
         retrieve(db, method, RetrieveOptions(k=n, device=args.device), replace=True)
-    times[f"re-retrieve {len(METHODS)} methods with k={n}"] = time.perf_counter() - mark
+    tail_patch_runs(db, list(METHODS), k=10, max_queries=args.patch_queries, device=args.device)
+    times[f"re-retrieve {len(METHODS)} methods with k={n}, tail-patch {args.patch_queries} queries"] = \
+        time.perf_counter() - mark
     mark = time.perf_counter()
     table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device)
     times[f"validate: train {args.models} models + losses + LDS"] = time.perf_counter() - mark
