@@ -85,3 +85,33 @@ def test_query_verify_gives_the_stored_tail_patch_delta(tiny_db):
     lines = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [r["label"] for r in lines] == [r["label"] for r in rows]
     assert {"bm25", "has_target", "has_subject", "shared_span", "states_it", "delta_p", "moves_model"} <= set(lines[0])
+
+
+def test_explorer_labels_hits_from_text_and_stored_tail_patch(tmp_path):
+    import pyarrow as pa
+
+    from trackstar_db.evaluation.explorer import build_pages, write_explorer
+
+    retrievals = pa.Table.from_pylist([
+        dict(run_id="r", method="bm25", query_id="q", kind="proponent", rank=i + 1, example_id=e, score=1.0 - i / 10)
+        for i, e in enumerate(["both", "states", "moves", "neither", "unpatched"])])
+    texts = {"both": "Ada Moreau was born in Lyon.", "states": "Ada Moreau, born in Lyon.", "moves": "Lyon is big.",
+             "neither": "Nothing here.", "unpatched": "Nothing here either."}
+    tables = {
+        "retrievals": retrievals,
+        "queries": pa.table({"query_id": ["q"], "fact_id": ["F1"], "prompt": ["Ada Moreau was born in"],
+                             "target": ["Lyon"], "template": ["prompt0"]}),
+        "examples": pa.table({"example_id": list(texts), "text": list(texts.values())}),
+        "facts": pa.table({"fact_id": ["F1"], "subject": ["Ada Moreau"], "relation": ["born in"],
+                           "frequency_bucket": pa.array([2], pa.int32())}),
+        "tail_patch": pa.Table.from_pylist([dict(run_id="r", query_id="q", rank=i + 1, example_id=e, p_before=0.2,
+                                                 p_after=0.2 + d)
+                                            for i, (e, d) in enumerate([("both", 0.01), ("states", 0.0),
+                                                                        ("moves", 0.02), ("neither", -0.01)])]),
+    }
+    page = build_pages(tables, ["r"], ["q"], k=5)[0]
+    labels = {h["example_id"]: h["label"] for h in page["columns"][0]["proponent"]}
+    assert labels == {"both": "both", "states": "states it", "moves": "moves the model", "neither": "neither",
+                      "unpatched": "not verified"}
+    html = (write_explorer(tmp_path, [page]).parent / "q-0001.html").read_text()
+    assert html.count('class="lab ') == 5 and "moves the model" in html
