@@ -27,13 +27,16 @@ def test_longest_shared_span_and_contains_match_brute_force():
 
 
 def test_text_evidence_and_labels():
-    columns = text_evidence("The capital of France is", "Paris",
-                            ["Paris is the capital of France.", "Parisian food", "The capital of France is big.",
-                             "Ada lives in Paris."], subject="France")
-    assert columns["has_target"] == [True, False, False, True]  # whole words: 'Parisian' is not 'Paris'
-    assert columns["has_subject"] == [True, False, True, False]
-    assert columns["shared_span"] == [4, 0, 5, 1]  # "the capital of france"; "the capital of france is"
-    assert columns["states_it"] == [True, False, False, False]
+    texts = ["Paris is the capital of France.", "Parisian food", "The capital of France is big.",
+             "Ada lives in Paris.", "The capital of Spain is Paris."]
+    columns = text_evidence("The capital of France is", "Paris", texts, subject="France")
+    assert columns["has_target"] == [True, False, False, True, True]  # whole words: 'Parisian' is not 'Paris'
+    assert columns["has_subject"] == [True, False, True, False, False]
+    assert columns["shared_span"] == [4, 0, 5, 1, 3]  # "the capital of france"; "the capital of france is"
+    assert columns["states_it"] == [True, False, False, False, False]  # a known subject must be there
+    unknown = text_evidence("The capital of France is", "Paris", texts)
+    assert unknown["has_subject"] == [None] * 5
+    assert unknown["states_it"] == [True, False, False, False, True]  # no subject known: 3+ shared words
     assert words("Ça, c'est Paris!") == ["ça", "c", "est", "paris"]
     assert [label(s, m) for s, m in [(True, True), (True, False), (False, True), (False, False)]] == \
         ["both", "states it", "moves the model", "neither"]
@@ -67,9 +70,17 @@ def test_query_verify_gives_the_stored_tail_patch_delta(tiny_db):
     db = connect(tiny_db.path)
     rows = db.query(query["prompt"], query["target"], k=5, method="bm25", verify=True).to_pylist()
     assert {r["example_id"] for r in rows} == set(expected)
+    from trackstar_db.retrieval.evidence import baseline_examples
+    from trackstar_db.tailpatch.runs import load_patcher
+    import statistics
+
+    random_steps = load_patcher(tiny_db, k=1).run({"b": [(query_id, query["prompt"], query["target"], [
+        (1, e, t)]) for e, t in baseline_examples(tiny_db, query["prompt"], query["target"])]})
+    baseline = statistics.median(r["p_after"] - r["p_before"] for r in random_steps.to_pylist())
     for r in rows:
         assert r["delta_p"] == pytest.approx(expected[r["example_id"]], rel=1e-5, abs=1e-9)
-        assert r["verify_ms"] > 0 and r["moves_model"] == (r["delta_p"] >= 1e-3)
+        assert r["baseline_delta_p"] == pytest.approx(baseline, rel=1e-5, abs=1e-9)
+        assert r["verify_ms"] > 0 and r["moves_model"] == (r["delta_p"] - r["baseline_delta_p"] >= 1e-3)
         assert r["label"] in ("both", "states it", "moves the model", "neither")
         assert r["bm25"] > 0 and r["has_subject"] is not None  # a stored query: its fact's subject is known
     plain = db.query(query["prompt"], query["target"], k=5, method="bm25").to_pylist()

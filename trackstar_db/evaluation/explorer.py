@@ -216,8 +216,9 @@ def query_html(page: dict, number: int, total: int) -> str:
             f'<p class="facts">{" · ".join(facts)} · {_answer(page)}</p>'
             '<p class="legend"><mark>marked</mark> / <span class="sh">underlined</span>: words shared with the prompt '
             'or target · ✓ fact: the example states the query\'s fact · label: <b>states it</b> (has the target and '
-            'the subject, or 3+ words verbatim from prompt + target), <b>moves the model</b> (its tail-patch raises '
-            'P(target) by 0.1 pp or more; "not verified" where the run was not tail-patched), both or neither · shading: each token\'s part of the score '
+            'the subject, or 3+ words verbatim from prompt + target), <b>moves the model</b> (its stored tail-patch raises '
+            'P(target) by 0.1 pp or more, with no random-step baseline, unlike <code>query --verify</code>; '
+            '"not verified" where the run was not tail-patched), both or neither · shading: each token\'s part of the score '
             '(<span class="tk" style="background:rgba(0,150,60,.5)">adds</span> / '
             '<span class="tk" style="background:rgba(220,30,30,.5)">takes</span>)</p>'
             f'<div class="runs">{"".join(runs)}</div>')

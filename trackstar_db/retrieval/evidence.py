@@ -7,13 +7,17 @@ words BM25 indexes):
     has_subject  the subject's words do (the subject of the stored fact whose query has this
                  prompt and target; NULL when no stored query matches)
     shared_span  length of the longest run of words the hit shares verbatim with prompt + target
-    states_it    has_target and (has_subject or shared_span >= STATES_SPAN)
+    states_it    has_target and has_subject where the subject is known, else has_target and
+                 shared_span >= STATES_SPAN
 
 Influence evidence (`verify`, proponents only, on request): the tail-patch effect measured on
 the spot by tailpatch.TailPatcher, the code path of stored tail-patch runs:
     delta_p      P(target | prompt) after one optimizer step on the hit, minus before
     verify_ms    what measuring it cost
-    moves_model  delta_p >= MOVES_MIN (NULL when not verified)
+    baseline_delta_p  the median delta_p of steps on BASELINE_EXAMPLES examples drawn at random
+                 from the corpus (seeded by prompt and target): what any step does to P(target)
+                 (an optimizer step keeps its momentum, so even an unrelated example moves it)
+    moves_model  delta_p - baseline_delta_p >= MOVES_MIN (NULL when not verified)
 
 label: 'both', 'states it', 'moves the model' or 'neither' when verified; without --verify,
 'states it (not verified)' or 'not verified'.
@@ -28,7 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 STATES_SPAN = 3      # words shared verbatim with prompt + target that count as stating it
-MOVES_MIN = 1e-3     # delta P(target) (0.1 percentage point) that counts as moving the model
+MOVES_MIN = 1e-3     # delta P(target) above the random-step baseline (0.1 percentage point) that moves the model
+BASELINE_EXAMPLES = 8
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -82,7 +87,7 @@ def text_evidence(prompt: str, target: str, texts: list[str], subject: str | Non
         out["has_target"].append(has_target)
         out["has_subject"].append(has_subject)
         out["shared_span"].append(span)
-        out["states_it"].append(has_target and (bool(has_subject) or span >= STATES_SPAN))
+        out["states_it"].append(has_target and (has_subject if has_subject is not None else span >= STATES_SPAN))
     return out
 
 
@@ -110,9 +115,28 @@ def verify(patcher, prompt: str, target: str, hits: list[tuple[str, str]]) -> li
     return out
 
 
+def baseline_examples(db, prompt: str, target: str, n: int = BASELINE_EXAMPLES) -> list[tuple[str, str]]:
+    """n (example_id, text) drawn at random from the corpus, the same for the same prompt and target."""
+    import hashlib
+
+    import numpy as np
+
+    ids = sorted(db.table("examples", columns=["example_id"]).column("example_id").to_pylist())
+    seed = int.from_bytes(hashlib.sha1(f"{prompt}\x00{target}".encode()).digest()[:8], "little")
+    picked = sorted(np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), replace=False).tolist())
+    rows = db.table("examples", columns=["example_id", "text"], filter=pc.field("example_id").isin([ids[i] for i in picked]))
+    return sorted(zip(rows.column("example_id").to_pylist(), rows.column("text").to_pylist()))
+
+
+def _baseline(db, patcher, prompt: str, target: str) -> float:
+    import statistics
+
+    return statistics.median(d for d, _ in verify(patcher, prompt, target, baseline_examples(db, prompt, target)))
+
+
 def with_evidence(db, prompt: str, target: str, rows: pa.Table, patcher=None) -> pa.Table:
     """`rows` (a query's answer: kind, rank, example_id, text, ...) with the evidence columns;
-    `patcher` given: its proponents are verified (delta_p, verify_ms, moves_model)."""
+    `patcher` given: its proponents are verified (delta_p, verify_ms, baseline_delta_p, moves_model)."""
     from trackstar_db.store.bm25 import BM25Index
 
     ids, texts = rows.column("example_id").to_pylist(), rows.column("text").to_pylist()
@@ -127,13 +151,15 @@ def with_evidence(db, prompt: str, target: str, rows: pa.Table, patcher=None) ->
         measured = verify(patcher, prompt, target, [(ids[i], texts[i] or "") for i in at])
         for i, (d, ms) in zip(at, measured):
             delta[i], cost[i] = d, ms
-    moves = [None if d is None else d >= MOVES_MIN for d in delta]
+    baseline = _baseline(db, patcher, prompt, target) if patcher is not None else None
+    moves = [None if d is None else d - baseline >= MOVES_MIN for d in delta]
     types = {"bm25": pa.float64(), "has_target": pa.bool_(), "has_subject": pa.bool_(), "shared_span": pa.int32(),
              "states_it": pa.bool_()}
     for name, kind in types.items():
         rows = rows.append_column(name, pa.array(columns[name], kind))
     rows = rows.append_column("delta_p", pa.array(delta, pa.float64()))
     rows = rows.append_column("verify_ms", pa.array(cost, pa.float64()))
+    rows = rows.append_column("baseline_delta_p", pa.array([baseline] * len(ids), pa.float64()))
     rows = rows.append_column("moves_model", pa.array(moves, pa.bool_()))
     return rows.append_column("label", pa.array([label(s, m) for s, m in zip(columns["states_it"], moves)], pa.string()))
 
@@ -148,5 +174,6 @@ def evidence_line(row: dict) -> str:
         parts.append(f"subject {'yes' if row['has_subject'] else 'no'}")
     parts.append(f"shared span {row['shared_span']} words")
     if row.get("delta_p") is not None:
-        parts.append(f"tail-patch dP {100 * row['delta_p']:+.3f} pp ({row['verify_ms']:.0f} ms)")
+        parts.append(f"tail-patch dP {100 * row['delta_p']:+.3f} pp vs {100 * row['baseline_delta_p']:+.3f} pp for "
+                     f"a random example ({row['verify_ms']:.0f} ms)")
     return " · ".join(parts)
