@@ -169,6 +169,7 @@ def test_other_settings_under_the_same_name_are_refused(tiny_db):
     assert tiny_db.count("validate_runs") == 2
 
 
+@pytest.mark.slow
 def test_train_command_and_cli_output(tiny_db, tmp_path):
     """A user's train command (here: one that copies the recorded model, so every subset's loss is
     the same and every correlation undefined) through the CLI as a user types it."""
