@@ -26,13 +26,13 @@ class TestbedTrainer:
     name = "testbed"
 
     def __init__(self, db, options: ValidateOptions):
-        from trackstar_db.simfluence.record import RecordOptions, _model_setup
+        from trackstar_db.simfluence.record import RecordOptions, training_setup
 
         if db.manifest.get("model") is None:
             raise TrackstarError(f"{db.path}: no model recorded; validate retrains the database's model "
                                  "('trackstar-db train' or 'init --model') or runs --train-command")
         try:  # the testbed checkpoint's own config, as Simfluence's recorded runs use it
-            config, self.tokenizer, _ = _model_setup(db, RecordOptions(init="scratch"))
+            config, self.tokenizer, _ = training_setup(db, RecordOptions(init="scratch"))
         except TrackstarError as exc:
             raise TrackstarError(f"{str(exc).split(';')[0]}; validate's testbed trainer needs the testbed's "
                                  "train_info.json: give --train-command for another model") from None
