@@ -66,7 +66,7 @@ class TailPatcher:
             raise TrackstarError(f"tail-patch: optimizer {state.optimizer!r} is not supported "
                                  f"(supported: {', '.join(OPTIMIZERS)})")
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.task, self.spans = task or Task(), dict(spans or {})
+        self.task, self.spans = task or Task(), spans if spans is not None else {}
         self.pad = pad_id(tokenizer)
         self.device = next(model.parameters()).device
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
