@@ -196,3 +196,32 @@ def test_tracked_modules_are_part_of_the_recorded_task(completion_db):
     assert manifest["featurizer"]["task"] == manifest[MANIFEST_KEY]
     with pytest.raises(TrackstarError, match="fixed by the first gradient run"):
         record_task(connect(completion_db), replace(task, modules=None))
+
+
+def test_stored_tail_patch_steps_on_the_stored_loss_spans(completion_db, model, tmp_path):
+    """load_patcher (stored runs, query --verify) carries the task and reads each example's spans."""
+    import shutil
+
+    from trackstar_db.featurizer import optimizer_state
+    from trackstar_db.tailpatch.patcher import TailPatcher
+    from trackstar_db.tailpatch.runs import load_patcher
+
+    local = shutil.copytree(model, tmp_path / "model_with_state")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(str(local), local_files_only=True).float().eval()
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"{kind}.{n}": (torch.rand(p.shape, generator=g) * 1e-5 + 1e-8) for n, p in reference.named_parameters()
+               for kind in ("exp_avg", "exp_avg_sq")}
+    state = optimizer_state.OptimizerState("adamw", step=10, lr=3e-2, beta2=0.999, tensors=tensors)
+    optimizer_state.save(state, local)
+    db = connect(completion_db)
+    db.set_model(local)
+    patcher = load_patcher(db, k=1)
+    row = {r["example_id"]: r for r in db.table("examples").to_pylist()}["ex2"]
+    assert patcher.task == Task("completion") and patcher.spans.get("ex2") == row["loss_spans"]
+    pairs = {"r": [("q", PAIRS[0][0], PAIRS[0][1], [(1, "ex2", row["text"])])]}
+    tokenizer = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+    want = TailPatcher(reference, tokenizer, optimizer_state.load(local / "optimizer.safetensors"),
+                       task=Task("completion"), spans={"ex2": row["loss_spans"]}).run(pairs)
+    assert patcher.run(pairs).column("p_after").to_pylist() == pytest.approx(want.column("p_after").to_pylist(), rel=1e-6)
