@@ -183,8 +183,6 @@ def _loss_of_table(db, options: CorpusOptions):
 def _add_spans_column(db, task) -> None:
     """An examples table made before loss spans existed gains the (null) column for masked rows."""
     if task.masked and "loss_spans" not in db.lance_table("examples").schema.names:
-        import pyarrow as pa
-
         db.lance_table("examples").add_columns(pa.field("loss_spans", pa.list_(pa.int32())))
 
 
