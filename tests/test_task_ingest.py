@@ -225,3 +225,23 @@ def test_stored_tail_patch_steps_on_the_stored_loss_spans(completion_db, model, 
     want = TailPatcher(reference, tokenizer, optimizer_state.load(local / "optimizer.safetensors"),
                        task=Task("completion"), spans={"ex2": row["loss_spans"]}).run(pairs)
     assert patcher.run(pairs).column("p_after").to_pylist() == pytest.approx(want.column("p_after").to_pylist(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_ray_engine_featurizes_the_completion_loss_like_the_worker(completion_db, tmp_path):
+    ray = pytest.importorskip("ray")
+    import shutil
+
+    copy = shutil.copytree(completion_db, tmp_path / "ray_db")
+    args = ("--correction", "none", "--dim", "1024", "--device", "cpu", "--batch-size", "2")
+    run("ingest", "gradients", completion_db, *args)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        run("ingest", "gradients", copy, "--engine", "ray", *args)
+    finally:
+        ray.shutdown()
+    tables = [connect(path).table("grads_train_uncorrected").sort_by("id") for path in (completion_db, copy)]
+    assert tables[0].column("id").to_pylist() == tables[1].column("id").to_pylist() == [f"ex{i}" for i in range(len(PAIRS))]
+    local, remote = (torch.tensor(t.column("vector").to_pylist()) for t in tables)
+    torch.testing.assert_close(remote, local, rtol=1e-4, atol=1e-4 * float(local.abs().max()))
+    assert connect(copy).manifest["featurizer"]["task"] == connect(completion_db).manifest["featurizer"]["task"]
