@@ -47,20 +47,26 @@ def example_groups(db, by: str) -> pa.Table:
 
 
 def cells(db, by: str, groups: pa.Table | None = None) -> pa.Table:
-    """The per-(run, group, query) rows of queries/contribution_by_source.sql."""
-    from trackstar_db import resources
-    from trackstar_db.evaluation.sql import ReadOnlySQL
+    """The per-(run, group, query) rows of queries/contribution_by_source.sql over the database."""
     from trackstar_db.store import schema as _schema
 
+    if db.count("retrievals") == 0:
+        raise TrackstarError(f"{db.path}: no retrieval runs to group; run 'trackstar-db retrieve' first")
     groups = example_groups(db, by) if groups is None else groups
     n_groups = len(pc.unique(groups.column("group_value")))
     if n_groups > MAX_GROUPS:
         raise TrackstarError(f"--by {by}: {n_groups:,} distinct values; the ledger groups at most {MAX_GROUPS}")
-    tables = {name: db.dataset(name) if db.count(name) else _schema.arrow_schema(name).empty_table()
-              for name in ("retrievals", "tail_patch")}
-    if db.count("retrievals") == 0:
-        raise TrackstarError(f"{db.path}: no retrieval runs to group; run 'trackstar-db retrieve' first")
-    with ReadOnlySQL({**tables, "example_groups": groups}) as sql:
+    tail_patch = db.dataset("tail_patch") if db.count("tail_patch") else _schema.arrow_schema("tail_patch").empty_table()
+    return run_cells(db.dataset("retrievals"), tail_patch, groups)
+
+
+def run_cells(retrievals, tail_patch, groups: pa.Table) -> pa.Table:
+    """queries/contribution_by_source.sql over these tables, on the read-only connection every
+    query of queries/ runs on (evaluation/sql.py)."""
+    from trackstar_db import resources
+    from trackstar_db.evaluation.sql import ReadOnlySQL
+
+    with ReadOnlySQL({"retrievals": retrievals, "tail_patch": tail_patch, "example_groups": groups}) as sql:
         return sql.run(resources.read_text("queries", "contribution_by_source.sql"))
 
 

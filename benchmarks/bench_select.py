@@ -1,0 +1,173 @@
+"""Data selection and self-influence, tried for real on the testbed.
+
+One small fact world (WorldSpec below) with `--planted` contradictions (testbed/contradictions.py:
+a sentence states a fact with the wrong object); the testbed model is trained on all of it,
+featurized (train and query gradients), and R fitted (`trackstar-db fit`, which stores the
+self-influence norms).
+
+Self-influence: recall of the planted sentences among the top 5% by g R^-1 g, by |g|^2 and by
+chance (0.05).
+
+Data selection: the task is the facts of one relation (`--relation`). Its facts are split in two
+halves by fact id: the prompt0 queries of the first half are the task given to the selectors;
+the second half is held out (never seen by a selector). Each selector keeps `--fraction` of the
+training examples: trackstar (mean query vector, Database.select), bm25 (mean BM25 score over
+the task's prompt+target texts) and a seeded random subset. A fresh model is trained on each
+subset from the same initialisation (seed), the same tokenizer and the same number of steps, and
+scored on the task: greedy accuracy and mean target loss on the given half and on the held-out
+half (all three prompt templates), and accuracy on the other relations' prompt0 queries.
+
+    python benchmarks/bench_select.py [--people 60] [--steps 400] [--fraction 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def score(model, tokenizer, queries: list[dict]) -> dict:
+    """Greedy accuracy and mean target loss of `model` on queries (prompt, target)."""
+    from trackstar_db.testbed.train import ProbeLosses, fact_accuracy
+
+    prompts, targets = [q["prompt"] for q in queries], [q["target"] for q in queries]
+    correct = fact_accuracy(model, tokenizer, prompts, targets)
+    losses = ProbeLosses(tokenizer, prompts, targets)(model)
+    return {"n": len(queries), "accuracy": sum(correct) / len(correct), "loss": sum(losses) / len(losses)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_select"))
+    parser.add_argument("--people", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--planted", type=int, default=36)
+    parser.add_argument("--relation", default="place of birth")
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every retraining")
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    args = parser.parse_args()
+
+    import torch
+
+    from trackstar_db.api import Database
+    from trackstar_db.gradients.fit import fit
+    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+    from trackstar_db.selection.select import Task
+    from trackstar_db.selection.self_influence import recall_at
+    from trackstar_db.sources.corpus import ingest_corpus
+    from trackstar_db.sources.facts import ingest_facts
+    from trackstar_db.testbed.contradictions import plant_contradictions
+    from trackstar_db.testbed.model import train_testbed
+    from trackstar_db.testbed.train import TrainConfig, train_recorded
+    from trackstar_db.testbed.world import WorldSpec, generate_world
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+
+    def step(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
+
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    spec = WorldSpec(args.people, max(8, args.people // 4), 8, max(6, args.people // 6), 6, 10)
+    world = generate_world(args.workdir / "world", seed=args.seed, spec=spec)
+    planted = set(plant_contradictions(world, args.planted, seed=args.seed))
+    db = Database.create(args.workdir / "db")
+    ingest_corpus(db, [world.sentences_path], progress=False)
+    ingest_facts(db, [world.facts_path], progress=False)
+    n_examples = db.count("examples")
+    step(f"world: {n_examples:,} examples ({len(planted)} planted contradictions), {db.count('facts')} facts; "
+         f"training the testbed model on all of it")
+    base = TrainConfig(seed=args.seed)
+    train_testbed(db, args.workdir / "model", {"seed": args.seed}, progress=False)
+    for split in ("train", "queries"):
+        ingest_gradients(db, {"dim": args.dim}, GradientJob(split, batch_size=32), progress=False)
+    fit(db)
+    step("featurized and fitted")
+
+    # -- self-influence ------------------------------------------------------------------
+    ranked = db.self_influence()
+    by_norm = ranked.sort_by([("grad_sq_norm", "descending")])
+    recall = {"g R^-1 g": recall_at(ranked, planted), "|g|^2": recall_at(by_norm, planted), "chance": 0.05}
+    top = max(1, round(0.05 * ranked.num_rows))
+    step(f"self-influence: recall of the {len(planted)} planted contradictions in the top 5% ({top} of "
+         f"{ranked.num_rows}): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+
+    # -- data selection ------------------------------------------------------------------
+    facts = db.sql("SELECT fact_id, relation FROM facts ORDER BY fact_id").to_pylist()
+    task_facts = [f["fact_id"] for f in facts if f["relation"] == args.relation]
+    given, held_out = set(task_facts[0::2]), set(task_facts[1::2])
+    queries = db.sql("SELECT query_id, fact_id, template, prompt, target FROM queries ORDER BY query_id").to_pylist()
+    task = Task(query_ids=tuple(q["query_id"] for q in queries if q["fact_id"] in given and q["template"] == "prompt0"))
+    evaluation = {
+        "task given (prompt0)": [q for q in queries if q["fact_id"] in given and q["template"] == "prompt0"],
+        "task given (all templates)": [q for q in queries if q["fact_id"] in given],
+        "task held out (prompt0)": [q for q in queries if q["fact_id"] in held_out and q["template"] == "prompt0"],
+        "task held out (all templates)": [q for q in queries if q["fact_id"] in held_out],
+        "other relations (prompt0)": [q for q in queries if q["fact_id"] not in given | held_out
+                                      and q["template"] == "prompt0"],
+    }
+    n_keep = round(args.fraction * n_examples)
+    ids = db.table("examples", columns=["example_id"]).column("example_id").to_pylist()
+    text_of = dict(zip(ids, db.table("examples", columns=["text"]).column("text").to_pylist()))
+    subsets = {"random": random.Random(args.seed).sample(ids, n_keep)}
+    for method in ("trackstar", "bm25"):
+        chosen = db.select(task, fraction=args.fraction, method=method)
+        subsets[method] = chosen.rows.column("example_id").to_pylist()
+    relation_of = {}
+    for row in db.sql("SELECT e.example_id, f.relation FROM examples e, unnest(e.fact_triples) AS t(k) "
+                      "JOIN facts f ON t.k = f.entity0_uri || '|' || f.predicate_uri || '|' || f.entity1_uri").to_pylist():
+        relation_of[row["example_id"]] = row["relation"]
+    n_relation = sum(1 for r in relation_of.values() if r == args.relation)
+    step(f"task: {args.relation!r}, {len(given)} facts given ({len(task.query_ids)} queries), {len(held_out)} held out; "
+         f"{n_relation} examples state a fact of it; each selector keeps {n_keep} of {n_examples}")
+
+    model, tokenizer = db.load_model()
+    results = {"full data (reference)": {"n_examples": n_examples, **{k: score(model, tokenizer, v)
+                                                                       for k, v in evaluation.items()}}}
+    config = TrainConfig(seed=args.seed, max_steps=args.steps, epochs=10**6, warmup=min(50, args.steps // 10))
+    for name, subset in subsets.items():
+        texts = [text_of[i] for i in subset]
+        model = train_recorded(texts, config, tokenizer, order_seed=args.seed, on_step=lambda *a: None)
+        on_task = sum(1 for i in subset if relation_of.get(i) == args.relation)
+        results[name] = {"n_examples": len(subset), "task_examples": on_task,
+                         **{k: score(model, tokenizer, v) for k, v in evaluation.items()}}
+        step(f"retrained on {name}: {len(subset)} examples, {on_task} of them state a fact of the task")
+
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"\nmachine load: {load}\nretraining: {args.steps} steps, batch {base.batch_size}, seed {args.seed}, "
+          f"{base.n_layer} layers x {base.d_model}; selection {args.fraction:.0%} ({n_keep} examples)")
+    header = f"{'subset':<22} {'task ex.':>8}"
+    for key in evaluation:
+        header += f" | {key[:30]:>30}"
+    print(header)
+    for name, row in results.items():
+        line = f"{name:<22} {row.get('task_examples', n_relation):>8}"
+        for key in evaluation:
+            line += f" | {'acc %.3f  loss %.3f' % (row[key]['accuracy'], row[key]['loss']):>30}"
+        print(line)
+    for key in ("task given (prompt0)", "task held out (all templates)"):
+        verdict = "beats" if results["trackstar"][key]["accuracy"] > results["random"][key]["accuracy"] else \
+            "does NOT beat"
+        print(f"{key}: trackstar {verdict} random (accuracy {results['trackstar'][key]['accuracy']:.3f} vs "
+              f"{results['random'][key]['accuracy']:.3f}; loss {results['trackstar'][key]['loss']:.3f} vs "
+              f"{results['random'][key]['loss']:.3f})")
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps({"recall_at_5pct": recall, "selection": results, "load": load,
+                                        "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
