@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every retraining")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument("--reuse", action="store_true", help="reuse the world, model and R an earlier run left in --workdir")
     args = parser.parse_args()
 
     import torch
@@ -79,22 +80,29 @@ def main() -> None:
     def step(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    spec = WorldSpec(args.people, max(8, args.people // 4), 8, max(6, args.people // 6), 6, 10)
-    world = generate_world(args.workdir / "world", seed=args.seed, spec=spec)
-    planted = set(plant_contradictions(world, args.planted, seed=args.seed))
-    db = Database.create(args.workdir / "db")
-    ingest_corpus(db, [world.sentences_path], progress=False)
-    ingest_facts(db, [world.facts_path], progress=False)
-    n_examples = db.count("examples")
-    step(f"world: {n_examples:,} examples ({len(planted)} planted contradictions), {db.count('facts')} facts; "
-         f"training the testbed model on all of it")
     base = TrainConfig(seed=args.seed)
-    train_testbed(db, args.workdir / "model", {"seed": args.seed}, progress=False)
-    for split in ("train", "queries"):
-        ingest_gradients(db, {"dim": args.dim}, GradientJob(split, batch_size=32), progress=False)
-    fit(db)
-    step("featurized and fitted")
+    done = args.workdir / "planted.json"
+    if args.reuse and done.exists():  # the world, model, gradients and R of an earlier run with the same options
+        db, planted = Database(args.workdir / "db"), set(json.loads(done.read_text()))
+        n_examples = db.count("examples")
+        step(f"reusing {args.workdir}: {n_examples:,} examples ({len(planted)} planted contradictions)")
+    else:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        spec = WorldSpec(args.people, max(8, args.people // 4), 8, max(6, args.people // 6), 6, 10)
+        world = generate_world(args.workdir / "world", seed=args.seed, spec=spec)
+        planted = set(plant_contradictions(world, args.planted, seed=args.seed))
+        db = Database.create(args.workdir / "db")
+        ingest_corpus(db, [world.sentences_path], progress=False)
+        ingest_facts(db, [world.facts_path], progress=False)
+        n_examples = db.count("examples")
+        step(f"world: {n_examples:,} examples ({len(planted)} planted contradictions), {db.count('facts')} facts; "
+             f"training the testbed model on all of it")
+        train_testbed(db, args.workdir / "model", {"seed": args.seed}, progress=False)
+        for split in ("train", "queries"):
+            ingest_gradients(db, {"dim": args.dim}, GradientJob(split, batch_size=32), progress=False)
+        fit(db)
+        done.write_text(json.dumps(sorted(planted)))
+        step("featurized and fitted")
 
     # -- self-influence ------------------------------------------------------------------
     ranked = db.self_influence()
@@ -126,8 +134,7 @@ def main() -> None:
         chosen = db.select(task, fraction=args.fraction, method=method)
         subsets[method] = chosen.rows.column("example_id").to_pylist()
     relation_of = {}
-    for row in db.sql("SELECT e.example_id, f.relation FROM examples e, unnest(e.fact_triples) AS t(k) "
-                      "JOIN facts f ON t.k = f.entity0_uri || '|' || f.predicate_uri || '|' || f.entity1_uri").to_pylist():
+    for row in db.sql("SELECT g.example_id, f.relation FROM ground_truth g JOIN facts f USING (fact_id)").to_pylist():
         relation_of[row["example_id"]] = row["relation"]
     n_relation = sum(1 for r in relation_of.values() if r == args.relation)
     step(f"task: {args.relation!r}, {len(given)} facts given ({len(task.query_ids)} queries), {len(held_out)} held out; "

@@ -16,19 +16,10 @@ from trackstar_db.selection.select import Task, gradient_scores
 
 @pytest.fixture(scope="module")
 def db(tiny_db_template, tmp_path_factory):
-    """The tiny database with corrected and uncorrected gradients (train and queries) and R fitted."""
-    from databases import copy_db
+    """The tiny database with gradients (train and queries, both variants) and R fitted."""
+    from databases import with_gradients
 
-    from trackstar_db.featurizer.config import FeaturizerConfig
-    from trackstar_db.gradients.fit import fit
-    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
-
-    handle = copy_db(tiny_db_template, tmp_path_factory.mktemp("select"))
-    for split in ("train", "queries"):
-        ingest_gradients(handle, FeaturizerConfig(dim=1024, correction="adam-factored"),
-                         GradientJob(split, batch_size=32, device="cpu"), progress=False)
-    fit(handle)
-    return handle
+    return with_gradients(tiny_db_template, tmp_path_factory.mktemp("select"))
 
 
 def _stored(db, name):
@@ -199,7 +190,7 @@ def test_task_file_errors_name_the_line(db, tmp_path):
     path = tmp_path / "task.jsonl"
     path.write_text('{"prompt": "a", "target": "b"}\n{"prompt": "c"}\n')
     result = _cli("select", db.path, "--top", 3, "--task-file", path, "--out", tmp_path / "k.jsonl")
-    assert result.exit_code != 0 and f"{path}:2: needs a non-empty string field 'target'" in result.output
+    assert result.exit_code != 0 and f"{path}:2: missing field 'target'" in result.output
 
 
 def test_cli_select_writes_what_the_api_returns(db, tmp_path):

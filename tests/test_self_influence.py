@@ -14,18 +14,10 @@ from trackstar_db.errors import TrackstarError
 
 @pytest.fixture(scope="module")
 def db(tiny_db_template, tmp_path_factory):
-    from databases import copy_db
+    """The tiny database with gradients (train and queries, both variants) and R fitted."""
+    from databases import with_gradients
 
-    from trackstar_db.featurizer.config import FeaturizerConfig
-    from trackstar_db.gradients.fit import fit
-    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
-
-    handle = copy_db(tiny_db_template, tmp_path_factory.mktemp("self_influence"))
-    for split in ("train", "queries"):
-        ingest_gradients(handle, FeaturizerConfig(dim=1024, correction="adam-factored"),
-                         GradientJob(split, batch_size=32, device="cpu"), progress=False)
-    fit(handle)
-    return handle
+    return with_gradients(tiny_db_template, tmp_path_factory.mktemp("self_influence"))
 
 
 @pytest.mark.parametrize("variant", ["corrected", "uncorrected"])

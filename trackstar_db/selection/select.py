@@ -20,7 +20,6 @@ the mean of the task's t_query vectors (the index holds t_train(g_z)): approxima
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,23 +122,15 @@ def task_queries(db, task: Task) -> pa.Table:
 
 
 def read_examples(path: str | Path) -> pa.Table:
-    """query_id ('<file>:<line>'), prompt, target of a JSONL task file; one-line errors name the line."""
+    """query_id ('<file>:<line>'), prompt, target of a task file (JSON lines or Parquet, read by
+    sources/records.py); a bad record is a one-line error naming its line and field."""
+    from trackstar_db.sources.records import iter_records, require_text
+
     path = Path(path)
     if not path.is_file():
         raise TrackstarError(f"{path}: no such task file")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line, text in enumerate(handle, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise TrackstarError(f"{path}:{line}: not JSON ({exc.msg})") from None
-            for field in ("prompt", "target"):
-                if not isinstance(record, dict) or not isinstance(record.get(field), str) or not record[field].strip():
-                    raise TrackstarError(f"{path}:{line}: needs a non-empty string field {field!r}")
-            rows.append({"query_id": f"{path.name}:{line}", "prompt": record["prompt"], "target": record["target"]})
+    rows = [{"query_id": f"{path.name}:{line}", "prompt": require_text(record, "prompt", path, line),
+             "target": require_text(record, "target", path, line)} for line, record in iter_records(path)]
     if not rows:
         raise TrackstarError(f"{path}: no task examples")
     return pa.Table.from_pylist(rows)

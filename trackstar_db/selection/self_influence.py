@@ -22,7 +22,7 @@ COLUMNS = ("rank", "example_id", "self_influence", "grad_sq_norm")
 
 def self_influence(db, variant: str = "corrected", mix: str = "train") -> pa.Table:
     """rank, example_id, self_influence (g R^-1 g), grad_sq_norm (|g|^2), highest first."""
-    from trackstar_db.retrieval.scoring import load_preconditioner
+    from trackstar_db.retrieval.scoring import check_fitted, load_preconditioner
 
     table = db.gradient_table("train", corrected=variant == "corrected").require()
     pre = load_preconditioner(table, mix)
@@ -30,10 +30,8 @@ def self_influence(db, variant: str = "corrected", mix: str = "train") -> pa.Tab
     if whitened is None:
         raise TrackstarError(f"{table.name}: its {mix!r} R holds no self-influence norms; "
                              f"run 'trackstar-db fit {db.path}' again")
-    version, rows = table.version(), table.count()
-    if pre.params.get("table_version") != version or len(whitened) != rows:
-        raise TrackstarError(f"{table.name} changed since R was fitted (version {pre.params.get('table_version')} "
-                             f"with {len(whitened):,} rows, now {version} with {rows:,}); run 'trackstar-db fit {db.path}'")
+    check_fitted(db, table, pre, whitened)
+    rows = len(whitened)
     ids = table.dataset().to_table(columns=["id"]).column("id")  # the scan order the norms were stored in
     si = whitened.double().numpy() ** 2
     sq = plain.double().numpy() ** 2 if plain is not None else np.full(rows, np.nan)
