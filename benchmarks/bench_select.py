@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every retraining")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument("--templates", choices=["prompt0", "all"], default="prompt0",
+                        help="which query templates of the given facts form the task")
     parser.add_argument("--reuse", action="store_true", help="reuse the world, model and R an earlier run left in --workdir")
     args = parser.parse_args()
 
@@ -111,13 +113,26 @@ def main() -> None:
     top = max(1, round(0.05 * ranked.num_rows))
     step(f"self-influence: recall of the {len(planted)} planted contradictions in the top 5% ({top} of "
          f"{ranked.num_rows}): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
+    # distractors (sentences stating no fact: one-off random pairs) are outliers too; among the
+    # sentences that state a fact (or were planted into one), the planted ones should lead
+    import pyarrow as pa
+
+    stated = set(db.table("ground_truth", columns=["example_id"]).column("example_id").to_pylist()) | planted
+    facts_only = ranked.filter(pa.array([e in stated for e in ranked.column("example_id").to_pylist()]))
+    recall["g R^-1 g among fact sentences"] = recall_at(facts_only, planted)
+    recall["|g|^2 among fact sentences"] = recall_at(facts_only.sort_by([("grad_sq_norm", "descending")]), planted)
+    ranks = [i for i, e in enumerate(ranked.column("example_id").to_pylist()) if e in planted]
+    step(f"  among the {facts_only.num_rows} sentences stating a fact: g R^-1 g "
+         f"{recall['g R^-1 g among fact sentences']:.3f}, |g|^2 {recall['|g|^2 among fact sentences']:.3f}; "
+         f"median rank of a planted sentence {sorted(ranks)[len(ranks) // 2] + 1} of {ranked.num_rows}")
 
     # -- data selection ------------------------------------------------------------------
     facts = db.sql("SELECT fact_id, relation FROM facts ORDER BY fact_id").to_pylist()
     task_facts = [f["fact_id"] for f in facts if f["relation"] == args.relation]
     given, held_out = set(task_facts[0::2]), set(task_facts[1::2])
     queries = db.sql("SELECT query_id, fact_id, template, prompt, target FROM queries ORDER BY query_id").to_pylist()
-    task = Task(query_ids=tuple(q["query_id"] for q in queries if q["fact_id"] in given and q["template"] == "prompt0"))
+    task = Task(query_ids=tuple(q["query_id"] for q in queries if q["fact_id"] in given
+                                and (args.templates == "all" or q["template"] == "prompt0")), template=None)
     evaluation = {
         "task given (prompt0)": [q for q in queries if q["fact_id"] in given and q["template"] == "prompt0"],
         "task given (all templates)": [q for q in queries if q["fact_id"] in given],
@@ -133,11 +148,19 @@ def main() -> None:
     for method in ("trackstar", "bm25"):
         chosen = db.select(task, fraction=args.fraction, method=method)
         subsets[method] = chosen.rows.column("example_id").to_pylist()
-    relation_of = {}
-    for row in db.sql("SELECT g.example_id, f.relation FROM ground_truth g JOIN facts f USING (fact_id)").to_pylist():
+    relation_of, facts_of = {}, {}
+    for row in db.sql("SELECT g.example_id, g.fact_id, f.relation FROM ground_truth g JOIN facts f USING (fact_id)"
+                      ).to_pylist():
         relation_of[row["example_id"]] = row["relation"]
+        facts_of.setdefault(row["example_id"], set()).add(row["fact_id"])
+
+    def coverage(subset) -> dict:
+        """Given and held-out facts with at least one stating sentence in the subset, and those sentences."""
+        hit = set().union(*(facts_of.get(i, set()) for i in subset))
+        return {"given_facts_covered": len(hit & given), "held_out_facts_covered": len(hit & held_out),
+                "given_fact_sentences": sum(1 for i in subset if facts_of.get(i, set()) & given)}
     n_relation = sum(1 for r in relation_of.values() if r == args.relation)
-    step(f"task: {args.relation!r}, {len(given)} facts given ({len(task.query_ids)} queries), {len(held_out)} held out; "
+    step(f"task: {args.relation!r} ({args.templates}), {len(given)} facts given ({len(task.query_ids)} queries), {len(held_out)} held out; "
          f"{n_relation} examples state a fact of it; each selector keeps {n_keep} of {n_examples}")
 
     model, tokenizer = db.load_model()
@@ -148,9 +171,10 @@ def main() -> None:
         texts = [text_of[i] for i in subset]
         model = train_recorded(texts, config, tokenizer, order_seed=args.seed, on_step=lambda *a: None)
         on_task = sum(1 for i in subset if relation_of.get(i) == args.relation)
-        results[name] = {"n_examples": len(subset), "task_examples": on_task,
+        results[name] = {"n_examples": len(subset), "task_examples": on_task, **coverage(subset),
                          **{k: score(model, tokenizer, v) for k, v in evaluation.items()}}
-        step(f"retrained on {name}: {len(subset)} examples, {on_task} of them state a fact of the task")
+        step(f"retrained on {name}: {len(subset)} examples, {on_task} of them state a fact of the task; "
+             + ", ".join(f"{k} {v}" for k, v in coverage(subset).items()))
 
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"\nmachine load: {load}\nretraining: {args.steps} steps, batch {base.batch_size}, seed {args.seed}, "

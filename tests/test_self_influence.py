@@ -104,3 +104,17 @@ def test_report_sections_show_the_distribution_and_the_ledger(db):
     assert "<svg" in found["self-influence"] and db.self_influence(k=1).column("example_id")[0].as_py() in \
         found["self-influence"]
     assert "<svg" in found["ledger"] and "bootstrap" in found["ledger"]
+
+
+def test_write_report_renders_the_sections(db, tmp_path):
+    import pyarrow as pa
+
+    from trackstar_db.evaluation.report import write_report
+    from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
+    from trackstar_db.selection.report import sections
+
+    retrieve(db, "bm25", RetrieveOptions(k=5), replace=True)
+    summary = pa.table({"method": ["bm25"], "run_id": ["bm25"], "mrr": [0.5], "recall_at_10": [0.25]})
+    page = write_report(tmp_path, summary, sections=sections(db)).read_text()
+    assert '<a href="#self-influence">' in page and '<h2 id="ledger">Contribution ledger by source</h2>' in page
+    assert page.count("<svg") == 3  # the summary plot, the distribution, the ledger
