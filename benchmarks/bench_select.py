@@ -8,14 +8,15 @@ self-influence norms).
 Self-influence: recall of the planted sentences among the top 5% by g R^-1 g, by |g|^2 and by
 chance (0.05).
 
-Data selection: the task is the facts of one relation (`--relation`). Its facts are split in two
+Data selection: the task is the facts of one relation (`--relation`), or of one frequency
+bucket (`--bucket`, which then replaces the relation). Its facts are split in two
 halves by fact id: the prompt0 queries of the first half are the task given to the selectors;
 the second half is held out (never seen by a selector). Each selector keeps `--fraction` of the
 training examples: trackstar (mean query vector, Database.select), bm25 (mean BM25 score over
 the task's prompt+target texts) and a seeded random subset. A fresh model is trained on each
 subset from the same initialisation (seed), the same tokenizer and the same number of steps, and
 scored on the task: greedy accuracy and mean target loss on the given half and on the held-out
-half (all three prompt templates), and accuracy on the other relations' prompt0 queries.
+half (all three prompt templates), and accuracy on the other facts' prompt0 queries.
 
     python benchmarks/bench_select.py [--people 60] [--steps 400] [--fraction 0.2]
 """
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--planted", type=int, default=36)
     parser.add_argument("--relation", default="place of birth")
+    parser.add_argument("--bucket", type=int, default=None, help="task: the facts of this frequency bucket instead")
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of every retraining")
     parser.add_argument("--dim", type=int, default=2048)
@@ -127,8 +129,11 @@ def main() -> None:
          f"median rank of a planted sentence {sorted(ranks)[len(ranks) // 2] + 1} of {ranked.num_rows}")
 
     # -- data selection ------------------------------------------------------------------
-    facts = db.sql("SELECT fact_id, relation FROM facts ORDER BY fact_id").to_pylist()
-    task_facts = [f["fact_id"] for f in facts if f["relation"] == args.relation]
+    facts = db.sql("SELECT fact_id, relation, frequency_bucket FROM facts ORDER BY fact_id").to_pylist()
+    in_task = (lambda f: f["frequency_bucket"] == args.bucket) if args.bucket is not None else \
+        (lambda f: f["relation"] == args.relation)
+    task_facts = [f["fact_id"] for f in facts if in_task(f)]
+    task_name = f"bucket {args.bucket}" if args.bucket is not None else repr(args.relation)
     given, held_out = set(task_facts[0::2]), set(task_facts[1::2])
     queries = db.sql("SELECT query_id, fact_id, template, prompt, target FROM queries ORDER BY query_id").to_pylist()
     task = Task(query_ids=tuple(q["query_id"] for q in queries if q["fact_id"] in given
@@ -138,7 +143,7 @@ def main() -> None:
         "task given (all templates)": [q for q in queries if q["fact_id"] in given],
         "task held out (prompt0)": [q for q in queries if q["fact_id"] in held_out and q["template"] == "prompt0"],
         "task held out (all templates)": [q for q in queries if q["fact_id"] in held_out],
-        "other relations (prompt0)": [q for q in queries if q["fact_id"] not in given | held_out
+        "other facts (prompt0)": [q for q in queries if q["fact_id"] not in given | held_out
                                       and q["template"] == "prompt0"],
     }
     n_keep = round(args.fraction * n_examples)
@@ -148,10 +153,8 @@ def main() -> None:
     for method in ("trackstar", "bm25"):
         chosen = db.select(task, fraction=args.fraction, method=method)
         subsets[method] = chosen.rows.column("example_id").to_pylist()
-    relation_of, facts_of = {}, {}
-    for row in db.sql("SELECT g.example_id, g.fact_id, f.relation FROM ground_truth g JOIN facts f USING (fact_id)"
-                      ).to_pylist():
-        relation_of[row["example_id"]] = row["relation"]
+    facts_of = {}
+    for row in db.sql("SELECT example_id, fact_id FROM ground_truth").to_pylist():
         facts_of.setdefault(row["example_id"], set()).add(row["fact_id"])
 
     def coverage(subset) -> dict:
@@ -159,8 +162,8 @@ def main() -> None:
         hit = set().union(*(facts_of.get(i, set()) for i in subset))
         return {"given_facts_covered": len(hit & given), "held_out_facts_covered": len(hit & held_out),
                 "given_fact_sentences": sum(1 for i in subset if facts_of.get(i, set()) & given)}
-    n_relation = sum(1 for r in relation_of.values() if r == args.relation)
-    step(f"task: {args.relation!r} ({args.templates}), {len(given)} facts given ({len(task.query_ids)} queries), {len(held_out)} held out; "
+    n_relation = sum(1 for i in facts_of if facts_of[i] & (given | held_out))
+    step(f"task: {task_name} ({args.templates}), {len(given)} facts given ({len(task.query_ids)} queries), {len(held_out)} held out; "
          f"{n_relation} examples state a fact of it; each selector keeps {n_keep} of {n_examples}")
 
     model, tokenizer = db.load_model()
@@ -170,7 +173,7 @@ def main() -> None:
     for name, subset in subsets.items():
         texts = [text_of[i] for i in subset]
         model = train_recorded(texts, config, tokenizer, order_seed=args.seed, on_step=lambda *a: None)
-        on_task = sum(1 for i in subset if relation_of.get(i) == args.relation)
+        on_task = sum(1 for i in subset if facts_of.get(i, set()) & (given | held_out))
         results[name] = {"n_examples": len(subset), "task_examples": on_task, **coverage(subset),
                          **{k: score(model, tokenizer, v) for k, v in evaluation.items()}}
         step(f"retrained on {name}: {len(subset)} examples, {on_task} of them state a fact of the task; "
