@@ -68,28 +68,31 @@ def query_accepts(name: str) -> bool:
 
 
 def servable_methods(db: Snapshot) -> list[dict]:
-    """[{name, kind, available, reason}] for every method a one-prompt query may name."""
-    from trackstar_db.ladder import BASELINES, METHODS
+    """[{name, kind, available, reason}] for every method a one-prompt query may name, in the
+    ladder's display order (baselines, then the gradient rungs)."""
+    from trackstar_db.ladder import ALL_METHODS, CHECKPOINT_METHODS, METHODS
     from trackstar_db.retrieval import embedding
 
     fitted = db.manifest.get("preconditioners", {})
-    out = []
-    for name, spec in METHODS.items():
-        table = db.gradient_table("train", corrected=spec.table == "corrected")
-        reason = None
-        if not table.exists():
-            reason = f"no {table.name} table (ingest gradients)"
-        elif spec.preconditioner and table.preconditioner_key(spec.preconditioner) not in fitted:
-            reason = f"no {spec.preconditioner!r} R fitted (trackstar-db fit)"
-        out.append({"name": name, "kind": "gradient", "available": reason is None, "reason": reason})
     has_examples = db.count("examples") > 0
-    for name in BASELINES:
+    out = []
+    for name in ALL_METHODS:
+        if name in CHECKPOINT_METHODS:  # their sums need stored query gradients at every checkpoint
+            continue
         reason = None if has_examples else "no examples"
-        if name == "embedding" and not embedding.available():
+        if name in METHODS:
+            spec = METHODS[name]
+            table = db.gradient_table("train", corrected=spec.table == "corrected")
+            if not table.exists():
+                reason = f"no {table.name} table (ingest gradients)"
+            elif spec.preconditioner and table.preconditioner_key(spec.preconditioner) not in fitted:
+                reason = f"no {spec.preconditioner!r} R fitted (trackstar-db fit)"
+        elif name == "embedding" and not embedding.available():
             reason = "pip install 'trackstar-db[embedding]'"
-        if name == "lm-embedding" and not db.manifest.get("model"):
+        elif name == "lm-embedding" and not db.manifest.get("model"):
             reason = "no model recorded"
-        out.append({"name": name, "kind": "baseline", "available": reason is None, "reason": reason})
+        out.append({"name": name, "kind": "gradient" if name in METHODS else "baseline",
+                    "available": reason is None, "reason": reason})
     return out
 
 
