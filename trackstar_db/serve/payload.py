@@ -65,16 +65,30 @@ def hit_json(hit: dict, refs: list[str], tokens: pa.Table | None = None, truth: 
     return out
 
 
+STORED_INDEX_ROWS = 200_000  # queries tables up to this size are looked up through a dict kept per snapshot
+
+
+def _stored_ids(db, prompt: str, target: str) -> tuple[str, str | None] | None:
+    """(query_id, fact_id) of the stored query with this prompt and target, or None."""
+    if db.count("queries") > STORED_INDEX_ROWS:
+        rows = db.table("queries", columns=["query_id", "fact_id"],
+                        filter=(pc.field("prompt") == prompt) & (pc.field("target") == target)).to_pylist()
+        return (rows[0]["query_id"], rows[0]["fact_id"]) if rows else None
+    index = getattr(db, "_stored_queries", None)
+    if index is None:  # a snapshot never changes: one scan serves every later request
+        rows = db.table("queries", columns=["query_id", "fact_id", "prompt", "target"]).to_pylist()
+        index = {(r["prompt"], r["target"]): (r["query_id"], r["fact_id"]) for r in reversed(rows)}
+        db._stored_queries = index
+    return index.get((prompt, target))
+
+
 def stored_query(db, prompt: str, target: str) -> dict | None:
     """The stored query with this prompt and target, its fact's relation and frequency bucket,
     the model's recorded answer and the fact's ground-truth examples; None when there is none."""
-    if not db.count("queries"):
+    found = _stored_ids(db, prompt, target) if db.count("queries") else None
+    if found is None:
         return None
-    rows = db.table("queries", columns=["query_id", "fact_id"],
-                    filter=(pc.field("prompt") == prompt) & (pc.field("target") == target))
-    if rows.num_rows == 0:
-        return None
-    query_id, fact_id = rows.column("query_id")[0].as_py(), rows.column("fact_id")[0].as_py()
+    query_id, fact_id = found
     out = {"query_id": query_id, "fact_id": fact_id, "relation": None, "bucket": None, "correct": None,
            "p_target": None, "truth": None}
     if db.count("predictions"):

@@ -68,13 +68,14 @@ def query_accepts(name: str) -> bool:
 
 
 def servable_methods(db: Snapshot) -> list[dict]:
-    """[{name, kind, available, reason}] for every method a one-prompt query may name, in the
+    """[{name, kind, available, reason, ann}] for every method a one-prompt query may name, in the
     ladder's display order (baselines, then the gradient rungs)."""
     from trackstar_db.ladder import ALL_METHODS, CHECKPOINT_METHODS, METHODS
     from trackstar_db.retrieval import embedding
 
     fitted = db.manifest.get("preconditioners", {})
     has_examples = db.count("examples") > 0
+    indexed = db.manifest.get("ann", {})  # methods with an ANN index (trackstar-db index)
     out = []
     for name in ALL_METHODS:
         if name in CHECKPOINT_METHODS:  # their sums need stored query gradients at every checkpoint
@@ -92,7 +93,7 @@ def servable_methods(db: Snapshot) -> list[dict]:
         elif name == "lm-embedding" and not db.manifest.get("model"):
             reason = "no model recorded"
         out.append({"name": name, "kind": "gradient" if name in METHODS else "baseline",
-                    "available": reason is None, "reason": reason})
+                    "available": reason is None, "reason": reason, "ann": name in indexed})
     return out
 
 

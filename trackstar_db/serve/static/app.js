@@ -104,7 +104,8 @@ async function ask(event) {
   $("results").setAttribute("aria-busy", "true");
   try {
     showAnswer(await api("api/query", {prompt: $("prompt").value, target: $("target").value, methods,
-                                        k: Number($("k").value) || 5, tokens: 3}));
+                                        k: Number($("k").value) || 5, tokens: 3,
+                                        ann: $("ann").checked}));
   } catch (error) {
     $("query-error").textContent = error.message;
   } finally {
@@ -180,6 +181,7 @@ async function start() {
     const [version, health, methods] = await Promise.all([api("api/version"), api("api/health"), api("api/methods")]);
     $("status").textContent = ` · trackstar-db ${version.trackstar_db} · ${version.database} · version ${version.version}` +
       ` · ${health.examples} examples · ${health.device}` + (version.follow ? "" : " · fixed version");
+    $("ann-label").hidden = !methods.methods.some((m) => m.ann);
     let checked = 0;
     $("methods").replaceChildren(...methods.methods.map((m) => {
       const box = el("input", {type: "checkbox", value: m.name, disabled: !m.available});
