@@ -65,41 +65,48 @@ def hit_json(hit: dict, refs: list[str], tokens: pa.Table | None = None, truth: 
     return out
 
 
-STORED_INDEX_ROWS = 200_000  # queries tables up to this size are looked up through a dict kept per snapshot
+INDEX_ROWS = 200_000  # tables up to this size are looked up through dicts kept per snapshot
 
 
-def _stored_ids(db, prompt: str, target: str) -> tuple[str, str | None] | None:
-    """(query_id, fact_id) of the stored query with this prompt and target, or None."""
-    if db.count("queries") > STORED_INDEX_ROWS:
-        rows = db.table("queries", columns=["query_id", "fact_id"],
-                        filter=(pc.field("prompt") == prompt) & (pc.field("target") == target)).to_pylist()
-        return (rows[0]["query_id"], rows[0]["fact_id"]) if rows else None
-    index = getattr(db, "_stored_queries", None)
-    if index is None:  # a snapshot never changes: one scan serves every later request
-        rows = db.table("queries", columns=["query_id", "fact_id", "prompt", "target"]).to_pylist()
-        index = {(r["prompt"], r["target"]): (r["query_id"], r["fact_id"]) for r in reversed(rows)}
-        db._stored_queries = index
-    return index.get((prompt, target))
+def _rows(db, table: str, key, value, columns: list[str]) -> list[dict]:
+    """Rows of `table` whose `key` (a column, or a tuple of columns) equals `value`. A snapshot
+    never changes, so a small table is read once into a dict that serves every later request;
+    a larger one is filtered by Lance each time."""
+    keys = key if isinstance(key, tuple) else (key,)
+    values = value if isinstance(value, tuple) else (value,)
+    if not db.count(table):
+        return []
+    if db.count(table) > INDEX_ROWS:
+        match = None
+        for k, v in zip(keys, values):
+            match = (pc.field(k) == v) if match is None else match & (pc.field(k) == v)
+        return db.table(table, columns=columns, filter=match).to_pylist()
+    indexes = db.__dict__.setdefault("_serve_indexes", {})
+    name = (table, keys, tuple(columns))
+    if name not in indexes:
+        index: dict = {}
+        for row in db.table(table, columns=sorted(set(columns) | set(keys))).to_pylist():
+            index.setdefault(tuple(row[k] for k in keys), []).append({c: row[c] for c in columns})
+        indexes[name] = index
+    return indexes[name].get(values, [])
 
 
 def stored_query(db, prompt: str, target: str) -> dict | None:
     """The stored query with this prompt and target, its fact's relation and frequency bucket,
     the model's recorded answer and the fact's ground-truth examples; None when there is none."""
-    found = _stored_ids(db, prompt, target) if db.count("queries") else None
-    if found is None:
+    found = _rows(db, "queries", ("prompt", "target"), (prompt, target), ["query_id", "fact_id"])
+    if not found:
         return None
-    query_id, fact_id = found
+    query_id, fact_id = found[0]["query_id"], found[0]["fact_id"]
     out = {"query_id": query_id, "fact_id": fact_id, "relation": None, "bucket": None, "correct": None,
            "p_target": None, "truth": None}
-    if db.count("predictions"):
-        answer = db.table("predictions", filter=pc.field("query_id") == query_id).to_pylist()
-        if answer:
-            out.update(correct=answer[0].get("correct"), p_target=answer[0].get("p_target"))
+    answer = _rows(db, "predictions", "query_id", query_id, ["correct", "p_target"])
+    if answer:
+        out.update(answer[0])
     if fact_id is not None:
-        fact = db.table("facts", filter=pc.field("fact_id") == fact_id).to_pylist() if db.count("facts") else []
+        fact = _rows(db, "facts", "fact_id", fact_id, ["relation", "frequency_bucket"])
         if fact:
-            out.update(relation=fact[0].get("relation"), bucket=fact[0].get("frequency_bucket"))
+            out.update(relation=fact[0]["relation"], bucket=fact[0]["frequency_bucket"])
         if db.count("ground_truth"):
-            truth = db.table("ground_truth", columns=["example_id"], filter=pc.field("fact_id") == fact_id)
-            out["truth"] = set(truth.column("example_id").to_pylist())
+            out["truth"] = {r["example_id"] for r in _rows(db, "ground_truth", "fact_id", fact_id, ["example_id"])}
     return out
