@@ -176,7 +176,8 @@ def _not_blank(png: Path) -> None:
 
 
 def screenshot(db: Path, out: Path) -> Path:
-    """Serve `db`, ask its first stored query (trackstar and bm25 where served), save a full-height
+    """Serve `db`, ask its first stored query (trackstar, grad-cos and bm25 where served) and run the
+    SQL box's sample statement; save a full-height
     1280 px screenshot of the page at `out`."""
     from selenium.webdriver.common.by import By
 
@@ -192,9 +193,16 @@ def screenshot(db: Path, out: Path) -> Path:
                          if b.is_enabled()]
             methods = [m for m in ("trackstar", "grad-cos", "bm25") if m in available][:3]
             ask(driver, first["prompt"], first["target"], methods, k=5)
-            height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.set_window_size(WIDTH, min(height + 40, 3000))
-            time.sleep(0.3)
+            driver.find_element(By.ID, "sql-run").click()  # the SQL box's sample statement, as a table
+            wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#sql-result td"))
+            wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#evaluation th"))
+            for _ in range(3):  # the window grows until the whole page fits (headless takes the viewport)
+                height = driver.execute_script("return document.documentElement.scrollHeight")
+                inner = driver.execute_script("return window.innerHeight")
+                if inner >= height:
+                    break
+                driver.set_window_size(WIDTH, min(driver.get_window_size()["height"] + height - inner + 10, 4000))
+                time.sleep(0.3)
             driver.save_screenshot(str(out))
         finally:
             driver.quit()
