@@ -46,10 +46,11 @@ class Database(_store.Database):
         return evaluation(self, by)
 
     def query(self, prompt: str, target: str, k: int = 10, method: str | None = None, device: str = "cpu",
-              ann=None) -> pa.Table:
+              ann=None, verify: bool = False) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
-        score, text, method). method None: the best rung this database can serve."""
-        return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann)
+        score, method, text, and evidence: retrieval/evidence.py). method None: the best rung this
+        database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label)."""
+        return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:
@@ -58,6 +59,26 @@ class Database(_store.Database):
         from trackstar_db.retrieval.tokens import token_contributions
 
         return token_contributions(self, prompt, target, example_id, method, attributor=self._attributor_for(device))
+
+    def validate(self, options=None, bootstrap: int = 1000, report=None, **settings) -> pa.Table:
+        """Counterfactual validation (validate/): retrain on random subsets the validation lacks
+        (options: validate.options.ValidateOptions, or its fields as keywords: models, fraction,
+        seed, name, train_command, ...), then the LDS of every retrieval run with a bootstrap
+        interval (run_id, method, validation, n_queries, n_undefined, n_subsets, lds, lds_low, lds_high)."""
+        from trackstar_db.validate.lds import lds_table
+        from trackstar_db.validate.options import ValidateOptions
+        from trackstar_db.validate.runner import run_validation
+
+        options = options or ValidateOptions(**settings)
+        trained = run_validation(self, options)
+        if report is not None:
+            report(f"validation {options.name}: trained {len(trained)} model(s) now, "
+                   f"{options.models - len(trained)} already stored")
+        table = lds_table(self, options.name, bootstrap)
+        if report is not None and table.num_rows == 0:
+            report("no retrieval run covers these queries yet: run 'trackstar-db retrieve', then validate again "
+                   "(nothing is retrained)")
+        return table
 
 
 def connect(path: str | Path) -> Database:
