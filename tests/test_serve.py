@@ -74,8 +74,13 @@ def test_query_matches_database_query_and_shades_tokens(client, serve_db):
             assert mine == [(r["example_id"], r["rank"]) for r in reference if r["kind"] == kind]
             scores = [h["score"] for h in result[kind + "s"]]
             assert scores == pytest.approx([r["score"] for r in reference if r["kind"] == kind], rel=1e-5)
-        for hit in result["proponents"] + result["opponents"]:
-            assert "".join(p["text"] for p in hit["pieces"]) == hit["text"]  # the pieces are the text, cut
+        evidence = {(r["kind"], r["rank"]): r for r in reference}
+        for kind in ("proponent", "opponent"):
+            for hit in result[kind + "s"]:
+                assert "".join(p["text"] for p in hit["pieces"]) == hit["text"]  # the pieces are the text, cut
+                stored = evidence[(kind, hit["rank"])]
+                assert (hit["label"], hit["shared_span"], hit["states_it"]) == (
+                    stored["label"], stored["shared_span"], stored["states_it"])
     bm25, grad = answer["results"]
     assert bm25["proponents"][0]["example_id"] == EVIL_ID and bm25["proponents"][0]["text"] == EVIL_TEXT
     assert {p["text"] for p in bm25["proponents"][0]["pieces"] if p.get("mark")} == {"Zanzibar", "marker", "pwned"}
@@ -100,6 +105,17 @@ def test_query_of_a_stored_query_marks_its_facts(client, serve_db, stored):
                 .column("example_id").to_pylist())
     hits = answer["results"][0]["proponents"]
     assert [h["correct"] for h in hits] == [h["example_id"] in truth for h in hits] and any(h["correct"] for h in hits)
+
+
+def test_verify_measures_each_proponent(client):
+    answer = client.post("/api/query", json={"prompt": EVIL_PROMPT, "target": EVIL_TARGET, "methods": ["trackstar"],
+                                             "k": 2, "verify": True})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()["results"][0]
+    for hit in result["proponents"]:
+        assert isinstance(hit["delta_p"], float) and hit["label"] in ("both", "states it", "moves the model", "neither")
+        assert hit["label_class"] or hit["label"] == "neither"
+    assert all(hit["delta_p"] is None for hit in result["opponents"])
 
 
 def test_best_method_when_none_named(client):

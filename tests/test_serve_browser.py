@@ -122,6 +122,7 @@ def test_explorer_in_chromium(served, driver, tmp_path):
     assert not results.find_elements(By.CSS_SELECTOR, "script, img")
     assert driver.title == title and driver.execute_script("return window.__xss === undefined")
     # token shading on the gradient column, labelled as in the static explorer
+    assert all(c.find_elements(By.CSS_SELECTOR, "ol.proponents > li span.lab") for c in columns)  # evidence labels
     shaded = columns[1].find_elements(By.CSS_SELECTOR, "span.tk")
     assert shaded and "token parts sum to" in columns[1].text and "score " in columns[1].text
     assert shaded[0].get_attribute("title")[0] in "+-"

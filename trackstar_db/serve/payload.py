@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db.evaluation import highlight
-from trackstar_db.evaluation.explorer import shaded_pieces
+from trackstar_db.evaluation.explorer import _LABEL_CLASS, shaded_pieces
 from trackstar_db.evaluation.sql import _jsonable
 
 
@@ -48,14 +48,17 @@ def marked_pieces(text: str, refs: list[str]) -> list[dict]:
 
 def hit_json(hit: dict, refs: list[str], tokens: pa.Table | None = None, truth: set | None = None) -> dict:
     """One proponent or opponent: rank, example_id, score, text, `correct` (the example is
-    annotated with the stored query's fact; None when the prompt is no stored query), and the
+    annotated with the stored query's fact; None when the prompt is no stored query), the
+    evidence Database.query adds (label, shared_span, delta_p with verify, ...), and the
     pieces to render: token shading when `tokens` (retrieval/tokens.py) is given, else marks."""
     text = hit["text"] or ""
     out = {"rank": hit["rank"], "example_id": hit["example_id"], "score": hit["score"], "text": hit["text"],
            "correct": None if truth is None else hit["example_id"] in truth}
-    for key, value in hit.items():  # columns a newer Database.query adds (evidence, ...)
+    for key, value in hit.items():  # the evidence columns (retrieval/evidence.py) and any later ones
         if key not in ("kind", "method") and key not in out:
             out[key] = value
+    if hit.get("label"):
+        out["label_class"] = _LABEL_CLASS.get(hit["label"], "")  # the static explorer's colour of the label
     if tokens is None:
         out.update(pieces=marked_pieces(text, refs), token_total=None, token_special=None)
     else:

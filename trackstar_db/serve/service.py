@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import threading
 import time
 
@@ -60,11 +59,6 @@ class ModelWorker:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def query_accepts(name: str) -> bool:
-    """Does this trackstar-db's Database.query take the keyword `name` (e.g. verify)?"""
-    return name in inspect.signature(Snapshot.query).parameters
 
 
 def servable_methods(db: Snapshot) -> list[dict]:
@@ -114,14 +108,12 @@ class Service:
     # -- model requests (run on the worker thread) --------------------------------------------
     def query(self, db: Snapshot, prompt: str, target: str, methods: list[str], k: int, ann=None,
               verify: bool = False, tokens: int = 0) -> dict:
-        """Each method's proponents and opponents; the top `tokens` proponents of gradient
-        methods carry their token contributions (the page's shading)."""
+        """Each method's proponents and opponents with their evidence (verify: each proponent's
+        tail-patch measured now); the top `tokens` proponents of gradient methods carry their
+        token contributions (the page's shading)."""
         from trackstar_db.ladder import METHODS
         from trackstar_db.retrieval.tokens import TokenAttributor
 
-        extra = {"verify": True} if verify else {}
-        if verify and not query_accepts("verify"):
-            raise TrackstarError("verify: this trackstar-db's query has no verify option")
         stored = payload.stored_query(db, prompt, target)
         truth = stored.pop("truth") if stored else None
         refs = [prompt, target]
@@ -130,7 +122,7 @@ class Service:
         for method in methods:
             started = time.perf_counter()
             try:
-                rows = db.query(prompt, target, k=k, method=method, device=self.device, ann=ann, **extra)
+                rows = db.query(prompt, target, k=k, method=method, device=self.device, ann=ann, verify=verify)
             except TrackstarError as exc:
                 raise TrackstarError(f"method {method}: {exc}") from None
             seconds = time.perf_counter() - started

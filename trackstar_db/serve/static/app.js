@@ -61,6 +61,13 @@ function hitItem(hit) {
   }
   const meta = el("div", {class: "meta"}, `score ${num(hit.score, 4)}`);
   if (hit.correct) meta.append(" · ", el("span", {class: "ok", title: "annotated with the query's fact", text: "✓ fact"}));
+  if (hit.delta_p !== null && hit.delta_p !== undefined) {
+    meta.append(` · tail-patch ${signed(100 * hit.delta_p, 3)} pp`);
+  }
+  if (hit.label) {
+    meta.append(" · ", el("span", {class: `lab ${hit.label_class || ""}`, text: hit.label,
+                                   title: `shares ${hit.shared_span} words verbatim with prompt + target`}));
+  }
   meta.append(" · ", el("a", {href: "#example=" + encodeURIComponent(hit.example_id), text: hit.example_id,
                               class: "example-link"}));
   item.append(meta);
@@ -105,7 +112,7 @@ async function ask(event) {
   try {
     showAnswer(await api("api/query", {prompt: $("prompt").value, target: $("target").value, methods,
                                         k: Number($("k").value) || 5, tokens: 3,
-                                        ann: $("ann").checked}));
+                                        ann: $("ann").checked, verify: $("verify").checked}));
   } catch (error) {
     $("query-error").textContent = error.message;
   } finally {
