@@ -80,6 +80,29 @@ class Database(_store.Database):
                    "(nothing is retrained)")
         return table
 
+    def select(self, task=None, *, top: int | None = None, fraction: float | None = None, drop_opponents: bool = False,
+               method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None):
+        """Training examples for a task (selection.select.Task): the top N or fraction by mean score
+        against its queries, or all but the most harmful; a Selection (rows: Arrow), written to `out`."""
+        from trackstar_db.selection.select import select
+
+        return select(self, task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
+                      aggregate=aggregate, ann=ann, device=device, out=out)
+
+    def self_influence(self, variant: str = "corrected", mix: str = "train", k: int | None = None) -> pa.Table:
+        """Each training example's g R^-1 g and |g|^2 (stored by fit), highest first; the first k."""
+        from trackstar_db.selection.self_influence import self_influence
+
+        ranked = self_influence(self, variant, mix)
+        return ranked if k is None else ranked.slice(0, k)
+
+    def contribution(self, by: str = "source", n_boot: int = 1000, seed: int = 0) -> pa.Table:
+        """The contribution ledger: each run's proponent share, score and tail-patch effect per value
+        of one metadata column of the examples, with seeded bootstrap intervals over queries."""
+        from trackstar_db.selection.ledger import ledger
+
+        return ledger(self, by, n_boot=n_boot, seed=seed)
+
 
 def connect(path: str | Path) -> Database:
     """Open an existing trackstar-db database directory."""

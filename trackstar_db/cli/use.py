@@ -67,8 +67,9 @@ def tail_patch_cmd(db, run_ids, k, max_queries, device):
 @main.command("eval")
 @DB_ARG
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-@click.option("--by", type=click.Choice(["method", "bucket", "correct"]), default="method", show_default=True,
-              help="Split by fact frequency bucket or by whether the model answers correctly.")
+@click.option("--by", default="method", show_default=True,
+              help="method, bucket (fact frequency) or correct (does the model answer), or any metadata column of "
+                   "the examples (source, domain, licence, shard...): the contribution ledger, with bootstrap intervals.")
 def eval_cmd(db, fmt, by):
     """The method-by-metric table (MRR, recall@10, tail-patch), computed by queries/*.sql."""
     from trackstar_db.evaluation.analysis import evaluation

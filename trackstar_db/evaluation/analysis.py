@@ -12,12 +12,15 @@ from trackstar_db.errors import TrackstarError
 
 
 def evaluation(db, by: str = "method") -> pa.Table:
-    """The method-by-metric table from queries/*.sql; by='bucket' or 'correct' splits each method's row."""
+    """The method-by-metric table from queries/*.sql; by='bucket' or 'correct' splits each method's row;
+    any other `by` names a metadata column of the examples: the contribution ledger (selection/ledger.py)."""
     from .metrics_sql import run_sql_file
 
     splits = {"bucket": ("frequency_bucket", pa.int32()), "correct": ("model_correct", pa.bool_())}
     if by != "method" and by not in splits:
-        raise TrackstarError(f"--by must be one of method, {', '.join(splits)}, not {by!r}")
+        from trackstar_db.selection.ledger import ledger
+
+        return ledger(db, by)
     tables = {name: db.dataset(name) for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs")}
     for name in ("validate_runs", "validate_losses"):  # absent from databases made before `validate`
         tables[name] = db.dataset(name) if db.has_table(name) else None
@@ -68,7 +71,8 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
     if tokens and pages:
         _shade(db, pages[:token_pages], token_top, device)
     return write_report(out_dir, summary, by_bucket=evaluation(db, "bucket"), by_correct=evaluation(db, "correct"),
-                        pages=pages, trajectory=trajectory, lds=_lds(db, shown))
+                        pages=pages, trajectory=trajectory, lds=_lds(db, shown),
+                        sections=_curation_sections(db))
 
 
 def _lds(db, runs: Sequence[str]) -> pa.Table | None:
@@ -86,6 +90,13 @@ def _lds(db, runs: Sequence[str]) -> pa.Table | None:
     chosen = min(most, key=lambda name: (-most[name], name))
     return table.filter(pc.and_(pc.equal(table.column("validation"), chosen),
                                 pc.is_in(table.column("run_id"), pa.array(list(runs), pa.string()))))
+
+
+def _curation_sections(db) -> list[tuple[str, str, str]]:
+    """The report's self-influence distribution and contribution ledger by source, when available."""
+    from trackstar_db.selection.report import sections
+
+    return sections(db)
 
 
 def _shade(db, pages: list[dict], top: int, device: str) -> None:

@@ -262,8 +262,9 @@ def _check(name: str, table: pa.Table | None, column: str | None) -> None:
 def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table | None = None,
                  by_correct: pa.Table | None = None, pages: Sequence[dict] = (),
                  trajectory: pa.Table | None = None, lds: pa.Table | None = None,
-                 title: str = "trackstar-db report") -> Path:
-    """Write out_dir/index.html (and out_dir/queries/ given pages); return index.html's path."""
+                 title: str = "trackstar-db report", sections: Sequence[tuple[str, str, str]] = ()) -> Path:
+    """Write out_dir/index.html (and out_dir/queries/ given pages); return index.html's path.
+    `sections`: more (anchor, heading, HTML) parts, after the splits (selection/report.py)."""
     _check("summary", summary, None)
     _check("by_bucket", by_bucket, "frequency_bucket")
     _check("by_correct", by_correct, "model_correct")
@@ -296,6 +297,9 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
         nav.append('<a href="#simfluence">simulated trajectory</a>')
         parts += ['<h2 id="simfluence">Simfluence: a probe\'s loss, recorded and simulated</h2>',
                   trajectory_section(trajectory)]
+    for anchor, heading, part in sections:
+        nav.append(f'<a href="#{html.escape(anchor)}">{html.escape(heading.lower())}</a>')
+        parts += [f'<h2 id="{html.escape(anchor)}">{html.escape(heading)}</h2>', part]
     if pages:
         from .explorer import write_explorer
 
