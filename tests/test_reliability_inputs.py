@@ -201,7 +201,7 @@ def test_malformed_input_files_name_file_line_and_field(db, tiny_db_template, tm
         "huge.jsonl": ('{"text": "hello", "id": ' + "9" * 5000 + "}\n",
                        "huge.jsonl:1: field 'id': an integer of 5,000 digits"),
         "typed.jsonl": ('{"text": "fine"}\n{"text": 17}\n', "typed.jsonl:2: field 'text' must be a string"),
-        "corrupt.parquet": ("PAR1 this is not parquet PAR1", "corrupt.parquet: not a readable Parquet file"),
+        "corrupt.parquet": ("PAR1 this is not parquet PAR1", "corrupt.parquet: not a readable parquet file"),
     }
     for name, (content, fragment) in cases.items():
         path = tmp_path / name
@@ -222,7 +222,7 @@ def test_corrupt_parquet_and_wrong_types_in_parquet(db, tmp_path):
     pq.write_table(pa.table({"text": ["x"] * 100}), whole)
     cut = tmp_path / "cut.parquet"
     cut.write_bytes(whole.read_bytes()[:-20])
-    _refused(db.path, ["ingest", "corpus", db.path, cut], "cut.parquet: not a readable Parquet file")
+    _refused(db.path, ["ingest", "corpus", db.path, cut], "cut.parquet: not a readable parquet file")
 
 
 @pytest.mark.parametrize("damage,fragment", [

@@ -88,11 +88,21 @@ def ingest():
 @click.option("--id-field", default=None, help="Field holding a stable id (default: sentence_id, example_id or id; else a text hash).")
 @click.option("--skip-bad", is_flag=True, help="Skip bad records into DB/rejects.jsonl instead of stopping.")
 @click.option("--batch-size", type=POSITIVE, default=10_000, show_default=True, help="Rows per Lance commit.")
-def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size):
-    """Add training texts (JSON lines or Parquet) to the examples table and the BM25 index."""
+@click.option("--prompt-field", default=None, help="With --completion-field: examples whose loss is on the completion only.")
+@click.option("--completion-field", default=None, help="Field holding the completion (the tokens whose loss is attributed).")
+@click.option("--messages-field", default=None,
+              help="Chat records: field holding the role/content messages; loss on the assistant turns.")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Jinja chat template file to use instead of the tokenizer's own.")
+def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size, prompt_field, completion_field,
+                      messages_field, chat_template):
+    """Add training examples (JSON lines, Parquet, Arrow, or a directory of them or from
+    datasets.save_to_disk) to the examples table and the BM25 index."""
     from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
 
-    report = ingest_corpus(_open(db), files, CorpusOptions(text_field, id_field, skip_bad, batch_size))
+    options = CorpusOptions(text_field, id_field, skip_bad, batch_size, prompt_field, completion_field,
+                            messages_field, chat_template)
+    report = ingest_corpus(_open(db), files, options)
     click.echo(f"added {report.added:,} examples ({report.already_present:,} already present, "
                f"{len(report.rejected):,} rejected)")
     for error in report.rejected[:5]:
@@ -138,9 +148,11 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--commit-rows", type=POSITIVE, default=2048, show_default=True, help="Rows per Lance commit.")
 @click.option("--checkpoint", default=None, help="Featurize this checkpoint instead of the final one (a directory in "
               "the model's checkpoints/, e.g. step-000425, or a path): attached by name, into its own tables.")
+@click.option("--shard-model", is_flag=True, help="Shard the model's parameters across the torchrun/Slurm "
+              "processes (FSDP2), for a model too large for one device; each process featurizes its ids.")
 @ENGINE
 def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtype, no_pipeline, shard, dtype, dim, seed,
-                         correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine):
+                         correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine, shard_model):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from trackstar_db.gradients.plan import parse_shard
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
@@ -155,6 +167,11 @@ def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtyp
 
         ingest_gradients = partial(ray_ingest, device=device)
         device = "cpu"
+    if shard_model:
+        if engine == "ray" or shard != "0/1":
+            raise click.BadParameter("--shard-model takes its shards from the launcher's ranks; drop "
+                                     "--shard and --engine ray", param_hint="--shard-model")
+        from trackstar_db.gradients.sharded import ingest_sharded as ingest_gradients
     job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
                       commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
                       batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype, pipeline=not no_pipeline,

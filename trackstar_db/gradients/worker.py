@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
-from trackstar_db.featurizer.tokenize import encode_query, encode_text, pad_id, token_limit
+from trackstar_db.featurizer.task import DEFAULT as DEFAULT_TASK, Task
+from trackstar_db.featurizer.tokenize import pad_id, token_limit
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store import checkpoints as _checkpoints
 from trackstar_db.store import vectors as _vectors
@@ -69,6 +70,7 @@ class GradientJob:
     pipeline: bool = True  # tokenize ahead and write behind on threads; False: all on this thread
     queue_depth: int = 4  # batches waiting in each queue of the pipeline
     checkpoint: str | None = None  # an attached checkpoint's name (or a path to attach); None: the final one
+    sharded: object | None = None  # sharded.ShardedModel: the model's parameters sharded across processes
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -127,10 +129,14 @@ def _record_settings(db, featurizer, job: GradientJob, context_cap: int | None =
         db.update_manifest(record)
 
 
-def _encode(tokenizer, split: str, chunk, max_length: int) -> list:
+def _encode(tokenizer, split: str, chunk, max_length: int, task: Task = DEFAULT_TASK) -> list:
+    """A plan chunk's rows encoded under the task (a training example's loss mask rides in its
+    loss_spans column, which plan.missing carries when the examples table has it)."""
     if split == "train":
-        return [encode_text(tokenizer, text, max_length) for text in chunk.column("text").to_pylist()]
-    return [encode_query(tokenizer, p, t, max_length=max_length)
+        texts = chunk.column("text").to_pylist()
+        spans = chunk.column("loss_spans").to_pylist() if "loss_spans" in chunk.column_names else [None] * len(texts)
+        return [task.encode_example(tokenizer, text, span, max_length) for text, span in zip(texts, spans)]
+    return [task.encode_query(tokenizer, p, t, max_length)
             for p, t in zip(chunk.column("prompt").to_pylist(), chunk.column("target").to_pylist())]
 
 
@@ -152,14 +158,14 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
     return value
 
 
-def _chunks(db, job: GradientJob, tables: list, tokenizer, max_length: int):
+def _chunks(db, job: GradientJob, tables: list, tokenizer, max_length: int, task: Task = DEFAULT_TASK):
     """(ids, encoded items) of every chunk of the plan, up to job.limit rows."""
     produced = 0
     for chunk in missing(db, job.split, tables, job.shard):
         if job.limit is not None:
             chunk = chunk.slice(0, job.limit - produced)
         produced += chunk.num_rows
-        yield chunk.column("id").to_pylist(), _encode(tokenizer, job.split, chunk, max_length)
+        yield chunk.column("id").to_pylist(), _encode(tokenizer, job.split, chunk, max_length, task)
         if job.limit is not None and produced >= job.limit:
             return
 
@@ -188,7 +194,8 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
     if model_dtype == "auto":
         model_dtype = checkpoint_dtype(source.model_info()["path"])
     featurizer, tokenizer = load_featurizer(source, config, job.device, job.uncorrected, job.estimate_sample,
-                                            job.batch_size, model_dtype=model_dtype)
+                                            job.batch_size, model_dtype=model_dtype,
+                                            prepare=job.sharded.prepare if job.sharded else None)
     cap = token_limit(tokenizer, config.max_length)
     _record_settings(db, featurizer, job, cap, checkpoint)
     tables = {variant: GradientTable(db, job.split, variant, checkpoint) for variant in featurizer.variants}
@@ -206,10 +213,12 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
     committer = Committer(db, tables, job.dtype, job.commit_rows)
     totals = {"rows": 0, "tokens": 0, "seconds": 0.0, "batches": 0, "batch_tokens": batch_tokens}
     pin = job.pipeline and featurizer.device.type == "cuda"
-    batches = make_batches(_chunks(db, job, list(tables.values()), tokenizer, config.max_length),
+    batches = make_batches(_chunks(db, job, list(tables.values()), tokenizer, config.max_length, featurizer.task),
                            batch_tokens, job.batch_size, pad_id(tokenizer), pin=pin)
     if job.pipeline:
         batches = ahead(batches, job.queue_depth)
+    if job.sharded is not None:  # every rank featurizes in step (FSDP gathers), on this thread
+        batches = job.sharded.lockstep(batches, featurizer)
     start = time.perf_counter()
     try:
         with tqdm(total=total, desc=f"gradients {job.split}" + (f" {checkpoint}" if checkpoint else ""), unit=" ex", disable=not progress) as bar, \

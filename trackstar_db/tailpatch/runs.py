@@ -25,6 +25,34 @@ def _sample(query_ids: list[str], limit: int | None) -> set[str]:
     return set(ordered if limit is None else ordered[:limit])
 
 
+def load_patcher(db, k: int = 10, device: str = "cpu") -> TailPatcher:
+    """A TailPatcher over the database's recorded checkpoint and its saved optimizer state (the one
+    set-up of stored tail-patch runs and of `query --verify`)."""
+    info = db.model_info()
+    if not info.get("optimizer_state"):
+        raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
+    state = _optimizer_state.load(info["optimizer_state"])
+    model, tokenizer = db.load_model(device)
+    from trackstar_db.featurizer.task import task_of
+    from trackstar_db.featurizer.tokenize import cap_tokenizer
+
+    cap_tokenizer(tokenizer, model.config)  # long prompts and texts are cut to the model's context
+    task = task_of(db.manifest)  # the step takes the database's loss (a completion's, a chat's)
+    return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k), task=task,
+                       spans=_StoredSpans(db) if task.masked else None)
+
+
+class _StoredSpans:
+    """example_id -> its loss spans, read from the examples table when a step needs them."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def get(self, example_id: str, default=None):
+        rows = self.db.table("examples", columns=["loss_spans"], filter=pc.field("example_id") == example_id)
+        return rows.column("loss_spans")[0].as_py() if rows.num_rows else default
+
+
 def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
     from trackstar_db.validation import K_MAX, count
@@ -35,15 +63,7 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
     for run_id in run_ids:
         if run_id not in known:
             raise TrackstarError(f"no run {run_id!r}; runs: {', '.join(sorted(known)) or 'none'}")
-    info = db.model_info()
-    if not info.get("optimizer_state"):
-        raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
-    state = _optimizer_state.load(info["optimizer_state"])
-    model, tokenizer = db.load_model(device)
-    from trackstar_db.featurizer.tokenize import cap_tokenizer
-
-    cap_tokenizer(tokenizer, model.config)  # long prompts and texts are cut to the model's context
-
+    patcher = load_patcher(db, k, device)
     retrievals = db.table("retrievals", columns=["run_id", "query_id", "kind", "rank", "example_id"],
                           filter=(pc.field("kind") == "proponent") & (pc.field("rank") <= int(k)))
     retrievals = retrievals.filter(pc.is_in(retrievals.column("run_id"), pa.array(run_ids)))
@@ -68,7 +88,6 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
                                                                      texts[row["example_id"]]))
     pairs = {run_id: [(q, queries[q]["prompt"], queries[q]["target"], props) for q, props in sorted(by_query.items())]
              for run_id, by_query in runs.items()}
-    patcher = TailPatcher(model, tokenizer, state, TailPatchConfig(k=k))
     rows = patcher.run(pairs)
     _check_finite(rows)
     # write-then-swap (Database.swap_rows): the old rows stay until every new row is stored
