@@ -231,7 +231,7 @@ class Database(SwapWriter):
         return GradientTable(self, split, "corrected" if corrected else "uncorrected")
 
     def table_names(self) -> list[str]:
-        if self._pinned is not None:  # a table created since the commit is not there yet
+        if self._pinned:  # a table created since the commit is not there yet (serve's Snapshot fills its own)
             return sorted(self._pinned)
         local = self._local_tables()
         if local is None:
