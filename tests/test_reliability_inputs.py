@@ -89,6 +89,11 @@ BAD_OPTIONS = [
     (["simfluence", "record", "DB", "--runs", "0"], "--runs"),
     (["simfluence", "record", "DB", "--subset", "0"], "--subset"),
     (["report", "DB", "--out", "OUT", "--samples", "0"], "--samples"),
+    (["select", "DB", "--top", "0", "--out", "OUT"], "--top"),
+    (["select", "DB", "--fraction", "1.5", "--out", "OUT"], "--fraction"),
+    (["validate", "DB", "--models", "0"], "--models"),
+    (["validate", "DB", "--epochs", "0"], "--epochs"),
+    (["ingest", "gradients", "DB", "--dim", "-1024"], "--dim"),
     # names that reach the store: the staging prefix, path separators, '..'
     (["retrieve", "DB", "--method", "bm25", "--run", "~staging~bm25"], "reserved"),
     (["retrieve", "DB", "--method", "bm25", "--run", "../x"], "plain name"),

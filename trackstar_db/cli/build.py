@@ -136,7 +136,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage dtype of the vectors (first run; default float32).")
-@click.option("--dim", type=int, default=None, help="Total projection dimension, 1024..65536 (first run; default 4096).")
+@click.option("--dim", type=POSITIVE, default=None, help="Total projection dimension, 1024..65536 (first run; default 4096).")
 @click.option("--seed", type=NON_NEGATIVE, default=None, help="Projection seed (first run; default 0).")
 @click.option("--correction", type=click.Choice(["auto", "adam-factored", "adam-exact", "adafactor", "estimated", "none"]),
               default=None, help="Optimizer second-moment correction (first run; default auto: the optimizer state's "

@@ -12,7 +12,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
-from trackstar_db.validation import POSITIVE
+from trackstar_db.validation import POSITIVE, POSITIVE_FLOAT
 
 
 def ann_flags(command):
@@ -69,10 +69,10 @@ def index(db, method, kind, num_partitions, num_sub_vectors, device):
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="A model directory (config.json is enough): add the devices its featurizer needs at --dim.")
-@click.option("--device-gib", type=float, default=80.0, show_default=True, help="With --model: memory of one device.")
+@click.option("--device-gib", type=POSITIVE_FLOAT, default=80.0, show_default=True, help="With --model: memory of one device.")
 @click.option("--model-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16",
               show_default=True, help="With --model: the weights' dtype.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="With --model: tokens per example.")
+@click.option("--max-length", type=POSITIVE, default=512, show_default=True, help="With --model: tokens per example.")
 def plan(db, dim, dtype, rows, queries, blocks, fmt, model_dir, device_gib, model_dtype, max_length):
     """Bytes on disk, RAM and time of ingest, fit, scan and index before building (DB optional)."""
     from trackstar_db.evaluation.plan import Plan, plan_table

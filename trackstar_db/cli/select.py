@@ -9,16 +9,17 @@ import click
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
+from trackstar_db.validation import NON_NEGATIVE, POSITIVE, TOP_K
 
 
 @main.command("select")
 @DB_ARG
-@click.option("--top", type=int, default=None, help="Keep this many examples.")
-@click.option("--fraction", type=float, default=None, help="Keep this fraction of the examples, in (0, 1].")
+@click.option("--top", type=POSITIVE, default=None, help="Keep this many examples.")
+@click.option("--fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Keep this fraction of the examples, in (0, 1].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="FILE.jsonl or FILE.parquet (outside the database): rank, example_id, score, text and fields.")
 @click.option("--relation", default=None, help="Task: the queries of the facts of this relation.")
-@click.option("--bucket", type=int, default=None, help="Task: the queries of the facts of this frequency bucket.")
+@click.option("--bucket", type=NON_NEGATIVE, default=None, help="Task: the queries of the facts of this frequency bucket.")
 @click.option("--query-id", "query_ids", multiple=True, help="Task: these query ids (repeatable).")
 @click.option("--template", default="prompt0", show_default=True, help="Task: which query template ('all': every one).")
 @click.option("--task-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -47,7 +48,7 @@ def select_cmd(db, top, fraction, out, relation, bucket, query_ids, template, ta
 
 @main.command()
 @DB_ARG
-@click.option("--k", default=20, show_default=True, help="How many of the highest self-influence examples to list.")
+@click.option("--k", type=TOP_K, default=20, show_default=True, help="How many of the highest self-influence examples to list.")
 @click.option("--mix", type=click.Choice(["train", "mixed"]), default="train", show_default=True,
               help="R_train, or the task-specific mixed R.")
 @click.option("--variant", type=click.Choice(["corrected", "uncorrected"]), default="corrected", show_default=True)
