@@ -50,3 +50,23 @@ runpy.run_path("benchmarks/bench_featurize.py", run_name="__main__")
     for line in ("featurize", "train step (AdamW)"):
         row = next(r for r in out.splitlines() if r.startswith(line))
         assert float(row[len(line):].split()[0]) > 0  # tokens/s
+
+
+def test_the_store_loads_neither_torch_nor_transformers():
+    """`import trackstar_db, trackstar_db.store` (and every module of store/ and the model
+    description) leaves torch and transformers unloaded: models/load.py is the only way in."""
+    code = """
+import importlib, pkgutil, sys
+import trackstar_db, trackstar_db.store
+first = sorted(n for n in ("torch", "transformers") if n in sys.modules)
+for module in pkgutil.iter_modules(trackstar_db.store.__path__):
+    importlib.import_module("trackstar_db.store." + module.name)
+import trackstar_db.models.source, trackstar_db.models.context, trackstar_db.models.adapters
+print(first, sorted(n for n in ("torch", "transformers") if n in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["[]", "[]"]
+    for path in (ROOT / "trackstar_db" / "store").glob("*.py"):  # not even behind a function
+        text = path.read_text(encoding="utf-8")
+        assert "import transformers" not in text and "from transformers" not in text, path.name

@@ -20,7 +20,10 @@ def test_retrieval_matches_direct_hidden_state_cosine(tiny_db, layer):
     from trackstar_db.retrieval import lm_embedding
     from trackstar_db.retrieval.embedding import query_text
 
-    model, tokenizer = tiny_db.load_model()
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
+    model, tokenizer = open_model(source(tiny_db))
     index = lm_embedding.layer_index(model.config.num_hidden_layers, layer)
     assert index == {"input": 0, "final": model.config.num_hidden_layers}[layer]
     assert lm_embedding.layer_index(4, "middle") == 2 and lm_embedding.LAYER == "input"

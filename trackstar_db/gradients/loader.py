@@ -1,7 +1,16 @@
-"""A ready Featurizer for a database's checkpoint: model, tokenizer and the second moment its
-settings ask for (the optimizer state from the manifest, or the estimate from a sample)."""
+"""A ready Featurizer for a model source: model and tokenizer from the one factory
+(models/load.open_model), and the second moment its settings ask for (the source's optimizer
+state, or the estimate from a sample of training examples).
+
+`load_featurizer(source, config, ...)` is the featurizer every path builds: the gradient worker
+and the Ray actor (gradients/setup.py), TracIn-CP in memory, the one-prompt query and token
+contributions; `database_featurizer(db, config, checkpoint)` is the same for a checkpoint of a
+database, with the database's first examples as the estimate's sample.
+"""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import optimizer_state as _optimizer_state
@@ -9,12 +18,22 @@ from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.per_example import Featurizer
 from trackstar_db.featurizer.second_moment import build_second_moment
 from trackstar_db.featurizer.settings import resolve
-from trackstar_db.featurizer.tokenize import cap_tokenizer, collate, encode_text, pad_id
+from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
+from trackstar_db.models.source import ModelSource
+
+ESTIMATE_SAMPLE = 512  # training examples the 'estimated' correction averages over
+ELEMENTWISE_OR_FACTORED = ("adam-exact", "adam-factored", "adafactor")  # corrections read from the optimizer state
 
 
 def stored_config(db) -> FeaturizerConfig | None:
     entry = db.manifest.get("featurizer")
     return FeaturizerConfig.from_dict(entry["config"]) if entry else None
+
+
+def recorded_model_dtype(db) -> str:
+    """The model dtype the stored vectors were made with (absent = float32), 'auto' before any run."""
+    entry = db.manifest.get("featurizer")
+    return entry.get("model_dtype", "float32") if entry else "auto"
 
 
 def optimizer_kind(db) -> str | None:
@@ -41,25 +60,36 @@ def sample_texts(db, limit: int) -> list[str]:
     return rows.column("text").to_pylist()
 
 
-def load_featurizer(db, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
-                    estimate_sample: int = 512, batch_size: int = 16, model_dtype: str = "float32"):
-    """(Featurizer, tokenizer) for the database's model, with the second moment config asks for.
-    The tokenizer's encodings are capped at the model's context (tokenize.cap_tokenizer)."""
-    model, tokenizer = db.load_model(device, model_dtype)
-    cap_tokenizer(tokenizer, model.config, config.max_length)
+def load_featurizer(source: ModelSource, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
+                    sample: Callable[[], Sequence[str]] | None = None, batch_size: int = 16):
+    """(Featurizer, tokenizer) of `source` with the second moment config asks for. `sample`
+    gives the training texts the 'estimated' correction averages over (called only then)."""
+    from trackstar_db.models.load import open_model
+
+    model, tokenizer = open_model(source, device)
     state = None
-    if config.correction in ("adam-exact", "adam-factored", "adafactor"):
-        path = db.model_info().get("optimizer_state")
-        if not path:
+    if config.correction in ELEMENTWISE_OR_FACTORED:
+        if source.optimizer_state is None:
             raise TrackstarError(f"correction {config.correction!r} needs the optimizer state; "
                                  "give --optimizer-state to init, or use --correction estimated")
-        state = _optimizer_state.load(path)
-    sample = None
+        state = _optimizer_state.load(source.optimizer_state)
+    batches = None
     if config.correction == "estimated":
-        texts = sample_texts(db, estimate_sample)
+        texts = list(sample()) if sample is not None else []
         if not texts:
             raise TrackstarError("correction 'estimated' needs training examples; ingest the corpus first")
         items = [encode_text(tokenizer, t, config.max_length) for t in texts]
-        sample = [collate(items[i:i + batch_size], pad_id(tokenizer)) for i in range(0, len(items), batch_size)]
-    moment = build_second_moment(config, model, state, sample, device)
+        batches = [collate(items[i:i + batch_size], pad_id(tokenizer)) for i in range(0, len(items), batch_size)]
+    moment = build_second_moment(config, model, state, batches, device)
     return Featurizer(model, config, moment, device, uncorrected=uncorrected), tokenizer
+
+
+def database_featurizer(db, config: FeaturizerConfig, checkpoint: str | None = None, device: str = "cpu",
+                        uncorrected: bool = False, model_dtype: str | None = None,
+                        estimate_sample: int = ESTIMATE_SAMPLE, batch_size: int = 16):
+    """load_featurizer for checkpoint `checkpoint` of db's model (None: the final one), in
+    `model_dtype` (None: the dtype the stored vectors were made with)."""
+    from trackstar_db.store.checkpoints import source
+
+    point = source(db, checkpoint).with_dtype(model_dtype or recorded_model_dtype(db))
+    return load_featurizer(point, config, device, uncorrected, lambda: sample_texts(db, estimate_sample), batch_size)

@@ -44,22 +44,25 @@ class PromptAttributor:
         self.db, self.device = db, device
         self._featurizers: dict[str, tuple] = {}  # variant -> (Featurizer, tokenizer)
 
-    def _featurizer(self, variant: str):
+    def featurizer(self, variant: str):
+        """(Featurizer, tokenizer) making `variant` with the stored recipe (settings and model
+        dtype), from the database's model source (gradients/loader.database_featurizer)."""
         if variant not in self._featurizers:
-            from trackstar_db.gradients.loader import load_featurizer, stored_config
+            from trackstar_db.gradients.loader import database_featurizer, stored_config
 
             config = stored_config(self.db)
             if config is None:
                 raise TrackstarError(f"{self.db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
             uncorrected = variant == "uncorrected" and config.correction != "none"
-            self._featurizers[variant] = load_featurizer(self.db, config, self.device, uncorrected=uncorrected)
+            self._featurizers[variant] = database_featurizer(self.db, config, device=self.device,
+                                                             uncorrected=uncorrected)
         return self._featurizers[variant]
 
     def gradient(self, prompt: str, target: str, variant: str):
         """[1, d] raw query gradient of (prompt, target) in `variant`."""
         from trackstar_db.featurizer.tokenize import collate, encode_query, pad_id
 
-        featurizer, tokenizer = self._featurizer(variant)
+        featurizer, tokenizer = self.featurizer(variant)
         item = encode_query(tokenizer, prompt, target, max_length=featurizer.config.max_length)
         return featurizer.featurize(collate([item], pad_id(tokenizer))).vectors[variant]
 

@@ -79,7 +79,7 @@ class TokenAttributor:
         from .scoring import prepare
 
         spec = self._spec(method)
-        featurizer, tokenizer = self.attributor._featurizer(spec.table)
+        featurizer, tokenizer = self.attributor.featurizer(spec.table)
         if spec.name not in self._scoring:
             self._scoring[spec.name] = prepare(self.db, spec)
         scoring = self._scoring[spec.name]

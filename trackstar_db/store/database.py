@@ -25,7 +25,6 @@ from trackstar_db.errors import TrackstarError
 
 from . import journal as _journal
 from . import lock as _lock
-from . import adapters as _adapters
 from . import manifest as _manifest
 from . import schema as _schema
 from .gradient_table import GradientTable, is_gradient_table
@@ -157,21 +156,6 @@ class Database(SwapWriter):
         if not Path(model["path"]).is_dir():
             raise TrackstarError(f"{model['path']}: model directory recorded in the manifest is missing")
         return model
-
-    def load_model(self, device: str = "cpu", dtype: str = "float32"):
-        """(model, tokenizer) of the recorded checkpoint, from its local directory (no hub access);
-        weights in `dtype` ('float32', 'bfloat16', 'float16')."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        info = self.model_info()
-        if _manifest.model_fingerprint(info["path"]) != info["fingerprint"]:
-            raise TrackstarError(f"{info['path']}: checkpoint changed since it was recorded (fingerprint mismatch)")
-        if _adapters.is_adapter(info["path"]):  # base + PEFT adapter: the adapter weights are tracked
-            tokenizer = AutoTokenizer.from_pretrained(_adapters.tokenizer_path(info["path"]), local_files_only=True)
-            return _adapters.load_adapter_model(info["path"], dtype).to(device).eval(), tokenizer
-        tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(info["path"], local_files_only=True, dtype=dtype)
-        return model.to(device).eval(), tokenizer
 
     # -- tables -------------------------------------------------------------------------
     def gradient_table(self, split: str, corrected: bool = True) -> GradientTable:

@@ -91,7 +91,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     model_dir = Path(model_dir)
     config, base = model_dir / "config.json", ""
     if not config.is_file() and (model_dir / "adapter_config.json").is_file():  # PEFT adapter: it and its base
-        from .adapters import base_path
+        from trackstar_db.models.adapters import base_path
 
         config, base = model_dir / "adapter_config.json", model_fingerprint(base_path(model_dir))
     if not config.is_file():

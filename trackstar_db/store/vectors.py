@@ -16,7 +16,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from trackstar_db.errors import TrackstarError
 
@@ -37,6 +36,8 @@ def bytes_per_vector(dim: int, dtype: str) -> int:
 
 def to_arrow(vectors: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
     """[n, d] float tensor -> fixed_size_list array in the storage dtype."""
+    import torch
+
     n, dim = vectors.shape
     vectors = vectors.detach().to("cpu")
     if dtype == "bfloat16":
@@ -50,13 +51,12 @@ def to_arrow(vectors: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_ARROW[dtype]), dim)
 
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch.device = "cpu", *,
              native: bool = False) -> torch.Tensor:
     """fixed_size_list column -> [n, d] tensor on `device`: float32, or with `native` the stored
     dtype (float32, float16 or bfloat16) as a zero-copy view of the Arrow buffer on the CPU."""
+    import torch  # here, not at the top: the store imports without torch
+
     if dtype not in DTYPES:
         raise ValueError(f"vector dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if isinstance(column, pa.ChunkedArray):
@@ -72,7 +72,7 @@ def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch
         else:
             tensor = torch.from_numpy(flat)
     tensor = tensor.reshape(n, dim)
-    if tensor.dtype != _TORCH[dtype]:
+    if tensor.dtype != getattr(torch, dtype):
         raise TrackstarError(f"vector column holds {column.type.value_type}, the table's dtype is {dtype}")
     if native:
         return tensor.to(device)

@@ -100,6 +100,17 @@ class TailPatcher:
             out += torch.exp(-(loss.double() * n_tokens)).tolist()
         return out
 
+    def backward_on(self, text: str) -> dict[str, torch.Tensor]:
+        """The loss gradient of `text` alone (the one the step takes), left in each parameter's
+        .grad and returned by parameter name."""
+        batch = {k: v.to(self.device) for k, v in
+                 collate([encode_text(self.tokenizer, text, self.config.max_length)], self.pad).items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            per_example_loss(logits, batch["labels"])[0][0].backward()
+        return {name: p.grad for name, p in self.params}
+
     def _step_on(self, text: str) -> None:
         """One optimizer step on the loss of `text` alone, from the saved state."""
         for (_, p), (p0, m0, v0) in zip(self.params, self.saved):
@@ -107,12 +118,7 @@ class TailPatcher:
             state["exp_avg"].copy_(m0)
             state["exp_avg_sq"].copy_(v0)
             state["step"].fill_(float(self.step))
-        batch = {k: v.to(self.device) for k, v in
-                 collate([encode_text(self.tokenizer, text, self.config.max_length)], self.pad).items()}
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            per_example_loss(logits, batch["labels"])[0][0].backward()
+        self.backward_on(text)
         self.optimizer.step()
 
     def _restore(self) -> None:

@@ -25,20 +25,28 @@ def _sample(query_ids: list[str], limit: int | None) -> set[str]:
     return set(ordered if limit is None else ordered[:limit])
 
 
+def patch_model(db, device: str = "cpu"):
+    """(model, tokenizer, optimizer state) of the final checkpoint, from the one model factory
+    (models/load.open_model: the tokenizer cut at the model's context), weights in float32: the
+    optimizer step is taken in full precision whatever the checkpoint's dtype."""
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
+    point = source(db).with_dtype("float32")
+    if point.optimizer_state is None:
+        raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
+    state = _optimizer_state.load(point.optimizer_state)
+    model, tokenizer = open_model(point, device)
+    return model, tokenizer, state
+
+
 def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
     known = db.ids("runs", "run_id")
     for run_id in run_ids:
         if run_id not in known:
             raise TrackstarError(f"no run {run_id!r}; runs: {', '.join(sorted(known)) or 'none'}")
-    info = db.model_info()
-    if not info.get("optimizer_state"):
-        raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
-    state = _optimizer_state.load(info["optimizer_state"])
-    model, tokenizer = db.load_model(device)
-    from trackstar_db.featurizer.tokenize import cap_tokenizer
-
-    cap_tokenizer(tokenizer, model.config)  # long prompts and texts are cut to the model's context
+    model, tokenizer, state = patch_model(db, device)
 
     retrievals = db.table("retrievals", columns=["run_id", "query_id", "kind", "rank", "example_id"],
                           filter=(pc.field("kind") == "proponent") & (pc.field("rank") <= int(k)))

@@ -27,7 +27,10 @@ def score_predictions(db, batch_size: int = 64) -> pa.Table:
     """Write the predictions table: greedy correctness and P(target | prompt) of every query."""
     from .train import fact_accuracy
 
-    model, tokenizer = db.load_model()
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
+    model, tokenizer = open_model(source(db).with_dtype("float32"))
     queries = db.table("queries", columns=["query_id", "prompt", "target"])
     ids = queries.column("query_id").to_pylist()
     prompts, targets = queries.column("prompt").to_pylist(), queries.column("target").to_pylist()
