@@ -28,7 +28,8 @@ from tiny_models import make_model, random_batch
 featurizer = Featurizer(make_model("gpt2"), FeaturizerConfig(dim=1024, correction="none"))
 out = featurizer.featurize(random_batch(4))
 assert out.vectors["uncorrected"].shape == (4, featurizer.layout.dim) and torch.isfinite(out.vectors["uncorrected"]).all()
-import trackstar_db.gradients.memory, trackstar_db.gradients.pipeline
+import trackstar_db.gradients.memory, trackstar_db.gradients.pipeline, trackstar_db.gradients.loop, trackstar_db.gradients.setup
+import trackstar_db.gradients.loader, trackstar_db.models.load, trackstar_db.store.checkpoints
 loaded = sorted({m.split(".")[0] for m in sys.modules if sys.modules[m] is not None})
 print(" ".join(loaded))
 """

@@ -59,6 +59,10 @@ class Database(_store.Database):
 
         return token_contributions(self, prompt, target, example_id, method, attributor=self._attributor_for(device))
 
+    def prompt_attributor(self, device: str = "cpu"):
+        """The one-prompt attributor (retrieval.adhoc.PromptAttributor) this handle keeps warm on `device`."""
+        return self._attributor_for(device)
+
 
 def connect(path: str | Path) -> Database:
     """Open an existing trackstar-db database directory."""

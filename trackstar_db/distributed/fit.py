@@ -14,7 +14,7 @@ import torch
 
 from . import cluster_cpus, ray_session
 from .ranges import Range, fragment_ranges, range_batches
-from .scan import _unwrap
+from .scan import unwrap
 
 
 def gram_range(r: Range, dtype: str, spans, batch_rows: int):
@@ -47,7 +47,7 @@ def gram(table, spans, *, workers: int | None = None, batch_rows: int = 8192, st
     ray, ranges = _ranges(table, workers, storage_options)
     task = ray.remote(num_cpus=1)(gram_range)
     total = GramAccumulator([tuple(s) for s in spans])
-    for part in _unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, total.spans, batch_rows)
+    for part in unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, total.spans, batch_rows)
                                                    for r in ranges]):
         for acc, s in zip(total.sums, part.sums):
             acc += s
@@ -61,6 +61,6 @@ def row_norms(table, pre, powers, *, workers: int | None = None, batch_rows: int
     ray, ranges = _ranges(table, workers, storage_options)
     task = ray.remote(num_cpus=1)(norms_range)
     pre_ref = ray.put(pre)
-    parts = _unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, pre_ref, sorted(powers), batch_rows)
+    parts = unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, pre_ref, sorted(powers), batch_rows)
                                                for r in ranges])
     return {p: torch.cat([part[p] for part in parts]) for p in powers}

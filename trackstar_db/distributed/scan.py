@@ -67,7 +67,7 @@ def scan_range(r: Range, table: dict, method: str, q, row_norms, k: int, batch_r
     return search(q, scan(scoring, "cpu", batch_rows), k)
 
 
-def _unwrap(ray, method: str, futures):
+def unwrap(ray, method: str, futures):
     try:
         return ray.get(futures)
     except ray.exceptions.RayTaskError as exc:
@@ -95,7 +95,7 @@ def score_table(db, spec, g_q, k: int, *, batch_rows: int = 65536, workers: int 
     futures = [task.remote(r, table, spec.name, q_ref,
                            None if norms is None else norms[r.offset: r.offset + r.rows].clone(), k, batch_rows)
                for r in ranges]
-    return merge_topk(_unwrap(ray, spec.name, futures), k)
+    return merge_topk(unwrap(ray, spec.name, futures), k)
 
 
 score_table.engine = "ray"  # recorded in a run's parameters (retrieval/runs.retrieve(scorer=score_table))

@@ -100,13 +100,13 @@ _DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256, so a wa
 
 
 def _digest(path) -> str:
-    from trackstar_db.store.manifest import _file_digest
+    from trackstar_db.store.manifest import file_digest
 
     stat = path.stat()
     key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
         _DIGESTS.clear()
-        _DIGESTS[key] = _file_digest(path)
+        _DIGESTS[key] = file_digest(path)
     return _DIGESTS[key]
 
 

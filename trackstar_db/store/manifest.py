@@ -70,7 +70,7 @@ def write(db_path: Path, manifest: dict) -> None:
     os.replace(tmp, path)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     """sha256 of a file; for files over 32 MiB, of its size and its first and last 16 MiB."""
     digest = hashlib.sha256()
     size = path.stat().st_size
@@ -103,7 +103,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     digest = hashlib.sha256(config.read_bytes() + base.encode())
     for weight in weights:
         digest.update(weight.name.encode())
-        digest.update(_file_digest(weight).encode())
+        digest.update(file_digest(weight).encode())
     return digest.hexdigest()[:16]
 
 
