@@ -61,7 +61,11 @@ import importlib, pkgutil, sys
 import trackstar_db, trackstar_db.store
 first = sorted(n for n in ("torch", "transformers") if n in sys.modules)
 for module in pkgutil.iter_modules(trackstar_db.store.__path__):
-    importlib.import_module("trackstar_db.store." + module.name)
+    try:
+        importlib.import_module("trackstar_db.store." + module.name)
+    except ModuleNotFoundError as error:  # a database package this machine lacks (tantivy, ...)
+        if error.name in ("torch", "transformers"):
+            raise
 import trackstar_db.models.source, trackstar_db.models.context, trackstar_db.models.adapters
 print(first, sorted(n for n in ("torch", "transformers") if n in sys.modules))
 """
