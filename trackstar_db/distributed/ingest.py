@@ -32,7 +32,7 @@ import time
 
 from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
-from trackstar_db.gradients.commit import Committer
+from trackstar_db.gradients.commit import Committer, absent
 
 from . import cluster_cpus, ray_session
 
@@ -51,27 +51,24 @@ class FragmentWriter(Committer):
     def flush(self) -> None:
         import lance.fragment
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         from trackstar_db.store import schema as _schema
 
+        written = []  # every table's fragments of this flush, published together
         for variant, parts in self.pending.items():
             if not parts:
                 continue
-            table = self.tables[variant]
-            dataset = table.dataset()
-            rows = pa.concat_tables(parts)
-            present = dataset.to_table(columns=["id"], filter=pc.field("id").isin(rows.column("id")))
-            if present.num_rows:
-                rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
+            dataset = self.tables[variant].dataset()
+            rows = absent(self.tables[variant], pa.concat_tables(parts))
             parts.clear()
             if rows.num_rows:
                 rows = _schema.conform(rows, dataset.schema)
                 fragments = lance.fragment.write_fragments(rows, dataset.uri, schema=dataset.schema,
                                                            storage_options=self.storage_options)
-                with self._lock:
-                    self.ready.append((variant, [json.dumps(f.to_json()) for f in fragments], rows.num_rows))
+                written.append((variant, [json.dumps(f.to_json()) for f in fragments], rows.num_rows))
         faults.point("distributed.fragments")
+        with self._lock:  # the actor's take() sees all of a flush or none of it
+            self.ready.extend(written)
         self.rows = 0
 
     def take(self) -> list:

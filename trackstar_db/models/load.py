@@ -2,7 +2,8 @@
 
 Every user of a model comes through `open_model`: the gradient worker and the Ray actor (through
 gradients/loader.py), TracIn-CP, the one-prompt query and token contributions, tail-patch,
-lm-embedding and the testbed's scoring. It checks the directory and its fingerprint, loads the
+lm-embedding and the testbed's scoring; `open_tokenizer` is the same tokenizer without the weights
+(token counts at corpus ingest, Simfluence's runs). It checks the directory and its fingerprint, loads the
 weights in the source's dtype from the local directory only (no hub access), applies a PEFT
 adapter over its local base (adapter weights trainable, base frozen), puts the model in eval mode
 on `device`, and caps the tokenizer at the model's context (models/context.py), so every caller
@@ -35,13 +36,20 @@ def load_adapter_model(path: str | Path, dtype: str = "float32"):
     return model
 
 
+def open_tokenizer(source: ModelSource):
+    """The tokenizer of `source` alone (counting tokens needs no weights); an adapter's own, else its base's."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source.tokenizer_path()), local_files_only=True)
+
+
 def open_model(source: ModelSource, device: str = "cpu"):
     """(model, tokenizer) of `source`: eval mode on `device`, tokenizer capped at the model's context."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source.check()
     dtype = source.weights_dtype()
-    tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_path()), local_files_only=True)
+    tokenizer = open_tokenizer(source)
     if source.adapter:  # base + PEFT adapter: the adapter weights are tracked
         model = load_adapter_model(source.path, dtype)
     else:

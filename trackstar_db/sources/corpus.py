@@ -90,9 +90,10 @@ def _tokenizer(db):
     """The database model's tokenizer, for n_tokens; None before a model is recorded."""
     if not db.manifest.get("model"):
         return None
-    from transformers import AutoTokenizer
+    from trackstar_db.models.load import open_tokenizer
+    from trackstar_db.store.checkpoints import source
 
-    return AutoTokenizer.from_pretrained(db.model_info()["tokenizer"], local_files_only=True)
+    return open_tokenizer(source(db))
 
 
 def _stored_hashes(db) -> dict[str, tuple[str, str]]:
