@@ -114,19 +114,15 @@ class GradientActor:
         return next(self.batches, None)
 
     def _batches(self):
-        from trackstar_db.featurizer.tokenize import pad_id
-        from trackstar_db.gradients.loop import featurize_chunks, planned_chunks
+        from trackstar_db.gradients.loop import run_batches
         from trackstar_db.gradients.setup import run_tables
         from trackstar_db.store.database import connect
 
         db, job, run = connect(self.db_path), self.job, self.run
         tables = run_tables(db, run, job.split)  # created by setup()
         writer = FragmentWriter(db, tables, job.dtype, job.commit_rows, self.storage_options)
-        chunks = planned_chunks(db, job.split, list(tables.values()), self.shard, run.tokenizer, run.max_length)
         rows = tokens = 0
-        for batch in featurize_chunks(run.featurizer, chunks, writer, pad=pad_id(run.tokenizer),
-                                      batch_tokens=run.batch_tokens, batch_size=job.batch_size,
-                                      pipeline=job.pipeline, queue_depth=job.queue_depth):
+        for batch in run_batches(db, run, job, tables, writer, self.shard):
             rows, tokens = rows + batch.rows, tokens + batch.tokens
             ready = writer.take()
             if ready:

@@ -1,6 +1,8 @@
 """The featurize loop, one for every ingest engine: planned chunks in, rows out to a sink.
 
     planned_chunks   the ids of a split (in a shard) that the tables lack, encoded, in chunks
+    run_batches      both for one run (gradients/setup.FeaturizeRun) and job: what the local
+                     worker and the Ray actor call
     featurize_chunks token-budget batches (pipeline.make_batches), tokenized ahead on a thread
                      (pipeline.ahead) when pipelined, through the featurizer, handed to
                      `sink.add(ids, FeaturizeOutput)` behind the model (pipeline.Writer), then
@@ -66,3 +68,14 @@ def featurize_chunks(featurizer, chunks: Iterable, sink: Sink, *, pad: int, batc
     finally:
         batches.close()  # stops the tokenizer thread (and the plan's DuckDB scan) on an error too
     sink.flush()
+
+
+def run_batches(db, run, job, tables: dict, sink: Sink, shard: tuple[int, int] | None = None) -> Iterator[Batch]:
+    """featurize_chunks over the plan of `job` (its split, `shard` or job.shard, job.limit) for
+    `run` (featurizer, tokenizer, max_length, batch_tokens) into `sink`."""
+    from trackstar_db.featurizer.tokenize import pad_id
+
+    chunks = planned_chunks(db, job.split, list(tables.values()), shard or job.shard, run.tokenizer, run.max_length,
+                            job.limit)
+    return featurize_chunks(run.featurizer, chunks, sink, pad=pad_id(run.tokenizer), batch_tokens=run.batch_tokens,
+                            batch_size=job.batch_size, pipeline=job.pipeline, queue_depth=job.queue_depth)

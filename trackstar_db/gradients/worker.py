@@ -38,14 +38,13 @@ from tqdm.auto import tqdm
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
-from trackstar_db.featurizer.tokenize import pad_id
 from trackstar_db.models.source import MODEL_DTYPES
 from trackstar_db.store import vectors as _vectors
 from trackstar_db.store.gradient_table import SPLITS
 
 from .commit import Committer
 from .loader import ESTIMATE_SAMPLE
-from .loop import featurize_chunks, planned_chunks
+from .loop import run_batches
 from .plan import count_missing
 from .setup import create_tables, open_run, record_settings
 
@@ -101,13 +100,10 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
         total = min(total, job.limit)
     committer = Committer(db, tables, job.dtype, job.commit_rows)
     totals = {"rows": 0, "tokens": 0, "seconds": 0.0, "batches": 0, "batch_tokens": run.batch_tokens}
-    chunks = planned_chunks(db, job.split, list(tables.values()), job.shard, run.tokenizer, run.max_length, job.limit)
     start = time.perf_counter()
     desc = f"gradients {job.split}" + (f" {run.checkpoint}" if run.checkpoint else "")
     with tqdm(total=total, desc=desc, unit=" ex", disable=not progress) as bar:
-        for batch in featurize_chunks(run.featurizer, chunks, committer, pad=pad_id(run.tokenizer),
-                                      batch_tokens=run.batch_tokens, batch_size=job.batch_size,
-                                      pipeline=job.pipeline, queue_depth=job.queue_depth):
+        for batch in run_batches(db, run, job, tables, committer):
             totals["rows"] += batch.rows
             totals["batches"] += 1
             totals["tokens"] += batch.tokens
