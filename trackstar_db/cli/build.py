@@ -137,9 +137,11 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--commit-rows", type=int, default=2048, show_default=True, help="Rows per Lance commit.")
 @click.option("--checkpoint", default=None, help="Featurize this checkpoint instead of the final one (a directory in "
               "the model's checkpoints/, e.g. step-000425, or a path): attached by name, into its own tables.")
+@click.option("--shard-model", is_flag=True, help="Shard the model's parameters across the torchrun/Slurm "
+              "processes (FSDP2), for a model too large for one device; each process featurizes its ids.")
 @ENGINE
 def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtype, no_pipeline, shard, dtype, dim, seed,
-                         correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine):
+                         correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine, shard_model):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from trackstar_db.gradients.plan import parse_shard
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
@@ -154,6 +156,11 @@ def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtyp
 
         ingest_gradients = partial(ray_ingest, device=device)
         device = "cpu"
+    if shard_model:
+        if engine == "ray" or shard != "0/1":
+            raise click.BadParameter("--shard-model takes its shards from the launcher's ranks; drop "
+                                     "--shard and --engine ray", param_hint="--shard-model")
+        from trackstar_db.gradients.sharded import ingest_sharded as ingest_gradients
     job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
                       commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
                       batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype, pipeline=not no_pipeline,

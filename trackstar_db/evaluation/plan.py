@@ -8,8 +8,9 @@ machine (shared, so treat them as a floor on speed), with the command that produ
 
     BENCH_THREADS=1 python benchmarks/bench_scale.py --n 100000
 
-Featurizing (the model's forward and backward) is not in the plan: measure it with
-benchmarks/bench_featurize.py on the target model and hardware.
+Featurizing (the model's forward and backward) is timed by benchmarks/bench_featurize.py on the
+target model and hardware; with a model (--model DIR --device-gib G) the plan adds the devices
+its featurizer needs (gradients/memory.py: unsharded, or sharded with --shard-model).
 """
 
 from __future__ import annotations
@@ -133,9 +134,10 @@ def _human(n: float | None, unit: str) -> str | None:
     return f"{n:.0f} B"
 
 
-def plan_table(p: Plan) -> pa.Table:
-    """The plan as Arrow: item, bytes, ram_bytes, seconds (numbers) and human-readable columns."""
-    rows = plan_rows(p)
+def plan_table(p: Plan, extra: list[dict] = ()) -> pa.Table:
+    """The plan as Arrow: item, bytes, ram_bytes, seconds (numbers) and human-readable columns;
+    `extra` rows (the devices a model needs, gradients/memory.plan_rows_for_model) appended."""
+    rows = plan_rows(p) + list(extra)
     return pa.table({
         "item": [r["item"] for r in rows],
         "size": [_human(r.get("bytes") or r.get("ram_bytes"), "B") if ("bytes" in r or "ram_bytes" in r) else None

@@ -61,12 +61,15 @@ def sample_texts(db, limit: int) -> list[str]:
 
 
 def load_featurizer(source: ModelSource, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
-                    sample: Callable[[], Sequence[str]] | None = None, batch_size: int = 16):
+                    sample: Callable[[], Sequence[str]] | None = None, batch_size: int = 16, prepare=None):
     """(Featurizer, tokenizer) of `source` with the second moment config asks for. `sample`
-    gives the training texts the 'estimated' correction averages over (called only then)."""
+    gives the training texts the 'estimated' correction averages over (called only then).
+    prepare: model -> model, given the model opened on the CPU (gradients/sharded.py shards it)."""
     from trackstar_db.models.load import open_model
 
-    model, tokenizer = open_model(source, device)
+    model, tokenizer = open_model(source, "cpu" if prepare else device)
+    if prepare is not None:
+        model = prepare(model)
     state = None
     if config.correction in ELEMENTWISE_OR_FACTORED:
         if source.optimizer_state is None:
@@ -86,10 +89,11 @@ def load_featurizer(source: ModelSource, config: FeaturizerConfig, device: str =
 
 def database_featurizer(db, config: FeaturizerConfig, checkpoint: str | None = None, device: str = "cpu",
                         uncorrected: bool = False, model_dtype: str | None = None,
-                        estimate_sample: int = ESTIMATE_SAMPLE, batch_size: int = 16):
+                        estimate_sample: int = ESTIMATE_SAMPLE, batch_size: int = 16, prepare=None):
     """load_featurizer for checkpoint `checkpoint` of db's model (None: the final one), in
     `model_dtype` (None: the dtype the stored vectors were made with)."""
     from trackstar_db.store.checkpoints import source
 
     point = source(db, checkpoint).with_dtype(model_dtype or recorded_model_dtype(db))
-    return load_featurizer(point, config, device, uncorrected, lambda: sample_texts(db, estimate_sample), batch_size)
+    return load_featurizer(point, config, device, uncorrected, lambda: sample_texts(db, estimate_sample), batch_size,
+                           prepare)

@@ -52,14 +52,17 @@ def planned_chunks(db, split: str, tables: list, shard: tuple[int, int], tokeniz
 
 
 def featurize_chunks(featurizer, chunks: Iterable, sink: Sink, *, pad: int, batch_tokens: int | None,
-                     batch_size: int, pipeline: bool = True, queue_depth: int = 4) -> Iterator[Batch]:
+                     batch_size: int, pipeline: bool = True, queue_depth: int = 4, steps=None) -> Iterator[Batch]:
     """Featurize every chunk into `sink`; yields each Batch once it is on its way to the sink
     (written behind the model when `pipeline`, at once otherwise). The sink is flushed after
-    the last batch; an error stops the tokenizer thread and the writer."""
+    the last batch; an error stops the tokenizer thread and the writer. `steps`: batches ->
+    batches on the featurizing thread (sharded.ShardedModel.lockstep keeps ranks in step)."""
     pin = pipeline and getattr(getattr(featurizer, "device", None), "type", "cpu") == "cuda"
     batches = make_batches(chunks, batch_tokens, batch_size, pad, pin=pin)
     if pipeline:
         batches = ahead(batches, queue_depth)
+    if steps is not None:
+        batches = steps(batches)
     try:
         with Writer(lambda ids, out: sink.add(ids, out.wait()), queue_depth, threaded=pipeline) as writer:
             for batch in batches:
@@ -77,5 +80,7 @@ def run_batches(db, run, job, tables: dict, sink: Sink, shard: tuple[int, int] |
 
     chunks = planned_chunks(db, job.split, list(tables.values()), shard or job.shard, run.tokenizer, run.max_length,
                             job.limit)
+    sharded = getattr(job, "sharded", None)  # every rank featurizes in step (FSDP gathers)
+    steps = (lambda batches: sharded.lockstep(batches, run.featurizer)) if sharded is not None else None
     return featurize_chunks(run.featurizer, chunks, sink, pad=pad_id(run.tokenizer), batch_tokens=run.batch_tokens,
-                            batch_size=job.batch_size, pipeline=job.pipeline, queue_depth=job.queue_depth)
+                            batch_size=job.batch_size, pipeline=job.pipeline, queue_depth=job.queue_depth, steps=steps)

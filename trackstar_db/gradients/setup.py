@@ -56,13 +56,15 @@ def checkpoint_name(db, job) -> str | None:
 def open_run(db, config: FeaturizerConfig | dict | None, job, device: str | None = None,
              load: Callable = database_featurizer) -> FeaturizeRun:
     """Everything a run of `job` needs before its first batch (see the module docstring).
-    `load(db, config, checkpoint, device, uncorrected, model_dtype, estimate_sample, batch_size)`
-    -> (featurizer, tokenizer): the model side, replaceable (e.g. by a sharded model)."""
+    `load(db, config, checkpoint, device, uncorrected, model_dtype, estimate_sample, batch_size, prepare)`
+    -> (featurizer, tokenizer): the model side, replaceable; job.sharded (gradients/sharded.py)
+    shards the model through `prepare`."""
     checkpoint = checkpoint_name(db, job)
     if not isinstance(config, FeaturizerConfig):
         config = resolved_config(db, config)
+    prepare = job.sharded.prepare if getattr(job, "sharded", None) is not None else None
     featurizer, tokenizer = load(db, config, checkpoint, device or job.device, job.uncorrected, job.model_dtype,
-                                 job.estimate_sample, job.batch_size)
+                                 job.estimate_sample, job.batch_size, prepare)
     cap = token_limit(tokenizer, config.max_length)
     if job.batch_tokens == "auto":
         batch_tokens = plan_batch_tokens(featurizer, cap or config.max_length).batch_tokens

@@ -65,6 +65,7 @@ class GradientJob:
     pipeline: bool = True  # tokenize ahead and write behind on threads; False: all on this thread
     queue_depth: int = 4  # batches waiting in each queue of the pipeline
     checkpoint: str | None = None  # an attached checkpoint's name (or a path to attach); None: the final one
+    sharded: object | None = None  # sharded.ShardedModel: the model's parameters sharded across processes
 
     def __post_init__(self):
         if self.split not in SPLITS:
