@@ -31,6 +31,7 @@ optimizer state; the final checkpoint's run fixes those settings, so it comes fi
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -103,8 +104,9 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
     totals = {"rows": 0, "tokens": 0, "seconds": 0.0, "batches": 0, "batch_tokens": run.batch_tokens}
     start = time.perf_counter()
     desc = f"gradients {job.split}" + (f" {run.checkpoint}" if run.checkpoint else "")
-    with tqdm(total=total, desc=desc, unit=" ex", disable=not progress) as bar:
-        for batch in run_batches(db, run, job, tables, committer):
+    with tqdm(total=total, desc=desc, unit=" ex", disable=not progress) as bar, \
+            closing(run_batches(db, run, job, tables, committer)) as batches:  # an error stops the threads
+        for batch in batches:
             totals["rows"] += batch.rows
             totals["batches"] += 1
             totals["tokens"] += batch.tokens
