@@ -18,7 +18,9 @@ from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.per_example import Featurizer
 from trackstar_db.featurizer.second_moment import build_second_moment
 from trackstar_db.featurizer.settings import resolve
-from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
+from trackstar_db.featurizer.task import DEFAULT as DEFAULT_TASK
+from trackstar_db.featurizer.task import Task, task_of
+from trackstar_db.featurizer.tokenize import collate, pad_id
 from trackstar_db.models.source import ModelSource
 
 ESTIMATE_SAMPLE = 512  # training examples the 'estimated' correction averages over
@@ -49,23 +51,30 @@ def resolved_config(db, given: dict | None = None) -> FeaturizerConfig:
     return resolve(stored_config(db), given, optimizer_kind(db))
 
 
-def sample_texts(db, limit: int) -> list[str]:
+def sample_texts(db, limit: int, spans: bool = False) -> list:
     """The first `limit` example texts by id (a deterministic sample; DuckDB's top-N keeps
-    memory at O(limit) whatever the corpus size)."""
+    memory at O(limit) whatever the corpus size); with `spans`, (text, loss spans) pairs."""
     import duckdb
 
+    columns = "text, loss_spans" if spans else "text"
     with duckdb.connect() as con:
         con.register("examples", db.dataset("examples"))
-        rows = con.sql(f"SELECT text FROM examples ORDER BY example_id LIMIT {int(limit)}").to_arrow_table()
+        rows = con.sql(f"SELECT {columns} FROM examples ORDER BY example_id LIMIT {int(limit)}").to_arrow_table()
+    if spans:
+        return list(zip(rows.column("text").to_pylist(), rows.column("loss_spans").to_pylist()))
     return rows.column("text").to_pylist()
 
 
 def load_featurizer(source: ModelSource, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
-                    sample: Callable[[], Sequence[str]] | None = None, batch_size: int = 16, prepare=None):
-    """(Featurizer, tokenizer) of `source` with the second moment config asks for. `sample`
-    gives the training texts the 'estimated' correction averages over (called only then).
-    prepare: model -> model, given the model opened on the CPU (gradients/sharded.py shards it)."""
+                    sample: Callable[[], Sequence] | None = None, batch_size: int = 16, prepare=None,
+                    task: Task | None = None):
+    """(Featurizer, tokenizer) of `source` and `task` (featurizer/task.py; default: every token's
+    loss) with the second moment config asks for. `sample` gives the training texts (or (text,
+    loss spans) pairs) the 'estimated' correction averages the task's loss over (called only
+    then). prepare: model -> model, given the model opened on the CPU (gradients/sharded.py)."""
     from trackstar_db.models.load import open_model
+
+    task = task or DEFAULT_TASK
 
     model, tokenizer = open_model(source, "cpu" if prepare else device)
     if prepare is not None:
@@ -78,22 +87,23 @@ def load_featurizer(source: ModelSource, config: FeaturizerConfig, device: str =
         state = _optimizer_state.load(source.optimizer_state)
     batches = None
     if config.correction == "estimated":
-        texts = list(sample()) if sample is not None else []
-        if not texts:
+        rows = [r if isinstance(r, tuple) else (r, None) for r in (sample() if sample is not None else [])]
+        if not rows:
             raise TrackstarError("correction 'estimated' needs training examples; ingest the corpus first")
-        items = [encode_text(tokenizer, t, config.max_length) for t in texts]
+        items = [task.encode_example(tokenizer, text, spans, config.max_length) for text, spans in rows]
         batches = [collate(items[i:i + batch_size], pad_id(tokenizer)) for i in range(0, len(items), batch_size)]
     moment = build_second_moment(config, model, state, batches, device)
-    return Featurizer(model, config, moment, device, uncorrected=uncorrected), tokenizer
+    return Featurizer(model, config, moment, device, uncorrected=uncorrected, task=task), tokenizer
 
 
 def database_featurizer(db, config: FeaturizerConfig, checkpoint: str | None = None, device: str = "cpu",
                         uncorrected: bool = False, model_dtype: str | None = None,
                         estimate_sample: int = ESTIMATE_SAMPLE, batch_size: int = 16, prepare=None):
-    """load_featurizer for checkpoint `checkpoint` of db's model (None: the final one), in
-    `model_dtype` (None: the dtype the stored vectors were made with)."""
+    """load_featurizer for checkpoint `checkpoint` of db's model (None: the final one) and the
+    database's task, in `model_dtype` (None: the dtype the stored vectors were made with)."""
     from trackstar_db.store.checkpoints import source
 
+    task = task_of(db.manifest)
     point = source(db, checkpoint).with_dtype(model_dtype or recorded_model_dtype(db))
-    return load_featurizer(point, config, device, uncorrected, lambda: sample_texts(db, estimate_sample), batch_size,
-                           prepare)
+    return load_featurizer(point, config, device, uncorrected, lambda: sample_texts(db, estimate_sample, task.masked),
+                           batch_size, prepare, task)

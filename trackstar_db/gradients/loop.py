@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Protocol
 
-from trackstar_db.featurizer.tokenize import encode_query, encode_text
+from trackstar_db.featurizer.task import DEFAULT as DEFAULT_TASK
+from trackstar_db.featurizer.task import Task
 
 from .pipeline import Batch, Writer, ahead, make_batches
 
@@ -28,16 +29,19 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
 
-def encode_rows(tokenizer, split: str, chunk, max_length: int) -> list:
-    """The encodings of a chunk of the examples ('train': text) or queries (prompt, target) table."""
+def encode_rows(tokenizer, split: str, chunk, max_length: int, task: Task = DEFAULT_TASK) -> list:
+    """The encodings of a chunk of the examples ('train': text, and its loss_spans column when
+    plan.missing carries one) or queries (prompt, target) table, under `task` (featurizer/task.py)."""
     if split == "train":
-        return [encode_text(tokenizer, text, max_length) for text in chunk.column("text").to_pylist()]
-    return [encode_query(tokenizer, p, t, max_length=max_length)
+        texts = chunk.column("text").to_pylist()
+        spans = chunk.column("loss_spans").to_pylist() if "loss_spans" in chunk.column_names else [None] * len(texts)
+        return [task.encode_example(tokenizer, text, span, max_length) for text, span in zip(texts, spans)]
+    return [task.encode_query(tokenizer, p, t, max_length)
             for p, t in zip(chunk.column("prompt").to_pylist(), chunk.column("target").to_pylist())]
 
 
 def planned_chunks(db, split: str, tables: list, shard: tuple[int, int], tokenizer, max_length: int,
-                   limit: int | None = None):
+                   limit: int | None = None, task: Task = DEFAULT_TASK):
     """(ids, encoded items) of every chunk of the plan (gradients/plan.missing), up to `limit` rows."""
     from .plan import missing
 
@@ -46,7 +50,7 @@ def planned_chunks(db, split: str, tables: list, shard: tuple[int, int], tokeniz
         if limit is not None:
             chunk = chunk.slice(0, limit - produced)
         produced += chunk.num_rows
-        yield chunk.column("id").to_pylist(), encode_rows(tokenizer, split, chunk, max_length)
+        yield chunk.column("id").to_pylist(), encode_rows(tokenizer, split, chunk, max_length, task)
         if limit is not None and produced >= limit:
             return
 
@@ -79,7 +83,7 @@ def run_batches(db, run, job, tables: dict, sink: Sink, shard: tuple[int, int] |
     from trackstar_db.featurizer.tokenize import pad_id
 
     chunks = planned_chunks(db, job.split, list(tables.values()), shard or job.shard, run.tokenizer, run.max_length,
-                            job.limit)
+                            job.limit, getattr(run.featurizer, "task", DEFAULT_TASK))
     sharded = getattr(job, "sharded", None)  # every rank featurizes in step (FSDP gathers)
     steps = (lambda batches: sharded.lockstep(batches, run.featurizer)) if sharded is not None else None
     return featurize_chunks(run.featurizer, chunks, sink, pad=pad_id(run.tokenizer), batch_tokens=run.batch_tokens,

@@ -2,7 +2,9 @@
 
 The query's gradient is computed by the same featurizer as the stored ones and scored by the
 same path as stored runs (retrieval/runs.run_method). The answer is an Arrow table with columns
-kind ('proponent' | 'opponent'), rank, example_id, score, text, method.
+kind ('proponent' | 'opponent'), rank, example_id, score, method, text, and the evidence columns
+of retrieval/evidence.py (bm25, has_target, has_subject, shared_span, states_it, delta_p,
+verify_ms, moves_model, label; delta_p measured only with verify).
 
 With no method given, the best rung the database can serve answers: trackstar with a task R,
 else r-train, else opt-cos, else grad-cos; the table's `method` column says which.
@@ -43,6 +45,7 @@ class PromptAttributor:
     def __init__(self, db, device: str = "cpu"):
         self.db, self.device = db, device
         self._featurizers: dict[str, tuple] = {}  # variant -> (Featurizer, tokenizer)
+        self._patcher = None  # tailpatch.TailPatcher for verify, made by the first verify
 
     def featurizer(self, variant: str):
         """(Featurizer, tokenizer) making `variant` with the stored recipe (settings and model
@@ -60,15 +63,25 @@ class PromptAttributor:
 
     def gradient(self, prompt: str, target: str, variant: str):
         """[1, d] raw query gradient of (prompt, target) in `variant`."""
-        from trackstar_db.featurizer.tokenize import collate, encode_query, pad_id
+        from trackstar_db.featurizer.tokenize import collate, pad_id
 
         featurizer, tokenizer = self.featurizer(variant)
-        item = encode_query(tokenizer, prompt, target, max_length=featurizer.config.max_length)
+        item = featurizer.task.encode_query(tokenizer, prompt, target, featurizer.config.max_length)
         return featurizer.featurize(collate([item], pad_id(tokenizer))).vectors[variant]
 
-    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = 10, ann=None) -> pa.Table:
-        """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts;
-        `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
+    def patcher(self):
+        """The tail-patcher of `verify` (tailpatch/runs.load_patcher), loaded once."""
+        if self._patcher is None:
+            from trackstar_db.tailpatch.runs import load_patcher
+
+            self._patcher = load_patcher(self.db, device=self.device)
+        return self._patcher
+
+    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = 10, ann=None,
+                  verify: bool = False) -> pa.Table:
+        """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts
+        and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
+        now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
         db = self.db
         if not prompt.strip() or not target.strip():
             raise TrackstarError("both --prompt and --target must be non-empty")
@@ -91,7 +104,10 @@ class PromptAttributor:
             texts = db.table("examples", columns=["example_id", "text"],
                              filter=pc.field("example_id").isin(sorted(set(ids))))
             lookup = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
-        return rows.append_column("text", pa.array([lookup.get(i) for i in ids], pa.string()))
+        rows = rows.append_column("text", pa.array([lookup.get(i) for i in ids], pa.string()))
+        from .evidence import with_evidence
+
+        return with_evidence(db, prompt, target, rows, self.patcher() if verify else None)
 
 
 __all__ = ["PromptAttributor", "best_method", "LADDER"]

@@ -50,9 +50,9 @@ SCORE_BYTES = 1 << 30  # the [queries, examples] float64 block summed over check
 
 
 def checkpoint_featurizer(point: ModelSource, config, variant: str, device: str = "cpu",
-                          sample: Callable[[], Sequence[str]] | None = None):
+                          sample: Callable[[], Sequence] | None = None, task=None):
     """(Featurizer, tokenizer) of checkpoint `point` that makes `variant` ('uncorrected' |
-    'corrected') with the database's projection settings `config`."""
+    'corrected') with the database's projection settings `config` and task (featurizer/task.py)."""
     from trackstar_db.featurizer.settings import default_correction
     from trackstar_db.gradients.loader import load_featurizer
 
@@ -60,7 +60,7 @@ def checkpoint_featurizer(point: ModelSource, config, variant: str, device: str 
         config = replace(config, correction="none")
     elif config.correction in ("auto", "none"):
         config = replace(config, correction=default_correction(point.optimizer))
-    return load_featurizer(point, config, device, sample=sample)
+    return load_featurizer(point, config, device, sample=sample, task=task)
 
 
 def _vectors(featurizer, items, pad: int, batch_size: int) -> torch.Tensor:
@@ -74,11 +74,12 @@ def _vectors(featurizer, items, pad: int, batch_size: int) -> torch.Tensor:
 
 def scores(points: Sequence[ModelSource], texts: Sequence[str], queries: Sequence[tuple[str, str]], config,
            method: str = "tracin-cp", device: str = "cpu", batch_size: int = 16,
-           sample: Callable[[], Sequence[str]] | None = None) -> torch.Tensor:
-    """[n_queries, n_texts] TracIn-CP scores of each (prompt, target) query against each training text.
-    `sample`: the training texts an 'estimated' correction averages over (default: the first
-    gradients.loader.ESTIMATE_SAMPLE of `texts`)."""
-    from trackstar_db.featurizer.tokenize import encode_query, encode_text, pad_id
+           sample: Callable[[], Sequence] | None = None, task=None, spans: Sequence | None = None) -> torch.Tensor:
+    """[n_queries, n_texts] TracIn-CP scores of each (prompt, target) query against each training
+    text, encoded under `task` (featurizer/task.py; `spans`: the texts' loss spans when masked).
+    `sample`: the training texts (or (text, spans) pairs) an 'estimated' correction averages
+    over (default: the first gradients.loader.ESTIMATE_SAMPLE of `texts`)."""
+    from trackstar_db.featurizer.tokenize import pad_id
     from trackstar_db.gradients.loader import ESTIMATE_SAMPLE
 
     from .methods import unit_normalize
@@ -86,13 +87,15 @@ def scores(points: Sequence[ModelSource], texts: Sequence[str], queries: Sequenc
     variant, unit = _check(method)
     if not points:
         raise TrackstarError("TracIn-CP needs at least one checkpoint")
-    sample = sample or (lambda: list(texts[:ESTIMATE_SAMPLE]))
+    spans = list(spans) if spans is not None else [None] * len(texts)
+    sample = sample or (lambda: list(zip(texts[:ESTIMATE_SAMPLE], spans[:ESTIMATE_SAMPLE])))
     total = torch.zeros((len(queries), len(texts)), dtype=torch.float64)
     for point in points:
-        featurizer, tokenizer = checkpoint_featurizer(point, config, variant, device, sample)
-        pad, cut = pad_id(tokenizer), featurizer.config.max_length
-        z = _vectors(featurizer, [encode_text(tokenizer, t, cut) for t in texts], pad, batch_size)
-        q = _vectors(featurizer, [encode_query(tokenizer, p, t, cut) for p, t in queries], pad, batch_size)
+        featurizer, tokenizer = checkpoint_featurizer(point, config, variant, device, sample, task)
+        pad, cut, encoder = pad_id(tokenizer), featurizer.config.max_length, featurizer.task
+        z = _vectors(featurizer, [encoder.encode_example(tokenizer, t, s, cut) for t, s in zip(texts, spans)], pad,
+                     batch_size)
+        q = _vectors(featurizer, [encoder.encode_query(tokenizer, p, t, cut) for p, t in queries], pad, batch_size)
         if unit:
             z, q = unit_normalize(z), unit_normalize(q)
         total += point.lr * (q.double() @ z.double().T)
@@ -203,10 +206,15 @@ def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp"
 
     entry = db.manifest.get("featurizer")
     config = FeaturizerConfig.from_dict(entry["config"]) if entry else FeaturizerConfig()
-    texts = db.table("examples", columns=["text"]).column("text").to_pylist()
+    from trackstar_db.featurizer.task import task_of
+
+    task = task_of(db.manifest)
+    examples = db.table("examples", columns=["text"] + (["loss_spans"] if task.masked else []))
+    spans = examples.column("loss_spans").to_pylist() if task.masked else None
     points = [p.with_dtype(recorded_model_dtype(db)) for p in points]
-    return _top(scores(points, texts, [pairs[q] for q in query_ids], config, method, device,
-                       sample=lambda: sample_texts(db, ESTIMATE_SAMPLE)), ids, k)
+    return _top(scores(points, examples.column("text").to_pylist(), [pairs[q] for q in query_ids], config, method,
+                       device, sample=lambda: sample_texts(db, ESTIMATE_SAMPLE, task.masked), task=task, spans=spans),
+                ids, k)
 
 
 def _stack(parts):

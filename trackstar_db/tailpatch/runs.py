@@ -40,14 +40,35 @@ def patch_model(db, device: str = "cpu"):
     return model, tokenizer, state
 
 
+def load_patcher(db, k: int = 10, device: str = "cpu") -> TailPatcher:
+    """A TailPatcher over the database's recorded checkpoint and its saved optimizer state (the one
+    set-up of stored tail-patch runs and of `query --verify`)."""
+    from trackstar_db.featurizer.task import task_of
+
+    model, tokenizer, state = patch_model(db, device)
+    task = task_of(db.manifest)  # the step takes the database's loss (a completion's, a chat's)
+    return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k), task=task,
+                       spans=_StoredSpans(db) if task.masked else None)
+
+
+class _StoredSpans:
+    """example_id -> its loss spans, read from the examples table when a step needs them."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def get(self, example_id: str, default=None):
+        rows = self.db.table("examples", columns=["loss_spans"], filter=pc.field("example_id") == example_id)
+        return rows.column("loss_spans")[0].as_py() if rows.num_rows else default
+
+
 def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
     known = db.ids("runs", "run_id")
     for run_id in run_ids:
         if run_id not in known:
             raise TrackstarError(f"no run {run_id!r}; runs: {', '.join(sorted(known)) or 'none'}")
-    model, tokenizer, state = patch_model(db, device)
-
+    patcher = load_patcher(db, k, device)
     retrievals = db.table("retrievals", columns=["run_id", "query_id", "kind", "rank", "example_id"],
                           filter=(pc.field("kind") == "proponent") & (pc.field("rank") <= int(k)))
     retrievals = retrievals.filter(pc.is_in(retrievals.column("run_id"), pa.array(run_ids)))
@@ -72,7 +93,6 @@ def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None
                                                                      texts[row["example_id"]]))
     pairs = {run_id: [(q, queries[q]["prompt"], queries[q]["target"], props) for q, props in sorted(by_query.items())]
              for run_id, by_query in runs.items()}
-    patcher = TailPatcher(model, tokenizer, state, TailPatchConfig(k=k))
     rows = patcher.run(pairs)
     _check_finite(rows)
     # write-then-swap (Database.swap_rows): the old rows stay until every new row is stored
