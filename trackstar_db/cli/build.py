@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from trackstar_db import defaults
+
 from . import main
 from .engine import ENGINE, engine_arguments
 from .common import DB_ARG, Group, _open
@@ -86,7 +88,7 @@ def ingest():
 @click.option("--text-field", default="text", show_default=True, help="Field holding the example text.")
 @click.option("--id-field", default=None, help="Field holding a stable id (default: sentence_id, example_id or id; else a text hash).")
 @click.option("--skip-bad", is_flag=True, help="Skip bad records into DB/rejects.jsonl instead of stopping.")
-@click.option("--batch-size", default=10_000, show_default=True, help="Rows per Lance commit.")
+@click.option("--batch-size", default=defaults.CORPUS_COMMIT_ROWS, show_default=True, help="Rows per Lance commit.")
 def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size):
     """Add training texts (JSON lines or Parquet) to the examples table and the BM25 index."""
     from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
@@ -125,7 +127,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage dtype of the vectors (first run; default float32).")
-@click.option("--dim", type=int, default=None, help="Total projection dimension, 1024..65536 (first run; default 4096).")
+@click.option("--dim", type=int, default=None, help=f"Total projection dimension, 1024..65536 (first run; default {defaults.DIM}).")
 @click.option("--seed", type=int, default=None, help="Projection seed (first run; default 0).")
 @click.option("--correction", type=click.Choice(["auto", "adam-factored", "adam-exact", "adafactor", "estimated", "none"]),
               default=None, help="Optimizer second-moment correction (first run; default auto: the optimizer state's "
@@ -134,7 +136,7 @@ def ingest_facts_cmd(db, files, skip_bad):
               help="Per-matrix projections concatenated or summed (first run; default concat).")
 @click.option("--no-uncorrected", is_flag=True, help="Do not also write the uncorrected table the first rungs need.")
 @click.option("--limit", type=int, default=None, help="Stop after this many new rows.")
-@click.option("--commit-rows", type=int, default=2048, show_default=True, help="Rows per Lance commit.")
+@click.option("--commit-rows", type=int, default=defaults.COMMIT_ROWS, show_default=True, help="Rows per Lance commit.")
 @click.option("--checkpoint", default=None, help="Featurize this checkpoint instead of the final one (a directory in "
               "the model's checkpoints/, e.g. step-000425, or a path): attached by name, into its own tables.")
 @ENGINE
@@ -204,9 +206,9 @@ def train(db, out_dir, arch, epochs, seed, checkpoints):
               help="task: mix R_eval of the queries into R_train (TrackStar); train: R_train only.")
 @click.option("--kind", type=click.Choice(["block", "dense"]), default="block", show_default=True,
               help="Block-diagonal per tracked matrix, or one dense R.")
-@click.option("--damping", type=float, default=0.1, show_default=True, help="Added to eigenvalues, times their mean.")
+@click.option("--damping", type=float, default=defaults.DAMPING, show_default=True, help="Added to eigenvalues, times their mean.")
 @click.option("--crossing-k", type=int, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
-@click.option("--template", default="prompt0", show_default=True, help="Queries whose gradients form R_eval.")
+@click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Queries whose gradients form R_eval.")
 @ENGINE
 def fit(db, mix, kind, damping, crossing_k, template, engine):
     """Fit the preconditioners R (R_train, and the task-mixed R) from the stored gradients."""

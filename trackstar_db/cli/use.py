@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
 from . import main
@@ -20,9 +21,9 @@ from .scale import ann_flags
               help="A method of the ladder (grad-dot, grad-cos, trak, opt-cos, r-train, trackstar), a baseline "
                    "(bm25, embedding, lm-embedding) or tracin-cp[-cos|-opt]; repeatable; 'all' = every ladder "
                    "rung and baseline whose needs are installed.")
-@click.option("--k", default=100, show_default=True, help="Proponents (and opponents) kept per query.")
+@click.option("--k", default=defaults.K_RETRIEVE, show_default=True, help="Proponents (and opponents) kept per query.")
 @click.option("--run", "run_id", default=None, help="Run name (default: the method name).")
-@click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
+@click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Which queries ('all' for every template).")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
 @ann_flags
@@ -52,7 +53,7 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann,
 @main.command("tail-patch")
 @DB_ARG
 @click.option("--run", "run_ids", multiple=True, required=True, help="Retrieval run(s) to patch; repeatable.")
-@click.option("--k", default=10, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
+@click.option("--k", default=defaults.K_TAIL_PATCH, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
 @click.option("--queries", "max_queries", type=int, default=None, help="Patch a deterministic sample of this many queries.")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 def tail_patch_cmd(db, run_ids, k, max_queries, device):
@@ -82,7 +83,7 @@ def eval_cmd(db, fmt, by):
 @click.option("--target", required=True, help="The continuation to attribute, e.g. 'Paris'.")
 @click.option("--method", default=None, help="Default: the best method the database can serve (trackstar, "
                                                "else r-train, else opt-cos, else grad-cos).")
-@click.option("--k", default=10, show_default=True)
+@click.option("--k", default=defaults.K_QUERY, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @ann_flags
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError, first_line
 
-_SCAN_ROWS = 8192
+_SCAN_ROWS = defaults.STREAM_BATCH_ROWS
 
 # what rebuilds a table from its inputs
 _REBUILD = {

@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trackstar_db import defaults
+
 KINDS = ("block", "dense")
 _THREADED_EIGH = 2048  # below this size one thread is faster and immune to busy-core stalls
 
@@ -44,7 +46,7 @@ def _eigh_threads(size: int):
         yield
     finally:
         torch.set_num_threads(previous)
-DEFAULT_DAMPING = 0.1  # chosen by benchmarks/sweep_preconditioner.py on the demo world
+DEFAULT_DAMPING = defaults.DAMPING  # chosen by benchmarks/sweep_preconditioner.py on the demo world
 
 
 class GramAccumulator:

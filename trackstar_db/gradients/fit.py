@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 import torch
 
+from trackstar_db import defaults
 from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import Layout
@@ -58,7 +59,7 @@ def _query_ids(db, template: str | None) -> set[str] | None:
     return set(rows.column("query_id").to_pylist())
 
 
-def _stream(table, keep: set[str] | None = None, batch_size: int = 8192, label: str = "R"):
+def _stream(table, keep: set[str] | None = None, batch_size: int = defaults.STREAM_BATCH_ROWS, label: str = "R"):
     """[batch, d] float32 vectors of a gradient table, optionally only the ids in `keep`. A batch
     holds at most the scan's BATCH_BYTES of float32 (4,096 rows at d = 4,096, 256 at 65,536):
     the Gram update widens it to float64 and Lance reads several batches ahead."""
@@ -110,7 +111,7 @@ class LocalPasses:
 
 
 def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAMPING, k: int | None = None,
-        template: str | None = "prompt0", passes=LocalPasses) -> FitReport:
+        template: str | None = defaults.TEMPLATE, passes=LocalPasses) -> FitReport:
     """Fit every preconditioner the stored tables allow. `passes`: who reads the training tables
     (LocalPasses; trackstar_db.distributed.fit sums over Ray tasks)."""
     _check_options(mix, damping, k)

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pyarrow as pa
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
 from .ann import DEFAULT_KIND, KINDS, open_table, source_version, table_name
@@ -81,7 +82,7 @@ def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device
 
 def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: int | None = None,
                 num_sub_vectors: int | None = None, m: int = 20, ef_construction: int = 300,
-                max_iterations: int = MAX_ITERATIONS, sample_rate: int = SAMPLE_RATE, batch_rows: int = 8192,
+                max_iterations: int = MAX_ITERATIONS, sample_rate: int = SAMPLE_RATE, batch_rows: int = defaults.STREAM_BATCH_ROWS,
                 device="cpu", progress: bool = True, reuse_vectors: bool = False) -> dict:
     """Materialise `method`'s final unit vectors into ann_<method>, index them, record provenance.
     Returns the manifest entry (with build seconds). Memory: one scanned batch at a time.

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
 from .data import ensure_tables
@@ -51,7 +52,7 @@ def probe_queries(db, n: int) -> pa.Table:
     """The probes: n prompt0 queries, the same for a given database (sorted by a hash of the id)."""
     import hashlib
 
-    rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("template") == "prompt0")
+    rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("template") == defaults.TEMPLATE)
     if rows.num_rows == 0:
         raise TrackstarError(f"{db.path}: no prompt0 queries to probe; run 'trackstar-db ingest facts' first")
     keys = [hashlib.sha1(q.encode()).hexdigest() for q in rows.column("query_id").to_pylist()]

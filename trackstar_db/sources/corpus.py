@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from trackstar_db import defaults
 from trackstar_db import faults
 from trackstar_db.errors import RecordError
 from trackstar_db.store.bm25 import BM25Index, sync_bm25
@@ -33,7 +34,7 @@ class CorpusOptions:
     text_field: str = "text"
     id_field: str | None = None  # None: the first of ID_CANDIDATES present, else a hash of the text
     skip_bad: bool = False
-    batch_size: int = 10_000
+    batch_size: int = defaults.CORPUS_COMMIT_ROWS
 
 
 @dataclass

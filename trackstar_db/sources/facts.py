@@ -17,13 +17,14 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from trackstar_db import defaults
 from trackstar_db import faults
 from trackstar_db.errors import RecordError
 from trackstar_db.store import schema as _schema
 
 from .records import IdRegistry, checked_records, record_id, require_text, string_list
 
-PROMPT_FIELDS = ("prompt0", "prompt1", "prompt2")
+PROMPT_FIELDS = defaults.TEMPLATES
 # Upper bounds (inclusive) of frequency buckets 0..4; bucket 5 is everything above.
 BUCKET_BOUNDS = (0, 1, 3, 7, 15)
 

@@ -18,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
 DTYPES = ("float32", "float16", "bfloat16")
-BATCH_BYTES = 64 << 20  # float32 bytes of one scanned batch at most (bounds memory at any d)
+BATCH_BYTES = defaults.SCAN_BATCH_BYTES
 _ARROW = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
 
@@ -97,7 +98,7 @@ def record_batches(source, columns: list[str], batch_size: int):
 
 
 def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vector_column: str = "vector",
-                   batch_size: int = 65536, device: str | torch.device = "cpu", extra_columns: tuple[str, ...] = (),
+                   batch_size: int = defaults.SCAN_BATCH_ROWS, device: str | torch.device = "cpu", extra_columns: tuple[str, ...] = (),
                    native: bool = False) -> Iterator[tuple]:
     """(ids, vectors [nb, d] float32) batches from a Lance or Arrow dataset, a Table or RecordBatches;
     with `extra_columns`, (ids, vectors, {column: numpy array}); with `native`, vectors in the
