@@ -8,7 +8,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 
 def evaluation(db, by: str = "method") -> pa.Table:
@@ -17,7 +17,7 @@ def evaluation(db, by: str = "method") -> pa.Table:
 
     splits = {"bucket": ("frequency_bucket", pa.int32()), "correct": ("model_correct", pa.bool_())}
     if by != "method" and by not in splits:
-        raise TrackstarError(f"--by must be one of method, {', '.join(splits)}, not {by!r}")
+        raise ParameterError("by", f"must be one of method, {', '.join(splits)}, not {by!r}")
     tables = {name: db.dataset(name) for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs")}
     tables["model_correct"] = db.dataset("predictions")
     # Evaluate the queries some run retrieved for (e.g. the prompt0 ones), not every template.

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from trackstar_db import defaults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 RATES_FILE = "rates.json"
 ROW_OVERHEAD = 48  # bytes per gradient row besides the vector: id, norm, loss, n_tokens, offsets
@@ -85,13 +85,13 @@ class Plan:
         from trackstar_db.store.vectors import DTYPES
 
         if self.dtype not in DTYPES:
-            raise TrackstarError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+            raise ParameterError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         for name in ("rows", "dim", "queries", "variants"):
             if getattr(self, name) < 1:
-                raise TrackstarError(f"{name} must be >= 1, not {getattr(self, name)}")
+                raise ParameterError(name, f"must be >= 1, not {getattr(self, name)}")
         self.blocks = self.blocks or max(1, self.dim // BLOCK_DIMS)
         if self.blocks < 1 or self.blocks > self.dim:
-            raise TrackstarError(f"blocks must be in [1, {self.dim}], not {self.blocks}")
+            raise ParameterError("blocks", f"must be in [1, {self.dim}], not {self.blocks}")
 
     @classmethod
     def for_database(cls, db, dim: int, rows: int | None = None, queries: int | None = None, **kwargs) -> "Plan":
@@ -102,7 +102,7 @@ class Plan:
         if queries is None:
             queries = db.count("queries") or None
         if not rows:
-            raise TrackstarError(f"{db.path}: no examples to plan for; give rows")
+            raise ParameterError("rows", f"not given, and {db.path} holds no examples")
         return cls(rows=rows, dim=dim, **({"queries": queries} if queries else {}), **kwargs)
 
     @property

@@ -23,7 +23,7 @@ import torch
 
 from trackstar_db import defaults
 from trackstar_db import faults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, GramAccumulator, fit_preconditioner
 from trackstar_db.ladder import LADDER
@@ -83,11 +83,11 @@ def _summed(source, blocks) -> GramAccumulator:
 
 def _check_options(mix: str, damping: float, k: int | None) -> None:
     if mix not in MIXES:
-        raise TrackstarError(f"--mix must be one of {', '.join(MIXES)}, not {mix!r}")
+        raise ParameterError("mix", f"must be one of {', '.join(MIXES)}, not {mix!r}")
     if not (math.isfinite(damping) and damping >= 0):
-        raise TrackstarError(f"--damping must be a finite number >= 0, not {damping}")
+        raise ParameterError("damping", f"must be a finite number >= 0, not {damping}")
     if k is not None and k < 0:
-        raise TrackstarError(f"--crossing-k must be >= 0, not {k}")
+        raise ParameterError("crossing_k", f"must be >= 0, not {k}")
 
 
 class LocalPasses:

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pyarrow as pa
 
 from trackstar_db import defaults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 from .ann import DEFAULT_KIND, KINDS, open_table, source_version, table_name
 from .methods import get_method
@@ -94,7 +94,7 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
     # one writer of DB/ann and the manifest at a time (store/lock.py), as fit holds it
     with db.writer(f"index {method}"):
         if kind not in KINDS:
-            raise TrackstarError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+            raise ParameterError("kind", f"must be one of {', '.join(KINDS)}, not {kind!r}")
         spec = get_method(method)
         source = source_version(db, method)
         scoring = prepare(db, spec)  # refuses stale row norms before anything is written
