@@ -20,3 +20,5 @@ K_TAIL_PATCH = 10  # top proponents a tail-patch run steps on
 
 DIM = 4096  # total projected dimensions of a new database
 DAMPING = 0.1  # R's damping: added to each eigenvalue, times their mean
+
+PROGRESS_DELAY_S = 2.0  # a bar appears only once work has run this long (short work shows none)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import click
@@ -11,7 +10,7 @@ import click
 from trackstar_db import defaults
 
 from . import main
-from .engine import ENGINE, engine_arguments
+from .engine import ENGINE
 from .common import DB_ARG, Group, _open
 
 
@@ -50,31 +49,20 @@ def init(db, model_dir, optimizer_state, tables_uri, checkpoint_refs):
 @DB_ARG
 def info(db):
     """Tables, row counts and the featurizer settings of DB."""
-    handle = _open(db)
-    click.echo(f"database {handle.path} (format {handle.manifest['format_version']})")
-    model = handle.manifest.get("model")
+    facts = _open(db).info()
+    click.echo(f"database {facts['path']} (format {facts['format_version']})")
+    model, featurizer = facts["model"], facts["featurizer"]
     click.echo(f"model: {model['path']} [{model['fingerprint']}]" if model else "model: none")
-    featurizer = handle.manifest.get("featurizer")
     if featurizer:
         click.echo(f"featurizer: {json.dumps(featurizer['config'])}; correction: {featurizer['correction_source']}")
-    names = handle.table_names()
-    for name in names:
-        click.echo(f"  {name:<20} {handle.count(name):>10,} rows")
-    from trackstar_db.store.checkpoints import DEFAULT, attached
-    from trackstar_db.store.gradient_table import parse_table_name
-
-    tables: dict[str, list[str]] = {}  # checkpoint -> its gradient tables
-    for name in names:
-        parsed = parse_table_name(name)
-        if parsed:
-            tables.setdefault(parsed[2] or DEFAULT, []).append(name)
-    points = ({DEFAULT: model} if model else {}) | attached(handle)
-    if points:
+    for name, rows in facts["tables"].items():
+        click.echo(f"  {name:<20} {rows:>10,} rows")
+    if facts["checkpoints"]:
         click.echo("checkpoints (TracIn-CP sums over these):")
-    for name, entry in points.items():
-        lr = entry.get("optimizer_lr")
-        click.echo(f"  {name:<20} lr={'?' if lr is None else f'{lr:.3g}'} {entry['path']}; "
-                   f"tables: {', '.join(tables.get(name, [])) or 'none'}")
+    for name, point in facts["checkpoints"].items():
+        lr = point["lr"]
+        click.echo(f"  {name:<20} lr={'?' if lr is None else f'{lr:.3g}'} {point['path']}; "
+                   f"tables: {', '.join(point['tables']) or 'none'}")
 
 
 @main.group(cls=Group)
@@ -91,9 +79,7 @@ def ingest():
 @click.option("--batch-size", default=defaults.CORPUS_COMMIT_ROWS, show_default=True, help="Rows per Lance commit.")
 def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size):
     """Add training texts (JSON lines or Parquet) to the examples table and the BM25 index."""
-    from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
-
-    report = ingest_corpus(_open(db), files, CorpusOptions(text_field, id_field, skip_bad, batch_size))
+    report = _open(db).ingest_corpus(files, text_field, id_field, skip_bad, batch_size)
     click.echo(f"added {report.added:,} examples ({report.already_present:,} already present, "
                f"{len(report.rejected):,} rejected)")
     for error in report.rejected[:5]:
@@ -106,9 +92,7 @@ def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size):
 @click.option("--skip-bad", is_flag=True, help="Skip bad records instead of stopping.")
 def ingest_facts_cmd(db, files, skip_bad):
     """Add facts (the T-REx facts format) and their queries; rebuild ground truth."""
-    from trackstar_db.sources.facts import ingest_facts
-
-    report = ingest_facts(_open(db), files, skip_bad=skip_bad)
+    report = _open(db).ingest_facts(files, skip_bad=skip_bad)
     click.echo(f"added {report.facts:,} facts and {report.queries:,} queries "
                f"({report.already_present:,} already present, {len(report.rejected):,} rejected); "
                f"{report.ground_truth:,} ground-truth pairs")
@@ -144,24 +128,13 @@ def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtyp
                          correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from trackstar_db.gradients.plan import parse_shard
-    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
 
     handle = _open(db)
-    stored_dtype = (handle.manifest.get("featurizer") or {}).get("dtype")
-    if engine == "ray" and checkpoint:
-        raise click.BadParameter("--engine ray featurizes the final checkpoint only; run --checkpoint locally",
-                                 param_hint="--checkpoint")
-    if engine == "ray":  # actors resolve --device themselves: the driver may have no GPU
-        from trackstar_db.distributed.ingest import ingest_gradients as ray_ingest
-
-        ingest_gradients = partial(ray_ingest, device=device)
-        device = "cpu"
-    job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
-                      commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
-                      batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype, pipeline=not no_pipeline,
-                      checkpoint=checkpoint)
-    given = {"dim": dim, "seed": seed, "correction": correction, "combine": combine}
-    totals = ingest_gradients(handle, given, job)
+    totals = handle.ingest_gradients(split, dim=dim, seed=seed, correction=correction, combine=combine, dtype=dtype,
+                                     engine=engine, batch_size=batch_size, device=device, shard=parse_shard(shard),
+                                     commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
+                                     batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype,
+                                     pipeline=not no_pipeline, checkpoint=checkpoint)
     click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
                f"{totals['seconds']:.1f} s; correction: {handle.manifest['featurizer']['config']['correction']}; "
                "tables: " + ", ".join(f"{k}={v:,}" for k, v in totals["tables"].items()))
@@ -212,9 +185,7 @@ def train(db, out_dir, arch, epochs, seed, checkpoints):
 @ENGINE
 def fit(db, mix, kind, damping, crossing_k, template, engine):
     """Fit the preconditioners R (R_train, and the task-mixed R) from the stored gradients."""
-    from trackstar_db.gradients.fit import fit as fit_all
-
-    report = fit_all(_open(db), mix, kind, damping, crossing_k, template, **engine_arguments(engine, "fit"))
+    report = _open(db).fit(mix, kind, damping, crossing_k, template, engine)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     for name, params in report.preconditioners.items():

@@ -71,10 +71,9 @@ def plan(db, dim, dtype, rows, queries, blocks, fmt):
     from trackstar_db.evaluation.plan import Plan, plan_table
 
     if db is not None:
-        handle = _open(db)
-        stored = max(handle.count("examples"), handle.count("grads_train_corrected"), handle.count("grads_train_uncorrected"))
-        rows = rows if rows is not None else stored
-        queries = queries if queries is not None else handle.count("queries")
-    if not rows:
-        raise TrackstarError("give --rows N (or a DB holding examples)")
-    print_table(plan_table(Plan(rows=rows, dim=dim, dtype=dtype, queries=queries or 1000, blocks=blocks)), fmt)
+        plan = Plan.for_database(_open(db), dim, rows, queries, dtype=dtype, blocks=blocks)
+    elif rows is None:
+        raise click.UsageError("give --rows N (or a DB holding examples)")
+    else:
+        plan = Plan(rows=rows, dim=dim, dtype=dtype, blocks=blocks, **({"queries": queries} if queries else {}))
+    print_table(plan_table(plan), fmt)

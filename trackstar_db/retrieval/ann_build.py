@@ -57,7 +57,7 @@ def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vector
     return config(distance_type="dot", **params), params
 
 
-def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device, progress: bool):
+def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device, progress: bool | None):
     """Write t_train(g_z) of every stored row into ann_<method>; the LanceDB table."""
     from trackstar_db.store import vectors as _vectors
     from trackstar_db.store.vectors import scan_progress
@@ -69,8 +69,8 @@ def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device
 
     def batches():
         stream = scan(scoring, device, batch_rows)
-        if progress:
-            stream = scan_progress(stream, source["rows"], f"index {method}")
+        if progress is not False:
+            stream = scan_progress(stream, source["rows"], f"index {method}", progress)
         for ids, x in stream:
             if spec.train_power != 0:  # (g / n_z) R^p = unit(g R^p): n_z is the whitened norm
                 x = scoring.preconditioner.apply(x, spec.train_power)
@@ -83,7 +83,7 @@ def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device
 def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: int | None = None,
                 num_sub_vectors: int | None = None, m: int = 20, ef_construction: int = 300,
                 max_iterations: int = MAX_ITERATIONS, sample_rate: int = SAMPLE_RATE, batch_rows: int = defaults.STREAM_BATCH_ROWS,
-                device="cpu", progress: bool = True, reuse_vectors: bool = False) -> dict:
+                device="cpu", progress: bool | None = None, reuse_vectors: bool = False) -> dict:
     """Materialise `method`'s final unit vectors into ann_<method>, index them, record provenance.
     Returns the manifest entry (with build seconds). Memory: one scanned batch at a time.
     reuse_vectors: keep ann_<method>'s vectors when the recorded index was built from the

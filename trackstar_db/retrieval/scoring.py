@@ -159,13 +159,14 @@ def widen(batches, *, unit: bool, row_norms: torch.Tensor | None = None, device=
 
 
 def score_table(db, spec: MethodSpec, g_q: torch.Tensor, k: int, *, device="cpu", batch_rows: int = defaults.SCAN_BATCH_ROWS,
-                progress: bool = True, scoring: Scoring | None = None) -> TopKResult:
-    """Top-k proponents and opponents of raw query gradients g_q [nq, d] under rung `spec`."""
+                progress: bool | None = None, scoring: Scoring | None = None) -> TopKResult:
+    """Top-k proponents and opponents of raw query gradients g_q [nq, d] under rung `spec`
+    (progress: trackstar_db/progress.py; False skips the bar's bookkeeping too)."""
     scoring = scoring or prepare(db, spec)
     q = scoring.query_side(g_q.to(device))
     batches = scan(scoring, device, batch_rows)
-    if progress:
-        batches = scan_progress(batches, scoring.table.count(), spec.name)
+    if progress is not False:
+        batches = scan_progress(batches, scoring.table.count(), spec.name, progress)
     try:
         return search(q, batches, k)
     except ValueError as exc:

@@ -86,11 +86,11 @@ def _model_setup(db, options: RecordOptions):
     return config, tokenizer, (model["path"] if options.init == "checkpoint" else None)
 
 
-def record_runs(db, options: RecordOptions, progress: bool = True) -> list[str]:
+def record_runs(db, options: RecordOptions, progress: bool | None = None) -> list[str]:
     """Record `options.runs` new runs (numbered after any already recorded); returns their ids."""
     import torch
-    from tqdm.auto import tqdm
 
+    from trackstar_db.progress import bar
     from trackstar_db.testbed.train import ProbeLosses, train_recorded
 
     ensure_tables(db)
@@ -112,7 +112,7 @@ def record_runs(db, options: RecordOptions, progress: bool = True) -> list[str]:
         torch.set_num_threads(options.threads)
     done = []
     try:
-        for number in tqdm(range(first, first + options.runs), desc="simfluence runs", disable=not progress):
+        for number in bar(range(first, first + options.runs), desc="simfluence runs", progress=progress):
             run_id = f"sim-{number:03d}"
             order_seed = options.seed * 100003 + number
             rng = np.random.default_rng(order_seed)

@@ -105,7 +105,7 @@ def _stored_hashes(db) -> dict[str, tuple[str, str]]:
 
 
 def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = None,
-                  progress: bool = True) -> IngestReport:
+                  progress: bool | None = None) -> IngestReport:
     """Add the files' records to examples and BM25, all or nothing (store/journal.py), under the
     writer lock. A conflicting duplicate id (in the files, or against a stored example) is a
     RecordError naming both places."""

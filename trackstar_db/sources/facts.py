@@ -81,7 +81,7 @@ def _digest(fact: dict, queries: list[dict]) -> str:
     return hashlib.sha256(json.dumps([fact, queries], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read(files, skip_bad: bool, progress: bool, report: FactReport) -> list[tuple[dict, list[dict], tuple]]:
+def _read(files, skip_bad: bool, progress: bool | None, report: FactReport) -> list[tuple[dict, list[dict], tuple]]:
     """Every record of the files checked, before anything is written: (fact, queries, where).
     An exact repeat of a fact is skipped; a conflicting one is a RecordError naming both lines."""
     registry = IdRegistry("fact")
@@ -102,7 +102,7 @@ def _stored_facts(db) -> dict[str, tuple]:
     return {r["fact_id"]: (r["subject"], r["relation"], r["object"]) for r in rows.to_pylist()}
 
 
-def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: bool = True) -> FactReport:
+def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: bool | None = None) -> FactReport:
     """Add facts and their queries and rebuild ground_truth: all or nothing, kill -9 included
     (store/journal.py), under the writer lock. A fact id stored with another subject, relation
     or object is refused, naming the line."""

@@ -123,11 +123,12 @@ def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vec
             yield ids, x
 
 
-def scan_progress(batches, total: int, label: str):
-    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned."""
-    from tqdm.auto import tqdm
+def scan_progress(batches, total: int, label: str, progress: bool | None = None):
+    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned
+    (trackstar_db/progress.py: by default only in a terminal, and only for a long scan)."""
+    from trackstar_db.progress import bar
 
-    with tqdm(total=total, desc=f"scan {label}", unit=" ex", leave=False) as bar:
+    with bar(total=total, desc=f"scan {label}", unit=" ex", leave=False, progress=progress) as shown:
         for item in batches:
             yield item
-            bar.update(len(item[0]))
+            shown.update(len(item[0]))

@@ -32,11 +32,11 @@ def _rows(seed: int, start: int, count: int, dim: int, centres: torch.Tensor, sc
 def synthetic_database(path: str | Path, n_rows: int, dim: int = defaults.DIM, dtype: str = "float16", *,
                        n_queries: int = 64, n_blocks: int = 8, n_clusters: int = 256, noise: float = 1.0,
                        batch_rows: int = 16384, seed: int = 0, progress: bool = False):
-    """Create the database at `path` (must not exist) and return it (store.database.Database)."""
+    """Create the database at `path` (must not exist) and return it (trackstar_db.Database)."""
     from tqdm.auto import tqdm
 
     from trackstar_db.store import vectors as _vectors
-    from trackstar_db.store.database import Database
+    from trackstar_db.api import Database
 
     if dim % n_blocks:
         raise ValueError(f"dim {dim} is not a multiple of n_blocks {n_blocks}")
