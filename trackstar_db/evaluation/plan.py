@@ -151,7 +151,7 @@ def plan_rows(p: Plan) -> list[dict]:
         {"item": "time: ANN index build", "seconds": p.rows / rates["ann_build_rows_per_s"] * p.dim / rates["dim"]},
         # partitions of 5 sqrt(rows) rows each: the codes read grow with sqrt(rows), every byte with d
         {"item": "scan: one ANN query", "seconds": rates["ann_query_s"] * p.dim / rates["dim"] * max(1.0, (p.rows / 1e6) ** 0.5),
-         "note": "default search, warm process; measured at 1M x 4,096, scaled by d and sqrt(rows)"},
+         "note": "default search, warm process; the rates file's figure scaled by d and sqrt(rows)"},
         {"item": "time: bare read of one table", "seconds": vector / (rates["read_gbps"] * 1e9), "note": f"{rates['read_gbps']:g} GB/s"},
     ]
     return rows

@@ -31,8 +31,8 @@ def connection(db):
 
 
 def _default_partitions(rows: int, kind: str) -> int:
-    """IVF partitions: sqrt(rows) / 5 for the flat and quantised kinds (63 at 100K rows: the
-    measured IVF_PQ had 64; LanceDB's k-means over float16 costs partitions^2 here); for HNSW
+    """IVF partitions: sqrt(rows) / 5 for the flat and quantised kinds (LanceDB's k-means over
+    float16 costs partitions^2; docs/scale.md); for HNSW
     inside each partition, one per 16,384 rows (a graph searches a big partition well)."""
     if kind == "ivf_hnsw_sq":
         return max(1, rows // 16384)
@@ -114,7 +114,7 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
                                        max_iterations, sample_rate)
         table.create_index("vector", config=config, replace=True)
         # a new materialisation (an overwrite) or a replaced index leaves the old version's files
-        # behind, 8 GB per rebuild at 1M x 4,096, and a killed build its unreferenced files; searches
+        # behind (rows x d x 2 bytes per rebuild), and a killed build its unreferenced files; searches
         # read the latest version only, and no other build writes while this one holds the lock
         open_table(db, method).cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         entry = {"table": name, "kind": kind, "params": params, "source": source, "dim": dim,

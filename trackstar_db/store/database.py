@@ -55,7 +55,7 @@ class Store(SwapWriter):
 
     def _local_tables(self) -> Path | None:
         """DB/tables when the tables are on this machine: read with Lance alone, so a read-only
-        command (query, info, sql) never imports LanceDB (2.4 s of a cold start here)."""
+        command (query, info, sql) never imports LanceDB (seconds of a cold start)."""
         uri = self.tables_uri
         return None if "://" in uri else Path(uri)
 

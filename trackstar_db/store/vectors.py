@@ -4,7 +4,7 @@ Storage dtypes: float32, float16 (native Arrow types, searchable by LanceDB) and
 which Arrow lacks: its 16-bit patterns are stored as fixed_size_list<uint16> and the manifest
 records the dtype. Reading is zero-copy: the Arrow value buffer becomes a torch tensor of the
 stored dtype (`native=True`), and half precision is widened by torch's vectorised copy, never
-by numpy's float16 -> float32 cast (8x slower, the cause of slow half-precision scans). Scans
+by numpy's float16 -> float32 cast (far slower: the cause of slow half-precision scans). Scans
 widen tile by tile into a reused buffer (retrieval/scoring.py), so fresh float32 batches are
 never allocated per batch.
 """
@@ -80,8 +80,8 @@ def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch
     return tensor.to(device=device, dtype=torch.float32)
 
 
-# Lance read-ahead: batches, fragments and bytes of I/O in flight (defaults 16, 4 and 2 GiB). Bounded,
-# the peak RSS of a bare read of 100K x 4096 float16 (7 fragments) went from 0.92 to 0.78 GB.
+# Lance read-ahead: batches, fragments and bytes of I/O in flight (Lance's defaults are 16, 4 and 2 GiB);
+# bounded, a scan's peak RSS is lower (docs/scale.md).
 READAHEAD, FRAGMENT_READAHEAD, IO_BUFFER_BYTES = 4, 1, 256 << 20
 
 

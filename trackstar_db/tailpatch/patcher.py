@@ -1,4 +1,4 @@
-"""Tail-patch influence (METHOD.md 3): one optimizer step on one proponent, then P(target | prompt).
+"""Tail-patch influence (docs/method.md section 3): one optimizer step on one proponent, then P(target | prompt).
 
 For a query q and a proponent z: from the final checkpoint, take ONE step of the model's own
 optimizer (torch.optim.AdamW for 'adamw', torch.optim.Adam for 'adam': the real torch classes,
