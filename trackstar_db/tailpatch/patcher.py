@@ -22,8 +22,8 @@ from typing import Mapping, Sequence
 
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.optimizer_state import OptimizerState
 from trackstar_db.featurizer.tokenize import (
@@ -33,6 +33,7 @@ from trackstar_db.featurizer.tokenize import (
     pad_id,
     per_example_loss,
 )
+from trackstar_db.progress import bar
 from trackstar_db.store import schema as _schema
 
 # (query_id, prompt, target, [(rank, example_id, text), ...]): one query and its proponents
@@ -45,7 +46,7 @@ class TailPatchConfig:
     """k: proponents patched per query (ranks 1..k); batch_size: queries per forward pass;
     lr: learning rate of the step (None: the saved final lr); max_length: token cut."""
 
-    k: int = 10
+    k: int = defaults.K_TAIL_PATCH
     batch_size: int = 32
     lr: float | None = None
     max_length: int | None = None
@@ -143,7 +144,7 @@ class TailPatcher:
         self.model.eval()
         try:
             self.p_before.update(zip(missing, self._probabilities([queries[q] for q in missing])))
-            for example_id, query_ids in tqdm(todo.items(), desc="tail-patch", unit="example", disable=None):
+            for example_id, query_ids in bar(todo.items(), desc="tail-patch", unit="example"):
                 try:
                     self._step_on(texts[example_id])
                     after = self._probabilities([queries[q] for q in query_ids])

@@ -14,6 +14,7 @@ import zlib
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import optimizer_state as _optimizer_state
 
@@ -25,7 +26,7 @@ def _sample(query_ids: list[str], limit: int | None) -> set[str]:
     return set(ordered if limit is None else ordered[:limit])
 
 
-def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None = None,
+def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
     known = db.ids("runs", "run_id")
     for run_id in run_ids:
