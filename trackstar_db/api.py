@@ -197,7 +197,4 @@ class Database(_store.Store):
 
 def connect(path: str | Path) -> Database:
     """Open an existing trackstar-db database directory."""
-    path = Path(path)
-    if not path.exists():
-        raise TrackstarError(f"{path}: no such database directory")
-    return Database(path)
+    return Database.open(path)

@@ -31,7 +31,7 @@ def init(db, model_dir, optimizer_state, tables_uri, checkpoint_refs):
     from trackstar_db.distributed.objectstore import object_uri, open_for_command
 
     if object_uri(db):  # s3://bucket/db: tables at s3://bucket/db/tables, the rest through a local cache
-        handle = open_for_command(object_uri(db), create=True, model_dir=model_dir)
+        handle = open_for_command(object_uri(db), create=True, model_dir=model_dir, handle=Database)
     else:
         handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None or bool(checkpoint_refs),
                                  tables_uri=tables_uri)

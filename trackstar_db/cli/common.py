@@ -73,10 +73,10 @@ class Group(click.Group):
 
 
 def _open(db: Path):
-    from trackstar_db.api import connect
+    from trackstar_db.api import Database
     from trackstar_db.distributed.objectstore import object_uri, open_for_command
 
-    return open_for_command(object_uri(db)) if object_uri(db) else connect(db)
+    return open_for_command(object_uri(db), handle=Database) if object_uri(db) else Database.open(db)
 
 
 def print_table(table, fmt: str = "table") -> None:

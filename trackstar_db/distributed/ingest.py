@@ -81,7 +81,7 @@ class GradientActor:
         from trackstar_db.devices import resolve_device
         from trackstar_db.featurizer.config import FeaturizerConfig
         from trackstar_db.gradients.loader import load_featurizer
-        from trackstar_db.api import connect
+        from trackstar_db.store.database import connect
 
         if not device.startswith("cuda"):
             torch.set_num_threads(1)  # one core per CPU actor
@@ -102,7 +102,7 @@ class GradientActor:
         """Record (or check) the featurizer settings and create the tables; on one actor only."""
         from trackstar_db.featurizer.tokenize import token_limit
         from trackstar_db.gradients.worker import _record_settings
-        from trackstar_db.api import connect
+        from trackstar_db.store.database import connect
 
         db = connect(self.db_path)
         _record_settings(db, self.featurizer, self.job, token_limit(self.tokenizer, self.config.max_length))
@@ -123,7 +123,7 @@ class GradientActor:
         from trackstar_db.featurizer.tokenize import collate, pad_id
         from trackstar_db.gradients.plan import missing
         from trackstar_db.gradients.worker import _encode
-        from trackstar_db.api import connect
+        from trackstar_db.store.database import connect
 
         db, job = connect(self.db_path), self.job
         tables = {v: db.gradient_table(job.split, corrected=v == "corrected") for v in self.featurizer.variants}

@@ -94,7 +94,15 @@ class Store(SwapWriter):
             self.manifest = manifest
         return manifest
 
-    # -- creation -----------------------------------------------------------------------
+    # -- opening and creation -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        """Open an existing database directory (trackstar_db.connect opens the full handle so)."""
+        path = Path(path)
+        if not path.exists():
+            raise TrackstarError(f"{path}: no such database directory")
+        return cls(path)
+
     @classmethod
     def create(cls, path: str | Path, model_dir: str | Path | None = None,
                optimizer_state: str | Path | None = None, exist_ok: bool = False,
@@ -278,4 +286,7 @@ class Store(SwapWriter):
         return f"trackstar_db.Database({str(self.path)!r})"
 
 
-Database = Store  # the name older code imports; users get trackstar_db.Database (api.py), this plus the verbs
+# The names older code imports: the storage handle alone (Ray actors open it so); users get
+# trackstar_db.connect / trackstar_db.Database (api.py), this plus the verbs.
+Database = Store
+connect = Store.open
