@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db import defaults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 from .data import ensure_tables
 
@@ -40,12 +40,13 @@ class RecordOptions:
     threads: int | None = None
 
     def __post_init__(self):
-        if self.runs < 1 or self.steps < 1 or self.probes < 1 or self.batch_size < 1:
-            raise TrackstarError("simfluence record: --runs, --steps, --probes and --batch-size must be >= 1")
+        for name in ("runs", "steps", "probes", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ParameterError(name, f"must be >= 1, not {getattr(self, name)}")
         if not 0 < self.subset <= 1:
-            raise TrackstarError(f"simfluence record: --subset must be in (0, 1], not {self.subset}")
+            raise ParameterError("subset", f"must be in (0, 1], not {self.subset}")
         if self.init not in ("scratch", "checkpoint"):
-            raise TrackstarError(f"simfluence record: --init must be scratch or checkpoint, not {self.init!r}")
+            raise ParameterError("init", f"must be scratch or checkpoint, not {self.init!r}")
 
 
 def probe_queries(db, n: int) -> pa.Table:
@@ -80,8 +81,8 @@ def _model_setup(db, options: RecordOptions):
         saved = json.loads(info_path.read_text(encoding="utf-8"))["config"]
         config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     elif options.init == "scratch":
-        raise TrackstarError(f"{info_path}: missing; --init scratch rebuilds the testbed architecture from it "
-                             "(use --init checkpoint for another model)")
+        raise TrackstarError(f"{info_path}: missing; init 'scratch' rebuilds the testbed architecture from it "
+                             "(init 'checkpoint' starts from another model)")
     tokenizer = AutoTokenizer.from_pretrained(model["tokenizer"], local_files_only=True)
     return config, tokenizer, (model["path"] if options.init == "checkpoint" else None)
 
