@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ from bench_featurize import _plain_step, add_workload_arguments, build_model  # 
 from trackstar_db.featurizer import Featurizer, FeaturizerConfig  # noqa: E402
 
 
-def bergson_step(model: torch.nn.Module, scope: str, p: int, n_rows: int, run_dir: str):
+def bergson_step(model: torch.nn.Module, scope: str, p: int, n_rows: int, run_dir: str, device: str = "cpu"):
     """A step function (rows, batch) -> [batch, bergson dim] and the number of modules tracked."""
     from datasets import Dataset
 
@@ -51,7 +52,7 @@ def bergson_step(model: torch.nn.Module, scope: str, p: int, n_rows: int, run_di
     from bergson.collector.collector import fwd_bwd_factory
     from bergson.utils.worker_utils import processor_for
 
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).to(device)
     model.requires_grad_(False)  # as bergson's setup_model_and_peft leaves a plain model
     model.get_input_embeddings().requires_grad_(True)
     cfg = IndexConfig(run_path=os.path.join(run_dir, scope), projection_dim=p, projection_type="normal",
@@ -66,13 +67,13 @@ def bergson_step(model: torch.nn.Module, scope: str, p: int, n_rows: int, run_di
         with collector.with_batch(batch["attention_mask"].bool()):
             losses = forward_backward(model, batch["input_ids"], labels, {})
         collector.process_batch(rows, losses=losses)
-        return torch.from_numpy(collector.builder.grad_buffer[rows])
+        return torch.from_numpy(np.asarray(collector.builder.grad_buffer[rows], dtype=np.float32))
 
     return step, len(collector.target_info)
 
 
-def trackstar_step(model: torch.nn.Module, config: FeaturizerConfig):
-    featurizer = Featurizer(model, config, device="cpu")
+def trackstar_step(model: torch.nn.Module, config: FeaturizerConfig, device: str = "cpu"):
+    featurizer = Featurizer(model.to(device), config, device=device)
     return (lambda rows, batch: featurizer.featurize(batch).vectors["uncorrected"]), featurizer
 
 
@@ -90,7 +91,8 @@ def gram_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a bench_featurize preset or a local directory")
-    parser.add_argument("--model-dtype", default="float32", choices=["float32"])
+    parser.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (batches and both models there)")
     add_workload_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-step", action="store_true", help="also time a plain AdamW training step")
@@ -107,21 +109,22 @@ def main() -> None:
     for i in range(args.batches):
         ids = torch.randint(3, model.config.vocab_size, (args.batch, args.seq))
         rows = list(range(i * args.batch, (i + 1) * args.batch))
+        ids = ids.to(args.device)
         batches.append((rows, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}))
     n_rows = args.batch * args.batches
 
     steps, info = {}, {}
-    steps["trackstar"], featurizer = trackstar_step(model, config)
-    reference, _ = trackstar_step(model, dataclasses.replace(config, seed=1))
+    steps["trackstar"], featurizer = trackstar_step(model, config, args.device)
+    reference, _ = trackstar_step(model, dataclasses.replace(config, seed=1), args.device)
     block = featurizer.layout.blocks[0]
     p = block.k_r
     info["trackstar"] = f"{len(featurizer.tracked)} matrices x {block.k_r}x{block.k_c} = {featurizer.layout.dim}"
     with tempfile.TemporaryDirectory() as run_dir:
         for scope in ("bergson",) + (() if args.no_base else ("bergson-base",)):
-            steps[scope], modules = bergson_step(model, scope, p, n_rows, run_dir)
+            steps[scope], modules = bergson_step(model, scope, p, n_rows, run_dir, args.device)
             info[scope] = f"{modules} modules x {p}x{p} = {modules * p * p}"
         if args.train_step:
-            plain = _plain_step(model, torch.device("cpu"))
+            plain = _plain_step(model, torch.device(args.device))
             steps["train step"] = lambda rows, batch: plain(batch)
             info["train step"] = "AdamW, all parameters"
         run(steps, info, batches, args, name, bergson.__version__, reference(*batches[0]))
@@ -139,9 +142,11 @@ def run(steps, info, batches, args, name, version, reference) -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             for rows, batch in batches:
                 step(rows, batch)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times[key].append(time.perf_counter() - t0)
             cpu[key].append(time.process_time() - c0)
-    print(f"{name}; batch {args.batch} x seq {args.seq} x {args.batches} batches, cpu, "
+    print(f"{name}; batch {args.batch} x seq {args.seq} x {args.batches} batches, {args.device}, "
           f"{torch.get_num_threads()} threads, bergson {version}, {args.repeats} alternating passes")
     print(f"{'step':<14}{'tokens/s':>10}{'min':>10}{'max':>10}  projection")
     for key, ts in times.items():

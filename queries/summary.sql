@@ -1,9 +1,14 @@
 -- The method-by-metric table: one row per retrieval run, the 'all' rows of run_metrics.sql
 -- (mrr.sql, recall.sql and tail_patch_metrics.sql side by side; columns explained there),
--- in the order of the method list.
--- uses: run_metrics
-SELECT method, run_id, n_queries, n_no_ground_truth, list_length, mrr, recall_at_10, n_tailpatch_queries,
-       tailpatch_at_1, tailpatch_at_3, tailpatch_at_5, tailpatch_at_10
-FROM run_metrics
-WHERE split = 'all'
-ORDER BY position, method, run_id
+-- in the order of the method list, and the run's LDS (lds.sql) under the validation with the
+-- most retrained models (NULL when the database holds no validation).
+-- uses: run_metrics, lds
+WITH chosen AS (
+    SELECT validation FROM lds GROUP BY validation ORDER BY max(n_subsets) DESC, validation LIMIT 1
+)
+SELECT r.method, r.run_id, r.n_queries, r.n_no_ground_truth, r.list_length, r.mrr, r.recall_at_10,
+       r.n_tailpatch_queries, r.tailpatch_at_1, r.tailpatch_at_3, r.tailpatch_at_5, r.tailpatch_at_10, l.lds
+FROM run_metrics r
+LEFT JOIN (SELECT run_id, lds FROM lds WHERE validation = (SELECT validation FROM chosen)) l USING (run_id)
+WHERE r.split = 'all'
+ORDER BY r.position, r.method, r.run_id

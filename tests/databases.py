@@ -35,3 +35,18 @@ def copy_db(source: Path, root: Path):
     db = connect(root / "db")
     db.set_model(root / "model")
     return db
+
+
+def with_gradients(source: Path, root: Path, dim: int = 1024):
+    """A private copy of source's tiny database with corrected and uncorrected gradients of the
+    train split and the queries (adam-factored correction) and R fitted."""
+    from trackstar_db.featurizer.config import FeaturizerConfig
+    from trackstar_db.gradients.fit import fit
+    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+
+    db = copy_db(source, root)
+    for split in ("train", "queries"):
+        ingest_gradients(db, FeaturizerConfig(dim=dim, correction="adam-factored"),
+                         GradientJob(split, batch_size=32, device="cpu"), progress=False)
+    fit(db)
+    return db

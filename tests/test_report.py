@@ -272,7 +272,9 @@ def test_database_report_end_to_end(db_report):
     page, parser = _parse(db_report)
     _self_contained(page, parser)
     cells = {c.strip() for c, _ in parser.cells}
-    assert {"trackstar", "grad-dot", "bm25"} <= cells and page.count("<svg") == 3
+    # summary, by bucket, by correctness, then the self-influence distribution and the ledger by source
+    assert {"trackstar", "grad-dot", "bm25"} <= cells and page.count("<svg") == 5
+    assert 'id="self-influence"' in page and 'id="ledger"' in page
     folder = db_report.parent / "queries"
     pages = sorted(folder.glob("q-*.html"))
     assert len(pages) == 6

@@ -75,13 +75,15 @@ class Database(_store.Store):
 
     def ingest_gradients(self, split: str = "train", *, dim: int | None = None, seed: int | None = None,
                          correction: str | None = None, combine: str | None = None, dtype: str | None = None,
-                         engine: str = "local", progress: bool | None = None, **job) -> dict:
+                         engine: str = "local", shard_model: bool = False, progress: bool | None = None,
+                         **job) -> dict:
         """Featurize the training examples or the queries into gradient tables (resumable).
         dim, seed, correction, combine: the featurizer settings of a first run (later runs must
         match the manifest); dtype: the vectors' storage dtype (default: the stored one, else
         float32); `job`: the rest of gradients.worker.GradientJob (batch_size, device, shard,
         batch_tokens, model_dtype, pipeline, checkpoint, limit, ...); engine 'ray': Ray actors,
-        each resolving `device` itself. Returns the totals (rows, tokens, seconds, tables)."""
+        each resolving `device` itself; shard_model: the model's parameters sharded (FSDP2) over
+        the torchrun/Slurm processes (gradients/sharded.py). Returns the totals (rows, tokens, seconds, tables)."""
         from dataclasses import replace
 
         from trackstar_db.gradients.worker import GradientJob, ingest_gradients
@@ -92,6 +94,13 @@ class Database(_store.Store):
         settings = {"dim": dim, "seed": seed, "correction": correction, "combine": combine}
         stored = (self.manifest.get("featurizer") or {}).get("dtype")
         job = GradientJob(split, dtype=dtype or stored or "float32", **job)
+        if shard_model:
+            if engine != "local" or job.shard != (0, 1):
+                raise ParameterError("shard_model", "takes its shards from the launcher's ranks; drop shard and the "
+                                                    "Ray engine")
+            from trackstar_db.gradients.sharded import ingest_sharded
+
+            return ingest_sharded(self, settings, job, progress=wanted(progress))
         if engine == "local":
             return ingest_gradients(self, settings, job, progress=wanted(progress))
         if job.checkpoint:
@@ -177,14 +186,15 @@ class Database(_store.Store):
         return evaluation(self, by)
 
     def query(self, prompt: str, target: str, k: int = defaults.K_QUERY, method: str | None = None,
-              device: str = "cpu", ann=None) -> pa.Table:
+              device: str = "cpu", ann=None, verify: bool = False) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
-        score, text, method). method None: the best rung this database can serve. Quiet: no
-        progress bar, transformers' included, unless stderr is a terminal (trackstar_db/progress.py)."""
+        score, method, text, and evidence: retrieval/evidence.py). method None: the best rung this
+        database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label).
+        Quiet: no progress bar, transformers' included, unless stderr is a terminal (progress.py)."""
         from trackstar_db.progress import quiet_transformers
 
         with quiet_transformers():
-            return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann)
+            return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:
@@ -193,6 +203,49 @@ class Database(_store.Store):
         from trackstar_db.retrieval.tokens import token_contributions
 
         return token_contributions(self, prompt, target, example_id, method, attributor=self._attributor_for(device))
+
+    def validate(self, options=None, bootstrap: int = 1000, report=None, **settings) -> pa.Table:
+        """Counterfactual validation (validate/): retrain on random subsets the validation lacks
+        (options: validate.options.ValidateOptions, or its fields as keywords: models, fraction,
+        seed, name, train_command, ...), then the LDS of every retrieval run with a bootstrap
+        interval (run_id, method, validation, n_queries, n_undefined, n_subsets, lds, lds_low, lds_high)."""
+        from trackstar_db.validate.lds import lds_table
+        from trackstar_db.validate.options import ValidateOptions
+        from trackstar_db.validate.runner import run_validation
+
+        options = options or ValidateOptions(**settings)
+        trained = run_validation(self, options)
+        if report is not None:
+            report(f"validation {options.name}: trained {len(trained)} model(s) now, "
+                   f"{options.models - len(trained)} already stored")
+        table = lds_table(self, options.name, bootstrap)
+        if report is not None and table.num_rows == 0:
+            report("no retrieval run covers these queries yet: run 'trackstar-db retrieve', then validate again "
+                   "(nothing is retrained)")
+        return table
+
+    def select(self, task=None, *, top: int | None = None, fraction: float | None = None, drop_opponents: bool = False,
+               method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None):
+        """Training examples for a task (selection.select.Task): the top N or fraction by mean score
+        against its queries, or all but the most harmful; a Selection (rows: Arrow), written to `out`."""
+        from trackstar_db.selection.select import select
+
+        return select(self, task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
+                      aggregate=aggregate, ann=ann, device=device, out=out)
+
+    def self_influence(self, variant: str = "corrected", mix: str = "train", k: int | None = None) -> pa.Table:
+        """Each training example's g R^-1 g and |g|^2 (stored by fit), highest first; the first k."""
+        from trackstar_db.selection.self_influence import self_influence
+
+        ranked = self_influence(self, variant, mix)
+        return ranked if k is None else ranked.slice(0, k)
+
+    def contribution(self, by: str = "source", n_boot: int = 1000, seed: int = 0) -> pa.Table:
+        """The contribution ledger: each run's proponent share, score and tail-patch effect per value
+        of one metadata column of the examples, with seeded bootstrap intervals over queries."""
+        from trackstar_db.selection.ledger import ledger
+
+        return ledger(self, by, n_boot=n_boot, seed=seed)
 
 
 def connect(path: str | Path) -> Database:

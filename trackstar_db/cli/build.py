@@ -123,17 +123,19 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--commit-rows", type=int, default=defaults.COMMIT_ROWS, show_default=True, help="Rows per Lance commit.")
 @click.option("--checkpoint", default=None, help="Featurize this checkpoint instead of the final one (a directory in "
               "the model's checkpoints/, e.g. step-000425, or a path): attached by name, into its own tables.")
+@click.option("--shard-model", is_flag=True, help="Shard the model's parameters across the torchrun/Slurm "
+              "processes (FSDP2), for a model too large for one device; each process featurizes its ids.")
 @ENGINE
 def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtype, no_pipeline, shard, dtype, dim, seed,
-                         correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine):
+                         correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine, shard_model):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from trackstar_db.gradients.plan import parse_shard
 
     handle = _open(db)
     totals = handle.ingest_gradients(split, dim=dim, seed=seed, correction=correction, combine=combine, dtype=dtype,
-                                     engine=engine, batch_size=batch_size, device=device, shard=parse_shard(shard),
-                                     commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
-                                     batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype,
+                                     engine=engine, shard_model=shard_model, batch_size=batch_size, device=device,
+                                     shard=parse_shard(shard), commit_rows=commit_rows, uncorrected=not no_uncorrected,
+                                     limit=limit, batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype,
                                      pipeline=not no_pipeline, checkpoint=checkpoint)
     click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
                f"{totals['seconds']:.1f} s; correction: {handle.manifest['featurizer']['config']['correction']}; "

@@ -66,7 +66,13 @@ def index(db, method, kind, num_partitions, num_sub_vectors, device):
 @click.option("--queries", type=int, default=None, help="Queries (default: those in DB, else 1,000).")
 @click.option("--blocks", type=int, default=None, help="Blocks of the block-diagonal R (default: d / 1,024).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def plan(db, dim, dtype, rows, queries, blocks, fmt):
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A model directory (config.json is enough): add the devices its featurizer needs at --dim.")
+@click.option("--device-gib", type=float, default=80.0, show_default=True, help="With --model: memory of one device.")
+@click.option("--model-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16",
+              show_default=True, help="With --model: the weights' dtype.")
+@click.option("--max-length", type=int, default=512, show_default=True, help="With --model: tokens per example.")
+def plan(db, dim, dtype, rows, queries, blocks, fmt, model_dir, device_gib, model_dtype, max_length):
     """Bytes on disk, RAM and time of ingest, fit, scan and index before building (DB optional)."""
     from trackstar_db.evaluation.plan import Plan, plan_table
 
@@ -76,4 +82,9 @@ def plan(db, dim, dtype, rows, queries, blocks, fmt):
         raise click.UsageError("give --rows N (or a DB holding examples)")
     else:
         plan = Plan(rows=rows, dim=dim, dtype=dtype, blocks=blocks, **({"queries": queries} if queries else {}))
-    print_table(plan_table(plan), fmt)
+    extra = []
+    if model_dir is not None:
+        from trackstar_db.gradients.memory import plan_rows_for_model
+
+        extra = plan_rows_for_model(model_dir, dim, device_gib, model_dtype, max_length)
+    print_table(plan_table(plan, extra), fmt)

@@ -61,8 +61,9 @@ def tail_patch_cmd(db, run_ids, k, max_queries, device):
 @main.command("eval")
 @DB_ARG
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-@click.option("--by", type=click.Choice(["method", "bucket", "correct"]), default="method", show_default=True,
-              help="Split by fact frequency bucket or by whether the model answers correctly.")
+@click.option("--by", default="method", show_default=True,
+              help="method, bucket (fact frequency) or correct (does the model answer), or any metadata column of "
+                   "the examples (source, domain, licence, shard...): the contribution ledger, with bootstrap intervals.")
 def eval_cmd(db, fmt, by):
     """The method-by-metric table (MRR, recall@10, tail-patch), computed by queries/*.sql."""
     print_table(_open(db).evaluate(by), fmt)
@@ -80,16 +81,21 @@ def eval_cmd(db, fmt, by):
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
 @click.option("--tokens", is_flag=True, help="Also show which tokens of each hit carry its score (gradient methods; "
                                              "with --format json/table/csv: one row per token).")
-def query(db, prompt, target, method, k, device, fmt, ann, tokens):
-    """Attribute one prompt and target: proponents and opponents with their texts."""
+@click.option("--verify", is_flag=True, help="Measure each proponent's tail-patch effect now (one optimizer step on "
+                                             "it, the change of P(target)) and label it 'moves the model' or not.")
+def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify):
+    """Attribute one prompt and target: proponents and opponents with their texts, and evidence:
+    whether each states the answer (target, subject, verbatim span, BM25) and, with --verify,
+    whether it moves the model (docs/validate.md)."""
     import pyarrow.compute as pc
 
     from trackstar_db.devices import resolve_device
     from trackstar_db.evaluation.highlight import to_terminal
+    from trackstar_db.retrieval.evidence import evidence_line
     from trackstar_db.retrieval.tokens import hit_tokens, strongest
 
     handle = _open(db)
-    rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann)
+    rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann, verify=verify)
     per_hit = hit_tokens(handle, prompt, target, rows, resolve_device(device)) if tokens else None
     if fmt != "text":
         print_table(per_hit if tokens else rows, fmt)
@@ -100,6 +106,7 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens):
             click.secho(f"{kind}s of {target!r} after {prompt!r} (method: {picked[0]['method']}):", bold=True)
         for r in picked:
             click.echo(f"{r['rank']:>4}  {r['score']:+.4f}  {r['example_id']:<14} {to_terminal(r['text'], [prompt, target])}")
+            click.echo(" " * 6 + evidence_line(r))
             if tokens:
                 mine = per_hit.filter((pc.field("kind") == kind) & (pc.field("rank") == r["rank"]))
                 click.echo(" " * 6 + "tokens: " + "  ".join(f"{t}({c:+.4f})" for t, c in strongest(mine, 6)))

@@ -12,13 +12,18 @@ from trackstar_db.errors import ParameterError, TrackstarError
 
 
 def evaluation(db, by: str = "method") -> pa.Table:
-    """The method-by-metric table from queries/*.sql; by='bucket' or 'correct' splits each method's row."""
+    """The method-by-metric table from queries/*.sql; by='bucket' or 'correct' splits each method's row;
+    any other `by` names a metadata column of the examples: the contribution ledger (selection/ledger.py)."""
     from .metrics_sql import run_sql_file
 
     splits = {"bucket": ("frequency_bucket", pa.int32()), "correct": ("model_correct", pa.bool_())}
     if by != "method" and by not in splits:
-        raise ParameterError("by", f"must be one of method, {', '.join(splits)}, not {by!r}")
+        from trackstar_db.selection.ledger import ledger
+
+        return ledger(db, by)
     tables = {name: db.dataset(name) for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs")}
+    for name in ("validate_runs", "validate_losses"):  # absent from databases made before `validate`
+        tables[name] = db.dataset(name) if db.has_table(name) else None
     tables["model_correct"] = db.dataset("predictions")
     # Evaluate the queries some run retrieved for (e.g. the prompt0 ones), not every template.
     retrieved = pa.array(sorted(set(db.table("retrievals", columns=["query_id"]).column("query_id").to_pylist())),
@@ -66,7 +71,32 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
     if tokens and pages:
         _shade(db, pages[:token_pages], token_top, device)
     return write_report(out_dir, summary, by_bucket=evaluation(db, "bucket"), by_correct=evaluation(db, "correct"),
-                        pages=pages, trajectory=trajectory)
+                        pages=pages, trajectory=trajectory, lds=_lds(db, shown),
+                        sections=_curation_sections(db))
+
+
+def _lds(db, runs: Sequence[str]) -> pa.Table | None:
+    """LDS with intervals of the shown runs under the validation the summary uses (most subsets)."""
+    from trackstar_db.validate.lds import lds_table
+
+    if not db.has_table("validate_runs") or db.count("validate_runs") == 0:
+        return None
+    table = lds_table(db)
+    if table.num_rows == 0:
+        return None
+    most: dict[str, int] = {}  # as summary.sql: the validation with the most subsets, then by name
+    for name, n in zip(table.column("validation").to_pylist(), table.column("n_subsets").to_pylist()):
+        most[name] = max(n, most.get(name, 0))
+    chosen = min(most, key=lambda name: (-most[name], name))
+    return table.filter(pc.and_(pc.equal(table.column("validation"), chosen),
+                                pc.is_in(table.column("run_id"), pa.array(list(runs), pa.string()))))
+
+
+def _curation_sections(db) -> list[tuple[str, str, str]]:
+    """The report's self-influence distribution and contribution ledger by source, when available."""
+    from trackstar_db.selection.report import sections
+
+    return sections(db)
 
 
 def _shade(db, pages: list[dict], top: int, device: str) -> None:

@@ -7,7 +7,8 @@ A query page shows the prompt and target, the model's answer (the predictions ta
 answer correct or not, P(target)), fact and frequency bucket, and one column per run side by
 side: its top-k proponents with score, ground-truth mark (the example is annotated with the
 query's fact), tail-patch delta (percentage points of P(target) after one step on it, where the
-run was tail-patched) and the words shared with the prompt or target marked; opponents sit in
+run was tail-patched), its evidence label (retrieval/evidence.py: 'states it', 'moves the model' from the
+stored tail-patch, both, neither) and the words shared with the prompt or target marked; opponents sit in
 a <details> element. Where `tokens` were computed (gradient runs, top few proponents), the
 proponent's tokens are shaded by their part of the score (retrieval/tokens.py): green adds to
 the score, red takes from it; hovering shows the value.
@@ -31,6 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from trackstar_db.retrieval.evidence import MOVES_MIN, label, text_evidence
+
 from . import highlight
 
 PAGE_SIZE = 50
@@ -46,6 +49,8 @@ mark{background:#ffe27a} .tk{border-radius:2px} .sh{text-decoration:underline;fo
 details{margin-top:.4em;font-size:.95em} summary{cursor:pointer;color:#345}
 table{border-collapse:collapse;width:100%;font-size:.9em} th,td{border-bottom:1px solid #ddd;padding:.25em .5em;text-align:left}
 td{overflow-wrap:anywhere} .legend{font-size:.85em;color:#444}
+.lab{border-radius:3px;padding:0 .3em;border:1px solid #bbb} .l-both{background:#c8ecc8} .l-states{background:#dde8ff}
+.l-moves{background:#ffe9c2} .l-none{color:#888}
 """
 
 
@@ -91,7 +96,7 @@ def build_pages(tables: Mapping[str, object], run_ids: Sequence[str], query_ids:
         for r in _where(tables["tail_patch"], pc.field("query_id").isin(query_ids)).to_pylist():
             patched[(r["run_id"], r["query_id"], r["example_id"])] = 100.0 * (r["p_after"] - r["p_before"])
     answers = _lookup(tables.get("predictions"), "query_id", query_ids)
-    buckets = _lookup(tables.get("facts"), "fact_id", facts, ["frequency_bucket", "relation"])
+    buckets = _lookup(tables.get("facts"), "fact_id", facts, ["frequency_bucket", "relation", "subject"])
     pages = []
     for query_id in query_ids:
         q = queries.get(query_id, {"prompt": "", "target": "", "fact_id": None})
@@ -101,12 +106,17 @@ def build_pages(tables: Mapping[str, object], run_ids: Sequence[str], query_ids:
         for run in run_ids:
             mine = [h for h in hits if h["run_id"] == run and h["query_id"] == query_id]
             column = {"run_id": run, "method": mine[0]["method"] if mine else run, "proponent": [], "opponent": []}
-            for h in mine:
+            evidence = text_evidence(q["prompt"], q["target"], [texts.get(h["example_id"], "") for h in mine],
+                                     fact.get("subject"))
+            for i, h in enumerate(mine):
+                delta_pp = patched.get((run, query_id, h["example_id"])) if h["kind"] == "proponent" else None
+                moves = None if delta_pp is None else delta_pp / 100 >= MOVES_MIN
                 column.setdefault(h["kind"], []).append({
                     "rank": h["rank"], "example_id": h["example_id"], "text": texts.get(h["example_id"], ""),
                     "score": h["score"], "tokens": None,
                     "correct": None if truth is None else (q.get("fact_id"), h["example_id"]) in truth,
-                    "delta_pp": patched.get((run, query_id, h["example_id"])) if h["kind"] == "proponent" else None})
+                    "delta_pp": delta_pp, "shared_span": evidence["shared_span"][i],
+                    "label": label(evidence["states_it"][i], moves)})
             columns.append(column)
         pages.append({"query_id": query_id, "prompt": q["prompt"], "target": q["target"], "fact_id": q.get("fact_id"),
                       "bucket": fact.get("frequency_bucket"), "relation": fact.get("relation"),
@@ -158,6 +168,10 @@ def shaded_html(text: str, tokens: list[tuple], refs: Sequence[str]) -> str:
             f"{f' (special tokens {special:+.3g})' if special else ''}</div>")
 
 
+_LABEL_CLASS = {"both": "l-both", "states it": "l-states", "moves the model": "l-moves", "neither": "l-none",
+                "states it (not verified)": "l-states"}
+
+
 def _hit_html(hit: dict, refs: Sequence[str]) -> str:
     body = shaded_html(hit["text"], hit["tokens"], refs) if hit["tokens"] else highlight.to_html(hit["text"], refs)
     marks = [f"score {_num(hit['score'], 4)}"]
@@ -165,6 +179,9 @@ def _hit_html(hit: dict, refs: Sequence[str]) -> str:
         marks.append('<span class="ok" title="annotated with the query\'s fact">✓ fact</span>')
     if hit["delta_pp"] is not None:
         marks.append(f"tail-patch {hit['delta_pp']:+.2f} pp")
+    if hit.get("label"):
+        marks.append(f'<span class="lab {_LABEL_CLASS.get(hit["label"], "")}" title="shares {hit["shared_span"]} '
+                     f'words verbatim with prompt + target">{html.escape(hit["label"])}</span>')
     marks.append(html.escape(hit["example_id"]))
     return f'<li value="{hit["rank"]}">{body}<div class="meta">{" · ".join(marks)}</div></li>'
 
@@ -198,7 +215,10 @@ def query_html(page: dict, number: int, total: int) -> str:
             f'<h1>{html.escape(page["prompt"])} <span class="target">{html.escape(page["target"])}</span></h1>'
             f'<p class="facts">{" · ".join(facts)} · {_answer(page)}</p>'
             '<p class="legend"><mark>marked</mark> / <span class="sh">underlined</span>: words shared with the prompt '
-            'or target · ✓ fact: the example states the query\'s fact · shading: each token\'s part of the score '
+            'or target · ✓ fact: the example states the query\'s fact · label: <b>states it</b> (has the target and '
+            'the subject, or 3+ words verbatim from prompt + target), <b>moves the model</b> (its stored tail-patch raises '
+            'P(target) by 0.1 pp or more, with no random-step baseline, unlike <code>query --verify</code>; '
+            '"not verified" where the run was not tail-patched), both or neither · shading: each token\'s part of the score '
             '(<span class="tk" style="background:rgba(0,150,60,.5)">adds</span> / '
             '<span class="tk" style="background:rgba(220,30,30,.5)">takes</span>)</p>'
             f'<div class="runs">{"".join(runs)}</div>')

@@ -8,8 +8,9 @@ divided by measured rates, read from a rates file that benchmarks/bench_scale.py
 `Plan(rates=PATH)` or TRACKSTAR_RATES=PATH. Each entry of the file names the command, machine,
 date and load that measured it; `plan_table` carries them in its metadata ("rates").
 
-Featurizing (the model's forward and backward) is not in the plan: measure it with
-benchmarks/bench_featurize.py on the target model and hardware.
+Featurizing (the model's forward and backward) is timed by benchmarks/bench_featurize.py on the
+target model and hardware; with a model (--model DIR --device-gib G) the plan adds the devices
+its featurizer needs (gradients/memory.py: unsharded, or sharded with --shard-model).
 """
 
 from __future__ import annotations
@@ -171,10 +172,11 @@ def _human(n: float | None, unit: str) -> str | None:
     return f"{n:.0f} B"
 
 
-def plan_table(p: Plan) -> pa.Table:
+def plan_table(p: Plan, extra: list[dict] = ()) -> pa.Table:
     """The plan as Arrow: item, bytes, ram_bytes, seconds (numbers) and human-readable columns;
-    the schema metadata 'rates' holds the rates file's sources (command, machine, date, load)."""
-    rows = plan_rows(p)
+    `extra` rows (the devices a model needs, gradients/memory.plan_rows_for_model) appended; the
+    schema metadata 'rates' holds the rates file's sources (command, machine, date, load)."""
+    rows = plan_rows(p) + list(extra)
     sources = json.dumps(load_rates(p.rates)["sources"])
     return pa.table({
         "item": [r["item"] for r in rows],

@@ -9,6 +9,8 @@ out_dir/queries/ (explorer.py). Inputs:
                 n_tailpatch_queries, tailpatch_at_1/3/5/10 (any subset of the metric columns)
     by_bucket   the same metrics with a frequency_bucket column (one row per run and bucket)
     by_correct  the same with a model_correct column (does the model answer the query?)
+    lds         LDS per run with a bootstrap interval (validate/lds.lds_table of one validation):
+                a chart and table after the summary; the summary's own lds column shows the value
     trajectory  one probe's loss over a held-out Simfluence run: step, actual and the simulated
                 columns linear, additive, constant (simfluence.evaluate.report_trajectory; the
                 schema metadata names run_id, query_id and train_runs)
@@ -34,8 +36,8 @@ from trackstar_db.errors import TrackstarError
 TAILPATCH = ("tailpatch_at_1", "tailpatch_at_3", "tailpatch_at_5", "tailpatch_at_10")
 METRICS = ("mrr", "recall_at_10") + TAILPATCH
 LABELS = {"mrr": "MRR", "recall_at_10": "recall@10", "n_queries": "queries",
-          "n_tailpatch_queries": "patched", **{c: f"tail-patch@{c.rsplit('_', 1)[1]}" for c in TAILPATCH}}
-DIGITS = {"mrr": 3, "recall_at_10": 3, **{c: 2 for c in TAILPATCH}}
+          "n_tailpatch_queries": "patched", **{c: f"tail-patch@{c.rsplit('_', 1)[1]}" for c in TAILPATCH}, "lds": "LDS"}
+DIGITS = {"mrr": 3, "recall_at_10": 3, **{c: 2 for c in TAILPATCH}, "lds": 3}
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1180px;padding:0 1em;color:#222}
@@ -93,8 +95,8 @@ def metric_table(rows: Sequence[str], columns: Sequence[str], values: dict, head
 def summary_html(summary: pa.Table) -> str:
     """The method-by-metric table: methods as rows, rounded, the best of each metric marked."""
     labels = _label_runs(summary)
-    columns = [c for c in ("n_queries", "mrr", "recall_at_10", "n_tailpatch_queries") + TAILPATCH
-               if c in summary.column_names]
+    columns = [c for c in ("n_queries", "mrr", "recall_at_10", "n_tailpatch_queries") + TAILPATCH + ("lds",)
+               if c in summary.column_names and (c != "lds" or summary.column(c).null_count < summary.num_rows)]
     rows = summary.to_pylist()
     best = {}
     for c in columns:
@@ -226,6 +228,29 @@ def trajectory_section(table: pa.Table) -> str:
     return (f'<p class="note">{note}</p><div class="plots">{_svg(fig, "trajectory")}<div>{table_html}</div></div>')
 
 
+def lds_section(table: pa.Table) -> str:
+    """LDS per run with its bootstrap interval (validate/lds.lds_table rows of one validation): a
+    bar chart with error bars and the numbers."""
+    labels, rows = _label_runs(table), table.to_pylist()
+    fig, (ax,) = _figure(1, width=max(4.0, 0.6 * len(labels) + 1.5))
+    values = _values(rows, "lds")
+    low = [v - (math.nan if _missing(r["lds_low"]) else r["lds_low"]) for v, r in zip(values, rows)]
+    high = [(math.nan if _missing(r["lds_high"]) else r["lds_high"]) - v for v, r in zip(values, rows)]
+    ax.bar(range(len(labels)), values, yerr=[low, high], capsize=3, color="#55a868")
+    ax.axhline(0, color="#444", linewidth=0.8)
+    ax.set_title("LDS (Spearman, retrained subsets), 95% bootstrap interval")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    numbers = {(lab, c): r[c] for lab, r in zip(labels, rows) for c in ("lds", "lds_low", "lds_high")}
+    first = rows[0] if rows else {}
+    note = (f"Validation {html.escape(str(first.get('validation', '')))}: {first.get('n_subsets', '?')} models retrained "
+            "on random subsets; per query, the Spearman correlation of each subset's summed scores with minus the "
+            "query's loss under the subset's model (higher = the scores predict which subsets help), averaged over "
+            "queries. <code>trackstar-db validate</code>; docs/validate.md.")
+    table_html = metric_table(labels, ["lds", "lds_low", "lds_high"], numbers, ["run", "LDS", "low", "high"], 3)
+    return f'<p class="note">{note}</p><div class="plots">{_svg(fig, "lds")}<div>{table_html}</div></div>'
+
+
 def _check(name: str, table: pa.Table | None, column: str | None) -> None:
     if table is None:
         return
@@ -236,8 +261,10 @@ def _check(name: str, table: pa.Table | None, column: str | None) -> None:
 
 def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table | None = None,
                  by_correct: pa.Table | None = None, pages: Sequence[dict] = (),
-                 trajectory: pa.Table | None = None, title: str = "trackstar-db report") -> Path:
-    """Write out_dir/index.html (and out_dir/queries/ given pages); return index.html's path."""
+                 trajectory: pa.Table | None = None, lds: pa.Table | None = None,
+                 title: str = "trackstar-db report", sections: Sequence[tuple[str, str, str]] = ()) -> Path:
+    """Write out_dir/index.html (and out_dir/queries/ given pages); return index.html's path.
+    `sections`: more (anchor, heading, HTML) parts, after the splits (selection/report.py)."""
     _check("summary", summary, None)
     _check("by_bucket", by_bucket, "frequency_bucket")
     _check("by_correct", by_correct, "model_correct")
@@ -252,6 +279,9 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
     plot = summary_plot(summary)
     if plot:
         parts.append(f'<div class="plots">{plot}</div>')
+    if lds is not None and lds.num_rows:
+        nav.append('<a href="#lds">LDS</a>')
+        parts += ['<h2 id="lds">Counterfactual check: LDS</h2>', lds_section(lds)]
     for name, table, column, xlabel, names in (
             ("bucket", by_bucket, "frequency_bucket", "fact frequency bucket (0 = never stated)", None),
             ("correct", by_correct, "model_correct", "does the model answer correctly?", {True: "correct", False: "wrong"})):
@@ -267,6 +297,9 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
         nav.append('<a href="#simfluence">simulated trajectory</a>')
         parts += ['<h2 id="simfluence">Simfluence: a probe\'s loss, recorded and simulated</h2>',
                   trajectory_section(trajectory)]
+    for anchor, heading, part in sections:
+        nav.append(f'<a href="#{html.escape(anchor)}">{html.escape(heading.lower())}</a>')
+        parts += [f'<h2 id="{html.escape(anchor)}">{html.escape(heading)}</h2>', part]
     if pages:
         from .explorer import write_explorer
 

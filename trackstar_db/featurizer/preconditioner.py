@@ -138,7 +138,10 @@ class Preconditioner:
         return out
 
     def norms(self, x: torch.Tensor, power: float) -> torch.Tensor:
-        """|x R^power| per row: x [batch, d] -> [batch] float32 (the whitened norms of stored rows)."""
+        """|x R^power| per row: x [batch, d] -> [batch] float32 (the whitened norms of stored rows;
+        power 0: the plain norms, without a product by the identity)."""
+        if power == 0:
+            return torch.linalg.vector_norm(x.float(), dim=1)
         return torch.linalg.vector_norm(self.apply(x.float(), power), dim=1)
 
     def save(self, path: str | Path) -> Path:

@@ -11,6 +11,8 @@ R_eval comes from the query gradients of one template. With `mix='train'`, or a 
 without queries, no mixed R is fitted and the reason is returned. After R, one more pass
 stores the whitened row norms the unit-normalised rungs need (retrieval/scoring.py), with the
 table version they belong to. Block-diagonal over the layout's blocks unless kind='dense'.
+The same pass stores, for R_train of every table, the norms self-influence reads
+(selection/self_influence.py): |g R^-1/2| (its square is g R^-1 g) and the plain |g|.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.vectors import BATCH_BYTES, scan_progress
 
 MIXES = ("task", "train")
+SELF_INFLUENCE_POWERS = (-0.5, 0.0)  # g R^-1 g = |g R^-1/2|^2 and |g|^2, stored with R_train
 
 
 @dataclass
@@ -49,6 +52,8 @@ def needed() -> dict[tuple[str, str], set[float]]:
             powers = out.setdefault((spec.table, spec.preconditioner), set())
             if spec.unit_norm and spec.train_power != 0:
                 powers.add(spec.train_power)
+            if spec.preconditioner == "train":
+                powers.update(SELF_INFLUENCE_POWERS)
     return out
 
 

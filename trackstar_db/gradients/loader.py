@@ -42,10 +42,14 @@ def sample_texts(db, limit: int) -> list[str]:
 
 
 def load_featurizer(db, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
-                    estimate_sample: int = 512, batch_size: int = 16, model_dtype: str = "float32"):
+                    estimate_sample: int = 512, batch_size: int = 16, model_dtype: str = "float32",
+                    prepare=None):
     """(Featurizer, tokenizer) for the database's model, with the second moment config asks for.
-    The tokenizer's encodings are capped at the model's context (tokenize.cap_tokenizer)."""
-    model, tokenizer = db.load_model(device, model_dtype)
+    The tokenizer's encodings are capped at the model's context (tokenize.cap_tokenizer).
+    prepare: model -> model, given the model loaded on the CPU (gradients/sharded.py shards it)."""
+    model, tokenizer = db.load_model("cpu" if prepare else device, model_dtype)
+    if prepare is not None:
+        model = prepare(model)
     cap_tokenizer(tokenizer, model.config, config.max_length)
     state = None
     if config.correction in ("adam-exact", "adam-factored", "adafactor"):

@@ -43,7 +43,7 @@ class MemoryPlan:
         if self.free_bytes is None:
             return f"batch budget {self.batch_tokens:,} tokens (the CPU default)"
         return (f"batch budget {self.batch_tokens:,} tokens: {self.free_bytes / GiB:.1f} GiB free, "
-                f"{self.fixed_bytes / GiB:.2f} GiB for projections, ~{self.bytes_per_token / 2**20:.2f} MiB per token")
+                f"{self.fixed_bytes / GiB:.2f} GiB for projections (and gathered FSDP groups), ~{self.bytes_per_token / 2**20:.2f} MiB per token")
 
 
 def projection_bytes(featurizer) -> int:
@@ -89,7 +89,7 @@ def plan_batch_tokens(featurizer, max_length: int, free_bytes: int | None = None
         torch.cuda.empty_cache()  # blocks cached by earlier steps (the second-moment sample) count as free
         free_bytes, _ = torch.cuda.mem_get_info(device)
     per_token = bytes_per_token(featurizer, max_length)
-    fixed = projection_bytes(featurizer)
+    fixed = projection_bytes(featurizer) + gathered_bytes(featurizer.model)
     budget = int((free_bytes * HEADROOM - fixed - RESERVE) // per_token)
     if budget < max_length:
         raise TrackstarError(
@@ -97,3 +97,105 @@ def plan_batch_tokens(featurizer, max_length: int, free_bytes: int | None = None
             f"{free_bytes / GiB:.2f} GiB are free and projections take {fixed / GiB:.2f} GiB; lower --dim or "
             "max_length, use --model-dtype bfloat16, or give --batch-tokens")
     return MemoryPlan(budget, per_token, fixed, int(free_bytes))
+
+
+# -- how many devices: the model sharded with FSDP2 (gradients/sharded.py) ----------------------
+
+DEVICE_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class DeviceNeed:
+    """Bytes one device needs to featurize a `tokens`-token batch with the model sharded over
+    `devices` processes (devices == 1: the unsharded worker)."""
+
+    devices: int
+    shard_bytes: int  # this device's 1/N of the weights (all of them at N = 1)
+    gathered_bytes: int  # the root group, held gathered, and two blocks (one running, one prefetched)
+    projection_bytes: int
+    activation_bytes: int
+    total_bytes: int  # the above + RESERVE, over HEADROOM: the memory the device must have
+
+
+def _group_bytes(model) -> tuple[int, int, int]:
+    """(all weights, the root group: what no block holds, the largest block) in bytes."""
+    from .sharded import block_modules
+
+    size = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    blocks = [{id(p) for p in block.parameters()} for block in block_modules(model)]
+    in_blocks = set().union(*blocks) if blocks else set()
+    largest = max((sum(size[i] for i in block) for block in blocks), default=0)
+    return sum(size.values()), sum(b for i, b in size.items() if i not in in_blocks), largest
+
+
+def gathered_bytes(model) -> int:
+    """Bytes FSDP holds gathered besides a rank's shards: the root group and two blocks; 0 for a
+    model that is not sharded (its parameters are plain tensors, not DTensors)."""
+    if type(next(model.parameters())).__name__ != "DTensor":
+        return 0
+    _, root, block = _group_bytes(model)
+    return root + 2 * block
+
+
+def device_need(featurizer, devices: int, tokens: int, max_length: int) -> DeviceNeed:
+    """What one of `devices` devices needs for a batch of `tokens` tokens (featurizer.model may
+    live on the meta device: only shapes and dtypes are read)."""
+    weights, root, block = _group_bytes(featurizer.model)
+    shard = -(-weights // devices)
+    gathered = 0 if devices == 1 else root + 2 * block
+    projections = projection_bytes(featurizer)
+    activations = tokens * bytes_per_token(featurizer, max_length)
+    total = int((shard + gathered + projections + activations + RESERVE) / HEADROOM)
+    return DeviceNeed(devices, shard, gathered, projections, activations, total)
+
+
+def devices_needed(featurizer, device_bytes: int, max_length: int, tokens: int | None = None) -> DeviceNeed:
+    """The fewest devices of `device_bytes` each (from DEVICE_COUNTS) that featurize a batch of
+    `tokens` (default one max_length example). Raises TrackstarError when none does."""
+    tokens = tokens or max_length
+    for devices in DEVICE_COUNTS:
+        need = device_need(featurizer, devices, tokens, max_length)
+        if need.total_bytes <= device_bytes:
+            return need
+    need = device_need(featurizer, DEVICE_COUNTS[-1], tokens, max_length)
+    raise TrackstarError(
+        f"no sharding up to {DEVICE_COUNTS[-1]} devices of {device_bytes / GiB:.0f} GiB fits: each would need "
+        f"{need.total_bytes / GiB:.1f} GiB ({need.gathered_bytes / GiB:.2f} GiB of gathered groups, "
+        f"{need.activation_bytes / GiB:.2f} GiB for {tokens:,} tokens); lower max_length or use larger devices")
+
+
+def plan_rows_for_model(model_dir, dim: int, device_gib: float, model_dtype: str = "bfloat16",
+                        max_length: int = 512) -> list[dict]:
+    """Rows for `trackstar-db plan --model DIR --device-gib G`: the devices the featurizer of the
+    model in DIR (config.json; no weights are read) needs at `dim`, and one device's memory at
+    each count. Shapes come from the config on the meta device."""
+    import torch
+    import transformers
+
+    from trackstar_db.featurizer.config import FeaturizerConfig
+    from trackstar_db.featurizer.per_example import Featurizer
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TrackstarError(f"{model_dir}: cannot read the model's config.json ({exc})") from None
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, model_dtype))
+    featurizer = Featurizer(model, FeaturizerConfig(dim=dim, correction="none", max_length=max_length))
+    params = sum(p.numel() for p in model.parameters())
+    what = f"{params / 1e6:,.0f}M parameters {model_dtype}, d = {featurizer.layout.dim:,}, {max_length}-token example"
+    rows = []
+    try:
+        best = devices_needed(featurizer, int(device_gib * GiB), max_length)
+        how = "1 device, unsharded" if best.devices == 1 else f"{best.devices} devices, --shard-model"
+        rows.append({"item": f"devices: featurize on {device_gib:g} GiB devices", "ram_bytes": best.total_bytes,
+                     "note": f"{how}; {what}"})
+    except TrackstarError as exc:
+        rows.append({"item": f"devices: featurize on {device_gib:g} GiB devices", "note": str(exc)})
+    for devices in (1, 2, 4, 8):
+        need = device_need(featurizer, devices, max_length, max_length)
+        rows.append({"item": f"device memory: {devices} device{'s' if devices > 1 else ''}", "ram_bytes": need.total_bytes,
+                     "note": f"weights {need.shard_bytes / GiB:.2f} + gathered {need.gathered_bytes / GiB:.2f} + "
+                             f"projections {need.projection_bytes / GiB:.2f} + one example {need.activation_bytes / GiB:.2f} "
+                             f"GiB, + {RESERVE >> 20} MiB reserve, / {HEADROOM}"})
+    return rows

@@ -69,6 +69,7 @@ class GradientJob:
     pipeline: bool = True  # tokenize ahead and write behind on threads; False: all on this thread
     queue_depth: int = 4  # batches waiting in each queue of the pipeline
     checkpoint: str | None = None  # an attached checkpoint's name (or a path to attach); None: the final one
+    sharded: object | None = None  # sharded.ShardedModel: the model's parameters sharded across processes
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -188,7 +189,8 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
     if model_dtype == "auto":
         model_dtype = checkpoint_dtype(source.model_info()["path"])
     featurizer, tokenizer = load_featurizer(source, config, job.device, job.uncorrected, job.estimate_sample,
-                                            job.batch_size, model_dtype=model_dtype)
+                                            job.batch_size, model_dtype=model_dtype,
+                                            prepare=job.sharded.prepare if job.sharded else None)
     cap = token_limit(tokenizer, config.max_length)
     _record_settings(db, featurizer, job, cap, checkpoint)
     tables = {variant: GradientTable(db, job.split, variant, checkpoint) for variant in featurizer.variants}
@@ -210,6 +212,8 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
                            batch_tokens, job.batch_size, pad_id(tokenizer), pin=pin)
     if job.pipeline:
         batches = ahead(batches, job.queue_depth)
+    if job.sharded is not None:  # every rank featurizes in step (FSDP gathers), on this thread
+        batches = job.sharded.lockstep(batches, featurizer)
     start = time.perf_counter()
     try:
         with tqdm(total=total, desc=f"gradients {job.split}" + (f" {checkpoint}" if checkpoint else ""), unit=" ex", disable=not progress) as bar, \

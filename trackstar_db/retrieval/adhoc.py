@@ -2,7 +2,9 @@
 
 The query's gradient is computed by the same featurizer as the stored ones and scored by the
 same runner as stored runs (retrieval/runners.py). The answer is an Arrow table with columns
-kind ('proponent' | 'opponent'), rank, example_id, score, text, method.
+kind ('proponent' | 'opponent'), rank, example_id, score, method, text, and the evidence columns
+of retrieval/evidence.py (bm25, has_target, has_subject, shared_span, states_it, delta_p,
+verify_ms, moves_model, label; delta_p measured only with verify).
 
 With no method given, the best rung the database can serve answers: trackstar with a task R,
 else r-train, else opt-cos, else grad-cos; the table's `method` column says which.
@@ -13,9 +15,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trackstar_db.errors import ParameterError, TrackstarError
-
 from trackstar_db import defaults
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.ladder import LADDER, METHODS, lookup
 
 from . import embedding, runners
@@ -44,6 +45,7 @@ class PromptAttributor:
     def __init__(self, db, device: str = "cpu"):
         self.db, self.device = db, device
         self._featurizers: dict[str, tuple] = {}  # variant -> (Featurizer, tokenizer)
+        self._patcher = None  # tailpatch.TailPatcher for verify, made by the first verify
 
     def _featurizer(self, variant: str):
         if variant not in self._featurizers:
@@ -64,10 +66,19 @@ class PromptAttributor:
         item = encode_query(tokenizer, prompt, target, max_length=featurizer.config.max_length)
         return featurizer.featurize(collate([item], pad_id(tokenizer))).vectors[variant]
 
-    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY,
-                  ann=None) -> pa.Table:
-        """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts;
-        `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
+    def patcher(self):
+        """The tail-patcher of `verify` (tailpatch/runs.load_patcher), loaded once."""
+        if self._patcher is None:
+            from trackstar_db.tailpatch.runs import load_patcher
+
+            self._patcher = load_patcher(self.db, device=self.device)
+        return self._patcher
+
+    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY, ann=None,
+                  verify: bool = False) -> pa.Table:
+        """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts
+        and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
+        now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
         db = self.db
         if not prompt.strip() or not target.strip():
             raise ParameterError("prompt" if not prompt.strip() else "target", "must be non-empty")
@@ -89,7 +100,10 @@ class PromptAttributor:
             texts = db.table("examples", columns=["example_id", "text"],
                              filter=pc.field("example_id").isin(sorted(set(ids))))
             text_of = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
-        return rows.append_column("text", pa.array([text_of.get(i) for i in ids], pa.string()))
+        rows = rows.append_column("text", pa.array([text_of.get(i) for i in ids], pa.string()))
+        from .evidence import with_evidence
+
+        return with_evidence(db, prompt, target, rows, self.patcher() if verify else None)
 
 
 __all__ = ["PromptAttributor", "best_method", "LADDER"]

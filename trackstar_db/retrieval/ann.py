@@ -149,16 +149,22 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
     The index is read with Lance directly (LanceDB's query builder is slower: docs/scale.md)
     and the 2 x nq searches (t_query, -t_query) go to
     Lance at most SEARCH_BATCH vectors per call, the calls spread over the machine's cores."""
-    options = options or AnnOptions()
     spec = get_method(method)
-    entry = require_index(db, method)
     preconditioners = {}
     if spec.preconditioner:
         from .scoring import load_preconditioner
 
         table = db.gradient_table("train", corrected=spec.table == "corrected")
         preconditioners[spec.preconditioner] = load_preconditioner(table, spec.preconditioner)
-    q = query_transform(spec, preconditioners)(g_q.float().cpu()).numpy().astype(np.float32)
+    return search_vectors(db, method, query_transform(spec, preconditioners)(g_q.float().cpu()), k, options)
+
+
+def search_vectors(db, method: str, q: torch.Tensor, k: int, options: AnnOptions | None = None) -> TopKResult:
+    """search_ann for query vectors already transformed, t_query(g_q) [nq, d] (or any vector in
+    that space, e.g. the mean of a task's: selection/select.py)."""
+    options = options or AnnOptions()
+    entry = require_index(db, method)
+    q = q.float().cpu().numpy().astype(np.float32)
     if q.shape[1] != entry["dim"]:
         raise TrackstarError(f"{entry['table']}: vectors have dim {entry['dim']}, the query {q.shape[1]}")
     if entry["kind"] in QUANTISED_SEARCH:  # a quantised distance is only an estimate: re-rank

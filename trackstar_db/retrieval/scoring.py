@@ -95,12 +95,17 @@ def prepare(db, spec: MethodSpec) -> Scoring:
         if norms is None:
             raise TrackstarError(f"{table.name}: the {spec.preconditioner!r} preconditioner holds no row norms "
                                  f"for power {spec.train_power}; run 'trackstar-db fit {db.path}'")
-        version, rows = table.version(), table.count()
-        if pre.params.get("table_version") != version or len(norms) != rows:
-            raise TrackstarError(f"{table.name} changed since R was fitted (version {pre.params.get('table_version')} "
-                                 f"with {len(norms):,} rows, now {version} with {rows:,}); "
-                                 f"run 'trackstar-db fit {db.path}'")
+        check_fitted(db, table, pre, norms)
     return Scoring(spec, table, pre, norms)
+
+
+def check_fitted(db, table, pre, norms: torch.Tensor) -> None:
+    """Refuse row norms stored with R for another version of the table than the current one."""
+    version, rows = table.version(), table.count()
+    if pre.params.get("table_version") != version or len(norms) != rows:
+        raise TrackstarError(f"{table.name} changed since R was fitted (version {pre.params.get('table_version')} "
+                             f"with {len(norms):,} rows, now {version} with {rows:,}); "
+                             f"run 'trackstar-db fit {db.path}'")
 
 
 TILE_BYTES = 4 << 20  # float32 bytes widened per step on the CPU: stays in cache

@@ -61,7 +61,7 @@ def probe_queries(db, n: int) -> pa.Table:
     return rows.take(sorted(order, key=lambda i: rows.column("query_id")[i].as_py()))
 
 
-def _model_setup(db, options: RecordOptions):
+def training_setup(db, options: RecordOptions):
     """(TrainConfig, tokenizer, init checkpoint dir or None) for the runs."""
     from transformers import AutoTokenizer
 
@@ -95,7 +95,7 @@ def record_runs(db, options: RecordOptions, progress: bool | None = None) -> lis
     from trackstar_db.testbed.train import ProbeLosses, train_recorded
 
     ensure_tables(db)
-    config, tokenizer, init_dir = _model_setup(db, options)
+    config, tokenizer, init_dir = training_setup(db, options)
     config = replace(config, max_steps=options.steps, batch_size=options.batch_size, lr=options.lr,
                      final_lr=options.final_lr, warmup=min(options.warmup, options.steps), device="cpu",
                      threads=options.threads)

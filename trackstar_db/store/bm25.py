@@ -85,6 +85,19 @@ class BM25Index:
         hits = searcher.search(query, k).hits
         return [(searcher.doc(address)["example_id"][0], float(score)) for score, address in hits]
 
+    def scores_of(self, text: str, example_ids: list[str]) -> dict[str, float]:
+        """BM25 score of each of `example_ids` for a free-text query (0.0 where it matches no word)."""
+        words = _WORD.findall(text.lower())
+        if not words or not example_ids:
+            return {e: 0.0 for e in example_ids}
+        among = tantivy.Query.term_set_query(self.index.schema, "example_id", list(example_ids))
+        query = tantivy.Query.boolean_query([(tantivy.Occur.Must, self.index.parse_query(" ".join(words), ["text"])),
+                                             (tantivy.Occur.Must, tantivy.Query.const_score_query(among, 0.0))])
+        searcher = self.index.searcher()
+        hits = searcher.search(query, len(example_ids)).hits
+        found = {searcher.doc(address)["example_id"][0]: float(score) for score, address in hits}
+        return {e: found.get(e, 0.0) for e in example_ids}
+
     def search_many(self, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
         """Top-k (example_id, score) lists for many queries, in order (BM25 has no opponents)."""
         if k < 1:

@@ -26,12 +26,9 @@ def _sample(query_ids: list[str], limit: int | None) -> set[str]:
     return set(ordered if limit is None else ordered[:limit])
 
 
-def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
-                    device: str = "cpu") -> pa.Table:
-    known = db.ids("runs", "run_id")
-    for run_id in run_ids:
-        if run_id not in known:
-            raise TrackstarError(f"no run {run_id!r}; runs: {', '.join(sorted(known)) or 'none'}")
+def load_patcher(db, k: int = defaults.K_TAIL_PATCH, device: str = "cpu") -> TailPatcher:
+    """A TailPatcher over the database's recorded checkpoint and its saved optimizer state (the one
+    set-up of stored tail-patch runs and of `query --verify`)."""
     info = db.model_info()
     if not info.get("optimizer_state"):
         raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
@@ -40,7 +37,16 @@ def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_
     from trackstar_db.featurizer.tokenize import cap_tokenizer
 
     cap_tokenizer(tokenizer, model.config)  # long prompts and texts are cut to the model's context
+    return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k))
 
+
+def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
+                    device: str = "cpu") -> pa.Table:
+    known = db.ids("runs", "run_id")
+    for run_id in run_ids:
+        if run_id not in known:
+            raise TrackstarError(f"no run {run_id!r}; runs: {', '.join(sorted(known)) or 'none'}")
+    patcher = load_patcher(db, k, device)
     retrievals = db.table("retrievals", columns=["run_id", "query_id", "kind", "rank", "example_id"],
                           filter=(pc.field("kind") == "proponent") & (pc.field("rank") <= int(k)))
     retrievals = retrievals.filter(pc.is_in(retrievals.column("run_id"), pa.array(run_ids)))
@@ -65,7 +71,6 @@ def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_
                                                                      texts[row["example_id"]]))
     pairs = {run_id: [(q, queries[q]["prompt"], queries[q]["target"], props) for q, props in sorted(by_query.items())]
              for run_id, by_query in runs.items()}
-    patcher = TailPatcher(model, tokenizer, state, TailPatchConfig(k=k))
     rows = patcher.run(pairs)
     _check_finite(rows)
     # write-then-swap (Database.swap_rows): the old rows stay until every new row is stored

@@ -1,0 +1,82 @@
+"""LDS of every method on a generated fact world (issue 24): how well each method's scores predict
+the target loss of models retrained on random halves of the corpus.
+
+Builds the world with the demo's own pipeline (testbed/demo.run_demo with full=True: model with
+intermediate checkpoints for TracIn-CP, gradients, R, every method), re-retrieves each method with
+k = every example (so a subset's summed score misses no example), tail-patches a sample of queries,
+then runs `validate` (M retrained models, each on a seeded random half) and prints the LDS table
+with bootstrap intervals, the wall time of each stage and the machine load. The retrained models
+use the base model's training config unless --steps caps them.
+
+    python benchmarks/bench_lds.py                               # tiny world, M=24 (a few minutes on 2 cores)
+    python benchmarks/bench_lds.py --size demo --models 12 --steps 300 --k 1000   # the demo world (much longer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("grad-dot", "grad-cos", "trak", "opt-cos", "r-train", "trackstar", "bm25", "tracin-cp")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("tiny", "demo"), default="tiny")
+    parser.add_argument("--models", type=int, default=24, help="M: retrained models (subsets)")
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per retrained model (default: "
+                                                                "the base model's own config)")
+    parser.add_argument("--dim", type=int, default=1024, help="projected gradient width")
+    parser.add_argument("--k", type=int, default=None, help="re-retrieve with this k (default: every example; on the "
+                                                            "demo world that stores 2 x 5,426 rows per query and method)")
+    parser.add_argument("--patch-queries", type=int, default=20, help="queries tail-patched per method")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from trackstar_db.api import connect
+    from trackstar_db.evaluation.sql import format_table
+    from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
+    from trackstar_db.tailpatch.runs import tail_patch_runs
+    from trackstar_db.testbed.demo import run_demo
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-lds-")) / "world"
+    load = os.getloadavg()
+    times = {}
+    started = time.perf_counter()
+    run_demo(workdir, size=args.size, dim=args.dim, full=True, tail_patch_queries=1)
+    times["build (world, train, featurize, fit, retrieve k=100)"] = time.perf_counter() - started
+    db = connect(workdir / "db")
+    n = db.count("examples")
+    k = min(args.k or n, n)
+    mark = time.perf_counter()
+    for method in METHODS:
+        retrieve(db, method, RetrieveOptions(k=k, device=args.device), replace=True)
+    tail_patch_runs(db, list(METHODS), k=10, max_queries=args.patch_queries, device=args.device)
+    times[f"re-retrieve {len(METHODS)} methods with k={k}, tail-patch {args.patch_queries} queries"] = \
+        time.perf_counter() - mark
+    mark = time.perf_counter()
+    table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device)
+    times[f"validate: train {args.models} models + losses + LDS"] = time.perf_counter() - mark
+    table = table.filter(pc.is_in(table.column("method"), pa.array(METHODS)))
+    summary = db.evaluate().select(["method", "mrr", "recall_at_10", "tailpatch_at_1", "lds"])
+    print(f"world {args.size}: {n:,} examples, {db.count('queries') // 3} prompt0 queries; M={args.models}, "
+          f"fraction {args.fraction}, steps {args.steps or 'base config'}, device {args.device}")
+    print(format_table(table.select(["method", "n_queries", "n_undefined", "n_subsets", "lds", "lds_low",
+                                     "lds_high"]), "table"))
+    print(format_table(summary, "table"))
+    for stage, seconds in times.items():
+        print(f"{stage}: {seconds:.0f} s")
+    print(f"total {time.perf_counter() - started:.0f} s; load average at start {load[0]:.2f}, "
+          f"at end {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

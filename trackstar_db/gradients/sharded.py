@@ -1,0 +1,186 @@
+"""Featurize a model too large for one device: its parameters sharded across processes (FSDP2).
+
+    torchrun --nproc-per-node N --no-python trackstar-db ingest gradients DB --shard-model --device cuda
+
+Every process (rank r of N) holds 1/N of each parameter (torch.distributed.fsdp.fully_shard,
+one group per transformer block plus the root group for embeddings, final norm and head); a
+block's parameters are all-gathered just before its forward, freed after it, and gathered again
+for its backward. The featurizer is the single-device one, unchanged: its forward hooks see
+each tracked module's input and output as usual (FSDP gathers the weight before the module
+runs) and its projections are regenerated from (seed, name, side) on every rank, so a rank's
+vectors are those the unsharded model gives.
+
+Data: each rank featurizes its own shard of the ids (crc32(id) % N == r, gradients/plan.py),
+as `--shard r/N` does, and its Committer appends them under the database's writer lock; a
+rerun plans only the ids still missing, so a killed run resumes exactly as the single-device
+worker does. FSDP's all-gathers need every rank in every forward and backward, so the ranks
+move in lockstep (`Lockstep`): before each step they agree, with one all-reduce, whether any
+rank still has a batch; a rank whose shard is done runs a one-row dummy batch and drops it.
+
+Why FSDP2 rather than a device map: a device map (one process, layers spread over the GPUs of
+one node) runs one GPU at a time and stops at one node; FSDP2 keeps every GPU busy on its own
+examples, reaches across nodes under torchrun or Slurm, and also runs on CPU processes (gloo),
+which is how it is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from trackstar_db.errors import TrackstarError
+
+
+def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: the children of the longest nn.ModuleList in the model
+    (GPT-2's transformer.h, GPT-NeoX's gpt_neox.layers, Llama's model.layers)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """fully_shard each block, then the root (the rest: embeddings, final norm, head, tied
+    weights together), over `mesh`; the shards move to the mesh's device."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in block_modules(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@dataclass
+class Rank:
+    """This process's place: rank, world size, and the device its shards live on."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.rank, self.world
+
+
+def init_ranks(device: str = "auto") -> Rank:
+    """Join (or start) the process group torchrun or Slurm describes: NCCL on GPUs, gloo on CPU.
+    Without a launcher, a world of one (this process alone)."""
+    import torch.distributed as dist
+
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:  # srun: map Slurm's variables onto torch's
+        env.setdefault("RANK", env["SLURM_PROCID"])
+        env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29511")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            raise TrackstarError(f"--device {device}: no CUDA GPU is available here")
+        index = int(env.get("LOCAL_RANK", "0")) if device in ("auto", "cuda") else torch.device(device).index or 0
+        if index >= torch.cuda.device_count():  # a launcher that shows each task its one GPU (srun --gpus-per-task=1)
+            index = 0
+        torch.cuda.set_device(index)
+        where = torch.device("cuda", index)
+    else:
+        where = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Rank(dist.get_rank(), dist.get_world_size(), where)
+
+
+def mesh_for(rank: Rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(rank.device.type, (rank.world,))
+
+
+def dummy_batch(device: torch.device) -> dict[str, torch.Tensor]:
+    """One row of two tokens: what a rank with no batch left runs so the others' gathers complete."""
+    ids = torch.ones(1, 2, dtype=torch.long, device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class Lockstep:
+    """Wraps a rank's batch stream so that every rank runs the same number of featurize steps.
+
+    Each step starts with an all-reduce of "I have a batch"; while any rank has one, the ranks
+    without one featurize `dummy_batch` and drop it. Use on the thread that featurizes (the
+    collectives must come in the same order on every rank)."""
+
+    def __init__(self, featurizer, device: torch.device):
+        self.featurizer = featurizer
+        self.device = device
+        self.dummy_steps = 0
+
+    def _any(self, mine: bool) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if mine else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __call__(self, batches) -> Iterator:
+        try:
+            for batch in batches:
+                self._any(True)
+                yield batch
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # stops the tokenizer thread, as the worker's close does
+                close()
+        while self._any(False):
+            self.featurizer.featurize(dummy_batch(self.device))
+            self.dummy_steps += 1
+
+
+class ShardedModel:
+    """The two hooks the gradient worker takes (GradientJob.sharded): `prepare` shards the model
+    loaded on the CPU, `lockstep` wraps the batch stream."""
+
+    def __init__(self, rank: Rank):
+        self.rank = rank
+        self.mesh = mesh_for(rank)
+        self.stepper: Lockstep | None = None
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return shard_model(model, self.mesh)
+
+    def lockstep(self, batches, featurizer) -> Iterator:
+        self.stepper = Lockstep(featurizer, self.rank.device)
+        return self.stepper(batches)
+
+
+@contextmanager
+def process_group(device: str = "auto"):
+    """init_ranks(), and the process group destroyed on the way out."""
+    import torch.distributed as dist
+
+    rank = init_ranks(device)
+    try:
+        yield rank
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def ingest_sharded(db, config, job, progress: bool = True) -> dict:
+    """ingest_gradients with the model sharded over the launcher's processes: job.shard becomes
+    (rank, world) and job.device this rank's device. Returns this rank's totals."""
+    import dataclasses
+
+    from .worker import ingest_gradients
+
+    with process_group(job.device) as rank:
+        job = dataclasses.replace(job, shard=rank.shard, device=str(rank.device), sharded=ShardedModel(rank))
+        totals = ingest_gradients(db, config, job, progress=progress and rank.rank == 0)
+        totals.update(rank=rank.rank, world=rank.world, dummy_steps=job.sharded.stepper.dummy_steps
+                      if job.sharded.stepper else 0)
+        return totals

@@ -1,0 +1,269 @@
+"""Data selection for a task (`trackstar-db select`, `Database.select`): score every training
+example by its mean score against the task's queries and keep the best N (or fraction), or drop
+the most harmful.
+
+A task is a set of queries: the database's own, chosen by relation, frequency bucket, template
+or ids (stored query gradients), or a JSONL file of {"prompt", "target"} examples featurized in
+memory by the same featurizer as the stored ones (retrieval/adhoc.py).
+
+Aggregate: mean over the task's queries of score(z, q). Every gradient rung scores
+score(z, q) = x_z . v_q, where x_z is the stored row divided by its norm n_z and
+v_q = t_query(g_q) R^p_train (retrieval/scoring.py: Scoring.query_side), so the mean of the
+scores is x_z . mean(v_q): one matrix-vector product per stored row, whatever the task's size.
+That mean query vector is the path used (`aggregate='mean-vector'`); `aggregate='mean-score'`
+computes the nq scores of each row and averages them, the reference tests compare against.
+BM25 has no vector: its mean is over the per-query Tantivy scores (0 where a text does not match).
+
+With `ann` (retrieval.ann.AnnOptions), the top N come from the rung's ANN index searched with
+the mean of the task's t_query vectors (the index holds t_train(g_z)): approximate, top-N only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from trackstar_db.errors import TrackstarError
+
+AGGREGATES = ("mean-vector", "mean-score")
+FORMATS = {".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Task:
+    """Which queries the selection serves. Filters combine (AND); `examples` (a JSONL file of
+    prompt/target records) replaces the stored queries."""
+
+    relation: str | None = None
+    bucket: int | None = None
+    query_ids: tuple[str, ...] | None = None
+    template: str | None = "prompt0"  # None: every template
+    examples: Path | None = None
+
+    def describe(self) -> str:
+        if self.examples is not None:
+            return f"examples in {self.examples}"
+        parts = [f"{name} {value!r}" for name, value in (("relation", self.relation), ("bucket", self.bucket),
+                                                         ("template", self.template)) if value is not None]
+        if self.query_ids:
+            parts.append(f"{len(self.query_ids)} query ids")
+        return "queries with " + ", ".join(parts) if parts else "every query"
+
+
+@dataclass
+class Selection:
+    """The chosen rows (example_id, rank, score, text and the examples' other fields) and how."""
+
+    rows: pa.Table
+    method: str
+    aggregate: str
+    n_queries: int
+    n_scored: int
+
+
+def check_amount(top: int | None, fraction: float | None) -> None:
+    if (top is None) == (fraction is None):
+        raise TrackstarError("give exactly one of --top N and --fraction F")
+    if top is not None and top <= 0:
+        raise TrackstarError(f"--top must be > 0, not {top}")
+    if fraction is not None and not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise TrackstarError(f"--fraction must be in (0, 1], not {fraction}")
+
+
+def check_output(db, out: str | Path) -> tuple[Path, str]:
+    """(path, write_table format) of an output file: .jsonl or .parquet, outside the database."""
+    out = Path(out)
+    fmt = FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise TrackstarError(f"{out}: the output must end in .jsonl or .parquet")
+    resolved, home = out.resolve(), Path(db.path).resolve()
+    if resolved == home or home in resolved.parents:
+        raise TrackstarError(f"{out}: inside the database directory {db.path}; write the selection elsewhere")
+    if not resolved.parent.is_dir():
+        raise TrackstarError(f"{out}: no such directory {out.parent}")
+    return out, fmt
+
+
+def task_queries(db, task: Task) -> pa.Table:
+    """query_id, prompt, target of the task's stored queries (sorted by query_id)."""
+    queries = db.table("queries", columns=["query_id", "fact_id", "template", "prompt", "target"])
+    if task.template is not None:
+        templates = set(queries.column("template").to_pylist())
+        if task.template not in templates:
+            raise TrackstarError(f"unknown task template {task.template!r}; templates: {', '.join(sorted(templates))}")
+        queries = queries.filter(pc.field("template") == task.template)
+    if task.relation is not None or task.bucket is not None:
+        facts = db.table("facts", columns=["fact_id", "relation", "frequency_bucket"])
+        if task.relation is not None:
+            relations = set(facts.column("relation").to_pylist())
+            if task.relation not in relations:
+                raise TrackstarError(f"unknown task relation {task.relation!r}; relations: "
+                                     f"{', '.join(sorted(relations)) or '(no facts)'}")
+            facts = facts.filter(pc.field("relation") == task.relation)
+        if task.bucket is not None:
+            facts = facts.filter(pc.field("frequency_bucket") == task.bucket)
+        queries = queries.filter(pc.is_in(queries.column("fact_id"), facts.column("fact_id")))
+    if task.query_ids:
+        known = set(queries.column("query_id").to_pylist())
+        missing = [q for q in task.query_ids if q not in known]
+        if missing:
+            raise TrackstarError(f"unknown task query id {missing[0]!r} ({len(missing)} of {len(task.query_ids)} "
+                                 "not among the chosen queries)")
+        queries = queries.filter(pc.is_in(queries.column("query_id"), pa.array(list(task.query_ids), pa.string())))
+    if queries.num_rows == 0:
+        raise TrackstarError(f"{db.path}: no {task.describe()}")
+    return queries.select(["query_id", "prompt", "target"]).sort_by("query_id")
+
+
+def read_examples(path: str | Path) -> pa.Table:
+    """query_id ('<file>:<line>'), prompt, target of a task file (JSON lines or Parquet, read by
+    sources/records.py); a bad record is a one-line error naming its line and field."""
+    from trackstar_db.sources.records import iter_records, require_text
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrackstarError(f"{path}: no such task file")
+    rows = [{"query_id": f"{path.name}:{line}", "prompt": require_text(record, "prompt", path, line),
+             "target": require_text(record, "target", path, line)} for line, record in iter_records(path)]
+    if not rows:
+        raise TrackstarError(f"{path}: no task examples")
+    return pa.Table.from_pylist(rows)
+
+
+def task_gradients(db, spec, task: Task, queries: pa.Table, device: str = "cpu") -> torch.Tensor:
+    """[nq, d] raw gradients of the task's queries in the rung's variant: stored, or featurized."""
+    if task.examples is None:
+        from trackstar_db.retrieval.runs import stored_query_vectors
+
+        return stored_query_vectors(db, spec, queries.column("query_id").to_pylist())
+    from trackstar_db.retrieval.adhoc import PromptAttributor
+
+    attributor = PromptAttributor(db, device)
+    return torch.cat([attributor.gradient(p, t, spec.table).float().cpu() for p, t in
+                      zip(queries.column("prompt").to_pylist(), queries.column("target").to_pylist())])
+
+
+def gradient_scores(db, spec, g_q: torch.Tensor, aggregate: str = "mean-vector", device: str = "cpu",
+                    batch_rows: int = 65536, progress: bool = False) -> tuple[list[str], np.ndarray]:
+    """(ids, mean score of each stored row over the queries g_q [nq, d]) in scan order."""
+    from trackstar_db.retrieval.scoring import prepare, scan
+    from trackstar_db.store.vectors import scan_progress
+
+    if aggregate not in AGGREGATES:
+        raise TrackstarError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
+    scoring = prepare(db, spec)
+    v = scoring.query_side(g_q.to(device))  # [nq, d]
+    side = v.mean(dim=0, keepdim=True) if aggregate == "mean-vector" else v
+    batches = scan(scoring, device, batch_rows)
+    if progress:
+        batches = scan_progress(batches, scoring.table.count(), f"select {spec.name}")
+    ids, parts = [], []
+    with torch.inference_mode():
+        for batch_ids, x in batches:
+            scores = (x @ side.T).mean(dim=1)  # [nb]; one column on the fast path
+            if not bool(torch.isfinite(scores).all()):
+                bad = int((~torch.isfinite(scores)).nonzero()[0])
+                raise TrackstarError(f"{spec.name}: non-finite score for example {batch_ids[bad]!r}")
+            ids += batch_ids
+            parts.append(scores.cpu().numpy())
+    return ids, np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def bm25_scores(db, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """(ids, mean BM25 score over the texts) of every example (0 where a text does not match it)."""
+    from trackstar_db.store.bm25 import BM25Index
+
+    ids = db.table("examples", columns=["example_id"]).column("example_id").to_pylist()
+    position = {example_id: i for i, example_id in enumerate(ids)}
+    total = np.zeros(len(ids), np.float64)
+    for hits in BM25Index(db.path, must_exist=True).search_many(texts, max(1, len(ids))):
+        for example_id, score in hits:
+            if example_id in position:
+                total[position[example_id]] += score
+    return ids, (total / max(1, len(texts))).astype(np.float32)
+
+
+def _ann_top(db, method: str, spec, g_q: torch.Tensor, n: int, ann) -> tuple[list[str], np.ndarray]:
+    from trackstar_db.retrieval.ann import search_vectors
+    from trackstar_db.retrieval.methods import query_transform
+    from trackstar_db.retrieval.scoring import load_preconditioner
+
+    preconditioners = {}
+    if spec.preconditioner:
+        table = db.gradient_table("train", corrected=spec.table == "corrected")
+        preconditioners[spec.preconditioner] = load_preconditioner(table, spec.preconditioner)
+    mean = query_transform(spec, preconditioners)(g_q.float()).mean(dim=0, keepdim=True)
+    result = search_vectors(db, method, mean, n, ann)
+    return result.proponent_ids[0], result.proponent_scores[0, :len(result.proponent_ids[0])]
+
+
+def _with_fields(db, ids: list[str], scores: np.ndarray) -> pa.Table:
+    """rank, example_id, score and the examples' fields (text first), in the order given."""
+    examples = db.table("examples")
+    examples = examples.take(pc.index_in(pa.array(ids, pa.string()), value_set=examples.column("example_id")))
+    keep = [c for c in examples.column_names if c not in ("example_id", "text")]
+    return pa.table({"rank": pa.array(np.arange(1, len(ids) + 1), pa.int32()),
+                     "example_id": pa.array(ids, pa.string()),
+                     "score": pa.array(scores, pa.float32()),
+                     "text": examples.column("text"),
+                     **{c: examples.column(c) for c in keep}})
+
+
+def select(db, task: Task | None = None, *, top: int | None = None, fraction: float | None = None,
+           drop_opponents: bool = False, method: str | None = None, aggregate: str = "mean-vector", ann=None,
+           device: str = "cpu", progress: bool = False, out: str | Path | None = None) -> Selection:
+    """The top N (or fraction) of the training examples for `task`, best first; with
+    `drop_opponents`, every example except the N (or fraction) lowest-scoring, best first.
+    `out` (.jsonl or .parquet, outside the database): also written there."""
+    from trackstar_db.ladder import METHODS
+    from trackstar_db.retrieval.adhoc import best_method
+
+    check_amount(top, fraction)
+    target = check_output(db, out) if out is not None else None
+    task = task or Task()
+    n_examples = db.count("examples")
+    if n_examples == 0:
+        raise TrackstarError(f"{db.path}: no training examples to select from")
+    method = method or best_method(db)
+    if method != "bm25" and method not in METHODS:
+        raise TrackstarError(f"select scores with a gradient method ({', '.join(METHODS)}) or bm25, not {method!r}")
+    if ann is not None and (method == "bm25" or drop_opponents or aggregate != "mean-vector"):
+        raise TrackstarError("--ann serves the top N of a gradient method's mean query vector only "
+                             "(not bm25, --drop-opponents or --aggregate mean-score)")
+    queries = read_examples(task.examples) if task.examples is not None else task_queries(db, task)
+    n = top if top is not None else max(1, round(fraction * n_examples))
+    n = min(n, n_examples)
+    if method == "bm25":
+        from trackstar_db.retrieval.embedding import query_text
+
+        ids, scores = bm25_scores(db, [query_text(p, t) for p, t in zip(queries.column("prompt").to_pylist(),
+                                                                        queries.column("target").to_pylist())])
+        aggregate = "mean-score"
+    else:
+        spec = METHODS[method]
+        g_q = task_gradients(db, spec, task, queries, device)
+        if ann is not None:
+            ids, scores = _ann_top(db, method, spec, g_q, n, ann)
+            selection = Selection(_with_fields(db, ids, scores), f"{method}-ann", aggregate, queries.num_rows, len(ids))
+            return _written(selection, target)
+        ids, scores = gradient_scores(db, spec, g_q, aggregate, device, progress=progress)
+    order = np.argsort(-scores, kind="stable")  # best first; ties: scan order
+    order = order[: len(order) - n] if drop_opponents else order[:n]
+    selection = Selection(_with_fields(db, [ids[i] for i in order], scores[order]), method, aggregate,
+                          queries.num_rows, len(ids))
+    return _written(selection, target)
+
+
+def _written(selection: Selection, target: tuple[Path, str] | None) -> Selection:
+    """Write the selection as JSONL (one example a line) or Parquet, when a target was given."""
+    if target is not None:
+        from trackstar_db.evaluation.sql import write_table
+
+        write_table(selection.rows, target[1], target[0])
+    return selection
