@@ -39,7 +39,7 @@ from functools import partial
 import torch
 
 from trackstar_db.featurizer import Featurizer, FeaturizerConfig
-from trackstar_db.featurizer.tokenize import per_example_loss
+from trackstar_db.featurizer.task import per_example_loss
 
 
 def _plain_step(model, device):

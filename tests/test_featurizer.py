@@ -15,7 +15,7 @@ from trackstar_db.featurizer import (
     projection_matrix,
 )
 from trackstar_db.featurizer.optimizer_state import OptimizerState
-from trackstar_db.featurizer.tokenize import per_example_loss
+from trackstar_db.featurizer.task import per_example_loss
 
 DIM = 1024
 

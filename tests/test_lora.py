@@ -16,7 +16,8 @@ from trackstar_db import connect  # noqa: E402
 from trackstar_db.errors import TrackstarError  # noqa: E402
 from trackstar_db.featurizer.config import FeaturizerConfig, Layout  # noqa: E402
 from trackstar_db.featurizer.projection import projection_matrix  # noqa: E402
-from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id, per_example_loss  # noqa: E402
+from trackstar_db.featurizer.task import per_example_loss  # noqa: E402
+from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id  # noqa: E402
 from trackstar_db.gradients.fit import fit  # noqa: E402
 from trackstar_db.gradients.worker import GradientJob, ingest_gradients  # noqa: E402
 from trackstar_db.store.vectors import to_torch  # noqa: E402

@@ -13,8 +13,8 @@ from trackstar_db.featurizer.tokenize import (
     encode_query,
     encode_text,
     pad_id,
-    per_example_loss,
 )
+from trackstar_db.featurizer.task import per_example_loss
 from trackstar_db.tailpatch.patcher import TailPatchConfig, TailPatcher, tail_patch
 from trackstar_db.testbed.vocab import build_tokenizer
 

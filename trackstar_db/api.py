@@ -60,12 +60,18 @@ class Database(_store.Store):
 
     # -- building -----------------------------------------------------------------------
     def ingest_corpus(self, files, text_field: str = "text", id_field: str | None = None, skip_bad: bool = False,
-                      batch_size: int = defaults.CORPUS_COMMIT_ROWS, progress: bool | None = None):
-        """Add training texts (JSON lines or Parquet files) to `examples` and the BM25 index
-        (sources/corpus.py); returns its IngestReport (added, already_present, rejected)."""
+                      batch_size: int = defaults.CORPUS_COMMIT_ROWS, *, prompt_field: str | None = None,
+                      completion_field: str | None = None, messages_field: str | None = None, chat_template=None,
+                      progress: bool | None = None):
+        """Add training examples (JSON lines, Parquet, Arrow, or directories of them) to `examples`
+        and the BM25 index (sources/corpus.py); prompt_field + completion_field: the loss on the
+        completion only; messages_field (+ chat_template): chat records, the loss on the assistant
+        turns. Returns its IngestReport (added, already_present, rejected)."""
         from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
 
-        return ingest_corpus(self, files, CorpusOptions(text_field, id_field, skip_bad, batch_size), progress)
+        options = CorpusOptions(text_field, id_field, skip_bad, batch_size, prompt_field, completion_field,
+                                messages_field, chat_template)
+        return ingest_corpus(self, files, options, progress)
 
     def ingest_facts(self, files, skip_bad: bool = False, progress: bool | None = None):
         """Add facts and their queries, rebuild ground_truth (sources/facts.py); returns its FactReport."""

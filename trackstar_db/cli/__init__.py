@@ -25,4 +25,4 @@ def main():
     """
 
 
-from . import build, maintain, scale, select, simfluence, use, validate  # noqa: E402,F401  (registers the commands)
+from . import build, maintain, scale, select, serve, simfluence, use, validate  # noqa: E402,F401  (registers the commands)

@@ -77,9 +77,19 @@ def ingest():
 @click.option("--id-field", default=None, help="Field holding a stable id (default: sentence_id, example_id or id; else a text hash).")
 @click.option("--skip-bad", is_flag=True, help="Skip bad records into DB/rejects.jsonl instead of stopping.")
 @click.option("--batch-size", default=defaults.CORPUS_COMMIT_ROWS, show_default=True, help="Rows per Lance commit.")
-def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size):
-    """Add training texts (JSON lines or Parquet) to the examples table and the BM25 index."""
-    report = _open(db).ingest_corpus(files, text_field, id_field, skip_bad, batch_size)
+@click.option("--prompt-field", default=None, help="With --completion-field: examples whose loss is on the completion only.")
+@click.option("--completion-field", default=None, help="Field holding the completion (the tokens whose loss is attributed).")
+@click.option("--messages-field", default=None,
+              help="Chat records: field holding the role/content messages; loss on the assistant turns.")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Jinja chat template file to use instead of the tokenizer's own.")
+def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size, prompt_field, completion_field,
+                      messages_field, chat_template):
+    """Add training examples (JSON lines, Parquet, Arrow, or a directory of them or from
+    datasets.save_to_disk) to the examples table and the BM25 index."""
+    report = _open(db).ingest_corpus(files, text_field, id_field, skip_bad, batch_size, prompt_field=prompt_field,
+                                     completion_field=completion_field, messages_field=messages_field,
+                                     chat_template=chat_template)
     click.echo(f"added {report.added:,} examples ({report.already_present:,} already present, "
                f"{len(report.rejected):,} rejected)")
     for error in report.rejected[:5]:

@@ -130,7 +130,7 @@ class GradientActor:
         writer = FragmentWriter(db, tables, job.dtype, job.commit_rows, self.storage_options)
         rows = tokens = 0
         for chunk in missing(db, job.split, list(tables.values()), self.shard):
-            items = _encode(self.tokenizer, job.split, chunk, self.config.max_length)
+            items = _encode(self.tokenizer, job.split, chunk, self.config.max_length, self.featurizer.task)
             ids = chunk.column("id").to_pylist()
             for offset in range(0, len(ids), job.batch_size):
                 batch_ids = ids[offset: offset + job.batch_size]

@@ -143,27 +143,48 @@ def _num(value, digits: int = 3) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
 
 
-def shaded_html(text: str, tokens: list[tuple], refs: Sequence[str]) -> str:
-    """`text` with each token's span shaded by its contribution (green +, red -), shared words
-    underlined; tokens without a span (bos, eos) are summed into a note."""
+def shade(value: float, scale: float) -> str:
+    """The background of a token whose part of the score is `value` (green +, red -), its
+    strength relative to `scale`, the largest magnitude in the text."""
+    alpha = min(1.0, abs(value) / (scale or 1.0)) * 0.8
+    return f"rgba(0,150,60,{alpha:.2f})" if value >= 0 else f"rgba(220,30,30,{alpha:.2f})"
+
+
+def shaded_pieces(text: str, tokens: list[tuple], refs: Sequence[str]) -> tuple[list[dict], float, float]:
+    """`text` cut into pieces {text, shade (a CSS colour) and value for a token's span, shared
+    (a word also in `refs`)}, plus (the parts' total, the part of tokens without a span: bos,
+    eos). The one cutting shaded_html and the live explorer (trackstar_db/serve) both render."""
     spans = sorted((s, e, c) for s, e, c in tokens if s is not None and e is not None and e > s)
     scale = max((abs(c) for _, _, c in tokens), default=0.0) or 1.0
     shared = highlight.spans(text, refs)
-    out, at = [], 0
+    pieces, at = [], 0
     for start, end, value in spans:
         if start < at:
             continue
-        alpha = min(1.0, abs(value) / scale) * 0.8
-        color = f"rgba(0,150,60,{alpha:.2f})" if value >= 0 else f"rgba(220,30,30,{alpha:.2f})"
-        piece = html.escape(text[start:end])
-        if any(a < end and start < b for a, b in shared):
-            piece = f'<span class="sh">{piece}</span>'
-        out += [html.escape(text[at:start]),
-                f'<span class="tk" style="background:{color}" title="{value:+.4g}">{piece}</span>']
+        if start > at:
+            pieces.append({"text": text[at:start]})
+        pieces.append({"text": text[start:end], "shade": shade(value, scale), "value": value,
+                       "shared": any(a < end and start < b for a, b in shared)})
         at = end
-    out.append(html.escape(text[at:]))
+    if at < len(text):
+        pieces.append({"text": text[at:]})
     special = sum(c for s, e, c in tokens if s is None or e is None or e <= s)
-    total = sum(c for _, _, c in tokens)
+    return pieces, sum(c for _, _, c in tokens), special
+
+
+def shaded_html(text: str, tokens: list[tuple], refs: Sequence[str]) -> str:
+    """`text` with each token's span shaded by its contribution (green +, red -), shared words
+    underlined; tokens without a span (bos, eos) are summed into a note."""
+    pieces, total, special = shaded_pieces(text, tokens, refs)
+    out = []
+    for piece in pieces:
+        body = html.escape(piece["text"])
+        if "shade" not in piece:
+            out.append(body)
+            continue
+        if piece["shared"]:
+            body = f'<span class="sh">{body}</span>'
+        out.append(f'<span class="tk" style="background:{piece["shade"]}" title="{piece["value"]:+.4g}">{body}</span>')
     return (f"{''.join(out)}<div class=meta>token parts sum to {total:.4g}"
             f"{f' (special tokens {special:+.3g})' if special else ''}</div>")
 

@@ -34,6 +34,7 @@ import torch
 from .config import FeaturizerConfig, Layout, plan_layout
 from .projection import Projections
 from .second_moment import SecondMoment
+from .task import Task
 from .tracked import dense_gradient, find_tracked, per_example_backward
 
 
@@ -81,11 +82,12 @@ def _to_host(tensor: torch.Tensor, non_blocking: bool) -> torch.Tensor:
 
 
 class Featurizer:
-    """Featurizes batches from trackstar_db.featurizer.tokenize.collate with one model and one config."""
+    """Featurizes batches from trackstar_db.featurizer.tokenize.collate with one model, one config
+    and one task (featurizer/task.py: the tracked matrices; the batches' labels carry its loss mask)."""
 
     def __init__(self, model: torch.nn.Module, config: FeaturizerConfig,
                  second_moment: SecondMoment | None = None, device: str | torch.device = "cpu",
-                 uncorrected: bool = False):
+                 uncorrected: bool = False, task: Task | None = None):
         if (config.correction == "none") != (second_moment is None):
             raise ValueError(f"correction {config.correction!r} and second_moment "
                              f"{'given' if second_moment else 'missing'} do not agree")
@@ -93,7 +95,8 @@ class Featurizer:
         self.config = config
         self.second_moment = second_moment
         self.device = torch.device(device)
-        self.tracked = find_tracked(model)
+        self.task = task or Task()
+        self.tracked = find_tracked(model, self.task)
         self.layout: Layout = plan_layout(config, [m.name for m in self.tracked])
         self._blocks = {b.name: b for b in self.layout.blocks}
         self.rows = {m.name: m.rows for m in self.tracked}
@@ -110,10 +113,14 @@ class Featurizer:
         self._elementwise: dict[str, torch.Tensor] = {}
 
     def manifest(self) -> dict:
-        """What the database manifest records about this featurizer."""
-        return {"config": self.config.to_dict(), "layout": self.layout.to_dict(),
-                "tracked": [m.name for m in self.tracked],
-                "correction_source": self.second_moment.describe() if self.second_moment else "none"}
+        """What the database manifest records about this featurizer; the task only when it is not
+        the default (absent = default, so the settings of older databases still compare equal)."""
+        entry = {"config": self.config.to_dict(), "layout": self.layout.to_dict(),
+                 "tracked": [m.name for m in self.tracked],
+                 "correction_source": self.second_moment.describe() if self.second_moment else "none"}
+        if self.task != Task():
+            entry["task"] = self.task.to_dict()
+        return entry
 
     def _pair(self, name: str, corrected: bool, dtype: torch.dtype | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:

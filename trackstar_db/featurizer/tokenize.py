@@ -1,19 +1,25 @@
-"""Turn texts and (prompt, target) queries into padded model batches.
+"""Turn texts, (prompt, target) queries and loss-masked examples into padded model batches.
 
-One encoding is shared by training, featurizing, tail-patch and accuracy checks, so a query's
-target tokens are the same everywhere:
+One encoder (encode_segments: pieces of text that carry loss or not) is shared by training,
+featurizing, tail-patch and accuracy checks, so a query's target tokens are the same everywhere:
 
 - a training example: [bos] + tokens(text) [+ eos]; loss on every token after the first.
 - a query: [bos] + tokens(prompt) + tokens(sep + target); loss on the target tokens only.
   sep is a single space unless the prompt already ends with whitespace.
+- a prompt/completion example: as a query, + eos; loss on the completion and eos.
+- a chat: the chat template's rendering, pieces split at the assistant turns (no bos/eos
+  added: the template writes its own); loss on the assistant turns only.
+Which of these a database's examples are is its task (featurizer/task.py), which also holds
+the loss itself.
 
 Batches are right-padded; padded positions carry label -100 and attention 0, so results do not
 depend on batch composition.
 
 Nothing is longer than the model's context: the cut is min(max_length, the tokenizer's
 model_max_length), and `cap_tokenizer` sets model_max_length to the model's own context
-(n_positions / max_position_embeddings), as the gradient loader does. A text keeps its start;
-a query keeps its end (the prompt is cut from the left, the target is kept whole).
+(n_positions / max_position_embeddings), as the gradient loader does. A text or a chat keeps
+its start; a query or a completion keeps its end (the prompt is cut from the left; a query's
+target is kept whole).
 """
 
 from __future__ import annotations
@@ -69,22 +75,49 @@ def _prefix(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
+def encode_segments(tokenizer, segments: list[tuple[str, bool]], max_length: int | None = None, *,
+                    bos: bool = True, eos: bool = False, keep: str = "start") -> Encoded:
+    """Pieces of text, each carrying loss or not, tokenized one by one and joined: the one
+    encoder behind texts, queries, prompt/completion examples and chats (featurizer/task.py).
+
+    bos: prefix the tokenizer's bos (no loss); eos: append its eos, carrying loss when the last
+    piece does. keep "start": cut from the right (a text keeps its start). keep "end": the
+    loss-free tokens before the first loss-carrying one are cut from the left, keeping at least
+    one, so the loss tokens survive; loss tokens that alone overflow are cut from the right.
+    """
+    max_length = token_limit(tokenizer, max_length)
+    ids = _prefix(tokenizer) if bos else []
+    loss = [False] * len(ids)
+    for text, carries in segments:
+        piece = _ids(tokenizer, text)
+        ids += piece
+        loss += [carries] * len(piece)
+    if eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        loss.append(loss[-1] if loss else True)
+    if max_length is not None and len(ids) > max_length:
+        if keep == "end" and True in loss:
+            first = loss.index(True)
+            head = max(max_length - (len(ids) - first), 1)
+            cut = slice(first - min(head, first), first - min(head, first) + max_length)
+        else:
+            cut = slice(0, max_length)
+        ids, loss = ids[cut], loss[cut]
+    return Encoded(ids, [t if carries else IGNORE for t, carries in zip(ids, loss)])
+
+
 def encode_text(tokenizer, text: str, max_length: int | None = None) -> Encoded:
     """A training example: loss over the whole text (its start, when longer than the cut)."""
-    max_length = token_limit(tokenizer, max_length)
-    ids = _prefix(tokenizer) + _ids(tokenizer, text)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if max_length is not None:
-        ids = ids[:max_length]
-    labels = list(ids)
-    if _prefix(tokenizer):
-        labels[0] = IGNORE  # nothing predicts bos
-    return Encoded(ids, labels)
+    return encode_segments(tokenizer, [(text, True)], max_length, eos=True)
 
 
 def target_separator(prompt: str) -> str:
     return "" if (not prompt or prompt[-1].isspace()) else " "
+
+
+def prompt_segments(prompt: str, target: str) -> list[tuple[str, bool]]:
+    """A prompt and what follows it as pieces: the prompt without loss, then separator + target."""
+    return [(prompt, False), (target_separator(prompt) + target, True)]
 
 
 def encode_query(tokenizer, prompt: str, target: str, max_length: int | None = None) -> Encoded:
@@ -94,16 +127,12 @@ def encode_query(tokenizer, prompt: str, target: str, max_length: int | None = N
     the target survives; a target that alone fills the context is refused.
     """
     max_length = token_limit(tokenizer, max_length)
-    prompt_ids = _prefix(tokenizer) + _ids(tokenizer, prompt)
     target_ids = _ids(tokenizer, target_separator(prompt) + target)
     if not target_ids:
         raise ValueError(f"target {target!r} encodes to no tokens")
     if max_length is not None and len(target_ids) >= max_length:
         raise ValueError(f"target {target[:40]!r} is {len(target_ids)} tokens; the model's context keeps {max_length}")
-    if max_length is not None and len(prompt_ids) + len(target_ids) > max_length:
-        keep = max(max_length - len(target_ids), 1)
-        prompt_ids = prompt_ids[-keep:]
-    return Encoded(prompt_ids + target_ids, [IGNORE] * len(prompt_ids) + target_ids)
+    return encode_segments(tokenizer, prompt_segments(prompt, target), max_length, keep="end")
 
 
 def collate(items: list[Encoded], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -125,22 +154,3 @@ def pad_id(tokenizer) -> int:
         if candidate is not None:
             return candidate
     return 0
-
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token loss per example and its token count.
-
-    logits [batch, tokens, vocab], labels [batch, tokens] (label at position t is predicted by
-    logits at t-1). Returns loss [batch] (float32) and n_tokens [batch] (long).
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="none",
-    ).view(shift_labels.shape)
-    n_tokens = (shift_labels != IGNORE).sum(dim=1)
-    loss = token_loss.sum(dim=1) / n_tokens.clamp(min=1)
-    return loss, n_tokens

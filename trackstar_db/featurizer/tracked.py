@@ -2,9 +2,10 @@
 factors to a callback.
 
 Tracked: the weight of every nn.Linear, transformers Conv1D (GPT-2) and nn.Embedding that
-requires grad, named as in model.named_parameters() (so a tied weight, e.g. GPT-2's lm_head
-tied to wte, is ONE tracked matrix with two uses whose contributions are added). Biases, norm
-gains and any other parameter are NOT tracked; the manifest lists the tracked names.
+requires grad and that the task selects (task.Task.modules: name patterns; all by default),
+named as in model.named_parameters() (so a tied weight, e.g. GPT-2's lm_head tied to wte, is
+ONE tracked matrix with two uses whose contributions are added). Biases, norm gains and any
+other parameter are NOT tracked; the manifest lists the tracked names.
 
 In its own storage layout a matrix's per-example gradient is G = X_r^T X_c, X_r [T, rows],
 X_c [T, cols] (summed over the calls of the module in one forward):
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from .tokenize import per_example_loss
+from .task import Task, per_example_loss
 
 KINDS = {torch.nn.Linear: "linear", Conv1D: "conv1d", torch.nn.Embedding: "embedding"}
 
@@ -46,18 +47,21 @@ def _kind(module: torch.nn.Module) -> str | None:
     return None
 
 
-def find_tracked(model: torch.nn.Module) -> list[TrackedMatrix]:
-    """Tracked matrices in named_parameters() order."""
-    names = {id(p): n for n, p in model.named_parameters()}
+def find_tracked(model: torch.nn.Module, task: Task | None = None) -> list[TrackedMatrix]:
+    """Tracked matrices in named_parameters() order: those `task` selects (all by default)."""
+    task = task or Task()
+    names = {id(p): n for n, p in model.named_parameters() if task.tracks(n)}
     uses: dict[str, list[tuple[str, str]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         kind = _kind(module)
         weight = getattr(module, "weight", None)
-        if kind is None or weight is None or not weight.requires_grad or weight.dim() != 2:
+        if kind is None or weight is None or not weight.requires_grad or weight.dim() != 2 or id(weight) not in names:
             continue
         use = (path, kind)
         if use not in uses.setdefault(names[id(weight)], []):
             uses[names[id(weight)]].append(use)
+    if not uses and task.modules is not None:
+        raise ValueError(f"task modules {list(task.modules)} select no Linear, Conv1D or Embedding weight of the model")
     params = dict(model.named_parameters())
     return [TrackedMatrix(n, *params[n].shape, tuple(uses[n])) for n in params if n in uses]
 

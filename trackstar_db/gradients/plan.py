@@ -19,6 +19,8 @@ from trackstar_db.errors import ParameterError
 
 SOURCES = {"train": ("examples", "example_id", ("text",)),
            "queries": ("queries", "query_id", ("prompt", "target"))}
+# carried with the payload when the table has them (a loss-masked task's spans, featurizer/task.py)
+CARRIED = {"train": ("loss_spans",), "queries": ()}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -52,9 +54,11 @@ def missing(db, split: str, tables: list, shard: tuple[int, int], chunk_rows: in
     import duckdb
 
     source, key, columns = SOURCES[split]
-    select = ", ".join([f"s.{key} AS id"] + ([f"s.{c}" for c in columns] if payload else []))
+    dataset = db.dataset(source)
+    carried = [c for c in CARRIED[split] if c in dataset.schema.names] if payload else []
+    select = ", ".join([f"s.{key} AS id"] + ([f"s.{c}" for c in columns] if payload else []) + [f"s.{c}" for c in carried])
     con = duckdb.connect()
-    con.register("source", db.dataset(source))
+    con.register("source", dataset)
     lacks = []
     for i, table in enumerate(tables):
         if table.exists() and table.count():

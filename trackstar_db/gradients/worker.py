@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
-from trackstar_db.featurizer.tokenize import encode_query, encode_text, pad_id, token_limit
+from trackstar_db.featurizer.task import DEFAULT as DEFAULT_TASK, Task
+from trackstar_db.featurizer.tokenize import pad_id, token_limit
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store import checkpoints as _checkpoints
 from trackstar_db.store import vectors as _vectors
@@ -128,10 +129,14 @@ def _record_settings(db, featurizer, job: GradientJob, context_cap: int | None =
         db.update_manifest(record)
 
 
-def _encode(tokenizer, split: str, chunk, max_length: int) -> list:
+def _encode(tokenizer, split: str, chunk, max_length: int, task: Task = DEFAULT_TASK) -> list:
+    """A plan chunk's rows encoded under the task (a training example's loss mask rides in its
+    loss_spans column, which plan.missing carries when the examples table has it)."""
     if split == "train":
-        return [encode_text(tokenizer, text, max_length) for text in chunk.column("text").to_pylist()]
-    return [encode_query(tokenizer, p, t, max_length=max_length)
+        texts = chunk.column("text").to_pylist()
+        spans = chunk.column("loss_spans").to_pylist() if "loss_spans" in chunk.column_names else [None] * len(texts)
+        return [task.encode_example(tokenizer, text, span, max_length) for text, span in zip(texts, spans)]
+    return [task.encode_query(tokenizer, p, t, max_length)
             for p, t in zip(chunk.column("prompt").to_pylist(), chunk.column("target").to_pylist())]
 
 
@@ -153,14 +158,14 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
     return value
 
 
-def _chunks(db, job: GradientJob, tables: list, tokenizer, max_length: int):
+def _chunks(db, job: GradientJob, tables: list, tokenizer, max_length: int, task: Task = DEFAULT_TASK):
     """(ids, encoded items) of every chunk of the plan, up to job.limit rows."""
     produced = 0
     for chunk in missing(db, job.split, tables, job.shard):
         if job.limit is not None:
             chunk = chunk.slice(0, job.limit - produced)
         produced += chunk.num_rows
-        yield chunk.column("id").to_pylist(), _encode(tokenizer, job.split, chunk, max_length)
+        yield chunk.column("id").to_pylist(), _encode(tokenizer, job.split, chunk, max_length, task)
         if job.limit is not None and produced >= job.limit:
             return
 
@@ -208,7 +213,7 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
     committer = Committer(db, tables, job.dtype, job.commit_rows)
     totals = {"rows": 0, "tokens": 0, "seconds": 0.0, "batches": 0, "batch_tokens": batch_tokens}
     pin = job.pipeline and featurizer.device.type == "cuda"
-    batches = make_batches(_chunks(db, job, list(tables.values()), tokenizer, config.max_length),
+    batches = make_batches(_chunks(db, job, list(tables.values()), tokenizer, config.max_length, featurizer.task),
                            batch_tokens, job.batch_size, pad_id(tokenizer), pin=pin)
     if job.pipeline:
         batches = ahead(batches, job.queue_depth)

@@ -80,6 +80,9 @@ class TokenAttributor:
 
         spec = self._spec(method)
         featurizer, tokenizer = self.attributor._featurizer(spec.table)
+        if featurizer.task.masked:  # the token offsets below assume the plain-text encoding
+            raise TrackstarError(f"per-token contributions need a database whose loss covers every token; this "
+                                 f"one's loss is {featurizer.task.examples!r} (featurizer/task.py)")
         if spec.name not in self._scoring:
             self._scoring[spec.name] = prepare(self.db, spec)
         scoring = self._scoring[spec.name]

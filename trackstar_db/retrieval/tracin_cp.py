@@ -43,7 +43,7 @@ VARIANTS = {"tracin-cp": ("uncorrected", False), "tracin-cp-cos": ("uncorrected"
 SCORE_BYTES = 1 << 30  # the [queries, examples] float64 block summed over checkpoints, at most
 
 
-def _featurizer(checkpoint: Checkpoint, config, variant: str, device: str):
+def _featurizer(checkpoint: Checkpoint, config, variant: str, device: str, task=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trackstar_db.featurizer import optimizer_state
@@ -57,10 +57,10 @@ def _featurizer(checkpoint: Checkpoint, config, variant: str, device: str):
     if context:
         config = replace(config, max_length=min(config.max_length, int(context)))
     if variant == "uncorrected":
-        return Featurizer(model, replace(config, correction="none"), None, device), tokenizer
+        return Featurizer(model, replace(config, correction="none"), None, device, task=task), tokenizer
     config = replace(config, correction="adam-factored" if config.correction in ("auto", "none") else config.correction)
     state = optimizer_state.load(checkpoint.path / "optimizer.safetensors")
-    return Featurizer(model, config, build_second_moment(config, model, state, None, device), device), tokenizer
+    return Featurizer(model, config, build_second_moment(config, model, state, None, device), device, task=task), tokenizer
 
 
 def _vectors(featurizer, items, pad: int, batch_size: int) -> torch.Tensor:
@@ -73,9 +73,11 @@ def _vectors(featurizer, items, pad: int, batch_size: int) -> torch.Tensor:
 
 
 def scores(points: Sequence[Checkpoint], texts: Sequence[str], queries: Sequence[tuple[str, str]], config,
-           method: str = "tracin-cp", device: str = "cpu", batch_size: int = 16) -> torch.Tensor:
-    """[n_queries, n_texts] TracIn-CP scores of each (prompt, target) query against each training text."""
-    from trackstar_db.featurizer.tokenize import encode_query, encode_text, pad_id
+           method: str = "tracin-cp", device: str = "cpu", batch_size: int = 16, task=None,
+           spans: Sequence | None = None) -> torch.Tensor:
+    """[n_queries, n_texts] TracIn-CP scores of each (prompt, target) query against each training
+    text, encoded under `task` (featurizer/task.py; `spans`: the texts' loss spans when masked)."""
+    from trackstar_db.featurizer.tokenize import pad_id
 
     from .methods import unit_normalize
 
@@ -84,10 +86,11 @@ def scores(points: Sequence[Checkpoint], texts: Sequence[str], queries: Sequence
         raise TrackstarError("TracIn-CP needs at least one checkpoint")
     total = torch.zeros((len(queries), len(texts)), dtype=torch.float64)
     for point in points:
-        featurizer, tokenizer = _featurizer(point, config, variant, device)
-        pad, cut = pad_id(tokenizer), featurizer.config.max_length
-        z = _vectors(featurizer, [encode_text(tokenizer, t, cut) for t in texts], pad, batch_size)
-        q = _vectors(featurizer, [encode_query(tokenizer, p, t, cut) for p, t in queries], pad, batch_size)
+        featurizer, tokenizer = _featurizer(point, config, variant, device, task)
+        pad, cut, task = pad_id(tokenizer), featurizer.config.max_length, featurizer.task
+        z = _vectors(featurizer, [task.encode_example(tokenizer, t, s, cut)
+                                  for t, s in zip(texts, spans or [None] * len(texts))], pad, batch_size)
+        q = _vectors(featurizer, [task.encode_query(tokenizer, p, t, cut) for p, t in queries], pad, batch_size)
         if unit:
             z, q = unit_normalize(z), unit_normalize(q)
         total += point.lr * (q.double() @ z.double().T)
@@ -196,8 +199,13 @@ def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp"
         raise TrackstarError(f"{method}: query {missing[0]!r} is not in the queries table (ad-hoc queries are not supported)")
     entry = db.manifest.get("featurizer")
     config = FeaturizerConfig.from_dict(entry["config"]) if entry else FeaturizerConfig()
-    texts = db.table("examples", columns=["text"]).column("text").to_pylist()
-    return _top(scores(points, texts, [pairs[q] for q in query_ids], config, method, device), ids, k)
+    from trackstar_db.featurizer.task import task_of
+
+    task = task_of(db.manifest)
+    examples = db.table("examples", columns=["text"] + (["loss_spans"] if task.masked else []))
+    spans = examples.column("loss_spans").to_pylist() if task.masked else None
+    return _top(scores(points, examples.column("text").to_pylist(), [pairs[q] for q in query_ids], config, method,
+                       device, task=task, spans=spans), ids, k)
 
 
 def _stack(parts):

@@ -1,32 +1,49 @@
 """Corpus ingest: training texts into the examples table and the BM25 index.
 
 Accepts the authors' T-REx sentence records (sentence_id, text, abstract_uri, sent_idx_in_abst,
-fact_triples) and plain records whose text and id fields are named by the caller. Ingest is
-idempotent (an example_id already stored with the same text is skipped) and all-or-nothing per
-run, kill -9 included (the write-ahead journal, store/journal.py, covers examples, ground_truth
-and the BM25 documents): on a bad record it either stops and rolls back, or, with
-skip_bad=True, records the line in DB/rejects.jsonl and goes on. Ids are strings; integer ids
-are stored as their decimal text, and an input holding both 17 and "17" is refused.
+fact_triples) and plain records whose text and id fields are named by the caller, from JSON
+lines, Parquet and Arrow files and dataset directories (records.expand), read in record batches.
+
+The loss of an example (the database's task, featurizer/task.py) follows the options:
+- text_field: loss on every token (the default task);
+- prompt_field + completion_field: the stored text is prompt + separator + completion, the
+  loss on the completion only (its span is stored in loss_spans);
+- messages_field: a chat rendered with the model's chat template (chat.py), the loss on the
+  assistant turns.
+Every row of the examples table has the same loss: the manifest records it (task.examples)
+and a run whose records have another is refused before anything is written.
+
+Ingest is idempotent (an example_id already stored with the same text is skipped) and
+all-or-nothing per run, kill -9 included (the write-ahead journal, store/journal.py, covers
+examples, ground_truth and the BM25 documents): on a bad record it either stops and rolls back,
+or, with skip_bad=True, records the line in DB/rejects.jsonl and goes on. Rows are committed
+and indexed every batch_size rows, so no run holds more than one batch of texts. Ids are
+strings; integer ids are stored as their decimal text, and an input holding both 17 and "17"
+is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
 
 from trackstar_db import defaults
 from trackstar_db import faults
-from trackstar_db.errors import RecordError
+from trackstar_db.errors import RecordError, TrackstarError
 from trackstar_db.store.bm25 import BM25Index, sync_bm25
 
-from .records import IdRegistry, checked_records, record_id, require_text
+from .records import IdRegistry, checked_records, expand, record_id, require_text
 
 TREX_FIELDS = {"sentence_id", "text", "abstract_uri", "sent_idx_in_abst", "fact_triples"}
 ID_CANDIDATES = ("sentence_id", "example_id", "id")
+
+
+LOSS_WORDS = {"all": "plain-text (loss on every token)", "completion": "prompt/completion (loss on the completion)",
+              "chat": "chat (loss on the assistant turns)"}
 
 
 @dataclass
@@ -35,6 +52,33 @@ class CorpusOptions:
     id_field: str | None = None  # None: the first of ID_CANDIDATES present, else a hash of the text
     skip_bad: bool = False
     batch_size: int = defaults.CORPUS_COMMIT_ROWS
+    prompt_field: str | None = None  # with completion_field: the loss on the completion only
+    completion_field: str | None = None
+    messages_field: str | None = None  # chat records: the loss on the assistant turns
+    chat_template: str | Path | None = None  # a Jinja template file used instead of the tokenizer's own
+
+    def __post_init__(self):
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise TrackstarError("prompt_field (--prompt-field) and completion_field (--completion-field) go together")
+        if self.messages_field is not None and self.prompt_field is not None:
+            raise TrackstarError("messages_field (--messages-field) excludes prompt_field and completion_field")
+        if self.chat_template is not None and self.messages_field is None:
+            raise TrackstarError("chat_template (--chat-template) needs messages_field (--messages-field)")
+        if self.batch_size < 1:
+            raise TrackstarError(f"batch_size (--batch-size) must be >= 1, not {self.batch_size}")
+
+    @property
+    def loss(self) -> str:
+        """The task's example loss these options give (featurizer/task.py EXAMPLE_LOSSES)."""
+        if self.messages_field is not None:
+            return "chat"
+        return "completion" if self.prompt_field is not None else "all"
+
+    def fields(self) -> set:
+        """The record fields these options read (the others go to metadata)."""
+        used = {"all": {self.text_field}, "completion": {self.prompt_field, self.completion_field},
+                "chat": {self.messages_field}}[self.loss]
+        return used | {self.id_field}
 
 
 @dataclass
@@ -55,12 +99,31 @@ def fact_key(triple, path, line) -> str:
     raise RecordError(path, line, f"fact_triples entry {triple!r} is not a [subject, predicate, object] triple")
 
 
-def to_row(record: dict, path: Path, line: int, options: CorpusOptions) -> dict:
+def text_and_spans(record: dict, path: Path, line: int, options: CorpusOptions,
+                   chat=None) -> tuple[str, list[int] | None]:
+    """The example's text and loss spans (None: every token) under the options' loss; `chat`:
+    the renderer of chat records (chat.ChatRenderer)."""
+    if options.loss == "all":
+        return require_text(record, options.text_field, path, line), None
+    if options.loss == "completion":
+        from trackstar_db.featurizer.tokenize import target_separator
+
+        prompt = require_text(record, options.prompt_field, path, line, allow_empty=True)
+        completion = require_text(record, options.completion_field, path, line)
+        text = prompt + target_separator(prompt) + completion
+        return text, [len(prompt), len(text)]
+    return chat(record, options.messages_field, path, line)
+
+
+def to_row(record: dict, path: Path, line: int, options: CorpusOptions, chat=None, source: str | None = None) -> dict:
     """One examples-table row from one input record (RecordError when it cannot be)."""
-    text = require_text(record, options.text_field, path, line)
+    text, spans = text_and_spans(record, path, line, options, chat)
     if "\x00" in text:
-        raise RecordError(path, line, f"field {options.text_field!r} contains a NUL character")
-    content_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        names = " or ".join(repr(f) for f in sorted(options.fields() - {options.id_field}))
+        raise RecordError(path, line, f"field {names} contains a NUL character")
+    # a masked example is its text and its spans: the same text with other spans is other content
+    content = text if spans is None else text + "\x00" + json.dumps(spans)
+    content_hash = hashlib.sha256(content.encode("utf-8")).hexdigest()
     id_field = options.id_field or next((f for f in ID_CANDIDATES if f in record), None)
     if id_field is not None:
         example_id, _ = record_id(record, id_field, path, line)
@@ -72,18 +135,19 @@ def to_row(record: dict, path: Path, line: int, options: CorpusOptions) -> dict:
     sent_idx = record.get("sent_idx_in_abst")
     if sent_idx is not None and not isinstance(sent_idx, int):
         raise RecordError(path, line, "field 'sent_idx_in_abst' must be an integer")
-    known = TREX_FIELDS | {options.text_field, id_field}
+    known = TREX_FIELDS | options.fields() | {id_field}
     extra = {k: v for k, v in record.items() if k not in known}
     return {
         "example_id": example_id,
         "text": text,
-        "source": path.name,
+        "source": source or path.name,
         "n_tokens": None,
         "abstract_uri": record.get("abstract_uri"),
         "sent_idx": sent_idx,
         "fact_triples": [fact_key(t, path, line) for t in triples],
         "metadata": json.dumps(extra, sort_keys=True, default=str) if extra else None,
         "content_hash": content_hash,
+        "loss_spans": spans,
     }
 
 
@@ -104,23 +168,54 @@ def _stored_hashes(db) -> dict[str, tuple[str, str]]:
     return {eid: (digest, source) for eid, digest, source in zip(*(rows.column(c).to_pylist() for c in rows.column_names))}
 
 
+def _loss_of_table(db, options: CorpusOptions):
+    """The task these records are stored under: the manifest's, with the options' example loss.
+    Refused (before anything is written) when the examples table holds rows of another loss."""
+    from trackstar_db.featurizer.task import task_of
+
+    task = task_of(db.manifest)
+    if db.count("examples") and task.examples != options.loss:
+        raise TrackstarError(f"{db.path}: the examples table holds {LOSS_WORDS[task.examples]} examples and these "
+                             f"records are {LOSS_WORDS[options.loss]}; one table never mixes losses: ingest them into "
+                             "a new database")
+    return replace(task, examples=options.loss)
+
+
+def _add_spans_column(db, task) -> None:
+    """An examples table made before loss spans existed gains the (null) column for masked rows."""
+    if task.masked and "loss_spans" not in db.lance_table("examples").schema.names:
+        db.lance_table("examples").add_columns(pa.field("loss_spans", pa.list_(pa.int32())))
+
+
 def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = None,
                   progress: bool | None = None) -> IngestReport:
     """Add the files' records to examples and BM25, all or nothing (store/journal.py), under the
     writer lock. A conflicting duplicate id (in the files, or against a stored example) is a
-    RecordError naming both places."""
+    RecordError naming both places; records whose loss differs from the stored examples' are
+    refused before anything is written."""
+    from trackstar_db.featurizer.task import record_task
     from trackstar_db.store import journal
 
     options = options or CorpusOptions()
     report = IngestReport()
-    tokenizer = _tokenizer(db)
+    files = list(files)
+    sources = {shard: f"{path.name}/{shard.name}" for path in map(Path, files) if path.is_dir()
+               for shard in expand([path])}
+    if options.loss == "chat":
+        from .chat import chat_renderer
+
+        chat = chat_renderer(db, options.chat_template)
+        tokenizer = chat.tokenizer
+    else:
+        tokenizer, chat = _tokenizer(db), None
     with journal.transaction(db, "ingest corpus", ["examples", "ground_truth"], bm25=True):
+        task = _loss_of_table(db, options)
         sync_bm25(db)
         stored = _stored_hashes(db)
         faults.point("corpus.before_write")
+        _add_spans_column(db, task)
         registry = IdRegistry("example")
-        new_ids: list[str] = []
-        new_texts: list[str] = []
+        bm25 = BM25Index(db.path)
         pending: list[dict] = []
 
         def flush():
@@ -130,27 +225,26 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
                     for row, ids in zip(pending, counts):
                         row["n_tokens"] = len(ids)
                 db.append("examples", pa.Table.from_pylist(pending))
-                pending.clear()
                 faults.point("corpus.after_examples")
+                bm25.add([row["example_id"] for row in pending], [row["text"] for row in pending])
+                report.added += len(pending)
+                pending.clear()
 
         def check(record, path, line):
-            row = to_row(record, path, line, options)
+            row = to_row(record, path, line, options, chat, sources.get(path))
             return row, _check_duplicate(row, _id_kind(record, options), stored, registry, path, line)
 
-        for _, _, row in checked_records(files, check, report, options.skip_bad, progress, "corpus"):
+        for _, _, row in checked_records(expand(files), check, report, options.skip_bad, progress, "corpus"):
             pending.append(row)
-            new_ids.append(row["example_id"])
-            new_texts.append(row["text"])
             if len(pending) >= options.batch_size:
                 flush()
         flush()
-        BM25Index(db.path).add(new_ids, new_texts)
         faults.point("corpus.after_bm25")
         from .facts import rebuild_ground_truth
 
         rebuild_ground_truth(db)
         faults.point("corpus.after_ground_truth")
-    report.added = len(new_ids)
+        record_task(db, task)  # last: a run killed before here is rolled back to the old manifest
     if report.rejected:
         with (db.path / "rejects.jsonl").open("a", encoding="utf-8") as handle:
             for error in report.rejected:

@@ -1,8 +1,15 @@
-"""Read input records from JSON lines or Parquet files, naming file and line on bad input.
+"""Read input records from JSON lines, Parquet or Arrow files and from dataset directories,
+naming file and line on bad input.
 
 JSON lines: any file whose name contains '.jsonl' or ends in '.json' (the authors' shards are
 named trex_sentences.jsonl-00000-of-00020). Each line must be valid UTF-8 holding one JSON
-object; blank lines are skipped. Parquet: '.parquet'; 'line' is then the 1-based row number.
+object; blank lines are skipped. Parquet: '.parquet'; Arrow: '.arrow' (IPC file or stream, as
+`datasets` writes its shards); 'line' is then the 1-based row number in that file.
+
+A directory is expanded into its files (`expand`): one written by `datasets.save_to_disk`
+(state.json lists its Arrow shards) or a folder of .parquet / .arrow / .jsonl shards, in name
+order. Parquet and Arrow are read in record batches of READ_ROWS rows (Arrow memory-mapped),
+so a dataset larger than memory streams through.
 """
 
 from __future__ import annotations
@@ -11,18 +18,64 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trackstar_db.errors import RecordError, TrackstarError
+from trackstar_db.errors import RecordError, TrackstarError, first_line
+
+
+READ_ROWS = 8192  # rows per record batch read from Parquet and Arrow
 
 
 def file_kind(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".parquet"):
         return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
     if ".jsonl" in name or name.endswith(".json"):
         return "jsonl"
-    raise TrackstarError(f"{path}: unknown file type (expected JSON lines '.jsonl' or '.parquet')")
+    raise TrackstarError(f"{path}: unknown file type (expected JSON lines '.jsonl', '.parquet' or '.arrow')")
+
+
+def expand(paths) -> list[Path]:
+    """Input paths with every directory replaced by its record files (see the module doc)."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        out += _directory_files(path) if path.is_dir() else [path]
+    return out
+
+
+def _directory_files(path: Path) -> list[Path]:
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = ["SPLIT"]
+        raise TrackstarError(f"{path}: a DatasetDict (splits {', '.join(map(str, splits))}); give one split's "
+                             f"directory, e.g. {path / str(splits[0])}")
+    state = path / "state.json"
+    if state.is_file():  # datasets.save_to_disk
+        try:
+            names = [entry["filename"] for entry in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TrackstarError(f"{state}: not a datasets.save_to_disk state file ({exc})") from None
+        files = [path / name for name in names]
+        for file in files:
+            if not file.is_file():
+                raise TrackstarError(f"{file}: listed in {state} but missing")
+        return files
+    files = []
+    for file in sorted(path.iterdir()):
+        try:
+            if file.is_file() and not file.name.startswith("."):
+                file_kind(file)
+                files.append(file)
+        except TrackstarError:
+            continue
+    if not files:
+        raise TrackstarError(f"{path}: no .parquet, .arrow or .jsonl files, and not a datasets.save_to_disk directory")
+    return files
 
 
 def iter_records(path: str | Path, rejected: list[RecordError] | None = None) -> Iterator[tuple[int, dict]]:
@@ -40,12 +93,14 @@ def iter_records(path: str | Path, rejected: list[RecordError] | None = None) ->
 def _parse(path: Path) -> Iterator[tuple[int, dict | RecordError]]:
     if not path.is_file():
         raise TrackstarError(f"{path}: no such file")
-    if file_kind(path) == "parquet":
+    kind = file_kind(path)
+    if kind in ("parquet", "arrow"):
         row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
-            for record in batch.to_pylist():
-                row += 1
-                yield row, record
+        for batch in _record_batches(path, kind):
+            for start in range(0, batch.num_rows, READ_ROWS):
+                for record in batch.slice(start, READ_ROWS).to_pylist():
+                    row += 1
+                    yield row, record
         return
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -64,6 +119,24 @@ def _parse(path: Path) -> Iterator[tuple[int, dict | RecordError]]:
             if not isinstance(record, dict):
                 record = RecordError(path, number, f"expected a JSON object, got {type(record).__name__}")
             yield number, record
+
+
+def _record_batches(path: Path, kind: str) -> Iterator[pa.RecordBatch]:
+    """The file's record batches, one at a time; an unreadable file is a TrackstarError."""
+    try:
+        if kind == "parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS)
+            return
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:  # not the IPC file format: the stream format datasets writes
+            source.seek(0)
+            batches = pa.ipc.open_stream(source)
+        yield from batches
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TrackstarError(f"{path}: not a readable {kind} file ({first_line(exc)})") from None
 
 
 def require_text(record: dict, field: str, path, line: int, allow_empty: bool = False) -> str:
@@ -129,12 +202,13 @@ class IdRegistry:
 
 def checked_records(files, check: Callable[[dict, Path, int], tuple[object, bool]], report, skip_bad: bool,
                     progress: bool | None, desc: str) -> Iterator[tuple[Path, int, object]]:
-    """(path, line, value) for every record of `files` that `check(record, path, line) -> (value,
-    is_new)` accepts as new. A RecordError is raised, or with skip_bad kept in report.rejected; a
-    repeat counts in report.already_present. One progress bar per file."""
+    """(path, line, value) for every record of `files` (directories expanded) that
+    `check(record, path, line) -> (value, is_new)` accepts as new. A RecordError is raised, or
+    with skip_bad kept in report.rejected; a repeat counts in report.already_present. One
+    progress bar per file."""
     from trackstar_db.progress import bar as progress_bar
 
-    for path in map(Path, files):
+    for path in expand(files):
         records = iter_records(path, report.rejected if skip_bad else None)
         with progress_bar(records, desc=f"{desc} {path.name}", unit=" rec", progress=progress) as bar:
             for line, record in bar:

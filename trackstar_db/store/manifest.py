@@ -4,6 +4,11 @@ manifest.json at the top of the database directory is written atomically (temp f
 rename); changes go through Database.update_manifest, which re-reads it under the writer lock.
 Everything that makes stored vectors comparable lives here, and writers check it: a gradient
 table written with other settings is refused, never silently mixed.
+
+"task" (featurizer/task.py) is the loss the database attributes and the tracked modules:
+{"examples": "all" | "completion" | "chat", "queries": "target", "modules": null | [patterns]}.
+ingest corpus writes it; a manifest without it (every database written before it existed) is
+the default task, loss on every token, so nothing needs migrating.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 For a query q and a proponent z: from the final checkpoint, take ONE step of the model's own
 optimizer (torch.optim.AdamW for 'adamw', torch.optim.Adam for 'adam': the real torch classes,
 loaded with the saved exp_avg / exp_avg_sq / step, betas, eps, weight_decay, at the saved final
-learning rate unless TailPatchConfig.lr overrides it) on the loss of z alone
-(tokenize.encode_text + per_example_loss), measure p_after = P(target | prompt) =
+learning rate unless TailPatchConfig.lr overrides it) on the loss of z alone, the database's
+task's loss (featurizer/task.py: every token, or a completion's / a chat's assistant tokens), measure p_after = P(target | prompt) =
 exp(-sum of target-token NLL) (tokenize.encode_query), then restore parameters and optimizer
 state exactly. p_before is the same probability at the checkpoint. Dropout is off (eval mode)
 for the step and the measurement, and there is no gradient clipping.
@@ -29,10 +29,9 @@ from trackstar_db.featurizer.optimizer_state import OptimizerState
 from trackstar_db.featurizer.tokenize import (
     collate,
     encode_query,
-    encode_text,
     pad_id,
-    per_example_loss,
 )
+from trackstar_db.featurizer.task import Task, per_example_loss
 from trackstar_db.progress import bar
 from trackstar_db.store import schema as _schema
 
@@ -60,11 +59,15 @@ class TailPatcher:
     """Holds the model, one optimizer loaded with the saved state, and the measurement cache."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, state: OptimizerState,
-                 config: TailPatchConfig = TailPatchConfig()):
+                 config: TailPatchConfig = TailPatchConfig(), task: Task | None = None,
+                 spans: Mapping[str, list[int]] | None = None):
+        """task: the database's (featurizer/task.py), whose loss the step takes; spans: the loss
+        spans of loss-masked examples, by example_id."""
         if state.optimizer not in OPTIMIZERS:
             raise TrackstarError(f"tail-patch: optimizer {state.optimizer!r} is not supported "
                                  f"(supported: {', '.join(OPTIMIZERS)})")
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.task, self.spans = task or Task(), spans if spans is not None else {}
         self.pad = pad_id(tokenizer)
         self.device = next(model.parameters()).device
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -101,15 +104,16 @@ class TailPatcher:
             out += torch.exp(-(loss.double() * n_tokens)).tolist()
         return out
 
-    def _step_on(self, text: str) -> None:
-        """One optimizer step on the loss of `text` alone, from the saved state."""
+    def _step_on(self, text: str, spans: list[int] | None = None) -> None:
+        """One optimizer step on the task's loss of `text` alone, from the saved state."""
         for (_, p), (p0, m0, v0) in zip(self.params, self.saved):
             state = self.optimizer.state[p]
             state["exp_avg"].copy_(m0)
             state["exp_avg_sq"].copy_(v0)
             state["step"].fill_(float(self.step))
         batch = {k: v.to(self.device) for k, v in
-                 collate([encode_text(self.tokenizer, text, self.config.max_length)], self.pad).items()}
+                 collate([self.task.encode_example(self.tokenizer, text, spans, self.config.max_length)],
+                         self.pad).items()}
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -146,7 +150,7 @@ class TailPatcher:
             self.p_before.update(zip(missing, self._probabilities([queries[q] for q in missing])))
             for example_id, query_ids in bar(todo.items(), desc="tail-patch", unit="example"):
                 try:
-                    self._step_on(texts[example_id])
+                    self._step_on(texts[example_id], self.spans.get(example_id))
                     after = self._probabilities([queries[q] for q in query_ids])
                 finally:
                     self._restore()

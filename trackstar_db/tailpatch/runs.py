@@ -34,10 +34,24 @@ def load_patcher(db, k: int = defaults.K_TAIL_PATCH, device: str = "cpu") -> Tai
         raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
     state = _optimizer_state.load(info["optimizer_state"])
     model, tokenizer = db.load_model(device)
+    from trackstar_db.featurizer.task import task_of
     from trackstar_db.featurizer.tokenize import cap_tokenizer
 
     cap_tokenizer(tokenizer, model.config)  # long prompts and texts are cut to the model's context
-    return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k))
+    task = task_of(db.manifest)  # the step takes the database's loss (a completion's, a chat's)
+    return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k), task=task,
+                       spans=_StoredSpans(db) if task.masked else None)
+
+
+class _StoredSpans:
+    """example_id -> its loss spans, read from the examples table when a step needs them."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def get(self, example_id: str, default=None):
+        rows = self.db.table("examples", columns=["loss_spans"], filter=pc.field("example_id") == example_id)
+        return rows.column("loss_spans")[0].as_py() if rows.num_rows else default
 
 
 def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,

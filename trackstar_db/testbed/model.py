@@ -19,8 +19,8 @@ from trackstar_db.featurizer.tokenize import (
     collate,
     encode_query,
     pad_id,
-    per_example_loss,
 )
+from trackstar_db.featurizer.task import per_example_loss
 
 
 @torch.no_grad()

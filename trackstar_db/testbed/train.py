@@ -29,8 +29,8 @@ from trackstar_db.featurizer.tokenize import (
     encode_query,
     encode_text,
     pad_id,
-    per_example_loss,
 )
+from trackstar_db.featurizer.task import per_example_loss
 
 from .vocab import build_tokenizer
 

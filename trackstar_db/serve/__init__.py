@@ -1,0 +1,42 @@
+"""A warm attribution server and a live explorer over one database (`trackstar-db serve`).
+
+    from trackstar_db.serve import app
+    asgi = app("demo-db")                     # or app(trackstar_db.connect("demo-db"))
+    my_app.mount("/attribution", asgi)        # inside a user's own Starlette / FastAPI app
+
+The app opens the database once and keeps the model, featurizer and R warm between requests.
+Its parts: snapshot.py (the consistent version each request reads), service.py (the work, one
+model worker thread), payload.py (answers as JSON), routes.py (HTTP, errors, token), static/
+(the explorer page: plain HTML, CSS and JavaScript shipped in the wheel, nothing from the
+network). Needs the `serve` extra: pip install 'trackstar-db[serve]'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trackstar_db.errors import TrackstarError
+
+
+def app(db, *, token: str | None = None, device: str = "cpu", follow: bool = True,
+        allowed_hosts: list[str] | None = None, max_queued: int = 64):
+    """The ASGI application serving `db` (a path or an open Database).
+
+    token: every request must carry it (header 'Authorization: Bearer ...', or ?token= once, which
+    sets a cookie); follow: move to a newer database version when a writer has committed one (False:
+    serve the version found at start); allowed_hosts: refuse other Host headers (the CLI passes
+    the loopback names when bound to localhost); max_queued: model requests waiting at most."""
+    try:
+        import fastapi  # noqa: F401
+    except ImportError:
+        raise TrackstarError("trackstar-db serve needs FastAPI and uvicorn: pip install 'trackstar-db[serve]'") from None
+    from .routes import build
+    from .service import Service
+
+    path = Path(getattr(db, "path", db))
+    if not (path / "manifest.json").is_file():
+        raise TrackstarError(f"{path}: not a trackstar-db database (no manifest.json)")
+    return build(Service(path, device=device, follow=follow, max_queued=max_queued), token, allowed_hosts)
+
+
+__all__ = ["app"]
