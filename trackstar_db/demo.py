@@ -30,8 +30,9 @@ SIMFLUENCE = {"runs": 8, "steps": 40, "probes": 32}  # 6 runs fit, 2 held out (e
 
 
 def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_queries: int | None = None,
-             dim: int = defaults.DIM, full: bool = False) -> pa.Table:
-    """The whole flow on the generated fact world: returns the method-by-metric table."""
+             dim: int = defaults.DIM, full: bool = False, simfluence: bool | None = None) -> pa.Table:
+    """The whole flow on the generated fact world: returns the method-by-metric table.
+    simfluence: record and evaluate Simfluence runs (default: with `full`)."""
     import shutil
 
     from trackstar_db.api import Database
@@ -85,7 +86,7 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     step(f"tail-patching the top-10 proponents of {tail_patch_queries or 'all'} queries per method")
     db.tail_patch(methods, max_queries=tail_patch_queries)
     trajectory = None
-    if full:
+    if full if simfluence is None else simfluence:
         from trackstar_db.evaluation.sql import format_table
         from trackstar_db.simfluence.evaluate import record_and_evaluate
 
