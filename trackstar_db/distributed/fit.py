@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from trackstar_db import defaults
+
 from . import cluster_cpus, ray_session
 from .ranges import Range, fragment_ranges, range_batches
 from .scan import unwrap
@@ -40,7 +42,7 @@ def _ranges(table, workers, storage_options):
     return ray, fragment_ranges(table.dataset(), workers or cluster_cpus(ray), storage_options)
 
 
-def gram(table, spans, *, workers: int | None = None, batch_rows: int = 8192, storage_options: dict | None = None):
+def gram(table, spans, *, workers: int | None = None, batch_rows: int = defaults.STREAM_BATCH_ROWS, storage_options: dict | None = None):
     """GramAccumulator of every row of `table` (a GradientTable), summed by Ray tasks."""
     from trackstar_db.featurizer.preconditioner import GramAccumulator
 
@@ -55,7 +57,7 @@ def gram(table, spans, *, workers: int | None = None, batch_rows: int = 8192, st
     return total
 
 
-def row_norms(table, pre, powers, *, workers: int | None = None, batch_rows: int = 8192,
+def row_norms(table, pre, powers, *, workers: int | None = None, batch_rows: int = defaults.STREAM_BATCH_ROWS,
               storage_options: dict | None = None) -> dict:
     """{power: [n_rows] |g R^power|} in the table's scan order, computed by Ray tasks."""
     ray, ranges = _ranges(table, workers, storage_options)

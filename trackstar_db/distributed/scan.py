@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.retrieval.topk import TopKResult
 
@@ -77,7 +78,7 @@ def unwrap(ray, method: str, futures):
         raise TrackstarError(f"{method}: {cause}") from None
 
 
-def score_table(db, spec, g_q, k: int, *, batch_rows: int = 65536, workers: int | None = None,
+def score_table(db, spec, g_q, k: int, *, batch_rows: int = defaults.SCAN_BATCH_ROWS, workers: int | None = None,
                 scoring=None, storage_options: dict | None = None) -> TopKResult:
     """retrieval.scoring.score_table with the scan spread over Ray tasks (CPU workers)."""
     from trackstar_db.retrieval.scoring import prepare

@@ -7,12 +7,10 @@ cut at the model's context by the tokenizer models/load.open_model caps), run th
 layer are averaged over the real tokens (attention mask 1, the position-0 bos token excluded:
 its state is the same for every text), then L2-normalised, so a dot product is the cosine.
 
-Layer: `LAYER` = "input" (hidden_states[0]: token plus position embeddings, before any block), by
-measurement on the demo world (seed 0, 499 prompt0 queries with ground truth, top 100): MRR 0.246
-and recall@10 0.433 for "input", against 0.010 / 0.014 for "middle" (hidden_states[1], after the
-first of two blocks) and 0.007 / 0.004 for "final" (hidden_states[2], after ln_f). The states
-after the blocks are, mean-pooled, nearly the same direction for every text, so their cosine
-ranks examples almost at random (docs/simfluence.md, lm-embedding).
+Layer: `LAYER` = "input" (hidden_states[0]: token plus position embeddings, before any block),
+chosen by benchmarks/lm_embedding_layers.py on the demo world over "middle" and "final" (figures:
+benchmarks/RESULTS.md). The states after the blocks are, mean-pooled, nearly the same direction
+for every text, so their cosine ranks examples almost at random.
 """
 
 from __future__ import annotations

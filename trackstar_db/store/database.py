@@ -6,7 +6,9 @@
       bm25/             Tantivy index over examples.text (bm25.py)
       preconditioners/  R factors as safetensors
 
-`connect(path)` opens an existing database; `Database.create(path)` makes one.
+`Store` is the storage half of the one handle users get, trackstar_db.Database (api.py:
+`trackstar_db.connect(path)` opens an existing database, `Database.create(path)` makes one),
+which adds the verbs; the stages below the API take either.
 
 Writing: one writer at a time (`with db.writer("ingest corpus"):`, store/lock.py, DB/.writer.lock);
 multi-table writes under a write-ahead journal (store/journal.py, DB/journal.json) that the next
@@ -31,8 +33,8 @@ from .gradient_table import GradientTable, is_gradient_table
 from .swap import SwapWriter
 
 
-class Database(SwapWriter):
-    """An open trackstar-db directory. Tables come back as Arrow."""
+class Store(SwapWriter):
+    """An open trackstar-db directory's storage: tables (as Arrow), manifest, writer lock."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -52,7 +54,7 @@ class Database(SwapWriter):
 
     def _local_tables(self) -> Path | None:
         """DB/tables when the tables are on this machine: read with Lance alone, so a read-only
-        command (query, info, sql) never imports LanceDB (2.4 s of a cold start here)."""
+        command (query, info, sql) never imports LanceDB (seconds of a cold start)."""
         uri = self.tables_uri
         return None if "://" in uri else Path(uri)
 
@@ -91,11 +93,19 @@ class Database(SwapWriter):
             self.manifest = manifest
         return manifest
 
-    # -- creation -----------------------------------------------------------------------
+    # -- opening and creation -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        """Open an existing database directory (trackstar_db.connect opens the full handle so)."""
+        path = Path(path)
+        if not path.exists():
+            raise TrackstarError(f"{path}: no such database directory")
+        return cls(path)
+
     @classmethod
     def create(cls, path: str | Path, model_dir: str | Path | None = None,
                optimizer_state: str | Path | None = None, exist_ok: bool = False,
-               tables_uri: str | None = None) -> "Database":
+               tables_uri: str | None = None) -> "Store":
         path = Path(path)
         if (path / _manifest.FILENAME).exists():
             if not exist_ok:
@@ -260,9 +270,7 @@ class Database(SwapWriter):
         return f"trackstar_db.Database({str(self.path)!r})"
 
 
-def connect(path: str | Path) -> Database:
-    """Open an existing trackstar-db database directory."""
-    path = Path(path)
-    if not path.exists():
-        raise TrackstarError(f"{path}: no such database directory")
-    return Database(path)
+# The names older code imports: the storage handle alone (Ray actors open it so); users get
+# trackstar_db.connect / trackstar_db.Database (api.py), this plus the verbs.
+Database = Store
+connect = Store.open

@@ -14,6 +14,7 @@ import zlib
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import optimizer_state as _optimizer_state
 
@@ -40,7 +41,7 @@ def patch_model(db, device: str = "cpu"):
     return model, tokenizer, state
 
 
-def load_patcher(db, k: int = 10, device: str = "cpu") -> TailPatcher:
+def load_patcher(db, k: int = defaults.K_TAIL_PATCH, device: str = "cpu") -> TailPatcher:
     """A TailPatcher over the database's recorded checkpoint and its saved optimizer state (the one
     set-up of stored tail-patch runs and of `query --verify`)."""
     from trackstar_db.featurizer.task import task_of
@@ -62,7 +63,7 @@ class _StoredSpans:
         return rows.column("loss_spans")[0].as_py() if rows.num_rows else default
 
 
-def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None = None,
+def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
     known = db.ids("runs", "run_id")
     for run_id in run_ids:
