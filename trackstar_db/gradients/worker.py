@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from trackstar_db import defaults
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
@@ -57,7 +58,7 @@ class GradientJob:
     device: str = "auto"
     dtype: str = "float32"
     shard: tuple[int, int] = (0, 1)
-    commit_rows: int = 2048
+    commit_rows: int = defaults.COMMIT_ROWS
     uncorrected: bool = True  # also write the uncorrected table the first ladder rungs need
     estimate_sample: int = ESTIMATE_SAMPLE  # training examples used when correction == "estimated"
     limit: int | None = None  # stop after this many new rows (tests, quick looks)

@@ -38,6 +38,7 @@ from dataclasses import replace
 
 import torch
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.models.source import ModelSource
 from trackstar_db.store.checkpoints import attached, stored
@@ -131,7 +132,7 @@ def _query_vectors(table: GradientTable, query_ids: Sequence[str]) -> torch.Tens
 
 
 def stored_scores(db, points: Sequence[ModelSource], example_ids: Sequence[str], query_ids: Sequence[str],
-                  method: str = "tracin-cp", batch_rows: int = 8192) -> torch.Tensor:
+                  method: str = "tracin-cp", batch_rows: int = defaults.STREAM_BATCH_ROWS) -> torch.Tensor:
     """[n_queries, n_examples] TracIn-CP scores from the checkpoints' stored gradient tables
     (examples in the order of `example_ids`)."""
     import pyarrow as pa

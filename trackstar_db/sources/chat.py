@@ -42,10 +42,12 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
     if not db.manifest.get("model"):
         raise TrackstarError(f"{db.path}: chat records are rendered with the model's chat template; record the "
                              f"model first ('trackstar-db init {db.path} --model DIR')")
-    from transformers import AutoTokenizer
+    from trackstar_db.models.load import open_tokenizer
+    from trackstar_db.store.checkpoints import source as model_source
 
-    source = db.model_info()["tokenizer"]
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    point = model_source(db)
+    tokenizer = open_tokenizer(point)
+    source = point.tokenizer_path()
     if template_file is not None:
         try:
             tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
