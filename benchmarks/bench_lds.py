@@ -1,7 +1,7 @@
 """LDS of every method on a generated fact world (issue 24): how well each method's scores predict
 the target loss of models retrained on random halves of the corpus.
 
-Builds the world with the demo's own pipeline (testbed/demo.run_demo with full=True: model with
+Builds the world with the demo's own pipeline (trackstar_db/demo.run_demo with full=True: model with
 intermediate checkpoints for TracIn-CP, gradients, R, every method), re-retrieves each method with
 k = every example (so a subset's summed score misses no example), tail-patches a sample of queries,
 then runs `validate` (M retrained models, each on a seeded random half) and prints the LDS table
@@ -45,13 +45,13 @@ def main() -> None:
     from trackstar_db.evaluation.sql import format_table
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
     from trackstar_db.tailpatch.runs import tail_patch_runs
-    from trackstar_db.testbed.demo import run_demo
+    from trackstar_db.demo import run_demo
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-lds-")) / "world"
     load = os.getloadavg()
     times = {}
     started = time.perf_counter()
-    run_demo(workdir, size=args.size, dim=args.dim, full=True, tail_patch_queries=1)
+    run_demo(workdir, size=args.size, dim=args.dim, full=True, simfluence=False, tail_patch_queries=1)
     times["build (world, train, featurize, fit, retrieve k=100)"] = time.perf_counter() - started
     db = connect(workdir / "db")
     n = db.count("examples")

@@ -41,7 +41,7 @@ def build(workdir: Path, size: str, dim: int) -> Path:
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
     from trackstar_db.sources.corpus import ingest_corpus
     from trackstar_db.sources.facts import ingest_facts
-    from trackstar_db.store.database import Database
+    from trackstar_db.api import Database
     from trackstar_db.testbed.model import train_testbed
     from trackstar_db.testbed.world import generate_world
 

@@ -19,6 +19,8 @@ seconds and its peak RSS (resource.getrusage). Printed in one run:
     python benchmarks/bench_scale.py --n 1000000 --workdir /big/disk   # the 1M case (16 GB of tables + 8 GB ANN)
 
 The database is kept in --workdir (delete it after; --reuse skips write and fit when it exists).
+`--rates benchmarks/rates.json` writes the rates `trackstar-db plan` divides by into that file
+(the entries this run measured, each with its command, machine, date and load).
 """
 
 from __future__ import annotations
@@ -186,6 +188,40 @@ def run_step(args, step: str, **extra) -> dict:
     return result
 
 
+def machine() -> str:
+    """This machine in words: CPU model, cores, memory."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores, {memory:.0f} GB ({model})"
+
+
+def write_rates(path: Path, args, results: dict) -> None:
+    """Merge the rates this run measured into the rates file the cost plan reads."""
+    rates = json.loads(path.read_text()) if path.exists() else {}
+    stamp = {"command": " ".join([f"BENCH_THREADS={os.environ.get('BENCH_THREADS', '')}", "python", *sys.argv]),
+             "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    loads = [r["load"] for r in results.values() if isinstance(r, dict) and "load" in r]
+    stamp["load"] = f"{min(loads):.1f}-{max(loads):.1f}" if loads else stamp["load"]
+    if "read" in results and results["scans"]:
+        scan = dict(rates.get("scan", {}), **stamp, dim=args.dim, block=args.block, read_gbps=round(results["read"]["GB/s"], 3),
+                    scan_gbps={rung: round(r["GB/s"], 3) for rung, r in results["scans"].items()})
+        if "write" in results:
+            scan["write_gbps"] = round(results["write"]["GB/s"], 4)
+        if "fit" in results:
+            scan["fit_seconds_per_row"] = results["fit"]["seconds"] / args.n
+            scan.pop("note", None)
+        rates["scan"] = scan
+    default = json.dumps({"nprobes": 4, "refine_factor": 3})
+    if "index" in results and default in results.get("ann", {}):
+        rates["ann"] = dict(rates.get("ann", {}), **stamp, dim=args.dim,
+                            ann_build_rows_per_s=round(args.n / results["index"]["seconds"]),
+                            ann_query_s=round(results["ann"][default]["ms"] / 1000, 4))
+    path.write_text(json.dumps(rates, indent=2) + "\n")
+    print(f"rates written to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="training rows")
@@ -201,6 +237,8 @@ def main() -> None:
     parser.add_argument("--rungs", default=",".join(RUNGS), help="comma-separated rungs to scan (without a fit: "
                         "grad-dot,grad-cos,opt-cos, the rungs without R)")
     parser.add_argument("--retrieve-method", default="trackstar", help="the method of the retrieve step")
+    parser.add_argument("--rates", type=Path, default=None, help="merge the measured rates into this file "
+                        "(benchmarks/rates.json: what 'trackstar-db plan' reads)")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rung", help=argparse.SUPPRESS)
@@ -230,9 +268,10 @@ def main() -> None:
     print(f"{'read':10} {read['seconds']:9.3f} s   peak RSS {read['peak_rss_mb']:8.0f} MB   "
           f"{read['GB/s']:.2f} GB/s bare sequential read of {read['bytes'] / 1e9:.2f} GB   load {read['load']:.1f}",
           flush=True)
+    results["read"], results["scans"] = read, {}
     print(f"{'rung':10} {'1 query s':>9}   {'peak RSS MB':>11}   {'GB/s':>6}   {'vs read':>7}   {'load':>5}")
     for rung in filter(None, args.rungs.split(",")):
-        scan = run_step(args, "scan", rung=rung)
+        scan = results["scans"][rung] = run_step(args, "scan", rung=rung)
         print(f"{rung:10} {scan['seconds']:9.3f}   {scan['peak_rss_mb']:11.0f}   {scan['GB/s']:6.2f}   "
               f"{scan['GB/s'] / read['GB/s']:7.2f}   {scan['load']:5.1f}", flush=True)
     if "retrieve" not in skip:
@@ -241,17 +280,20 @@ def main() -> None:
               f"load {r['load']:.1f}",
               flush=True)
     if "index" not in skip:
-        index = run_step(args, "index")
+        index = results["index"] = run_step(args, "index")
         print(f"index {args.kind}: {index['seconds']:.1f} s ({index['write_s']:.1f} s materialise, "
               f"{index['index_s']:.1f} s LanceDB index, {index['partitions']} partitions), "
               f"peak RSS {index['peak_rss_mb']:.0f} MB, load {index['load']:.1f}", flush=True)
     if "ann" not in skip:
         ann = run_step(args, "ann")
         rss, load = ann.pop("peak_rss_mb"), ann.pop("load")
+        results["ann"] = ann
         for setting, row in ann.items():
             print(f"ann {setting:28} {row['ms first']:7.1f} ms/query first, {row['ms']:6.1f} repeated   "
                   f"recall@10 {row['recall@10']:.3f}   recall@100 {row['recall@100']:.3f}")
         print(f"ann step peak RSS {rss:.0f} MB (exact reference scan included), load {load:.1f}")
+    if args.rates:
+        write_rates(args.rates, args, results)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,10 @@ def main() -> None:
     step(f"task: {task_name} ({args.templates}), {len(given)} facts given ({len(task.query_ids)} queries), {len(held_out)} held out; "
          f"{n_relation} examples state a fact of it; each selector keeps {n_keep} of {n_examples}")
 
-    model, tokenizer = db.load_model()
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
+    model, tokenizer = open_model(source(db).with_dtype("float32"))
     results = {"full data (reference)": {"n_examples": n_examples, **{k: score(model, tokenizer, v)
                                                                        for k, v in evaluation.items()}}}
     config = TrainConfig(seed=args.seed, max_steps=args.steps, epochs=10**6, warmup=min(50, args.steps // 10))

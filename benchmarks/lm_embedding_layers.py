@@ -12,7 +12,9 @@ from trackstar_db.retrieval.runs import _queries, _query_texts
 db = connect(sys.argv[1])
 rows = _queries(db, "prompt0")
 qids, texts = rows.column("query_id").to_pylist(), _query_texts(rows, "prompt+target")
-model, _ = db.load_model()
+from trackstar_db.models.load import open_model
+from trackstar_db.store.checkpoints import source
+model, _ = open_model(source(db))
 n = model.config.num_hidden_layers
 for layer in ["input", "middle", "final"] + list(range(0, n + 1)):
     t = time.time()

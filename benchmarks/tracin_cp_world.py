@@ -24,7 +24,7 @@ from trackstar_db.retrieval.runs import RetrieveOptions, retrieve  # noqa: E402
 from trackstar_db.sources.corpus import ingest_corpus  # noqa: E402
 from trackstar_db.sources.facts import ingest_facts  # noqa: E402
 from trackstar_db.store.checkpoints import kept  # noqa: E402
-from trackstar_db.store.database import Database  # noqa: E402
+from trackstar_db.api import Database  # noqa: E402
 from trackstar_db.tailpatch.runs import tail_patch_runs  # noqa: E402
 from trackstar_db.testbed.model import train_testbed  # noqa: E402
 from trackstar_db.testbed.world import generate_world  # noqa: E402

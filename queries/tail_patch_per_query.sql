@@ -1,6 +1,6 @@
 -- tail_patch_per_query: one row per (run, query) with tail-patch measurements.
 --
--- Tail-patch (METHOD.md 3): one optimizer step on a single proponent, then the change of
+-- Tail-patch (docs/method.md section 3): one optimizer step on a single proponent, then the change of
 -- P(target | prompt); each row of `tail_patch` is one (query, proponent) measurement.
 --
 --   delta_pp           (p_after - p_before) * 100, in percentage points

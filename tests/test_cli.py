@@ -87,14 +87,28 @@ def test_one_prompt_query_equals_the_stored_run_for_that_query(built, method):
     assert [r["example_id"] for r in cli] == api.column("example_id").to_pylist()
 
 
+def _listed(text: str) -> list[tuple[int, str]]:
+    """(rank, example id) of each hit line of `query`'s text output."""
+    return [(int(line.split()[0]), line.split()[2]) for line in text.splitlines() if line[:4].strip().isdigit()]
+
+
 def test_query_default_method_and_bm25_text(built):
+    """The default method is the best rung the database serves (trackstar here, R fitted) and answers
+    exactly as `--method trackstar`; bm25's text output lists the library's hits, in rank order,
+    each sharing a word with the prompt or target."""
     db = trackstar_db.connect(built / "db")
     fact = db.sql("SELECT q.prompt, q.target FROM queries q WHERE q.template = 'prompt0' ORDER BY query_id LIMIT 1")
     prompt, target = fact.column("prompt")[0].as_py(), fact.column("target")[0].as_py()
-    assert "(method: trackstar)" in run("query", built / "db", "--prompt", prompt, "--target", target).output
-    text = run("query", built / "db", "--prompt", prompt, "--target", target, "--method", "bm25").output
-    assert "proponents of" in text
-    assert db.table("examples").num_rows == db.sql("SELECT count(*) AS n FROM examples").column("n")[0].as_py()
+    default = run("query", built / "db", "--prompt", prompt, "--target", target, "--k", 4).output
+    named = run("query", built / "db", "--prompt", prompt, "--target", target, "--k", 4, "--method", "trackstar").output
+    assert "(method: trackstar)" in default and default == named and len(_listed(default)) == 8  # 4 + 4 opponents
+    text = run("query", built / "db", "--prompt", prompt, "--target", target, "--method", "bm25", "--k", 5).output
+    hits = db.query(prompt, target, k=5, method="bm25").to_pylist()
+    assert text.splitlines()[0] == f"proponents of {target!r} after {prompt!r} (method: bm25):"
+    assert _listed(text) == [(h["rank"], h["example_id"]) for h in hits] and len(hits) == 5
+    assert "opponents" not in text  # BM25 ranks matches only
+    words = {w.lower().strip(".,") for w in (prompt + " " + target).split()}
+    assert all(words & {w.lower().strip(".,") for w in h["text"].split()} for h in hits)
 
 
 def test_sql_command_formats_and_refusals(built, tmp_path):
@@ -141,9 +155,26 @@ def test_info_and_bm25_query_text_option(built):
 
 
 def test_report_writes_a_page(built, tmp_path):
-    out = run("report", built / "db", "--out", tmp_path / "report").output
+    """The report's summary table prints eval's figures; every link it holds opens a written page."""
+    import re
+
+    out = run("report", built / "db", "--out", tmp_path / "report", "--samples", 3).output
     page = (tmp_path / "report" / "index.html").read_text()
-    assert "index.html" in out and "<svg" in page and "trackstar" in page
+    assert str(tmp_path / "report" / "index.html") in out
+    summary = page[page.index('<h2 id="summary">'):]
+    summary = summary[:summary.index("</table>")]
+    cells = {re.sub("<[^>]+>", "", row.split("</td>")[0]): re.findall(r'<td class="num[^"]*">([^<]*)</td>', row)
+             for row in summary.split("<tr>")[2:]}
+    evaluated = [json.loads(line) for line in run("eval", built / "db", "--format", "json").stdout.splitlines()]
+    for row in evaluated:
+        label = next(l for l in (f"{row['method']} ({row['run_id']})", row["method"]) if l in cells)
+        assert cells[label][1:3] == [f"{row['mrr']:.3f}", f"{row['recall_at_10']:.3f}"], (label, cells[label])
+    assert len(cells) == len(evaluated)
+    assert page.count("<svg") >= 2  # the summary plot and the frequency-bucket plot
+    for html_page in [tmp_path / "report" / "index.html", *sorted((tmp_path / "report" / "queries").glob("*.html"))]:
+        for href in re.findall(r'href="([^"#:]+)"', html_page.read_text()):
+            assert (html_page.parent / href).exists(), (html_page, href)
+    assert len(list((tmp_path / "report" / "queries").glob("*.html"))) == 3 + 1  # the sampled pages and their index
 
 
 @pytest.mark.parametrize("args, message", [

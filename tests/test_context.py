@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from tiny_checkpoints import save_checkpoint, sentences
 from trackstar_db.cli import main
-from trackstar_db.featurizer.tokenize import IGNORE, cap_tokenizer, encode_query, encode_text
+from trackstar_db.featurizer.tokenize import IGNORE, encode_query, encode_text
+from trackstar_db.models.context import cap_tokenizer
 
 CONTEXT = 32
 

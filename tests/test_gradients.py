@@ -14,7 +14,9 @@ from trackstar_db import connect
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
-from trackstar_db.gradients.loader import load_featurizer
+from trackstar_db.gradients.loader import database_featurizer
+from trackstar_db.models.load import open_model
+from trackstar_db.store.checkpoints import source as model_source
 from trackstar_db.gradients.worker import GradientJob, ingest_gradients
 
 CONFIG = FeaturizerConfig(dim=1024, correction="adam-factored")
@@ -28,7 +30,7 @@ def test_stored_vectors_equal_the_featurizer_and_cover_every_example(tiny_db):
     ids, stored, table = vectors_by_id(tiny_db, "grads_train_corrected")
     assert len(set(ids)) == n and torch.isfinite(stored).all()
     assert np.allclose(table.column("norm").to_numpy(), stored.norm(dim=1).numpy(), rtol=1e-5)
-    featurizer, tokenizer = load_featurizer(tiny_db, CONFIG, uncorrected=True)
+    featurizer, tokenizer = database_featurizer(tiny_db, CONFIG, uncorrected=True)
     texts = dict(zip(*[tiny_db.table("examples").column(c).to_pylist() for c in ("example_id", "text")]))
     out = featurizer.featurize(collate([encode_text(tokenizer, texts[i]) for i in ids[:5]], pad_id(tokenizer)))
     assert close(out.vectors["corrected"], stored[:5])
@@ -151,7 +153,7 @@ def test_corpus_ingest_counts_tokens_once_a_model_is_recorded(tiny_db, tmp_path)
     path.write_text(json.dumps({"sentence_id": "new-1", "text": "a b c"}) + "\n")
     ingest_corpus(tiny_db, [path], progress=False)
     row = tiny_db.table("examples", filter="example_id = 'new-1'").to_pylist()[0]
-    _, tokenizer = tiny_db.load_model()
+    _, tokenizer = open_model(model_source(tiny_db))
     assert row["n_tokens"] == len(tokenizer("a b c", add_special_tokens=False)["input_ids"]) == 3
 
 

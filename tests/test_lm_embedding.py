@@ -20,7 +20,10 @@ def test_retrieval_matches_direct_hidden_state_cosine(tiny_db, layer):
     from trackstar_db.retrieval import lm_embedding
     from trackstar_db.retrieval.embedding import query_text
 
-    model, tokenizer = tiny_db.load_model()
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
+    model, tokenizer = open_model(source(tiny_db))
     index = lm_embedding.layer_index(model.config.num_hidden_layers, layer)
     assert index == {"input": 0, "final": model.config.num_hidden_layers}[layer]
     assert lm_embedding.layer_index(4, "middle") == 2 and lm_embedding.LAYER == "input"
@@ -54,10 +57,14 @@ def test_lm_embedding_is_a_stored_method(tiny_db):
                                        "--device", "cpu"])
     assert result.exit_code == 0, result.output
     rows = tiny_db.sql("SELECT query_id, rank, score FROM retrievals WHERE method = 'lm-embedding' ORDER BY query_id, rank")
-    assert rows.num_rows == 3 * tiny_db.count("queries") // 3  # prompt0 queries x k
+    prompt0 = tiny_db.sql("SELECT count(*) AS n FROM queries WHERE template = 'prompt0'").column("n")[0].as_py()
+    assert prompt0 > 0 and rows.num_rows == 3 * prompt0  # prompt0 queries x k, no other template
+    assert set(rows.column("rank").to_pylist()) == {1, 2, 3}
     scores = np.array(rows.column("score").to_pylist()).reshape(-1, 3)
     assert (np.diff(scores, axis=1) <= 1e-6).all() and (np.abs(scores) <= 1 + 1e-5).all()
-    with pytest.raises(Exception, match="lm-embedding layer"):
-        from trackstar_db.retrieval.lm_embedding import layer_index
+    from trackstar_db.errors import TrackstarError
+    from trackstar_db.retrieval.lm_embedding import layer_index
 
+    with pytest.raises(TrackstarError, match="lm-embedding layer must be 'input', 'middle', 'final' or 0..2, not 'top'"):
         layer_index(2, "top")
+    assert [layer_index(2, name) for name in ("input", "middle", "final", 1)] == [0, 1, 2, 1]

@@ -72,7 +72,10 @@ def test_only_the_adapter_matrices_are_tracked(lora_db):
 
 
 def test_vectors_match_brute_force_adapter_gradients(lora_db):
-    model, tokenizer = lora_db.load_model()
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
+    model, tokenizer = open_model(source(lora_db))
     params = dict(model.named_parameters())
     layout = Layout.from_dict(lora_db.manifest["featurizer"]["layout"])
     table = lora_db.table("grads_train_uncorrected").sort_by("id").slice(0, 4)
@@ -123,7 +126,7 @@ def test_missing_base_is_one_line(tmp_path, lora_db):
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "some-org/some-hub-model"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    from trackstar_db.store.adapters import load_adapter_model
+    from trackstar_db.models.load import load_adapter_model
 
     with pytest.raises(TrackstarError, match="not a local directory") as info:
         load_adapter_model(adapter)

@@ -19,11 +19,8 @@ from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.tokenize import Encoded
 from trackstar_db.gradients.memory import CPU_BATCH_TOKENS, plan_batch_tokens
 from trackstar_db.gradients.pipeline import Writer, ahead, token_batches
-from trackstar_db.gradients.worker import (
-    GradientJob,
-    checkpoint_dtype,
-    ingest_gradients,
-)
+from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+from trackstar_db.models.source import checkpoint_dtype
 
 CONFIG = FeaturizerConfig(dim=1024, correction="adam-factored")
 BF16_TOLERANCE = 3e-2  # row-relative, bfloat16 model vs float32 model (measured <= 1e-2 on tiny models)

@@ -29,6 +29,7 @@ from trackstar_db.store.vectors import to_torch
 
 CONFIG = FeaturizerConfig(dim=1024, correction="adam-factored")
 K = 8
+DAMPING = 0.1  # what the fixture fits with; the brute force damps with the value a test names, never the saved one
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def fitted(tmp_path_factory, tiny_db_template):
     db = copy_db(tiny_db_template, root)
     ingest_gradients(db, CONFIG, GradientJob("train", batch_size=32), progress=False)
     ingest_gradients(db, CONFIG, GradientJob("queries", batch_size=32), progress=False)
-    fit(db)
+    fit(db, damping=DAMPING)
     return root
 
 
@@ -54,8 +55,9 @@ def stored(db, name):
     return dict(zip(table.column("id").to_pylist(), x))
 
 
-def r_power(db, spec, power):
-    """R^power of the saved R, dense, from numpy eigh of the damped matrix."""
+def r_power(db, spec, power, damping):
+    """R^power of the saved R, dense, from numpy eigh of the matrix damped by `damping` (chosen by
+    the test, so a fit that ignored its damping argument disagrees)."""
     from trackstar_db.featurizer.preconditioner import Preconditioner
 
     variant = "corrected" if spec.table == "corrected" else "uncorrected"
@@ -64,12 +66,12 @@ def r_power(db, spec, power):
     r = np.zeros((pre.dim, pre.dim))
     for (offset, size), block in zip(pre.spans, pre.matrices()):
         r[offset: offset + size, offset: offset + size] = block.numpy()
-    damped = r + pre.params["damping"] * np.trace(r) / pre.dim * np.eye(pre.dim)
+    damped = r + damping * np.trace(r) / pre.dim * np.eye(pre.dim)
     w, v = np.linalg.eigh(damped)
     return (v * w ** power) @ v.T
 
 
-def brute_force(db, spec, query_ids):
+def brute_force(db, spec, query_ids, damping=DAMPING):
     """Scores [nq, n_train] (float64) and the train ids, computed the slow, explicit way."""
     variant = "corrected" if spec.table == "corrected" else "uncorrected"
     train = stored(db, f"grads_train_{variant}")
@@ -80,14 +82,14 @@ def brute_force(db, spec, query_ids):
 
     def side(x, power):
         if power != 0:
-            x = x @ r_power(db, spec, power)
+            x = x @ r_power(db, spec, power, damping)
         return x / np.linalg.norm(x, axis=1, keepdims=True) if spec.unit_norm else x
 
     return side(q, spec.query_power) @ side(g, spec.train_power).T, ids
 
 
-def check_run(db, spec, rows, query_ids, k=K):
-    scores, ids = brute_force(db, spec, query_ids)
+def check_run(db, spec, rows, query_ids, k=K, damping=DAMPING):
+    scores, ids = brute_force(db, spec, query_ids, damping)
     column = {i: c for c, i in enumerate(ids)}
     by_query = {}
     for r in rows.to_pylist():
@@ -169,11 +171,16 @@ def test_rows_appended_after_fit_are_refused_then_refit_serves_them(db, tmp_path
         retrieve(db, "trackstar", RetrieveOptions(k=K), replace=True)
 
 
-def test_refit_with_other_damping_keeps_scores_exact(db):
-    fit(db, damping=0.5)
+@pytest.mark.parametrize("damping", [0.5, 0.2])
+def test_refit_with_other_damping_keeps_scores_exact(db, damping):
+    fit(db, damping=damping)
     spec = next(s for s in LADDER if s.name == "trackstar")
     _, rows = retrieve(db, "trackstar", RetrieveOptions(k=K))
-    check_run(db, spec, rows, sorted(set(rows.column("query_id").to_pylist())))
+    query_ids = sorted(set(rows.column("query_id").to_pylist()))
+    check_run(db, spec, rows, query_ids, damping=damping)
+    # the brute force can tell the dampings apart: the fixture's damping does not match this run
+    with pytest.raises(AssertionError):
+        check_run(db, spec, rows, query_ids, damping=DAMPING)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

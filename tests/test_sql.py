@@ -36,12 +36,29 @@ def test_views_over_table_dataset_and_lance(sql):
     assert kinds == [{"table_name": n, "table_type": "VIEW"} for n in ("items", "items_ds", "vectors")]
 
 
-@pytest.mark.parametrize("text", [
-    "WITH t AS (SELECT n FROM items) SELECT sum(n) FROM t", "FROM items", "VALUES (1)",
-    "DESCRIBE items", "SUMMARIZE items", "SELECT 1;", "EXPLAIN SELECT * FROM items",
-    "EXPLAIN ANALYZE SELECT count(*) FROM items"])
-def test_read_statements_run(sql, text):
-    assert sql.run(text).num_rows >= 1
+COLUMNS = ["id", "n", "x", "tags", "text"]
+
+
+@pytest.mark.parametrize("text, column, want", [
+    ("WITH t AS (SELECT n FROM items) SELECT sum(n) AS s FROM t", "s", [6]),
+    ("FROM items", "id", ["a", "b", "c"]),
+    ("VALUES (1), (2)", "col0", [1, 2]),
+    ("DESCRIBE items", "column_name", COLUMNS),
+    ("SUMMARIZE items", "column_name", COLUMNS),
+    ("SELECT 1 AS one;", "one", [1]),
+    ("EXPLAIN SELECT * FROM items", "explain_key", ["physical_plan"]),
+    ("EXPLAIN ANALYZE SELECT count(*) FROM items", "explain_key", ["analyzed_plan"]),
+])
+def test_read_statements_run(sql, text, column, want):
+    assert sql.run(text).column(column).to_pylist() == want
+
+
+def test_summarize_and_explain_read_the_data(sql):
+    summary = {r["column_name"]: r for r in sql.run("SUMMARIZE items").to_pylist()}
+    assert (summary["n"]["min"], summary["n"]["max"], summary["n"]["count"]) == ("1", "3", 3)
+    assert (summary["x"]["min"], summary["x"]["max"]) == ("-2.0", "1.25")
+    plan = sql.run("EXPLAIN ANALYZE SELECT count(*) FROM items").column("explain_value")[0].as_py()
+    assert "3 rows" in plan  # the scan read the three rows it was given
 
 
 def test_parameters(sql):

@@ -173,14 +173,14 @@ def brute_force(db, points, query_ids, n_texts, variant="uncorrected"):
     (the first n_texts examples)."""
     from trackstar_db.featurizer.config import FeaturizerConfig
     from trackstar_db.featurizer.tokenize import collate, encode_query, encode_text
-    from trackstar_db.retrieval.tracin_cp import _featurizer
+    from trackstar_db.retrieval.tracin_cp import checkpoint_featurizer
 
     config = FeaturizerConfig.from_dict(db.manifest["featurizer"]["config"])
     texts = db.table("examples", columns=["text"]).column("text").to_pylist()[:n_texts]
     rows = {r["query_id"]: r for r in db.table("queries").to_pylist()}
     total = 0
     for point in points:
-        featurizer, tokenizer = _featurizer(point, config, variant, "cpu")
+        featurizer, tokenizer = checkpoint_featurizer(point, config, variant, "cpu")
         cut = featurizer.config.max_length
         items = [encode_text(tokenizer, t, cut) for t in texts]
         items += [encode_query(tokenizer, rows[i]["prompt"], rows[i]["target"], cut) for i in query_ids]

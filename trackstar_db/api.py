@@ -1,13 +1,21 @@
-"""The handle users hold: the store's Database (store/database.py: tables, manifest, writes) plus
-the questions a user asks of it, answered by the stages above the store:
+"""The one handle users hold: `trackstar_db.connect(path)` (or `Database.create(path)`) returns a
+`Database`, the store's handle (store/database.py: tables, manifest, writes) with the verbs a
+user calls. Each verb is one call into the stage that does the work, and each command of the
+CLI is one verb plus formatting:
 
     db = trackstar_db.connect("demo-db")
-    db.query("The capital of France is", "Paris")      # retrieval/adhoc.py, one prompt
-    db.token_contributions(prompt, target, example_id)  # retrieval/tokens.py
-    db.sql("SELECT ...")                                 # evaluation/sql.py, read-only DuckDB
+    db.ingest_corpus(files); db.ingest_facts(files)      # sources/
+    db.ingest_gradients("train"); db.fit()               # gradients/
+    db.retrieve("trackstar")                             # retrieval/runs.py, stored queries
+    db.query("The capital of France is", "Paris")        # retrieval/adhoc.py, one prompt
+    db.tail_patch(["trackstar"])                         # tailpatch/
     db.evaluate(by="bucket")                             # evaluation/analysis.py, queries/*.sql
+    db.sql("SELECT ..."); db.check(); db.info(); db.rebuild_bm25()
 
-Everything returns Arrow tables. The store's own code never needs these, so it never imports them.
+Everything returns Arrow tables or plain dicts; progress bars follow trackstar_db/progress.py
+(none unless stderr is a terminal or `progress=True`). Library errors name parameters
+(errors.ParameterError); the CLI names its flags. The store's own code never needs these
+verbs, so it never imports them.
 """
 
 from __future__ import annotations
@@ -16,11 +24,29 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db import defaults
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.store import database as _store
 
+ENGINES = ("local", "ray")
 
-class Database(_store.Database):
+
+def _engine(engine: str, command: str) -> dict:
+    """Keyword arguments that run `command` ('fit' or 'retrieve') on `engine` (Ray: trackstar_db/distributed)."""
+    if engine not in ENGINES:
+        raise ParameterError("engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "local":
+        return {}
+    if command == "fit":
+        from trackstar_db.distributed import fit as ray_fit
+
+        return {"passes": ray_fit}
+    from trackstar_db.distributed.scan import score_table
+
+    return {"scorer": score_table}
+
+
+class Database(_store.Store):
     """An open trackstar-db directory, with its one-prompt attributor kept warm between queries."""
 
     _attributor = None  # retrieval.adhoc.PromptAttributor, made by the first query()
@@ -31,6 +57,126 @@ class Database(_store.Database):
         if self._attributor is None or self._attributor.device != device:
             self._attributor = PromptAttributor(self, device)
         return self._attributor
+
+    # -- building -----------------------------------------------------------------------
+    def ingest_corpus(self, files, text_field: str = "text", id_field: str | None = None, skip_bad: bool = False,
+                      batch_size: int = defaults.CORPUS_COMMIT_ROWS, *, prompt_field: str | None = None,
+                      completion_field: str | None = None, messages_field: str | None = None, chat_template=None,
+                      progress: bool | None = None):
+        """Add training examples (JSON lines, Parquet, Arrow, or directories of them) to `examples`
+        and the BM25 index (sources/corpus.py); prompt_field + completion_field: the loss on the
+        completion only; messages_field (+ chat_template): chat records, the loss on the assistant
+        turns. Returns its IngestReport (added, already_present, rejected)."""
+        from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
+
+        options = CorpusOptions(text_field, id_field, skip_bad, batch_size, prompt_field, completion_field,
+                                messages_field, chat_template)
+        return ingest_corpus(self, files, options, progress)
+
+    def ingest_facts(self, files, skip_bad: bool = False, progress: bool | None = None):
+        """Add facts and their queries, rebuild ground_truth (sources/facts.py); returns its FactReport."""
+        from trackstar_db.sources.facts import ingest_facts
+
+        return ingest_facts(self, files, skip_bad=skip_bad, progress=progress)
+
+    def ingest_gradients(self, split: str = "train", *, dim: int | None = None, seed: int | None = None,
+                         correction: str | None = None, combine: str | None = None, dtype: str | None = None,
+                         engine: str = "local", shard_model: bool = False, progress: bool | None = None,
+                         **job) -> dict:
+        """Featurize the training examples or the queries into gradient tables (resumable).
+        dim, seed, correction, combine: the featurizer settings of a first run (later runs must
+        match the manifest); dtype: the vectors' storage dtype (default: the stored one, else
+        float32); `job`: the rest of gradients.worker.GradientJob (batch_size, device, shard,
+        batch_tokens, model_dtype, pipeline, checkpoint, limit, ...); engine 'ray': Ray actors,
+        each resolving `device` itself; shard_model: the model's parameters sharded (FSDP2) over
+        the torchrun/Slurm processes (gradients/sharded.py). Returns the totals (rows, tokens, seconds, tables)."""
+        from dataclasses import replace
+
+        from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+        from trackstar_db.progress import wanted
+
+        if engine not in ENGINES:
+            raise ParameterError("engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
+        settings = {"dim": dim, "seed": seed, "correction": correction, "combine": combine}
+        stored = (self.manifest.get("featurizer") or {}).get("dtype")
+        job = GradientJob(split, dtype=dtype or stored or "float32", **job)
+        if shard_model:
+            if engine != "local" or job.shard != (0, 1):
+                raise ParameterError("shard_model", "takes its shards from the launcher's ranks; drop shard and the "
+                                                    "Ray engine")
+            from trackstar_db.gradients.sharded import ingest_sharded
+
+            return ingest_sharded(self, settings, job, progress=wanted(progress))
+        if engine == "local":
+            return ingest_gradients(self, settings, job, progress=wanted(progress))
+        if job.checkpoint:
+            raise ParameterError("checkpoint", "the Ray engine featurizes the final checkpoint only; "
+                                               "featurize an attached checkpoint with the local engine")
+        from trackstar_db.distributed.ingest import ingest_gradients as ray_ingest
+
+        return ray_ingest(self, settings, replace(job, device="cpu"), device=job.device, progress=wanted(progress))
+
+    def fit(self, mix: str = "task", kind: str = "block", damping: float = defaults.DAMPING,
+            crossing_k: int | None = None, template: str | None = defaults.TEMPLATE, engine: str = "local"):
+        """Fit R_train and the task-mixed R (+ whitened row norms) from the stored gradients
+        (gradients/fit.py); returns its FitReport (preconditioners, notes)."""
+        from trackstar_db.gradients.fit import fit
+
+        return fit(self, mix, kind, damping, crossing_k, template, **_engine(engine, "fit"))
+
+    # -- using --------------------------------------------------------------------------
+    def retrieve(self, method: str, k: int = defaults.K_RETRIEVE, run_id: str | None = None, replace: bool = False,
+                 template: str | None = defaults.TEMPLATE, device: str = "cpu", query_text: str = "prompt+target",
+                 ann=None, engine: str = "local") -> tuple[str, pa.Table]:
+        """A stored run of `method` over the queries of `template` (None: all): (run id, its rows)."""
+        from trackstar_db.devices import resolve_device
+        from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
+
+        options = RetrieveOptions(k=k, template=template, device=resolve_device(device), query_text=query_text, ann=ann)
+        return retrieve(self, method, options, run_id, replace, **_engine(engine, "retrieve"))
+
+    def tail_patch(self, run_ids, k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
+                   device: str = "cpu") -> pa.Table:
+        """Influence of each run's top-k proponents by one optimizer step (tailpatch/runs.py)."""
+        from trackstar_db.devices import resolve_device
+        from trackstar_db.tailpatch.runs import tail_patch_runs
+
+        return tail_patch_runs(self, list(run_ids), k, max_queries, resolve_device(device))
+
+    def check(self) -> pa.Table:
+        """Every problem of the database (table, problem, repair); empty when it is whole."""
+        from trackstar_db.evaluation.check import check
+
+        return check(self)
+
+    def rebuild_bm25(self) -> dict:
+        """Make the BM25 index hold exactly the stored examples, under the writer lock:
+        {'changed': documents added or removed, 'documents': the index's count}."""
+        from trackstar_db.store.bm25 import BM25Index, sync_bm25
+
+        with self.writer("rebuild-bm25"):
+            BM25Index(self.path)  # creates an empty index where the directory was deleted
+            changed = sync_bm25(self, full=True)
+        return {"changed": changed, "documents": BM25Index(self.path).count()}
+
+    def info(self) -> dict:
+        """What the database holds: path, format, model, featurizer settings, each table's rows, and
+        each checkpoint TracIn-CP sums over with its learning rate, path and gradient tables."""
+        from trackstar_db.store.checkpoints import DEFAULT, attached
+        from trackstar_db.store.gradient_table import parse_table_name
+
+        names = self.table_names()
+        model = self.manifest.get("model")
+        points = ({DEFAULT: model} if model else {}) | attached(self)
+        tables = {name: [] for name in points}
+        for name in names:
+            parsed = parse_table_name(name)
+            if parsed:
+                tables.setdefault(parsed[2] or DEFAULT, []).append(name)
+        return {"path": str(self.path), "format_version": self.manifest["format_version"], "model": model,
+                "featurizer": self.manifest.get("featurizer"), "tables": {name: self.count(name) for name in names},
+                "checkpoints": {name: {"lr": entry.get("optimizer_lr"), "path": entry["path"], "tables": tables[name]}
+                                for name, entry in points.items()}}
 
     def sql(self, text: str, vectors: bool = False) -> pa.Table:
         """Run one read-only SQL statement over the tables (DuckDB); the result as Arrow."""
@@ -46,12 +192,15 @@ class Database(_store.Database):
         with self.reading():
             return evaluation(self, by)
 
-    def query(self, prompt: str, target: str, k: int = 10, method: str | None = None, device: str = "cpu",
-              ann=None, verify: bool = False) -> pa.Table:
+    def query(self, prompt: str, target: str, k: int = defaults.K_QUERY, method: str | None = None,
+              device: str = "cpu", ann=None, verify: bool = False) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
         score, method, text, and evidence: retrieval/evidence.py). method None: the best rung this
-        database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label)."""
-        with self.reading():
+        database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label).
+        Quiet: no progress bar, transformers' included, unless stderr is a terminal (progress.py)."""
+        from trackstar_db.progress import quiet_transformers
+
+        with quiet_transformers(), self.reading():
             return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
@@ -107,10 +256,11 @@ class Database(_store.Database):
 
         return ledger(self, by, n_boot=n_boot, seed=seed)
 
+    def prompt_attributor(self, device: str = "cpu"):
+        """The one-prompt attributor (retrieval.adhoc.PromptAttributor) this handle keeps warm on `device`."""
+        return self._attributor_for(device)
+
 
 def connect(path: str | Path) -> Database:
     """Open an existing trackstar-db database directory."""
-    path = Path(path)
-    if not path.exists():
-        raise TrackstarError(f"{path}: no such database directory")
-    return Database(path)
+    return Database.open(path)

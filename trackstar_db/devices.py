@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -15,7 +15,7 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrackstarError(f"--device {device}: no CUDA GPU is available here")
+        raise ParameterError("device", f"{device}: no CUDA GPU is available here")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device

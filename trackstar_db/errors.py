@@ -22,3 +22,12 @@ class RecordError(TrackstarError):
     def __init__(self, path, line: int, message: str):
         self.path, self.line, self.reason = str(path), line, message
         super().__init__(f"{path}:{line}: {message}")
+
+
+class ParameterError(TrackstarError):
+    """A bad argument of a library call; the message names the parameter ("k must be >= 1, not 0"),
+    and the command line names its flag instead (cli/common.py: `flag`)."""
+
+    def __init__(self, parameter: str, problem: str):
+        self.parameter, self.problem = parameter, problem
+        super().__init__(f"{parameter} {problem}")

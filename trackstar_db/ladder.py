@@ -1,5 +1,7 @@
-"""The ablation ladder (METHOD.md section 2) as data: one MethodSpec per rung, and the one list
-of method names and their display order that the CLI, the demo, fit and the SQL summaries read.
+"""Every retrieval method as data: the ablation ladder (docs/method.md) as one MethodSpec per rung,
+and one registry entry per method (rungs, baselines, TracIn-CP) with its capabilities. `lookup`
+is the one place a method name is checked; the CLI, the demo, fit, retrieval and the SQL
+summaries read the registry and its display order.
 
 Every gradient method scores score(z, q) = t_train(g_z) . t_query(g_q), where g are rows of a
 gradient table and each transform is "apply R^power, then optionally L2-normalise":
@@ -62,12 +64,62 @@ LADDER = (
     MethodSpec("trackstar", "corrected", -0.5, -0.5, True, "mixed"),
 )
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in LADDER}
-BASELINES = ("bm25", "embedding", "lm-embedding")  # retrievers without gradients (lm-embedding: the model's hidden states)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One retrieval method and what it can do. `runner` names the function of
+    retrieval/runners.py that computes its top-k; `extra` the pip extra it needs, if any;
+    `refuses_prompt` says why it cannot answer a one-prompt query, where it cannot."""
+
+    name: str
+    runner: str  # 'gradient' | 'bm25' | 'embedding' | 'lm-embedding' | 'tracin-cp'
+    spec: MethodSpec | None = None  # the rung, for the gradient methods
+    serves_ann: bool = False  # an ANN index of its final vectors can answer it ('trackstar-db index')
+    needs_texts: bool = False  # scores the query's text, not its gradient
+    needs_model: bool = False  # loads the attributed checkpoint to answer
+    needs_checkpoints: bool = False  # sums over intermediate checkpoints' gradient tables
+    gpu_free: bool = True  # has a CPU path
+    extra: str | None = None  # pip install 'trackstar-db[EXTRA]'
+    refuses_prompt: str | None = None
+
+    @property
+    def serves_prompt(self) -> bool:
+        return self.refuses_prompt is None
+
+    @property
+    def in_all(self) -> bool:
+        """Part of `--method all`: everything but the methods that need intermediate checkpoints."""
+        return not self.needs_checkpoints
+
+
+_ONE_PROMPT_TRACIN = ("{name} sums gradients of the database's stored queries over the checkpoints (their "
+                      "tables from 'ingest gradients --checkpoint', or the queries table featurized in memory); a "
+                      "one-prompt query is featurized at the final checkpoint only. Ingest the prompt as a fact and "
+                      "retrieve with {name}, or query a ladder method")
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("bm25", "bm25", needs_texts=True),
+    Method("embedding", "embedding", needs_texts=True, extra="embedding"),
+    Method("lm-embedding", "lm-embedding", needs_texts=True, needs_model=True),
+    *(Method(spec.name, "gradient", spec, serves_ann=True, needs_model=True) for spec in LADDER),
+    *(Method(name, "tracin-cp", needs_model=True, needs_checkpoints=True,
+             refuses_prompt=_ONE_PROMPT_TRACIN.format(name=name))
+      for name in ("tracin-cp", "tracin-cp-cos", "tracin-cp-opt")),
+)}
+# Every method in display order: the one list the CLI, the demo and the SQL summaries read.
+ALL_METHODS = tuple(REGISTRY)
+BASELINES = tuple(m.name for m in REGISTRY.values() if m.needs_texts)  # retrievers without gradients
 # TracIn-CP over the checkpoints training kept (retrieval/tracin_cp.py); not in 'all': it needs every checkpoint's
 # gradient tables (ingest gradients --checkpoint NAME) or featurizes them in memory.
-CHECKPOINT_METHODS = ("tracin-cp", "tracin-cp-cos", "tracin-cp-opt")
-# Every method in display order: the one list the CLI, the demo and the SQL summaries read.
-ALL_METHODS = BASELINES + tuple(METHODS) + CHECKPOINT_METHODS
+CHECKPOINT_METHODS = tuple(m.name for m in REGISTRY.values() if m.needs_checkpoints)
+
+
+def lookup(name: str) -> Method:
+    """The registry entry of `name`; the one "unknown method" error."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise TrackstarError(f"unknown method {name!r}; methods: {', '.join(ALL_METHODS)}") from None
 
 
 def method_order() -> list[tuple[str, int]]:
@@ -76,7 +128,8 @@ def method_order() -> list[tuple[str, int]]:
 
 
 def get_method(name: str) -> MethodSpec:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise TrackstarError(f"unknown gradient method {name!r}; methods: {', '.join(METHODS)}") from None
+    """The rung `name` (a gradient method of the ladder)."""
+    spec = lookup(name).spec
+    if spec is None:
+        raise TrackstarError(f"{name} is not a gradient method of the ladder ({', '.join(METHODS)})")
+    return spec

@@ -1,7 +1,8 @@
-"""Locate the data files the package reads at run time: schema/*.json and queries/*.sql.
+"""Locate the data files the package reads at run time: schema/*.json, queries/*.sql and
+benchmarks/rates.json (the cost plan's measured rates).
 
 In a wheel they live under trackstar_db/_data/ (force-included by pyproject.toml); in a source
-checkout or editable install they are the top-level schema/ and queries/ folders. Both are
+checkout or editable install they are the top-level schema/, queries/ and benchmarks/ folders. Both are
 read through the same two functions, so code never cares which one it runs from.
 """
 
@@ -13,7 +14,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def data_dir(kind: str) -> Path:
-    """Folder of `kind` ('schema' or 'queries'), from an install or a checkout."""
+    """Folder of `kind` ('schema', 'queries' or 'benchmarks'), from an install or a checkout."""
     for candidate in (_PACKAGE_DIR / "_data" / kind, _PACKAGE_DIR.parent / kind):
         if candidate.is_dir():
             return candidate

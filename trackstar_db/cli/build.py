@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import click
 
+from trackstar_db import defaults
+
 from . import main
-from .engine import ENGINE, engine_arguments
+from .engine import ENGINE
 from .common import DB_ARG, Group, _open
 from trackstar_db.validation import NON_NEGATIVE, OUTPUT_DIR, POSITIVE
 
@@ -31,7 +32,7 @@ def init(db, model_dir, optimizer_state, tables_uri, checkpoint_refs):
     from trackstar_db.distributed.objectstore import object_uri, open_for_command
 
     if object_uri(db):  # s3://bucket/db: tables at s3://bucket/db/tables, the rest through a local cache
-        handle = open_for_command(object_uri(db), create=True, model_dir=model_dir)
+        handle = open_for_command(object_uri(db), create=True, model_dir=model_dir, handle=Database)
     else:
         handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None or bool(checkpoint_refs),
                                  tables_uri=tables_uri)
@@ -49,31 +50,20 @@ def init(db, model_dir, optimizer_state, tables_uri, checkpoint_refs):
 @DB_ARG
 def info(db):
     """Tables, row counts and the featurizer settings of DB."""
-    handle = _open(db)
-    click.echo(f"database {handle.path} (format {handle.manifest['format_version']})")
-    model = handle.manifest.get("model")
+    facts = _open(db).info()
+    click.echo(f"database {facts['path']} (format {facts['format_version']})")
+    model, featurizer = facts["model"], facts["featurizer"]
     click.echo(f"model: {model['path']} [{model['fingerprint']}]" if model else "model: none")
-    featurizer = handle.manifest.get("featurizer")
     if featurizer:
         click.echo(f"featurizer: {json.dumps(featurizer['config'])}; correction: {featurizer['correction_source']}")
-    names = handle.table_names()
-    for name in names:
-        click.echo(f"  {name:<20} {handle.count(name):>10,} rows")
-    from trackstar_db.store.checkpoints import DEFAULT, attached
-    from trackstar_db.store.gradient_table import parse_table_name
-
-    tables: dict[str, list[str]] = {}  # checkpoint -> its gradient tables
-    for name in names:
-        parsed = parse_table_name(name)
-        if parsed:
-            tables.setdefault(parsed[2] or DEFAULT, []).append(name)
-    points = ({DEFAULT: model} if model else {}) | attached(handle)
-    if points:
+    for name, rows in facts["tables"].items():
+        click.echo(f"  {name:<20} {rows:>10,} rows")
+    if facts["checkpoints"]:
         click.echo("checkpoints (TracIn-CP sums over these):")
-    for name, entry in points.items():
-        lr = entry.get("optimizer_lr")
-        click.echo(f"  {name:<20} lr={'?' if lr is None else f'{lr:.3g}'} {entry['path']}; "
-                   f"tables: {', '.join(tables.get(name, [])) or 'none'}")
+    for name, point in facts["checkpoints"].items():
+        lr = point["lr"]
+        click.echo(f"  {name:<20} lr={'?' if lr is None else f'{lr:.3g}'} {point['path']}; "
+                   f"tables: {', '.join(point['tables']) or 'none'}")
 
 
 @main.group(cls=Group)
@@ -87,7 +77,7 @@ def ingest():
 @click.option("--text-field", default="text", show_default=True, help="Field holding the example text.")
 @click.option("--id-field", default=None, help="Field holding a stable id (default: sentence_id, example_id or id; else a text hash).")
 @click.option("--skip-bad", is_flag=True, help="Skip bad records into DB/rejects.jsonl instead of stopping.")
-@click.option("--batch-size", type=POSITIVE, default=10_000, show_default=True, help="Rows per Lance commit.")
+@click.option("--batch-size", type=POSITIVE, default=defaults.CORPUS_COMMIT_ROWS, show_default=True, help="Rows per Lance commit.")
 @click.option("--prompt-field", default=None, help="With --completion-field: examples whose loss is on the completion only.")
 @click.option("--completion-field", default=None, help="Field holding the completion (the tokens whose loss is attributed).")
 @click.option("--messages-field", default=None,
@@ -98,11 +88,9 @@ def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size, pro
                       messages_field, chat_template):
     """Add training examples (JSON lines, Parquet, Arrow, or a directory of them or from
     datasets.save_to_disk) to the examples table and the BM25 index."""
-    from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
-
-    options = CorpusOptions(text_field, id_field, skip_bad, batch_size, prompt_field, completion_field,
-                            messages_field, chat_template)
-    report = ingest_corpus(_open(db), files, options)
+    report = _open(db).ingest_corpus(files, text_field, id_field, skip_bad, batch_size, prompt_field=prompt_field,
+                                     completion_field=completion_field, messages_field=messages_field,
+                                     chat_template=chat_template)
     click.echo(f"added {report.added:,} examples ({report.already_present:,} already present, "
                f"{len(report.rejected):,} rejected)")
     for error in report.rejected[:5]:
@@ -115,9 +103,7 @@ def ingest_corpus_cmd(db, files, text_field, id_field, skip_bad, batch_size, pro
 @click.option("--skip-bad", is_flag=True, help="Skip bad records instead of stopping.")
 def ingest_facts_cmd(db, files, skip_bad):
     """Add facts (the T-REx facts format) and their queries; rebuild ground truth."""
-    from trackstar_db.sources.facts import ingest_facts
-
-    report = ingest_facts(_open(db), files, skip_bad=skip_bad)
+    report = _open(db).ingest_facts(files, skip_bad=skip_bad)
     click.echo(f"added {report.facts:,} facts and {report.queries:,} queries "
                f"({report.already_present:,} already present, {len(report.rejected):,} rejected); "
                f"{report.ground_truth:,} ground-truth pairs")
@@ -136,7 +122,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage dtype of the vectors (first run; default float32).")
-@click.option("--dim", type=POSITIVE, default=None, help="Total projection dimension, 1024..65536 (first run; default 4096).")
+@click.option("--dim", type=POSITIVE, default=None, help=f"Total projection dimension, 1024..65536 (first run; default {defaults.DIM}).")
 @click.option("--seed", type=NON_NEGATIVE, default=None, help="Projection seed (first run; default 0).")
 @click.option("--correction", type=click.Choice(["auto", "adam-factored", "adam-exact", "adafactor", "estimated", "none"]),
               default=None, help="Optimizer second-moment correction (first run; default auto: the optimizer state's "
@@ -145,7 +131,7 @@ def ingest_facts_cmd(db, files, skip_bad):
               help="Per-matrix projections concatenated or summed (first run; default concat).")
 @click.option("--no-uncorrected", is_flag=True, help="Do not also write the uncorrected table the first rungs need.")
 @click.option("--limit", type=POSITIVE, default=None, help="Stop after this many new rows.")
-@click.option("--commit-rows", type=POSITIVE, default=2048, show_default=True, help="Rows per Lance commit.")
+@click.option("--commit-rows", type=POSITIVE, default=defaults.COMMIT_ROWS, show_default=True, help="Rows per Lance commit.")
 @click.option("--checkpoint", default=None, help="Featurize this checkpoint instead of the final one (a directory in "
               "the model's checkpoints/, e.g. step-000425, or a path): attached by name, into its own tables.")
 @click.option("--shard-model", is_flag=True, help="Shard the model's parameters across the torchrun/Slurm "
@@ -155,29 +141,13 @@ def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtyp
                          correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine, shard_model):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
     from trackstar_db.gradients.plan import parse_shard
-    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
 
     handle = _open(db)
-    stored_dtype = (handle.manifest.get("featurizer") or {}).get("dtype")
-    if engine == "ray" and checkpoint:
-        raise click.BadParameter("--engine ray featurizes the final checkpoint only; run --checkpoint locally",
-                                 param_hint="--checkpoint")
-    if engine == "ray":  # actors resolve --device themselves: the driver may have no GPU
-        from trackstar_db.distributed.ingest import ingest_gradients as ray_ingest
-
-        ingest_gradients = partial(ray_ingest, device=device)
-        device = "cpu"
-    if shard_model:
-        if engine == "ray" or shard != "0/1":
-            raise click.BadParameter("--shard-model takes its shards from the launcher's ranks; drop "
-                                     "--shard and --engine ray", param_hint="--shard-model")
-        from trackstar_db.gradients.sharded import ingest_sharded as ingest_gradients
-    job = GradientJob(split, batch_size, device, dtype or stored_dtype or "float32", parse_shard(shard),
-                      commit_rows=commit_rows, uncorrected=not no_uncorrected, limit=limit,
-                      batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype, pipeline=not no_pipeline,
-                      checkpoint=checkpoint)
-    given = {"dim": dim, "seed": seed, "correction": correction, "combine": combine}
-    totals = ingest_gradients(handle, given, job)
+    totals = handle.ingest_gradients(split, dim=dim, seed=seed, correction=correction, combine=combine, dtype=dtype,
+                                     engine=engine, shard_model=shard_model, batch_size=batch_size, device=device,
+                                     shard=parse_shard(shard), commit_rows=commit_rows, uncorrected=not no_uncorrected,
+                                     limit=limit, batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype,
+                                     pipeline=not no_pipeline, checkpoint=checkpoint)
     click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
                f"{totals['seconds']:.1f} s; correction: {handle.manifest['featurizer']['config']['correction']}; "
                "tables: " + ", ".join(f"{k}={v:,}" for k, v in totals["tables"].items()))
@@ -223,15 +193,13 @@ def train(db, out_dir, arch, epochs, seed, checkpoints, overwrite):
               help="task: mix R_eval of the queries into R_train (TrackStar); train: R_train only.")
 @click.option("--kind", type=click.Choice(["block", "dense"]), default="block", show_default=True,
               help="Block-diagonal per tracked matrix, or one dense R.")
-@click.option("--damping", type=click.FloatRange(min=0.0), default=0.1, show_default=True, help="Added to eigenvalues, times their mean.")
+@click.option("--damping", type=click.FloatRange(min=0.0), default=defaults.DAMPING, show_default=True, help="Added to eigenvalues, times their mean.")
 @click.option("--crossing-k", type=POSITIVE, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
-@click.option("--template", default="prompt0", show_default=True, help="Queries whose gradients form R_eval.")
+@click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Queries whose gradients form R_eval.")
 @ENGINE
 def fit(db, mix, kind, damping, crossing_k, template, engine):
     """Fit the preconditioners R (R_train, and the task-mixed R) from the stored gradients."""
-    from trackstar_db.gradients.fit import fit as fit_all
-
-    report = fit_all(_open(db), mix, kind, damping, crossing_k, template, **engine_arguments(engine, "fit"))
+    report = _open(db).fit(mix, kind, damping, crossing_k, template, engine)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     for name, params in report.preconditioners.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.errors import first_line as _first_line
 
 DB_ARG = click.argument("db", type=click.Path(file_okay=False, path_type=Path))
@@ -18,10 +18,20 @@ _DISK_FULL = ("disk full (no space left on device); nothing half-written is kept
               "again")
 
 
+FLAGS = {"run_id": "--run", "max_queries": "--queries"}  # parameters whose flag is not --name-with-dashes
+
+
+def flag(parameter: str) -> str:
+    """The command-line flag of a library parameter."""
+    return FLAGS.get(parameter, "--" + parameter.replace("_", "-"))
+
+
 def one_line(exc: BaseException) -> str | None:
     """The one line a user sees for `exc`, naming the file where the error knows it; None for
     an error that is a bug in trackstar-db (its traceback is more useful than a line)."""
     module = type(exc).__module__ or ""
+    if isinstance(exc, ParameterError):
+        return f"{flag(exc.parameter)} {exc.problem}"
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         if exc.errno == errno.ENOSPC:
@@ -73,10 +83,10 @@ READ_COMMANDS = {"eval", "sql", "export", "query", "report", "info", "simulate"}
 
 
 def _open(db: Path):
-    from trackstar_db.api import connect
+    from trackstar_db.api import Database
     from trackstar_db.distributed.objectstore import object_uri, open_for_command
 
-    handle = open_for_command(object_uri(db)) if object_uri(db) else connect(db)
+    handle = open_for_command(object_uri(db), handle=Database) if object_uri(db) else Database.open(db)
     context = click.get_current_context(silent=True)
     if context is not None and context.info_name in READ_COMMANDS:
         handle.pin()

@@ -1,5 +1,5 @@
-"""The --engine option of ingest gradients, fit and retrieve (local | ray: trackstar_db/distributed),
-and what each engine hands the library: fit's `passes`, retrieve's `scorer`."""
+"""The --engine option of ingest gradients, fit and retrieve (local | ray: trackstar_db/distributed);
+the Database verbs take it as `engine=` and hand each engine what it needs."""
 
 from __future__ import annotations
 
@@ -24,16 +24,3 @@ ENGINE = click.option("--engine", type=click.Choice(["local", "ray"]), default="
                       callback=_engine_installed,
                       help="local: this process; ray: Ray workers (joins RAY_ADDRESS's cluster, else starts one; "
                            "pip install 'trackstar-db[ray]').")
-
-
-def engine_arguments(engine: str, command: str) -> dict:
-    """Keyword arguments that run `command` ('fit' or 'retrieve') on `engine`."""
-    if engine == "local":
-        return {}
-    if command == "fit":
-        from trackstar_db.distributed import fit as ray_fit
-
-        return {"passes": ray_fit}
-    from trackstar_db.distributed.scan import score_table
-
-    return {"scorer": score_table}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import click
 
 from . import main
@@ -15,9 +13,7 @@ from .common import DB_ARG, FORMATS, _open, print_table
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def check(db, fmt):
     """Read every table, file and id of DB; print each problem with what repairs it (exit 1 if any)."""
-    from trackstar_db.evaluation.check import check as run_check
-
-    problems = run_check(_open(db))
+    problems = _open(db).check()
     if problems.num_rows == 0:
         rows = int((problems.schema.metadata or {}).get(b"rows_read", b"0"))
         click.echo(f"{db}: no problems found ({rows:,} rows read)")
@@ -34,12 +30,5 @@ def check(db, fmt):
 @DB_ARG
 def rebuild_bm25(db):
     """Make the BM25 index hold exactly the stored examples (after a deleted or damaged bm25/)."""
-    from trackstar_db.store.bm25 import sync_bm25
-    from trackstar_db.store.bm25 import BM25Index
-
-    handle = _open(db)
-    writer = getattr(handle, "writer", None)  # the writer lock, where this version has one
-    with writer("rebuild-bm25") if writer else contextlib.nullcontext():
-        BM25Index(handle.path)  # creates an empty index where the directory was deleted
-        changed = sync_bm25(handle, full=True)
-    click.echo(f"BM25 index: {changed:,} documents changed; {BM25Index(handle.path).count():,} documents")
+    result = _open(db).rebuild_bm25()
+    click.echo(f"BM25 index: {result['changed']:,} documents changed; {result['documents']:,} documents")

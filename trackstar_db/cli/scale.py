@@ -78,15 +78,14 @@ def plan(db, dim, dtype, rows, queries, blocks, fmt, model_dir, device_gib, mode
     from trackstar_db.evaluation.plan import Plan, plan_table
 
     if db is not None:
-        handle = _open(db)
-        stored = max(handle.count("examples"), handle.count("grads_train_corrected"), handle.count("grads_train_uncorrected"))
-        rows = rows if rows is not None else stored
-        queries = queries if queries is not None else handle.count("queries")
-    if not rows:
-        raise TrackstarError("give --rows N (or a DB holding examples)")
+        plan = Plan.for_database(_open(db), dim, rows, queries, dtype=dtype, blocks=blocks)
+    elif rows is None:
+        raise click.UsageError("give --rows N (or a DB holding examples)")
+    else:
+        plan = Plan(rows=rows, dim=dim, dtype=dtype, blocks=blocks, **({"queries": queries} if queries else {}))
     extra = []
     if model_dir is not None:
         from trackstar_db.gradients.memory import plan_rows_for_model
 
         extra = plan_rows_for_model(model_dir, dim, device_gib, model_dtype, max_length)
-    print_table(plan_table(Plan(rows=rows, dim=dim, dtype=dtype, queries=queries or 1000, blocks=blocks), extra), fmt)
+    print_table(plan_table(plan, extra), fmt)

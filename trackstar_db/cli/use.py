@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
 from . import main
-from .engine import ENGINE, engine_arguments
+from .engine import ENGINE
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
 from trackstar_db.validation import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP_K
@@ -21,9 +22,9 @@ from trackstar_db.validation import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP
               help="A method of the ladder (grad-dot, grad-cos, trak, opt-cos, r-train, trackstar), a baseline "
                    "(bm25, embedding, lm-embedding) or tracin-cp[-cos|-opt]; repeatable; 'all' = every ladder "
                    "rung and baseline whose needs are installed.")
-@click.option("--k", type=TOP_K, default=100, show_default=True, help="Proponents (and opponents) kept per query.")
+@click.option("--k", type=TOP_K, default=defaults.K_RETRIEVE, show_default=True, help="Proponents (and opponents) kept per query.")
 @click.option("--run", "run_id", type=NAME, default=None, help="Run name (default: the method name).")
-@click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
+@click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Which queries ('all' for every template).")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
 @ann_flags
@@ -32,36 +33,29 @@ from trackstar_db.validation import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP
 @ENGINE
 def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann, engine):
     """Retrieve proponents for the database's queries with one or more methods."""
-    from trackstar_db.devices import resolve_device
     from trackstar_db.retrieval.methods import expand
-    from trackstar_db.retrieval.runs import RetrieveOptions
-    from trackstar_db.retrieval.runs import retrieve as run_retrieval
 
     handle = _open(db)
     names = expand(methods)
     if "all" in methods and "embedding" not in names:
         click.echo("skipping the embedding baseline: pip install 'trackstar-db[embedding]' to add it", err=True)
     if run_id and len(names) > 1:
-        raise TrackstarError("--run names one run; give one --method with it")
-    options = RetrieveOptions(k=k, template=None if template == "all" else template, device=resolve_device(device),
-                              query_text=query_text, ann=ann)
+        raise click.BadParameter("names one run; give one --method with it", param_hint="--run")
     for name in names:
-        run, rows = run_retrieval(handle, name, options, run_id, replace, **engine_arguments(engine, "retrieve"))
+        run, rows = handle.retrieve(name, k, run_id, replace, None if template == "all" else template, device,
+                                    query_text, ann, engine)
         click.echo(f"run {run}: {rows.num_rows:,} rows")
 
 
 @main.command("tail-patch")
 @DB_ARG
 @click.option("--run", "run_ids", type=NAME, multiple=True, required=True, help="Retrieval run(s) to patch; repeatable.")
-@click.option("--k", type=TOP_K, default=10, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
+@click.option("--k", type=TOP_K, default=defaults.K_TAIL_PATCH, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
 @click.option("--queries", "max_queries", type=POSITIVE, default=None, help="Patch a deterministic sample of this many queries.")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 def tail_patch_cmd(db, run_ids, k, max_queries, device):
     """Influence: one optimizer step on each proponent, the change in P(target | prompt)."""
-    from trackstar_db.devices import resolve_device
-    from trackstar_db.tailpatch.runs import tail_patch_runs
-
-    rows = tail_patch_runs(_open(db), list(run_ids), k, max_queries, resolve_device(device))
+    rows = _open(db).tail_patch(run_ids, k, max_queries, device)
     click.echo(f"{rows.num_rows:,} tail-patch measurements for {', '.join(run_ids)}")
 
 
@@ -73,9 +67,7 @@ def tail_patch_cmd(db, run_ids, k, max_queries, device):
                    "the examples (source, domain, licence, shard...): the contribution ledger, with bootstrap intervals.")
 def eval_cmd(db, fmt, by):
     """The method-by-metric table (MRR, recall@10, tail-patch), computed by queries/*.sql."""
-    from trackstar_db.evaluation.analysis import evaluation
-
-    print_table(evaluation(_open(db), by), fmt)
+    print_table(_open(db).evaluate(by), fmt)
 
 
 @main.command()
@@ -84,7 +76,7 @@ def eval_cmd(db, fmt, by):
 @click.option("--target", required=True, help="The continuation to attribute, e.g. 'Paris'.")
 @click.option("--method", default=None, help="Default: the best method the database can serve (trackstar, "
                                                "else r-train, else opt-cos, else grad-cos).")
-@click.option("--k", type=TOP_K, default=10, show_default=True)
+@click.option("--k", type=TOP_K, default=defaults.K_QUERY, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @ann_flags
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
@@ -190,8 +182,7 @@ def report(db, out_dir, compare, samples):
               "Simfluence (record, held-out eval, report plot): several minutes more.")
 def demo(workdir, size, seed, fmt, full):
     """Build the demo fact world, train a model on it, run every method and print the table."""
-    from trackstar_db.simfluence.evaluate import record_and_evaluate
-    from trackstar_db.testbed.demo import run_demo
+    from trackstar_db.demo import run_demo
 
-    summary = run_demo(workdir, size=size, seed=seed, full=full, simfluence=record_and_evaluate if full else None)
+    summary = run_demo(workdir, size=size, seed=seed, full=full)
     print_table(summary, fmt)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import os
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError
 
 def ray_session(num_cpus: int | None = None):
     """The ray module, connected: an existing session, RAY_ADDRESS's cluster, or a new local one."""
     try:
         import ray
     except ImportError:
-        raise TrackstarError("--engine ray needs Ray: pip install 'trackstar-db[ray]'") from None
+        raise ParameterError("engine", "ray needs Ray: pip install 'trackstar-db[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)

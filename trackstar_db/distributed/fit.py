@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from trackstar_db import defaults
+
 from . import cluster_cpus, ray_session
 from .ranges import Range, fragment_ranges, range_batches
-from .scan import _unwrap
+from .scan import unwrap
 
 
 def gram_range(r: Range, dtype: str, spans, batch_rows: int):
@@ -40,14 +42,14 @@ def _ranges(table, workers, storage_options):
     return ray, fragment_ranges(table.dataset(), workers or cluster_cpus(ray), storage_options)
 
 
-def gram(table, spans, *, workers: int | None = None, batch_rows: int = 8192, storage_options: dict | None = None):
+def gram(table, spans, *, workers: int | None = None, batch_rows: int = defaults.STREAM_BATCH_ROWS, storage_options: dict | None = None):
     """GramAccumulator of every row of `table` (a GradientTable), summed by Ray tasks."""
     from trackstar_db.featurizer.preconditioner import GramAccumulator
 
     ray, ranges = _ranges(table, workers, storage_options)
     task = ray.remote(num_cpus=1)(gram_range)
     total = GramAccumulator([tuple(s) for s in spans])
-    for part in _unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, total.spans, batch_rows)
+    for part in unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, total.spans, batch_rows)
                                                    for r in ranges]):
         for acc, s in zip(total.sums, part.sums):
             acc += s
@@ -55,12 +57,12 @@ def gram(table, spans, *, workers: int | None = None, batch_rows: int = 8192, st
     return total
 
 
-def row_norms(table, pre, powers, *, workers: int | None = None, batch_rows: int = 8192,
+def row_norms(table, pre, powers, *, workers: int | None = None, batch_rows: int = defaults.STREAM_BATCH_ROWS,
               storage_options: dict | None = None) -> dict:
     """{power: [n_rows] |g R^power|} in the table's scan order, computed by Ray tasks."""
     ray, ranges = _ranges(table, workers, storage_options)
     task = ray.remote(num_cpus=1)(norms_range)
     pre_ref = ray.put(pre)
-    parts = _unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, pre_ref, sorted(powers), batch_rows)
+    parts = unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, pre_ref, sorted(powers), batch_rows)
                                                for r in ranges])
     return {p: torch.cat([part[p] for part in parts]) for p in powers}

@@ -2,12 +2,16 @@
 
     driver                                    actor i of N (one per GPU, or per CPU without)
     ------                                    --------------------------------------------
-    actor 0: record settings, create tables   load the featurizer (gradients/loader.py)
+    actor 0: record settings, create tables   open the run (gradients/setup.py: the model
+                                              source, featurizer, token budget), as the local
+                                              worker does
     ask every actor for its next batch   -->  plan: ids of shard i/N that a table lacks
                                               (gradients/plan.py: crc32(id) % N == i)
-                                              featurize, buffer `commit_rows` rows, drop ids a
-                                              table already holds, write them as Lance
-                                              fragments (lance.fragment.write_fragments)
+                                              the local worker's loop (gradients/loop.py: token
+                                              budget, tokenizing ahead, writing behind) into a
+                                              FragmentWriter sink: buffer `commit_rows` rows,
+                                              drop ids a table already holds, write them as
+                                              Lance fragments (lance.fragment.write_fragments)
     commit each batch's fragments        <--  fragment metadata (JSON), per table
     (LanceDataset.commit(LanceOperation.Append))
 
@@ -23,56 +27,59 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
-from trackstar_db.gradients.commit import Committer
+from trackstar_db.gradients.commit import Committer, absent
 
 from . import cluster_cpus, ray_session
 
 
 class FragmentWriter(Committer):
     """gradients/commit.Committer whose flush writes Lance fragments instead of appending:
-    `ready` collects (variant, [fragment metadata JSON], rows) for the driver to commit."""
+    `ready` collects (variant, [fragment metadata JSON], rows) for the driver to commit; the
+    loop's writer thread adds to it, the actor's thread takes from it."""
 
     def __init__(self, db, tables: dict, dtype: str, commit_rows: int, storage_options: dict | None = None):
         super().__init__(db, tables, dtype, commit_rows)
         self.storage_options = storage_options
         self.ready: list[tuple[str, list[str], int]] = []
+        self._lock = threading.Lock()
 
     def flush(self) -> None:
         import lance.fragment
         import pyarrow as pa
-        import pyarrow.compute as pc
 
         from trackstar_db.store import schema as _schema
 
+        written = []  # every table's fragments of this flush, published together
         for variant, parts in self.pending.items():
             if not parts:
                 continue
-            table = self.tables[variant]
-            dataset = table.dataset()
-            rows = pa.concat_tables(parts)
-            present = dataset.to_table(columns=["id"], filter=pc.field("id").isin(rows.column("id")))
-            if present.num_rows:
-                rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
+            dataset = self.tables[variant].dataset()
+            rows = absent(self.tables[variant], pa.concat_tables(parts))
             parts.clear()
             if rows.num_rows:
                 rows = _schema.conform(rows, dataset.schema)
                 fragments = lance.fragment.write_fragments(rows, dataset.uri, schema=dataset.schema,
                                                            storage_options=self.storage_options)
-                self.ready.append((variant, [json.dumps(f.to_json()) for f in fragments], rows.num_rows))
+                written.append((variant, [json.dumps(f.to_json()) for f in fragments], rows.num_rows))
         faults.point("distributed.fragments")
+        with self._lock:  # the actor's take() sees all of a flush or none of it
+            self.ready.extend(written)
         self.rows = 0
 
     def take(self) -> list:
-        ready, self.ready = self.ready, []
+        with self._lock:
+            ready, self.ready = self.ready, []
         return ready
 
 
 class GradientActor:
-    """One Ray actor: featurizes shard (index, count) of the ids missing from the tables."""
+    """One Ray actor: featurizes shard (index, count) of the ids missing from the tables, with
+    the local worker's setup (gradients/setup.py) and loop (gradients/loop.py)."""
 
     def __init__(self, db_path: str, config: dict, job, device: str, shard: tuple[int, int],
                  storage_options: dict | None = None):
@@ -80,36 +87,23 @@ class GradientActor:
 
         from trackstar_db.devices import resolve_device
         from trackstar_db.featurizer.config import FeaturizerConfig
-        from trackstar_db.gradients.loader import load_featurizer
+        from trackstar_db.gradients.setup import open_run
         from trackstar_db.store.database import connect
 
         if not device.startswith("cuda"):
             torch.set_num_threads(1)  # one core per CPU actor
         self.db_path, self.job, self.shard, self.storage_options = db_path, job, shard, storage_options
-        self.config = FeaturizerConfig.from_dict(config)
-        self.device = resolve_device(device)
-        db = connect(db_path)
-        model_dtype = job.model_dtype
-        if model_dtype == "auto":  # as the local worker: the checkpoint's own dtype
-            from trackstar_db.gradients.worker import checkpoint_dtype
-
-            model_dtype = checkpoint_dtype(db.model_info()["path"])
-        self.featurizer, self.tokenizer = load_featurizer(db, self.config, self.device, job.uncorrected,
-                                                          job.estimate_sample, job.batch_size, model_dtype=model_dtype)
+        self.run = open_run(connect(db_path), FeaturizerConfig.from_dict(config), job, resolve_device(device))
         self.batches = None
 
     def setup(self) -> list[str]:
         """Record (or check) the featurizer settings and create the tables; on one actor only."""
-        from trackstar_db.featurizer.tokenize import token_limit
-        from trackstar_db.gradients.worker import _record_settings
+        from trackstar_db.gradients.setup import create_tables, record_settings
         from trackstar_db.store.database import connect
 
         db = connect(self.db_path)
-        _record_settings(db, self.featurizer, self.job, token_limit(self.tokenizer, self.config.max_length))
-        for variant in self.featurizer.variants:
-            db.gradient_table(self.job.split, corrected=variant == "corrected").create(
-                self.featurizer.layout.dim, self.job.dtype)
-        return list(self.featurizer.variants)
+        record_settings(db, self.run, self.job)
+        return list(create_tables(db, self.run, self.job))
 
     def start(self) -> None:
         self.batches = self._batches()
@@ -120,40 +114,33 @@ class GradientActor:
         return next(self.batches, None)
 
     def _batches(self):
-        from trackstar_db.featurizer.tokenize import collate, pad_id
-        from trackstar_db.gradients.plan import missing
-        from trackstar_db.gradients.worker import _encode
+        from trackstar_db.gradients.loop import run_batches
+        from trackstar_db.gradients.setup import run_tables
         from trackstar_db.store.database import connect
 
-        db, job = connect(self.db_path), self.job
-        tables = {v: db.gradient_table(job.split, corrected=v == "corrected") for v in self.featurizer.variants}
+        db, job, run = connect(self.db_path), self.job, self.run
+        tables = run_tables(db, run, job.split)  # created by setup()
         writer = FragmentWriter(db, tables, job.dtype, job.commit_rows, self.storage_options)
         rows = tokens = 0
-        for chunk in missing(db, job.split, list(tables.values()), self.shard):
-            items = _encode(self.tokenizer, job.split, chunk, self.config.max_length, self.featurizer.task)
-            ids = chunk.column("id").to_pylist()
-            for offset in range(0, len(ids), job.batch_size):
-                batch_ids = ids[offset: offset + job.batch_size]
-                out = self.featurizer.featurize(collate(items[offset: offset + job.batch_size],
-                                                        pad_id(self.tokenizer)))
-                writer.add(batch_ids, out)
-                rows, tokens = rows + len(batch_ids), tokens + int(out.n_tokens.sum())
-                if writer.ready:
-                    yield {"fragments": writer.take(), "rows": rows, "tokens": tokens}
-                    rows = tokens = 0
-        writer.flush()
-        if writer.ready or rows:
-            yield {"fragments": writer.take(), "rows": rows, "tokens": tokens}
+        for batch in run_batches(db, run, job, tables, writer, self.shard):
+            rows, tokens = rows + batch.rows, tokens + batch.tokens
+            ready = writer.take()
+            if ready:
+                yield {"fragments": ready, "rows": rows, "tokens": tokens}
+                rows = tokens = 0
+        ready = writer.take()  # the loop has flushed the writer
+        if ready or rows:
+            yield {"fragments": ready, "rows": rows, "tokens": tokens}
 
 
-def _commit(db, split: str, fragments: list, storage_options: dict | None) -> None:
-    """One Append commit per table of the fragments a worker wrote (corrected first, like the
-    local Committer, so a rerun after a kill between the two re-plans the id)."""
+def _commit(tables: dict, fragments: list, storage_options: dict | None) -> None:
+    """One Append commit per table (variant -> GradientTable) of the fragments a worker wrote
+    (corrected first, like the local Committer, so a rerun after a kill between the two re-plans the id)."""
     import lance
     from lance.fragment import FragmentMetadata
 
     for variant, metadata, _ in fragments:
-        dataset = db.gradient_table(split, corrected=variant == "corrected").dataset()
+        dataset = tables[variant].dataset()
         operation = lance.LanceOperation.Append([FragmentMetadata.from_json(m) for m in metadata])
         lance.LanceDataset.commit(dataset.uri, operation, read_version=dataset.version,
                                   storage_options=storage_options)
@@ -168,13 +155,16 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
     from trackstar_db.featurizer.config import FeaturizerConfig
     from trackstar_db.gradients.loader import resolved_config
     from trackstar_db.gradients.plan import count_missing
+    from trackstar_db.gradients.setup import checkpoint_name
     from trackstar_db.store import manifest as _manifest
+    from trackstar_db.store.gradient_table import GradientTable
 
     if job.limit is not None or job.shard != (0, 1):
         raise TrackstarError("--engine ray plans its own shards; drop --limit and --shard")
     ray = ray_session()
     device = device or job.device
     config = config if isinstance(config, FeaturizerConfig) else resolved_config(db, config)
+    checkpoint = checkpoint_name(db, job)  # attached here, once: the actors find it recorded
     gpus = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     count = workers or (int(ray.cluster_resources().get("GPU", 0)) if gpus else cluster_cpus(ray))
     if count < 1:
@@ -188,8 +178,8 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
     try:
         variants = ray.get(actors[0].setup.remote())
         db.manifest = _manifest.read(db.path)  # what actor 0 recorded, for the caller's handle too
-        tables = [db.gradient_table(job.split, corrected=v == "corrected") for v in variants]
-        total = count_missing(db, job.split, tables) if progress else None
+        tables = {v: GradientTable(db, job.split, v, checkpoint) for v in variants}
+        total = count_missing(db, job.split, list(tables.values())) if progress else None
         ray.get([actor.start.remote() for actor in actors])
         totals, failures = {"rows": 0, "tokens": 0}, []
         pending = {actor.next.remote(): actor for actor in actors}
@@ -207,7 +197,7 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
                     raise TrackstarError(f"Ray worker: {str(cause).strip().splitlines()[0]}") from None
                 if batch is None:
                     continue
-                _commit(db, job.split, batch["fragments"], storage_options)
+                _commit(tables, batch["fragments"], storage_options)
                 totals["rows"] += batch["rows"]
                 totals["tokens"] += batch["tokens"]
                 bar.update(batch["rows"])
@@ -219,8 +209,8 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
         raise TrackstarError(f"{len(failures)} of {count} Ray workers died ({failures[0]}); "
                              f"{totals['rows']:,} rows were committed; run the same command again for the rest")
     if totals["rows"]:
-        for table in tables:  # merge the many small fragments, as an unsharded local run does
+        for table in tables.values():  # merge the many small fragments, as an unsharded local run does
             db.lance_table(table.name).optimize()
     totals["seconds"] = time.perf_counter() - start
-    totals["tables"] = {table.name: table.count() for table in tables}
+    totals["tables"] = {table.name: table.count() for table in tables.values()}
     return totals

@@ -133,10 +133,13 @@ def _md5(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def open_database(uri: str, create: bool = False, model_dir=None):
-    """The Database at `uri` (s3://bucket/db) on its local cache; changes are uploaded on exit.
-    create: make one there when the bucket holds none (model_dir as for `init --model`)."""
-    from trackstar_db.api import Database, connect
+def open_database(uri: str, create: bool = False, model_dir=None, handle=None):
+    """The database at `uri` (s3://bucket/db) on its local cache; changes are uploaded on exit.
+    create: make one there when the bucket holds none (model_dir as for `init --model`);
+    handle: the class opened (default store.database.Store; the CLI passes trackstar_db.Database)."""
+    from trackstar_db.store.database import Store
+
+    handle = handle or Store
 
     uri = uri.rstrip("/")
     client = _client()
@@ -145,9 +148,9 @@ def open_database(uri: str, create: bool = False, model_dir=None):
     if MANIFEST not in before:
         if not create:
             raise TrackstarError(f"{uri}: no trackstar-db database here (no {MANIFEST})")
-        db = Database.create(cache, model_dir, tables_uri=tables, exist_ok=(cache / MANIFEST).exists())
+        db = handle.create(cache, model_dir, tables_uri=tables, exist_ok=(cache / MANIFEST).exists())
     else:
-        db = connect(cache)
+        db = handle.open(cache)
         if db.manifest.get("tables_uri") != tables:
             raise TrackstarError(f"{uri}/{MANIFEST}: its tables are at {db.manifest.get('tables_uri')!r}, not {tables!r}")
         if model_dir is not None:
@@ -162,14 +165,14 @@ def object_uri(db) -> str | None:
     return "s3://" + text[4:].lstrip("/") if text.startswith("s3:/") else None
 
 
-def open_for_command(uri: str, create: bool = False, model_dir=None):
+def open_for_command(uri: str, create: bool = False, model_dir=None, handle=None):
     """open_database for the running CLI command: its changes are uploaded when the command ends
     without an error; after an error nothing is uploaded (the next pull restores the cache)."""
     import sys
 
     import click
 
-    manager = open_database(uri, create=create, model_dir=model_dir)
+    manager = open_database(uri, create=create, model_dir=model_dir, handle=handle)
     db = manager.__enter__()
 
     def finish():

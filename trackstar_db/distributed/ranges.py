@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trackstar_db import defaults
+
 
 @dataclass(frozen=True)
 class Range:
@@ -60,7 +62,7 @@ class RangeSource:
                                     scan_in_order=True).to_batches()
 
 
-def range_batches(r: Range, dtype: str, batch_rows: int = 65536, columns: tuple[str, ...] = ()):
+def range_batches(r: Range, dtype: str, batch_rows: int = defaults.SCAN_BATCH_ROWS, columns: tuple[str, ...] = ()):
     """(ids, vectors [nb, d] float32) of one range, in scan order (CPU)."""
     from trackstar_db.store.vectors import vector_batches
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.retrieval.topk import TopKResult
 
@@ -67,7 +68,7 @@ def scan_range(r: Range, table: dict, method: str, q, row_norms, k: int, batch_r
     return search(q, scan(scoring, "cpu", batch_rows), k)
 
 
-def _unwrap(ray, method: str, futures):
+def unwrap(ray, method: str, futures):
     try:
         return ray.get(futures)
     except ray.exceptions.RayTaskError as exc:
@@ -77,7 +78,7 @@ def _unwrap(ray, method: str, futures):
         raise TrackstarError(f"{method}: {cause}") from None
 
 
-def score_table(db, spec, g_q, k: int, *, batch_rows: int = 65536, workers: int | None = None,
+def score_table(db, spec, g_q, k: int, *, batch_rows: int = defaults.SCAN_BATCH_ROWS, workers: int | None = None,
                 scoring=None, storage_options: dict | None = None) -> TopKResult:
     """retrieval.scoring.score_table with the scan spread over Ray tasks (CPU workers)."""
     from trackstar_db.retrieval.scoring import prepare
@@ -95,7 +96,7 @@ def score_table(db, spec, g_q, k: int, *, batch_rows: int = 65536, workers: int 
     futures = [task.remote(r, table, spec.name, q_ref,
                            None if norms is None else norms[r.offset: r.offset + r.rows].clone(), k, batch_rows)
                for r in ranges]
-    return merge_topk(_unwrap(ray, spec.name, futures), k)
+    return merge_topk(unwrap(ray, spec.name, futures), k)
 
 
 score_table.engine = "ray"  # recorded in a run's parameters (retrieval/runs.retrieve(scorer=score_table))

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError, first_line
 
-_SCAN_ROWS = 8192
+_SCAN_ROWS = defaults.STREAM_BATCH_ROWS
 
 # what rebuilds a table from its inputs
 _REBUILD = {
@@ -111,7 +112,7 @@ class Checker:
 
                     x = to_torch(batch.column("vector"), entry["dtype"])  # [rows, d] float32
                     # a row sum is finite unless the row holds a NaN or inf (or overflows: rechecked
-                    # exactly); 20x faster than isfinite over every element on a CPU
+                    # exactly); far cheaper than isfinite over every element on a CPU
                     suspect = (~torch.isfinite(x.sum(dim=1))).nonzero().flatten()
                     if len(suspect):
                         rows = suspect[~torch.isfinite(x[suspect]).all(dim=1)]

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db import faults
-from trackstar_db.errors import RecordError, TrackstarError
+from trackstar_db.errors import ParameterError, RecordError, TrackstarError
 from trackstar_db.store.bm25 import BM25Index
 from trackstar_db.sources.facts import rebuild_ground_truth
 from trackstar_db.store.schema import arrow_schema
@@ -30,7 +30,7 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     tables = ("queries", "examples", "retrievals", "runs", "ground_truth_imported", "ground_truth")
     with journal.transaction(db, f"import {path.name}", list(tables), bm25=True):
         if run_id in db.ids("runs", "run_id"):
-            raise TrackstarError(f"run {run_id!r} exists; pick another --run name")
+            raise ParameterError("run_id", f"{run_id!r}: that run exists; name another run")
         _refuse_conflicts(db, path, imported)
         fresh = {}
         for name, key, rows in (("queries", "query_id", imported.queries),

@@ -3,10 +3,10 @@
 Sizes are arithmetic on the layout (rows x d x bytes per value; block-diagonal R as float64
 eigenvectors per block). RAM is what this package holds at once (batches, buffers, R), not the
 model: add the checkpoint and its optimizer state for `ingest gradients`. Times are sizes
-divided by the rates below, measured by benchmarks/bench_scale.py on the 2-core development
-machine (shared, so treat them as a floor on speed), with the command that produced them:
-
-    BENCH_THREADS=1 python benchmarks/bench_scale.py --n 100000
+divided by measured rates, read from a rates file that benchmarks/bench_scale.py writes
+(`--rates FILE`): benchmarks/rates.json by default (shipped in the wheel), another with
+`Plan(rates=PATH)` or TRACKSTAR_RATES=PATH. Each entry of the file names the command, machine,
+date and load that measured it; `plan_table` carries them in its metadata ("rates").
 
 Featurizing (the model's forward and backward) is timed by benchmarks/bench_featurize.py on the
 target model and hardware; with a model (--model DIR --device-gib G) the plan adds the devices
@@ -15,34 +15,57 @@ its featurizer needs (gradients/memory.py: unsharded, or sharded with --shard-mo
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import pyarrow as pa
 
-BENCH = "BENCH_THREADS=1 python benchmarks/bench_scale.py --n 100000 --skip index,ann"
-# Rates measured by BENCH on the shared 2-core development VM at a load average of 0.4-2.8 (docs/scale.md,
-# 2026-11-29 23:03; the earlier run at load 12-16 gave 5x lower rates); d = 4,096 float16, R blocks of 256.
-READ_GBPS = 0.47  # bare sequential read of the vector column, warm page cache (0.82 GB in 1.75 s)
-SCAN_GBPS = {"grad-dot": 0.51, "grad-cos": 0.50, "trak": 0.34, "opt-cos": 0.48, "r-train": 0.45,
-             "trackstar": 0.50}  # one exact query per rung, warm
-WRITE_GBPS = 0.037  # synthetic rows through GradientTable.create + Database.append (1.64 GB in 44.3 s)
-FIT_SECONDS_PER_ROW = 1.09e-3  # the whole fit, 109.4 s for 100K rows (3 Gram + 2 norm passes then; now 2 + 2)
-# ANN (the default IVF_RQ: sqrt(rows) / 5 partitions, 4-bit codes, re-ranked on the float16
-# vectors), measured by ANN_BENCH at 1M x 4,096 (docs/scale.md, 2026-11-30, load 1-4): built in
-# 1,313.6 s (186.2 s materialising, 1,126.0 s LanceDB, 200 partitions); one query with opponents,
-# repeated in a warm process, 62 ms at the default search (nprobes 4, 300 candidates; recall@100
-# 0.993), 43 ms at nprobes 2.
-ANN_BENCH = "BENCH_THREADS=1 python benchmarks/bench_scale.py --n 1000000 --reuse --skip retrieve --rungs ''"
-ANN_BUILD_ROWS_PER_S = 760  # at d = 4,096
-ANN_QUERY_S = 0.062  # at 1M x 4,096; grows with the rows in the partitions searched
+from trackstar_db import defaults
+from trackstar_db.errors import ParameterError, TrackstarError
 
-PROCESS_BYTES = 330 << 20  # python + torch + pyarrow + lancedb imported (VmRSS before a scan)
-LANCE_READ_BYTES = 450 << 20  # Lance's reader at the bounded read-ahead (peak RSS of a bare read - the above)
-
+RATES_FILE = "rates.json"
 ROW_OVERHEAD = 48  # bytes per gradient row besides the vector: id, norm, loss, n_tokens, offsets
-SCAN_BATCH_BYTES = 64 << 20  # store/vectors.BATCH_BYTES (copied: the plan must not import torch)
-COMMIT_ROWS = 2048  # GradientJob.commit_rows
-FIT_BATCH_ROWS = 8192  # gradients/fit._stream, at most SCAN_BATCH_BYTES of float32
+BLOCK_DIMS = 1024  # the plan's default R block: one block per this many dimensions
+
+
+def rates_path(path: str | Path | None = None) -> Path:
+    """The rates file: `path`, else TRACKSTAR_RATES, else benchmarks/rates.json of this install."""
+    if path is None and os.environ.get("TRACKSTAR_RATES"):
+        path = os.environ["TRACKSTAR_RATES"]
+    if path is not None:
+        return Path(path)
+    from trackstar_db.resources import data_dir
+
+    return data_dir("benchmarks") / RATES_FILE
+
+
+@lru_cache(maxsize=8)
+def _read_rates(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrackstarError(f"{path}: no rates file; run benchmarks/bench_scale.py --rates {path}") from None
+    except json.JSONDecodeError as exc:
+        raise TrackstarError(f"{path}: invalid JSON in the rates file (line {exc.lineno})") from None
+    rates, sources = {}, {}
+    for name, entry in entries.items():
+        if isinstance(entry, dict):
+            sources[name] = {k: entry[k] for k in ("command", "machine", "date", "load") if k in entry}
+            rates.update({k: v for k, v in entry.items() if k not in sources[name] and k != "note"})
+    needed = ("read_gbps", "scan_gbps", "write_gbps", "fit_seconds_per_row", "process_bytes", "lance_read_bytes",
+              "ann_build_rows_per_s", "ann_query_s", "dim", "block")
+    missing = [k for k in needed if k not in rates]
+    if missing:
+        raise TrackstarError(f"{path}: the rates file lacks {', '.join(missing)}")
+    return {"rates": rates, "sources": sources}
+
+
+def load_rates(path: str | Path | None = None) -> dict:
+    """{'rates': {name: value}, 'sources': {entry: {command, machine, date, load}}} of a rates file."""
+    return _read_rates(rates_path(path).resolve())
 
 
 @dataclass
@@ -57,19 +80,31 @@ class Plan:
     queries: int = 1000
     blocks: int | None = None
     variants: int = 2
+    rates: str | Path | None = None  # the rates file (default: rates_path())
 
     def __post_init__(self):
-        from trackstar_db.errors import TrackstarError
         from trackstar_db.store.vectors import DTYPES
 
         if self.dtype not in DTYPES:
-            raise TrackstarError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+            raise ParameterError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         for name in ("rows", "dim", "queries", "variants"):
             if getattr(self, name) < 1:
-                raise TrackstarError(f"--{name} must be >= 1, not {getattr(self, name)}")
-        self.blocks = self.blocks or max(1, self.dim // 1024)
+                raise ParameterError(name, f"must be >= 1, not {getattr(self, name)}")
+        self.blocks = self.blocks or max(1, self.dim // BLOCK_DIMS)
         if self.blocks < 1 or self.blocks > self.dim:
-            raise TrackstarError(f"--blocks must be in [1, {self.dim}], not {self.blocks}")
+            raise ParameterError("blocks", f"must be in [1, {self.dim}], not {self.blocks}")
+
+    @classmethod
+    def for_database(cls, db, dim: int, rows: int | None = None, queries: int | None = None, **kwargs) -> "Plan":
+        """A plan for `db`: rows default to the most examples or training gradients it holds, queries
+        to its queries (else the plan's default)."""
+        if rows is None:
+            rows = max(db.count("examples"), db.count("grads_train_corrected"), db.count("grads_train_uncorrected"))
+        if queries is None:
+            queries = db.count("queries") or None
+        if not rows:
+            raise ParameterError("rows", f"not given, and {db.path} holds no examples")
+        return cls(rows=rows, dim=dim, **({"queries": queries} if queries else {}), **kwargs)
 
     @property
     def value_bytes(self) -> int:
@@ -82,10 +117,13 @@ class Plan:
 
 def plan_rows(p: Plan) -> list[dict]:
     """[{item, bytes, ram_bytes, seconds, note}] for plan `p`."""
+    rates = load_rates(p.rates)["rates"]
+    process, lance_read = rates["process_bytes"], rates["lance_read_bytes"]
+    fit_batch_rows = min(defaults.STREAM_BATCH_ROWS, defaults.SCAN_BATCH_BYTES // (4 * p.dim))
     vector = p.rows * p.dim * p.value_bytes
     table = p.rows * (p.dim * p.value_bytes + ROW_OVERHEAD)
     r_file = p.blocks * (p.block * p.block + p.block) * 8
-    scale = p.dim / 4096 * p.block / 256  # Gram and R work per row grows with d x block
+    scale = p.dim / rates["dim"] * p.block / rates["block"]  # Gram and R work per row grows with d x block
     rows = [
         {"item": "disk: gradient vectors (one table)", "bytes": vector, "note": f"{p.rows:,} x {p.dim:,} {p.dtype}"},
         {"item": "disk: training gradient tables", "bytes": p.variants * table,
@@ -95,27 +133,27 @@ def plan_rows(p: Plan) -> list[dict]:
          "note": f"3 R ({p.blocks:,} blocks of {p.block:,}, float64) + whitened norms"},
         {"item": "disk: ANN table (float16) + index", "bytes": p.rows * (p.dim * 2 + p.dim // 2 + ROW_OVERHEAD),
          "note": "float16 vectors + 4-bit RaBitQ codes (d / 2 bytes)"},
-        {"item": "ram: ingest gradients", "ram_bytes": PROCESS_BYTES + p.variants * COMMIT_ROWS * p.dim * (4 + p.value_bytes),
+        {"item": "ram: ingest gradients", "ram_bytes": process + p.variants * defaults.COMMIT_ROWS * p.dim * (4 + p.value_bytes),
          "note": "process + commit buffers; add the model, its optimizer state and activations"},
-        {"item": "ram: fit", "ram_bytes": PROCESS_BYTES + LANCE_READ_BYTES + 2 * r_file + 3 * p.block * p.block * 8
-         + min(FIT_BATCH_ROWS, SCAN_BATCH_BYTES // (4 * p.dim)) * p.dim * 12, "note": "Gram sums (train + eval) + eigh workspace + one float32/float64 batch"},
-        {"item": "ram: scan (exact, any rung)", "ram_bytes": PROCESS_BYTES + LANCE_READ_BYTES
-         + int(SCAN_BATCH_BYTES * (1 + p.value_bytes / 4)) + 4 * p.rows + r_file * 2,
+        {"item": "ram: fit", "ram_bytes": process + lance_read + 2 * r_file + 3 * p.block * p.block * 8
+         + fit_batch_rows * p.dim * 12, "note": "Gram sums (train + eval) + eigh workspace + one float32/float64 batch"},
+        {"item": "ram: scan (exact, any rung)", "ram_bytes": process + lance_read
+         + int(defaults.SCAN_BATCH_BYTES * (1 + p.value_bytes / 4)) + 4 * p.rows + r_file * 2,
          "note": "process + Lance reader + one batch + the float32 buffer + row norms + R^p"},
-        {"item": "time: write vectors", "seconds": p.variants * table / (WRITE_GBPS * 1e9),
+        {"item": "time: write vectors", "seconds": p.variants * table / (rates["write_gbps"] * 1e9),
          "note": "through Database.append; featurizing not included"},
-        {"item": "time: fit (3 R + norms)", "seconds": p.rows * FIT_SECONDS_PER_ROW * scale,
+        {"item": "time: fit (3 R + norms)", "seconds": p.rows * rates["fit_seconds_per_row"] * scale,
          "note": "2 Gram passes + 2 norm passes; work per row grows with d x block"},
     ]
-    for rung, rate in SCAN_GBPS.items():
+    for rung, rate in rates["scan_gbps"].items():
         rows.append({"item": f"scan: one exact query, {rung}", "seconds": vector / (rate * 1e9),
                      "note": f"{rate:g} GB/s"})
     rows += [
-        {"item": "time: ANN index build", "seconds": p.rows / ANN_BUILD_ROWS_PER_S * p.dim / 4096},
+        {"item": "time: ANN index build", "seconds": p.rows / rates["ann_build_rows_per_s"] * p.dim / rates["dim"]},
         # partitions of 5 sqrt(rows) rows each: the codes read grow with sqrt(rows), every byte with d
-        {"item": "scan: one ANN query", "seconds": ANN_QUERY_S * p.dim / 4096 * max(1.0, (p.rows / 1e6) ** 0.5),
-         "note": "default search, warm process; measured at 1M x 4,096, scaled by d and sqrt(rows)"},
-        {"item": "time: bare read of one table", "seconds": vector / (READ_GBPS * 1e9), "note": f"{READ_GBPS:g} GB/s"},
+        {"item": "scan: one ANN query", "seconds": rates["ann_query_s"] * p.dim / rates["dim"] * max(1.0, (p.rows / 1e6) ** 0.5),
+         "note": "default search, warm process; the rates file's figure scaled by d and sqrt(rows)"},
+        {"item": "time: bare read of one table", "seconds": vector / (rates["read_gbps"] * 1e9), "note": f"{rates['read_gbps']:g} GB/s"},
     ]
     return rows
 
@@ -136,8 +174,10 @@ def _human(n: float | None, unit: str) -> str | None:
 
 def plan_table(p: Plan, extra: list[dict] = ()) -> pa.Table:
     """The plan as Arrow: item, bytes, ram_bytes, seconds (numbers) and human-readable columns;
-    `extra` rows (the devices a model needs, gradients/memory.plan_rows_for_model) appended."""
+    `extra` rows (the devices a model needs, gradients/memory.plan_rows_for_model) appended; the
+    schema metadata 'rates' holds the rates file's sources (command, machine, date, load)."""
     rows = plan_rows(p) + list(extra)
+    sources = json.dumps(load_rates(p.rates)["sources"])
     return pa.table({
         "item": [r["item"] for r in rows],
         "size": [_human(r.get("bytes") or r.get("ram_bytes"), "B") if ("bytes" in r or "ram_bytes" in r) else None
@@ -147,4 +187,4 @@ def plan_table(p: Plan, extra: list[dict] = ()) -> pa.Table:
         "ram_bytes": pa.array([r.get("ram_bytes") for r in rows], pa.int64()),
         "seconds": pa.array([r.get("seconds") for r in rows], pa.float64()),
         "note": [r.get("note") for r in rows],
-    })
+    }).replace_schema_metadata({"rates": sources})

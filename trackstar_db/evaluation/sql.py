@@ -37,6 +37,7 @@ _LOCKDOWN = (
     "SET autoload_known_extensions = false",
     "SET allow_community_extensions = false",
     "SET enable_external_access = false",
+    "SET enable_progress_bar = false",  # quiet as a library: DuckDB's own bar would print on long queries
     "SET lock_configuration = true",
 )
 _EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+ANALY[SZ]E)?\s*(\([^)]*\))?", re.IGNORECASE)

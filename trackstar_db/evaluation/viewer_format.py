@@ -1,6 +1,6 @@
 """The authors' results format ("viewer format"): JSON lines, one record per query.
 
-Record fields (METHOD.md section 4):
+Record fields (docs/formats.md, Results):
     example_id           the query id
     query_set            the query's template (prompt0, ...) unless another name is given
     inputs_plaintext     prompt

@@ -1,5 +1,5 @@
 """TrackStar featurizer: per-example projected, optimizer-corrected loss gradients, and the
-preconditioner R fitted on them. See docs/METHOD.md section 1."""
+preconditioner R fitted on them. See docs/method.md section 1."""
 
 from .config import Block, FeaturizerConfig, Layout, plan_layout
 from .per_example import FeaturizeOutput, Featurizer

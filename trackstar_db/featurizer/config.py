@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from trackstar_db import defaults
+
 COMBINES = ("concat", "sum")
 CORRECTIONS = ("none", "adam-exact", "adam-factored", "adafactor", "estimated")
 # "auto" = what the checkpoint supports, decided by settings.resolve before any vector is made
@@ -29,7 +31,7 @@ class FeaturizerConfig:
     """dim: total output width; seed: projection seed; eps: in g / (sqrt(V) + eps);
     max_length: tokens kept per example (right cut)."""
 
-    dim: int = 4096
+    dim: int = defaults.DIM
     seed: int = 0
     combine: str = "concat"
     correction: str = "auto"

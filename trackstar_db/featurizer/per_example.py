@@ -132,7 +132,7 @@ class Featurizer:
         return (self._projections.get(name, "row", block.k_r, self.rows[name], scale[0], dtype),
                 self._projections.get(name, "col", block.k_c, self.cols[name], scale[1], dtype))
 
-    def _block(self, name: str, x_r: torch.Tensor, x_c: torch.Tensor, corrected: bool) -> torch.Tensor:
+    def block_vector(self, name: str, x_r: torch.Tensor, x_c: torch.Tensor, corrected: bool) -> torch.Tensor:
         """[batch, k_r * k_c] contribution of one use of `name`."""
         if corrected and self.second_moment is not None and self.second_moment.mode == "elementwise":
             p_r, p_c = self._pair(name, corrected, torch.float32)
@@ -159,7 +159,7 @@ class Featurizer:
             block = self._blocks[name]
             for variant in self.variants:
                 span = out[variant][:, block.offset: block.offset + block.size]
-                span += self._block(name, x_r, x_c, corrected=variant == "corrected")
+                span += self.block_vector(name, x_r, x_c, corrected=variant == "corrected")
 
         loss, n_tokens = per_example_backward(self.model, self.tracked, batch, on_factors,
                                               factor_dtype=None if self.dtype == torch.bfloat16 else torch.float32)

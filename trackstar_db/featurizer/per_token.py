@@ -58,7 +58,7 @@ def per_token_vectors(featurizer: Featurizer, batch: dict[str, torch.Tensor],
         x_r = x_r.reshape(tokens, 1, -1) if x_r.dtype != torch.long else x_r.reshape(tokens, 1)
         x_c = x_c.reshape(tokens, 1, -1)
         for variant in variants:
-            part = featurizer._block(name, x_r, x_c, corrected=variant == "corrected")
+            part = featurizer.block_vector(name, x_r, x_c, corrected=variant == "corrected")
             out[variant][:, block.offset: block.offset + block.size] += part
 
     per_example_backward(featurizer.model, featurizer.tracked, batch, on_factors,

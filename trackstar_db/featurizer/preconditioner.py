@@ -10,7 +10,7 @@ lambda = s_train[k] / (s_train[k] + s_eval[k]). Without query vectors R = R_trai
 
 Powers come from a float64 eigendecomposition with damping:
 R^p = U diag((s + damping * mean(s))^p) U^T, mean(s) = trace(R) / d over the whole matrix
-(all blocks). Default damping 0.1 (measured: see DEFAULT_DAMPING). Saved as safetensors (eigenvalues and eigenvectors per
+(all blocks). Default damping: DEFAULT_DAMPING (chosen by a sweep: docs/method.md). Saved as safetensors (eigenvalues and eigenvectors per
 block) with lambda, k, damping, n_train, n_eval, kind and spans in the metadata; never pickled.
 The same file may carry the whitened norms |g R^p| of every training row ("row_norms.<p>",
 in the table's scan order) with the table version they belong to, so scans never apply R to
@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trackstar_db import defaults
+
 KINDS = ("block", "dense")
 _THREADED_EIGH = 2048  # below this size one thread is faster and immune to busy-core stalls
 
@@ -35,8 +37,7 @@ _THREADED_EIGH = 2048  # below this size one thread is faster and immune to busy
 @contextmanager
 def _eigh_threads(size: int):
     """One CPU thread for small eigendecompositions: multi-threaded LAPACK on blocks of a few
-    hundred rows spends its time in thread barriers (0.02 s vs 5 s for 400 x 400 measured on a
-    2-core machine with one core busy)."""
+    hundred rows spends its time in thread barriers, worst when another process keeps a core busy."""
     previous = torch.get_num_threads()
     if size < _THREADED_EIGH:
         torch.set_num_threads(1)
@@ -44,7 +45,7 @@ def _eigh_threads(size: int):
         yield
     finally:
         torch.set_num_threads(previous)
-DEFAULT_DAMPING = 0.1  # chosen by benchmarks/sweep_preconditioner.py on the demo world
+DEFAULT_DAMPING = defaults.DAMPING  # chosen by benchmarks/sweep_preconditioner.py on the demo world
 
 
 class GramAccumulator:

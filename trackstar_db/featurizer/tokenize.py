@@ -15,9 +15,9 @@ the loss itself.
 Batches are right-padded; padded positions carry label -100 and attention 0, so results do not
 depend on batch composition.
 
-Nothing is longer than the model's context: the cut is min(max_length, the tokenizer's
-model_max_length), and `cap_tokenizer` sets model_max_length to the model's own context
-(n_positions / max_position_embeddings), as the gradient loader does. A text or a chat keeps
+Nothing is longer than the model's context: the cut is models/context.token_limit (min of
+max_length and the tokenizer's model_max_length, which the model factory sets to the model's
+own context). A text or a chat keeps
 its start; a query or a completion keeps its end (the prompt is cut from the left; a query's
 target is kept whole).
 """
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trackstar_db.models.context import token_limit
+
 IGNORE = -100
 
 
@@ -37,34 +39,6 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-
-
-_NO_LIMIT = 10**8  # transformers' "no model_max_length" is 1e30
-
-
-def model_context(model_config) -> int | None:
-    """The model's context in tokens (n_positions, max_position_embeddings, ...), or None if unknown."""
-    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
-        value = getattr(model_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def cap_tokenizer(tokenizer, model_config, max_length: int | None = None) -> int | None:
-    """Set tokenizer.model_max_length to the model's context; returns the cut encodings get
-    (min of max_length and the context), the 'context_cap' a manifest records."""
-    context = model_context(model_config)
-    if context is not None:
-        tokenizer.model_max_length = context
-    return token_limit(tokenizer, max_length)
-
-
-def token_limit(tokenizer, max_length: int | None = None) -> int | None:
-    """Tokens an encoding keeps: min(max_length, tokenizer.model_max_length when that is set)."""
-    limits = [n for n in (max_length, getattr(tokenizer, "model_max_length", None))
-              if isinstance(n, int) and 0 < n < _NO_LIMIT]
-    return min(limits) if limits else None
 
 
 def _ids(tokenizer, text: str) -> list[int]:

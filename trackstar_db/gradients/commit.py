@@ -28,6 +28,14 @@ def check_vectors(ids: list[str], vectors: torch.Tensor) -> torch.Tensor:
     return norms
 
 
+def absent(table, rows: pa.Table) -> pa.Table:
+    """The rows whose id `table` does not hold yet (a rerun after a kill never duplicates one)."""
+    present = table.dataset().to_table(columns=["id"], filter=pc.field("id").isin(rows.column("id")))
+    if not present.num_rows:
+        return rows
+    return rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
+
+
 class Committer:
     """add(ids, FeaturizeOutput) buffers rows per table; flush() appends them."""
 
@@ -67,11 +75,8 @@ class Committer:
             for variant, parts in self.pending.items():
                 if not parts:
                     continue
-                rows = pa.concat_tables(parts)
                 table = self.tables[variant]
-                present = table.dataset().to_table(columns=["id"], filter=pc.field("id").isin(rows.column("id")))
-                if present.num_rows:
-                    rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), present.column("id"))))
+                rows = absent(table, pa.concat_tables(parts))
                 faults.point("gradients.before_append")
                 self.db.append(table.name, rows)
                 faults.point("gradients.commit")

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 import torch
 
+from trackstar_db import defaults
 from trackstar_db import faults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, GramAccumulator, fit_preconditioner
 from trackstar_db.ladder import LADDER
@@ -65,7 +66,7 @@ def _query_ids(db, template: str | None) -> set[str] | None:
     return set(rows.column("query_id").to_pylist())
 
 
-def _stream(table, keep: set[str] | None = None, batch_size: int = 8192, label: str = "R"):
+def _stream(table, keep: set[str] | None = None, batch_size: int = defaults.STREAM_BATCH_ROWS, label: str = "R"):
     """[batch, d] float32 vectors of a gradient table, optionally only the ids in `keep`. A batch
     holds at most the scan's BATCH_BYTES of float32 (4,096 rows at d = 4,096, 256 at 65,536):
     the Gram update widens it to float64 and Lance reads several batches ahead."""
@@ -89,11 +90,11 @@ def _summed(source, blocks) -> GramAccumulator:
 
 def _check_options(mix: str, damping: float, k: int | None) -> None:
     if mix not in MIXES:
-        raise TrackstarError(f"--mix must be one of {', '.join(MIXES)}, not {mix!r}")
+        raise ParameterError("mix", f"must be one of {', '.join(MIXES)}, not {mix!r}")
     if not (math.isfinite(damping) and damping >= 0):
-        raise TrackstarError(f"--damping must be a finite number >= 0, not {damping}")
+        raise ParameterError("damping", f"must be a finite number >= 0, not {damping}")
     if k is not None and k < 0:
-        raise TrackstarError(f"--crossing-k must be >= 0, not {k}")
+        raise ParameterError("crossing_k", f"must be >= 0, not {k}")
 
 
 class LocalPasses:
@@ -117,7 +118,7 @@ class LocalPasses:
 
 
 def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAMPING, k: int | None = None,
-        template: str | None = "prompt0", passes=LocalPasses) -> FitReport:
+        template: str | None = defaults.TEMPLATE, passes=LocalPasses) -> FitReport:
     """Fit every preconditioner the stored tables allow. `passes`: who reads the training tables
     (LocalPasses; trackstar_db.distributed.fit sums over Ray tasks)."""
     _check_options(mix, damping, k)

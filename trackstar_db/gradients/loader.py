@@ -1,7 +1,16 @@
-"""A ready Featurizer for a database's checkpoint: model, tokenizer and the second moment its
-settings ask for (the optimizer state from the manifest, or the estimate from a sample)."""
+"""A ready Featurizer for a model source: model and tokenizer from the one factory
+(models/load.open_model), and the second moment its settings ask for (the source's optimizer
+state, or the estimate from a sample of training examples).
+
+`load_featurizer(source, config, ...)` is the featurizer every path builds: the gradient worker
+and the Ray actor (gradients/setup.py), TracIn-CP in memory, the one-prompt query and token
+contributions; `database_featurizer(db, config, checkpoint)` is the same for a checkpoint of a
+database, with the database's first examples as the estimate's sample.
+"""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import optimizer_state as _optimizer_state
@@ -9,13 +18,24 @@ from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.per_example import Featurizer
 from trackstar_db.featurizer.second_moment import build_second_moment
 from trackstar_db.featurizer.settings import resolve
-from trackstar_db.featurizer.task import task_of
-from trackstar_db.featurizer.tokenize import cap_tokenizer, collate, pad_id
+from trackstar_db.featurizer.task import DEFAULT as DEFAULT_TASK
+from trackstar_db.featurizer.task import Task, task_of
+from trackstar_db.featurizer.tokenize import collate, pad_id
+from trackstar_db.models.source import ModelSource
+
+ESTIMATE_SAMPLE = 512  # training examples the 'estimated' correction averages over
+ELEMENTWISE_OR_FACTORED = ("adam-exact", "adam-factored", "adafactor")  # corrections read from the optimizer state
 
 
 def stored_config(db) -> FeaturizerConfig | None:
     entry = db.manifest.get("featurizer")
     return FeaturizerConfig.from_dict(entry["config"]) if entry else None
+
+
+def recorded_model_dtype(db) -> str:
+    """The model dtype the stored vectors were made with (absent = float32), 'auto' before any run."""
+    entry = db.manifest.get("featurizer")
+    return entry.get("model_dtype", "float32") if entry else "auto"
 
 
 def optimizer_kind(db) -> str | None:
@@ -45,32 +65,45 @@ def sample_texts(db, limit: int, spans: bool = False) -> list:
     return rows.column("text").to_pylist()
 
 
-def load_featurizer(db, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
-                    estimate_sample: int = 512, batch_size: int = 16, model_dtype: str = "float32",
-                    prepare=None):
-    """(Featurizer, tokenizer) for the database's model and task (featurizer/task.py), with the
-    second moment config asks for (estimated from the task's loss on a sample).
-    The tokenizer's encodings are capped at the model's context (tokenize.cap_tokenizer).
-    prepare: model -> model, given the model loaded on the CPU (gradients/sharded.py shards it)."""
-    task = task_of(db.manifest)
-    model, tokenizer = db.load_model("cpu" if prepare else device, model_dtype)
+def load_featurizer(source: ModelSource, config: FeaturizerConfig, device: str = "cpu", uncorrected: bool = False,
+                    sample: Callable[[], Sequence] | None = None, batch_size: int = 16, prepare=None,
+                    task: Task | None = None):
+    """(Featurizer, tokenizer) of `source` and `task` (featurizer/task.py; default: every token's
+    loss) with the second moment config asks for. `sample` gives the training texts (or (text,
+    loss spans) pairs) the 'estimated' correction averages the task's loss over (called only
+    then). prepare: model -> model, given the model opened on the CPU (gradients/sharded.py)."""
+    from trackstar_db.models.load import open_model
+
+    task = task or DEFAULT_TASK
+
+    model, tokenizer = open_model(source, "cpu" if prepare else device)
     if prepare is not None:
         model = prepare(model)
-    cap_tokenizer(tokenizer, model.config, config.max_length)
     state = None
-    if config.correction in ("adam-exact", "adam-factored", "adafactor"):
-        path = db.model_info().get("optimizer_state")
-        if not path:
+    if config.correction in ELEMENTWISE_OR_FACTORED:
+        if source.optimizer_state is None:
             raise TrackstarError(f"correction {config.correction!r} needs the optimizer state; "
                                  "give --optimizer-state to init, or use --correction estimated")
-        state = _optimizer_state.load(path)
-    sample = None
+        state = _optimizer_state.load(source.optimizer_state)
+    batches = None
     if config.correction == "estimated":
-        rows = sample_texts(db, estimate_sample, spans=task.masked)
+        rows = [r if isinstance(r, tuple) else (r, None) for r in (sample() if sample is not None else [])]
         if not rows:
             raise TrackstarError("correction 'estimated' needs training examples; ingest the corpus first")
-        rows = rows if task.masked else [(text, None) for text in rows]
         items = [task.encode_example(tokenizer, text, spans, config.max_length) for text, spans in rows]
-        sample = [collate(items[i:i + batch_size], pad_id(tokenizer)) for i in range(0, len(items), batch_size)]
-    moment = build_second_moment(config, model, state, sample, device)
+        batches = [collate(items[i:i + batch_size], pad_id(tokenizer)) for i in range(0, len(items), batch_size)]
+    moment = build_second_moment(config, model, state, batches, device)
     return Featurizer(model, config, moment, device, uncorrected=uncorrected, task=task), tokenizer
+
+
+def database_featurizer(db, config: FeaturizerConfig, checkpoint: str | None = None, device: str = "cpu",
+                        uncorrected: bool = False, model_dtype: str | None = None,
+                        estimate_sample: int = ESTIMATE_SAMPLE, batch_size: int = 16, prepare=None):
+    """load_featurizer for checkpoint `checkpoint` of db's model (None: the final one) and the
+    database's task, in `model_dtype` (None: the dtype the stored vectors were made with)."""
+    from trackstar_db.store.checkpoints import source
+
+    task = task_of(db.manifest)
+    point = source(db, checkpoint).with_dtype(model_dtype or recorded_model_dtype(db))
+    return load_featurizer(point, config, device, uncorrected, lambda: sample_texts(db, estimate_sample, task.masked),
+                           batch_size, prepare, task)

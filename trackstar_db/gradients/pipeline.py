@@ -43,6 +43,11 @@ class Batch:
     def rows(self) -> int:
         return len(self.ids)
 
+    @property
+    def tokens(self) -> int:
+        """Input tokens, padding excluded."""
+        return int(self.tensors["attention_mask"].sum())
+
 
 def token_batches(ids: list[str], items: list[Encoded], batch_tokens: int | None,
                   batch_size: int) -> list[tuple[list[str], list[Encoded]]]:

@@ -15,7 +15,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError
 
 SOURCES = {"train": ("examples", "example_id", ("text",)),
            "queries": ("queries", "query_id", ("prompt", "target"))}
@@ -33,9 +33,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
-        raise TrackstarError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+        raise ParameterError("shard", f"{text!r}: expected I/N, e.g. 0/4") from None
     if not (count >= 1 and 0 <= index < count):
-        raise TrackstarError(f"--shard {index}/{count}: need 0 <= I < N")
+        raise ParameterError("shard", f"{index}/{count}: need 0 <= I < N")
     return index, count
 
 

@@ -1,7 +1,7 @@
 """One prompt and target, attributed on the fly (`trackstar-db query`, `Database.query`).
 
 The query's gradient is computed by the same featurizer as the stored ones and scored by the
-same path as stored runs (retrieval/runs.run_method). The answer is an Arrow table with columns
+same runner as stored runs (retrieval/runners.py). The answer is an Arrow table with columns
 kind ('proponent' | 'opponent'), rank, example_id, score, method, text, and the evidence columns
 of retrieval/evidence.py (bm25, has_target, has_subject, shared_span, states_it, delta_p,
 verify_ms, moves_model, label; delta_p measured only with verify).
@@ -15,11 +15,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db import defaults
+from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.ladder import LADDER, METHODS, lookup
 
-from . import embedding
-from .methods import ALL_METHODS, LADDER, METHODS, get_method
-from .runs import run_method
+from . import embedding, runners
 
 PREFERENCE = ("trackstar", "r-train", "opt-cos", "grad-cos")
 
@@ -47,23 +47,26 @@ class PromptAttributor:
         self._featurizers: dict[str, tuple] = {}  # variant -> (Featurizer, tokenizer)
         self._patcher = None  # tailpatch.TailPatcher for verify, made by the first verify
 
-    def _featurizer(self, variant: str):
+    def featurizer(self, variant: str):
+        """(Featurizer, tokenizer) making `variant` with the stored recipe (settings and model
+        dtype), from the database's model source (gradients/loader.database_featurizer)."""
         if variant not in self._featurizers:
-            from trackstar_db.gradients.loader import load_featurizer, stored_config
+            from trackstar_db.gradients.loader import database_featurizer, stored_config
 
             config = stored_config(self.db)
             if config is None:
                 raise TrackstarError(f"{self.db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
             uncorrected = variant == "uncorrected" and config.correction != "none"
-            self._featurizers[variant] = load_featurizer(self.db, config, self.device, uncorrected=uncorrected)
+            self._featurizers[variant] = database_featurizer(self.db, config, device=self.device,
+                                                             uncorrected=uncorrected)
         return self._featurizers[variant]
 
     def gradient(self, prompt: str, target: str, variant: str):
         """[1, d] raw query gradient of (prompt, target) in `variant`."""
-        from trackstar_db.featurizer.tokenize import collate, encode_query, pad_id
+        from trackstar_db.featurizer.tokenize import collate, pad_id
 
-        featurizer, tokenizer = self._featurizer(variant)
-        item = encode_query(tokenizer, prompt, target, max_length=featurizer.config.max_length)
+        featurizer, tokenizer = self.featurizer(variant)
+        item = featurizer.task.encode_query(tokenizer, prompt, target, featurizer.config.max_length)
         return featurizer.featurize(collate([item], pad_id(tokenizer))).vectors[variant]
 
     def patcher(self):
@@ -74,35 +77,34 @@ class PromptAttributor:
             self._patcher = load_patcher(self.db, device=self.device)
         return self._patcher
 
-    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = 10, ann=None,
+    def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY, ann=None,
                   verify: bool = False) -> pa.Table:
         """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts
         and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
         now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
         db = self.db
         if not prompt.strip() or not target.strip():
-            raise TrackstarError("both --prompt and --target must be non-empty")
+            raise ParameterError("prompt" if not prompt.strip() else "target", "must be non-empty")
         from trackstar_db.validation import K_MAX, count
 
         count("--k", k, 1, K_MAX)
         if db.count("examples") == 0:
             raise TrackstarError(f"{db.path}: the database has no examples")
-        method = method or best_method(db)
-        if method not in ALL_METHODS:
-            raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}")
-        vectors = None
-        if method in METHODS:
-            vectors = self.gradient(prompt, target, get_method(method).table)
-        result = run_method(db, method, ["adhoc"], [embedding.query_text(prompt, target)], k, self.device,
-                            query_vectors=vectors, ann=ann)
-        rows = result.to_arrow(["adhoc"], "adhoc", method).select(["kind", "rank", "example_id", "score", "method"])
+        entry = lookup(method or best_method(db))
+        if not entry.serves_prompt:
+            raise TrackstarError(entry.refuses_prompt)
+        vectors = self.gradient(prompt, target, entry.spec.table) if entry.spec is not None else None
+        request = runners.Request(["adhoc"], [embedding.query_text(prompt, target)], k, self.device,
+                                  query_vectors=vectors, ann=ann)
+        rows = runners.run(db, entry, request).to_arrow(["adhoc"], "adhoc", entry.name)
+        rows = rows.select(["kind", "rank", "example_id", "score", "method"])
         ids = rows.column("example_id").to_pylist()
-        lookup = {}
+        text_of = {}
         if ids:
             texts = db.table("examples", columns=["example_id", "text"],
                              filter=pc.field("example_id").isin(sorted(set(ids))))
-            lookup = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
-        rows = rows.append_column("text", pa.array([lookup.get(i) for i in ids], pa.string()))
+            text_of = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
+        rows = rows.append_column("text", pa.array([text_of.get(i) for i in ids], pa.string()))
         from .evidence import with_evidence
 
         return with_evidence(db, prompt, target, rows, self.patcher() if verify else None)

@@ -45,8 +45,7 @@ from .methods import get_method, query_transform
 from .topk import TopKResult
 
 KINDS = ("ivf_rq", "ivf_pq", "ivf_hnsw_sq", "ivf_flat")
-# 4-bit RaBitQ codes: from 300 re-ranked candidates, recall@100 0.969 at 100K x 4,096 where 4-bit
-# PQ (d / 16 sub-vectors) gave 0.826, and 0.993 at 1M in 43-62 ms a query (docs/scale.md)
+# 4-bit RaBitQ codes: the kind with the best recall for its re-ranked candidates (docs/scale.md)
 DEFAULT_KIND = "ivf_rq"
 # on a quantised index (ivf_rq, ivf_pq) when not given: nprobes, and how many candidates are
 # re-ranked on the float16 vectors (refine_factor = candidates / k); measured in docs/scale.md
@@ -56,7 +55,7 @@ QUANTISED_SEARCH = {"ivf_rq": {"nprobes": 4, "candidates": 300}, "ivf_pq": {"npr
 @dataclass
 class AnnOptions:
     """Search parameters (None: LanceDB's default, except on a quantised index, ivf_rq or ivf_pq:
-    QUANTISED_SEARCH, since 4-bit PQ codes alone gave recall@100 0.35). nprobes: IVF partitions
+    QUANTISED_SEARCH, since the 4-bit codes alone rank poorly: docs/scale.md). nprobes: IVF partitions
     visited; refine_factor: re-rank refine_factor * k candidates with the full float16 vectors;
     ef: HNSW candidate list size (IVF_HNSW_*), >= k."""
 
@@ -77,7 +76,7 @@ def table_name(method: str) -> str:
 
 # Lance's caches of opened index partitions and file metadata, shared by every ANN dataset this
 # process opens: without it each search (a fresh dataset at the latest version) reads its
-# partitions again, about 2x the search at 1M rows (docs/scale.md). Bounded: INDEX_CACHE_BYTES.
+# partitions again (the cost is in docs/scale.md). Bounded: INDEX_CACHE_BYTES.
 INDEX_CACHE_BYTES = 1 << 30
 _SESSION = None
 
@@ -100,13 +99,13 @@ _DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256, so a wa
 
 
 def _digest(path) -> str:
-    from trackstar_db.store.manifest import _file_digest
+    from trackstar_db.store.manifest import file_digest
 
     stat = path.stat()
     key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
         _DIGESTS.clear()
-        _DIGESTS[key] = _file_digest(path)
+        _DIGESTS[key] = file_digest(path)
     return _DIGESTS[key]
 
 
@@ -147,8 +146,8 @@ SEARCH_BATCH = 64  # query vectors per Lance call (each call returns SEARCH_BATC
 def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions | None = None) -> TopKResult:
     """Approximate top-k proponents and opponents of raw query gradients g_q [nq, d].
 
-    The index is read with Lance directly (through LanceDB's query builder a search at 100K took
-    85 ms instead of 21-30: docs/scale.md) and the 2 x nq searches (t_query, -t_query) go to
+    The index is read with Lance directly (LanceDB's query builder is slower: docs/scale.md)
+    and the 2 x nq searches (t_query, -t_query) go to
     Lance at most SEARCH_BATCH vectors per call, the calls spread over the machine's cores."""
     spec = get_method(method)
     preconditioners = {}

@@ -11,7 +11,8 @@ from datetime import timedelta
 
 import pyarrow as pa
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db import defaults
+from trackstar_db.errors import ParameterError, TrackstarError
 
 from .ann import DEFAULT_KIND, KINDS, open_table, source_version, table_name
 from .methods import get_method
@@ -30,8 +31,8 @@ def connection(db):
 
 
 def _default_partitions(rows: int, kind: str) -> int:
-    """IVF partitions: sqrt(rows) / 5 for the flat and quantised kinds (63 at 100K rows: the
-    measured IVF_PQ had 64; LanceDB's k-means over float16 costs partitions^2 here); for HNSW
+    """IVF partitions: sqrt(rows) / 5 for the flat and quantised kinds (LanceDB's k-means over
+    float16 costs partitions^2; docs/scale.md); for HNSW
     inside each partition, one per 16,384 rows (a graph searches a big partition well)."""
     if kind == "ivf_hnsw_sq":
         return max(1, rows // 16384)
@@ -56,7 +57,7 @@ def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vector
     return config(distance_type="dot", **params), params
 
 
-def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device, progress: bool):
+def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device, progress: bool | None):
     """Write t_train(g_z) of every stored row into ann_<method>; the LanceDB table."""
     from trackstar_db.store import vectors as _vectors
     from trackstar_db.store.vectors import scan_progress
@@ -68,8 +69,8 @@ def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device
 
     def batches():
         stream = scan(scoring, device, batch_rows)
-        if progress:
-            stream = scan_progress(stream, source["rows"], f"index {method}")
+        if progress is not False:
+            stream = scan_progress(stream, source["rows"], f"index {method}", progress)
         for ids, x in stream:
             if spec.train_power != 0:  # (g / n_z) R^p = unit(g R^p): n_z is the whitened norm
                 x = scoring.preconditioner.apply(x, spec.train_power)
@@ -81,8 +82,8 @@ def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device
 
 def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: int | None = None,
                 num_sub_vectors: int | None = None, m: int = 20, ef_construction: int = 300,
-                max_iterations: int = MAX_ITERATIONS, sample_rate: int = SAMPLE_RATE, batch_rows: int = 8192,
-                device="cpu", progress: bool = True, reuse_vectors: bool = False) -> dict:
+                max_iterations: int = MAX_ITERATIONS, sample_rate: int = SAMPLE_RATE, batch_rows: int = defaults.STREAM_BATCH_ROWS,
+                device="cpu", progress: bool | None = None, reuse_vectors: bool = False) -> dict:
     """Materialise `method`'s final unit vectors into ann_<method>, index them, record provenance.
     Returns the manifest entry (with build seconds). Memory: one scanned batch at a time.
     reuse_vectors: keep ann_<method>'s vectors when the recorded index was built from the
@@ -93,7 +94,7 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
     # one writer of DB/ann and the manifest at a time (store/lock.py), as fit holds it
     with db.writer(f"index {method}"):
         if kind not in KINDS:
-            raise TrackstarError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+            raise ParameterError("kind", f"must be one of {', '.join(KINDS)}, not {kind!r}")
         spec = get_method(method)
         source = source_version(db, method)
         scoring = prepare(db, spec)  # refuses stale row norms before anything is written
@@ -113,7 +114,7 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
                                        max_iterations, sample_rate)
         table.create_index("vector", config=config, replace=True)
         # a new materialisation (an overwrite) or a replaced index leaves the old version's files
-        # behind, 8 GB per rebuild at 1M x 4,096, and a killed build its unreferenced files; searches
+        # behind (rows x d x 2 bytes per rebuild), and a killed build its unreferenced files; searches
         # read the latest version only, and no other build writes while this one holds the lock
         open_table(db, method).cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
         entry = {"table": name, "kind": kind, "params": params, "source": source, "dim": dim,

@@ -3,16 +3,14 @@
 Akyurek et al. (2022) compare training examples and queries by the representations of the model
 being attributed. Here: each text (an example, or a query's prompt and target joined as
 embedding.query_text joins them) is encoded like a training example (tokenize.encode_text,
-cut at the model's context), run through the database's model, and the hidden states of one
+cut at the model's context by the tokenizer models/load.open_model caps), run through the database's model, and the hidden states of one
 layer are averaged over the real tokens (attention mask 1, the position-0 bos token excluded:
 its state is the same for every text), then L2-normalised, so a dot product is the cosine.
 
-Layer: `LAYER` = "input" (hidden_states[0]: token plus position embeddings, before any block), by
-measurement on the demo world (seed 0, 499 prompt0 queries with ground truth, top 100): MRR 0.246
-and recall@10 0.433 for "input", against 0.010 / 0.014 for "middle" (hidden_states[1], after the
-first of two blocks) and 0.007 / 0.004 for "final" (hidden_states[2], after ln_f). The states
-after the blocks are, mean-pooled, nearly the same direction for every text, so their cosine
-ranks examples almost at random (docs/simfluence.md, lm-embedding).
+Layer: `LAYER` = "input" (hidden_states[0]: token plus position embeddings, before any block),
+chosen by benchmarks/lm_embedding_layers.py on the demo world over "middle" and "final" (figures:
+benchmarks/RESULTS.md). The states after the blocks are, mean-pooled, nearly the same direction
+for every text, so their cosine ranks examples almost at random.
 """
 
 from __future__ import annotations
@@ -40,17 +38,10 @@ def layer_index(n_layers: int, layer: str | int) -> int:
     raise TrackstarError(f"lm-embedding layer must be 'input', 'middle', 'final' or 0..{n_layers}, not {layer!r}")
 
 
-def _context(model, tokenizer) -> int | None:
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    return getattr(tokenizer, "model_max_length", None)
-
-
 @torch.inference_mode()
 def embed(model, tokenizer, texts: Sequence[str], layer: str | int = LAYER, batch_size: int = 64) -> torch.Tensor:
-    """Unit-norm mean-pooled hidden states [n, hidden] (float32, on the model's device) of `texts`."""
+    """Unit-norm mean-pooled hidden states [n, hidden] (float32, on the model's device) of `texts`;
+    `tokenizer` as models/load.open_model gives it (capped at the model's context)."""
     from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
 
     device = next(model.parameters()).device
@@ -58,7 +49,7 @@ def embed(model, tokenizer, texts: Sequence[str], layer: str | int = LAYER, batc
     skip_first = tokenizer.bos_token_id is not None
     out = []
     for start in range(0, len(texts), batch_size):
-        items = [encode_text(tokenizer, t, _context(model, tokenizer)) for t in texts[start:start + batch_size]]
+        items = [encode_text(tokenizer, t) for t in texts[start:start + batch_size]]
         batch = collate(items, pad_id(tokenizer))
         mask = batch["attention_mask"].to(device)
         hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
@@ -84,11 +75,13 @@ def example_batches(db, model, tokenizer, layer: str | int = LAYER, rows: int = 
 
 def top_k(db, texts: Sequence[str], k: int, device: str = "cpu", layer: str | int = LAYER):
     """Top-k examples by cosine of the database model's embeddings of `texts` (queries) and of each example."""
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
     from trackstar_db.store.vectors import scan_progress
 
     from .topk import search
 
-    model, tokenizer = db.load_model(device)
+    model, tokenizer = open_model(source(db).with_dtype("float32"), device)
     queries = embed(model, tokenizer, list(texts), layer)
     batches = scan_progress(example_batches(db, model, tokenizer, layer), db.count("examples"), "lm-embedding")
     return search(queries, batches, k, opponents=False)

@@ -17,8 +17,8 @@ import torch
 
 from trackstar_db.errors import TrackstarError
 from trackstar_db.ladder import (  # noqa: F401  (re-exported: the ladder's names)
-    ALL_METHODS, BASELINES, CHECKPOINT_METHODS, LADDER, METHODS, PRECONDITIONERS, TABLES, MethodSpec,
-    get_method, method_order,
+    ALL_METHODS, BASELINES, CHECKPOINT_METHODS, LADDER, METHODS, PRECONDITIONERS, REGISTRY, TABLES, MethodSpec,
+    get_method, lookup, method_order,
 )
 
 
@@ -28,18 +28,17 @@ class Preconditioner(Protocol):
 
 
 def expand(names, installed=None) -> list[str]:
-    """Method names with 'all' expanded to every method whose needs are installed
-    (`installed(name) -> bool`, default: the embedding baseline only with its package)."""
+    """Method names with 'all' expanded to every method of `--method all` (ladder.Method.in_all)
+    whose needs are installed (`installed(name) -> bool`, default: its pip extra is importable)."""
     if installed is None:
         from . import embedding
 
-        installed = lambda name: (name != "embedding" or embedding.available()) and name not in CHECKPOINT_METHODS  # noqa: E731
+        installed = lambda name: REGISTRY[name].extra != "embedding" or embedding.available()  # noqa: E731
     out = []
     for name in names:
-        for method in (ALL_METHODS if name == "all" else (name,)):
-            if method not in ALL_METHODS:
-                raise TrackstarError(f"unknown method {method!r}; methods: {', '.join(ALL_METHODS)}, all")
-            if (name != "all" or installed(method)) and method not in out:
+        every = [m.name for m in REGISTRY.values() if m.in_all and installed(m.name)]
+        for method in (every if name == "all" else (lookup(name).name,)):
+            if method not in out:
                 out.append(method)
     return out
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.store.vectors import BATCH_BYTES, scan_progress, vector_batches
 
@@ -122,7 +123,7 @@ def _buffer(rows: int, dim: int, device: torch.device) -> torch.Tensor:
     return held[:rows]
 
 
-def scan(scoring: Scoring, device="cpu", batch_rows: int = 65536):
+def scan(scoring: Scoring, device="cpu", batch_rows: int = defaults.SCAN_BATCH_ROWS):
     """(ids, x [nb, d] float32) batches of the stored rows, each row divided by its n_z (see the
     module docstring). x is a view of a buffer reused by the next batch: consume it first."""
     batch_rows = max(1, min(batch_rows, BATCH_BYTES // (4 * scoring.table.dim)))
@@ -131,7 +132,7 @@ def scan(scoring: Scoring, device="cpu", batch_rows: int = 65536):
                  batch_rows=batch_rows, label=scoring.table.name)
 
 
-def widen(batches, *, unit: bool, row_norms: torch.Tensor | None = None, device="cpu", batch_rows: int = 8192,
+def widen(batches, *, unit: bool, row_norms: torch.Tensor | None = None, device="cpu", batch_rows: int = defaults.STREAM_BATCH_ROWS,
           label: str = "vectors"):
     """(ids, x in its stored dtype) batches -> (ids, x float32) in the reused buffer, tile by tile;
     with `unit`, each row divided by row_norms[its position] or, without them, by its own norm."""
@@ -162,14 +163,15 @@ def widen(batches, *, unit: bool, row_norms: torch.Tensor | None = None, device=
         yield ids, out
 
 
-def score_table(db, spec: MethodSpec, g_q: torch.Tensor, k: int, *, device="cpu", batch_rows: int = 65536,
-                progress: bool = True, scoring: Scoring | None = None) -> TopKResult:
-    """Top-k proponents and opponents of raw query gradients g_q [nq, d] under rung `spec`."""
+def score_table(db, spec: MethodSpec, g_q: torch.Tensor, k: int, *, device="cpu", batch_rows: int = defaults.SCAN_BATCH_ROWS,
+                progress: bool | None = None, scoring: Scoring | None = None) -> TopKResult:
+    """Top-k proponents and opponents of raw query gradients g_q [nq, d] under rung `spec`
+    (progress: trackstar_db/progress.py; False skips the bar's bookkeeping too)."""
     scoring = scoring or prepare(db, spec)
     q = scoring.query_side(g_q.to(device))
     batches = scan(scoring, device, batch_rows)
-    if progress:
-        batches = scan_progress(batches, scoring.table.count(), spec.name)
+    if progress is not False:
+        batches = scan_progress(batches, scoring.table.count(), spec.name, progress)
     try:
         return search(q, batches, k)
     except ValueError as exc:

@@ -79,7 +79,7 @@ class TokenAttributor:
         from .scoring import prepare
 
         spec = self._spec(method)
-        featurizer, tokenizer = self.attributor._featurizer(spec.table)
+        featurizer, tokenizer = self.attributor.featurizer(spec.table)
         if featurizer.task.masked:  # the token offsets below assume the plain-text encoding
             raise TrackstarError(f"per-token contributions need a database whose loss covers every token; this "
                                  f"one's loss is {featurizer.task.examples!r} (featurizer/task.py)")
@@ -129,7 +129,7 @@ def hit_tokens(db, prompt: str, target: str, hits: pa.Table, device: str = "cpu"
     """token_contributions of every row of a `Database.query` answer, with its kind and rank
     prepended (one row per token per hit)."""
     parts = []
-    attributor = db._attributor if getattr(db, "_attributor", None) and db._attributor.device == device else None
+    attributor = db.prompt_attributor(device) if hasattr(db, "prompt_attributor") else None  # a handle's warm one
     contributions = TokenAttributor(db, attributor, device)
     for hit in hits.select(["kind", "rank", "example_id", "method"]).to_pylist():
         tokens = contributions(prompt, target, hit["example_id"], hit["method"])

@@ -3,14 +3,19 @@
     score(z, q) = sum over checkpoints c of lr_c * t(g_c(z)) . t(g_c(q))
 
 with g_c the projected loss gradient (featurizer.per_example.Featurizer, the database's projection
-settings) at checkpoint c, lr_c the learning rate recorded in c's optimizer.safetensors, and t one
+settings) at checkpoint c, lr_c the learning rate recorded in c's optimizer state, and t one
 of the variants:
 
 | method        | gradient                        | t               |
 |---------------|---------------------------------|-----------------|
 | tracin-cp     | uncorrected                     | identity        |
 | tracin-cp-cos | uncorrected                     | unit norm       |
-| tracin-cp-opt | corrected by c's Adam 1/sqrt(V) | unit norm       |
+| tracin-cp-opt | corrected by c's second moment  | unit norm       |
+
+Each checkpoint is a models.source.ModelSource, featurized through the same factory and
+featurizer builder as the gradient worker (gradients/loader.load_featurizer): the stored
+model dtype, PEFT adapters, the context rule and the correction the recipe resolves to (a
+recipe without one takes settings.default_correction of c's optimizer, as a first run would).
 
 Where the vectors come from (`top_k`):
 
@@ -28,13 +33,15 @@ Where the vectors come from (`top_k`):
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from collections.abc import Sequence
 
 import torch
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
-from trackstar_db.store.checkpoints import Checkpoint, attached, stored
+from trackstar_db.models.source import ModelSource
+from trackstar_db.store.checkpoints import attached, stored
 from trackstar_db.store.checkpoints import kept as checkpoints  # the name callers use
 from trackstar_db.store.gradient_table import GradientTable
 
@@ -43,24 +50,18 @@ VARIANTS = {"tracin-cp": ("uncorrected", False), "tracin-cp-cos": ("uncorrected"
 SCORE_BYTES = 1 << 30  # the [queries, examples] float64 block summed over checkpoints, at most
 
 
-def _featurizer(checkpoint: Checkpoint, config, variant: str, device: str, task=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def checkpoint_featurizer(point: ModelSource, config, variant: str, device: str = "cpu",
+                          sample: Callable[[], Sequence] | None = None, task=None):
+    """(Featurizer, tokenizer) of checkpoint `point` that makes `variant` ('uncorrected' |
+    'corrected') with the database's projection settings `config` and task (featurizer/task.py)."""
+    from trackstar_db.featurizer.settings import default_correction
+    from trackstar_db.gradients.loader import load_featurizer
 
-    from trackstar_db.featurizer import optimizer_state
-    from trackstar_db.featurizer.per_example import Featurizer
-    from trackstar_db.featurizer.second_moment import build_second_moment
-
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint.path), local_files_only=True, dtype="float32")
-    model = model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path), local_files_only=True)
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if context:
-        config = replace(config, max_length=min(config.max_length, int(context)))
     if variant == "uncorrected":
-        return Featurizer(model, replace(config, correction="none"), None, device, task=task), tokenizer
-    config = replace(config, correction="adam-factored" if config.correction in ("auto", "none") else config.correction)
-    state = optimizer_state.load(checkpoint.path / "optimizer.safetensors")
-    return Featurizer(model, config, build_second_moment(config, model, state, None, device), device, task=task), tokenizer
+        config = replace(config, correction="none")
+    elif config.correction in ("auto", "none"):
+        config = replace(config, correction=default_correction(point.optimizer))
+    return load_featurizer(point, config, device, sample=sample, task=task)
 
 
 def _vectors(featurizer, items, pad: int, batch_size: int) -> torch.Tensor:
@@ -72,25 +73,30 @@ def _vectors(featurizer, items, pad: int, batch_size: int) -> torch.Tensor:
     return torch.cat([o[variant] for o in out])
 
 
-def scores(points: Sequence[Checkpoint], texts: Sequence[str], queries: Sequence[tuple[str, str]], config,
-           method: str = "tracin-cp", device: str = "cpu", batch_size: int = 16, task=None,
-           spans: Sequence | None = None) -> torch.Tensor:
+def scores(points: Sequence[ModelSource], texts: Sequence[str], queries: Sequence[tuple[str, str]], config,
+           method: str = "tracin-cp", device: str = "cpu", batch_size: int = 16,
+           sample: Callable[[], Sequence] | None = None, task=None, spans: Sequence | None = None) -> torch.Tensor:
     """[n_queries, n_texts] TracIn-CP scores of each (prompt, target) query against each training
-    text, encoded under `task` (featurizer/task.py; `spans`: the texts' loss spans when masked)."""
+    text, encoded under `task` (featurizer/task.py; `spans`: the texts' loss spans when masked).
+    `sample`: the training texts (or (text, spans) pairs) an 'estimated' correction averages
+    over (default: the first gradients.loader.ESTIMATE_SAMPLE of `texts`)."""
     from trackstar_db.featurizer.tokenize import pad_id
+    from trackstar_db.gradients.loader import ESTIMATE_SAMPLE
 
     from .methods import unit_normalize
 
     variant, unit = _check(method)
     if not points:
         raise TrackstarError("TracIn-CP needs at least one checkpoint")
+    spans = list(spans) if spans is not None else [None] * len(texts)
+    sample = sample or (lambda: list(zip(texts[:ESTIMATE_SAMPLE], spans[:ESTIMATE_SAMPLE])))
     total = torch.zeros((len(queries), len(texts)), dtype=torch.float64)
     for point in points:
-        featurizer, tokenizer = _featurizer(point, config, variant, device, task)
-        pad, cut, task = pad_id(tokenizer), featurizer.config.max_length, featurizer.task
-        z = _vectors(featurizer, [task.encode_example(tokenizer, t, s, cut)
-                                  for t, s in zip(texts, spans or [None] * len(texts))], pad, batch_size)
-        q = _vectors(featurizer, [task.encode_query(tokenizer, p, t, cut) for p, t in queries], pad, batch_size)
+        featurizer, tokenizer = checkpoint_featurizer(point, config, variant, device, sample, task)
+        pad, cut, encoder = pad_id(tokenizer), featurizer.config.max_length, featurizer.task
+        z = _vectors(featurizer, [encoder.encode_example(tokenizer, t, s, cut) for t, s in zip(texts, spans)], pad,
+                     batch_size)
+        q = _vectors(featurizer, [encoder.encode_query(tokenizer, p, t, cut) for p, t in queries], pad, batch_size)
         if unit:
             z, q = unit_normalize(z), unit_normalize(q)
         total += point.lr * (q.double() @ z.double().T)
@@ -103,7 +109,7 @@ def _check(method: str) -> tuple[str, bool]:
     return VARIANTS[method]
 
 
-def _table(db, split: str, variant: str, point: Checkpoint, n_rows: int) -> GradientTable:
+def _table(db, split: str, variant: str, point: ModelSource, n_rows: int) -> GradientTable:
     table = GradientTable(db, split, variant, point.name).require()
     if table.count() != n_rows:  # an interrupted ingest: resume it rather than sum over part of the corpus
         where = "" if table.is_default else f" --checkpoint {point.name}"
@@ -125,8 +131,8 @@ def _query_vectors(table: GradientTable, query_ids: Sequence[str]) -> torch.Tens
     return to_torch(rows.column("vector").take(order), table.dtype).double()
 
 
-def stored_scores(db, points: Sequence[Checkpoint], example_ids: Sequence[str], query_ids: Sequence[str],
-                  method: str = "tracin-cp", batch_rows: int = 8192) -> torch.Tensor:
+def stored_scores(db, points: Sequence[ModelSource], example_ids: Sequence[str], query_ids: Sequence[str],
+                  method: str = "tracin-cp", batch_rows: int = defaults.STREAM_BATCH_ROWS) -> torch.Tensor:
     """[n_queries, n_examples] TracIn-CP scores from the checkpoints' stored gradient tables
     (examples in the order of `example_ids`)."""
     import pyarrow as pa
@@ -147,7 +153,7 @@ def stored_scores(db, points: Sequence[Checkpoint], example_ids: Sequence[str], 
     return total
 
 
-def _points(db, method: str) -> tuple[str, list[Checkpoint]]:
+def _points(db, method: str) -> tuple[str, list[ModelSource]]:
     """('stored' | 'memory', the checkpoints summed over); see the module docstring."""
     model_dir = db.model_info()["path"]
     kept = checkpoints(model_dir)
@@ -197,6 +203,8 @@ def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp"
     missing = [q for q in query_ids if q not in pairs]
     if missing:
         raise TrackstarError(f"{method}: query {missing[0]!r} is not in the queries table (ad-hoc queries are not supported)")
+    from trackstar_db.gradients.loader import ESTIMATE_SAMPLE, recorded_model_dtype, sample_texts
+
     entry = db.manifest.get("featurizer")
     config = FeaturizerConfig.from_dict(entry["config"]) if entry else FeaturizerConfig()
     from trackstar_db.featurizer.task import task_of
@@ -204,8 +212,10 @@ def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp"
     task = task_of(db.manifest)
     examples = db.table("examples", columns=["text"] + (["loss_spans"] if task.masked else []))
     spans = examples.column("loss_spans").to_pylist() if task.masked else None
+    points = [p.with_dtype(recorded_model_dtype(db)) for p in points]
     return _top(scores(points, examples.column("text").to_pylist(), [pairs[q] for q in query_ids], config, method,
-                       device, task=task, spans=spans), ids, k)
+                       device, sample=lambda: sample_texts(db, ESTIMATE_SAMPLE, task.masked), task=task, spans=spans),
+                ids, k)
 
 
 def _stack(parts):

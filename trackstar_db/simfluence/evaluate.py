@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 from .data import load_runs
 from .fit import fit
@@ -27,7 +27,7 @@ def split_runs(run_ids: list[str], holdout: float) -> tuple[list[str], list[str]
     if len(run_ids) < 2:
         raise TrackstarError(f"simfluence eval needs at least 2 recorded runs, found {len(run_ids)}")
     if not 0 < holdout < 1:
-        raise TrackstarError(f"--holdout must be in (0, 1), not {holdout}")
+        raise ParameterError("holdout", f"must be in (0, 1), not {holdout}")
     n_held = min(len(run_ids) - 1, max(1, round(holdout * len(run_ids))))
     return run_ids[:-n_held], run_ids[-n_held:]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 from .data import Runs
 
@@ -76,7 +76,7 @@ def fit(runs: Runs, model: str = "linear", ridge: float = 1.0, solver: str = "au
     if model not in MODELS:
         raise TrackstarError(f"simfluence model must be one of {', '.join(MODELS)}, not {model!r}")
     if not ridge > 0:
-        raise TrackstarError(f"--ridge must be > 0, not {ridge}")
+        raise ParameterError("ridge", f"must be > 0, not {ridge}")
     if solver not in ("auto", "primal", "dual"):
         raise TrackstarError(f"solver must be auto, primal or dual, not {solver!r}")
     m, before, after = membership(runs)

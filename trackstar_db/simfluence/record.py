@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db import defaults
+from trackstar_db.errors import ParameterError, TrackstarError
 
 from .data import ensure_tables
 
@@ -39,19 +40,20 @@ class RecordOptions:
     threads: int | None = None
 
     def __post_init__(self):
-        if self.runs < 1 or self.steps < 1 or self.probes < 1 or self.batch_size < 1:
-            raise TrackstarError("simfluence record: --runs, --steps, --probes and --batch-size must be >= 1")
+        for name in ("runs", "steps", "probes", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ParameterError(name, f"must be >= 1, not {getattr(self, name)}")
         if not 0 < self.subset <= 1:
-            raise TrackstarError(f"simfluence record: --subset must be in (0, 1], not {self.subset}")
+            raise ParameterError("subset", f"must be in (0, 1], not {self.subset}")
         if self.init not in ("scratch", "checkpoint"):
-            raise TrackstarError(f"simfluence record: --init must be scratch or checkpoint, not {self.init!r}")
+            raise ParameterError("init", f"must be scratch or checkpoint, not {self.init!r}")
 
 
 def probe_queries(db, n: int) -> pa.Table:
     """The probes: n prompt0 queries, the same for a given database (sorted by a hash of the id)."""
     import hashlib
 
-    rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("template") == "prompt0")
+    rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("template") == defaults.TEMPLATE)
     if rows.num_rows == 0:
         raise TrackstarError(f"{db.path}: no prompt0 queries to probe; run 'trackstar-db ingest facts' first")
     keys = [hashlib.sha1(q.encode()).hexdigest() for q in rows.column("query_id").to_pylist()]
@@ -79,17 +81,17 @@ def training_setup(db, options: RecordOptions):
         saved = json.loads(info_path.read_text(encoding="utf-8"))["config"]
         config = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     elif options.init == "scratch":
-        raise TrackstarError(f"{info_path}: missing; --init scratch rebuilds the testbed architecture from it "
-                             "(use --init checkpoint for another model)")
+        raise TrackstarError(f"{info_path}: missing; init 'scratch' rebuilds the testbed architecture from it "
+                             "(init 'checkpoint' starts from another model)")
     tokenizer = AutoTokenizer.from_pretrained(model["tokenizer"], local_files_only=True)
     return config, tokenizer, (model["path"] if options.init == "checkpoint" else None)
 
 
-def record_runs(db, options: RecordOptions, progress: bool = True) -> list[str]:
+def record_runs(db, options: RecordOptions, progress: bool | None = None) -> list[str]:
     """Record `options.runs` new runs (numbered after any already recorded); returns their ids."""
     import torch
-    from tqdm.auto import tqdm
 
+    from trackstar_db.progress import bar
     from trackstar_db.testbed.train import ProbeLosses, train_recorded
 
     ensure_tables(db)
@@ -111,7 +113,7 @@ def record_runs(db, options: RecordOptions, progress: bool = True) -> list[str]:
         torch.set_num_threads(options.threads)
     done = []
     try:
-        for number in tqdm(range(first, first + options.runs), desc="simfluence runs", disable=not progress):
+        for number in bar(range(first, first + options.runs), desc="simfluence runs", progress=progress):
             run_id = f"sim-{number:03d}"
             order_seed = options.seed * 100003 + number
             rng = np.random.default_rng(order_seed)

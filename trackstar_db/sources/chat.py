@@ -42,10 +42,12 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
     if not db.manifest.get("model"):
         raise TrackstarError(f"{db.path}: chat records are rendered with the model's chat template; record the "
                              f"model first ('trackstar-db init {db.path} --model DIR')")
-    from transformers import AutoTokenizer
+    from trackstar_db.models.load import open_tokenizer
+    from trackstar_db.store.checkpoints import source as model_source
 
-    source = db.model_info()["tokenizer"]
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    point = model_source(db)
+    tokenizer = open_tokenizer(point)
+    source = point.tokenizer_path()
     if template_file is not None:
         try:
             tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
@@ -59,9 +61,9 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
 
 def context_cap(db, tokenizer) -> int | None:
     """Tokens a featurized chat keeps: the stored (or default) max_length, capped at the model's
-    context (tokenize.cap_tokenizer), as the gradient run will cut it."""
+    context (models/context.cap_tokenizer), as the gradient run will cut it."""
     from trackstar_db.featurizer.config import FeaturizerConfig
-    from trackstar_db.featurizer.tokenize import cap_tokenizer, token_limit
+    from trackstar_db.models.context import cap_tokenizer, token_limit
 
     entry = db.manifest.get("featurizer") or {}
     max_length = entry.get("config", {}).get("max_length", FeaturizerConfig().max_length)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from trackstar_db import defaults
 from trackstar_db import faults
 from trackstar_db.errors import RecordError, TrackstarError
 from trackstar_db.store.bm25 import BM25Index, sync_bm25
@@ -50,7 +51,7 @@ class CorpusOptions:
     text_field: str = "text"
     id_field: str | None = None  # None: the first of ID_CANDIDATES present, else a hash of the text
     skip_bad: bool = False
-    batch_size: int = 10_000
+    batch_size: int = defaults.CORPUS_COMMIT_ROWS
     prompt_field: str | None = None  # with completion_field: the loss on the completion only
     completion_field: str | None = None
     messages_field: str | None = None  # chat records: the loss on the assistant turns
@@ -159,9 +160,10 @@ def _tokenizer(db):
     """The database model's tokenizer, for n_tokens; None before a model is recorded."""
     if not db.manifest.get("model"):
         return None
-    from transformers import AutoTokenizer
+    from trackstar_db.models.load import open_tokenizer
+    from trackstar_db.store.checkpoints import source
 
-    return AutoTokenizer.from_pretrained(db.model_info()["tokenizer"], local_files_only=True)
+    return open_tokenizer(source(db))
 
 
 def _stored_hashes(db) -> dict[str, tuple[str, str]]:
@@ -192,7 +194,7 @@ def _add_spans_column(db, task) -> None:
 
 
 def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = None,
-                  progress: bool = True) -> IngestReport:
+                  progress: bool | None = None) -> IngestReport:
     """Add the files' records to examples and BM25, all or nothing (store/journal.py), under the
     writer lock. A conflicting duplicate id (in the files, or against a stored example) is a
     RecordError naming both places; records whose loss differs from the stored examples' are

@@ -17,13 +17,14 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from trackstar_db import defaults
 from trackstar_db import faults
 from trackstar_db.errors import RecordError
 from trackstar_db.store import schema as _schema
 
 from .records import IdRegistry, checked_records, record_id, require_text, string_list
 
-PROMPT_FIELDS = ("prompt0", "prompt1", "prompt2")
+PROMPT_FIELDS = defaults.TEMPLATES
 # Upper bounds (inclusive) of frequency buckets 0..4; bucket 5 is everything above.
 BUCKET_BOUNDS = (0, 1, 3, 7, 15)
 
@@ -86,7 +87,7 @@ def _digest(fact: dict, queries: list[dict]) -> str:
     return hashlib.sha256(json.dumps([fact, queries], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read(files, skip_bad: bool, progress: bool, report: FactReport) -> list[tuple[dict, list[dict], tuple]]:
+def _read(files, skip_bad: bool, progress: bool | None, report: FactReport) -> list[tuple[dict, list[dict], tuple]]:
     """Every record of the files checked, before anything is written: (fact, queries, where).
     An exact repeat of a fact is skipped; a conflicting one is a RecordError naming both lines."""
     registry = IdRegistry("fact")
@@ -107,7 +108,7 @@ def _stored_facts(db) -> dict[str, tuple]:
     return {r["fact_id"]: (r["subject"], r["relation"], r["object"]) for r in rows.to_pylist()}
 
 
-def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: bool = True) -> FactReport:
+def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: bool | None = None) -> FactReport:
     """Add facts and their queries and rebuild ground_truth: all or nothing, kill -9 included
     (store/journal.py), under the writer lock. A fact id stored with another subject, relation
     or object is refused, naming the line."""

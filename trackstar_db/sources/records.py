@@ -263,16 +263,16 @@ class IdRegistry:
 
 
 def checked_records(files, check: Callable[[dict, Path, int], tuple[object, bool]], report, skip_bad: bool,
-                    progress: bool, desc: str) -> Iterator[tuple[Path, int, object]]:
+                    progress: bool | None, desc: str) -> Iterator[tuple[Path, int, object]]:
     """(path, line, value) for every record of `files` (directories expanded) that
     `check(record, path, line) -> (value, is_new)` accepts as new. A RecordError is raised, or
     with skip_bad kept in report.rejected; a repeat counts in report.already_present. One
     progress bar per file."""
-    from tqdm.auto import tqdm
+    from trackstar_db.progress import bar as progress_bar
 
     for path in expand(files):
         records = iter_records(path, report.rejected if skip_bad else None)
-        with tqdm(records, desc=f"{desc} {path.name}", unit=" rec", disable=not progress) as bar:
+        with progress_bar(records, desc=f"{desc} {path.name}", unit=" rec", progress=progress) as bar:
             for line, record in bar:
                 try:
                     value, new = check(record, path, line)

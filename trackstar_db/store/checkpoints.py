@@ -8,21 +8,22 @@ others attached by name, e.g. the intermediate checkpoints TracIn-CP sums over.
 (`trackstar-db train --checkpoints N` keeps step-NNNNNN there) or is a path to a checkpoint
 directory; its name is the directory's name. The final checkpoint is never attached: it is the
 manifest's `model`, and its name `final` selects the default tables (store/gradient_table.py).
-`CheckpointView(db, name)` is the database seen with that checkpoint as its model, so the code
-that loads a database's model (gradients/loader.py) loads the checkpoint unchanged.
+`source(db, name)` describes either one as a models.source.ModelSource (path, fingerprint,
+optimizer state, learning rate), the description every model user opens through
+models/load.open_model; `kept(model_dir)` and `stored(db)` list the ones TracIn-CP sums over.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.models.source import FINAL as DEFAULT
+from trackstar_db.models.source import ModelSource
 
 from . import manifest as _manifest
 
-DEFAULT = "final"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # also the suffix of its table names
 
 
@@ -37,29 +38,27 @@ def is_default(name: str | None) -> bool:
     return name is None or name == DEFAULT
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str
-    path: Path
-    lr: float
+def with_optimizer(point: ModelSource) -> ModelSource:
+    """`point` with the optimizer state of its directory (file, kind, learning rate) filled in;
+    TracIn-CP needs each checkpoint's learning rate."""
+    from dataclasses import replace
 
-
-def learning_rate(path: str | Path) -> float:
-    """The learning rate recorded in a checkpoint directory's optimizer state."""
     from trackstar_db.featurizer import optimizer_state
 
-    state_file = optimizer_state.find(Path(path))
+    state_file = point.optimizer_state or optimizer_state.find(point.path)
     if state_file is None:
-        raise TrackstarError(f"{Path(path) / optimizer_state.FILENAME}: missing; TracIn-CP needs each checkpoint's "
+        raise TrackstarError(f"{point.path / optimizer_state.FILENAME}: missing; TracIn-CP needs each checkpoint's "
                              "learning rate")
-    return float(optimizer_state.describe(state_file)["optimizer_lr"])  # safetensors: the metadata only
+    described = optimizer_state.describe(state_file)  # safetensors: the metadata only
+    return replace(point, optimizer_state=Path(state_file), optimizer=described["optimizer"],
+                   lr=float(described["optimizer_lr"]))
 
 
-def kept(model_dir: str | Path) -> list[Checkpoint]:
+def kept(model_dir: str | Path) -> list[ModelSource]:
     """The intermediate checkpoints a run kept (model_dir/checkpoints/step-*, step order), then the final one."""
     model_dir = Path(model_dir)
     paths = sorted((model_dir / "checkpoints").glob("step-*")) + [model_dir]
-    return [Checkpoint(DEFAULT if path == model_dir else path.name, path, learning_rate(path)) for path in paths]
+    return [with_optimizer(ModelSource(path, DEFAULT if path == model_dir else path.name)) for path in paths]
 
 
 def attached(db) -> dict[str, dict]:
@@ -67,11 +66,21 @@ def attached(db) -> dict[str, dict]:
     return dict(sorted((db.manifest.get("checkpoints") or {}).items()))
 
 
-def stored(db) -> list[Checkpoint]:
+def stored(db) -> list[ModelSource]:
     """The attached checkpoints (name order) and the final one, as TracIn-CP sums them."""
-    points = [Checkpoint(name, Path(e["path"]), float(e["optimizer_lr"])) for name, e in attached(db).items()]
-    final = db.model_info()["path"]
-    return points + [Checkpoint(DEFAULT, Path(final), learning_rate(final))]
+    points = [ModelSource.from_entry(e, name) for name, e in attached(db).items()]
+    return points + [with_optimizer(source(db))]
+
+
+def source(db, name: str | None = None) -> ModelSource:
+    """The description of checkpoint `name` of db's model: the recorded model for None or
+    'final', else an attached checkpoint (its directory checked to exist)."""
+    if is_default(name):
+        return ModelSource.from_entry(db.model_info())
+    point = ModelSource.from_entry(entry(db, name), name)
+    if not point.path.is_dir():
+        raise TrackstarError(f"{point.path}: directory of checkpoint {name!r} is missing")
+    return point
 
 
 def entry(db, name: str) -> dict:
@@ -124,22 +133,3 @@ def attach(db, ref: str | Path) -> str:
     record = {"path": str(path), "fingerprint": fingerprint, "optimizer_state": str(Path(state).resolve()), **described}
     db.update_manifest(lambda manifest: manifest.setdefault("checkpoints", {}).__setitem__(name, record))
     return name
-
-
-class CheckpointView:
-    """The database with an attached checkpoint as its model (model_info, load_model); the rest is db's."""
-
-    def __init__(self, db, name: str):
-        self._db, self.checkpoint = db, name
-        self._entry = entry(db, name)
-
-    def __getattr__(self, attribute):
-        return getattr(self._db, attribute)
-
-    def model_info(self) -> dict:
-        if not Path(self._entry["path"]).is_dir():
-            raise TrackstarError(f"{self._entry['path']}: directory of checkpoint {self.checkpoint!r} is missing")
-        return dict(self._entry, tokenizer=self._entry["path"])
-
-    def load_model(self, device: str = "cpu", dtype: str = "float32"):
-        return type(self._db).load_model(self, device, dtype)  # the database's loader, reading this model_info

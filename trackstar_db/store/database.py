@@ -6,7 +6,9 @@
       bm25/             Tantivy index over examples.text (bm25.py)
       preconditioners/  R factors as safetensors
 
-`connect(path)` opens an existing database; `Database.create(path)` makes one.
+`Store` is the storage half of the one handle users get, trackstar_db.Database (api.py:
+`trackstar_db.connect(path)` opens an existing database, `Database.create(path)` makes one),
+which adds the verbs; the stages below the API take either.
 
 Writing: one writer at a time (`with db.writer("ingest corpus"):`, store/lock.py, DB/.writer.lock);
 multi-table writes under a write-ahead journal (store/journal.py, DB/journal.json) that the next
@@ -25,7 +27,6 @@ from trackstar_db.errors import TrackstarError, first_line
 
 from . import journal as _journal
 from . import lock as _lock
-from . import adapters as _adapters
 from . import manifest as _manifest
 from . import schema as _schema
 from . import snapshot as _snapshot
@@ -33,8 +34,8 @@ from .gradient_table import GradientTable, is_gradient_table
 from .swap import SwapWriter
 
 
-class Database(SwapWriter):
-    """An open trackstar-db directory. Tables come back as Arrow."""
+class Store(SwapWriter):
+    """An open trackstar-db directory's storage: tables (as Arrow), manifest, writer lock."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -55,7 +56,7 @@ class Database(SwapWriter):
 
     def _local_tables(self) -> Path | None:
         """DB/tables when the tables are on this machine: read with Lance alone, so a read-only
-        command (query, info, sql) never imports LanceDB (2.4 s of a cold start here)."""
+        command (query, info, sql) never imports LanceDB (seconds of a cold start)."""
         uri = self.tables_uri
         return None if "://" in uri else Path(uri)
 
@@ -135,11 +136,19 @@ class Database(SwapWriter):
             self.manifest = manifest
         return manifest
 
-    # -- creation -----------------------------------------------------------------------
+    # -- opening and creation -------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        """Open an existing database directory (trackstar_db.connect opens the full handle so)."""
+        path = Path(path)
+        if not path.exists():
+            raise TrackstarError(f"{path}: no such database directory")
+        return cls(path)
+
     @classmethod
     def create(cls, path: str | Path, model_dir: str | Path | None = None,
                optimizer_state: str | Path | None = None, exist_ok: bool = False,
-               tables_uri: str | None = None) -> "Database":
+               tables_uri: str | None = None) -> "Store":
         path = Path(path)
         if model_dir is not None:  # a bad model directory is refused before anything is made
             from .model_dir import validate
@@ -206,24 +215,6 @@ class Database(SwapWriter):
         if not Path(model["path"]).is_dir():
             raise TrackstarError(f"{model['path']}: model directory recorded in the manifest is missing")
         return model
-
-    def load_model(self, device: str = "cpu", dtype: str = "float32"):
-        """(model, tokenizer) of the recorded checkpoint, from its local directory (no hub access);
-        weights in `dtype` ('float32', 'bfloat16', 'float16')."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .model_dir import validate
-
-        info = self.model_info()
-        validate(info["path"])
-        if _manifest.model_fingerprint(info["path"]) != info["fingerprint"]:
-            raise TrackstarError(f"{info['path']}: checkpoint changed since it was recorded (fingerprint mismatch)")
-        if _adapters.is_adapter(info["path"]):  # base + PEFT adapter: the adapter weights are tracked
-            tokenizer = AutoTokenizer.from_pretrained(_adapters.tokenizer_path(info["path"]), local_files_only=True)
-            return _adapters.load_adapter_model(info["path"], dtype).to(device).eval(), tokenizer
-        tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"], local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(info["path"], local_files_only=True, dtype=dtype)
-        return model.to(device).eval(), tokenizer
 
     # -- tables -------------------------------------------------------------------------
     def gradient_table(self, split: str, corrected: bool = True) -> GradientTable:
@@ -339,9 +330,7 @@ class Database(SwapWriter):
         return f"trackstar_db.Database({str(self.path)!r})"
 
 
-def connect(path: str | Path) -> Database:
-    """Open an existing trackstar-db database directory."""
-    path = Path(path)
-    if not path.exists():
-        raise TrackstarError(f"{path}: no such database directory")
-    return Database(path)
+# The names older code imports: the storage handle alone (Ray actors open it so); users get
+# trackstar_db.connect / trackstar_db.Database (api.py), this plus the verbs.
+Database = Store
+connect = Store.open

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
 from . import checkpoints as _checkpoints
@@ -129,7 +130,7 @@ class GradientTable:
     def dataset(self):
         return self.db.dataset(self.name)
 
-    def batches(self, batch_size: int = 65536, device="cpu", columns: tuple[str, ...] = ()) -> Iterator:
+    def batches(self, batch_size: int = defaults.SCAN_BATCH_ROWS, device="cpu", columns: tuple[str, ...] = ()) -> Iterator:
         """(ids, vectors [nb, d] float32 on `device`) batches in the table's scan order; with
         `columns`, (ids, vectors, {column: numpy array}) (e.g. the stored 'norm')."""
         from .vectors import vector_batches

@@ -88,7 +88,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     """sha256 of a file; for files over 32 MiB, of its size and its first and last 16 MiB."""
     digest = hashlib.sha256()
     size = path.stat().st_size
@@ -109,7 +109,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     model_dir = Path(model_dir)
     config, base = model_dir / "config.json", ""
     if not config.is_file() and (model_dir / "adapter_config.json").is_file():  # PEFT adapter: it and its base
-        from .adapters import base_path
+        from trackstar_db.models.adapters import base_path
 
         config, base = model_dir / "adapter_config.json", model_fingerprint(base_path(model_dir))
     if not config.is_file():
@@ -121,7 +121,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     digest = hashlib.sha256(config.read_bytes() + base.encode())
     for weight in weights:
         digest.update(weight.name.encode())
-        digest.update(_file_digest(weight).encode())
+        digest.update(file_digest(weight).encode())
     return digest.hexdigest()[:16]
 
 

@@ -29,9 +29,10 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-def validate(model_dir: str | Path) -> Path:
-    """`model_dir` resolved, or a TrackstarError naming what is wrong with it."""
-    from . import adapters
+def validate(model_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """`model_dir` resolved, or a TrackstarError naming what is wrong with it; `tokenizer`: where
+    its tokenizer is when not beside it (default: the directory, or an adapter's base)."""
+    from trackstar_db.models import adapters
 
     folder = Path(model_dir)
     if not folder.is_dir():
@@ -48,7 +49,7 @@ def validate(model_dir: str | Path) -> Path:
                              "(save the model with save_pretrained(..., safe_serialization=True))")
     if not weights:
         raise TrackstarError(f"{folder}: no weight files (*.safetensors)")
-    tokenizer = adapters.tokenizer_path(folder) if adapter else folder
+    tokenizer = Path(tokenizer) if tokenizer is not None else adapters.tokenizer_path(folder) if adapter else folder
     if not has_tokenizer(tokenizer):
         raise TrackstarError(f"{tokenizer}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer beside "
                              "the model (tokenizer.save_pretrained)")

@@ -4,7 +4,7 @@ Storage dtypes: float32, float16 (native Arrow types, searchable by LanceDB) and
 which Arrow lacks: its 16-bit patterns are stored as fixed_size_list<uint16> and the manifest
 records the dtype. Reading is zero-copy: the Arrow value buffer becomes a torch tensor of the
 stored dtype (`native=True`), and half precision is widened by torch's vectorised copy, never
-by numpy's float16 -> float32 cast (8x slower, the cause of slow half-precision scans). Scans
+by numpy's float16 -> float32 cast (far slower: the cause of slow half-precision scans). Scans
 widen tile by tile into a reused buffer (retrieval/scoring.py), so fresh float32 batches are
 never allocated per batch.
 """
@@ -16,12 +16,12 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
 DTYPES = ("float32", "float16", "bfloat16")
-BATCH_BYTES = 64 << 20  # float32 bytes of one scanned batch at most (bounds memory at any d)
+BATCH_BYTES = defaults.SCAN_BATCH_BYTES
 _ARROW = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 
 
@@ -37,6 +37,8 @@ def bytes_per_vector(dim: int, dtype: str) -> int:
 
 def to_arrow(vectors: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
     """[n, d] float tensor -> fixed_size_list array in the storage dtype."""
+    import torch
+
     n, dim = vectors.shape
     vectors = vectors.detach().to("cpu")
     if dtype == "bfloat16":
@@ -50,13 +52,12 @@ def to_arrow(vectors: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=_ARROW[dtype]), dim)
 
 
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch.device = "cpu", *,
              native: bool = False) -> torch.Tensor:
     """fixed_size_list column -> [n, d] tensor on `device`: float32, or with `native` the stored
     dtype (float32, float16 or bfloat16) as a zero-copy view of the Arrow buffer on the CPU."""
+    import torch  # here, not at the top: the store imports without torch
+
     if dtype not in DTYPES:
         raise ValueError(f"vector dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if isinstance(column, pa.ChunkedArray):
@@ -72,15 +73,15 @@ def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch
         else:
             tensor = torch.from_numpy(flat)
     tensor = tensor.reshape(n, dim)
-    if tensor.dtype != _TORCH[dtype]:
+    if tensor.dtype != getattr(torch, dtype):
         raise TrackstarError(f"vector column holds {column.type.value_type}, the table's dtype is {dtype}")
     if native:
         return tensor.to(device)
     return tensor.to(device=device, dtype=torch.float32)
 
 
-# Lance read-ahead: batches, fragments and bytes of I/O in flight (defaults 16, 4 and 2 GiB). Bounded,
-# the peak RSS of a bare read of 100K x 4096 float16 (7 fragments) went from 0.92 to 0.78 GB.
+# Lance read-ahead: batches, fragments and bytes of I/O in flight (Lance's defaults are 16, 4 and 2 GiB);
+# bounded, a scan's peak RSS is lower (docs/scale.md).
 READAHEAD, FRAGMENT_READAHEAD, IO_BUFFER_BYTES = 4, 1, 256 << 20
 
 
@@ -97,7 +98,7 @@ def record_batches(source, columns: list[str], batch_size: int):
 
 
 def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vector_column: str = "vector",
-                   batch_size: int = 65536, device: str | torch.device = "cpu", extra_columns: tuple[str, ...] = (),
+                   batch_size: int = defaults.SCAN_BATCH_ROWS, device: str | torch.device = "cpu", extra_columns: tuple[str, ...] = (),
                    native: bool = False) -> Iterator[tuple]:
     """(ids, vectors [nb, d] float32) batches from a Lance or Arrow dataset, a Table or RecordBatches;
     with `extra_columns`, (ids, vectors, {column: numpy array}); with `native`, vectors in the
@@ -122,11 +123,12 @@ def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vec
             yield ids, x
 
 
-def scan_progress(batches, total: int, label: str):
-    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned."""
-    from tqdm.auto import tqdm
+def scan_progress(batches, total: int, label: str, progress: bool | None = None):
+    """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned
+    (trackstar_db/progress.py: by default only in a terminal, and only for a long scan)."""
+    from trackstar_db.progress import bar
 
-    with tqdm(total=total, desc=f"scan {label}", unit=" ex", leave=False) as bar:
+    with bar(total=total, desc=f"scan {label}", unit=" ex", leave=False, progress=progress) as shown:
         for item in batches:
             yield item
-            bar.update(len(item[0]))
+            shown.update(len(item[0]))

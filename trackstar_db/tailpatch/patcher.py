@@ -1,4 +1,4 @@
-"""Tail-patch influence (METHOD.md 3): one optimizer step on one proponent, then P(target | prompt).
+"""Tail-patch influence (docs/method.md section 3): one optimizer step on one proponent, then P(target | prompt).
 
 For a query q and a proponent z: from the final checkpoint, take ONE step of the model's own
 optimizer (torch.optim.AdamW for 'adamw', torch.optim.Adam for 'adam': the real torch classes,
@@ -22,8 +22,8 @@ from typing import Mapping, Sequence
 
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.optimizer_state import OptimizerState
 from trackstar_db.featurizer.tokenize import (
@@ -32,6 +32,7 @@ from trackstar_db.featurizer.tokenize import (
     pad_id,
 )
 from trackstar_db.featurizer.task import Task, per_example_loss
+from trackstar_db.progress import bar
 from trackstar_db.store import schema as _schema
 
 # (query_id, prompt, target, [(rank, example_id, text), ...]): one query and its proponents
@@ -44,7 +45,7 @@ class TailPatchConfig:
     """k: proponents patched per query (ranks 1..k); batch_size: queries per forward pass;
     lr: learning rate of the step (None: the saved final lr); max_length: token cut."""
 
-    k: int = 10
+    k: int = defaults.K_TAIL_PATCH
     batch_size: int = 32
     lr: float | None = None
     max_length: int | None = None
@@ -103,13 +104,9 @@ class TailPatcher:
             out += torch.exp(-(loss.double() * n_tokens)).tolist()
         return out
 
-    def _step_on(self, text: str, spans: list[int] | None = None) -> None:
-        """One optimizer step on the task's loss of `text` alone, from the saved state."""
-        for (_, p), (p0, m0, v0) in zip(self.params, self.saved):
-            state = self.optimizer.state[p]
-            state["exp_avg"].copy_(m0)
-            state["exp_avg_sq"].copy_(v0)
-            state["step"].fill_(float(self.step))
+    def backward_on(self, text: str, spans: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """The gradient of the task's loss of `text` alone (the one the step takes), left in each
+        parameter's .grad and returned by parameter name."""
         batch = {k: v.to(self.device) for k, v in
                  collate([self.task.encode_example(self.tokenizer, text, spans, self.config.max_length)],
                          self.pad).items()}
@@ -117,6 +114,16 @@ class TailPatcher:
         with torch.enable_grad():
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             per_example_loss(logits, batch["labels"])[0][0].backward()
+        return {name: p.grad for name, p in self.params}
+
+    def _step_on(self, text: str, spans: list[int] | None = None) -> None:
+        """One optimizer step on the task's loss of `text` alone, from the saved state."""
+        for (_, p), (p0, m0, v0) in zip(self.params, self.saved):
+            state = self.optimizer.state[p]
+            state["exp_avg"].copy_(m0)
+            state["exp_avg_sq"].copy_(v0)
+            state["step"].fill_(float(self.step))
+        self.backward_on(text, spans)
         self.optimizer.step()
 
     def _restore(self) -> None:
@@ -147,7 +154,7 @@ class TailPatcher:
         self.model.eval()
         try:
             self.p_before.update(zip(missing, self._probabilities([queries[q] for q in missing])))
-            for example_id, query_ids in tqdm(todo.items(), desc="tail-patch", unit="example", disable=None):
+            for example_id, query_ids in bar(todo.items(), desc="tail-patch", unit="example"):
                 try:
                     self._step_on(texts[example_id], self.spans.get(example_id))
                     after = self._probabilities([queries[q] for q in query_ids])

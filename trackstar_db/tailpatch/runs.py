@@ -14,6 +14,7 @@ import zlib
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import optimizer_state as _optimizer_state
 
@@ -25,18 +26,27 @@ def _sample(query_ids: list[str], limit: int | None) -> set[str]:
     return set(ordered if limit is None else ordered[:limit])
 
 
-def load_patcher(db, k: int = 10, device: str = "cpu") -> TailPatcher:
+def patch_model(db, device: str = "cpu"):
+    """(model, tokenizer, optimizer state) of the final checkpoint, from the one model factory
+    (models/load.open_model: the tokenizer cut at the model's context), weights in float32: the
+    optimizer step is taken in full precision whatever the checkpoint's dtype."""
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
+    point = source(db).with_dtype("float32")
+    if point.optimizer_state is None:
+        raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
+    state = _optimizer_state.load(point.optimizer_state)
+    model, tokenizer = open_model(point, device)
+    return model, tokenizer, state
+
+
+def load_patcher(db, k: int = defaults.K_TAIL_PATCH, device: str = "cpu") -> TailPatcher:
     """A TailPatcher over the database's recorded checkpoint and its saved optimizer state (the one
     set-up of stored tail-patch runs and of `query --verify`)."""
-    info = db.model_info()
-    if not info.get("optimizer_state"):
-        raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
-    state = _optimizer_state.load(info["optimizer_state"])
-    model, tokenizer = db.load_model(device)
     from trackstar_db.featurizer.task import task_of
-    from trackstar_db.featurizer.tokenize import cap_tokenizer
 
-    cap_tokenizer(tokenizer, model.config)  # long prompts and texts are cut to the model's context
+    model, tokenizer, state = patch_model(db, device)
     task = task_of(db.manifest)  # the step takes the database's loss (a completion's, a chat's)
     return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k), task=task,
                        spans=_StoredSpans(db) if task.masked else None)
@@ -53,7 +63,7 @@ class _StoredSpans:
         return rows.column("loss_spans")[0].as_py() if rows.num_rows else default
 
 
-def tail_patch_runs(db, run_ids: list[str], k: int = 10, max_queries: int | None = None,
+def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
     from trackstar_db.validation import K_MAX, count
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 from click import echo
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.tokenize import (
     collate,
@@ -27,7 +28,10 @@ def score_predictions(db, batch_size: int = 64) -> pa.Table:
     """Write the predictions table: greedy correctness and P(target | prompt) of every query."""
     from .train import fact_accuracy
 
-    model, tokenizer = db.load_model()
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
+    model, tokenizer = open_model(source(db).with_dtype("float32"))
     queries = db.table("queries", columns=["query_id", "prompt", "target"])
     ids = queries.column("query_id").to_pylist()
     prompts, targets = queries.column("prompt").to_pylist(), queries.column("target").to_pylist()
@@ -45,11 +49,11 @@ def score_predictions(db, batch_size: int = 64) -> pa.Table:
     return table
 
 
-ACCURACY_SQL = """
+ACCURACY_SQL = f"""
 SELECT f.frequency_bucket, count(*) AS n_queries, round(avg(p.correct::INT), 3) AS accuracy,
        round(avg(p.p_target), 3) AS mean_p_target
 FROM predictions p JOIN queries q USING (query_id) JOIN facts f USING (fact_id)
-WHERE q.template = 'prompt0'
+WHERE q.template = '{defaults.TEMPLATE}'
 GROUP BY ALL ORDER BY f.frequency_bucket
 """
 

@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trackstar_db import defaults
+
 
 def _rows(seed: int, start: int, count: int, dim: int, centres: torch.Tensor, scale: torch.Tensor, noise: float):
     g = torch.Generator().manual_seed(seed * 1_000_003 + start)
@@ -27,14 +29,14 @@ def _rows(seed: int, start: int, count: int, dim: int, centres: torch.Tensor, sc
     return x * scale
 
 
-def synthetic_database(path: str | Path, n_rows: int, dim: int = 4096, dtype: str = "float16", *,
+def synthetic_database(path: str | Path, n_rows: int, dim: int = defaults.DIM, dtype: str = "float16", *,
                        n_queries: int = 64, n_blocks: int = 8, n_clusters: int = 256, noise: float = 1.0,
                        batch_rows: int = 16384, seed: int = 0, progress: bool = False):
-    """Create the database at `path` (must not exist) and return it (store.database.Database)."""
+    """Create the database at `path` (must not exist) and return it (trackstar_db.Database)."""
     from tqdm.auto import tqdm
 
     from trackstar_db.store import vectors as _vectors
-    from trackstar_db.store.database import Database
+    from trackstar_db.api import Database
 
     if dim % n_blocks:
         raise ValueError(f"dim {dim} is not a multiple of n_blocks {n_blocks}")
@@ -54,7 +56,7 @@ def synthetic_database(path: str | Path, n_rows: int, dim: int = 4096, dtype: st
     query_rows = pa.table({"query_id": [f"q{i:06d}:prompt0" for i in range(n_queries)],
                            "fact_id": [f"q{i:06d}" for i in range(n_queries)],
                            "prompt": [f"synthetic prompt {i}" for i in range(n_queries)],
-                           "target": ["x"] * n_queries, "template": ["prompt0"] * n_queries})
+                           "target": ["x"] * n_queries, "template": [defaults.TEMPLATE] * n_queries})
     db.append("queries", query_rows)
     for split, count, prefix in (("train", n_rows, "e"), ("queries", n_queries, "q")):
         for variant, scale in scales.items():

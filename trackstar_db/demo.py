@@ -1,17 +1,16 @@
 """`trackstar-db demo`: the whole flow on a generated fact world, in one call.
 
-world (world.py) -> database -> corpus and facts -> testbed model -> gradients -> R -> every
-retrieval method -> tail-patch -> the method-by-metric table and the HTML report. Each step is
-the library call the CLI also exposes one by one; this module only chains them.
+world (testbed/world.py) -> database -> corpus and facts -> testbed model -> gradients -> R ->
+every retrieval method -> tail-patch -> the method-by-metric table and the HTML report. Each
+step is a verb of the handle (api.py) that the CLI also exposes one by one; this module only
+chains them.
 
 `full=True` (`trackstar-db demo --full`) adds the line of work around TrackStar, which does not
 fit the plain demo's 5 minutes on 2 cores: training keeps FULL_CHECKPOINTS intermediate
 checkpoints, each is featurized into its own gradient tables (`ingest gradients --checkpoint`),
 the TracIn-CP methods score from those stored tables and are tail-patched like the rest, and
 Simfluence records SIMFLUENCE short runs, evaluates on the held-out ones (printed) and puts a
-probe's recorded vs simulated loss in the report. Simfluence sits above this stage (it trains
-with testbed/train.py), so the caller hands it in: `simfluence(db, **SIMFLUENCE)` returns (the
-held-out table, the report's trajectory); the CLI passes simfluence.evaluate.record_and_evaluate.
+probe's recorded vs simulated loss in the report (simfluence/evaluate.py).
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 from click import echo
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db import defaults
+from trackstar_db.errors import ParameterError
 
 DEMO_MARKER = ".trackstar-demo"
 FULL_CHECKPOINTS = 3
@@ -30,28 +30,22 @@ SIMFLUENCE = {"runs": 8, "steps": 40, "probes": 32}  # 6 runs fit, 2 held out (e
 
 
 def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_queries: int | None = None,
-             dim: int = 4096, full: bool = False, simfluence=None) -> pa.Table:
-    """The whole flow on the generated fact world: returns the method-by-metric table."""
+             dim: int = defaults.DIM, full: bool = False, simfluence: bool | None = None) -> pa.Table:
+    """The whole flow on the generated fact world: returns the method-by-metric table.
+    simfluence: record and evaluate Simfluence runs (default: with `full`)."""
     import shutil
 
     from trackstar_db.api import Database
-    from trackstar_db.evaluation.analysis import evaluation, write_db_report
-    from trackstar_db.gradients.fit import fit
-    from trackstar_db.gradients.worker import GradientJob, ingest_gradients
+    from trackstar_db.evaluation.analysis import write_db_report
     from trackstar_db.ladder import CHECKPOINT_METHODS
     from trackstar_db.retrieval.methods import expand
-    from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
-    from trackstar_db.sources.corpus import ingest_corpus
-    from trackstar_db.sources.facts import ingest_facts
-    from trackstar_db.tailpatch.runs import tail_patch_runs
-
-    from .model import format_accuracy, train_testbed
-    from .world import generate_world
+    from trackstar_db.testbed.model import format_accuracy, train_testbed
+    from trackstar_db.testbed.world import generate_world
 
     workdir = Path(workdir)
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / DEMO_MARKER).exists():
-            raise TrackstarError(f"{workdir}: not empty and not a trackstar-db demo directory; pick another --workdir")
+            raise ParameterError("workdir", f"{workdir}: not empty and not a trackstar-db demo directory; pick another")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / DEMO_MARKER).write_text("made by trackstar-db demo; rebuilt on every run\n")
@@ -63,44 +57,45 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     step(f"generating the {size} fact world (seed {seed})")
     world = generate_world(workdir / "world", seed=seed, size=size)
     db = Database.create(workdir / "db")
-    ingest_corpus(db, [world.sentences_path])
-    ingest_facts(db, [world.facts_path])
+    db.ingest_corpus([world.sentences_path])
+    db.ingest_facts([world.facts_path])
     step(f"{db.count('examples'):,} examples, {db.count('facts'):,} facts, {db.count('queries'):,} queries; training")
     overrides = {"seed": seed} if size == "demo" else {"seed": seed, "epochs": 10}
     accuracy = train_testbed(db, workdir / "model", overrides, checkpoints=FULL_CHECKPOINTS if full else 0)
     echo(format_accuracy(accuracy))
     step("featurizing training examples and queries (TrackStar gradients)")
     for split in ("train", "queries"):  # correction auto: the AdamW state saved with the model
-        ingest_gradients(db, {"dim": dim}, GradientJob(split, batch_size=32))
+        db.ingest_gradients(split, dim=dim, batch_size=32)
     if full:
         from trackstar_db.store.checkpoints import kept
 
         for point in kept(workdir / "model")[:-1]:
             step(f"featurizing checkpoint {point.name} (lr {point.lr:.2g}) for TracIn-CP")
             for split in ("train", "queries"):
-                ingest_gradients(db, None, GradientJob(split, batch_size=32, checkpoint=point.name))
+                db.ingest_gradients(split, batch_size=32, checkpoint=point.name)
     step(f"fitting R_train and the task-specific mixed R "
          f"(correction: {db.manifest['featurizer']['correction_source'].split(';')[0]})")
-    for name, params in fit(db).preconditioners.items():
+    for name, params in db.fit().preconditioners.items():
         echo(f"  {name}: lambda={params['lambda']:.3f}")
     methods = expand(["all"]) + (list(CHECKPOINT_METHODS) if full else [])
     if "embedding" not in methods:
         echo("  (embedding baseline skipped: pip install 'trackstar-db[embedding]' to add it)")
     step(f"retrieving with {', '.join(methods)}")
     for method in methods:
-        retrieve(db, method, RetrieveOptions(k=100))
+        db.retrieve(method)
     step(f"tail-patching the top-10 proponents of {tail_patch_queries or 'all'} queries per method")
-    tail_patch_runs(db, methods, k=10, max_queries=tail_patch_queries)
+    db.tail_patch(methods, max_queries=tail_patch_queries)
     trajectory = None
-    if full and simfluence is not None:
+    if full if simfluence is None else simfluence:
         from trackstar_db.evaluation.sql import format_table
+        from trackstar_db.simfluence.evaluate import record_and_evaluate
 
         step(f"Simfluence: recording {SIMFLUENCE['runs']} runs of {SIMFLUENCE['steps']} steps from scratch, "
              f"{SIMFLUENCE['probes']} probes; fit on the first, simulate the held-out ones (eval --holdout 0.25)")
-        held_out, trajectory = simfluence(db, **SIMFLUENCE)
+        held_out, trajectory = record_and_evaluate(db, **SIMFLUENCE)
         echo(format_table(held_out, "table"))
     step("evaluating (queries/summary.sql)")
-    summary = evaluation(db)
+    summary = db.evaluate()
     report = write_db_report(db, workdir / "report", trajectory=trajectory)
     step(f"done; database {db.path}, report {report}")
     return summary

@@ -2,9 +2,9 @@
 
 A model directory holding `adapter_config.json` is a PEFT adapter: its `base_model_name_or_path`
 must be a local directory (relative paths are taken from the adapter directory; nothing is
-downloaded). The base loads with transformers, the adapter on top with peft
+downloaded). models/load.py opens the base with transformers and the adapter on top with peft
 (`pip install 'trackstar-db[peft]'`) as trainable, so the base weights are frozen
-(requires_grad False) and the adapter weights are not.
+(requires_grad False) and the adapter weights are not. This module only reads paths.
 
 What is tracked: the featurizer tracks every 2-D weight of an nn.Linear / Conv1D / nn.Embedding
 that requires grad (featurizer/tracked.py), so for a LoRA adapter that is exactly its
@@ -46,18 +46,3 @@ def tokenizer_path(path: str | Path) -> Path:
     """The adapter directory when it carries a tokenizer, else the base model's."""
     path = Path(path)
     return path if (path / "tokenizer_config.json").is_file() else base_path(path)
-
-
-def load_adapter_model(path: str | Path, dtype: str = "float32"):
-    """The base model (weights in `dtype`) with the adapter at `path` applied, adapter weights trainable."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        from peft import PeftModel
-    except ImportError:
-        raise TrackstarError(f"{path}: a PEFT adapter needs peft: pip install 'trackstar-db[peft]'") from None
-    base = AutoModelForCausalLM.from_pretrained(base_path(path), local_files_only=True, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(path), is_trainable=True)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise TrackstarError(f"{path}: the adapter has no trainable weights to attribute")
-    return model
