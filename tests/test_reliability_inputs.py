@@ -264,8 +264,11 @@ def test_pickled_weights_of_a_recorded_model_are_refused_at_load(tiny_db):
     model = Path(tiny_db.manifest["model"]["path"])
     torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
     (model / "model.safetensors").unlink()
+    from trackstar_db.models.load import open_model
+    from trackstar_db.store.checkpoints import source
+
     with pytest.raises(TrackstarError, match="only safetensors weights"):
-        tiny_db.load_model()
+        open_model(source(tiny_db))
 
 
 # -- the report (item 7) and HTML payloads (item 8) --------------------------------------------

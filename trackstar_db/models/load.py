@@ -49,8 +49,9 @@ def open_model(source: ModelSource, device: str = "cpu"):
 
     from trackstar_db.store.model_dir import validate
 
+    if source.path.is_dir():  # config an object, safetensors weights (never a pickle), a tokenizer
+        validate(source.path, source.tokenizer_path())
     source.check()
-    validate(source.path, source.tokenizer_path())  # config an object, safetensors weights, a tokenizer
     dtype = source.weights_dtype()
     tokenizer = open_tokenizer(source)
     if source.adapter:  # base + PEFT adapter: the adapter weights are tracked
