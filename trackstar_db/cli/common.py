@@ -79,7 +79,7 @@ class Group(click.Group):
 
 
 # commands that only read: each pins the committed state for its whole run (store/snapshot.py)
-READ_COMMANDS = {"eval", "sql", "export", "query", "report", "info", "simulate"}
+READ_COMMANDS = {"eval", "sql", "export", "query", "report", "info", "simulate", "select", "rank"}
 
 
 def _open(db: Path):
