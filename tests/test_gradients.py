@@ -135,12 +135,13 @@ def test_different_settings_are_refused_and_nothing_changes(tiny_db):
 
 def test_changing_the_model_under_stored_gradients_is_refused(tiny_db, tmp_path):
     ingest_gradients(tiny_db, CONFIG, GradientJob("train", limit=2), progress=False)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_db.manifest["model"]["path"])
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     model.save_pretrained(tmp_path / "changed")
+    AutoTokenizer.from_pretrained(tiny_db.manifest["model"]["path"]).save_pretrained(tmp_path / "changed")
     with pytest.raises(TrackstarError, match="fingerprint"):
         tiny_db.set_model(tmp_path / "changed")
 

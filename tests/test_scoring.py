@@ -61,7 +61,7 @@ def r_power(db, spec, power, damping):
     from trackstar_db.featurizer.preconditioner import Preconditioner
 
     variant = "corrected" if spec.table == "corrected" else "uncorrected"
-    path = db.path / "preconditioners" / f"grads_train_{variant}.{spec.preconditioner}.safetensors"
+    path = db.gradient_table("train", variant == "corrected").preconditioner_path(spec.preconditioner)
     pre = Preconditioner.load(path)
     r = np.zeros((pre.dim, pre.dim))
     for (offset, size), block in zip(pre.spans, pre.matrices()):
@@ -148,7 +148,8 @@ def append_examples(db, root, n=6):
 
 
 def test_rows_appended_after_fit_are_refused_then_refit_serves_them(db, tmp_path):
-    before = (db.path / "preconditioners" / "grads_train_corrected.mixed.safetensors").read_bytes()
+    fitted = db.gradient_table("train").preconditioner_path("mixed")  # named by its content
+    before = fitted.read_bytes()
     append_examples(db, tmp_path)
     for name in ("r-train", "trackstar"):
         with pytest.raises(TrackstarError, match="changed since R was fitted.*trackstar-db fit"):
@@ -165,8 +166,8 @@ def test_rows_appended_after_fit_are_refused_then_refit_serves_them(db, tmp_path
         _, rows = retrieve(db, name, RetrieveOptions(k=K), replace=True)
         spec = next(s for s in LADDER if s.name == name)
         check_run(db, spec, rows, sorted(set(rows.column("query_id").to_pylist())))
-    # an R file from before the append put back (a stale copy): refused, not silently mixed
-    (db.path / "preconditioners" / "grads_train_corrected.mixed.safetensors").write_bytes(before)
+    # an R file from before the append put back under the refit's name (a stale copy): refused, not silently mixed
+    db.gradient_table("train").preconditioner_path("mixed").write_bytes(before)
     with pytest.raises(TrackstarError, match="changed since R was fitted|not the file fitted"):
         retrieve(db, "trackstar", RetrieveOptions(k=K), replace=True)
 

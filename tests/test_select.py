@@ -161,8 +161,8 @@ def _cli(*args):
 @pytest.mark.parametrize("args, message", [
     (["--fraction", "0"], "--fraction must be in (0, 1], not 0.0"),
     (["--fraction", "1.5"], "--fraction must be in (0, 1], not 1.5"),
-    (["--top", "0"], "--top must be > 0, not 0"),
-    (["--top", "-3"], "--top must be > 0, not -3"),
+    (["--top", "0"], "--top must be >= 1, not 0"),
+    (["--top", "-3"], "--top must be >= 1, not -3"),
     (["--top", "3", "--fraction", "0.5"], "give exactly one of --top N and --fraction F"),
     ([], "give exactly one of --top N and --fraction F"),
     (["--top", "3", "--relation", "favourite colour"], "unknown task relation 'favourite colour'; relations:"),

@@ -1,8 +1,9 @@
 """Checks every option and name passes once, at the boundary, shared by the CLI and the API.
 
-The CLI declares its options with the click types below (a bad value is a one-line usage error
-before anything runs); the library entry points call the same functions, so `Database` users
-get the same refusals as TrackstarError. Nothing here touches a database.
+The library entry points call the functions below, which raise ParameterError naming the
+parameter ("k must be >= 1, not 0"); the CLI declares its options with the click types at the end,
+which apply the same rules before anything runs and say the same thing with the flag
+("--k must be >= 1, not 0", one line: cli/common.Group). Nothing here touches a database.
 """
 
 from __future__ import annotations
@@ -10,44 +11,74 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 K_MAX = 100_000  # the most proponents (and opponents) a run or a query keeps per query
 NAME_MAX = 200  # characters in a run or checkpoint name
 RESERVED_PREFIX = "~staging~"  # store/swap.py STAGING: keys under which a swap stages new rows
 
 
+def _parameter(field: str) -> str:
+    """A library parameter's name, also when a caller passes its flag ('--batch-size' -> 'batch_size')."""
+    return field.lstrip("-").replace("-", "_")
+
+
+def count_problem(value, minimum: int = 1, maximum: int | None = None) -> str | None:
+    """What is wrong with `value` as a count in [minimum, maximum], or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be an integer, not {value!r}"
+    if value < minimum:
+        return f"must be >= {minimum}, not {value}"
+    if maximum is not None and value > maximum:
+        return f"must be <= {maximum:,}, not {value}"
+    return None
+
+
 def count(field: str, value, minimum: int = 1, maximum: int | None = None):
-    """`value` as an int within [minimum, maximum] (None passes through), else TrackstarError naming `field`."""
+    """`value` as an int within [minimum, maximum] (None passes through), else ParameterError naming `field`."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TrackstarError(f"{field}: expected an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum:,}"
-        raise TrackstarError(f"{field}: {value} is not {bound}")
+    problem = count_problem(value, minimum, maximum)
+    if problem:
+        raise ParameterError(_parameter(field), problem)
     return value
 
 
+def fraction_problem(value, low: float = 0.0, high: float = 1.0, open_low: bool = True) -> str | None:
+    """What is wrong with `value` as a float in (low, high] (or [low, high]), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value > high or value < low or (open_low and value == low):
+        return f"must be in {'(' if open_low else '['}{low:g}, {high:g}], not {value!r}"
+    return None
+
+
 def fraction(field: str, value: float, low: float = 0.0, high: float = 1.0, open_low: bool = True) -> float:
-    """A finite float in (low, high] (or [low, high] with open_low=False)."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value > high or value < low \
-            or (open_low and value == low):
-        raise TrackstarError(f"{field}: {value!r} is not in {'(' if open_low else '['}{low:g}, {high:g}]")
+    """A finite float in (low, high] (or [low, high] with open_low=False), else ParameterError."""
+    problem = fraction_problem(value, low, high, open_low)
+    if problem:
+        raise ParameterError(_parameter(field), problem)
     return float(value)
+
+
+def name_problem(value) -> str | None:
+    """What is wrong with `value` as a run or checkpoint name, or None."""
+    if not isinstance(value, str) or not value.strip():
+        return f"must be a non-empty name, not {value!r}"
+    if len(value) > NAME_MAX:
+        return f"must be at most {NAME_MAX} characters, not {len(value)}"
+    if value.startswith(RESERVED_PREFIX):
+        return f"{value!r} starts with {RESERVED_PREFIX!r}, reserved for the store's staging"
+    if "/" in value or "\\" in value or value in (".", "..") or any(ord(c) < 32 for c in value):
+        return f"{value!r} is not a plain name (no path separators, '..' or control characters)"
+    return None
 
 
 def name(field: str, value: str) -> str:
     """A run or checkpoint name that may reach a path, a table name or a predicate: non-empty,
     printable, no path separator, not '.' or '..', not the store's reserved staging prefix."""
-    if not isinstance(value, str) or not value.strip():
-        raise TrackstarError(f"{field}: a name must be a non-empty string, got {value!r}")
-    if len(value) > NAME_MAX:
-        raise TrackstarError(f"{field}: a name is at most {NAME_MAX} characters, got {len(value)}")
-    if value.startswith(RESERVED_PREFIX):
-        raise TrackstarError(f"{field}: {value!r} starts with {RESERVED_PREFIX!r}, reserved for the store's staging")
-    if "/" in value or "\\" in value or value in (".", "..") or any(ord(c) < 32 for c in value):
-        raise TrackstarError(f"{field}: {value!r} is not a plain name (no path separators, '..' or control characters)")
+    problem = name_problem(value)
+    if problem:
+        raise ParameterError(_parameter(field), problem)
     return value
 
 
@@ -95,10 +126,10 @@ def _click_types():
         name = "name"
 
         def convert(self, value, param, ctx):
-            try:
-                return name(f"--{param.name.replace('_', '-')}" if param else "name", value)
-            except TrackstarError as exc:
-                self.fail(str(exc).partition(": ")[2], param, ctx)
+            problem = name_problem(value)
+            if problem:
+                self.fail(problem, param, ctx)
+            return value
 
     class Output(click.Path):
         """A file or folder to write, never inside a database directory."""
@@ -110,9 +141,53 @@ def _click_types():
             except TrackstarError as exc:
                 self.fail(str(exc).partition(": ")[2], param, ctx)
 
-    return (click.IntRange(min=1), click.IntRange(min=0), click.IntRange(1, K_MAX), Name(),
-            click.FloatRange(min=0.0, min_open=True), Output(dir_okay=False, path_type=Path),
-            Output(file_okay=False, path_type=Path))
+    class Count(click.ParamType):
+        """An integer option in [minimum, maximum], refused in the library's words."""
+        name = "integer"
+
+        def __init__(self, minimum: int, maximum: int | None = None):
+            self.minimum, self.maximum = minimum, maximum
+
+        def convert(self, value, param, ctx):
+            if isinstance(value, str):
+                try:
+                    value = int(value.strip())
+                except ValueError:
+                    self.fail(f"must be an integer, not {value!r}", param, ctx)
+            problem = count_problem(value, self.minimum, self.maximum)
+            if problem:
+                self.fail(problem, param, ctx)
+            return value
+
+    class Positive(click.ParamType):
+        """A float option above 0."""
+        name = "float"
+
+        def convert(self, value, param, ctx):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"must be a number, not {value!r}", param, ctx)
+            if not math.isfinite(number) or number <= 0:
+                self.fail(f"must be > 0, not {value}", param, ctx)
+            return number
+
+    class Fraction(click.ParamType):
+        """A float option in (0, 1]."""
+        name = "fraction"
+
+        def convert(self, value, param, ctx):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"must be a number, not {value!r}", param, ctx)
+            problem = fraction_problem(number)
+            if problem:
+                self.fail(problem, param, ctx)
+            return number
+
+    return (Count(1), Count(0), Count(1, K_MAX), Name(), Positive(), Fraction(),
+            Output(dir_okay=False, path_type=Path), Output(file_okay=False, path_type=Path))
 
 
-POSITIVE, NON_NEGATIVE, TOP_K, NAME, POSITIVE_FLOAT, OUTPUT_FILE, OUTPUT_DIR = _click_types()
+POSITIVE, NON_NEGATIVE, TOP_K, NAME, POSITIVE_FLOAT, FRACTION, OUTPUT_FILE, OUTPUT_DIR = _click_types()

@@ -69,6 +69,11 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.BadParameter as exc:  # one line in the library's words, with the flag
+            where = exc.param.opts[0] if exc.param is not None and exc.param.opts else (exc.param_hint or "")
+            raise click.ClickException(f"{where} {exc.message}".strip()) from None
+        except click.exceptions.UsageError as exc:  # a missing or unknown option: one line too
+            raise click.ClickException(exc.format_message()) from None
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:

@@ -9,13 +9,13 @@ import click
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
-from trackstar_db.validation import NON_NEGATIVE, POSITIVE, TOP_K
+from trackstar_db.validation import FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
 
 
 @main.command("select")
 @DB_ARG
 @click.option("--top", type=POSITIVE, default=None, help="Keep this many examples.")
-@click.option("--fraction", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Keep this fraction of the examples, in (0, 1].")
+@click.option("--fraction", type=FRACTION, default=None, help="Keep this fraction of the examples, in (0, 1].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="FILE.jsonl or FILE.parquet (outside the database): rank, example_id, score, text and fields.")
 @click.option("--relation", default=None, help="Task: the queries of the facts of this relation.")

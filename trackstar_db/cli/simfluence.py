@@ -8,7 +8,7 @@ import click
 
 from . import main
 from .common import DB_ARG, FORMATS, Group, _open, print_table
-from trackstar_db.validation import NAME, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT
+from trackstar_db.validation import FRACTION, NAME, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT
 
 
 @main.group(cls=Group)
@@ -20,7 +20,7 @@ def simfluence():
 @DB_ARG
 @click.option("--runs", type=POSITIVE, default=8, show_default=True, help="Short training runs to record (added to any recorded).")
 @click.option("--steps", type=POSITIVE, default=100, show_default=True, help="Optimizer steps per run.")
-@click.option("--subset", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True, help="Fraction of the examples each run trains on.")
+@click.option("--subset", type=FRACTION, default=0.5, show_default=True, help="Fraction of the examples each run trains on.")
 @click.option("--probes", type=POSITIVE, default=64, show_default=True, help="prompt0 queries whose loss is recorded every step.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=POSITIVE_FLOAT, default=3e-3, show_default=True, help="Peak learning rate (linear warm-up, cosine down to --final-lr).")

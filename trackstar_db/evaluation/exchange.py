@@ -20,12 +20,12 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     A query, example or fact the database holds with other content (prompt, target, fact, text,
     relation) is refused, naming the line: nothing is stored."""
     from trackstar_db.store import journal
-    from trackstar_db.validation import name
+    from trackstar_db.validation import name as valid_name
 
     from .viewer_format import import_viewer
 
-    name("--run", run_id)
-    name("--method", method)
+    valid_name("run_id", run_id)
+    valid_name("method", method)
     imported = import_viewer(path, method, run_id)  # the whole file is read and checked first
     tables = ("queries", "examples", "retrievals", "runs", "ground_truth_imported", "ground_truth")
     with journal.transaction(db, f"import {path.name}", list(tables), bm25=True):

@@ -87,7 +87,7 @@ class PromptAttributor:
             raise ParameterError("prompt" if not prompt.strip() else "target", "must be non-empty")
         from trackstar_db.validation import K_MAX, count
 
-        count("--k", k, 1, K_MAX)
+        count("k", k, 1, K_MAX)
         if db.count("examples") == 0:
             raise TrackstarError(f"{db.path}: the database has no examples")
         entry = lookup(method or best_method(db))

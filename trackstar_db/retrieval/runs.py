@@ -34,7 +34,7 @@ class RetrieveOptions:
     def __post_init__(self):
         from trackstar_db.validation import K_MAX, count
 
-        count("--k", self.k, 1, K_MAX)
+        count("k", self.k, 1, K_MAX)
         count("batch_rows", self.batch_rows)
         if self.query_text not in ("prompt+target", "prompt"):
             raise ParameterError("query_text", f"must be 'prompt+target' or 'prompt', not {self.query_text!r}")
@@ -70,7 +70,7 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     entry = lookup(method)
     from trackstar_db.validation import name
 
-    run_id = name("--run", run_id or (f"{method}-ann" if options.ann is not None else method))
+    run_id = name("run_id", run_id or (f"{method}-ann" if options.ann is not None else method))
     existing = db.table("runs", columns=["run_id"], filter=pc.field("run_id") == run_id).num_rows
     if existing and not replace:
         raise ParameterError("run_id", f"{run_id!r}: that run exists; name another run or replace it")

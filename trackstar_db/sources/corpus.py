@@ -64,8 +64,9 @@ class CorpusOptions:
             raise TrackstarError("messages_field (--messages-field) excludes prompt_field and completion_field")
         if self.chat_template is not None and self.messages_field is None:
             raise TrackstarError("chat_template (--chat-template) needs messages_field (--messages-field)")
-        if self.batch_size < 1:
-            raise TrackstarError(f"batch_size (--batch-size) must be >= 1, not {self.batch_size}")
+        from trackstar_db.validation import count
+
+        count("batch_size", self.batch_size)
 
     @property
     def loss(self) -> str:
@@ -79,11 +80,6 @@ class CorpusOptions:
         used = {"all": {self.text_field}, "completion": {self.prompt_field, self.completion_field},
                 "chat": {self.messages_field}}[self.loss]
         return used | {self.id_field}
-
-    def __post_init__(self):
-        from trackstar_db.validation import count
-
-        count("--batch-size", self.batch_size)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Is a directory a checkpoint trackstar-db can load? Checked when it is recorded (init, train,
 attach) and again before it is loaded, so a bad one is one line naming the file, never a traceback
-from transformers or torch.
+of the model libraries.
 
 A checkpoint has a config.json holding a JSON object, safetensors weights (pickled
 pytorch_model.bin files are never loaded: unpickling can run code), and a tokenizer. A PEFT

@@ -67,8 +67,8 @@ def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_
                     device: str = "cpu") -> pa.Table:
     from trackstar_db.validation import K_MAX, count
 
-    count("--k", k, 1, K_MAX)
-    count("--queries", max_queries)
+    count("k", k, 1, K_MAX)
+    count("max_queries", max_queries)
     known = db.ids("runs", "run_id")
     for run_id in run_ids:
         if run_id not in known:
