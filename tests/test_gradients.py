@@ -93,7 +93,7 @@ def test_kill_9_then_resume_equals_clean_run(tiny_db, tmp_path):
     ingest_gradients(connect(clean), CONFIG, GradientJob("train", batch_size=8), progress=False)
     # killed (SIGKILL) right after its second commit: a named fault point, not a timed sleep
     process = _cli("ingest", "gradients", tiny_db.path, *common,
-                   env=dict(os.environ, TRACKSTAR_FAULT="gradients.commit:2"))
+                   env=dict(os.environ, TRACKSTAR_FAULT="gradients.commit:4"))
     assert process.wait(timeout=300) == -signal.SIGKILL
     partial = tiny_db.count("grads_train_corrected")
     assert 0 < partial < tiny_db.count("examples"), "kill came too late to test resuming"
@@ -191,7 +191,7 @@ def test_kill_9_then_resume_of_a_checkpoint_equals_clean_run(tiny_db, tmp_path):
     args = ["ingest", "gradients", tiny_db.path, "--split", "train", "--checkpoint", name, "--batch-size", 8,
             "--commit-rows", 16]
     ingest_gradients(connect(clean), None, GradientJob("train", batch_size=8, checkpoint=name), progress=False)
-    killed = _cli(*args, env=dict(os.environ, TRACKSTAR_FAULT="gradients.commit:2"))
+    killed = _cli(*args, env=dict(os.environ, TRACKSTAR_FAULT="gradients.commit:4"))
     assert killed.wait(timeout=300) == -signal.SIGKILL
     assert 0 < connect(tiny_db.path).count(table) < tiny_db.count("examples"), "kill came too late to test resuming"
     resumed = _cli(*args)

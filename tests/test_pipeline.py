@@ -118,7 +118,7 @@ def test_kill_9_in_the_writer_thread_then_rerun_equals_the_synchronous_table(tin
     common = ["--split", "train", "--dim", 1024, "--correction", "adam-factored", "--batch-tokens", 64,
               "--batch-size", 8, "--commit-rows", 16]
     process = _cli("ingest", "gradients", tiny_db.path, *common,
-                   env=dict(os.environ, TRACKSTAR_FAULT="gradients.commit:2"))
+                   env=dict(os.environ, TRACKSTAR_FAULT="gradients.commit:4"))
     assert process.wait(timeout=300) == -signal.SIGKILL
     partial = connect(tiny_db.path).count("grads_train_corrected")
     assert 0 < partial < tiny_db.count("examples"), "kill came too late to test resuming"

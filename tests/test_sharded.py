@@ -112,7 +112,7 @@ def test_shard_model_killed_by_sigkill_then_rerun_equals_the_single_device_table
     single = fresh_copy(tiny_db, tmp_path / "single")
     ingest_gradients(single, CONFIG, GradientJob("train", batch_size=8, batch_tokens=None, pipeline=False),
                      progress=False)
-    killed = _torchrun(tiny_db.path, env={"TRACKSTAR_FAULT": "gradients.commit:2"})
+    killed = _torchrun(tiny_db.path, env={"TRACKSTAR_FAULT": "gradients.commit:4"})
     assert killed.returncode != 0 and str(signal.SIGKILL.name) in killed.stderr + killed.stdout, killed.stderr[-3000:]
     partial = connect(tiny_db.path).count("grads_train_corrected")
     assert 0 < partial < tiny_db.count("examples"), "kill came too late to test resuming"

@@ -95,10 +95,11 @@ def _store_run(db, run_id: str, scores: dict[str, dict[str, float]]) -> None:
     rows = [dict(run_id=run_id, query_id=q, method=run_id, kind="proponent", rank=r + 1, example_id=e, score=s)
             for q, by_example in scores.items()
             for r, (e, s) in enumerate(sorted(by_example.items(), key=lambda kv: -kv[1]))]
-    db.append("retrievals", pa.Table.from_pylist(rows))
-    db.append("runs", pa.table({"run_id": [run_id], "method": [run_id], "parameters": ["{}"],
-                                "created_at": pa.array([dt.datetime(2026, 1, 1)], pa.timestamp("us")),
-                                "code_version": ["test"]}))
+    with db.writer("store a test run"):  # committed like any writer's rows, so pinned reads see them
+        db.append("retrievals", pa.Table.from_pylist(rows))
+        db.append("runs", pa.table({"run_id": [run_id], "method": [run_id], "parameters": ["{}"],
+                                    "created_at": pa.array([dt.datetime(2026, 1, 1)], pa.timestamp("us")),
+                                    "code_version": ["test"]}))
 
 
 def test_fitted_datamodel_on_retrained_tiny_models_scores_one_and_its_negation_minus_one(tiny_db):

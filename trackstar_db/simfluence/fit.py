@@ -168,12 +168,13 @@ def fit_and_store(db, ridge: float = 1.0, models=MODELS, run_ids: list[str] | No
 
     from .data import ensure_tables, load_runs
 
-    ensure_tables(db)
-    runs = load_runs(db, run_ids)
-    tables, fitted = [], {}
-    for model in models:
-        sim = fit(runs, model, ridge)
-        tables.append(to_table(sim))
-        fitted[model] = sim
-    db.replace("sim_coefficients", pa.concat_tables(tables))
+    with db.writer("simfluence fit"):  # committed on release, so pinned reads (simulate, eval) see the fit
+        ensure_tables(db)
+        runs = load_runs(db, run_ids)
+        tables, fitted = [], {}
+        for model in models:
+            sim = fit(runs, model, ridge)
+            tables.append(to_table(sim))
+            fitted[model] = sim
+        db.replace("sim_coefficients", pa.concat_tables(tables))
     return fitted

@@ -94,7 +94,8 @@ def record_runs(db, options: RecordOptions, progress: bool | None = None) -> lis
     from trackstar_db.progress import bar
     from trackstar_db.testbed.train import ProbeLosses, train_recorded
 
-    ensure_tables(db)
+    with db.writer("simfluence record"):
+        ensure_tables(db)
     config, tokenizer, init_dir = training_setup(db, options)
     config = replace(config, max_steps=options.steps, batch_size=options.batch_size, lr=options.lr,
                      final_lr=options.final_lr, warmup=min(options.warmup, options.steps), device="cpu",
@@ -144,6 +145,12 @@ class _RunLog:
 
 
 def _append(db, log: _RunLog, order_seed: int, n_examples: int, steps: int, parameters: dict) -> None:
+    """One recorded run's rows, written under the writer lock (committed, so pinned reads see them)."""
+    with db.writer("simfluence record"):
+        _append_rows(db, log, order_seed, n_examples, steps, parameters)
+
+
+def _append_rows(db, log: _RunLog, order_seed: int, n_examples: int, steps: int, parameters: dict) -> None:
     run = log.run_id
     for name in ("sim_steps", "sim_batches", "sim_trajectories"):  # rows left by a killed earlier attempt
         db.delete_rows(name, "run_id", run)
