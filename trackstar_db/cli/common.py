@@ -63,6 +63,11 @@ def one_line(exc: BaseException) -> str | None:
     return None
 
 
+class OptionError(click.ClickException):
+    """A bad option or usage: one line (no usage block), exit status 2 as click gives usage errors."""
+    exit_code = 2
+
+
 class Group(click.Group):
     """Turns bad input, damage and OS errors into one clear line (TRACKSTAR_DEBUG=1 keeps the traceback)."""
 
@@ -71,9 +76,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except click.exceptions.BadParameter as exc:  # one line in the library's words, with the flag
             where = exc.param.opts[0] if exc.param is not None and exc.param.opts else (exc.param_hint or "")
-            raise click.ClickException(f"{where} {exc.message}".strip()) from None
+            raise OptionError(f"{where} {exc.message}".strip()) from None
         except click.exceptions.UsageError as exc:  # a missing or unknown option: one line too
-            raise click.ClickException(exc.format_message()) from None
+            raise OptionError(exc.format_message()) from None
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
