@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from trackstar_db import defaults
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import ParameterError
 from trackstar_db.store import database as _store
 
 ENGINES = ("local", "ray")
@@ -104,7 +104,7 @@ class Database(_store.Store):
             if engine != "local" or job.shard != (0, 1):
                 raise ParameterError("shard_model", "takes its shards from the launcher's ranks; drop shard and the "
                                                     "Ray engine")
-            from trackstar_db.gradients.sharded import ingest_sharded
+            from trackstar_db.gradients.worker import ingest_sharded
 
             return ingest_sharded(self, settings, job, progress=wanted(progress))
         if engine == "local":

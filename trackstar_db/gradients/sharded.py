@@ -169,18 +169,3 @@ def process_group(device: str = "auto"):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def ingest_sharded(db, config, job, progress: bool = True) -> dict:
-    """ingest_gradients with the model sharded over the launcher's processes: job.shard becomes
-    (rank, world) and job.device this rank's device. Returns this rank's totals."""
-    import dataclasses
-
-    from .worker import ingest_gradients
-
-    with process_group(job.device) as rank:
-        job = dataclasses.replace(job, shard=rank.shard, device=str(rank.device), sharded=ShardedModel(rank))
-        totals = ingest_gradients(db, config, job, progress=progress and rank.rank == 0)
-        totals.update(rank=rank.rank, world=rank.world, dummy_steps=job.sharded.stepper.dummy_steps
-                      if job.sharded.stepper else 0)
-        return totals

@@ -119,3 +119,18 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
     totals["seconds"] = time.perf_counter() - start
     totals["tables"] = {table.name: table.count() for table in tables.values()}
     return totals
+
+
+def ingest_sharded(db, config, job, progress: bool = True) -> dict:
+    """ingest_gradients with the model sharded over the launcher's processes: job.shard becomes
+    (rank, world) and job.device this rank's device. Returns this rank's totals."""
+    import dataclasses
+
+    from .sharded import ShardedModel, process_group
+
+    with process_group(job.device) as rank:
+        job = dataclasses.replace(job, shard=rank.shard, device=str(rank.device), sharded=ShardedModel(rank))
+        totals = ingest_gradients(db, config, job, progress=progress and rank.rank == 0)
+        totals.update(rank=rank.rank, world=rank.world, dummy_steps=job.sharded.stepper.dummy_steps
+                      if job.sharded.stepper else 0)
+        return totals
