@@ -159,34 +159,27 @@ def _click_types():
                 self.fail(problem, param, ctx)
             return value
 
-    class Positive(click.ParamType):
-        """A float option above 0."""
-        name = "float"
+    class Number(click.ParamType):
+        """A float option that `problem` (value -> what is wrong, or None) accepts."""
+        name = "number"
+
+        def __init__(self, problem):
+            self.problem = problem
 
         def convert(self, value, param, ctx):
             try:
                 number = float(value)
             except (TypeError, ValueError):
                 self.fail(f"must be a number, not {value!r}", param, ctx)
-            if not math.isfinite(number) or number <= 0:
-                self.fail(f"must be > 0, not {value}", param, ctx)
-            return number
-
-    class Fraction(click.ParamType):
-        """A float option in (0, 1]."""
-        name = "fraction"
-
-        def convert(self, value, param, ctx):
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                self.fail(f"must be a number, not {value!r}", param, ctx)
-            problem = fraction_problem(number)
+            problem = self.problem(number)
             if problem:
                 self.fail(problem, param, ctx)
             return number
 
-    return (Count(1), Count(0), Count(1, K_MAX), Name(), Positive(), Fraction(),
+    def positive(number):
+        return None if math.isfinite(number) and number > 0 else f"must be > 0, not {number}"
+
+    return (Count(1), Count(0), Count(1, K_MAX), Name(), Number(positive), Number(fraction_problem),
             Output(dir_okay=False, path_type=Path), Output(file_okay=False, path_type=Path))
 
 
