@@ -234,8 +234,9 @@ def lds_section(table: pa.Table) -> str:
     labels, rows = _label_runs(table), table.to_pylist()
     fig, (ax,) = _figure(1, width=max(4.0, 0.6 * len(labels) + 1.5))
     values = _values(rows, "lds")
-    low = [v - (math.nan if _missing(r["lds_low"]) else r["lds_low"]) for v, r in zip(values, rows)]
-    high = [(math.nan if _missing(r["lds_high"]) else r["lds_high"]) - v for v, r in zip(values, rows)]
+    # a percentile interval can miss its own point estimate (few queries): that side's bar is 0, not negative
+    low = [math.nan if _missing(r["lds_low"]) else max(0.0, v - r["lds_low"]) for v, r in zip(values, rows)]
+    high = [math.nan if _missing(r["lds_high"]) else max(0.0, r["lds_high"] - v) for v, r in zip(values, rows)]
     ax.bar(range(len(labels)), values, yerr=[low, high], capsize=3, color="#55a868")
     ax.axhline(0, color="#444", linewidth=0.8)
     ax.set_title("LDS (Spearman, retrained subsets), 95% bootstrap interval")
