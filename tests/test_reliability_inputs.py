@@ -143,7 +143,7 @@ def test_api_shares_the_option_checks():
     from trackstar_db.retrieval.runs import RetrieveOptions
     from trackstar_db.sources.corpus import CorpusOptions
     from trackstar_db.testbed.train import TrainConfig
-    from trackstar_db.validation import K_MAX, name
+    from trackstar_db.option_checks import K_MAX, name
 
     # the library names the parameter; the CLI names its flag (test_bad_option_is_one_line_and_changes_nothing)
     with pytest.raises(TrackstarError, match=r"^k must be <= 100,000, not 100001$"):

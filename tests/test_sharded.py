@@ -40,7 +40,7 @@ def run_ranks(tmp_path, world: int, device: str, families) -> dict:
     errors = [p.communicate(timeout=300)[1] for p in procs]
     for p, err in zip(procs, errors):
         assert p.returncode == 0, err[-3000:]
-    return {r: torch.load(tmp_path / f"rank{r}.pt") for r in range(world)}
+    return {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)}
 
 
 def reference_vectors(family: str, device: str = "cpu") -> dict:

@@ -11,7 +11,7 @@ def _engine_installed(ctx, param, value):
     """--engine ray without Ray: say which extra to install before anything runs."""
     if value == "ray":
         from trackstar_db.errors import TrackstarError
-        from trackstar_db.validation import require_extra
+        from trackstar_db.option_checks import require_extra
 
         try:
             require_extra("ray", "ray")

@@ -20,7 +20,7 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     A query, example or fact the database holds with other content (prompt, target, fact, text,
     relation) is refused, naming the line: nothing is stored."""
     from trackstar_db.store import journal
-    from trackstar_db.validation import name as valid_name
+    from trackstar_db.option_checks import name as valid_name
 
     from .viewer_format import import_viewer
 
@@ -90,7 +90,7 @@ def _short(value, limit: int = 60) -> str:
 
 def export_run(db, run_id: str, path: Path) -> Path:
     """Write one run as viewer JSON lines (proponents, opponents, texts, proponent_correct)."""
-    from trackstar_db.validation import outside_database
+    from trackstar_db.option_checks import outside_database
 
     from .viewer_format import export_viewer
 

@@ -85,7 +85,7 @@ class PromptAttributor:
         db = self.db
         if not prompt.strip() or not target.strip():
             raise ParameterError("prompt" if not prompt.strip() else "target", "must be non-empty")
-        from trackstar_db.validation import K_MAX, count
+        from trackstar_db.option_checks import K_MAX, count
 
         count("k", k, 1, K_MAX)
         if db.count("examples") == 0:

@@ -32,7 +32,7 @@ class RetrieveOptions:
     ann: object | None = None  # retrieval.ann.AnnOptions: approximate top-k from the method's index
 
     def __post_init__(self):
-        from trackstar_db.validation import K_MAX, count
+        from trackstar_db.option_checks import K_MAX, count
 
         count("k", self.k, 1, K_MAX)
         count("batch_rows", self.batch_rows)
@@ -68,7 +68,7 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     scorer: another engine's score_table (trackstar_db.distributed.scan.score_table for Ray)."""
     options = options or RetrieveOptions()
     entry = lookup(method)
-    from trackstar_db.validation import name
+    from trackstar_db.option_checks import name
 
     run_id = name("run_id", run_id or (f"{method}-ann" if options.ann is not None else method))
     existing = db.table("runs", columns=["run_id"], filter=pc.field("run_id") == run_id).num_rows

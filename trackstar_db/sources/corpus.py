@@ -64,7 +64,7 @@ class CorpusOptions:
             raise TrackstarError("messages_field (--messages-field) excludes prompt_field and completion_field")
         if self.chat_template is not None and self.messages_field is None:
             raise TrackstarError("chat_template (--chat-template) needs messages_field (--messages-field)")
-        from trackstar_db.validation import count
+        from trackstar_db.option_checks import count
 
         count("batch_size", self.batch_size)
 

@@ -18,7 +18,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import journal as _journal
 
-from trackstar_db.validation import RESERVED_PREFIX as STAGING  # prefix of the key under which swap_rows writes new rows
+from trackstar_db.option_checks import RESERVED_PREFIX as STAGING  # prefix of the key under which swap_rows writes new rows
 
 
 class SwapWriter:
@@ -30,7 +30,7 @@ class SwapWriter:
         import json as _json
 
         from trackstar_db import __version__
-        from trackstar_db.validation import name as valid_name
+        from trackstar_db.option_checks import name as valid_name
 
         valid_name("run", run_id)
 
@@ -56,7 +56,7 @@ class SwapWriter:
         all in, the journal turns to 'forward', the old rows (in `name`, `drop_from` and, with
         `record_run`, runs) are deleted and the staged ones renamed. A kill before the staged rows
         are complete rolls back to the old rows; after, the next writer finishes the swap."""
-        from trackstar_db.validation import name as valid_name
+        from trackstar_db.option_checks import name as valid_name
 
         keys = sorted(valid_name(column, key) for key in set(keys))  # never a staging key: a swap of one would jam
         values = rows.column(column).to_pylist()

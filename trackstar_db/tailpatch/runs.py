@@ -65,7 +65,7 @@ class _StoredSpans:
 
 def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
-    from trackstar_db.validation import K_MAX, count
+    from trackstar_db.option_checks import K_MAX, count
 
     count("k", k, 1, K_MAX)
     count("max_queries", max_queries)

@@ -70,7 +70,7 @@ def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bo
                   checkpoints: int = 0, overwrite: bool = False) -> pa.Table | None:
     """Train the testbed model on the examples, record it in the manifest, score the queries
     (checkpoints > 0: also keep that many intermediate checkpoints, for TracIn-CP)."""
-    from trackstar_db.validation import holds_model, outside_database
+    from trackstar_db.option_checks import holds_model, outside_database
 
     from .train import TrainConfig, train_model
 
