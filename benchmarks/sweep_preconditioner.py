@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import trackstar_db
-from trackstar_db.evaluation.analysis import evaluation
+from trackstar_db.report.analysis import evaluation
 from trackstar_db.gradients.fit import fit
 from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
 from trackstar_db.tailpatch.runs import tail_patch_runs

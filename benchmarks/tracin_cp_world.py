@@ -16,7 +16,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from trackstar_db.evaluation.analysis import evaluation  # noqa: E402
+from trackstar_db.report.analysis import evaluation  # noqa: E402
 from trackstar_db.evaluation.sql import format_table  # noqa: E402
 from trackstar_db.gradients.fit import fit  # noqa: E402
 from trackstar_db.gradients.worker import GradientJob, ingest_gradients  # noqa: E402

@@ -101,7 +101,7 @@ def test_query_verify_gives_the_stored_tail_patch_delta(tiny_db):
 def test_explorer_labels_hits_from_text_and_stored_tail_patch(tmp_path):
     import pyarrow as pa
 
-    from trackstar_db.evaluation.explorer import build_pages, write_explorer
+    from trackstar_db.report.explorer import build_pages, write_explorer
 
     retrievals = pa.Table.from_pylist([
         dict(run_id="r", method="bm25", query_id="q", kind="proponent", rank=i + 1, example_id=e, score=1.0 - i / 10)

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from trackstar_db.evaluation import highlight
-from trackstar_db.evaluation.explorer import add_tokens, build_pages, choose_queries, shaded_html
-from trackstar_db.evaluation.report import write_report
+from trackstar_db.report.explorer import add_tokens, build_pages, choose_queries, shaded_html
+from trackstar_db.report.summary import write_report
 
 pytest.importorskip("matplotlib")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

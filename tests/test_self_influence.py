@@ -96,7 +96,7 @@ def test_plant_contradictions_swaps_objects_of_distinct_facts(tmp_path):
 
 def test_report_sections_show_the_distribution_and_the_ledger(db):
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
-    from trackstar_db.selection.report import sections
+    from trackstar_db.report.curation import sections
 
     retrieve(db, "bm25", RetrieveOptions(k=5), replace=True)
     found = {anchor: part for anchor, _, part in sections(db)}
@@ -109,9 +109,9 @@ def test_report_sections_show_the_distribution_and_the_ledger(db):
 def test_write_report_renders_the_sections(db, tmp_path):
     import pyarrow as pa
 
-    from trackstar_db.evaluation.report import write_report
+    from trackstar_db.report.summary import write_report
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
-    from trackstar_db.selection.report import sections
+    from trackstar_db.report.curation import sections
 
     retrieve(db, "bm25", RetrieveOptions(k=5), replace=True)
     summary = pa.table({"method": ["bm25"], "run_id": ["bm25"], "mrr": [0.5], "recall_at_10": [0.25]})

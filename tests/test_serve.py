@@ -176,7 +176,7 @@ def test_reads_runs_evaluation_example_queries(client, serve_db):
 
 def test_health_version_methods_openapi_assets(client, serve_db):
     from trackstar_db import __version__
-    from trackstar_db.evaluation.explorer import CSS
+    from trackstar_db.report.explorer import CSS
 
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["queued"] == 0 and health["examples"] > 300

@@ -122,7 +122,7 @@ def test_fitted_datamodel_on_retrained_tiny_models_scores_one_and_its_negation_m
     assert table["datamodel"]["lds"] == pytest.approx(1.0) and table["negated"]["lds"] == pytest.approx(-1.0)
     summary = {r["run_id"]: r["lds"] for r in db.evaluate().to_pylist()}
     assert summary["datamodel"] == pytest.approx(1.0)
-    from trackstar_db.evaluation.analysis import write_db_report
+    from trackstar_db.report.analysis import write_db_report
 
     page = write_db_report(db, db.path.parent / "report", n_samples=2, tokens=False).read_text()
     assert 'id="lds"' in page and "<th>LDS</th>" in page and page.count("<svg") >= 2

@@ -4,7 +4,7 @@
 use of `connect` or `Database`, so the CLI and the featurizer never pay for what they skip.
 """
 
-__version__ = "0.2.0"
+from trackstar_db.version import __version__
 
 __all__ = ["Database", "connect", "__version__"]
 

@@ -9,7 +9,7 @@ CLI is one verb plus formatting:
     db.retrieve("trackstar")                             # retrieval/runs.py, stored queries
     db.query("The capital of France is", "Paris")        # retrieval/adhoc.py, one prompt
     db.tail_patch(["trackstar"])                         # tailpatch/
-    db.evaluate(by="bucket")                             # evaluation/analysis.py, queries/*.sql
+    db.evaluate(by="bucket")                             # report/analysis.py, queries/*.sql
     db.sql("SELECT ..."); db.check(); db.info(); db.rebuild_bm25()
 
 Everything returns Arrow tables or plain dicts; progress bars follow trackstar_db/progress.py
@@ -187,7 +187,7 @@ class Database(_store.Store):
 
     def evaluate(self, by: str = "method") -> pa.Table:
         """The method-by-metric table (queries/summary*.sql); by='bucket' or 'correct' splits it."""
-        from trackstar_db.evaluation.analysis import evaluation
+        from trackstar_db.report.analysis import evaluation
 
         with self.reading():
             return evaluation(self, by)

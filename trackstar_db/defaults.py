@@ -22,3 +22,5 @@ DIM = 4096  # total projected dimensions of a new database
 DAMPING = 0.1  # R's damping: added to each eigenvalue, times their mean
 
 PROGRESS_DELAY_S = 2.0  # a bar appears only once work has run this long (short work shows none)
+
+MANIFEST_FILE = "manifest.json"  # the file that makes a folder a database (store/manifest.py writes it)

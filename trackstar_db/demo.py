@@ -36,7 +36,7 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     import shutil
 
     from trackstar_db.api import Database
-    from trackstar_db.evaluation.analysis import write_db_report
+    from trackstar_db.report.analysis import write_db_report
     from trackstar_db.ladder import CHECKPOINT_METHODS
     from trackstar_db.retrieval.methods import expand
     from trackstar_db.testbed.model import format_accuracy, train_testbed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from trackstar_db.defaults import MANIFEST_FILE
 from trackstar_db.errors import ParameterError, TrackstarError
 
 K_MAX = 100_000  # the most proponents (and opponents) a run or a query keeps per query
@@ -94,11 +95,9 @@ def require_extra(module: str, extra: str) -> None:
 
 def database_root(path: str | Path) -> Path | None:
     """The trackstar-db database directory holding `path` (itself or a parent), or None."""
-    from trackstar_db.store.manifest import FILENAME
-
     here = Path(path).expanduser().resolve()
     for folder in (here, *here.parents):
-        if (folder / FILENAME).is_file() and (folder / "tables").is_dir():
+        if (folder / MANIFEST_FILE).is_file() and (folder / "tables").is_dir():
             return folder
     return None
 

@@ -165,7 +165,7 @@ def import_cmd(db, file, method, run_id):
 @click.option("--samples", type=POSITIVE, default=40, show_default=True, help="Queries given a page in the explorer (a seeded sample).")
 def report(db, out_dir, compare, samples):
     """Write a static HTML report (table, plots, side-by-side proponents)."""
-    from trackstar_db.evaluation.analysis import write_db_report
+    from trackstar_db.report.analysis import write_db_report
     from trackstar_db.simfluence.evaluate import report_trajectory
 
     handle = _open(db)

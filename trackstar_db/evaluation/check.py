@@ -288,7 +288,7 @@ class Checker:
 
     # -- the model ----------------------------------------------------------------------------
     def check_model(self) -> None:
-        from trackstar_db.store.manifest import model_fingerprint
+        from trackstar_db.models.directory import fingerprint as model_fingerprint
 
         db = self.db
         model = db.manifest.get("model")

@@ -18,6 +18,7 @@ from trackstar_db.errors import TrackstarError
 
 from .adapters import base_path
 from .context import cap_tokenizer
+from .directory import validate
 from .source import ModelSource
 
 
@@ -46,8 +47,6 @@ def open_tokenizer(source: ModelSource):
 def open_model(source: ModelSource, device: str = "cpu"):
     """(model, tokenizer) of `source`: eval mode on `device`, tokenizer capped at the model's context."""
     from transformers import AutoModelForCausalLM
-
-    from trackstar_db.store.model_dir import validate
 
     if source.path.is_dir():  # config an object, safetensors weights (never a pickle), a tokenizer
         validate(source.path, source.tokenizer_path())

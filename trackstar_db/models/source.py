@@ -23,6 +23,7 @@ from pathlib import Path
 from trackstar_db.errors import TrackstarError
 
 from . import adapters as _adapters
+from . import directory as _directory
 
 FINAL = "final"
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -97,8 +98,6 @@ class ModelSource:
             what = "model directory recorded in the manifest" if self.is_default else f"directory of checkpoint {self.name!r}"
             raise TrackstarError(f"{self.path}: {what} is missing")
         if self.fingerprint is not None:
-            from trackstar_db.store.manifest import model_fingerprint
-
-            if model_fingerprint(self.path) != self.fingerprint:
+            if _directory.fingerprint(self.path) != self.fingerprint:
                 raise TrackstarError(f"{self.path}: checkpoint changed since it was recorded (fingerprint mismatch)")
         return self

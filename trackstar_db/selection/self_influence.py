@@ -46,20 +46,3 @@ def recall_at(ranked: pa.Table, planted: set[str], share: float = 0.05) -> float
         raise TrackstarError("recall: no planted examples")
     top = ranked.column("example_id").to_pylist()[: max(1, round(share * ranked.num_rows))]
     return len(planted & set(top)) / len(planted)
-
-
-def histogram_svg(table: pa.Table) -> str:
-    """The report's plot: the distribution of log10 self-influence (and of |g|^2), as inline SVG."""
-    from trackstar_db.evaluation.report import _figure, _svg
-
-    fig, (ax,) = _figure(1, width=7.5)
-    for column, label, color in (("self_influence", "g R⁻¹ g", "#4c72b0"), ("grad_sq_norm", "|g|²", "#dd8452")):
-        values = table.column(column).to_numpy()
-        values = values[np.isfinite(values) & (values > 0)]
-        if len(values):
-            ax.hist(np.log10(values), bins=40, alpha=0.6, color=color, label=label)
-    ax.set_xlabel("log10 self-influence")
-    ax.set_ylabel("training examples")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return _svg(fig, "self-influence")

@@ -1,5 +1,5 @@
 """Arrow answers as the JSON the server sends: tables as {columns, rows}, query hits with the
-pieces the page renders (the static explorer's shading and marks: evaluation/explorer.py,
+pieces the page renders (the static explorer's shading and marks: report/explorer.py,
 evaluation/highlight.py), and the stored facts of a prompt that is one of the database's queries.
 
 Every value is plain data; the page builds its DOM from it with textContent, never as HTML.
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db.evaluation import highlight
-from trackstar_db.evaluation.explorer import _LABEL_CLASS, shaded_pieces
+from trackstar_db.report.explorer import _LABEL_CLASS, shaded_pieces
 from trackstar_db.evaluation.sql import _jsonable
 
 

@@ -155,7 +155,7 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
 
     @app.get("/static/explorer.css", include_in_schema=False)
     async def explorer_css():
-        from trackstar_db.evaluation.explorer import CSS
+        from trackstar_db.report.explorer import CSS
 
         return Response(CSS, media_type="text/css")
 

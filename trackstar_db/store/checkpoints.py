@@ -19,10 +19,9 @@ import re
 from pathlib import Path
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.models import directory
 from trackstar_db.models.source import FINAL as DEFAULT
 from trackstar_db.models.source import ModelSource
-
-from . import manifest as _manifest
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # also the suffix of its table names
 
@@ -115,7 +114,7 @@ def attach(db, ref: str | Path) -> str:
     name, path = resolve(db, ref)
     if is_default(name):
         return DEFAULT
-    fingerprint = _manifest.model_fingerprint(path)
+    fingerprint = directory.fingerprint(path)
     current = attached(db).get(name)
     if current is not None and current["fingerprint"] == fingerprint and current["path"] == str(path):
         return name

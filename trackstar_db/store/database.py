@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from trackstar_db.errors import TrackstarError, first_line
+from trackstar_db.models import directory as _model_dir
 
 from . import journal as _journal
 from . import lock as _lock
@@ -151,9 +152,7 @@ class Store(SwapWriter):
                tables_uri: str | None = None) -> "Store":
         path = Path(path)
         if model_dir is not None:  # a bad model directory is refused before anything is made
-            from .model_dir import validate
-
-            validate(model_dir)
+            _model_dir.validate(model_dir)
         if (path / _manifest.FILENAME).exists():
             if not exist_ok:
                 raise TrackstarError(f"{path}: a database already exists here")
@@ -183,10 +182,8 @@ class Store(SwapWriter):
 
     def set_model(self, model_dir: str | Path, optimizer_state: str | Path | None = None) -> None:
         """Record the checkpoint this database attributes. Changing it once gradients exist is refused."""
-        from .model_dir import validate
-
-        model_dir = validate(model_dir)
-        fingerprint = _manifest.model_fingerprint(model_dir)
+        model_dir = _model_dir.validate(model_dir)
+        fingerprint = _model_dir.fingerprint(model_dir)
         current = self.manifest.get("model")
         if current and current["fingerprint"] != fingerprint and self.manifest["gradient_tables"]:
             raise TrackstarError(

@@ -29,7 +29,7 @@ class SwapWriter:
         import datetime as _dt
         import json as _json
 
-        from trackstar_db import __version__
+        from trackstar_db.version import __version__
         from trackstar_db.option_checks import name as valid_name
 
         valid_name("run", run_id)

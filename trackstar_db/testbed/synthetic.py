@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
 
 from trackstar_db import defaults
+from trackstar_db.store import vectors as _vectors
+from trackstar_db.store.database import Store
 
 
 def _rows(seed: int, start: int, count: int, dim: int, centres: torch.Tensor, scale: torch.Tensor, noise: float):
@@ -32,15 +35,11 @@ def _rows(seed: int, start: int, count: int, dim: int, centres: torch.Tensor, sc
 def synthetic_database(path: str | Path, n_rows: int, dim: int = defaults.DIM, dtype: str = "float16", *,
                        n_queries: int = 64, n_blocks: int = 8, n_clusters: int = 256, noise: float = 1.0,
                        batch_rows: int = 16384, seed: int = 0, progress: bool = False):
-    """Create the database at `path` (must not exist) and return it (trackstar_db.Database)."""
-    from tqdm.auto import tqdm
-
-    from trackstar_db.store import vectors as _vectors
-    from trackstar_db.api import Database
-
+    """Create the database at `path` (must not exist) and return its storage handle (store/database.py:
+    Store; `trackstar_db.connect(path)` opens it with every verb)."""
     if dim % n_blocks:
         raise ValueError(f"dim {dim} is not a multiple of n_blocks {n_blocks}")
-    db = Database.create(path)
+    db = Store.create(path)
     block = dim // n_blocks
     k_r = max(d for d in range(1, int(block ** 0.5) + 1) if block % d == 0)
     layout = {"dim": dim, "blocks": [{"name": f"synthetic.{b}", "offset": b * block, "size": block,

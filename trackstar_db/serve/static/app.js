@@ -37,7 +37,7 @@ async function api(path, body) {
   return data;
 }
 
-// -- one hit, as the static explorer renders it (evaluation/explorer.py _hit_html) -----------
+// -- one hit, as the static explorer renders it (report/explorer.py _hit_html) -----------
 function pieces(hit) {
   const out = [];
   for (const piece of hit.pieces) {

@@ -34,7 +34,7 @@ import pyarrow.dataset as ds
 
 from trackstar_db.retrieval.evidence import MOVES_MIN, label, text_evidence
 
-from . import highlight
+from trackstar_db.evaluation import highlight
 
 PAGE_SIZE = 50
 CSS = """

@@ -14,7 +14,7 @@ from trackstar_db.errors import ParameterError, TrackstarError
 def evaluation(db, by: str = "method") -> pa.Table:
     """The method-by-metric table from queries/*.sql; by='bucket' or 'correct' splits each method's row;
     any other `by` names a metadata column of the examples: the contribution ledger (selection/ledger.py)."""
-    from .metrics_sql import run_sql_file
+    from trackstar_db.evaluation.metrics_sql import run_sql_file
 
     splits = {"bucket": ("frequency_bucket", pa.int32()), "correct": ("model_correct", pa.bool_())}
     if by != "method" and by not in splits:
@@ -45,7 +45,7 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
                     k: int = 5, tokens: bool = True, token_top: int = 3, token_pages: int = 12, device: str = "cpu",
                     seed: int = 0, trajectory: pa.Table | None = None) -> Path:
     """The static HTML report of a database: the summary table, plots by frequency bucket and by
-    model correctness, and the query explorer (evaluation/explorer.py) over `n_samples` sampled
+    model correctness, and the query explorer (report/explorer.py) over `n_samples` sampled
     queries with every run side by side (or only the runs in `compare`), top-`k` hits each.
 
     With `tokens`, the top `token_top` proponents of each gradient run on the first `token_pages`
@@ -54,7 +54,7 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
     the model or a run's tables and R are not available). `trajectory`: a Simfluence probe's
     recorded vs simulated loss (simfluence.evaluate.report_trajectory, handed in by the caller)."""
     from .explorer import build_pages, choose_queries
-    from .report import write_report
+    from .summary import write_report
 
     runs = db.ids("runs", "run_id")
     if not runs:
@@ -94,7 +94,7 @@ def _lds(db, runs: Sequence[str]) -> pa.Table | None:
 
 def _curation_sections(db) -> list[tuple[str, str, str]]:
     """The report's self-influence distribution and contribution ledger by source, when available."""
-    from trackstar_db.selection.report import sections
+    from trackstar_db.report.curation import sections
 
     return sections(db)
 

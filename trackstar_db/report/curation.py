@@ -1,4 +1,4 @@
-"""The report's curation sections (evaluation/report.py: write_report's `sections`): the
+"""The report's curation sections (report/summary.py: write_report's `sections`): the
 distribution of self-influence with the top outliers, and the contribution ledger by source."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import pyarrow.compute as pc
 
 from trackstar_db.errors import TrackstarError
 
+from .page import figure, svg
+
 OUTLIERS = 10
 
 
 def self_influence_section(db) -> str:
-    from .self_influence import histogram_svg, self_influence
+    from trackstar_db.selection.self_influence import self_influence
 
     ranked = self_influence(db)
     values = ranked.column("self_influence").to_numpy()
@@ -36,7 +38,7 @@ def self_influence_section(db) -> str:
 
 
 def ledger_section(db, by: str = "source") -> str | None:
-    from .ledger import ledger, ledger_svg
+    from trackstar_db.selection.ledger import ledger
 
     table = ledger(db, by)
     chart = ledger_svg(table, by)
@@ -64,3 +66,53 @@ def sections(db) -> list[tuple[str, str, str]]:
         if part:
             out.append((anchor, heading, part))
     return out
+
+
+def ledger_svg(table: pa.Table, by: str, top: int = 12) -> str | None:
+    """The report's chart: each run's share of proponents (and tail-patch effect, when measured)
+    by group, bars with their bootstrap intervals as error bars; the `top` largest groups."""
+    if table.num_rows == 0:
+        return None
+    share = {}
+    for row in table.to_pylist():
+        share[row[by]] = max(share.get(row[by], 0.0), row["share"])
+    groups = sorted(share, key=lambda g: -share[g])[:top]
+    runs = sorted(set(table.column("run_id").to_pylist()))
+    panels = [("share", "share of proponents")]
+    if any(n > 0 for n in table.column("n_patched_queries").to_pylist()):
+        panels.append(("tailpatch", "tail-patch effect (pp)"))
+    fig, axes = figure(len(panels), width=5.5)
+    width = 0.8 / len(runs)
+    rows = {(r["run_id"], r[by]): r for r in table.to_pylist()}
+    for ax, (metric, title) in zip(axes, panels):
+        for i, run in enumerate(runs):
+            xs, ys, errors = [], [], [[], []]
+            for x, group in enumerate(groups):
+                row = rows.get((run, group))
+                if row is None or row[metric] is None or np.isnan(row[metric]):
+                    continue
+                xs.append(x + (i - (len(runs) - 1) / 2) * width)
+                ys.append(row[metric])
+                errors[0].append(max(0.0, row[metric] - row[f"{metric}_low"]))
+                errors[1].append(max(0.0, row[f"{metric}_high"] - row[metric]))
+            ax.bar(xs, ys, width, yerr=errors, capsize=2, label=run)
+        ax.set_title(title)
+        ax.set_xticks(range(len(groups)), [str(g)[:18] for g in groups], rotation=35, ha="right", fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return svg(fig, f"ledger-{by}")
+
+
+def histogram_svg(table: pa.Table) -> str:
+    """The report's plot: the distribution of log10 self-influence (and of |g|^2), as inline SVG."""
+    fig, (ax,) = figure(1, width=7.5)
+    for column, label, color in (("self_influence", "g R⁻¹ g", "#4c72b0"), ("grad_sq_norm", "|g|²", "#dd8452")):
+        values = table.column(column).to_numpy()
+        values = values[np.isfinite(values) & (values > 0)]
+        if len(values):
+            ax.hist(np.log10(values), bins=40, alpha=0.6, color=color, label=label)
+    ax.set_xlabel("log10 self-influence")
+    ax.set_ylabel("training examples")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return svg(fig, "self-influence")

@@ -24,7 +24,6 @@ methods as rows, bucket / correctness as columns).
 from __future__ import annotations
 
 import html
-import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +31,8 @@ from typing import Sequence
 import pyarrow as pa
 
 from trackstar_db.errors import TrackstarError
+
+from .page import figure, svg
 
 TAILPATCH = ("tailpatch_at_1", "tailpatch_at_3", "tailpatch_at_5", "tailpatch_at_10")
 METRICS = ("mrr", "recall_at_10") + TAILPATCH
@@ -129,24 +130,8 @@ def split_tables(table: pa.Table, column: str, names: dict | None = None) -> str
     return f'<div class="tables">{"".join(parts)}</div>'
 
 
-def _svg(fig, salt: str) -> str:
-    """A matplotlib Figure as inline <svg> text (text kept as text, ids made unique by salt)."""
-    import matplotlib
-
-    buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
-        fig.savefig(buffer, format="svg", bbox_inches="tight")
-    text = buffer.getvalue()
-    return text[text.index("<svg"):]
 
 
-def _figure(n_panels: int, width: float = 3.7):
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise TrackstarError("the report needs matplotlib: pip install 'trackstar-db[report]'") from None
-    fig = Figure(figsize=(width * n_panels, 3.1))
-    return fig, [fig.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
 
 
 def _values(rows: list[dict], column: str) -> list[float]:
@@ -160,7 +145,7 @@ def summary_plot(summary: pa.Table) -> str | None:
     ks = [c for c in TAILPATCH if c in summary.column_names]
     if not panels and not ks:
         return None
-    fig, axes = _figure(len(panels) + bool(ks))
+    fig, axes = figure(len(panels) + bool(ks))
     for ax, column in zip(axes, panels):
         ax.bar(range(len(labels)), _values(rows, column), color="#4c72b0")
         ax.set_title(LABELS[column])
@@ -174,7 +159,7 @@ def summary_plot(summary: pa.Table) -> str | None:
     for ax in axes:
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize="small")
         ax.grid(axis="y", alpha=0.3)
-    return _svg(fig, "summary")
+    return svg(fig, "summary")
 
 
 def split_plot(table: pa.Table, column: str, xlabel: str, salt: str) -> str | None:
@@ -185,7 +170,7 @@ def split_plot(table: pa.Table, column: str, xlabel: str, salt: str) -> str | No
     keys = sorted(set(table.column(column).to_pylist()), key=lambda v: (v is None, v))
     position = {k: i for i, k in enumerate(keys)}
     labels, rows = _label_runs(table), table.to_pylist()
-    fig, axes = _figure(len(panels))
+    fig, axes = figure(len(panels))
     for ax, metric in zip(axes, panels):
         for label in dict.fromkeys(labels):
             mine = sorted((r for lab, r in zip(labels, rows) if lab == label), key=lambda r: position[r[column]])
@@ -195,7 +180,7 @@ def split_plot(table: pa.Table, column: str, xlabel: str, salt: str) -> str | No
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return _svg(fig, salt)
+    return svg(fig, salt)
 
 
 TRAJECTORY = (("actual", "recorded", {"color": "black", "marker": "o", "markersize": 3}),
@@ -207,7 +192,7 @@ TRAJECTORY = (("actual", "recorded", {"color": "black", "marker": "o", "markersi
 def trajectory_section(table: pa.Table) -> str:
     """A probe's recorded vs simulated loss over a held-out run: the plot and each simulator's MSE."""
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    fig, (ax,) = _figure(1, width=7.5)
+    fig, (ax,) = figure(1, width=7.5)
     steps, actual = table.column("step").to_pylist(), table.column("actual").to_numpy()
     values = {}
     for column, label, style in TRAJECTORY:
@@ -225,14 +210,14 @@ def trajectory_section(table: pa.Table) -> str:
             "the probe's loss at step 0 through this run's batches, never fed its recorded losses. "
             "MSE over steps 1..T of this probe (lower is better); <code>trackstar-db simfluence eval</code> gives all probes.")
     table_html = metric_table(rows, ["mse"], values, ["simulator", "MSE"], 4, best_of=min)
-    return (f'<p class="note">{note}</p><div class="plots">{_svg(fig, "trajectory")}<div>{table_html}</div></div>')
+    return (f'<p class="note">{note}</p><div class="plots">{svg(fig, "trajectory")}<div>{table_html}</div></div>')
 
 
 def lds_section(table: pa.Table) -> str:
     """LDS per run with its bootstrap interval (validate/lds.lds_table rows of one validation): a
     bar chart with error bars and the numbers."""
     labels, rows = _label_runs(table), table.to_pylist()
-    fig, (ax,) = _figure(1, width=max(4.0, 0.6 * len(labels) + 1.5))
+    fig, (ax,) = figure(1, width=max(4.0, 0.6 * len(labels) + 1.5))
     values = _values(rows, "lds")
     # a percentile interval can miss its own point estimate (few queries): that side's bar is 0, not negative
     low = [math.nan if _missing(r["lds_low"]) else max(0.0, v - r["lds_low"]) for v, r in zip(values, rows)]
@@ -249,7 +234,7 @@ def lds_section(table: pa.Table) -> str:
             "query's loss under the subset's model (higher = the scores predict which subsets help), averaged over "
             "queries. <code>trackstar-db validate</code>; docs/validate.md.")
     table_html = metric_table(labels, ["lds", "lds_low", "lds_high"], numbers, ["run", "LDS", "low", "high"], 3)
-    return f'<p class="note">{note}</p><div class="plots">{_svg(fig, "lds")}<div>{table_html}</div></div>'
+    return f'<p class="note">{note}</p><div class="plots">{svg(fig, "lds")}<div>{table_html}</div></div>'
 
 
 def _check(name: str, table: pa.Table | None, column: str | None) -> None:
@@ -265,7 +250,7 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
                  trajectory: pa.Table | None = None, lds: pa.Table | None = None,
                  title: str = "trackstar-db report", sections: Sequence[tuple[str, str, str]] = ()) -> Path:
     """Write out_dir/index.html (and out_dir/queries/ given pages); return index.html's path.
-    `sections`: more (anchor, heading, HTML) parts, after the splits (selection/report.py)."""
+    `sections`: more (anchor, heading, HTML) parts, after the splits (report/curation.py)."""
     _check("summary", summary, None)
     _check("by_bucket", by_bucket, "frequency_bucket")
     _check("by_correct", by_correct, "model_correct")
