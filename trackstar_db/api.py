@@ -20,11 +20,13 @@ verbs, so it never imports them.
 
 from __future__ import annotations
 
+from dataclasses import replace as replace_fields
 from pathlib import Path
 
 import pyarrow as pa
 
 from trackstar_db import defaults
+from trackstar_db.devices import resolve_device
 from trackstar_db.errors import ParameterError
 from trackstar_db.store import database as _store
 
@@ -54,6 +56,7 @@ class Database(_store.Store):
     def _attributor_for(self, device: str):
         from trackstar_db.retrieval.adhoc import PromptAttributor
 
+        device = resolve_device(device)
         if self._attributor is None or self._attributor.device != device:
             self._attributor = PromptAttributor(self, device)
         return self._attributor
@@ -129,7 +132,6 @@ class Database(_store.Store):
                  template: str | None = defaults.TEMPLATE, device: str = "cpu", query_text: str = "prompt+target",
                  ann=None, engine: str = "local") -> tuple[str, pa.Table]:
         """A stored run of `method` over the queries of `template` (None: all): (run id, its rows)."""
-        from trackstar_db.devices import resolve_device
         from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
 
         options = RetrieveOptions(k=k, template=template, device=resolve_device(device), query_text=query_text, ann=ann)
@@ -138,7 +140,6 @@ class Database(_store.Store):
     def tail_patch(self, run_ids, k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
                    device: str = "cpu") -> pa.Table:
         """Influence of each run's top-k proponents by one optimizer step (tailpatch/runs.py)."""
-        from trackstar_db.devices import resolve_device
         from trackstar_db.tailpatch.runs import tail_patch_runs
 
         return tail_patch_runs(self, list(run_ids), k, max_queries, resolve_device(device))
@@ -223,6 +224,7 @@ class Database(_store.Store):
         from trackstar_db.validate.runner import run_validation
 
         options = options or ValidateOptions(**settings)
+        options = replace_fields(options, device=resolve_device(options.device))
         trained = run_validation(self, options)
         if report is not None:
             report(f"validation {options.name}: trained {len(trained)} model(s) now, "
@@ -240,7 +242,7 @@ class Database(_store.Store):
         from trackstar_db.selection.select import select
 
         return select(self, task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
-                      aggregate=aggregate, ann=ann, device=device, out=out)
+                      aggregate=aggregate, ann=ann, device=resolve_device(device), out=out)
 
     def self_influence(self, variant: str = "corrected", mix: str = "train", k: int | None = None) -> pa.Table:
         """Each training example's g R^-1 g and |g|^2 (stored by fit), highest first; the first k."""

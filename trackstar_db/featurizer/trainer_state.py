@@ -18,13 +18,11 @@ _NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm
 
 def skeleton(model_dir: Path) -> torch.nn.Module:
     """The checkpoint's model built from its config.json on the meta device (names and shapes, no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from trackstar_db.models.load import model_from_config, open_config
 
     if not (model_dir / "config.json").is_file():
         raise TrackstarError(f"{model_dir}: optimizer.pt must sit in its checkpoint directory (no config.json there)")
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    return model_from_config(open_config(model_dir), meta=True)
 
 
 def _decay_names(model: torch.nn.Module) -> set[str]:

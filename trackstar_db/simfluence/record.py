@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 
 from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.models.load import open_tokenizer
+from trackstar_db.store.checkpoints import source
 
 from .data import ensure_tables
 
@@ -63,8 +65,6 @@ def probe_queries(db, n: int) -> pa.Table:
 
 def training_setup(db, options: RecordOptions):
     """(TrainConfig, tokenizer, init checkpoint dir or None) for the runs."""
-    from transformers import AutoTokenizer
-
     from trackstar_db.testbed.train import TrainConfig
 
     config = TrainConfig()
@@ -83,7 +83,7 @@ def training_setup(db, options: RecordOptions):
     elif options.init == "scratch":
         raise TrackstarError(f"{info_path}: missing; init 'scratch' rebuilds the testbed architecture from it "
                              "(init 'checkpoint' starts from another model)")
-    tokenizer = AutoTokenizer.from_pretrained(model["tokenizer"], local_files_only=True)
+    tokenizer = open_tokenizer(source(db))
     return config, tokenizer, (model["path"] if options.init == "checkpoint" else None)
 
 

@@ -64,15 +64,13 @@ def context_cap(db, tokenizer) -> int | None:
     context (models/context.cap_tokenizer), as the gradient run will cut it."""
     from trackstar_db.featurizer.config import FeaturizerConfig
     from trackstar_db.models.context import cap_tokenizer, token_limit
+    from trackstar_db.models.load import open_config
 
     entry = db.manifest.get("featurizer") or {}
     max_length = entry.get("config", {}).get("max_length", FeaturizerConfig().max_length)
     try:
-        from transformers import AutoConfig
-
-        return cap_tokenizer(tokenizer, AutoConfig.from_pretrained(db.model_info()["path"], local_files_only=True),
-                             max_length)
-    except (OSError, ValueError):  # an adapter directory has no config.json of its own
+        return cap_tokenizer(tokenizer, open_config(db.model_info()["path"]), max_length)
+    except (TrackstarError, ValueError):  # an adapter directory has no config.json of its own
         return token_limit(tokenizer, max_length)
 
 

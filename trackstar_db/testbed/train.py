@@ -31,6 +31,7 @@ from trackstar_db.featurizer.tokenize import (
     pad_id,
 )
 from trackstar_db.featurizer.task import per_example_loss
+from trackstar_db.models.load import open_weights, save_model
 
 from .vocab import build_tokenizer
 
@@ -142,8 +143,7 @@ def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, prog
                                               on_step)
     wall = time.perf_counter() - start
 
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    save_model(model, tokenizer, out)
     state = optimizer_state.from_torch_adam(optimizer, dict(model.named_parameters()), kind="adamw")
     optimizer_state.save(state, out)
     result = TrainResult(out, step, epoch_losses[0], epoch_losses[-1], state.lr, wall)
@@ -195,8 +195,7 @@ def _optimize(model, encoded: list, config: TrainConfig, pad: int, total: int, o
 def save_checkpoint(model, tokenizer, optimizer, path: Path) -> Path:
     """A complete checkpoint directory: weights, tokenizer, optimizer state (with the next step's lr)."""
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
+    save_model(model, tokenizer, path)
     optimizer_state.save(optimizer_state.from_torch_adam(optimizer, dict(model.named_parameters()), kind="adamw"), path)
     return path
 
@@ -229,13 +228,11 @@ def train_recorded(texts: Sequence[str], config: TrainConfig, tokenizer, order_s
     or the checkpoint in `init_dir`), trained for config.max_steps steps on `texts` in the order drawn
     from `order_seed`, calling on_step(step, batch_indices, loss, lr, model, optimizer) after each step and
     once before the first (step 0: no batch, loss nan, lr 0, optimizer None). Nothing is saved. Returns the trained model."""
-    from transformers import AutoModelForCausalLM
-
     if not texts or not config.max_steps:
         raise ValueError("train_recorded: needs texts and config.max_steps")
     torch.manual_seed(config.seed)
     if init_dir is not None:
-        model = AutoModelForCausalLM.from_pretrained(str(init_dir), local_files_only=True, dtype="float32")
+        model = open_weights(init_dir)
     else:
         model = build_model(config, tokenizer)
     model = model.to(config.device)

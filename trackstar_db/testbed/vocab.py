@@ -22,7 +22,7 @@ def build_tokenizer(texts: Iterable[str], out_dir: str | Path | None = None, min
     """Train a word-level tokenizer on `texts`; ids 0..3 are <pad>, <unk>, <bos>, <eos>.
 
     With `out_dir`, the tokenizer is also saved there (save_pretrained), so
-    AutoTokenizer.from_pretrained(out_dir) reloads it offline.
+    models/load.open_tokenizer(out_dir) reloads it offline.
     """
     core = Tokenizer(models.WordLevel(unk_token=SPECIALS["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.Whitespace()

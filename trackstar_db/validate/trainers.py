@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.models.load import open_tokenizer, open_weights
+from trackstar_db.store.checkpoints import source
 
 from .options import ValidateOptions
 
@@ -61,13 +63,10 @@ class CommandTrainer:
     and {out} = the directory it must fill with a transformers checkpoint."""
 
     def __init__(self, db, options: ValidateOptions):
-        from transformers import AutoTokenizer
-
         self.command, self.device = options.train_command, options.device
         self.name = self.command
         model = db.manifest.get("model")
-        self.tokenizer = (AutoTokenizer.from_pretrained(model["tokenizer"], local_files_only=True)
-                          if model else None)
+        self.tokenizer = open_tokenizer(source(db)) if model else None
 
     def parameters(self) -> dict:
         return {"command": self.command}
@@ -93,19 +92,14 @@ class CommandTrainer:
                                  "transformers checkpoint to {out}")
         tokenizer = self.tokenizer
         if (out / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+            tokenizer = open_tokenizer(out)
         if tokenizer is None:
             raise TrackstarError(f"validate --train-command: {out} holds no tokenizer and the database records no model")
         return _load(out, tokenizer, self.device)
 
 
 def _load(out: Path, tokenizer, device: str):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype="float32")
-    return model.to(device).eval(), tokenizer
+    return open_weights(out, device).eval(), tokenizer
 
 
 def make_trainer(db, options: ValidateOptions):
