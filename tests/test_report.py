@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from trackstar_db.evaluation import highlight
-from trackstar_db.report.explorer import add_tokens, build_pages, choose_queries, shaded_html
+from trackstar_db.report.explorer import add_tokens, build_pages, choose_queries, marked_html, shaded_html
 from trackstar_db.report.summary import write_report
 
 pytest.importorskip("matplotlib")
@@ -115,7 +115,7 @@ def test_highlight_spans_and_renderers():
     assert highlight.shared_words(text, refs) == {"paris", "capital", "france"}
     spans = highlight.spans(text, refs)
     assert [text[a:b] for a, b in spans] == ["paris", "Capital", "France"]
-    html_text = highlight.to_html(text, refs)
+    html_text = marked_html(text, refs)
     assert html_text.count("<mark>") == 3 and "&lt;the&gt;" in html_text and "&amp;" in html_text
     assert re.sub(r"</?mark>", "", html_text).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") == text
     styled = highlight.to_terminal(text, refs)
@@ -324,3 +324,29 @@ def test_simfluence_trajectory_section_renders_at_1280(tmp_path):
     assert 'id="simfluence"' not in plain.read_text()
     with pytest.raises(Exception, match="trajectory table needs a 'actual' column"):
         write_report(tmp_path / "bad", SUMMARY, trajectory=TRAJECTORY.drop_columns(["actual"]))
+
+
+def test_every_page_has_the_one_shell_stylesheet_and_escaping(tmp_path):
+    """The report, its explorer pages and the served stylesheet come from report/page.py: one shell,
+    one stylesheet, one escaping (no other module of trackstar_db escapes HTML itself)."""
+    from trackstar_db.report.page import STYLESHEET, document, escape
+
+    pages = build_pages(_tables(), ["b", "t-d64"], ["q1", "q2"], k=2)
+    index = write_report(tmp_path, SUMMARY, pages=pages, title="a <b> & 'c'",
+                         sections=[("x\"y", "Odd <heading>", "<p>part</p>")])
+    written = [index] + sorted((tmp_path / "queries").glob("*.html"))
+    assert len(written) == 1 + 1 + len(pages)  # the summary, one picker page, a page per query
+    shell = document("T", "B")
+    prefix, suffix = shell[:shell.index("<title>") + 7], shell[shell.index("</title>"):shell.index("<body>") + 6]
+    for path in written:
+        text = path.read_text(encoding="utf-8")
+        assert text.startswith(prefix) and suffix in text and text.endswith("</body></html>"), path.name
+        assert re.findall(r"<style>(.*?)</style>", text, re.DOTALL) == [STYLESHEET], path.name
+    text = index.read_text(encoding="utf-8")
+    assert "<title>a &lt;b&gt; &amp; &#x27;c&#x27;</title>" in text and "Odd &lt;heading&gt;" in text
+    assert 'id="x&quot;y"' in text
+    assert escape("<&\"'>") == "&lt;&amp;&quot;&#x27;&gt;"
+    package = Path(__file__).resolve().parents[1] / "trackstar_db"
+    own = [str(p.relative_to(package)) for p in package.rglob("*.py")
+           if p.name != "page.py" and re.search(r"^import html$|html\.escape\(|<!DOCTYPE", p.read_text(encoding="utf-8"), re.M)]
+    assert own == []

@@ -176,7 +176,7 @@ def test_reads_runs_evaluation_example_queries(client, serve_db):
 
 def test_health_version_methods_openapi_assets(client, serve_db):
     from trackstar_db import __version__
-    from trackstar_db.report.explorer import CSS
+    from trackstar_db.report.page import STYLESHEET
 
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["queued"] == 0 and health["examples"] > 300
@@ -195,7 +195,7 @@ def test_health_version_methods_openapi_assets(client, serve_db):
     script = client.get("/static/app.js").text
     for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write", "eval(", "http://", "https://"):
         assert sink not in script, sink  # the DOM is built with textContent; nothing from the network
-    assert client.get("/static/explorer.css").text == CSS
+    assert client.get("/static/explorer.css").text == STYLESHEET
     assert client.get("/docs").status_code == 404  # swagger would load from a CDN
 
 

@@ -1,13 +1,13 @@
 """Mark the words of a retrieved text that also occur in the query (prompt and target).
 
 Words are runs of letters/digits (`\\w+`), compared case-insensitively; stopwords and
-one-character words never count. One function finds the spans; the HTML renderer wraps them
-in <mark> and the terminal renderer styles them with click, so both show the same words.
+one-character words never count. One function finds the spans; `render` dresses them: the
+explorer's HTML (report/explorer.py: marked_html) in <mark>, the terminal with click, so both show
+the same words.
 """
 
 from __future__ import annotations
 
-import html
 import re
 from typing import Iterable
 
@@ -44,7 +44,7 @@ def spans(text: str, reference_texts: Iterable[str]) -> list[tuple[int, int]]:
     return [m.span() for m in WORD.finditer(text) if m.group().lower() in shared]
 
 
-def _render(text: str, marks: list[tuple[int, int]], plain, marked) -> str:
+def render(text: str, marks: list[tuple[int, int]], plain, marked) -> str:
     out, at = [], 0
     for start, end in marks:
         out += [plain(text[at:start]), marked(text[start:end])]
@@ -53,13 +53,7 @@ def _render(text: str, marks: list[tuple[int, int]], plain, marked) -> str:
     return "".join(out)
 
 
-def to_html(text: str, reference_texts: Iterable[str]) -> str:
-    """`text` HTML-escaped, with shared words in <mark>."""
-    return _render(text, spans(text, reference_texts), html.escape,
-                   lambda w: f"<mark>{html.escape(w)}</mark>")
-
-
 def to_terminal(text: str, reference_texts: Iterable[str], color: str = "yellow") -> str:
     """`text` with shared words bold and coloured (ANSI; click strips it when not a terminal)."""
-    return _render(text, spans(text, reference_texts), str,
+    return render(text, spans(text, reference_texts), str,
                    lambda w: click.style(w, fg=color, bold=True))

@@ -3,7 +3,6 @@ distribution of self-influence with the top outliers, and the contribution ledge
 
 from __future__ import annotations
 
-import html
 import sys
 
 import numpy as np
@@ -11,7 +10,7 @@ import pyarrow.compute as pc
 
 from trackstar_db.errors import TrackstarError
 
-from .page import figure, svg
+from .page import escape, figure, svg
 
 OUTLIERS = 10
 
@@ -26,8 +25,8 @@ def self_influence_section(db) -> str:
     ids = [r["example_id"] for r in top]
     rows = db.table("examples", columns=["example_id", "text"], filter=pc.field("example_id").isin(ids))
     texts = dict(zip(rows.column("example_id").to_pylist(), rows.column("text").to_pylist()))
-    rows = "".join(f'<tr><td class="num">{r["rank"]}</td><td>{html.escape(r["example_id"])}</td>'
-                   f'<td class="num">{r["self_influence"]:.4g}</td><td>{html.escape(texts.get(i, "")[:120])}</td></tr>'
+    rows = "".join(f'<tr><td class="num">{r["rank"]}</td><td>{escape(r["example_id"])}</td>'
+                   f'<td class="num">{r["self_influence"]:.4g}</td><td>{escape(texts.get(i, "")[:120])}</td></tr>'
                    for r, i in zip(top, ids))
     note = (f"g R<sub>train</sub><sup>-1</sup> g of each of {ranked.num_rows:,} training examples (corrected "
             f"gradients), stored by <code>fit</code>: median {quantiles[0]:.4g}, 95th percentile {quantiles[1]:.4g}, "
@@ -45,7 +44,7 @@ def ledger_section(db, by: str = "source") -> str | None:
     if chart is None:
         return None
     note = (f"Per run, the mean over its queries of the share of retrieved proponents (and of the summed tail-patch "
-            f"effect) coming from each value of <code>{html.escape(by)}</code>; error bars: 95% percentile bootstrap "
+            f"effect) coming from each value of <code>{escape(by)}</code>; error bars: 95% percentile bootstrap "
             "intervals over queries (1,000 resamples, seed 0). <code>trackstar-db eval --by COLUMN</code> gives "
             "the table for any metadata column.")
     return f'<p class="note">{note}</p><div class="plots">{chart}</div>'

@@ -13,7 +13,7 @@ a <details> element. Where `tokens` were computed (gradient runs, top few propon
 proponent's tokens are shaded by their part of the score (retrieval/tokens.py): green adds to
 the score, red takes from it; hovering shows the value.
 
-Pages are plain HTML with inline CSS: no script, no network, open from disk. A large database
+Pages are plain HTML with the one stylesheet inline (page.py): no script, no network, open from disk. A large database
 gets a sample of `n` queries (seeded), so the report stays small whatever the query count.
 
 `build_pages` works on Arrow tables or Lance datasets (testable without a database);
@@ -22,7 +22,6 @@ gets a sample of `n` queries (seeded), so the report stays small whatever the qu
 
 from __future__ import annotations
 
-import html
 import math
 import random
 from pathlib import Path
@@ -32,26 +31,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from trackstar_db.evaluation import highlight
 from trackstar_db.retrieval.evidence import MOVES_MIN, label, text_evidence
 
-from trackstar_db.evaluation import highlight
+from .page import document, escape
 
 PAGE_SIZE = 50
-CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1240px;padding:0 1em;color:#222;line-height:1.35}
-nav{font-size:.9em;margin-bottom:.8em} nav a{margin-right:1em}
-h1{font-size:1.35em;font-weight:600;margin:.2em 0} .target{background:#dde8ff;padding:0 .2em}
-.facts{color:#555;font-size:.9em} .runs{display:grid;grid-template-columns:repeat(auto-fill,minmax(290px,1fr));gap:1em}
-.run{border:1px solid #ddd;border-radius:6px;padding:.5em .7em;min-width:0} .run h2{font-size:1em;margin:.1em 0 .4em}
-ol{padding-left:1.6em;margin:.2em 0} li{margin:.5em 0;overflow-wrap:anywhere}
-.meta{font-size:.8em;color:#666} .ok{color:#080;font-weight:bold} .bad{color:#b00;font-weight:bold}
-mark{background:#ffe27a} .tk{border-radius:2px} .sh{text-decoration:underline;font-weight:600}
-details{margin-top:.4em;font-size:.95em} summary{cursor:pointer;color:#345}
-table{border-collapse:collapse;width:100%;font-size:.9em} th,td{border-bottom:1px solid #ddd;padding:.25em .5em;text-align:left}
-td{overflow-wrap:anywhere} .legend{font-size:.85em;color:#444}
-.lab{border-radius:3px;padding:0 .3em;border:1px solid #bbb} .l-both{background:#c8ecc8} .l-states{background:#dde8ff}
-.l-moves{background:#ffe9c2} .l-none{color:#888}
-"""
 
 
 def _where(data, expression: pc.Expression) -> pa.Table:
@@ -178,13 +163,18 @@ def shaded_pieces(text: str, tokens: list[tuple], refs: Sequence[str]) -> tuple[
     return pieces, sum(c for _, _, c in tokens), special
 
 
+def marked_html(text: str, refs: Sequence[str]) -> str:
+    """`text` escaped, the words shared with `refs` in <mark> (evaluation/highlight.py finds them)."""
+    return highlight.render(text, highlight.spans(text, refs), escape, lambda w: f"<mark>{escape(w)}</mark>")
+
+
 def shaded_html(text: str, tokens: list[tuple], refs: Sequence[str]) -> str:
     """`text` with each token's span shaded by its contribution (green +, red -), shared words
     underlined; tokens without a span (bos, eos) are summed into a note."""
     pieces, total, special = shaded_pieces(text, tokens, refs)
     out = []
     for piece in pieces:
-        body = html.escape(piece["text"])
+        body = escape(piece["text"])
         if "shade" not in piece:
             out.append(body)
             continue
@@ -200,7 +190,7 @@ _LABEL_CLASS = {"both": "l-both", "states it": "l-states", "moves the model": "l
 
 
 def _hit_html(hit: dict, refs: Sequence[str]) -> str:
-    body = shaded_html(hit["text"], hit["tokens"], refs) if hit["tokens"] else highlight.to_html(hit["text"], refs)
+    body = shaded_html(hit["text"], hit["tokens"], refs) if hit["tokens"] else marked_html(hit["text"], refs)
     marks = [f"score {_num(hit['score'], 4)}"]
     if hit["correct"]:
         marks.append('<span class="ok" title="annotated with the query\'s fact">✓ fact</span>')
@@ -208,8 +198,8 @@ def _hit_html(hit: dict, refs: Sequence[str]) -> str:
         marks.append(f"tail-patch {hit['delta_pp']:+.2f} pp")
     if hit.get("label"):
         marks.append(f'<span class="lab {_LABEL_CLASS.get(hit["label"], "")}" title="shares {hit["shared_span"]} '
-                     f'words verbatim with prompt + target">{html.escape(hit["label"])}</span>')
-    marks.append(html.escape(hit["example_id"]))
+                     f'words verbatim with prompt + target">{escape(hit["label"])}</span>')
+    marks.append(escape(hit["example_id"]))
     return f'<li value="{hit["rank"]}">{body}<div class="meta">{" · ".join(marks)}</div></li>'
 
 
@@ -229,17 +219,17 @@ def query_html(page: dict, number: int, total: int) -> str:
         if opponents:
             opponents = f"<details><summary>opponents ({len(column['opponent'])})</summary><ol>{opponents}</ol></details>"
         label = column["method"] + ("" if column["run_id"] == column["method"] else f" ({column['run_id']})")
-        runs.append(f'<section class="run"><h2>{html.escape(label)}</h2><ol>{items}</ol>{opponents}</section>')
+        runs.append(f'<section class="run"><h2>{escape(label)}</h2><ol>{items}</ol>{opponents}</section>')
     prev_link = f'<a href="q-{number - 1:04d}.html">← previous</a>' if number > 1 else ""
     next_link = f'<a href="q-{number + 1:04d}.html">next →</a>' if number < total else ""
-    facts = [f"query {html.escape(page['query_id'])}"]
+    facts = [f"query {escape(page['query_id'])}"]
     if page.get("relation"):
-        facts.append(f"relation {html.escape(str(page['relation']))}")
+        facts.append(f"relation {escape(str(page['relation']))}")
     if page.get("bucket") is not None:
         facts.append(f"frequency bucket {page['bucket']}")
     body = (f'<nav><a href="../index.html">summary</a><a href="{_picker_name(1 + (number - 1) // PAGE_SIZE)}">all queries</a>'
             f"{prev_link}{next_link}<span class=meta>query {number} of {total}</span></nav>"
-            f'<h1>{html.escape(page["prompt"])} <span class="target">{html.escape(page["target"])}</span></h1>'
+            f'<h1>{escape(page["prompt"])} <span class="target">{escape(page["target"])}</span></h1>'
             f'<p class="facts">{" · ".join(facts)} · {_answer(page)}</p>'
             '<p class="legend"><mark>marked</mark> / <span class="sh">underlined</span>: words shared with the prompt '
             'or target · ✓ fact: the example states the query\'s fact · label: <b>states it</b> (has the target and '
@@ -249,7 +239,7 @@ def query_html(page: dict, number: int, total: int) -> str:
             '(<span class="tk" style="background:rgba(0,150,60,.5)">adds</span> / '
             '<span class="tk" style="background:rgba(220,30,30,.5)">takes</span>)</p>'
             f'<div class="runs">{"".join(runs)}</div>')
-    return _page(f"{page['prompt']} {page['target']}", body)
+    return document(f"{page['prompt']} {page['target']}", body)
 
 
 def _picker_name(n: int) -> str:
@@ -259,20 +249,15 @@ def _picker_name(n: int) -> str:
 def picker_html(pages: Sequence[dict], number: int, n_pages: int, total: int) -> str:
     first = (number - 1) * PAGE_SIZE
     rows = "".join(
-        f'<tr><td><a href="q-{first + i + 1:04d}.html">{first + i + 1}</a></td><td>{html.escape(p["prompt"])} '
-        f'<b>{html.escape(p["target"])}</b></td><td>{"" if p["bucket"] is None else p["bucket"]}</td>'
+        f'<tr><td><a href="q-{first + i + 1:04d}.html">{first + i + 1}</a></td><td>{escape(p["prompt"])} '
+        f'<b>{escape(p["target"])}</b></td><td>{"" if p["bucket"] is None else p["bucket"]}</td>'
         f'<td>{"" if p["correct"] is None else ("✓" if p["correct"] else "✗")}</td></tr>'
         for i, p in enumerate(pages))
     links = " ".join(f'<a href="{_picker_name(n)}">{n}</a>' if n != number else f"<b>{n}</b>" for n in range(1, n_pages + 1))
     body = (f'<nav><a href="../index.html">summary</a>{"pages: " + links if n_pages > 1 else ""}</nav>'
-            f"<h1>Queries ({total} sampled)</h1><table><thead><tr><th>#</th><th>prompt and target</th>"
+            f"<h1>Queries ({total} sampled)</h1><table class=\"list\"><thead><tr><th>#</th><th>prompt and target</th>"
             f"<th>bucket</th><th>model</th></tr></thead><tbody>{rows}</tbody></table>")
-    return _page("queries", body)
-
-
-def _page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body>{body}</body></html>')
+    return document("queries", body)
 
 
 def write_explorer(out_dir: str | Path, pages: Sequence[dict]) -> Path:

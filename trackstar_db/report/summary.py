@@ -1,7 +1,7 @@
 """The report's front page: the method-by-metric table and plots, static and self-contained.
 
 `write_report(out_dir, summary, by_bucket=..., by_correct=..., pages=...)` writes
-out_dir/index.html (inline CSS, inline SVG plots from matplotlib's SVG backend; no script, no
+out_dir/index.html (the stylesheet inline: page.py; inline SVG plots from matplotlib's SVG backend; no script, no
 external file) and, given query pages (explorer.build_pages), the query explorer under
 out_dir/queries/ (explorer.py). Inputs:
 
@@ -23,7 +23,6 @@ methods as rows, bucket / correctness as columns).
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 from typing import Sequence
@@ -32,24 +31,13 @@ import pyarrow as pa
 
 from trackstar_db.errors import TrackstarError
 
-from .page import figure, svg
+from .page import document, escape, figure, svg
 
 TAILPATCH = ("tailpatch_at_1", "tailpatch_at_3", "tailpatch_at_5", "tailpatch_at_10")
 METRICS = ("mrr", "recall_at_10") + TAILPATCH
 LABELS = {"mrr": "MRR", "recall_at_10": "recall@10", "n_queries": "queries",
           "n_tailpatch_queries": "patched", **{c: f"tail-patch@{c.rsplit('_', 1)[1]}" for c in TAILPATCH}, "lds": "LDS"}
 DIGITS = {"mrr": 3, "recall_at_10": 3, **{c: 2 for c in TAILPATCH}, "lds": 3}
-
-CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1180px;padding:0 1em;color:#222}
-h1,h2{font-weight:600} h2{margin-top:1.6em;border-bottom:1px solid #ddd} nav a{margin-right:1em}
-table{border-collapse:collapse;margin:.6em 0} th,td{border:1px solid #ccc;padding:.25em .55em}
-th{background:#f0f0f0;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.best{font-weight:700;background:#dff3df} .note{color:#555;font-size:.9em}
-.plots{display:flex;flex-wrap:wrap;gap:1em} .plots svg{max-width:100%;height:auto}
-.tables{display:flex;flex-wrap:wrap;gap:0 2em}
-"""
-
 
 def _label_runs(table: pa.Table) -> list[str]:
     """'method', or 'method (run_id)' where a method has several runs or the run is renamed."""
@@ -68,7 +56,7 @@ def _fmt(value, column: str = "") -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.{DIGITS[column]}f}" if column in DIGITS else f"{value:.4g}"
-    return html.escape(str(value))
+    return escape(str(value))
 
 
 def metric_table(rows: Sequence[str], columns: Sequence[str], values: dict, headers: Sequence[str],
@@ -88,8 +76,8 @@ def metric_table(rows: Sequence[str], columns: Sequence[str], values: dict, head
         cls = "num best" if best[c] is not None and isinstance(v, float) and round(v, digits) == best[c] else "num"
         return f'<td class="{cls}">{text}</td>'
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(f"<tr><td>{html.escape(r)}</td>" + "".join(cell(r, c) for c in columns) + "</tr>" for r in rows)
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join(f"<tr><td>{escape(r)}</td>" + "".join(cell(r, c) for c in columns) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -112,7 +100,7 @@ def summary_html(summary: pa.Table) -> str:
             v = row[c]
             mark = best[c] is not None and not _missing(v) and round(v, DIGITS[c]) == best[c]
             cells.append(f'<td class="num{" best" if mark else ""}">{_fmt(v, c)}</td>')
-        body.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
+        body.append(f"<tr><td>{escape(label)}</td>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -205,8 +193,8 @@ def trajectory_section(table: pa.Table) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     rows = [label for _, label, _ in TRAJECTORY[1:] if (label, "mse") in values]
-    note = (f"Probe {html.escape(meta.get('query_id', '?'))} on held-out run {html.escape(meta.get('run_id', '?'))}: "
-            f"the simulators were fitted on {html.escape(meta.get('train_runs', '?'))} other runs and rolled out from "
+    note = (f"Probe {escape(meta.get('query_id', '?'))} on held-out run {escape(meta.get('run_id', '?'))}: "
+            f"the simulators were fitted on {escape(meta.get('train_runs', '?'))} other runs and rolled out from "
             "the probe's loss at step 0 through this run's batches, never fed its recorded losses. "
             "MSE over steps 1..T of this probe (lower is better); <code>trackstar-db simfluence eval</code> gives all probes.")
     table_html = metric_table(rows, ["mse"], values, ["simulator", "MSE"], 4, best_of=min)
@@ -229,7 +217,7 @@ def lds_section(table: pa.Table) -> str:
     ax.grid(axis="y", alpha=0.3)
     numbers = {(lab, c): r[c] for lab, r in zip(labels, rows) for c in ("lds", "lds_low", "lds_high")}
     first = rows[0] if rows else {}
-    note = (f"Validation {html.escape(str(first.get('validation', '')))}: {first.get('n_subsets', '?')} models retrained "
+    note = (f"Validation {escape(str(first.get('validation', '')))}: {first.get('n_subsets', '?')} models retrained "
             "on random subsets; per query, the Spearman correlation of each subset's summed scores with minus the "
             "query's loss under the subset's model (higher = the scores predict which subsets help), averaged over "
             "queries. <code>trackstar-db validate</code>; docs/validate.md.")
@@ -284,8 +272,8 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
         parts += ['<h2 id="simfluence">Simfluence: a probe\'s loss, recorded and simulated</h2>',
                   trajectory_section(trajectory)]
     for anchor, heading, part in sections:
-        nav.append(f'<a href="#{html.escape(anchor)}">{html.escape(heading.lower())}</a>')
-        parts += [f'<h2 id="{html.escape(anchor)}">{html.escape(heading)}</h2>', part]
+        nav.append(f'<a href="#{escape(anchor)}">{escape(heading.lower())}</a>')
+        parts += [f'<h2 id="{escape(anchor)}">{escape(heading)}</h2>', part]
     if pages:
         from .explorer import write_explorer
 
@@ -294,11 +282,9 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
         parts += ['<h2 id="queries">Queries</h2>',
                   f'<p><a href="queries/index.html">Explore {len(pages)} sampled queries</a>: prompt, target, the '
                   "model's answer and every run's proponents side by side.</p>"]
-    body = f"<h1>{html.escape(title)}</h1><nav>{''.join(nav)}</nav>{''.join(parts)}"
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body>{body}</body></html>')
+    text = document(title, f"<h1>{escape(title)}</h1><nav>{''.join(nav)}</nav>{''.join(parts)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path

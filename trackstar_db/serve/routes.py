@@ -155,9 +155,9 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
 
     @app.get("/static/explorer.css", include_in_schema=False)
     async def explorer_css():
-        from trackstar_db.report.explorer import CSS
+        from trackstar_db.report.page import STYLESHEET  # the one stylesheet of every page
 
-        return Response(CSS, media_type="text/css")
+        return Response(STYLESHEET, media_type="text/css")
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 
