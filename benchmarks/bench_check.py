@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-check"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from trackstar_db.evaluation.check import check
+    from trackstar_db.store.check import check
 
     db = build(args.dir, args.rows, args.dim, args.dtype)
     mb = sum(f.stat().st_size for f in (args.dir / "tables").rglob("*") if f.is_file()) / 1e6

@@ -158,7 +158,7 @@ def test_plan_prints_bytes_ram_and_time(db, tmp_path, monkeypatch):
     assert plan["ram: ingest gradients"]["ram_bytes"] == 1000 + 2 * 2048 * dim * (4 + 2)
     # the default file is the one the benchmarks write, and names where its figures come from
     monkeypatch.delenv("TRACKSTAR_RATES")
-    from trackstar_db.evaluation.plan import Plan, load_rates, plan_table
+    from trackstar_db.cost_plan import Plan, load_rates, plan_table
 
     shipped = load_rates()
     assert all({"command", "machine", "date"} <= set(s) for s in shipped["sources"].values())

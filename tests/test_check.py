@@ -45,7 +45,7 @@ def copy(whole, tmp_path):
 
 def problems(db):
     from trackstar_db import connect
-    from trackstar_db.evaluation.check import check
+    from trackstar_db.store.check import check
 
     return check(connect(db)).to_pylist()
 
@@ -205,7 +205,7 @@ def test_half_precision_tables_and_orphan_ids(tmp_path):
     import torch
 
     from trackstar_db import Database
-    from trackstar_db.evaluation.check import check
+    from trackstar_db.store.check import check
     from trackstar_db.store import vectors as _vectors
     from trackstar_db.store.bm25 import BM25Index
 

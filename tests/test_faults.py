@@ -69,7 +69,7 @@ def _cli(argv: list[str]) -> None:
 @pytest.fixture(scope="module")
 def bases(tiny_db_template, tmp_path_factory):
     """The databases the commands start from (built in-process, once)."""
-    from trackstar_db.evaluation.exchange import export_run
+    from trackstar_db.exchange.run_files import export_run
     from trackstar_db.gradients.fit import fit
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
     from trackstar_db.retrieval.runs import RetrieveOptions, retrieve

@@ -12,7 +12,7 @@ import pytest
 
 from trackstar_db.errors import RecordError
 from trackstar_db.evaluation.sql import ReadOnlySQL
-from trackstar_db.evaluation.viewer_format import export_viewer, import_viewer
+from trackstar_db.exchange.viewer_format import export_viewer, import_viewer
 from trackstar_db.store.schema import arrow_schema, conform
 
 

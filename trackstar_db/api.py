@@ -146,7 +146,7 @@ class Database(_store.Store):
 
     def check(self) -> pa.Table:
         """Every problem of the database (table, problem, repair); empty when it is whole."""
-        from trackstar_db.evaluation.check import check
+        from trackstar_db.store.check import check
 
         return check(self)
 

@@ -2,7 +2,7 @@
 
 The store, the gradient worker, retrieval, the plan and the CLI read these names instead of
 restating the numbers, so a default changes in one place. Rates measured on a machine are not
-defaults: they live in benchmarks/rates.json (evaluation/plan.py reads it).
+defaults: they live in benchmarks/rates.json (cost_plan.py reads it).
 """
 
 TEMPLATE = "prompt0"  # the query template stored runs, fit's R_eval and Simfluence use unless told

@@ -75,7 +75,7 @@ def index(db, method, kind, num_partitions, num_sub_vectors, device):
 @click.option("--max-length", type=POSITIVE, default=512, show_default=True, help="With --model: tokens per example.")
 def plan(db, dim, dtype, rows, queries, blocks, fmt, model_dir, device_gib, model_dtype, max_length):
     """Bytes on disk, RAM and time of ingest, fit, scan and index before building (DB optional)."""
-    from trackstar_db.evaluation.plan import Plan, plan_table
+    from trackstar_db.cost_plan import Plan, plan_table
 
     if db is not None:
         plan = Plan.for_database(_open(db), dim, rows, queries, dtype=dtype, blocks=blocks)

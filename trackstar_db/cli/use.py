@@ -139,7 +139,7 @@ def sql(db, statement, fmt, out, vectors):
 @click.option("--out", required=True, type=OUTPUT_FILE, help="JSON lines file to write.")
 def export_cmd(db, run_id, out):
     """Write a run in the authors' viewer format (JSON lines), for their public viewer."""
-    from trackstar_db.evaluation.exchange import export_run
+    from trackstar_db.exchange.run_files import export_run
 
     handle = _open(db)
     click.echo(f"wrote {export_run(handle, run_id, out)}")
@@ -152,7 +152,7 @@ def export_cmd(db, run_id, out):
 @click.option("--run", "run_id", type=NAME, default=None, help="Run name (default: the method name).")
 def import_cmd(db, file, method, run_id):
     """Load a results file in the authors' viewer format as a retrieval run."""
-    from trackstar_db.evaluation.exchange import import_run
+    from trackstar_db.exchange.run_files import import_run
 
     count = import_run(_open(db), file, method, run_id or method)
     click.echo(f"imported {count:,} retrieval rows as run {run_id or method}")

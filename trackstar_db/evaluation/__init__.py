@@ -1,1 +1,2 @@
-"""Analyses: metric SQL, read-only SQL, the report, the viewer-format exchange."""
+"""The SQL metrics: queries/*.sql run over the tables (metrics_sql.py), read-only SQL and its output
+formats (sql.py), and the words a retrieved text shares with its query (highlight.py)."""
