@@ -97,7 +97,7 @@ def step_read(args) -> dict:
 def step_scan(args) -> dict:
     from trackstar_db import connect
     from trackstar_db.retrieval.methods import get_method
-    from trackstar_db.retrieval.runs import stored_query_vectors
+    from trackstar_db.retrieval.runners import stored_query_vectors
     from trackstar_db.retrieval.scoring import prepare, score_table
 
     db, spec = connect(args.db), get_method(args.rung)
@@ -136,7 +136,7 @@ def step_ann(args) -> dict:
     from trackstar_db import connect
     from trackstar_db.retrieval.ann import AnnOptions, search_ann
     from trackstar_db.retrieval.methods import get_method
-    from trackstar_db.retrieval.runs import stored_query_vectors
+    from trackstar_db.retrieval.runners import stored_query_vectors
     from trackstar_db.retrieval.scoring import score_table
 
     db, spec = connect(args.db), get_method("trackstar")

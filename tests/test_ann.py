@@ -16,7 +16,7 @@ from trackstar_db.gradients.fit import fit
 from trackstar_db.retrieval.ann import AnnOptions, open_table, search_ann
 from trackstar_db.retrieval.ann_build import build_index
 from trackstar_db.retrieval.methods import get_method, train_transform
-from trackstar_db.retrieval.runs import stored_query_vectors
+from trackstar_db.retrieval.runners import stored_query_vectors
 from trackstar_db.retrieval.scoring import score_table
 from trackstar_db.testbed.synthetic import synthetic_database
 
@@ -250,7 +250,7 @@ sys.modules["lancedb"] = None
 from trackstar_db import connect
 from trackstar_db.retrieval.ann import search_ann
 from trackstar_db.retrieval.methods import get_method
-from trackstar_db.retrieval.runs import stored_query_vectors
+from trackstar_db.retrieval.runners import stored_query_vectors
 from trackstar_db.retrieval.scoring import score_table
 db = connect({str(db.path)!r})
 g = stored_query_vectors(db, get_method("trackstar"), ["q000000:prompt0"])

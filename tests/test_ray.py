@@ -142,7 +142,7 @@ def test_ray_fit_and_retrieve_match_one_process(ray_cluster, local_db):
     from trackstar_db.distributed.scan import score_table as ray_score
     from trackstar_db.gradients.fit import fit
     from trackstar_db.retrieval.methods import LADDER
-    from trackstar_db.retrieval.runs import stored_query_vectors
+    from trackstar_db.retrieval.runners import stored_query_vectors
     from trackstar_db.retrieval.scoring import score_table
 
     table = local_db.gradient_table("train")

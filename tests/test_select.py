@@ -58,7 +58,7 @@ def _relation_queries(db, relation):
 @pytest.mark.parametrize("method", ["trackstar", "grad-dot", "trak"])
 def test_mean_vector_equals_mean_of_scores_and_brute_force(db, method):
     from trackstar_db.ladder import METHODS
-    from trackstar_db.retrieval.runs import stored_query_vectors
+    from trackstar_db.retrieval.runners import stored_query_vectors
 
     query_ids = _relation_queries(db, "place of birth")
     assert len(query_ids) >= 3

@@ -39,7 +39,7 @@ def direct_dot(path, config, variant="uncorrected"):
 
 
 def test_checkpoints_are_kept_with_their_learning_rates(run_dir):
-    from trackstar_db.retrieval.tracin_cp import checkpoints
+    from trackstar_db.store.checkpoints import kept as checkpoints
     from trackstar_db.testbed.train import TrainConfig, lr_factor
 
     points = checkpoints(run_dir)
@@ -51,7 +51,8 @@ def test_checkpoints_are_kept_with_their_learning_rates(run_dir):
 
 def test_one_checkpoint_is_grad_dot_times_lr_and_several_the_explicit_sum(run_dir):
     from trackstar_db.featurizer.config import FeaturizerConfig
-    from trackstar_db.retrieval.tracin_cp import checkpoints, scores
+    from trackstar_db.retrieval.tracin_cp import scores
+    from trackstar_db.store.checkpoints import kept as checkpoints
 
     config = FeaturizerConfig(dim=1024, correction="none", max_length=32)
     points = checkpoints(run_dir)
@@ -68,7 +69,8 @@ def test_one_checkpoint_is_grad_dot_times_lr_and_several_the_explicit_sum(run_di
 
 def test_unit_norm_variants_are_bounded_and_corrected_differs(run_dir):
     from trackstar_db.featurizer.config import FeaturizerConfig
-    from trackstar_db.retrieval.tracin_cp import checkpoints, scores
+    from trackstar_db.retrieval.tracin_cp import scores
+    from trackstar_db.store.checkpoints import kept as checkpoints
 
     config = FeaturizerConfig(dim=1024, correction="auto", max_length=32)
     points = checkpoints(run_dir)
@@ -100,7 +102,7 @@ def test_stored_tracin_cp_run_is_the_grad_dot_run_times_lr(tiny_db):
     from trackstar_db.cli import main
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
     from trackstar_db.retrieval.methods import expand
-    from trackstar_db.retrieval.tracin_cp import checkpoints
+    from trackstar_db.store.checkpoints import kept as checkpoints
 
     for split in ("train", "queries"):
         ingest_gradients(tiny_db, {"dim": 1024}, GradientJob(split, batch_size=32), progress=False)
@@ -132,7 +134,7 @@ def test_train_keeps_checkpoints_and_retrieve_scores_over_them(tiny_db, tmp_path
     from click.testing import CliRunner
 
     from trackstar_db.cli import main
-    from trackstar_db.retrieval.tracin_cp import checkpoints
+    from trackstar_db.store.checkpoints import kept as checkpoints
 
     runner = CliRunner()
     out = tmp_path / "retrained"
@@ -152,7 +154,7 @@ def db_with_checkpoints(db, out, attach: bool = True):
     """db's examples trained again keeping 2 intermediate checkpoints; the final one's gradients
     stored (dim 1024) and, with `attach`, each kept checkpoint's too. Returns the checkpoints."""
     from trackstar_db.gradients.worker import GradientJob, ingest_gradients
-    from trackstar_db.retrieval.tracin_cp import checkpoints
+    from trackstar_db.store.checkpoints import kept as checkpoints
     from trackstar_db.testbed.train import TrainConfig, train_model
 
     texts = db.table("examples", columns=["text"]).column("text").to_pylist()

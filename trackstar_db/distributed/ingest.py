@@ -88,20 +88,20 @@ class GradientActor:
         from trackstar_db.devices import resolve_device
         from trackstar_db.featurizer.config import FeaturizerConfig
         from trackstar_db.gradients.setup import open_run
-        from trackstar_db.store.database import connect
+        from trackstar_db.store.database import Store
 
         if not device.startswith("cuda"):
             torch.set_num_threads(1)  # one core per CPU actor
         self.db_path, self.job, self.shard, self.storage_options = db_path, job, shard, storage_options
-        self.run = open_run(connect(db_path), FeaturizerConfig.from_dict(config), job, resolve_device(device))
+        self.run = open_run(Store.open(db_path), FeaturizerConfig.from_dict(config), job, resolve_device(device))
         self.batches = None
 
     def setup(self) -> list[str]:
         """Record (or check) the featurizer settings and create the tables; on one actor only."""
         from trackstar_db.gradients.setup import create_tables, record_settings
-        from trackstar_db.store.database import connect
+        from trackstar_db.store.database import Store
 
-        db = connect(self.db_path)
+        db = Store.open(self.db_path)
         record_settings(db, self.run, self.job)
         return list(create_tables(db, self.run, self.job))
 
@@ -116,9 +116,9 @@ class GradientActor:
     def _batches(self):
         from trackstar_db.gradients.loop import run_batches
         from trackstar_db.gradients.setup import run_tables
-        from trackstar_db.store.database import connect
+        from trackstar_db.store.database import Store
 
-        db, job, run = connect(self.db_path), self.job, self.run
+        db, job, run = Store.open(self.db_path), self.job, self.run
         tables = run_tables(db, run, job.split)  # created by setup()
         writer = FragmentWriter(db, tables, job.dtype, job.commit_rows, self.storage_options)
         rows = tokens = 0

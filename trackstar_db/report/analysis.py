@@ -8,7 +8,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import TrackstarError
 
 
 def evaluation(db, by: str = "method") -> pa.Table:

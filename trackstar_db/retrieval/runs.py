@@ -18,8 +18,7 @@ from trackstar_db.ladder import lookup
 
 from . import embedding
 from . import runners
-from .runners import Request, stored_query_vectors  # noqa: F401  (stored_query_vectors: the name callers import)
-from .topk import TopKResult
+from .runners import Request
 
 
 @dataclass
@@ -53,13 +52,6 @@ def _query_texts(rows: pa.Table, mode: str) -> list[str]:
     if mode == "prompt":
         return prompts
     return [embedding.query_text(p, t) for p, t in zip(prompts, targets)]
-
-
-def run_method(db, method: str, query_ids: list[str], texts: list[str], k: int, device: str = "cpu",
-               query_vectors=None, batch_rows: int = defaults.SCAN_BATCH_ROWS, ann=None, scorer=None) -> TopKResult:
-    """Top-k of one method for a set of queries (retrieval/runners.py: texts for the text methods,
-    gradients otherwise: `query_vectors` [nq, d], or the stored query gradients of `query_ids`)."""
-    return runners.run(db, lookup(method), Request(query_ids, texts, k, device, query_vectors, batch_rows, ann, scorer))
 
 
 def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: str | None = None,

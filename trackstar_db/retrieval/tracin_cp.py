@@ -41,8 +41,7 @@ import torch
 from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.models.source import ModelSource
-from trackstar_db.store.checkpoints import attached, stored
-from trackstar_db.store.checkpoints import kept as checkpoints  # the name callers use
+from trackstar_db.store.checkpoints import attached, kept, stored
 from trackstar_db.store.gradient_table import GradientTable
 
 VARIANTS = {"tracin-cp": ("uncorrected", False), "tracin-cp-cos": ("uncorrected", True),
@@ -156,18 +155,18 @@ def stored_scores(db, points: Sequence[ModelSource], example_ids: Sequence[str],
 def _points(db, method: str) -> tuple[str, list[ModelSource]]:
     """('stored' | 'memory', the checkpoints summed over); see the module docstring."""
     model_dir = db.model_info()["path"]
-    kept = checkpoints(model_dir)
-    if attached(db) or len(kept) == 1:
+    local = kept(model_dir)
+    if attached(db) or len(local) == 1:
         points = stored(db)
-        unattached = sorted({p.name for p in kept} - {p.name for p in points})
+        unattached = sorted({p.name for p in local} - {p.name for p in points})
         if unattached:
             print(f"{method}: summing over the attached checkpoints; not attached: {', '.join(unattached)}",
                   file=sys.stderr)
         return "stored", points
-    first = kept[0].name
-    print(f"{method}: featurizing {len(kept)} checkpoints in memory (store them with 'trackstar-db ingest gradients "
+    first = local[0].name
+    print(f"{method}: featurizing {len(local)} checkpoints in memory (store them with 'trackstar-db ingest gradients "
           f"{db.path} --split train --checkpoint {first}' and --split queries, for each of them)", file=sys.stderr)
-    return "memory", kept
+    return "memory", local
 
 
 def _top(score: torch.Tensor, ids: list[str], k: int):

@@ -139,7 +139,7 @@ def read_examples(path: str | Path) -> pa.Table:
 def task_gradients(db, spec, task: Task, queries: pa.Table, device: str = "cpu") -> torch.Tensor:
     """[nq, d] raw gradients of the task's queries in the rung's variant: stored, or featurized."""
     if task.examples is None:
-        from trackstar_db.retrieval.runs import stored_query_vectors
+        from trackstar_db.retrieval.runners import stored_query_vectors
 
         return stored_query_vectors(db, spec, queries.column("query_id").to_pylist())
     from trackstar_db.retrieval.adhoc import PromptAttributor

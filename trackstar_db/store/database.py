@@ -326,8 +326,3 @@ class Store(SwapWriter):
     def __repr__(self) -> str:
         return f"trackstar_db.Database({str(self.path)!r})"
 
-
-# The names older code imports: the storage handle alone (Ray actors open it so); users get
-# trackstar_db.connect / trackstar_db.Database (api.py), this plus the verbs.
-Database = Store
-connect = Store.open

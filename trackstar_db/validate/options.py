@@ -3,7 +3,6 @@ and which queries; and the subset each (seed, subset number) draws."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -52,9 +51,6 @@ class ValidateOptions:
     def identity(self) -> dict:
         """The settings every subset of one validation must share (stored in validate_runs.parameters)."""
         return {k: v for k, v in asdict(self).items() if k not in ("models", "name", "device", "threads", "keep_models")}
-
-    def identity_json(self) -> str:
-        return json.dumps(self.identity(), sort_keys=True)
 
 
 def draw_subset(n_examples: int, fraction: float, seed: int, subset: int) -> np.ndarray:
