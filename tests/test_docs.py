@@ -56,3 +56,13 @@ def test_code_cites_docs_that_exist():
         assert "METHOD.md" not in text, path
         cited += [(path, m) for m in re.findall(r"docs/[a-z_]+\.md", text)]
     assert cited and all((ROOT / ref).exists() for _, ref in cited), [c for c in cited if not (ROOT / c[1]).exists()]
+
+
+def test_readme_says_what_the_tool_is_before_the_commands_and_keeps_no_results_table():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    first = text.split("\n\n")[1]  # the paragraph after the title
+    assert first.startswith("trackstar-db is ") and first.count(". ") == 0 and first.endswith("."), first
+    assert text.index(first) < text.index("trackstar-db demo")
+    assert "| method | MRR" not in text and "2026-" not in text  # dated figures live in benchmarks/RESULTS.md
+    assert "benchmarks/RESULTS.md" in text
+    assert "| method | MRR |" in (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")

@@ -60,3 +60,35 @@ def test_progress_rule():
 
     assert wanted(True) and not wanted(False)
     assert wanted(None) == sys.stderr.isatty() or "TRACKSTAR_PROGRESS" in __import__("os").environ
+
+
+def _validate(tiny_db_template, tmp_path, **env_extra):
+    """`trackstar-db validate` (the testbed trainer: train, save, load each model) with stderr in a file."""
+    import os
+
+    from databases import copy_db
+
+    db = copy_db(tiny_db_template, tmp_path)
+    err = tmp_path / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if k != "TRACKSTAR_PROGRESS"} | {"PYTHONPATH": str(ROOT)} | env_extra
+    with open(err, "w") as stderr:
+        done = subprocess.run([sys.executable, "-m", "trackstar_db.cli", "validate", str(db.path), "--models", "2",
+                               "--steps", "2", "--bootstrap", "10", "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, timeout=600)
+    return done, err.read_text()
+
+
+def test_validate_writes_no_transformers_bars_into_a_redirected_log(tiny_db_template, tmp_path):
+    done, err = _validate(tiny_db_template, tmp_path)
+    assert done.returncode == 0, err
+    assert "validation lds: trained 2 model(s) now" in err
+    for bar in ("Loading weights", "Writing model shards", "it/s]"):
+        assert bar not in err, err
+
+
+@pytest.mark.slow
+def test_validate_shows_the_bars_when_asked(tiny_db_template, tmp_path):
+    """TRACKSTAR_PROGRESS=1: transformers' bar appears, so the quiet test above can fail."""
+    done, err = _validate(tiny_db_template, tmp_path, TRACKSTAR_PROGRESS="1")
+    assert done.returncode == 0, err
+    assert "Loading weights" in err

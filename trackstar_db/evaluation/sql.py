@@ -7,7 +7,8 @@ configuration frozen, so no later statement can switch it back. Only read statem
 SELECT (with WITH, VALUES, FROM-first, DESCRIBE, SHOW, SUMMARIZE) and EXPLAIN of one of those.
 
 Output formats (`format_table` / `write_table`):
-    table    aligned text, long cells cut with '…', then '(N rows)'
+    table    aligned text, numbers as trackstar_db/numbers.py prints them (one number of decimal
+             places per column), long cells cut with '…', then '(N rows)'
     csv      RFC 4180 with a header; list and struct cells as JSON
     json     JSON lines: one object per row (the format `jq` and the viewer files use)
     parquet  a file only (write_table)
@@ -27,6 +28,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trackstar_db import numbers
 from trackstar_db.errors import TrackstarError
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -116,12 +118,10 @@ def _dumps(value) -> str:
     return json.dumps(_jsonable(value), ensure_ascii=False, default=str)
 
 
-def _cell(value, digits: int | None = None) -> str:
-    """Text of one cell: floats to `digits` significant digits ('table'), else exact ('csv')."""
+def _cell(value) -> str:
+    """Text of one cell as the data holds it (csv): lists and structs as JSON."""
     if value is None:
         return ""
-    if isinstance(value, float) and digits is not None and math.isfinite(value):
-        return f"{value:.{digits}g}"
     if isinstance(value, (list, tuple, dict)):
         return _dumps(value)
     return str(value)
@@ -134,8 +134,10 @@ def _cut(text: str, width: int) -> str:
 
 def _aligned(table: pa.Table, max_cell: int) -> str:
     names = table.column_names
-    rows = [[_cut(_cell(v, 4), max_cell) for v in row.values()] for row in table.to_pylist()]
     numeric = [pa.types.is_integer(t) or pa.types.is_floating(t) for t in table.schema.types]
+    columns = [numbers.column(n, table.column(n).to_pylist()) if num else [_cell(v) for v in table.column(n).to_pylist()]
+               for n, num in zip(names, numeric)]
+    rows = [[_cut(c[i], max_cell) for c in columns] for i in range(table.num_rows)]
     widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
 
     def line(cells):

@@ -15,8 +15,8 @@ out_dir/queries/ (explorer.py). Inputs:
                 columns linear, additive, constant (simfluence.evaluate.report_trajectory; the
                 schema metadata names run_id, query_id and train_runs)
 
-The summary table has methods as rows, numbers rounded (MRR and recall to 3 decimals,
-tail-patch to 2) and the best value of each metric column in bold on green; it is sized to fit
+The summary table has methods as rows, numbers as every table prints them (trackstar_db/numbers.py:
+MRR and recall to 3 decimals, tail-patch to 2) and the best value of each metric column in bold on green; it is sized to fit
 a 1280 px window. The splits are plotted and tabulated compactly (one metric per small table:
 methods as rows, bucket / correctness as columns).
 """
@@ -29,6 +29,7 @@ from typing import Sequence
 
 import pyarrow as pa
 
+from trackstar_db import numbers
 from trackstar_db.errors import TrackstarError
 
 from .page import document, escape, figure, svg
@@ -37,7 +38,7 @@ TAILPATCH = ("tailpatch_at_1", "tailpatch_at_3", "tailpatch_at_5", "tailpatch_at
 METRICS = ("mrr", "recall_at_10") + TAILPATCH
 LABELS = {"mrr": "MRR", "recall_at_10": "recall@10", "n_queries": "queries",
           "n_tailpatch_queries": "patched", **{c: f"tail-patch@{c.rsplit('_', 1)[1]}" for c in TAILPATCH}, "lds": "LDS"}
-DIGITS = {"mrr": 3, "recall_at_10": 3, **{c: 2 for c in TAILPATCH}, "lds": 3}
+
 
 def _label_runs(table: pa.Table) -> list[str]:
     """'method', or 'method (run_id)' where a method has several runs or the run is renamed."""
@@ -49,14 +50,6 @@ def _label_runs(table: pa.Table) -> list[str]:
 
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _fmt(value, column: str = "") -> str:
-    if _missing(value):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.{DIGITS[column]}f}" if column in DIGITS else f"{value:.4g}"
-    return escape(str(value))
 
 
 def metric_table(rows: Sequence[str], columns: Sequence[str], values: dict, headers: Sequence[str],
@@ -72,7 +65,7 @@ def metric_table(rows: Sequence[str], columns: Sequence[str], values: dict, head
         v = values.get((r, c))
         if _missing(v):
             return '<td class="num"></td>'
-        text = f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+        text = numbers.number(v, digits)
         cls = "num best" if best[c] is not None and isinstance(v, float) and round(v, digits) == best[c] else "num"
         return f'<td class="{cls}">{text}</td>'
 
@@ -87,10 +80,11 @@ def summary_html(summary: pa.Table) -> str:
     columns = [c for c in ("n_queries", "mrr", "recall_at_10", "n_tailpatch_queries") + TAILPATCH + ("lds",)
                if c in summary.column_names and (c != "lds" or summary.column(c).null_count < summary.num_rows)]
     rows = summary.to_pylist()
-    best = {}
+    best, places = {}, {}
     for c in columns:
         seen = [r[c] for r in rows if not _missing(r[c])]
-        best[c] = round(max(seen), DIGITS[c]) if c in DIGITS and seen else None
+        places[c] = numbers.places(c, seen)
+        best[c] = round(max(seen), places[c]) if c in METRICS + ("lds",) and seen else None
     head = "<th>method</th>" + "".join(
         f"<th>{LABELS[c]}{' (pp)' if c in TAILPATCH else ''}</th>" for c in columns)
     body = []
@@ -98,8 +92,8 @@ def summary_html(summary: pa.Table) -> str:
         cells = []
         for c in columns:
             v = row[c]
-            mark = best[c] is not None and not _missing(v) and round(v, DIGITS[c]) == best[c]
-            cells.append(f'<td class="num{" best" if mark else ""}">{_fmt(v, c)}</td>')
+            mark = best[c] is not None and not _missing(v) and round(v, places[c]) == best[c]
+            cells.append(f'<td class="num{" best" if mark else ""}">{numbers.number(v, places[c])}</td>')
         body.append(f"<tr><td>{escape(label)}</td>{''.join(cells)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -114,12 +108,8 @@ def split_tables(table: pa.Table, column: str, names: dict | None = None) -> str
         values = {(lab, r[column]): r[metric] for lab, r in zip(labels, table.to_pylist())}
         heads = [LABELS[metric] + (" (pp)" if metric in TAILPATCH else "")] + [
             (names or {}).get(k, str(k)) for k in keys]
-        parts.append(f"<div>{metric_table(list(dict.fromkeys(labels)), keys, values, heads, DIGITS[metric])}</div>")
+        parts.append(f"<div>{metric_table(list(dict.fromkeys(labels)), keys, values, heads, numbers.places(metric, values.values()))}</div>")
     return f'<div class="tables">{"".join(parts)}</div>'
-
-
-
-
 
 
 def _values(rows: list[dict], column: str) -> list[float]:
@@ -197,7 +187,8 @@ def trajectory_section(table: pa.Table) -> str:
             f"the simulators were fitted on {escape(meta.get('train_runs', '?'))} other runs and rolled out from "
             "the probe's loss at step 0 through this run's batches, never fed its recorded losses. "
             "MSE over steps 1..T of this probe (lower is better); <code>trackstar-db simfluence eval</code> gives all probes.")
-    table_html = metric_table(rows, ["mse"], values, ["simulator", "MSE"], 4, best_of=min)
+    table_html = metric_table(rows, ["mse"], values, ["simulator", "MSE"],
+                              numbers.places("mse", values.values()), best_of=min)
     return (f'<p class="note">{note}</p><div class="plots">{svg(fig, "trajectory")}<div>{table_html}</div></div>')
 
 
@@ -215,13 +206,14 @@ def lds_section(table: pa.Table) -> str:
     ax.set_title("LDS (Spearman, retrained subsets), 95% bootstrap interval")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
-    numbers = {(lab, c): r[c] for lab, r in zip(labels, rows) for c in ("lds", "lds_low", "lds_high")}
+    cells = {(lab, c): r[c] for lab, r in zip(labels, rows) for c in ("lds", "lds_low", "lds_high")}
     first = rows[0] if rows else {}
     note = (f"Validation {escape(str(first.get('validation', '')))}: {first.get('n_subsets', '?')} models retrained "
             "on random subsets; per query, the Spearman correlation of each subset's summed scores with minus the "
             "query's loss under the subset's model (higher = the scores predict which subsets help), averaged over "
             "queries. <code>trackstar-db validate</code>; docs/validate.md.")
-    table_html = metric_table(labels, ["lds", "lds_low", "lds_high"], numbers, ["run", "LDS", "low", "high"], 3)
+    table_html = metric_table(labels, ["lds", "lds_low", "lds_high"], cells, ["run", "LDS", "low", "high"],
+                              numbers.places("lds", []))
     return f'<p class="note">{note}</p><div class="plots">{svg(fig, "lds")}<div>{table_html}</div></div>'
 
 

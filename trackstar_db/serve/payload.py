@@ -12,6 +12,7 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trackstar_db import numbers
 from trackstar_db.evaluation import highlight
 from trackstar_db.report.explorer import _LABEL_CLASS, shaded_pieces
 from trackstar_db.evaluation.sql import _jsonable
@@ -23,14 +24,18 @@ def dumps(value) -> bytes:
 
 
 def table_json(table: pa.Table, limit: int | None = None) -> dict:
-    """{columns: [{name, type}], rows: [[...]], truncated}: rows as lists in column order."""
+    """{columns: [{name, type, places (floats)}], rows: [[...]], truncated}: rows as lists in column order."""
     truncated = limit is not None and table.num_rows > limit
     if truncated:
         table = table.slice(0, limit)
     columns = table.column_names
     rows = [[row[c] for c in columns] for row in table.to_pylist()]
-    return {"columns": [{"name": n, "type": str(t)} for n, t in zip(columns, table.schema.types)],
-            "rows": rows, "num_rows": table.num_rows, "truncated": truncated}
+    described = []
+    for i, (name, kind) in enumerate(zip(columns, table.schema.types)):
+        described.append({"name": name, "type": str(kind)})
+        if pa.types.is_floating(kind):  # the page prints the column as every table does (numbers.py)
+            described[-1]["places"] = numbers.places(name, [row[i] for row in rows])
+    return {"columns": described, "rows": rows, "num_rows": table.num_rows, "truncated": truncated}
 
 
 def marked_pieces(text: str, refs: list[str]) -> list[dict]:

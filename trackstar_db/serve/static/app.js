@@ -122,9 +122,11 @@ async function ask(event) {
 }
 
 // -- tables (evaluation, SQL, example metadata) ----------------------------------------------
-function cell(value) {
+// a float column's values all to the column's places, as every table prints them (numbers.py)
+function cell(value, places) {
   if (value === null || value === undefined) return "";
-  if (typeof value === "number") return Number.isInteger(value) ? String(value) : num(value, 4);
+  if (typeof value === "number" && places !== undefined) return value.toFixed(places);
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : num(value, 4);  // one value, no column
   if (typeof value === "object") return JSON.stringify(value);
   return String(value);
 }
@@ -132,7 +134,7 @@ function cell(value) {
 function dataTable(data) {
   if (!data.columns.length) return el("p", {class: "meta", text: "(nothing stored yet)"});
   const head = el("tr", {}, ...data.columns.map((c) => el("th", {text: c.name, title: c.type})));
-  const rows = data.rows.map((row) => el("tr", {}, ...row.map((value) => el("td", {text: cell(value)}))));
+  const rows = data.rows.map((row) => el("tr", {}, ...row.map((value, i) => el("td", {text: cell(value, data.columns[i].places)}))));
   const note = `${data.num_rows} row${data.num_rows === 1 ? "" : "s"}${data.truncated ? " (cut)" : ""}`;
   return el("div", {}, el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows)),
             el("p", {class: "meta", text: note}));
