@@ -25,7 +25,8 @@ def local_imports(package: Path) -> Counter:
     """Imports inside a function body, by where they lead: 'project' or the top-level package."""
     counts: Counter = Counter()
     for path in package.rglob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        tree, lines = ast.parse(text), text.splitlines()
         for function in ast.walk(tree):
             if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
@@ -33,6 +34,8 @@ def local_imports(package: Path) -> Counter:
                 if isinstance(node, ast.ImportFrom):
                     project = node.level > 0 or (node.module or "").split(".")[0] == "trackstar_db"
                     counts["project" if project else (node.module or "").split(".")[0]] += 1
+                    if project and "# heavy:" in lines[node.lineno - 1]:
+                        counts["project, marked heavy"] += 1
                 elif isinstance(node, ast.Import):
                     for alias in node.names:
                         top = alias.name.split(".")[0]
@@ -80,11 +83,11 @@ def main() -> None:
     checkout = Path(sys.argv[1] if len(sys.argv) > 1 else HERE).resolve()
     count, broken = arrows_up(checkout)
     local = local_imports(checkout / "trackstar_db")
-    third_party = sum(n for name, n in local.items() if name != "project")
+    third_party = sum(n for name, n in local.items() if not name.startswith("project"))
     print(f"checkout: {checkout}")
     print(f"import chains that run back up the stage order: {count}")
-    print(f"imports inside functions: {sum(local.values())} ({local['project']} of project modules, "
-          f"{third_party} of other packages)")
+    print(f"imports inside functions: {local['project'] + third_party} ({local['project']} of project modules, "
+          f"{local['project, marked heavy']} of them marked '# heavy:'; {third_party} of other packages)")
     if broken:
         print(broken)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -9,17 +10,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.evaluation.metrics_sql import run_sql_file
+from trackstar_db.ladder import METHODS
+from trackstar_db.selection.ledger import ledger
+from trackstar_db.validate.lds import lds_table
+
+from .curation import sections
+from .explorer import add_tokens, build_pages, choose_queries
+from .summary import write_report
 
 
 def evaluation(db, by: str = "method") -> pa.Table:
     """The method-by-metric table from queries/*.sql; by='bucket' or 'correct' splits each method's row;
     any other `by` names a metadata column of the examples: the contribution ledger (selection/ledger.py)."""
-    from trackstar_db.evaluation.metrics_sql import run_sql_file
-
     splits = {"bucket": ("frequency_bucket", pa.int32()), "correct": ("model_correct", pa.bool_())}
     if by != "method" and by not in splits:
-        from trackstar_db.selection.ledger import ledger
-
         return ledger(db, by)
     tables = {name: db.dataset(name) for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs")}
     for name in ("validate_runs", "validate_losses"):  # absent from databases made before `validate`
@@ -53,9 +58,6 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
     the recorded checkpoint (skipped, with a note on stderr, when
     the model or a run's tables and R are not available). `trajectory`: a Simfluence probe's
     recorded vs simulated loss (simfluence.evaluate.report_trajectory, handed in by the caller)."""
-    from .explorer import build_pages, choose_queries
-    from .summary import write_report
-
     runs = db.ids("runs", "run_id")
     if not runs:
         raise TrackstarError(f"{db.path}: no retrieval runs to report; run 'trackstar-db retrieve' first")
@@ -77,8 +79,6 @@ def write_db_report(db, out_dir: Path, compare: Sequence[str] | None = None, n_s
 
 def _lds(db, runs: Sequence[str]) -> pa.Table | None:
     """LDS with intervals of the shown runs under the validation the summary uses (most subsets)."""
-    from trackstar_db.validate.lds import lds_table
-
     if not db.has_table("validate_runs") or db.count("validate_runs") == 0:
         return None
     table = lds_table(db)
@@ -94,19 +94,12 @@ def _lds(db, runs: Sequence[str]) -> pa.Table | None:
 
 def _curation_sections(db) -> list[tuple[str, str, str]]:
     """The report's self-influence distribution and contribution ledger by source, when available."""
-    from trackstar_db.report.curation import sections
-
     return sections(db)
 
 
 def _shade(db, pages: list[dict], top: int, device: str) -> None:
     """Per-token shading of the top proponents of every gradient run whose needs are met."""
-    import sys
-
-    from trackstar_db.ladder import METHODS
-    from trackstar_db.retrieval.tokens import TokenAttributor
-
-    from .explorer import add_tokens
+    from trackstar_db.retrieval.tokens import TokenAttributor  # heavy: torch
 
     contributions = TokenAttributor(db, device=device)
     usable = []

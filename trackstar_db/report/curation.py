@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.selection.ledger import ledger
+from trackstar_db.selection.self_influence import self_influence
 
 from .page import escape, figure, svg
 
@@ -16,8 +18,6 @@ OUTLIERS = 10
 
 
 def self_influence_section(db) -> str:
-    from trackstar_db.selection.self_influence import self_influence
-
     ranked = self_influence(db)
     values = ranked.column("self_influence").to_numpy()
     quantiles = np.quantile(values, [0.5, 0.95, 0.99])
@@ -37,8 +37,6 @@ def self_influence_section(db) -> str:
 
 
 def ledger_section(db, by: str = "source") -> str | None:
-    from trackstar_db.selection.ledger import ledger
-
     table = ledger(db, by)
     chart = ledger_svg(table, by)
     if chart is None:

@@ -54,7 +54,7 @@ def document(title: str, body: str) -> str:
 
 def svg(fig, salt: str) -> str:
     """A matplotlib Figure as inline <svg> text (text kept as text, ids made unique by salt)."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
@@ -66,7 +66,7 @@ def svg(fig, salt: str) -> str:
 def figure(n_panels: int, width: float = 3.7):
     """A matplotlib Figure of `n_panels` side by side, and their axes (matplotlib is the report extra)."""
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # heavy: matplotlib
     except ImportError:
         raise TrackstarError("the report needs matplotlib: pip install 'trackstar-db[report]'") from None
     fig = Figure(figsize=(width * n_panels, 3.1))

@@ -32,6 +32,7 @@ import pyarrow as pa
 from trackstar_db import numbers
 from trackstar_db.errors import TrackstarError
 
+from .explorer import write_explorer
 from .page import document, escape, figure, svg
 
 TAILPATCH = ("tailpatch_at_1", "tailpatch_at_3", "tailpatch_at_5", "tailpatch_at_10")
@@ -267,8 +268,6 @@ def write_report(out_dir: str | Path, summary: pa.Table, *, by_bucket: pa.Table 
         nav.append(f'<a href="#{escape(anchor)}">{escape(heading.lower())}</a>')
         parts += [f'<h2 id="{escape(anchor)}">{escape(heading)}</h2>', part]
     if pages:
-        from .explorer import write_explorer
-
         write_explorer(out_dir, pages)
         nav.append('<a href="queries/index.html">explore queries</a>')
         parts += ['<h2 id="queries">Queries</h2>',

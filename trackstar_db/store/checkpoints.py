@@ -42,7 +42,7 @@ def with_optimizer(point: ModelSource) -> ModelSource:
     TracIn-CP needs each checkpoint's learning rate."""
     from dataclasses import replace
 
-    from trackstar_db.featurizer import optimizer_state
+    from trackstar_db.featurizer import optimizer_state  # heavy: torch
 
     state_file = point.optimizer_state or optimizer_state.find(point.path)
     if state_file is None:
@@ -109,7 +109,7 @@ def resolve(db, ref: str | Path) -> tuple[str, Path]:
 def attach(db, ref: str | Path) -> str:
     """Record a checkpoint (directory, fingerprint, optimizer state and learning rate); return its name.
     The same checkpoint again is a no-op; other weights under a name whose tables exist are refused."""
-    from trackstar_db.featurizer import optimizer_state
+    from trackstar_db.featurizer import optimizer_state  # heavy: torch
 
     name, path = resolve(db, ref)
     if is_default(name):

@@ -190,7 +190,7 @@ class Store(SwapWriter):
                 f"{model_dir}: model fingerprint {fingerprint} differs from {current['fingerprint']}, "
                 "whose gradients this database holds"
             )
-        from trackstar_db.featurizer import optimizer_state as _optimizer_state
+        from trackstar_db.featurizer import optimizer_state as _optimizer_state  # heavy: torch
 
         if optimizer_state is None:  # optimizer.safetensors, else a Trainer checkpoint's optimizer.pt
             optimizer_state = _optimizer_state.find(model_dir)

@@ -154,7 +154,7 @@ class GradientTable:
         return f"{self.name}.{mix}"
 
     def load_preconditioner(self, mix: str):
-        from trackstar_db.featurizer.preconditioner import Preconditioner
+        from trackstar_db.featurizer.preconditioner import Preconditioner  # heavy: torch
 
         path = self.preconditioner_path(mix)
         if self.preconditioner_key(mix) not in self.db.manifest.get("preconditioners", {}) or not path.is_file():
