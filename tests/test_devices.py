@@ -88,3 +88,11 @@ def test_a_device_outside_the_rule_is_one_error_naming_device(db, verb):
     }
     with pytest.raises(ParameterError, match=r"^device must be one of auto, cpu, cuda, cuda:N, not 'gpu'$"):
         calls[verb]()
+
+
+def test_the_cli_names_the_flag(db):
+    from databases import run_cli
+
+    result = run_cli("query", db.path, "--prompt", "The river", "--target", "bridge", "--device", "gpu", ok=False)
+    assert result.exit_code == 1  # raised by the library, named as the flag by the CLI
+    assert result.output.strip().splitlines()[-1].endswith("--device must be one of auto, cpu, cuda, cuda:N, not 'gpu'")
