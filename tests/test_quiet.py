@@ -92,3 +92,16 @@ def test_validate_shows_the_bars_when_asked(tiny_db_template, tmp_path):
     done, err = _validate(tiny_db_template, tmp_path, TRACKSTAR_PROGRESS="1")
     assert done.returncode == 0, err
     assert "Loading weights" in err
+
+
+def test_the_testbed_trainer_follows_the_progress_rule(tmp_path, capfd, monkeypatch):
+    """`trackstar-db train` and the demo train through train_model: no bar into a redirected log."""
+    from trackstar_db.testbed.train import TrainConfig, train_model
+
+    monkeypatch.delenv("TRACKSTAR_PROGRESS", raising=False)
+    texts = [f"the river {i} flows north past the bridge" for i in range(16)]
+    config = TrainConfig(n_layer=1, d_model=16, n_head=2, max_length=16, batch_size=8, max_steps=2, warmup=1)
+    train_model(texts, tmp_path / "quiet", config)
+    assert "train:" not in capfd.readouterr().err
+    train_model(texts, tmp_path / "asked", config, progress=True)
+    assert "train:" in capfd.readouterr().err

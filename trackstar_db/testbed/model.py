@@ -66,7 +66,7 @@ def accuracy_table(db) -> pa.Table:
         return con.run(ACCURACY_SQL)
 
 
-def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bool = True,
+def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bool | None = None,
                   checkpoints: int = 0, overwrite: bool = False) -> pa.Table | None:
     """Train the testbed model on the examples, record it in the manifest, score the queries
     (checkpoints > 0: also keep that many intermediate checkpoints, for TracIn-CP)."""

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from trackstar_db.featurizer import optimizer_state
@@ -32,6 +31,7 @@ from trackstar_db.featurizer.tokenize import (
 )
 from trackstar_db.featurizer.task import per_example_loss
 from trackstar_db.models.load import open_weights, save_model
+from trackstar_db.progress import bar as progress_bar
 
 from .vocab import build_tokenizer
 
@@ -102,7 +102,7 @@ def lr_factor(step: int, total: int, config: TrainConfig) -> float:
 
 
 def train_model(texts: Sequence[str], out_dir: str | Path, config: TrainConfig, tokenizer=None,
-                progress: bool = True, checkpoints: int = 0) -> TrainResult:
+                progress: bool | None = None, checkpoints: int = 0) -> TrainResult:
     """Train a fresh model on `texts` (next-token loss on every token) and save it to `out_dir`.
 
     checkpoints > 0 also keeps that many intermediate checkpoints, evenly spaced, each a complete
@@ -154,7 +154,7 @@ def _train(texts: Sequence[str], out: Path, config: TrainConfig, tokenizer, prog
     return result
 
 
-def _optimize(model, encoded: list, config: TrainConfig, pad: int, total: int, order_seed: int, progress: bool,
+def _optimize(model, encoded: list, config: TrainConfig, pad: int, total: int, order_seed: int, progress: bool | None,
               on_step: Callable | None = None):
     """AdamW for `total` steps over random permutations of `encoded` (a new one each epoch, drawn
     from `order_seed`). After each step, on_step(step, batch_indices, loss, lr, model, optimizer) if given.
@@ -165,7 +165,7 @@ def _optimize(model, encoded: list, config: TrainConfig, pad: int, total: int, o
 
     model.train()
     step, epoch_losses = 0, []
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
+    bar = progress_bar(total=total, desc="train", unit="step", progress=progress)  # progress.py: a terminal or asked
     while step < total:
         order = torch.randperm(len(encoded), generator=generator).tolist()
         losses = []
