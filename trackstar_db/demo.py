@@ -15,6 +15,7 @@ probe's recorded vs simulated loss in the report (simfluence/evaluate.py).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +23,16 @@ import pyarrow as pa
 from click import echo
 
 from trackstar_db import defaults
+from trackstar_db.api import Database
 from trackstar_db.errors import ParameterError
+from trackstar_db.evaluation.sql import format_table
+from trackstar_db.ladder import CHECKPOINT_METHODS
+from trackstar_db.report.analysis import write_db_report
+from trackstar_db.retrieval.methods import expand
+from trackstar_db.simfluence.evaluate import record_and_evaluate
+from trackstar_db.store.checkpoints import kept
+from trackstar_db.testbed.model import format_accuracy, train_testbed
+from trackstar_db.testbed.world import generate_world
 
 DEMO_MARKER = ".trackstar-demo"
 FULL_CHECKPOINTS = 3
@@ -33,15 +43,6 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
              dim: int = defaults.DIM, full: bool = False, simfluence: bool | None = None) -> pa.Table:
     """The whole flow on the generated fact world: returns the method-by-metric table.
     simfluence: record and evaluate Simfluence runs (default: with `full`)."""
-    import shutil
-
-    from trackstar_db.api import Database
-    from trackstar_db.report.analysis import write_db_report
-    from trackstar_db.ladder import CHECKPOINT_METHODS
-    from trackstar_db.retrieval.methods import expand
-    from trackstar_db.testbed.model import format_accuracy, train_testbed
-    from trackstar_db.testbed.world import generate_world
-
     workdir = Path(workdir)
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / DEMO_MARKER).exists():
@@ -67,8 +68,6 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     for split in ("train", "queries"):  # correction auto: the AdamW state saved with the model
         db.ingest_gradients(split, dim=dim, batch_size=32)
     if full:
-        from trackstar_db.store.checkpoints import kept
-
         for point in kept(workdir / "model")[:-1]:
             step(f"featurizing checkpoint {point.name} (lr {point.lr:.2g}) for TracIn-CP")
             for split in ("train", "queries"):
@@ -87,9 +86,6 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     db.tail_patch(methods, max_queries=tail_patch_queries)
     trajectory = None
     if full if simfluence is None else simfluence:
-        from trackstar_db.evaluation.sql import format_table
-        from trackstar_db.simfluence.evaluate import record_and_evaluate
-
         step(f"Simfluence: recording {SIMFLUENCE['runs']} runs of {SIMFLUENCE['steps']} steps from scratch, "
              f"{SIMFLUENCE['probes']} probes; fit on the first, simulate the held-out ones (eval --holdout 0.25)")
         held_out, trajectory = record_and_evaluate(db, **SIMFLUENCE)
