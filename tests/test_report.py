@@ -315,8 +315,8 @@ def test_simfluence_trajectory_section_renders_at_1280(tmp_path):
     assert 'id="simfluence"' in text and "F00003:prompt0" in text and "sim-011" in text
     assert text.count("<svg") == 2 and "Simfluence-Linear" in text and "TracIn as simulator" in text
     cells = [c.strip() for c, _ in parser.cells]
-    assert cells[cells.index("Simfluence-Linear") + 1] == "0.0100"  # mean of (pred - actual)^2 over steps 1..5
-    assert '<td class="num best">0.0100</td>' in text  # the lowest MSE is the best
+    assert cells[cells.index("Simfluence-Linear") + 1] == "0.010"  # mean of (pred - actual)^2 over steps 1..5; 3 places: the column holds 1.398
+    assert '<td class="num best">0.010</td>' in text  # the lowest MSE is the best
     scroll, inner = layout_width(page, tmp_path)
     assert inner == WIDTH and scroll <= WIDTH
     _not_blank(screenshot(page, tmp_path / "simfluence.png", tmp_path), WIDTH)
