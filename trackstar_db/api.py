@@ -11,6 +11,10 @@ CLI is one verb plus formatting:
     db.tail_patch(["trackstar"])                         # tailpatch/
     db.evaluate(by="bucket")                             # report/analysis.py, queries/*.sql
     db.sql("SELECT ..."); db.check(); db.info(); db.rebuild_bm25()
+    db.attach(ref); db.train(out_dir)                    # verbs/model.py
+    db.export_run(run, out); db.import_run(file, method) # verbs/exchange.py
+    db.write_report(out_dir); db.build_index(method); db.plan(dim)  # verbs/reporting.py, verbs/scale.py
+    db.simfluence_record(); db.simfluence_fit(); db.simulate(file); db.simfluence_evaluate()
 
 Everything returns Arrow tables or plain dicts; progress bars follow trackstar_db/progress.py
 (none unless stderr is a terminal or `progress=True`). Library errors name parameters
@@ -29,6 +33,11 @@ from trackstar_db import defaults
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import ParameterError
 from trackstar_db.store import database as _store
+from trackstar_db.verbs.exchange import ExchangeVerbs
+from trackstar_db.verbs.model import ModelVerbs
+from trackstar_db.verbs.reporting import ReportVerbs
+from trackstar_db.verbs.scale import ScaleVerbs
+from trackstar_db.verbs.simfluence import SimfluenceVerbs
 
 ENGINES = ("local", "ray")
 
@@ -48,7 +57,7 @@ def _engine(engine: str, command: str) -> dict:
     return {"scorer": score_table}
 
 
-class Database(_store.Store):
+class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVerbs, _store.Store):
     """An open trackstar-db directory, with its one-prompt attributor kept warm between queries."""
 
     _attributor = None  # retrieval.adhoc.PromptAttributor, made by the first query()

@@ -27,11 +27,9 @@ from trackstar_db.api import Database
 from trackstar_db.errors import ParameterError
 from trackstar_db.evaluation.sql import format_table
 from trackstar_db.ladder import CHECKPOINT_METHODS
-from trackstar_db.report.analysis import write_db_report
 from trackstar_db.retrieval.methods import expand
-from trackstar_db.simfluence.evaluate import record_and_evaluate
 from trackstar_db.store.checkpoints import kept
-from trackstar_db.testbed.model import format_accuracy, train_testbed
+from trackstar_db.testbed.model import format_accuracy
 from trackstar_db.testbed.world import generate_world
 
 DEMO_MARKER = ".trackstar-demo"
@@ -61,8 +59,8 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     db.ingest_corpus([world.sentences_path])
     db.ingest_facts([world.facts_path])
     step(f"{db.count('examples'):,} examples, {db.count('facts'):,} facts, {db.count('queries'):,} queries; training")
-    overrides = {"seed": seed} if size == "demo" else {"seed": seed, "epochs": 10}
-    accuracy = train_testbed(db, workdir / "model", overrides, checkpoints=FULL_CHECKPOINTS if full else 0)
+    accuracy = db.train(workdir / "model", seed=seed, epochs=None if size == "demo" else 10,
+                        checkpoints=FULL_CHECKPOINTS if full else 0)
     echo(format_accuracy(accuracy))
     step("featurizing training examples and queries (TrackStar gradients)")
     for split in ("train", "queries"):  # correction auto: the AdamW state saved with the model
@@ -84,15 +82,15 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
         db.retrieve(method)
     step(f"tail-patching the top-10 proponents of {tail_patch_queries or 'all'} queries per method")
     db.tail_patch(methods, max_queries=tail_patch_queries)
-    trajectory = None
     if full if simfluence is None else simfluence:
         step(f"Simfluence: recording {SIMFLUENCE['runs']} runs of {SIMFLUENCE['steps']} steps from scratch, "
              f"{SIMFLUENCE['probes']} probes; fit on the first, simulate the held-out ones (eval --holdout 0.25)")
-        held_out, trajectory = record_and_evaluate(db, **SIMFLUENCE)
+        db.simfluence_record(**SIMFLUENCE)
+        held_out = db.simfluence_evaluate()
         echo(format_table(held_out, "table"))
     step("evaluating (queries/summary.sql)")
     summary = db.evaluate()
-    report = write_db_report(db, workdir / "report", trajectory=trajectory)
+    report = db.write_report(workdir / "report")
     step(f"done; database {db.path}, report {report}")
     return summary
 

@@ -37,13 +37,10 @@ def init(db, model_dir, optimizer_state, tables_uri, checkpoint_refs):
         handle = Database.create(db, model_dir, optimizer_state, exist_ok=model_dir is not None or bool(checkpoint_refs),
                                  tables_uri=tables_uri)
     click.echo(f"created {handle.path}" + (f" for model {handle.manifest['model']['fingerprint']}" if model_dir else ""))
-    if checkpoint_refs:
-        from trackstar_db.store.checkpoints import attach
-
-        for ref in checkpoint_refs:
-            name = attach(handle, ref)
-            click.echo(f"attached checkpoint {name}" + (f" ({handle.manifest['checkpoints'][name]['path']})"
-                                                         if name in handle.manifest.get("checkpoints", {}) else ""))
+    for ref in checkpoint_refs:
+        name = handle.attach(ref)
+        click.echo(f"attached checkpoint {name}" + (f" ({handle.manifest['checkpoints'][name]['path']})"
+                                                     if name in handle.manifest.get("checkpoints", {}) else ""))
 
 
 @main.command()
@@ -174,13 +171,8 @@ def _batch_tokens(text: str):
               help="Also keep this many evenly spaced intermediate checkpoints (OUT/checkpoints/), for tracin-cp.")
 def train(db, out_dir, arch, epochs, seed, checkpoints, overwrite):
     """Pretrain a small causal LM on DB's examples (AdamW), record it, report fact accuracy."""
-    from trackstar_db.testbed.model import train_testbed
-
-    handle = _open(db)
-    overrides = {"architecture": arch, "seed": seed}
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    accuracy = train_testbed(handle, out_dir, overrides, checkpoints=checkpoints, overwrite=overwrite)
+    accuracy = _open(db).train(out_dir, architecture=arch, epochs=epochs, seed=seed, checkpoints=checkpoints,
+                               overwrite=overwrite)
     if accuracy is not None:
         from trackstar_db.testbed.model import format_accuracy
 

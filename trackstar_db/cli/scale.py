@@ -49,11 +49,8 @@ def ann_flags(command):
 @click.option("--device", default="cpu", show_default=True, help="Where R is applied to the stored rows.")
 def index(db, method, kind, num_partitions, num_sub_vectors, device):
     """Materialise a rung's unit vectors (float16) in ann_<method> with a vector index, for --ann."""
-    from trackstar_db.devices import resolve_device
-    from trackstar_db.retrieval.ann_build import build_index
-
-    entry = build_index(_open(db), method, kind, num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
-                        device=resolve_device(device))
+    entry = _open(db).build_index(method, kind, num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
+                                  device=device)
     click.echo(f"{entry['table']}: {entry['source']['rows']:,} vectors of {entry['dim']} ({kind}) in "
                f"{entry['write_seconds'] + entry['index_seconds']:.1f} s, from {entry['source']['table']} "
                f"version {entry['source']['table_version']}")
@@ -75,17 +72,11 @@ def index(db, method, kind, num_partitions, num_sub_vectors, device):
 @click.option("--max-length", type=POSITIVE, default=512, show_default=True, help="With --model: tokens per example.")
 def plan(db, dim, dtype, rows, queries, blocks, fmt, model_dir, device_gib, model_dtype, max_length):
     """Bytes on disk, RAM and time of ingest, fit, scan and index before building (DB optional)."""
-    from trackstar_db.cost_plan import Plan, plan_table
+    from trackstar_db.verbs.scale import plan as plan_without_database
 
-    if db is not None:
-        plan = Plan.for_database(_open(db), dim, rows, queries, dtype=dtype, blocks=blocks)
-    elif rows is None:
+    if db is None and rows is None:
         raise click.UsageError("give --rows N (or a DB holding examples)")
-    else:
-        plan = Plan(rows=rows, dim=dim, dtype=dtype, blocks=blocks, **({"queries": queries} if queries else {}))
-    extra = []
-    if model_dir is not None:
-        from trackstar_db.gradients.memory import plan_rows_for_model
-
-        extra = plan_rows_for_model(model_dir, dim, device_gib, model_dtype, max_length)
-    print_table(plan_table(plan, extra), fmt)
+    settings = dict(rows=rows, queries=queries, dtype=dtype, blocks=blocks, model_dir=model_dir, device_gib=device_gib,
+                    model_dtype=model_dtype, max_length=max_length)
+    print_table(_open(db).plan(dim, **settings) if db is not None else plan_without_database(None, dim, **settings),
+                fmt)

@@ -31,11 +31,8 @@ def simfluence():
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seeds the runs' subsets and orders.")
 def record(db, runs, steps, subset, probes, batch_size, lr, final_lr, warmup, init, seed):
     """Train short runs on random subsets and orders; record batches and probe losses (sim_* tables)."""
-    from trackstar_db.simfluence.record import RecordOptions, record_runs
-
-    options = RecordOptions(runs=runs, steps=steps, subset=subset, probes=probes, batch_size=batch_size, lr=lr,
-                            final_lr=final_lr, warmup=warmup, init=init, seed=seed)
-    done = record_runs(_open(db), options)
+    done = _open(db).simfluence_record(runs=runs, steps=steps, subset=subset, probes=probes, batch_size=batch_size,
+                                       lr=lr, final_lr=final_lr, warmup=warmup, init=init, seed=seed)
     click.echo(f"recorded {len(done)} runs ({done[0]} .. {done[-1]}) of {steps} steps, {probes} probes")
 
 
@@ -45,9 +42,7 @@ def record(db, runs, steps, subset, probes, batch_size, lr, final_lr, warmup, in
 @click.option("--run", "run_ids", type=NAME, multiple=True, help="Fit on these recorded runs only (default: all); repeatable.")
 def fit(db, ridge, run_ids):
     """Fit Simfluence-Linear and its additive special case per probe; store them in sim_coefficients."""
-    from trackstar_db.simfluence.fit import fit_and_store
-
-    fitted = fit_and_store(_open(db), ridge, run_ids=list(run_ids) or None)
+    fitted = _open(db).simfluence_fit(ridge, run_ids=list(run_ids) or None)
     sim = fitted["linear"]
     click.echo(f"fitted {len(sim.query_ids)} probes x {len(sim.example_ids):,} examples "
                f"({', '.join(fitted)}; ridge {ridge}) into sim_coefficients")
@@ -62,9 +57,7 @@ def fit(db, ridge, run_ids):
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def simulate(db, curriculum, query_ids, model, fmt):
     """Predict the probes' loss after every step of a new curriculum (step 0 = before training)."""
-    from trackstar_db.simfluence.simulate import simulate_file
-
-    print_table(simulate_file(_open(db), curriculum, model, list(query_ids) or None), fmt)
+    print_table(_open(db).simulate(curriculum, model, list(query_ids) or None), fmt)
 
 
 @simfluence.command("eval")
@@ -74,6 +67,4 @@ def simulate(db, curriculum, query_ids, model, fmt):
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def eval_cmd(db, holdout, ridge, fmt):
     """Held-out runs: all-steps MSE and Spearman of final losses, linear vs additive (TracIn) vs constant."""
-    from trackstar_db.simfluence.evaluate import evaluate
-
-    print_table(evaluate(_open(db), holdout, ridge), fmt)
+    print_table(_open(db).simfluence_evaluate(holdout, ridge), fmt)

@@ -139,10 +139,7 @@ def sql(db, statement, fmt, out, vectors):
 @click.option("--out", required=True, type=OUTPUT_FILE, help="JSON lines file to write.")
 def export_cmd(db, run_id, out):
     """Write a run in the authors' viewer format (JSON lines), for their public viewer."""
-    from trackstar_db.exchange.run_files import export_run
-
-    handle = _open(db)
-    click.echo(f"wrote {export_run(handle, run_id, out)}")
+    click.echo(f"wrote {_open(db).export_run(run_id, out)}")
 
 
 @main.command("import")
@@ -152,9 +149,7 @@ def export_cmd(db, run_id, out):
 @click.option("--run", "run_id", type=NAME, default=None, help="Run name (default: the method name).")
 def import_cmd(db, file, method, run_id):
     """Load a results file in the authors' viewer format as a retrieval run."""
-    from trackstar_db.exchange.run_files import import_run
-
-    count = import_run(_open(db), file, method, run_id or method)
+    count = _open(db).import_run(file, method, run_id)
     click.echo(f"imported {count:,} retrieval rows as run {run_id or method}")
 
 
@@ -165,11 +160,7 @@ def import_cmd(db, file, method, run_id):
 @click.option("--samples", type=POSITIVE, default=40, show_default=True, help="Queries given a page in the explorer (a seeded sample).")
 def report(db, out_dir, compare, samples):
     """Write a static HTML report (table, plots, side-by-side proponents)."""
-    from trackstar_db.report.analysis import write_db_report
-    from trackstar_db.simfluence.evaluate import report_trajectory
-
-    handle = _open(db)
-    click.echo(f"wrote {write_db_report(handle, out_dir, compare, samples, trajectory=report_trajectory(handle))}")
+    click.echo(f"wrote {_open(db).write_report(out_dir, compare, samples)}")
 
 
 @main.command()

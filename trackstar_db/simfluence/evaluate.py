@@ -89,14 +89,6 @@ def trajectories(runs, train_ids: list[str], run_id: str, query_id: str, ridge: 
     return pa.table(out)
 
 
-def record_and_evaluate(db, holdout: float = 0.25, ridge: float = 1.0, **record) -> tuple[pa.Table, pa.Table | None]:
-    """Record runs (record.RecordOptions(**record)), then (the held-out table, the report's trajectory)."""
-    from .record import RecordOptions, record_runs
-
-    record_runs(db, RecordOptions(**record))
-    return evaluate(db, holdout, ridge), report_trajectory(db, holdout, ridge)
-
-
 def report_trajectory(db, holdout: float = 0.25, ridge: float = 1.0) -> pa.Table | None:
     """The report's trajectory plot: on the first held-out run (split_runs), the probe whose
     recorded loss moves most, with its Simfluence-Linear, additive (TracIn as simulator) and
