@@ -158,23 +158,26 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     if not staged:
         raise TrackstarError(f"{db.path}: no gradient tables to fit (found: {', '.join(db.table_names())})")
     # write-then-swap: every new file is complete before one journaled step (Database.swap_files)
-    # moves them into place and points the manifest at them; a kill in that step is rolled forward
-    # new files are named by their content, so a reader pinned to the old manifest keeps its R files
-    # (retired, removed by a later fit once RETIRE_SECONDS have passed)
+    # moves them into place and points the manifest at them; a kill in that step is rolled forward.
+    # New files are named by their content (store/content.py: canonical bytes, their sha256), so a
+    # reader pinned to the old manifest keeps its R files (retired, removed by a later fit once
+    # RETIRE_SECONDS have passed), a rerun names its files as a clean run does, and a file already
+    # present under its name is not written again
+    from trackstar_db.store.content import digest as content_digest, write_bytes
+
     renames = []
     try:
         for train, which, pre, params in staged:
-            tmp = train.db.path / "preconditioners" / f"{train.preconditioner_key(which)}.tmp"
-            tmp.parent.mkdir(exist_ok=True)
-            renames.append((tmp.name, None))
-            pre.save(tmp)
-            import hashlib  # the file's sha256, so `trackstar-db check` finds a swapped or damaged R
-
-            with tmp.open("rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            data = pre.to_bytes()
+            digest = content_digest(data)
             path = train.preconditioner_path(which, digest)
-            renames[-1] = (tmp.name, path.name)
             fitted[train.preconditioner_key(which)] = dict(params, file=path.name, sha256=digest)
+            if path.is_file() and _sha256(path) == digest:
+                continue  # the same content under its name: nothing to write
+            tmp = path.parent / f"{train.preconditioner_key(which)}.tmp"
+            tmp.parent.mkdir(exist_ok=True)
+            renames.append((tmp.name, path.name))
+            write_bytes(tmp, data)
     except BaseException:  # a full disk: the partial files go, the fitted ones stay as they were
         for tmp, _ in renames:
             (db.path / "preconditioners" / tmp).unlink(missing_ok=True)
@@ -182,10 +185,22 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     faults.point("fit.after_files")
     with db.writer("fit"):
         # an R from an earlier fit must not serve a rung: the entries are replaced, not merged
-        retired, expired = _retire(_manifest.read(db.path), fitted)
-        db.swap_files("fit", "preconditioners", renames, {"preconditioners": fitted, "retired_preconditioners": retired},
-                      unlink=expired, fault="fit")
+        manifest = _manifest.read(db.path)
+        retired, expired = _retire(manifest, fitted)
+        if renames or expired or manifest.get("preconditioners") != fitted \
+                or (manifest.get("retired_preconditioners") or {}) != retired:
+            db.swap_files("fit", "preconditioners", renames,
+                          {"preconditioners": fitted, "retired_preconditioners": retired},
+                          unlink=expired, fault="fit")
+        # else: an identical refit, every file and the manifest already as fitted: nothing rewritten
     return FitReport(fitted, notes)
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _retire(manifest: dict, fitted: dict) -> tuple[dict, list[str]]:
