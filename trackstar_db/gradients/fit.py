@@ -97,6 +97,26 @@ def _check_options(mix: str, damping: float, k: int | None) -> None:
         raise ParameterError("crossing_k", f"must be >= 0, not {k}")
 
 
+def damping_bound(pre) -> float | None:
+    """The largest damping that still preconditions in float32 (the dtype vectors are scored in):
+    beyond max(s) / (mean(s) eps32) the shift damping mean(s) exceeds every eigenvalue by more
+    than float32 resolves, so R^p is a multiple of the identity to working precision and its
+    negative powers only run into underflow (a query's whitened norm becomes 0). None for a zero R."""
+    values = torch.cat([v.clamp(min=0) for v in pre.eigvals])
+    mean = float(values.sum()) / pre.dim
+    if not mean > 0:
+        return None
+    return float(values.max()) / (mean * torch.finfo(torch.float32).eps)
+
+
+def _check_damping(pre, damping: float, table: str) -> None:
+    bound = damping_bound(pre)
+    if bound is not None and damping > bound:
+        raise ParameterError("damping", f"must be at most {bound:.3g} for {table} (largest eigenvalue / (mean "
+                                        f"eigenvalue x float32 epsilon): beyond it R^p is the identity to float32 "
+                                        f"precision and its powers underflow), not {damping:g}")
+
+
 class LocalPasses:
     """The two passes fit makes over a training table, in this process. Another engine passes an
     object with the same two functions (trackstar_db.distributed.fit: Ray tasks over fragment ranges)."""
@@ -126,6 +146,9 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     if not featurizer:
         raise TrackstarError(f"{db.path}: no gradients yet; run 'trackstar-db ingest gradients' first")
     layout = Layout.from_dict(featurizer["layout"])
+    if k is not None and k >= layout.dim:  # lambda reads component k of spectra of d eigenvalues
+        raise ParameterError("crossing_k", f"must be below {layout.dim:,} (R has {layout.dim:,} eigenvalues at this "
+                                           f"database's dim), not {k:,}")
     spans = layout.spans() if featurizer["config"]["combine"] == "concat" else None
     keep = _query_ids(db, template) if mix == "task" else None
     fitted, notes, staged = {}, [], []
@@ -149,8 +172,15 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
         if train.name not in grams:
             blocks = [(0, layout.dim)] if kind == "dense" or spans is None else [tuple(s) for s in spans]
             grams[train.name] = _summed(passes.gram(train, blocks), blocks)
-        pre = fit_preconditioner(grams[train.name], queries, dim=layout.dim, spans=spans, kind=kind, damping=damping,
-                                 k=k)
+        try:
+            pre = fit_preconditioner(grams[train.name], queries, dim=layout.dim, spans=spans, kind=kind,
+                                     damping=damping, k=k)
+        except ValueError as exc:  # the crossing rule finds both spectra zero at component k
+            if "component k" not in str(exc):
+                raise
+            raise ParameterError("crossing_k", f"{k}: {str(exc).split(': ', 1)[1]} of {train.name} and its "
+                                               "queries; give a smaller one") from None
+        _check_damping(pre, damping, train.name)
         pre.params["table_version"] = version
         if powers:
             pre.row_norms = passes.row_norms(train, pre, powers)
