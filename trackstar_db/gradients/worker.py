@@ -126,11 +126,17 @@ def ingest_sharded(db, config, job, progress: bool = True) -> dict:
     (rank, world) and job.device this rank's device. Returns this rank's totals."""
     import dataclasses
 
-    from .sharded import ShardedModel, process_group
+    from .sharded import RankWatch, ShardedModel, process_group
 
-    with process_group(job.device) as rank:
+    with process_group(job.device) as rank, RankWatch(rank) as watch:
         job = dataclasses.replace(job, shard=rank.shard, device=str(rank.device), sharded=ShardedModel(rank))
-        totals = ingest_gradients(db, config, job, progress=progress and rank.rank == 0)
+        try:
+            totals = ingest_gradients(db, config, job, progress=progress and rank.rank == 0)
+        except BaseException as exc:  # one line naming the rank that failed first, and its cause
+            failure = watch.report(exc)
+            if failure is not None:
+                raise failure from None
+            raise
         totals.update(rank=rank.rank, world=rank.world, dummy_steps=job.sharded.stepper.dummy_steps
                       if job.sharded.stepper else 0)
         return totals
