@@ -161,6 +161,50 @@ def test_a_staged_run_is_invisible_and_the_replaced_one_readable_until_the_swap(
     assert {len(json.loads(x)["proponent_ids"]) for x in open(tmp_path / "new.jsonl")} == {5}
 
 
+PROMPT, TARGET = "As the records show, Veidukrouth was born in", "Zuteil"
+
+
+def _bm25_hits(db):
+    rows = [json.loads(line) for line in _cli("query", db, "--prompt", PROMPT, "--target", TARGET, "--method", "bm25",
+                                              "--k", "5", "--format", "json").output.splitlines()]
+    return [(r["example_id"], r["text"], round(r["score"], 4)) for r in rows if r["kind"] == "proponent"]
+
+
+def _echoes(db, tmp_path, n=6, tag="echo"):
+    """A corpus file of `n` new examples that repeat the query's words (BM25 ranks them first)."""
+    path = tmp_path / f"{tag}.jsonl"
+    path.write_text("".join(json.dumps({"sentence_id": f"{tag}-{i}", "text": f"{PROMPT} {TARGET} {TARGET} {i}."}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_bm25_reads_the_committed_index_beside_an_ingest(fitted, tmp_path):
+    """Deterministic: an ingest is held after its BM25 commit, before its own; a BM25 query then
+    answers from the committed index (same hits, same scores: the statistics of the committed
+    examples), and after the ingest from the new one."""
+    from trackstar_db.store.bm25 import BM25Index
+
+    db = _copy(fitted, tmp_path)
+    before, documents = _bm25_hits(db), BM25Index(db).count()
+    assert before and all(text for _, text, _ in before)
+    env = dict(ENV, TRACKSTAR_FAULT_SLEEP="corpus.after_bm25:20")
+    writer = subprocess.Popen([sys.executable, "-m", "trackstar_db.cli", "ingest", "corpus", str(db),
+                               str(_echoes(db, tmp_path))], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while BM25Index(db).count() == documents and time.monotonic() < deadline:
+            time.sleep(0.1)  # the live index holds the new documents: the writer sleeps before its commit
+        assert BM25Index(db).count() == documents + 6 and writer.poll() is None
+        during = _bm25_hits(db)
+        assert writer.poll() is None, "the writer finished before the read"
+        assert during == before
+    finally:
+        writer.communicate(timeout=120)
+    assert writer.returncode == 0
+    after = _bm25_hits(db)
+    assert all(text for _, text, _ in after) and {e for e, _, _ in after} <= {f"echo-{i}" for i in range(6)}
+
+
 # -- damage (item 2) ----------------------------------------------------------------------------
 def _drop_latest(db, table):
     versions = sorted((db / "tables" / f"{table}.lance" / "_versions").glob("*.manifest"))
