@@ -114,8 +114,9 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
             bar.update(batch.rows)
             bar.set_postfix_str(f"{totals['tokens'] / (time.perf_counter() - start):,.0f} tok/s")
     if job.shard == (0, 1) and totals["rows"]:
-        for table in tables.values():  # merge the per-commit fragments; shards leave it to the last run
-            db.lance_table(table.name).optimize()
+        with db.writer(f"optimize {job.split} gradients"):  # a commit like any other: readers see it whole
+            for table in tables.values():  # merge the per-commit fragments; shards leave it to the last run
+                db.lance_table(table.name).optimize()
     totals["seconds"] = time.perf_counter() - start
     totals["tables"] = {table.name: table.count() for table in tables.values()}
     return totals
