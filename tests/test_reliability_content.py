@@ -28,7 +28,7 @@ def _fit(db, *extra, env=None, ok=True):
 
 def _entries(db):
     manifest = json.loads((db / "manifest.json").read_text())
-    return manifest["preconditioners"], manifest.get("retired_preconditioners", {})
+    return manifest["preconditioners"], manifest.get("retired_preconditioners", [])
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,7 @@ def test_identical_refits_on_copies_name_their_files_alike(fitted, tmp_path):
     _fit(second)
     (entries_a, _), (entries_b, _) = _entries(first), _entries(second)
     assert entries_a == entries_b  # file names, sha256 and parameters
+    assert (first / "manifest.json").read_bytes() == (second / "manifest.json").read_bytes()
     for entry in entries_a.values():
         assert (first / "preconditioners" / entry["file"]).read_bytes() == \
             (second / "preconditioners" / entry["file"]).read_bytes()
@@ -114,7 +115,27 @@ def test_a_fit_killed_after_its_files_reruns_to_the_clean_names(fitted, tmp_path
     assert dead.returncode == -9
     _fit(killed)
     (want, want_retired), (got, got_retired) = _entries(clean), _entries(killed)
-    assert got == want
-    assert sorted(got_retired) == sorted(want_retired)
+    assert got == want and got_retired == want_retired
+    assert (killed / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()  # byte for byte
     assert sorted(p.name for p in (killed / "preconditioners").iterdir()) == \
         sorted(p.name for p in (clean / "preconditioners").iterdir())
+
+
+@pytest.mark.slow
+def test_a_replaced_r_is_kept_for_readers_then_removed_after_its_grace(fitted, tmp_path, monkeypatch):
+    from trackstar_db import connect
+    from trackstar_db.gradients.fit import fit
+
+    db = connect(_copy(fitted, tmp_path / "db"))
+    folder = db.path / "preconditioners"
+    first = {e["file"] for e in fit(db, damping=0.3).preconditioners.values()}
+    monkeypatch.setenv("TRACKSTAR_RETIRE_SECONDS", "3600")
+    second = {e["file"] for e in fit(db, damping=0.4).preconditioners.values()}
+    _, retired = _entries(db.path)
+    assert first <= set(retired) and retired == sorted(retired) and all((folder / n).is_file() for n in first)
+    monkeypatch.setenv("TRACKSTAR_RETIRE_SECONDS", "0")
+    third = {e["file"] for e in fit(db, damping=0.5).preconditioners.values()}
+    _, retired = _entries(db.path)
+    assert not any((folder / n).exists() for n in first)  # past its grace: removed
+    assert set(retired) >= second and not set(retired) & third
+    assert {p.name for p in folder.iterdir()} == second | third | set(retired)

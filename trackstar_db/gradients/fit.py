@@ -216,9 +216,9 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     with db.writer("fit"):
         # an R from an earlier fit must not serve a rung: the entries are replaced, not merged
         manifest = _manifest.read(db.path)
-        retired, expired = _retire(manifest, fitted)
+        retired, expired = _retire(manifest, fitted, db.path / "preconditioners")
         if renames or expired or manifest.get("preconditioners") != fitted \
-                or (manifest.get("retired_preconditioners") or {}) != retired:
+                or (manifest.get("retired_preconditioners") or []) != retired:
             db.swap_files("fit", "preconditioners", renames,
                           {"preconditioners": fitted, "retired_preconditioners": retired},
                           unlink=expired, fault="fit")
@@ -233,24 +233,33 @@ def _sha256(path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _retire(manifest: dict, fitted: dict) -> tuple[dict, list[str]]:
-    """({file: retired at} of the R files readers may still use, [files old enough to remove])."""
+def _retire(manifest: dict, fitted: dict, folder) -> tuple[list[str], list[str]]:
+    """([R files readers may still use], [files old enough to remove]). A file is retired when a
+    fit stops naming it; its mtime is set then and it is removed once RETIRE_SECONDS
+    (TRACKSTAR_RETIRE_SECONDS) later. The manifest lists names only, sorted, so a rerun writes
+    the manifest a clean fit writes (a manifest of an older trackstar-db maps names to the time)."""
     import datetime as _dt
     import os
+    import time
 
     grace = float(os.environ.get("TRACKSTAR_RETIRE_SECONDS", RETIRE_SECONDS))
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = time.time()
     keep = {entry["file"] for entry in fitted.values()}
-    retired, expired = {}, []
-    for name, since in (manifest.get("retired_preconditioners") or {}).items():
-        if name in keep:
+    previous = manifest.get("retired_preconditioners") or []
+    retired, expired = set(), []
+    for name in previous:
+        path = folder / name
+        if name in keep or not path.is_file():
             continue
-        if (now - _dt.datetime.fromisoformat(since)).total_seconds() > grace:
+        since = (_dt.datetime.fromisoformat(previous[name]).timestamp() if isinstance(previous, dict)
+                 else path.stat().st_mtime)
+        if now - since > grace:
             expired.append(name)
         else:
-            retired[name] = since
+            retired.add(name)
     for key, entry in (manifest.get("preconditioners") or {}).items():
         name = entry.get("file", f"{key}.safetensors")
-        if name not in keep:
-            retired.setdefault(name, now.isoformat(timespec="seconds"))
-    return retired, sorted(expired)
+        if name not in keep and name not in retired and (folder / name).is_file():
+            os.utime(folder / name)  # retired now: the grace period starts
+            retired.add(name)
+    return sorted(retired), sorted(expired)
