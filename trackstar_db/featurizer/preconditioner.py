@@ -149,14 +149,14 @@ class Preconditioner:
         bytes in every process, so its sha256 names it by its content."""
         from trackstar_db.store.content import canonical_safetensors
 
-        tensors = {}
+        arrays = {}
         for i, (s, u) in enumerate(zip(self.eigvals, self.eigvecs)):
-            tensors[f"eigvals.{i}"], tensors[f"eigvecs.{i}"] = s, u
+            arrays[f"eigvals.{i}"], arrays[f"eigvecs.{i}"] = s.cpu().numpy(), u.cpu().numpy()
         for power, norms in self.row_norms.items():
-            tensors[f"row_norms.{power!r}"] = norms.float()
+            arrays[f"row_norms.{power!r}"] = norms.float().cpu().numpy()
         meta = {key: str(value) for key, value in self.params.items()}
         meta["spans"] = json.dumps(self.spans)
-        return canonical_safetensors(tensors, meta)
+        return canonical_safetensors(arrays, meta)
 
     def save(self, path: str | Path) -> Path:
         from trackstar_db.store.content import write_bytes

@@ -19,31 +19,23 @@ import os
 import struct
 from pathlib import Path
 
-import torch
+import numpy as np
 
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
-
-
-def _raw(tensor: torch.Tensor) -> bytes:
-    tensor = tensor.detach().to("cpu").contiguous()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: its bit pattern as int16
-        tensor = tensor.view(torch.int16)
-    data = tensor.numpy()
-    return data.astype(data.dtype.newbyteorder("<"), copy=False).tobytes()
+_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
+           "int8": "I8", "uint8": "U8", "bool": "BOOL"}  # numpy dtype -> safetensors name
 
 
-def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """The bytes of a safetensors file holding `tensors` and `metadata`, in the one canonical layout."""
+def canonical_safetensors(arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes of a safetensors file holding `arrays` (numpy; a caller with torch tensors passes
+    t.cpu().numpy(): the store never imports torch) and `metadata`, in the one canonical layout."""
     header: dict[str, object] = {}
     blobs, offset = [], 0
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        if tensor.dtype not in _DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors name here")
-        blob = _raw(tensor)
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name])
+        if array.dtype.name not in _DTYPES:
+            raise ValueError(f"array {name!r}: dtype {array.dtype} has no safetensors name here")
+        blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": _DTYPES[array.dtype.name], "shape": list(array.shape),
                         "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
