@@ -325,3 +325,140 @@ def test_report_of_imported_runs_and_html_payloads_renders_without_script(db, tm
         assert _Scan(text).found == [], f"{page.name}: {_Scan(text).found}"
     _cli("report", copy, "--out", tmp_path / "compare", "--compare", run, "bm25")
     assert len(list((tmp_path / "compare" / "queries").glob("q-*.html"))) >= 2
+
+
+# -- issue 34, item 2: the input errors that escaped as raw messages ---------------------------
+def _sentences(tiny_db_template, n=3, suffix="x") -> list[dict]:
+    lines = (tiny_db_template / "world" / "trex_sentences.jsonl").read_text().splitlines()[:n]
+    return [dict(json.loads(line), sentence_id=json.loads(line)["sentence_id"] + suffix) for line in lines]
+
+
+def _facts(tiny_db_template, n=3) -> list[dict]:
+    return [json.loads(line) for line in (tiny_db_template / "world" / "trex_facts.jsonl").read_text().splitlines()[:n]]
+
+
+def test_an_index_past_int32_is_named_not_an_overflow(db, tiny_db_template, tmp_path):
+    records = _sentences(tiny_db_template)
+    records[1]["sent_idx_in_abst"] = 2**70
+    path = _write(tmp_path / "big.jsonl", records)
+    _refused(db.path, ["ingest", "corpus", db.path, path], "big.jsonl:2: field 'sent_idx_in_abst' must be an integer in")
+    records[1]["sent_idx_in_abst"] = -1
+    _refused(db.path, ["ingest", "corpus", db.path, _write(path, records)], "big.jsonl:2: field 'sent_idx_in_abst'")
+
+
+def test_text_fields_mixing_numbers_and_strings_follow_one_rule(db, tiny_db_template, tmp_path):
+    """The rule (records.optional_text): an integer is read as its decimal text on every line; any
+    other non-string is refused naming file, line and field."""
+    import shutil
+
+    copy = tmp_path / "db"
+    shutil.copytree(db.path, copy)
+    records = _sentences(tiny_db_template, suffix="-mixed")
+    records[0]["abstract_uri"] = 5
+    _cli("ingest", "corpus", copy, _write(tmp_path / "mixed.jsonl", records))
+    stored = connect(copy).sql("SELECT example_id, abstract_uri FROM examples WHERE example_id LIKE '%-mixed' "
+                               "ORDER BY example_id").to_pylist()
+    assert [r["abstract_uri"] for r in stored] == ["5"] + [r["abstract_uri"] for r in records[1:]]
+    facts = [dict(f, fact_id=f["fact_id"] + "-mixed") for f in _facts(tiny_db_template)]
+    facts[1]["kilt_id"] = 7
+    _cli("ingest", "facts", copy, _write(tmp_path / "facts.jsonl", facts))
+    kilt = connect(copy).sql("SELECT kilt_id FROM facts WHERE fact_id LIKE '%-mixed' ORDER BY fact_id").column(0)
+    assert kilt.to_pylist() == [facts[0]["kilt_id"], "7", facts[2]["kilt_id"]]
+    for field, value, path in (("abstract_uri", 1.5, "uri.jsonl"), ("abstract_uri", ["a"], "uri.jsonl")):
+        bad = _sentences(tiny_db_template, suffix="-bad")
+        bad[2][field] = value
+        _refused(db.path, ["ingest", "corpus", db.path, _write(tmp_path / path, bad)],
+                 f"{path}:3: field '{field}' must be a string")
+    bad = [dict(f, fact_id=f["fact_id"] + "-bad") for f in _facts(tiny_db_template)]
+    bad[1]["kilt_id"] = {"id": 1}
+    _refused(db.path, ["ingest", "facts", db.path, _write(tmp_path / "kilt.jsonl", bad)],
+             "kilt.jsonl:2: field 'kilt_id' must be a string")
+
+
+@pytest.mark.parametrize("field,value", [("prompt0", "A different prompt for"), ("relation", "another relation"),
+                                         ("kilt_id", "another-kilt"), ("entity1_alias", ["elsewhere"])])
+def test_a_fact_repeating_a_stored_one_with_other_content_is_refused(db, tiny_db_template, tmp_path, field, value):
+    facts = _facts(tiny_db_template, 2)
+    _cli("ingest", "facts", db.path, _write(tmp_path / "same.jsonl", facts))  # an exact repeat: accepted
+    facts[1][field] = value
+    line = _refused(db.path, ["ingest", "facts", db.path, _write(tmp_path / "other.jsonl", facts)],
+                    f"other.jsonl:2: fact id {facts[1]['fact_id']!r} conflicts with the stored fact")
+    assert repr(value) in line
+
+
+@pytest.mark.parametrize("command", ["corpus", "facts", "import"])
+def test_an_empty_input_file_is_refused(db, tmp_path, command):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    argv = (["import", db.path, empty, "--method", "m", "--run", "empty"] if command == "import"
+            else ["ingest", command, db.path, empty])
+    _refused(db.path, argv, "empty.jsonl: no re")
+    assert "empty" not in db.ids("runs", "run_id")
+
+
+def test_import_into_a_database_without_facts_leaves_check_clean(db, tiny_db_template, tmp_path):
+    """The file's facts are known by id only (its marks are their ground truth): no damage for
+    check, before and after the facts themselves are ingested; a fact really lost still is."""
+    from trackstar_db import Database
+    from trackstar_db.sources.corpus import ingest_corpus
+
+    corpus_only = Database.create(tmp_path / "corpus_only")
+    ingest_corpus(corpus_only, [tiny_db_template / "world" / "trex_sentences.jsonl"], progress=False)
+    exported = db.path.parent / "bm25.jsonl"
+    _cli("import", corpus_only.path, exported, "--method", "pub", "--run", "pub")
+    assert "no problems found" in _cli("check", corpus_only.path).output
+    again = connect(corpus_only.path)
+    marked = again.count("ground_truth_imported")
+    assert marked > 0 and again.count("ground_truth") >= marked  # eval scores the run with the file's marks
+    _cli("ingest", "facts", corpus_only.path, tiny_db_template / "world" / "trex_facts.jsonl")
+    assert "no problems found" in _cli("check", corpus_only.path).output
+    # a fact named by no import and not stored is still damage
+    with_facts = tmp_path / "with_facts"
+    import shutil
+
+    shutil.copytree(db.path, with_facts)
+    facts = connect(with_facts).table("facts")
+    connect(with_facts).replace("facts", facts.slice(1))
+    checked = _cli("check", with_facts, ok=False)
+    assert f"name a fact_id not in facts (first: {facts.column('fact_id')[0].as_py()!r})" in checked.output
+
+
+def test_plan_past_int64_bytes_names_the_option():
+    result = _cli("plan", "--rows", "1000000000000000", "--dim", "65536", ok=False)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: --rows 1,000,000,000,000,000 comes to"), result.output
+    assert "at most 35,171,491,903,808" in errors[0]  # (2^63 - 1) // (2 x (65,536 x 2 + 48)) rows
+    assert (2**63 - 1) // (2 * (65536 * 2 + 48)) == 35_171_491_903_808
+    _cli("plan", "--rows", "35171491903808", "--dim", "65536")  # the largest it names is planned
+
+
+@pytest.fixture(scope="module")
+def with_r(tiny_db_template, tmp_path_factory):
+    from databases import with_gradients
+
+    return with_gradients(tiny_db_template, tmp_path_factory.mktemp("bounds"))
+
+
+@pytest.mark.slow  # a database with gradients
+def test_fit_refuses_damping_and_crossing_k_the_next_command_could_not_use(with_r):
+    from trackstar_db.gradients.fit import damping_bound
+
+    dim = with_r.gradient_table("train").dim
+    _refused(with_r.path, ["fit", with_r.path, "--crossing-k", "1000000000"],
+             f"--crossing-k must be below {dim:,}")
+    _refused(with_r.path, ["fit", with_r.path, "--crossing-k", str(dim)], f"--crossing-k must be below {dim:,}")
+    line = _refused(with_r.path, ["fit", with_r.path, "--damping", "1e308"], "--damping must be at most")
+    bounds = [damping_bound(with_r.gradient_table("train", corrected=c).load_preconditioner("train"))
+              for c in (True, False)]
+    assert f"{min(bounds):.3g}" in line or f"{max(bounds):.3g}" in line
+    # the bound is the math's: largest eigenvalue / (mean eigenvalue x float32 epsilon)
+    import torch
+
+    pre = with_r.gradient_table("train").load_preconditioner("train")
+    values = torch.cat(pre.eigvals).clamp(min=0)
+    assert damping_bound(pre) == pytest.approx(float(values.max()) / (float(values.mean()) * 2**-23))
+    # inside the bounds, the next command works: a damping of 1e5 and the last component
+    _cli("fit", with_r.path, "--damping", "1e5", "--crossing-k", str(dim - 1))
+    result = _cli("retrieve", with_r.path, "--method", "trackstar", "--k", "2", "--device", "cpu", "--run", "bounded")
+    assert "run bounded" in result.output

@@ -135,6 +135,183 @@ def test_readers_see_only_committed_states_beside_replace_and_fit(fitted, tmp_pa
     assert set(seen["ks"]) <= {3, 5}
 
 
+READER_ALL = textwrap.dedent("""
+    import json, os, sys, urllib.error, urllib.request
+    from click.testing import CliRunner
+    from trackstar_db.cli import main
+
+    db, out, stop, n_queries, url = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    PROMPT, TARGET = "As the records show, Veidukrouth was born in", "Zuteil"
+    seen = {"reads": 0, "server": 0, "stale": 0, "counts": set(), "examples": set(), "versions": set()}
+
+    def fail(what):
+        sys.exit(f"after {seen['reads']} reads: {what}")
+
+    STALE = "changed since R was fitted"  # committed: gradients added by ingest, before the next fit
+
+    def run(*argv, stale_ok=False):
+        result = CliRunner().invoke(main, [str(a) for a in argv], catch_exceptions=False)
+        seen["reads"] += 1
+        if result.exit_code != 0:
+            if stale_ok and STALE in result.output and len(result.output.strip().splitlines()) == 1:
+                seen["stale"] += 1
+                return ""
+            fail(f"{argv[0]} failed: {result.output[-800:]}")
+        return result.output
+
+    def ask(path, body=None, stale_ok=False):
+        request = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as answer:
+                seen["server"] += 1
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            text = exc.read()[:800].decode(errors="replace")
+            if stale_ok and exc.code == 400 and STALE in text:
+                seen["stale"] += 1
+                return None
+            fail(f"server {path}: HTTP {exc.code}: {text}")
+
+    def check_run(rows, who):
+        if len(rows) != 1 or rows[0]["run_id"] != "bm25" or rows[0]["n"] != n_queries * rows[0]["k"]:
+            fail(f"{who} sees {rows}")
+        seen["counts"].add(rows[0]["k"])
+
+    SQL = ("SELECT run_id, count(*) AS n, max(rank) AS k, (SELECT count(*) FROM examples) AS examples, "
+           "(SELECT count(*) FROM ground_truth WHERE example_id NOT IN (SELECT example_id FROM examples)) AS lost, "
+           "(SELECT count(*) FROM retrievals WHERE example_id NOT IN (SELECT example_id FROM examples)) AS stray "
+           "FROM retrievals GROUP BY run_id")
+
+    while not os.path.exists(stop) or seen["reads"] < 8:
+        methods = [json.loads(line)["run_id"] for line in run("eval", db, "--format", "json").splitlines()]
+        if sorted(methods) != ["bm25"]:
+            fail(f"eval lists runs {methods}")
+        rows = [json.loads(line) for line in run("sql", db, SQL, "--format", "json").splitlines()]
+        check_run(rows, "sql")
+        if rows[0]["lost"] or rows[0]["stray"]:
+            fail(f"sql sees rows naming examples it cannot see: {rows}")
+        seen["examples"].add(rows[0]["examples"])
+        run("export", db, "--run", "bm25", "--out", out)
+        lengths = {len(json.loads(line)["proponent_ids"]) for line in open(out)}
+        if len(lengths) != 1:
+            fail(f"export mixes runs of k {sorted(lengths)}")
+        for method in ("trackstar", "bm25"):
+            output = run("query", db, "--prompt", PROMPT, "--target", TARGET, "--method", method, "--k", "3",
+                         "--device", "cpu", "--format", "json", stale_ok=method == "trackstar")
+            hits = [json.loads(line) for line in output.splitlines()]
+            if (method == "bm25" and not hits) or any(h["text"] is None for h in hits):
+                fail(f"query {method} returns a hit on an example it cannot see: {hits}")
+        # the server: each answer from one committed version (its texts, its run, its counts)
+        for method in ("bm25", "trackstar"):
+            answer = ask("/api/query", {"prompt": PROMPT, "target": TARGET, "methods": [method], "k": 3},
+                         stale_ok=method == "trackstar")
+            for result in (answer or {}).get("results", []):
+                if not result["proponents"] or any(h["text"] is None for h in result["proponents"] + result["opponents"]):
+                    fail(f"server {result['method']} answers with a hit it cannot see: {result}")
+            if answer:
+                seen["versions"].add(answer["version"])
+        table = ask("/api/sql", {"sql": SQL, "limit": 10})
+        check_run([dict(zip([c["name"] for c in table["columns"]], row)) for row in table["rows"]], "server sql")
+    print(json.dumps({"reads": seen["reads"], "server": seen["server"], "stale": seen["stale"], "ks": sorted(seen["counts"]),
+                      "examples": sorted(seen["examples"]), "versions": len(seen["versions"])}))
+""")
+
+WRITER_ALL = textwrap.dedent("""
+    import json, sys
+    from click.testing import CliRunner
+    from trackstar_db.cli import main
+
+    db, kind, times, folder = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    PROMPT, TARGET = "As the records show, Veidukrouth was born in", "Zuteil"
+    for done in range(times):
+        if kind == "retrieve":
+            argv = ["retrieve", db, "--method", "bm25", "--k", "5" if done % 2 == 0 else "3", "--replace"]
+        elif kind == "fit":
+            argv = ["fit", db, "--damping", "0.2" if done % 2 == 0 else "0.1"]
+        elif kind == "corpus":  # new texts that BM25 ranks first for the readers' query
+            path = f"{folder}/echo-{done}.jsonl"
+            with open(path, "w") as handle:
+                for i in range(3):
+                    handle.write(json.dumps({"sentence_id": f"echo-{done}-{i}", "text": f"{PROMPT} {TARGET} {i}."}) + "\\n")
+            argv = ["ingest", "corpus", db, path]
+        elif kind == "gradients":
+            argv = ["ingest", "gradients", db, "--split", "train", "--dim", "1024", "--device", "cpu",
+                    "--batch-size", "16", "--commit-rows", "4"]
+        else:
+            argv = ["tail-patch", db, "--run", "bm25", "--k", "2", "--queries", "2", "--device", "cpu"]
+        result = CliRunner().invoke(main, argv, catch_exceptions=False)
+        if result.exit_code != 0:
+            sys.exit(f"{argv[0]} failed: {result.output[-800:]}")
+    print(times)
+""")
+
+
+def _serve(db):
+    """`trackstar-db serve DB` on a free port; (process, base URL) once it answers."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "trackstar_db.cli", "serve", str(db), "--port", str(port),
+                               "--device", "cpu", "--no-warm"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/api/health", timeout=5).read()
+            return server, url
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"serve did not start: {server.communicate()[1][-2000:]}")
+            time.sleep(0.5)
+
+
+@pytest.mark.slow  # minutes on a loaded machine: five writers, two rounds each, beside the reader and the server
+def test_readers_and_the_server_see_one_committed_state_beside_every_writer(fitted, tmp_path):
+    """eval, sql, export, query (trackstar and BM25) and the server beside ingest corpus, ingest
+    gradients, fit, retrieve --replace and tail-patch: every read succeeds and sees one committed
+    state (one k per run, no row naming an example it cannot see, no BM25 hit on an unseen
+    example, a server answer with every text)."""
+    db = _copy(fitted, tmp_path)
+    from trackstar_db import connect
+
+    n_queries = connect(db).sql("SELECT count(DISTINCT query_id) AS n FROM retrievals").column("n")[0].as_py()
+    examples = connect(db).count("examples")
+    server, url = _serve(db)
+    stop = tmp_path / "stop"
+    try:
+        reader = subprocess.Popen([sys.executable, "-c", READER_ALL, str(db), str(tmp_path / "out.jsonl"), str(stop),
+                                   str(n_queries), url], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        env = dict(ENV, TRACKSTAR_FAULT_SLEEP="run.after_stage:1")  # the staged run waits before its swap
+        writers = {kind: subprocess.Popen([sys.executable, "-c", WRITER_ALL, str(db), kind, "2", str(tmp_path)],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for kind in ("corpus", "gradients", "fit", "retrieve", "tail-patch")}
+        outputs = {kind: w.communicate(timeout=900) for kind, w in writers.items()}
+        stop.touch()
+        out, err = reader.communicate(timeout=900)
+    finally:
+        stop.touch()
+        server.terminate()
+        server.communicate(timeout=60)
+    for kind, writer in writers.items():
+        assert writer.returncode == 0, (kind, outputs[kind][1][-2000:])
+    assert reader.returncode == 0, (out[-1000:], err[-3000:])
+    seen = json.loads(out.splitlines()[-1])
+    assert seen["reads"] >= 16 and seen["server"] >= 4, seen
+    print(seen)
+    assert set(seen["ks"]) <= {3, 5}
+    assert set(seen["examples"]) <= {examples, examples + 3, examples + 6}
+    assert connect(db).count("examples") == examples + 6
+    _cli("ingest", "gradients", db, "--split", "train", "--dim", "1024", "--device", "cpu")  # the last echoes' rows
+    _cli("fit", db)
+    assert "no problems found" in _cli("check", db).output
+
+
 def test_a_staged_run_is_invisible_and_the_replaced_one_readable_until_the_swap(fitted, tmp_path):
     """Deterministic: the writer is held between staging and swap; the reader then sees the old run only."""
     db = _copy(fitted, tmp_path)
@@ -159,6 +336,50 @@ def test_a_staged_run_is_invisible_and_the_replaced_one_readable_until_the_swap(
     assert writer.returncode == 0
     _cli("export", db, "--run", "bm25", "--out", tmp_path / "new.jsonl")
     assert {len(json.loads(x)["proponent_ids"]) for x in open(tmp_path / "new.jsonl")} == {5}
+
+
+PROMPT, TARGET = "As the records show, Veidukrouth was born in", "Zuteil"
+
+
+def _bm25_hits(db):
+    rows = [json.loads(line) for line in _cli("query", db, "--prompt", PROMPT, "--target", TARGET, "--method", "bm25",
+                                              "--k", "5", "--format", "json").output.splitlines()]
+    return [(r["example_id"], r["text"], round(r["score"], 4)) for r in rows if r["kind"] == "proponent"]
+
+
+def _echoes(db, tmp_path, n=6, tag="echo"):
+    """A corpus file of `n` new examples that repeat the query's words (BM25 ranks them first)."""
+    path = tmp_path / f"{tag}.jsonl"
+    path.write_text("".join(json.dumps({"sentence_id": f"{tag}-{i}", "text": f"{PROMPT} {TARGET} {TARGET} {i}."}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_bm25_reads_the_committed_index_beside_an_ingest(fitted, tmp_path):
+    """Deterministic: an ingest is held after its BM25 commit, before its own; a BM25 query then
+    answers from the committed index (same hits, same scores: the statistics of the committed
+    examples), and after the ingest from the new one."""
+    from trackstar_db.store.bm25 import BM25Index
+
+    db = _copy(fitted, tmp_path)
+    before, documents = _bm25_hits(db), BM25Index(db).count()
+    assert before and all(text for _, text, _ in before)
+    env = dict(ENV, TRACKSTAR_FAULT_SLEEP="corpus.after_bm25:20")
+    writer = subprocess.Popen([sys.executable, "-m", "trackstar_db.cli", "ingest", "corpus", str(db),
+                               str(_echoes(db, tmp_path))], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while BM25Index(db).count() == documents and time.monotonic() < deadline:
+            time.sleep(0.1)  # the live index holds the new documents: the writer sleeps before its commit
+        assert BM25Index(db).count() == documents + 6 and writer.poll() is None
+        during = _bm25_hits(db)
+        assert writer.poll() is None, "the writer finished before the read"
+        assert during == before
+    finally:
+        writer.communicate(timeout=120)
+    assert writer.returncode == 0
+    after = _bm25_hits(db)
+    assert all(text for _, text, _ in after) and {e for e, _, _ in after} <= {f"echo-{i}" for i in range(6)}
 
 
 # -- damage (item 2) ----------------------------------------------------------------------------

@@ -184,3 +184,65 @@ def test_plan_command_adds_the_devices_a_model_needs(tmp_path):
                                        "--device-gib", "1", "--format", "csv"])
     assert result.exit_code == 0, result.output
     assert "devices: featurize on 1 GiB devices" in result.output and "1 device, unsharded" in result.output
+
+
+# -- a failing rank stops the run (issue 34, item 4) --------------------------------------------
+
+def _ranks_by_hand(db_path, rank_env: dict, world: int = 2):
+    """The CLI as `world` processes given RANK and WORLD_SIZE by hand (no launcher that would end
+    the others): {rank: (returncode, stderr, seconds from start to exit)}; rank_env: extra env per rank."""
+    import time
+
+    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1", TRACKSTAR_RANK_TIMEOUT="300")
+    args = [sys.executable, "-m", "trackstar_db.cli", "ingest", "gradients", str(db_path), *COMMON, "--shard-model",
+            "--device", "cpu"]
+    start = time.monotonic()
+    procs = {r: subprocess.Popen(args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), **rank_env.get(r, {})),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)}
+    ended = {}
+    while len(ended) < world and time.monotonic() - start < 400:
+        for r, p in procs.items():
+            if r not in ended and p.poll() is not None:
+                ended[r] = time.monotonic() - start
+        time.sleep(0.1)
+    out = {}
+    for r, p in procs.items():
+        if p.poll() is None:
+            p.kill()
+        _, err = p.communicate(timeout=60)
+        out[r] = (p.returncode, err, ended.get(r))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["killed", "raises"])
+def test_a_failing_rank_stops_the_other_with_one_line_and_the_rerun_resumes(tiny_db, failure):
+    from trackstar_db import connect
+
+    fault = ({"TRACKSTAR_FAULT": "gradients.commit:2"} if failure == "killed"
+             else {"TRACKSTAR_FAULT_ENOSPC": "gradients.commit:2"})
+    runs = _ranks_by_hand(tiny_db.path, {1: fault})
+    code1, err1, end1 = runs[1]
+    code0, err0, end0 = runs[0]
+    assert end0 is not None and end1 is not None, "a rank was still running after 400 s"
+    assert code1 != 0 and code0 == 1, (err0[-2000:], err1[-2000:])
+    assert end0 - end1 < 30, f"rank 0 ended {end0 - end1:.0f} s after rank 1"  # bounded: polled each second
+    errors = [line for line in err0.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in err0, err0[-3000:]
+    assert "rank 1 of 2" in errors[0] and "Rerun the same command" in errors[0], errors[0]
+    if failure == "killed":
+        assert code1 == -signal.SIGKILL and "died without a word" in errors[0], errors[0]
+    else:
+        assert "No space left on device" in errors[0], errors[0]
+        assert [x for x in err1.splitlines() if x.startswith("Error:")], err1[-2000:]
+    db = connect(tiny_db.path)
+    partial = db.count("grads_train_corrected")
+    assert 0 < partial < db.count("examples"), "the failure came too late to test resuming"
+    rerun = _ranks_by_hand(tiny_db.path, {})
+    assert all(code == 0 for code, _, _ in rerun.values()), [err[-2000:] for _, err, _ in rerun.values()]
+    db = connect(tiny_db.path)
+    ids = db.table("grads_train_corrected", columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == sorted(db.table("examples", columns=["example_id"]).column("example_id").to_pylist())
+    assert "no problems found" in subprocess.run([sys.executable, "-m", "trackstar_db.cli", "check", str(tiny_db.path)],
+                                                 capture_output=True, text=True, timeout=300).stdout

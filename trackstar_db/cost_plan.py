@@ -29,6 +29,7 @@ from trackstar_db.errors import ParameterError, TrackstarError
 RATES_FILE = "rates.json"
 ROW_OVERHEAD = 48  # bytes per gradient row besides the vector: id, norm, loss, n_tokens, offsets
 BLOCK_DIMS = 1024  # the plan's default R block: one block per this many dimensions
+INT64_MAX = 2**63 - 1  # the plan's byte columns are int64
 
 
 def rates_path(path: str | Path | None = None) -> Path:
@@ -93,6 +94,20 @@ class Plan:
         self.blocks = self.blocks or max(1, self.dim // BLOCK_DIMS)
         if self.blocks < 1 or self.blocks > self.dim:
             raise ParameterError("blocks", f"must be in [1, {self.dim}], not {self.blocks}")
+        # every figure is an int64 count of bytes: the largest of the training tables (all
+        # variants) or ANN table, the query tables and the R files must fit, or the plan names
+        # the parameter that carries it past
+        per_row = max(self.variants * (self.dim * self.value_bytes + ROW_OVERHEAD),
+                      self.dim * 2 + self.dim // 2 + ROW_OVERHEAD)
+        figures = (("dim", 3 * self.blocks * (self.block * self.block + self.block) * 8, None),
+                   ("rows", self.rows * per_row, INT64_MAX // per_row),
+                   ("queries", self.variants * self.queries * (self.dim * self.value_bytes + ROW_OVERHEAD),
+                    INT64_MAX // (self.variants * (self.dim * self.value_bytes + ROW_OVERHEAD))))
+        for name, size, most in figures:
+            if size > INT64_MAX:
+                bound = f"; at most {most:,} at dim {self.dim:,}" if most else ""
+                raise ParameterError(name, f"{getattr(self, name):,} comes to {size:.3g} bytes, beyond what a plan "
+                                           f"counts (2^63 bytes){bound}")
 
     @classmethod
     def for_database(cls, db, dim: int, rows: int | None = None, queries: int | None = None, **kwargs) -> "Plan":

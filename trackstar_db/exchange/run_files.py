@@ -18,7 +18,9 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     """Load a viewer-format results file as a run; unknown queries and examples are added too.
     All or nothing, kill -9 included: the tables and the BM25 documents are under one journal.
     A query, example or fact the database holds with other content (prompt, target, fact, text,
-    relation) is refused, naming the line: nothing is stored."""
+    relation) is refused, naming the line: nothing is stored; so is a file without records. Facts
+    the file names but the database does not hold are known by id only (queries.fact_id and
+    ground_truth_imported; `check` counts them as known)."""
     from trackstar_db.store import journal
     from trackstar_db.option_checks import name as valid_name
 
@@ -27,6 +29,8 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     valid_name("run_id", run_id)
     valid_name("method", method)
     imported = import_viewer(path, method, run_id)  # the whole file is read and checked first
+    if not imported.retrievals.num_rows:
+        raise TrackstarError(f"{path}: no results to import (the file holds no records); nothing was stored")
     tables = ("queries", "examples", "retrievals", "runs", "ground_truth_imported", "ground_truth")
     with journal.transaction(db, f"import {path.name}", list(tables), bm25=True):
         if run_id in db.ids("runs", "run_id"):

@@ -11,7 +11,8 @@ lambda = s_train[k] / (s_train[k] + s_eval[k]). Without query vectors R = R_trai
 Powers come from a float64 eigendecomposition with damping:
 R^p = U diag((s + damping * mean(s))^p) U^T, mean(s) = trace(R) / d over the whole matrix
 (all blocks). Default damping: DEFAULT_DAMPING (chosen by a sweep: docs/method.md). Saved as safetensors (eigenvalues and eigenvectors per
-block) with lambda, k, damping, n_train, n_eval, kind and spans in the metadata; never pickled.
+block) with lambda, k, damping, n_train, n_eval, kind and spans in the metadata; never pickled;
+laid out canonically (store/content.py), so the file's sha256 names it by its content.
 The same file may carry the whitened norms |g R^p| of every training row ("row_norms.<p>",
 in the table's scan order) with the table version they belong to, so scans never apply R to
 stored rows (retrieval/scoring.py).
@@ -26,7 +27,6 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from trackstar_db import defaults
 
@@ -144,16 +144,24 @@ class Preconditioner:
             return torch.linalg.vector_norm(x.float(), dim=1)
         return torch.linalg.vector_norm(self.apply(x.float(), power), dim=1)
 
-    def save(self, path: str | Path) -> Path:
-        tensors = {}
+    def to_bytes(self) -> bytes:
+        """The file's bytes in the canonical layout (store/content.py): the same R gives the same
+        bytes in every process, so its sha256 names it by its content."""
+        from trackstar_db.store.content import canonical_safetensors
+
+        arrays = {}
         for i, (s, u) in enumerate(zip(self.eigvals, self.eigvecs)):
-            tensors[f"eigvals.{i}"], tensors[f"eigvecs.{i}"] = s.contiguous(), u.contiguous()
+            arrays[f"eigvals.{i}"], arrays[f"eigvecs.{i}"] = s.cpu().numpy(), u.cpu().numpy()
         for power, norms in self.row_norms.items():
-            tensors[f"row_norms.{power!r}"] = norms.float().contiguous()
+            arrays[f"row_norms.{power!r}"] = norms.float().cpu().numpy()
         meta = {key: str(value) for key, value in self.params.items()}
         meta["spans"] = json.dumps(self.spans)
-        save_file(tensors, str(path), metadata=meta)
-        return Path(path)
+        return canonical_safetensors(arrays, meta)
+
+    def save(self, path: str | Path) -> Path:
+        from trackstar_db.store.content import write_bytes
+
+        return write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> "Preconditioner":

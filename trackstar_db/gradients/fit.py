@@ -97,6 +97,26 @@ def _check_options(mix: str, damping: float, k: int | None) -> None:
         raise ParameterError("crossing_k", f"must be >= 0, not {k}")
 
 
+def damping_bound(pre) -> float | None:
+    """The largest damping that still preconditions in float32 (the dtype vectors are scored in):
+    beyond max(s) / (mean(s) eps32) the shift damping mean(s) exceeds every eigenvalue by more
+    than float32 resolves, so R^p is a multiple of the identity to working precision and its
+    negative powers only run into underflow (a query's whitened norm becomes 0). None for a zero R."""
+    values = torch.cat([v.clamp(min=0) for v in pre.eigvals])
+    mean = float(values.sum()) / pre.dim
+    if not mean > 0:
+        return None
+    return float(values.max()) / (mean * torch.finfo(torch.float32).eps)
+
+
+def _check_damping(pre, damping: float, table: str) -> None:
+    bound = damping_bound(pre)
+    if bound is not None and damping > bound:
+        raise ParameterError("damping", f"must be at most {bound:.3g} for {table} (largest eigenvalue / (mean "
+                                        f"eigenvalue x float32 epsilon): beyond it R^p is the identity to float32 "
+                                        f"precision and its powers underflow), not {damping:g}")
+
+
 class LocalPasses:
     """The two passes fit makes over a training table, in this process. Another engine passes an
     object with the same two functions (trackstar_db.distributed.fit: Ray tasks over fragment ranges)."""
@@ -126,6 +146,9 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     if not featurizer:
         raise TrackstarError(f"{db.path}: no gradients yet; run 'trackstar-db ingest gradients' first")
     layout = Layout.from_dict(featurizer["layout"])
+    if k is not None and k >= layout.dim:  # lambda reads component k of spectra of d eigenvalues
+        raise ParameterError("crossing_k", f"must be below {layout.dim:,} (R has {layout.dim:,} eigenvalues at this "
+                                           f"database's dim), not {k:,}")
     spans = layout.spans() if featurizer["config"]["combine"] == "concat" else None
     keep = _query_ids(db, template) if mix == "task" else None
     fitted, notes, staged = {}, [], []
@@ -149,8 +172,15 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
         if train.name not in grams:
             blocks = [(0, layout.dim)] if kind == "dense" or spans is None else [tuple(s) for s in spans]
             grams[train.name] = _summed(passes.gram(train, blocks), blocks)
-        pre = fit_preconditioner(grams[train.name], queries, dim=layout.dim, spans=spans, kind=kind, damping=damping,
-                                 k=k)
+        try:
+            pre = fit_preconditioner(grams[train.name], queries, dim=layout.dim, spans=spans, kind=kind,
+                                     damping=damping, k=k)
+        except ValueError as exc:  # the crossing rule finds both spectra zero at component k
+            if "component k" not in str(exc):
+                raise
+            raise ParameterError("crossing_k", f"{k}: {str(exc).split(': ', 1)[1]} of {train.name} and its "
+                                               "queries; give a smaller one") from None
+        _check_damping(pre, damping, train.name)
         pre.params["table_version"] = version
         if powers:
             pre.row_norms = passes.row_norms(train, pre, powers)
@@ -158,23 +188,26 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     if not staged:
         raise TrackstarError(f"{db.path}: no gradient tables to fit (found: {', '.join(db.table_names())})")
     # write-then-swap: every new file is complete before one journaled step (Database.swap_files)
-    # moves them into place and points the manifest at them; a kill in that step is rolled forward
-    # new files are named by their content, so a reader pinned to the old manifest keeps its R files
-    # (retired, removed by a later fit once RETIRE_SECONDS have passed)
+    # moves them into place and points the manifest at them; a kill in that step is rolled forward.
+    # New files are named by their content (store/content.py: canonical bytes, their sha256), so a
+    # reader pinned to the old manifest keeps its R files (retired, removed by a later fit once
+    # RETIRE_SECONDS have passed), a rerun names its files as a clean run does, and a file already
+    # present under its name is not written again
+    from trackstar_db.store.content import digest as content_digest, write_bytes
+
     renames = []
     try:
         for train, which, pre, params in staged:
-            tmp = train.db.path / "preconditioners" / f"{train.preconditioner_key(which)}.tmp"
-            tmp.parent.mkdir(exist_ok=True)
-            renames.append((tmp.name, None))
-            pre.save(tmp)
-            import hashlib  # the file's sha256, so `trackstar-db check` finds a swapped or damaged R
-
-            with tmp.open("rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            data = pre.to_bytes()
+            digest = content_digest(data)
             path = train.preconditioner_path(which, digest)
-            renames[-1] = (tmp.name, path.name)
             fitted[train.preconditioner_key(which)] = dict(params, file=path.name, sha256=digest)
+            if path.is_file() and _sha256(path) == digest:
+                continue  # the same content under its name: nothing to write
+            tmp = path.parent / f"{train.preconditioner_key(which)}.tmp"
+            tmp.parent.mkdir(exist_ok=True)
+            renames.append((tmp.name, path.name))
+            write_bytes(tmp, data)
     except BaseException:  # a full disk: the partial files go, the fitted ones stay as they were
         for tmp, _ in renames:
             (db.path / "preconditioners" / tmp).unlink(missing_ok=True)
@@ -182,30 +215,51 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     faults.point("fit.after_files")
     with db.writer("fit"):
         # an R from an earlier fit must not serve a rung: the entries are replaced, not merged
-        retired, expired = _retire(_manifest.read(db.path), fitted)
-        db.swap_files("fit", "preconditioners", renames, {"preconditioners": fitted, "retired_preconditioners": retired},
-                      unlink=expired, fault="fit")
+        manifest = _manifest.read(db.path)
+        retired, expired = _retire(manifest, fitted, db.path / "preconditioners")
+        if renames or expired or manifest.get("preconditioners") != fitted \
+                or (manifest.get("retired_preconditioners") or []) != retired:
+            db.swap_files("fit", "preconditioners", renames,
+                          {"preconditioners": fitted, "retired_preconditioners": retired},
+                          unlink=expired, fault="fit")
+        # else: an identical refit, every file and the manifest already as fitted: nothing rewritten
     return FitReport(fitted, notes)
 
 
-def _retire(manifest: dict, fitted: dict) -> tuple[dict, list[str]]:
-    """({file: retired at} of the R files readers may still use, [files old enough to remove])."""
+def _sha256(path) -> str:
+    import hashlib
+
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _retire(manifest: dict, fitted: dict, folder) -> tuple[list[str], list[str]]:
+    """([R files readers may still use], [files old enough to remove]). A file is retired when a
+    fit stops naming it; its mtime is set then and it is removed once RETIRE_SECONDS
+    (TRACKSTAR_RETIRE_SECONDS) later. The manifest lists names only, sorted, so a rerun writes
+    the manifest a clean fit writes (a manifest of an older trackstar-db maps names to the time)."""
     import datetime as _dt
     import os
+    import time
 
     grace = float(os.environ.get("TRACKSTAR_RETIRE_SECONDS", RETIRE_SECONDS))
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = time.time()
     keep = {entry["file"] for entry in fitted.values()}
-    retired, expired = {}, []
-    for name, since in (manifest.get("retired_preconditioners") or {}).items():
-        if name in keep:
+    previous = manifest.get("retired_preconditioners") or []
+    retired, expired = set(), []
+    for name in previous:
+        path = folder / name
+        if name in keep or not path.is_file():
             continue
-        if (now - _dt.datetime.fromisoformat(since)).total_seconds() > grace:
+        since = (_dt.datetime.fromisoformat(previous[name]).timestamp() if isinstance(previous, dict)
+                 else path.stat().st_mtime)
+        if now - since > grace:
             expired.append(name)
         else:
-            retired[name] = since
+            retired.add(name)
     for key, entry in (manifest.get("preconditioners") or {}).items():
         name = entry.get("file", f"{key}.safetensors")
-        if name not in keep:
-            retired.setdefault(name, now.isoformat(timespec="seconds"))
-    return retired, sorted(expired)
+        if name not in keep and name not in retired and (folder / name).is_file():
+            os.utime(folder / name)  # retired now: the grace period starts
+            retired.add(name)
+    return sorted(retired), sorted(expired)

@@ -17,6 +17,16 @@ worker does. FSDP's all-gathers need every rank in every forward and backward, s
 move in lockstep (`Lockstep`): before each step they agree, with one all-reduce, whether any
 rank still has a batch; a rank whose shard is done runs a one-row dummy batch and drops it.
 
+Failing whole: a rank that raises records "rank r of N: cause" in the process group's store
+before it ends; a rank that dies (kill -9, out of memory) is seen by the others through its pid
+(ranks on one host) or the store going away (rank 0 holds it). Every rank runs a `RankWatch`
+thread that polls both once a second: on a failure it reports one line naming the failed rank
+and its cause and ends its own process within RANK_GRACE seconds, even when it is blocked inside
+a collective that will never complete; a collective that fails first (gloo sees the closed
+connection) is reported with the same line. A rank alive but stuck is ended by the process
+group's timeout (TRACKSTAR_RANK_TIMEOUT, RANK_TIMEOUT seconds). The rows committed so far stay:
+every commit is an atomic Lance append, so the rerun plans only the ids still missing.
+
 Why FSDP2 rather than a device map: a device map (one process, layers spread over the GPUs of
 one node) runs one GPU at a time and stops at one node; FSDP2 keeps every GPU busy on its own
 examples, reaches across nodes under torchrun or Slurm, and also runs on CPU processes (gloo),
@@ -92,8 +102,145 @@ def init_ranks(device: str = "auto") -> Rank:
     else:
         where = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        import datetime as _dt
+
+        timeout = float(env.get("TRACKSTAR_RANK_TIMEOUT", RANK_TIMEOUT))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=_dt.timedelta(seconds=timeout))
     return Rank(dist.get_rank(), dist.get_world_size(), where)
+
+
+RANK_TIMEOUT = 600.0  # seconds a collective may wait for a rank that is alive but stuck
+RANK_GRACE = 3.0  # seconds between seeing a failed rank and ending this one
+_FAILED, _PLACE = "trackstar/failed", "trackstar/rank/"
+
+
+class RankFailure(TrackstarError):
+    """Another rank (or this one) failed: the message names the rank and the cause."""
+
+
+class RankWatch:
+    """Watches the other ranks of a sharded run (see the module doc); a context manager.
+
+    On entry this rank records its host and pid in the process group's store. `failed(exc)`
+    records this rank's own failure for the others. A thread polls every `interval` seconds for
+    a failure recorded by another rank, a dead pid of a rank on this host, or the store gone (rank
+    0 ended); it then gives the main thread `grace` seconds to report the same line (a failed
+    collective) and otherwise writes it to stderr itself and ends the process (exit status 1)."""
+
+    def __init__(self, rank: Rank, interval: float = 1.0, grace: float = RANK_GRACE, exit=None):
+        import os as _os
+        import socket
+        import threading
+
+        import torch.distributed as dist
+
+        self.rank, self.interval, self.grace = rank, interval, grace
+        self._exit = exit or _os._exit
+        self._store = dist.distributed_c10d._get_default_store()
+        self._host = socket.gethostname()
+        self._stop = threading.Event()
+        self._reported = threading.Lock()
+        self.cause: str | None = None
+        self._thread = threading.Thread(target=self._watch, name=f"rank-watch-{rank.rank}", daemon=True)
+
+    def __enter__(self) -> "RankWatch":
+        import json
+
+        self._store.set(f"{_PLACE}{self.rank.rank}", json.dumps({"host": self._host, "pid": os.getpid()}))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def failed(self, exc: BaseException) -> None:
+        """Record this rank's failure for the others (best effort: the store may be gone)."""
+        from trackstar_db.errors import first_line
+
+        self._stop.set()  # this rank's own record is not another's failure
+        if isinstance(exc, RankFailure):
+            return
+        try:
+            self._store.set(_FAILED, f"rank {self.rank.rank} of {self.rank.world} failed: "
+                                     f"{type(exc).__name__}: {first_line(exc)}")
+        except Exception:
+            pass
+
+    def other_failure(self) -> str | None:
+        """The line naming another rank's failure, if one is known now."""
+        import json
+
+        try:
+            if self._store.check([_FAILED]):
+                return self._store.get(_FAILED).decode()
+            for other in range(self.rank.world):
+                if other == self.rank.rank or not self._store.check([f"{_PLACE}{other}"]):
+                    continue
+                place = json.loads(self._store.get(f"{_PLACE}{other}"))
+                if place["host"] == self._host and not _alive(place["pid"]):
+                    return (f"rank {other} of {self.rank.world} (pid {place['pid']}) died without a word "
+                            "(killed: kill -9, out of memory or its host)")
+        except Exception as exc:  # the store is rank 0's: it is gone with rank 0
+            if self.rank.rank != 0:
+                return f"rank 0 of {self.rank.world} is gone (its store answers no more: {type(exc).__name__})"
+        return None
+
+    def line(self, cause: str) -> str:
+        return (f"sharded featurization stopped: {cause}; rank {self.rank.rank} stopped with it. Rerun the same "
+                "command: it resumes from the last commit")
+
+    def _watch(self) -> None:
+        import sys
+        import time
+
+        while not self._stop.wait(self.interval):
+            cause = self.other_failure()
+            if cause is None:
+                continue
+            self.cause = cause
+            if self._stop.wait(self.grace):  # the main thread reported it and is on its way out
+                return
+            if self._reported.acquire(blocking=False):
+                print(f"Error: {self.line(cause)}", file=sys.stderr, flush=True)
+                self._exit(1)
+            return
+
+    def report(self, exc: BaseException) -> RankFailure | None:
+        """For the main thread: the RankFailure to raise when `exc` came from another rank's
+        failure (a collective that failed), else None (this rank's own error, recorded)."""
+        import time
+
+        deadline = time.monotonic() + self.grace
+        cause = self.cause or self.other_failure()
+        while cause is None and time.monotonic() < deadline and _collective_error(exc):
+            time.sleep(0.2)  # the dead rank's pid or record may take a moment to show
+            cause = self.other_failure()
+        if cause is None:
+            self.failed(exc)
+            return None
+        if not self._reported.acquire(blocking=False):
+            return None
+        self._stop.set()
+        return RankFailure(self.line(cause))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, not yet reaped by its launcher) is dead too
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _collective_error(exc: BaseException) -> bool:
+    """Did `exc` come from the process group (a peer closed its connection, a timeout)?"""
+    return isinstance(exc, RuntimeError) or type(exc).__module__.startswith("torch.distributed")
 
 
 def mesh_for(rank: Rank):

@@ -114,8 +114,9 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
             bar.update(batch.rows)
             bar.set_postfix_str(f"{totals['tokens'] / (time.perf_counter() - start):,.0f} tok/s")
     if job.shard == (0, 1) and totals["rows"]:
-        for table in tables.values():  # merge the per-commit fragments; shards leave it to the last run
-            db.lance_table(table.name).optimize()
+        with db.writer(f"optimize {job.split} gradients"):  # a commit like any other: readers see it whole
+            for table in tables.values():  # merge the per-commit fragments; shards leave it to the last run
+                db.lance_table(table.name).optimize()
     totals["seconds"] = time.perf_counter() - start
     totals["tables"] = {table.name: table.count() for table in tables.values()}
     return totals
@@ -126,11 +127,17 @@ def ingest_sharded(db, config, job, progress: bool = True) -> dict:
     (rank, world) and job.device this rank's device. Returns this rank's totals."""
     import dataclasses
 
-    from .sharded import ShardedModel, process_group
+    from .sharded import RankWatch, ShardedModel, process_group
 
-    with process_group(job.device) as rank:
+    with process_group(job.device) as rank, RankWatch(rank) as watch:
         job = dataclasses.replace(job, shard=rank.shard, device=str(rank.device), sharded=ShardedModel(rank))
-        totals = ingest_gradients(db, config, job, progress=progress and rank.rank == 0)
+        try:
+            totals = ingest_gradients(db, config, job, progress=progress and rank.rank == 0)
+        except BaseException as exc:  # one line naming the rank that failed first, and its cause
+            failure = watch.report(exc)
+            if failure is not None:
+                raise failure from None
+            raise
         totals.update(rank=rank.rank, world=rank.world, dummy_steps=job.sharded.stepper.dummy_steps
                       if job.sharded.stepper else 0)
         return totals

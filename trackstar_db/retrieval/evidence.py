@@ -142,7 +142,7 @@ def with_evidence(db, prompt: str, target: str, rows: pa.Table, patcher=None) ->
     ids, texts = rows.column("example_id").to_pylist(), rows.column("text").to_pylist()
     bm25 = None
     if (db.path / "bm25" / "meta.json").is_file():
-        by_id = BM25Index(db.path).scores_of(f"{prompt} {target}", sorted(set(ids)))
+        by_id = BM25Index.reader(db).scores_of(f"{prompt} {target}", sorted(set(ids)))
         bm25 = [by_id[i] for i in ids]
     columns = text_evidence(prompt, target, texts, subject_of(db, prompt, target), bm25)
     delta, cost = [None] * len(ids), [None] * len(ids)

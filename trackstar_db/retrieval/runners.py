@@ -71,7 +71,7 @@ def bm25(db, method: Method, request: Request) -> TopKResult:
     """Tantivy's BM25 over the examples, searched with each query's text."""
     from trackstar_db.store.bm25 import BM25Index
 
-    index = BM25Index(db.path, must_exist=db.count("examples") > 0)
+    index = BM25Index.reader(db, must_exist=db.count("examples") > 0)
     return TopKResult.from_hits(index.search_many(request.texts, request.k), request.k)
 
 

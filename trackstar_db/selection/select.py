@@ -182,7 +182,7 @@ def bm25_scores(db, texts: list[str]) -> tuple[list[str], np.ndarray]:
     ids = db.table("examples", columns=["example_id"]).column("example_id").to_pylist()
     position = {example_id: i for i, example_id in enumerate(ids)}
     total = np.zeros(len(ids), np.float64)
-    for hits in BM25Index(db.path, must_exist=True).search_many(texts, max(1, len(ids))):
+    for hits in BM25Index.reader(db, must_exist=True).search_many(texts, max(1, len(ids))):
         for example_id, score in hits:
             if example_id in position:
                 total[position[example_id]] += score

@@ -16,8 +16,8 @@ The warm state moves to the new snapshot when the model and featurizer recorded 
 manifest are unchanged: the loaded checkpoints (PromptAttributor's featurizers) are handed
 over instead of loaded again.
 
-Not pinned (a reader of these sees the newest committed state): the BM25 index (Tantivy opens
-its newest commit; a hit on an example newer than the snapshot comes back with no text), an ANN
+BM25 reads the committed folder of the index the record names (store/bm25.py). Not pinned (a
+reader of these sees the newest committed state): an ANN
 index (its provenance check against the snapshot's manifest refuses an index rebuilt since),
 and preconditioner files (a refit replaces them; the snapshot's recorded sha256 refuses the new
 file until the next snapshot).
@@ -46,6 +46,9 @@ class Snapshot(Database):
         self._pinned: dict[str, int] = {}
         self._opened: dict[str, object] = {}
         self._guard = threading.Lock()
+        from trackstar_db.store.snapshot import committed_bm25
+
+        self._bm25 = committed_bm25(self.path)  # the committed BM25 folder (store/bm25.py), read first
         for name in super().table_names():
             self._opened[name] = dataset = super()._open_dataset(name)
             self._pinned[name] = dataset.version

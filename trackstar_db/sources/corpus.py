@@ -36,7 +36,7 @@ from trackstar_db import faults
 from trackstar_db.errors import RecordError, TrackstarError
 from trackstar_db.store.bm25 import BM25Index, sync_bm25
 
-from .records import IdRegistry, checked_records, expand, record_id, require_text
+from .records import IdRegistry, checked_records, expand, optional_index, optional_text, record_id, require_text
 
 TREX_FIELDS = {"sentence_id", "text", "abstract_uri", "sent_idx_in_abst", "fact_triples"}
 ID_CANDIDATES = ("sentence_id", "example_id", "id")
@@ -133,9 +133,7 @@ def to_row(record: dict, path: Path, line: int, options: CorpusOptions, chat=Non
     triples = record.get("fact_triples") or []
     if not isinstance(triples, list):
         raise RecordError(path, line, "field 'fact_triples' must be a list")
-    sent_idx = record.get("sent_idx_in_abst")
-    if sent_idx is not None and not isinstance(sent_idx, int):
-        raise RecordError(path, line, "field 'sent_idx_in_abst' must be an integer")
+    sent_idx = optional_index(record, "sent_idx_in_abst", path, line)  # stored as int32
     known = TREX_FIELDS | options.fields() | {id_field}
     extra = {k: v for k, v in record.items() if k not in known}
     return {
@@ -143,7 +141,7 @@ def to_row(record: dict, path: Path, line: int, options: CorpusOptions, chat=Non
         "text": text,
         "source": source or path.name,
         "n_tokens": None,
-        "abstract_uri": record.get("abstract_uri"),
+        "abstract_uri": optional_text(record, "abstract_uri", path, line),
         "sent_idx": sent_idx,
         "fact_triples": [fact_key(t, path, line) for t in triples],
         "metadata": json.dumps(extra, sort_keys=True, default=str) if extra else None,

@@ -3,7 +3,10 @@
 Each fact gives one query per prompt field present (prompt0..prompt2), target = entity1.
 ground_truth is derived, never edited: the (fact, example) pairs where the example's
 fact_triples holds the fact's key or the fact's trex_sentences lists the example, restricted
-to examples that are in the database. It is rebuilt after every corpus or fact ingest.
+to examples that are in the database, and the pairs an imported results file marked correct
+(ground_truth_imported: an authors' file's marks may be the only ground truth of its facts,
+which the database then knows by id only; `check` counts them as known). It is rebuilt after
+every corpus or fact ingest and every import.
 Fact ingest is all or nothing (facts, queries and ground_truth under one journal).
 """
 
@@ -22,7 +25,7 @@ from trackstar_db import faults
 from trackstar_db.errors import RecordError
 from trackstar_db.store import schema as _schema
 
-from .records import IdRegistry, checked_records, record_id, require_text, string_list
+from .records import IdRegistry, checked_records, optional_text, record_id, require_text, string_list
 
 PROMPT_FIELDS = defaults.TEMPLATES
 # Upper bounds (inclusive) of frequency buckets 0..4; bucket 5 is everything above.
@@ -66,12 +69,12 @@ def _fact_rows(record: dict, path: Path, line: int) -> tuple[dict, list[dict]]:
         raise RecordError(path, line, f"field 'c4_frequency_bucket' must be an integer 0..{len(BUCKET_BOUNDS)}, "
                                       f"got {bucket!r}")
     fact = {
-        "fact_id": fact_id, "kilt_id": record.get("kilt_id"), "subject": subject, "relation": relation,
+        "fact_id": fact_id, "kilt_id": optional_text(record, "kilt_id", path, line), "subject": subject, "relation": relation,
         "object": obj, "subject_uri": uris[0], "predicate_uri": uris[1], "object_uri": uris[2], "fact_key": key,
         "subject_aliases": string_list(record.get("entity0_alias"), "entity0_alias", path, line),
         "object_aliases": string_list(record.get("entity1_alias"), "entity1_alias", path, line),
         "trex_sentences": string_list(record.get("trex_sentences"), "trex_sentences", path, line),
-        "frequency": frequency, "frequency_bucket": bucket, "is_repetition": record.get("is_repetition"),
+        "frequency": frequency, "frequency_bucket": bucket, "is_repetition": _flag(record, "is_repetition", path, line),
     }
     queries = [
         {"query_id": f"{fact_id}:{name}", "fact_id": fact_id, "prompt": require_text(record, name, path, line),
@@ -81,6 +84,13 @@ def _fact_rows(record: dict, path: Path, line: int) -> tuple[dict, list[dict]]:
     if not queries:
         raise RecordError(path, line, "no prompt field (prompt0, prompt1 or prompt2)")
     return fact, queries
+
+
+def _flag(record: dict, field: str, path: Path, line: int) -> bool | None:
+    value = record.get(field)
+    if value is not None and not isinstance(value, bool):
+        raise RecordError(path, line, f"field {field!r} must be true or false, got {type(value).__name__}")
+    return value
 
 
 def _digest(fact: dict, queries: list[dict]) -> str:
@@ -101,29 +111,85 @@ def _read(files, skip_bad: bool, progress: bool | None, report: FactReport) -> l
             for path, line, (fact, fact_queries) in checked_records(files, check, report, skip_bad, progress, "facts")]
 
 
-def _stored_facts(db) -> dict[str, tuple]:
-    if db.count("facts") == 0:
+def _stored_facts(db, ids: set[str]) -> dict[str, dict]:
+    """fact_id -> {column: value} of the stored facts among `ids`, with their queries' prompts
+    ("prompts": {template: prompt})."""
+    if not ids or db.count("facts") == 0:
         return {}
-    rows = db.table("facts", columns=["fact_id", "subject", "relation", "object"])
-    return {r["fact_id"]: (r["subject"], r["relation"], r["object"]) for r in rows.to_pylist()}
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted(ids), pa.string())
+    facts = {r["fact_id"]: r for r in db.table("facts", filter=pc.field("fact_id").isin(wanted)).to_pylist()}
+    for fact in facts.values():
+        fact["prompts"] = {}
+    queries = db.table("queries", columns=["fact_id", "template", "prompt"], filter=pc.field("fact_id").isin(wanted))
+    for row in queries.to_pylist():
+        if row["fact_id"] in facts:
+            facts[row["fact_id"]]["prompts"][row["template"]] = row["prompt"]
+    return facts
+
+
+def _stored_queries(db, ids: set[str]) -> dict[str, dict]:
+    """query_id -> {prompt, target} of stored queries among `ids` (an imported run's queries come
+    before their facts: the fact's ingest then finds them stored)."""
+    if not ids or db.count("queries") == 0:
+        return {}
+    import pyarrow.compute as pc
+
+    rows = db.table("queries", columns=["query_id", "prompt", "target"],
+                    filter=pc.field("query_id").isin(pa.array(sorted(ids), pa.string())))
+    return {r["query_id"]: r for r in rows.to_pylist()}
+
+
+def _new_queries(fact_queries: list[dict], known: dict, where: tuple, skip_bad: bool, report) -> list[dict]:
+    """The fact's queries not yet stored; one stored with another prompt or target is refused."""
+    out = []
+    for query in fact_queries:
+        old = known.get(query["query_id"])
+        if old is None:
+            out.append(query)
+        elif (old["prompt"], old["target"]) != (query["prompt"], query["target"]):
+            error = RecordError(*where, f"query {query['query_id']!r} is stored with prompt {old['prompt']!r} and "
+                                        f"target {old['target']!r}; this line gives {query['prompt']!r} and "
+                                        f"{query['target']!r}")
+            if not skip_bad:
+                raise error
+            report.rejected.append(error)
+    return out
+
+
+def _conflict(stored: dict, fact: dict, queries: list[dict]) -> str | None:
+    """The first field in which a line's fact differs from the stored fact of its id, else None."""
+    schema = _schema.arrow_schema("facts")
+    given = pa.Table.from_pylist([fact], schema=pa.schema([schema.field(c) for c in fact])).to_pylist()[0]
+    for column in fact:  # each as stored: the line's values through the table's types
+        if column in stored and given[column] != stored[column]:
+            return f"{column} {given[column]!r} (stored: {stored[column]!r})"
+    prompts = {q["template"]: q["prompt"] for q in queries}
+    for template in sorted(set(prompts) | set(stored["prompts"])):
+        if prompts.get(template) != stored["prompts"].get(template):
+            return f"{template} {prompts.get(template)!r} (stored: {stored['prompts'].get(template)!r})"
+    return None
 
 
 def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: bool | None = None) -> FactReport:
     """Add facts and their queries and rebuild ground_truth: all or nothing, kill -9 included
-    (store/journal.py), under the writer lock. A fact id stored with another subject, relation
-    or object is refused, naming the line."""
+    (store/journal.py), under the writer lock. A fact id stored with other content (any field,
+    or a prompt) is refused, naming the line and the stored fact with the field that differs."""
     from trackstar_db.store import journal
 
     report = FactReport()
     parsed = _read(files, skip_bad, progress, report)
     with journal.transaction(db, "ingest facts", ["facts", "queries", "ground_truth"]):
-        stored = _stored_facts(db)
+        stored = _stored_facts(db, {fact["fact_id"] for fact, _, _ in parsed})
+        known_queries = _stored_queries(db, {q["query_id"] for _, fact_queries, _ in parsed for q in fact_queries})
         facts, queries = [], []
         for fact, fact_queries, where in parsed:
             if fact["fact_id"] in stored:
-                if stored[fact["fact_id"]] != (fact["subject"], fact["relation"], fact["object"]):
-                    error = RecordError(*where, f"fact id {fact['fact_id']!r} is stored with a "
-                                        "different subject, relation or object: same id, different content")
+                differs = _conflict(stored[fact["fact_id"]], fact, fact_queries)
+                if differs is not None:
+                    error = RecordError(*where, f"fact id {fact['fact_id']!r} conflicts with the stored fact "
+                                        f"{fact['fact_id']!r}: {differs}; same id, different content")
                     if not skip_bad:
                         raise error
                     report.rejected.append(error)
@@ -131,7 +197,7 @@ def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: 
                 report.already_present += 1
                 continue
             facts.append(fact)
-            queries.extend(fact_queries)
+            queries.extend(_new_queries(fact_queries, known_queries, where, skip_bad, report))
         db.append("facts", pa.Table.from_pylist(facts))
         faults.point("facts.after_facts")
         db.append("queries", pa.Table.from_pylist(queries))

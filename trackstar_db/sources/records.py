@@ -80,14 +80,19 @@ def _directory_files(path: Path) -> list[Path]:
 
 def iter_records(path: str | Path, rejected: list[RecordError] | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) pairs. A line that is not a JSON object raises RecordError,
-    or, when a `rejected` list is given, is appended to it and skipped."""
+    or, when a `rejected` list is given, is appended to it and skipped. A file without a single
+    record (empty, or blank lines only) is refused: it is never what was meant."""
+    seen = 0
     for number, record in _parse(Path(path)):
+        seen += 1
         if isinstance(record, RecordError):
             if rejected is None:
                 raise record
             rejected.append(record)
             continue
         yield number, record
+    if not seen:
+        raise TrackstarError(f"{path}: no records (the file is empty); nothing was stored")
 
 
 def _parse(path: Path) -> Iterator[tuple[int, dict | RecordError]]:
@@ -210,6 +215,33 @@ def require_text(record: dict, field: str, path, line: int, allow_empty: bool = 
         raise RecordError(path, line, f"field {field!r} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise RecordError(path, line, f"field {field!r} is empty")
+    return value
+
+
+INT32_MAX = 2**31 - 1
+
+
+def optional_text(record: dict, field: str, path, line: int) -> str | None:
+    """A free-text field that may be absent (abstract_uri, kilt_id). The one rule for its type, on
+    every line alike: a string is kept, an integer is read as its decimal text (as ids are), so
+    a file mixing 17 and "a" across lines stores "17" and "a"; any other type is refused."""
+    value = record.get(field)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise RecordError(path, line, f"field {field!r} must be a string, got {type(value).__name__}")
+
+
+def optional_index(record: dict, field: str, path, line: int, maximum: int = INT32_MAX) -> int | None:
+    """A count or position that may be absent (sent_idx_in_abst): an integer in [0, maximum]."""
+    value = record.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecordError(path, line, f"field {field!r} must be an integer, got {type(value).__name__}")
+    if not 0 <= value <= maximum:
+        raise RecordError(path, line, f"field {field!r} must be an integer in [0, {maximum:,}], got {value}")
     return value
 
 

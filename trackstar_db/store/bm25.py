@@ -1,5 +1,12 @@
 """The BM25 side: a Tantivy index over examples.text inside the database directory (DB/bm25).
 
+Readers see the committed index (store/snapshot.py): when a writer commits, `commit_index`
+hard-links the index's files (Tantivy never rewrites a file: segments are immutable, meta.json
+is replaced by rename) into DB/bm25_versions/<sha256 of meta.json>/ and the committed record
+names that folder; `BM25Index.reader(db)` opens the one its pinned record names, so a query
+beside an ingest never meets a document whose example it cannot see, and BM25's statistics are
+those of the committed examples. Folders no record names are removed once RETIRE_SECONDS old.
+
 Documents carry the example_id (stored, untokenised) and the text (indexed with Tantivy's
 default tokenizer, not stored: the text lives in the examples table). Queries are reduced to
 their words, so no user text is parsed as Tantivy query syntax.
@@ -7,12 +14,57 @@ their words, so no user text is parsed as Tantivy query syntax.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
+import time
 from pathlib import Path
 
 import tantivy
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+VERSIONS = "bm25_versions"  # DB/bm25_versions/<name>/: committed states of the index, hard-linked
+RETIRE_SECONDS = 3600.0  # an uncommitted-to folder stays this long for readers that pinned it
+_LOCKS = (".tantivy-writer.lock", ".tantivy-meta.lock")
+
+
+def commit_index(db_path: str | Path, keep: set[str] = frozenset()) -> str | None:
+    """The name of DB/bm25_versions/<name>, the index as it is now (made when new: hard links of
+    its files, named by the sha256 of its meta.json, so an unchanged index makes no folder);
+    None without an index. Called under the writer lock. Folders other than this one and
+    `keep` are removed once older than RETIRE_SECONDS (TRACKSTAR_RETIRE_SECONDS)."""
+    live = Path(db_path) / "bm25"
+    meta = live / "meta.json"
+    if not meta.is_file():
+        return None
+    name = hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
+    folder = Path(db_path) / VERSIONS
+    target = folder / name
+    if not (target / "meta.json").is_file():
+        tmp = folder / f".{name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for item in live.iterdir():
+            if item.is_file() and item.name not in _LOCKS:
+                os.link(item, tmp / item.name)
+        shutil.rmtree(target, ignore_errors=True)  # a half-made folder of a killed commit
+        tmp.rename(target)
+    _remove_old(folder, keep | {name})
+    return name
+
+
+def _remove_old(folder: Path, keep: set[str]) -> None:
+    grace = float(os.environ.get("TRACKSTAR_RETIRE_SECONDS", RETIRE_SECONDS))
+    now = time.time()
+    for item in folder.iterdir():
+        if item.name in keep:
+            continue
+        try:
+            if now - item.stat().st_mtime > grace:
+                shutil.rmtree(item, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _schema() -> tantivy.Schema:
@@ -34,6 +86,20 @@ class BM25Index:
                                  f"and 'trackstar-db rebuild-bm25 {db_path}'")
         self.path.mkdir(parents=True, exist_ok=True)
         self.index = tantivy.Index(_schema(), path=str(self.path))
+
+    @classmethod
+    def reader(cls, db, must_exist: bool = False) -> "BM25Index":
+        """The index a reading command of `db` sees: the committed state its pin names (a Store
+        pinned with pin(), a serve Snapshot), else the live index."""
+        name = getattr(db, "_bm25", None)
+        if name:
+            folder = Path(db.path) / VERSIONS / name
+            if (folder / "meta.json").is_file():
+                index = cls.__new__(cls)
+                index.path = folder
+                index.index = tantivy.Index(_schema(), path=str(folder))
+                return index
+        return cls(db.path, must_exist=must_exist)
 
     def add(self, example_ids: list[str], texts: list[str]) -> None:
         """Add documents and commit (one commit per call: call it once per ingest run)."""

@@ -149,6 +149,21 @@ class Checker:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _imported_facts(self, con) -> str:
+        """SQL (' UNION ...') of the fact ids imported results files name (their marks, and the
+        queries of imported runs): the database knows those facts by id only, which is no damage."""
+        db, parts = self.db, []
+        if db.has_table("ground_truth_imported"):
+            con.register("gt_imported", db.dataset("ground_truth_imported").to_table(columns=["fact_id"]))
+            parts.append(" UNION SELECT fact_id FROM gt_imported")
+        if "queries" in self.readable and db.has_table("runs") and db.has_table("retrievals"):
+            con.register("imported_runs", db.dataset("runs").to_table(columns=["run_id", "parameters"]))
+            con.register("imported_hits", db.dataset("retrievals").to_table(columns=["run_id", "query_id"]))
+            parts.append(" UNION SELECT q.fact_id FROM queries q WHERE q.query_id IN (SELECT h.query_id FROM "
+                         "imported_hits h JOIN imported_runs r USING (run_id) WHERE r.parameters LIKE "
+                         "'%\"imported_from\"%')")
+        return "".join(parts)
+
     # -- ids agree across tables ------------------------------------------------------------
     def check_ids(self) -> None:
         import duckdb
@@ -193,11 +208,13 @@ class Checker:
                     self.add(grads, f"{extra:,} gradient ids are not in {source} (first: {first!r})", _rebuild(db, grads))
             refs = [("ground_truth", "fact_id", "facts", "fact_id"), ("ground_truth", "example_id", "examples", "example_id"),
                     ("retrievals", "example_id", "examples", "example_id"), ("queries", "fact_id", "facts", "fact_id")]
+            known = {("facts", "fact_id"): self._imported_facts(con)}  # facts an imported file names by id only
             for table, column, target, key in refs:
                 if table not in self.readable or target not in self.readable:
                     continue
+                among = f'SELECT "{key}" FROM "{target}"' + known.get((target, key), "")
                 n, first = scalar(f'SELECT count(*), min(t."{column}") FROM "{table}" t '
-                                  f'WHERE t."{column}" NOT IN (SELECT "{key}" FROM "{target}")')
+                                  f'WHERE t."{column}" IS NOT NULL AND t."{column}" NOT IN ({among})')
                 if n:
                     self.add(table, f"{n:,} rows name a {column} not in {target} (first: {first!r})", _rebuild(db, table))
 

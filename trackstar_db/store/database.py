@@ -43,6 +43,7 @@ class Store(SwapWriter):
         self.manifest = _manifest.read(self.path)
         self._connection = None  # the LanceDB connection, made by the first write (reads open Lance directly)
         self._pinned: dict[str, int] | None = None  # table -> version, while a read is pinned (pin())
+        self._bm25: str | None = None  # the committed BM25 folder a pinned read uses (store/bm25.py)
         if (self.path / _journal.FILENAME).exists() and not _lock.held(self.path):
             self._recover_abandoned()
 
@@ -109,10 +110,11 @@ class Store(SwapWriter):
         # was compared with the committed one just now; the R files it names are never overwritten
         self.manifest = _manifest.read(self.path)
         self._pinned = dict(record["tables"])
+        self._bm25 = record.get("bm25")
         return self
 
     def unpin(self) -> None:
-        self._pinned = None
+        self._pinned, self._bm25 = None, None
         self.manifest = _manifest.read(self.path)
 
     @contextlib.contextmanager

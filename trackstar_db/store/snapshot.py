@@ -7,7 +7,7 @@ DB/versions.json holds the state of the database as its last writer left it, wri
     {"tables": {"examples": 7, "retrievals": 12, ...}, "manifest": {...the manifest then...}}
 
 A read command pins it (Database.pin): every table is read at its committed version for the
-whole command, with the manifest read once at its start (its featurizer settings and dims are
+whole command, BM25 in the committed folder of the index the record names ("bm25"), with the manifest read once at its start (its featurizer settings and dims are
 compared with the committed ones first; the R files it names are never overwritten). So rows a writer has staged,
 or written but not yet committed (a retrieve --replace, an import, a fit in progress), are never
 seen, and a run being replaced stays readable until its writer commits; old Lance versions and
@@ -46,11 +46,29 @@ def read(db_path: str | Path) -> dict | None:
 
 
 def write(db, manifest: dict) -> None:
-    """Record every table's newest version and `manifest` as the committed state."""
+    """Record every table's newest version, the BM25 index's committed folder (store/bm25.py)
+    and `manifest` as the committed state."""
+    from .bm25 import commit_index
     from .manifest import write_atomic
 
-    write_atomic(Path(db.path) / FILENAME, json.dumps({"tables": latest_versions(db), "manifest": manifest},
-                                                      sort_keys=True))
+    record = {"tables": latest_versions(db), "manifest": manifest}
+    bm25 = commit_index(db.path)
+    if bm25 is not None:
+        record["bm25"] = bm25
+    text = json.dumps(record, sort_keys=True)
+    path = Path(db.path) / FILENAME
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return  # nothing committed since: the record is not rewritten
+    write_atomic(path, text)
+
+
+def committed_bm25(db_path: str | Path) -> str | None:
+    """The BM25 folder the committed record names (None: the live index)."""
+    try:
+        record = read(db_path)
+    except Exception:
+        return None
+    return (record or {}).get("bm25")
 
 
 def _latest_local(table_dir: Path) -> int | None:
