@@ -10,6 +10,10 @@ and C the optimizer correction (second_moment.py):
 - elementwise correction ("adam-exact", small models): G [batch, rows, cols] is formed per use,
   multiplied by W = 1/(sqrt(V)+eps), then projected.
 
+A fused-experts tensor (experts.py) comes one expert at a time as `Routed` rows: each routed
+token's projected rows (P_r[:, expert's rows] x_r)(P_c x_c)^T are added to its example's block
+(chunks of rows bound the memory); the elementwise correction forms the expert's slice of G.
+
 Blocks are concatenated or summed by the layout (config.py). Vectors are neither whitened nor
 unit-normalised: R and unit norm are applied downstream.
 
@@ -26,16 +30,20 @@ host may read the output.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .config import FeaturizerConfig, Layout, plan_layout
+from .config import FeaturizerConfig, Layout, check_width, plan_layout
+from .experts import Routed
 from .projection import Projections
 from .second_moment import SecondMoment
 from .task import Task
-from .tracked import dense_gradient, find_tracked, per_example_backward
+from .tracked import coverage, dense_gradient, find_tracked, per_example_backward
+
+ROUTED_CHUNK = 2**22  # floats of per-row outer products made at once for routed (expert) rows
 
 
 @dataclass
@@ -74,6 +82,23 @@ def _project_side(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return side.transpose(0, 1).float()
 
 
+def _routed_block(x_r: torch.Tensor, x_c: torch.Tensor, p_r: torch.Tensor, p_c: torch.Tensor,
+                  routed: Routed) -> torch.Tensor:
+    """[routed.batch, k_r * k_c]: sum over each example's rows i of (p_r x_r[i]) (p_c x_c[i])^T;
+    x_r [n, r], x_c [n, c], p_r [k_r, r] (the expert's columns), p_c [k_c, c]."""
+    side_r = (x_r.to(p_r.dtype) @ p_r.t()).float()  # [n, k_r]
+    side_c = (x_c.to(p_c.dtype) @ p_c.t()).float()  # [n, k_c]
+    k_r, k_c = side_r.shape[1], side_c.shape[1]
+    out = torch.zeros(routed.batch, k_r * k_c, device=side_r.device)
+    example = routed.example
+    step = max(1, ROUTED_CHUNK // (k_r * k_c))
+    for start in range(0, side_r.shape[0], step):
+        rows = slice(start, start + step)
+        outer = (side_r[rows, :, None] * side_c[rows, None, :]).flatten(1)
+        out.index_add_(0, example[rows], outer)
+    return out
+
+
 def _to_host(tensor: torch.Tensor, non_blocking: bool) -> torch.Tensor:
     if not non_blocking or tensor.device.type != "cuda":
         return tensor.cpu()
@@ -97,6 +122,10 @@ class Featurizer:
         self.device = torch.device(device)
         self.task = task or Task()
         self.tracked = find_tracked(model, self.task)
+        self.coverage = coverage(model, self.tracked, self.task)
+        if self.coverage.warning():
+            warnings.warn(self.coverage.warning(), UserWarning, stacklevel=2)
+        check_width(config, self.tracked)
         self.layout: Layout = plan_layout(config, [m.name for m in self.tracked])
         self._blocks = {b.name: b for b in self.layout.blocks}
         self.rows = {m.name: m.rows for m in self.tracked}
@@ -116,7 +145,7 @@ class Featurizer:
         """What the database manifest records about this featurizer; the task only when it is not
         the default (absent = default, so the settings of older databases still compare equal)."""
         entry = {"config": self.config.to_dict(), "layout": self.layout.to_dict(),
-                 "tracked": [m.name for m in self.tracked],
+                 "tracked": [m.name for m in self.tracked], "coverage": self.coverage.to_dict(),
                  "correction_source": self.second_moment.describe() if self.second_moment else "none"}
         if self.task != Task():
             entry["task"] = self.task.to_dict()
@@ -132,16 +161,25 @@ class Featurizer:
         return (self._projections.get(name, "row", block.k_r, self.rows[name], scale[0], dtype),
                 self._projections.get(name, "col", block.k_c, self.cols[name], scale[1], dtype))
 
-    def block_vector(self, name: str, x_r: torch.Tensor, x_c: torch.Tensor, corrected: bool) -> torch.Tensor:
-        """[batch, k_r * k_c] contribution of one use of `name`."""
+    def block_vector(self, name: str, x_r: torch.Tensor, x_c: torch.Tensor, corrected: bool,
+                     routed: Routed | None = None) -> torch.Tensor:
+        """[batch, k_r * k_c] contribution of one use of `name` (with `routed`: of one expert's
+        rows, [routed.batch, k_r * k_c])."""
         if corrected and self.second_moment is not None and self.second_moment.mode == "elementwise":
             p_r, p_c = self._pair(name, corrected, torch.float32)
             if name not in self._elementwise:
                 self._elementwise[name] = self.second_moment.weights[name][0].to(self.device)
+            weight = self._elementwise[name]
             x_r = x_r if x_r.dtype == torch.long else x_r.float()
-            g = dense_gradient(x_r, x_c.float(), self.rows[name]) * self._elementwise[name]
+            if routed is not None:  # the expert's slice of G and of W, and its columns of P_r
+                span = slice(routed.offset, routed.offset + x_r.shape[-1])
+                g = dense_gradient(x_r, x_c.float(), x_r.shape[-1], Routed(routed.at, 0, routed.batch, routed.tokens))
+                return (p_r[:, span] @ (g * weight[span]) @ p_c.t()).flatten(1)
+            g = dense_gradient(x_r, x_c.float(), self.rows[name]) * weight
             return (p_r @ g @ p_c.t()).flatten(1)
         p_r, p_c = self._pair(name, corrected)
+        if routed is not None:
+            return _routed_block(x_r, x_c, p_r[:, routed.offset: routed.offset + x_r.shape[-1]], p_c, routed)
         return torch.bmm(_project_side(x_r, p_r), _project_side(x_c, p_c).transpose(1, 2)).flatten(1)
 
     def featurize(self, batch: dict[str, torch.Tensor], non_blocking: bool = False) -> FeaturizeOutput:
@@ -155,11 +193,11 @@ class Featurizer:
         size = batch["input_ids"].shape[0]
         out = {v: torch.zeros(size, self.layout.dim, device=self.device) for v in self.variants}
 
-        def on_factors(name: str, x_r: torch.Tensor, x_c: torch.Tensor) -> None:
+        def on_factors(name: str, x_r: torch.Tensor, x_c: torch.Tensor, routed: Routed | None = None) -> None:
             block = self._blocks[name]
             for variant in self.variants:
                 span = out[variant][:, block.offset: block.offset + block.size]
-                span += self.block_vector(name, x_r, x_c, corrected=variant == "corrected")
+                span += self.block_vector(name, x_r, x_c, corrected=variant == "corrected", routed=routed)
 
         loss, n_tokens = per_example_backward(self.model, self.tracked, batch, on_factors,
                                               factor_dtype=None if self.dtype == torch.bfloat16 else torch.float32)
