@@ -31,6 +31,12 @@ CORRECTIONS = ("none", "adam-exact", "adam-factored", "adafactor", "estimated")
 # "auto" = what the checkpoint supports, decided by settings.resolve before any vector is made
 CHOICES = CORRECTIONS + ("auto",)
 MIN_DIM, MAX_DIM = 1, 2**16
+
+
+class FeaturizerWarning(UserWarning):
+    """A featurizer choice that works but deserves a look (a narrow dim, untracked matrices)."""
+
+
 WELL_PROJECTED = 256  # below this width a warning says the projection's distortion (module docstring)
 
 
@@ -125,7 +131,7 @@ def check_width(config: FeaturizerConfig, tracked: list) -> None:
         warnings.warn(f"dim {config.dim}: a projection this narrow distorts gradient norms by about "
                       f"{math.sqrt(2 / config.dim):.0%} (relative standard deviation sqrt(2/dim)); "
                       f"{WELL_PROJECTED} or more keeps it under {math.sqrt(2 / WELL_PROJECTED):.0%}",
-                      UserWarning, stacklevel=3)
+                      FeaturizerWarning, stacklevel=3)
 
 
 def _square_split(n: int) -> tuple[int, int]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .config import FeaturizerConfig, Layout, check_width, plan_layout
+from .config import FeaturizerConfig, FeaturizerWarning, Layout, check_width, plan_layout
 from .experts import Routed
 from .projection import Projections
 from .second_moment import SecondMoment
@@ -124,7 +124,7 @@ class Featurizer:
         self.tracked = find_tracked(model, self.task)
         self.coverage = coverage(model, self.tracked, self.task)
         if self.coverage.warning():
-            warnings.warn(self.coverage.warning(), UserWarning, stacklevel=2)
+            warnings.warn(self.coverage.warning(), FeaturizerWarning, stacklevel=2)
         check_width(config, self.tracked)
         self.layout: Layout = plan_layout(config, [m.name for m in self.tracked])
         self._blocks = {b.name: b for b in self.layout.blocks}
