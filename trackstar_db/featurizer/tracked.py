@@ -41,12 +41,14 @@ KINDS = {torch.nn.Linear: "linear", Conv1D: "conv1d", torch.nn.Embedding: "embed
 
 @dataclass(frozen=True)
 class TrackedMatrix:
-    """A tracked weight [rows, cols] and the modules (module path, kind) that use it."""
+    """A tracked weight [rows, cols] and the modules (module path, kind) that use it; experts:
+    the number of experts whose slices stack into its rows (a fused-experts tensor), else 1."""
 
     name: str
     rows: int
     cols: int
     uses: tuple[tuple[str, str], ...]
+    experts: int = 1
 
 
 def is_router(module: torch.nn.Module) -> bool:
@@ -76,18 +78,20 @@ def find_tracked(model: torch.nn.Module, task: Task | None = None) -> list[Track
     names = {id(p): n for n, p in model.named_parameters() if task.tracks(n)}
     uses: dict[str, list[tuple[str, str]]] = {}
     shapes: dict[str, tuple[int, int]] = {}
+    experts: dict[str, int] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         for param, kind, shape in _matrices(module):
             if not param.requires_grad or id(param) not in names:
                 continue
             name, use = names[id(param)], (path, kind)
             shapes[name] = shape
+            experts[name] = param.shape[0] if kind == "experts" else 1
             if use not in uses.setdefault(name, []):
                 uses[name].append(use)
     if not uses and task.modules is not None:
         raise ValueError(f"task modules {list(task.modules)} select no Linear, Conv1D, Embedding, router or "
                          "expert weight of the model")
-    return [TrackedMatrix(n, *shapes[n], tuple(uses[n])) for n, _ in model.named_parameters() if n in uses]
+    return [TrackedMatrix(n, *shapes[n], tuple(uses[n]), experts[n]) for n, _ in model.named_parameters() if n in uses]
 
 
 @dataclass(frozen=True)
