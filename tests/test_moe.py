@@ -157,3 +157,27 @@ def test_batch_invariance_and_per_token_parts(family):
         assert relative(alone, together[i]) < 1e-5
         parts = per_token_vectors(featurizer, one)["uncorrected"]
         assert relative(parts.sum(0), alone) < 1e-5
+
+
+def test_tracking_only_the_experts_and_routers_gives_their_same_factors():
+    """A task restricted to the MoE tensors (no embedding tracked: the backward's roots are the
+    experts' own outputs) hands over the same factors as tracking everything."""
+    from trackstar_db.featurizer import Task
+
+    model = make_family("olmoe")
+    batch = random_batch(3, seed=4)
+    everything, _ = factor_gradients(model, batch)
+    task = Task(modules=("*.mlp.experts.*", "*.mlp.gate.weight"))
+    tracked = find_tracked(model, task)
+    assert {m.name for m in tracked} == {n for n in everything if ".mlp." in n}
+    rows = {m.name: m.rows for m in tracked}
+    grads = {}
+
+    def on_factors(name, x_r, x_c, routed=None):
+        g = dense_gradient(x_r.double(), x_c.double(), rows[name], routed)
+        grads[name] = grads[name] + g if name in grads else g
+
+    per_example_backward(model, tracked, batch, on_factors)
+    assert set(grads) == set(rows)
+    for name, g in grads.items():
+        assert relative(g, everything[name]) < 1e-10, name
