@@ -181,3 +181,29 @@ def test_tracking_only_the_experts_and_routers_gives_their_same_factors():
     assert set(grads) == set(rows)
     for name, g in grads.items():
         assert relative(g, everything[name]) < 1e-10, name
+
+
+def test_adafactor_state_of_an_expert_tensor_is_read_as_its_matrix():
+    """Adafactor keeps an expert tensor [E, R, C] as row means [E, R] and column means [E, C];
+    the correction is the factorisation of the whole [E x R, C] matrix, given as a 2-D matrix's
+    is (row means, column sums): column sums = R x (sum over experts of the column means)."""
+    from trackstar_db.featurizer.optimizer_state import OptimizerState
+    from trackstar_db.featurizer.second_moment import factored
+
+    model = make_family("mixtral")
+    config = FeaturizerConfig(dim=512, correction="adafactor")
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, param in model.named_parameters():
+        shape = tuple(param.shape)
+        if len(shape) >= 2:
+            tensors[f"exp_avg_sq_row.{name}"] = torch.rand(shape[:-1], generator=g) + 0.1
+            tensors[f"exp_avg_sq_col.{name}"] = torch.rand(shape[:-2] + shape[-1:], generator=g) + 0.1
+    moment = from_optimizer_state(config, find_tracked(model), OptimizerState("adafactor", 3, 1e-3, tensors=tensors))
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    experts, rows, cols = model.get_parameter(name).shape
+    row, col = tensors[f"exp_avg_sq_row.{name}"], tensors[f"exp_avg_sq_col.{name}"]
+    want = factored(row.reshape(-1), col.sum(0) * rows, config.eps)
+    for got, expected in zip(moment.weights[name], want):
+        assert torch.allclose(got, expected, rtol=1e-5)
+    assert moment.weights[name][0].shape == (experts * rows,)
