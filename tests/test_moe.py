@@ -67,6 +67,7 @@ def check_against_autograd(family):
         plain, _ = per_example_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                     batch["labels"])
     assert torch.allclose(loss, plain, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in module.__dict__ for module in model.modules())  # the class's forward is back
 
 
 @pytest.mark.parametrize("family", EXPERTS)
@@ -74,7 +75,7 @@ def test_expert_gradients_match_autograd_one_example_at_a_time(family):
     check_against_autograd(family)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4_text"])
 def test_the_check_fails_without_the_expert_hooks(monkeypatch, family):
     """The same check fails when the experts are left to the model's own forward (no fused-tensor
     factors: the state before this featurizer knew MoE layers)."""
@@ -116,7 +117,7 @@ def adam_state(model, batch):
     return state
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text"])
 @pytest.mark.parametrize("correction", ["none", "adam-factored", "adam-exact"])
 def test_moe_vectors_match_explicit_projection(family, correction):
     model = make_family(family)

@@ -23,6 +23,12 @@ second moment of the tensor (its Adam exp_avg_sq [E, R, C]) is read through the 
 computes what the eager implementation computes (a loop over the experts hit, each on its routed
 tokens) and hooks each expert's matmul outputs. The factors of expert e come as `Routed` rows:
 only the tokens routed to e, each with its flat position b * tokens + t in the batch.
+
+Llama-4's experts (Llama4TextExperts: no use_experts_implementation; weights [E, in, out]; its
+forward takes every token once per expert, [E x N, H], scaled beforehand by the router's score,
+zero where the token is not routed, and runs one bmm per matrix) get `dense_tapped_forward`: the
+same bmm, hooked, and per expert the rows whose input is not zero (the others add nothing to the
+gradient) handed over as `Routed` rows.
 """
 
 from __future__ import annotations
@@ -57,10 +63,17 @@ class Routed:
 
 
 def is_experts(module: torch.nn.Module) -> bool:
-    """A transformers fused-experts module (use_experts_implementation sets has_gate, is_transposed)."""
+    """A transformers fused-experts module (use_experts_implementation sets has_gate,
+    is_transposed) or Llama-4's dense one."""
     down = getattr(module, "down_proj", None)
-    return (isinstance(down, torch.nn.Parameter) and down.dim() == 3
-            and hasattr(module, "has_gate") and hasattr(module, "is_transposed"))
+    if not (isinstance(down, torch.nn.Parameter) and down.dim() == 3):
+        return False
+    return (hasattr(module, "has_gate") and hasattr(module, "is_transposed")) or is_dense_experts(module)
+
+
+def is_dense_experts(module: torch.nn.Module) -> bool:
+    """Llama-4's experts: every token through every expert, inputs pre-scaled by the router."""
+    return type(module).__name__ == "Llama4TextExperts"
 
 
 def expert_tensors(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -88,6 +101,8 @@ def tapped_forward(module: torch.nn.Module, names: dict[str, str], size: int, to
     """A forward for the fused-experts `module` that computes what the eager loop computes and
     hooks the factors of the tracked tensors `names` (attribute -> tracked name); `outputs`
     collects the hooked tensors (the roots of the backward when no embedding is tracked)."""
+    if is_dense_experts(module):
+        return dense_tapped_forward(module, names, size, tokens, emit, outputs, dtype)
     transposed = bool(module.is_transposed)
     up_attr = "gate_up_proj" if module.has_gate else "up_proj"
     experts = getattr(module, up_attr).shape[0]
@@ -143,5 +158,45 @@ def tapped_forward(module: torch.nn.Module, names: dict[str, str], size: int, to
             down = down * top_k_weights[token_idx, slot, None]
             final.index_add_(0, token_idx, down.to(final.dtype))
         return final
+
+    return forward
+
+
+def dense_tapped_forward(module: torch.nn.Module, names: dict[str, str], size: int, tokens: int, emit: Emit,
+                         outputs: list[torch.Tensor], dtype: torch.dtype | None = torch.float32) -> Callable:
+    """Llama4TextExperts.forward, hooked: hidden_states [E x N, H] (N = batch x tokens, each
+    token once per expert, zero where not routed) -> [E x N, H]; weights [E, in, out]."""
+    experts = module.gate_up_proj.shape[0]
+
+    def tap(attr: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        name = names.get(attr)
+        if name is None or not out.requires_grad:
+            return
+        x = x.detach()
+        rows = getattr(module, attr).shape[1]
+
+        def hook(g: torch.Tensor) -> None:  # x [E, N, in], g [E, N, out]
+            for e in range(experts):
+                at = x[e].abs().sum(-1).nonzero().flatten()  # the tokens routed to e
+                if at.numel():
+                    x_r, x_c = x[e, at], g[e, at]
+                    emit(name, x_r if dtype is None else x_r.to(dtype), x_c if dtype is None else x_c.to(dtype),
+                         Routed(at, e * rows, size, tokens))
+
+        outputs.append(out)
+        out.register_hook(hook)
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.view(experts, -1, hidden_states.shape[-1])
+        if x.shape[1] != size * tokens:
+            raise ValueError(f"experts module got {x.shape[1]} token rows per expert, expected batch x tokens = "
+                             f"{size} x {tokens}")
+        gate_up = torch.bmm(x, module.gate_up_proj)
+        tap("gate_up_proj", x, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = up * module.act_fn(gate)
+        out = torch.bmm(h, module.down_proj)
+        tap("down_proj", h, out)
+        return out.view(-1, hidden_states.shape[-1])
 
     return forward

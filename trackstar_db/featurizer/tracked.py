@@ -258,8 +258,8 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
 
     for path, names in experts.items():
         module = modules[path]
+        patched.append((module, module.__dict__.get("forward")))  # an instance forward (accelerate hooks) comes back
         module.forward = tapped_forward(module, names, size, tokens, emit, others, factor_dtype)
-        patched.append(module)
     was_training = model.training
     model.eval()  # no dropout: a vector depends on the example only
     try:
@@ -272,8 +272,11 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
     finally:
         for handle in handles:
             handle.remove()
-        for module in patched:
-            del module.forward  # back to the class's forward
+        for module, previous in patched:
+            if previous is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = previous
         model.train(was_training)
     return loss.detach(), n_tokens
 
