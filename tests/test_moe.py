@@ -208,3 +208,24 @@ def test_adafactor_state_of_an_expert_tensor_is_read_as_its_matrix():
     for got, expected in zip(moment.weights[name], want):
         assert torch.allclose(got, expected, rtol=1e-5)
     assert moment.weights[name][0].shape == (experts * rows,)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_estimated_correction_of_expert_tensors_is_the_mean_squared_gradient(family):
+    """The 'estimated' second moment of an expert tensor: mean over the sample of the squared
+    per-example gradient (autograd, one example at a time), factored over its [E x R, C] view."""
+    from trackstar_db.featurizer.second_moment import estimate, factored, seen_floor
+
+    model = make_family(family)
+    sample = random_batch(4, seed=6)
+    config = FeaturizerConfig(dim=512, correction="estimated")
+    tracked = find_tracked(model)
+    moment = estimate(config, model, tracked, [sample])
+    reference = autograd_per_example(model, sample, [m.name for m in tracked])
+    for m in tracked:
+        if not any(kind == "experts" for _, kind in m.uses):
+            continue
+        v = reference[m.name].double().reshape(-1, m.rows, m.cols).square().mean(0)
+        want = factored(seen_floor(v.sum(1)), seen_floor(v.sum(0)), config.eps)
+        for got, expected in zip(moment.weights[m.name], want):
+            assert torch.allclose(got.double(), expected.double(), rtol=1e-3), m.name
