@@ -35,7 +35,8 @@ from trackstar_db.featurizer.tracked import coverage
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "phi", "olmo2", "gpt_neox",
             "gpt2", "falcon", "stablelm", "starcoder2", "granite", "cohere",
-            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "llama4_text")
+            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "llama4_text", "deepseek_v2",
+            "glm4_moe", "phimoe", "granitemoe")
 
 
 def models(args):

@@ -16,7 +16,8 @@ MOE = dict(num_experts_per_tok=2)  # top-2 of 4 experts
 
 DENSE = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "phi", "olmo2", "gpt_neox", "gpt2",
          "falcon", "stablelm", "starcoder2", "granite", "cohere")
-EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "llama4_text")
+EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "llama4_text", "deepseek_v2",
+           "glm4_moe", "phimoe", "granitemoe")
 
 
 def _config(name: str):
@@ -48,6 +49,17 @@ def _config(name: str):
                                              first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=16,
                                              kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                                              **MOE, **dict(BASE, num_key_value_heads=4))
+    if name == "deepseek_v2":
+        return transformers.DeepseekV2Config(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
+                                             first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+                                             qk_rope_head_dim=8, v_head_dim=8, **MOE, **dict(BASE, num_key_value_heads=4))
+    if name == "glm4_moe":
+        return transformers.Glm4MoeConfig(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
+                                          first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8, **MOE, **BASE)
+    if name == "phimoe":
+        return transformers.PhimoeConfig(num_local_experts=4, **MOE, **BASE)
+    if name == "granitemoe":
+        return transformers.GraniteMoeConfig(num_local_experts=4, **MOE, **BASE)
     if name == "llama4_text":
         return transformers.Llama4TextConfig(num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
                                              intermediate_size_mlp=48, head_dim=8, **dict(BASE, intermediate_size=16))
