@@ -142,7 +142,7 @@ def test_moe_vectors_match_explicit_projection(family, correction):
     assert relative(got, want) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "llama4_text"])
 def test_batch_invariance_and_per_token_parts(family):
     """An example's vector does not depend on its batch (the flattened shared expert and gate of
     qwen2_moe included; a batch of one is the case a [tokens, hidden] state confuses), and its
