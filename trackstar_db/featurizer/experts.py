@@ -20,15 +20,20 @@ Kronecker projection every other matrix gets, applied to the tensor's 2-D view. 
 second moment of the tensor (its Adam exp_avg_sq [E, R, C]) is read through the same view.
 
 `tapped_forward` replaces the experts module's forward while one per-example backward runs: it
-computes what the eager implementation computes (a loop over the experts hit, each on its routed
-tokens) and hooks each expert's matmul outputs. The factors of expert e come as `Routed` rows:
-only the tokens routed to e, each with its flat position b * tokens + t in the batch.
+computes what the eager implementation computes (each expert's matmuls on its routed tokens) with
+the (token, expert) pairs sorted by expert, so each matrix's outputs are one hooked tensor. The
+factors come as `Routed` rows: the tokens routed to each expert, each with its flat position
+b * tokens + t in the batch.
 
 Llama-4's experts (Llama4TextExperts: no use_experts_implementation; weights [E, in, out]; its
 forward takes every token once per expert, [E x N, H], scaled beforehand by the router's score,
 zero where the token is not routed, and runs one bmm per matrix) get `dense_tapped_forward`: the
 same bmm, hooked, and per expert the rows whose input is not zero (the others add nothing to the
 gradient) handed over as `Routed` rows.
+
+Per hooked tensor one call hands over every expert's rows, grouped by expert (Routed.groups), so
+the column side is projected once for all of them (P_c is shared) and only the row side once
+per expert.
 """
 
 from __future__ import annotations
@@ -43,12 +48,13 @@ WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 
 @dataclass(frozen=True)
 class Routed:
-    """Where a factor pair's rows belong: row i is at flat position at[i] = b * tokens + t of a
-    [batch, tokens] batch, and its x_r columns stand for rows offset .. offset + x_r width - 1
-    of the tracked matrix (expert e of a weight [E, R, C]: offset e * R)."""
+    """Where a factor pair's rows belong. Row i is at flat position at[i] = b * tokens + t of a
+    [batch, tokens] batch; the rows come in groups (offset, start, stop): rows start .. stop - 1
+    belong to one expert and their x_r columns stand for rows offset .. offset + x_r width - 1 of
+    the tracked matrix (expert e of a weight [E, R, C]: offset e * R; of a bias [E, n]: e)."""
 
     at: torch.Tensor
-    offset: int
+    groups: tuple[tuple[int, int, int], ...]
     batch: int
     tokens: int
 
@@ -59,7 +65,7 @@ class Routed:
 
     def per_position(self) -> "Routed":
         """The same rows with every position its own 'example' (per-token parts of one example)."""
-        return Routed(self.at, self.offset, self.batch * self.tokens, 1)
+        return Routed(self.at, self.groups, self.batch * self.tokens, 1)
 
 
 def is_experts(module: torch.nn.Module) -> bool:
@@ -92,14 +98,43 @@ def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
     return (param.shape[0] * param.shape[1], param.shape[2]) if param.dim() == 3 else tuple(param.shape)
 
 
-# emit(name, x_r [n, r], x_c [n, c], routed): the factors of one expert of a tracked tensor
+# emit(name, x_r [n, r], x_c [n, c], routed): the factors of a tracked tensor, grouped by expert
 Emit = Callable[[str, torch.Tensor, torch.Tensor, Routed], None]
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None else x.to(dtype)
+
+
+def _tap(module: torch.nn.Module, attr: str, names: dict[str, str], x: torch.Tensor, out: torch.Tensor,
+         at: torch.Tensor, segments: list[tuple[int, int, int]], transposed: bool, size: int, tokens: int,
+         emit: Emit, outputs: list[torch.Tensor], dtype: torch.dtype | None) -> None:
+    """Hook `out` = the rows of x through expert tensor `attr` (rows grouped by expert:
+    segments (e, start, stop)); its backward emits the weight's (and bias's) factors."""
+    weight, bias = names.get(attr), names.get(attr + "_bias")
+    if (weight is None and bias is None) or not out.requires_grad:
+        return
+    x = x.detach()
+    rows = getattr(module, attr).shape[1]
+
+    def hook(g: torch.Tensor) -> None:
+        if weight is not None:  # [R, C] = out-grads x inputs, or inputs x out-grads when transposed
+            x_r, x_c = (x, g) if transposed else (g, x)
+            groups = tuple((e * rows, start, stop) for e, start, stop in segments)
+            emit(weight, _cast(x_r, dtype), _cast(x_c, dtype), Routed(at, groups, size, tokens))
+        if bias is not None:  # row e of the bias matrix [E, n]: the out-grads, summed
+            groups = tuple((e, start, stop) for e, start, stop in segments)
+            emit(bias, _cast(torch.ones_like(g[:, :1]), dtype), _cast(g, dtype), Routed(at, groups, size, tokens))
+
+    outputs.append(out)
+    out.register_hook(hook)
 
 
 def tapped_forward(module: torch.nn.Module, names: dict[str, str], size: int, tokens: int, emit: Emit,
                    outputs: list[torch.Tensor], dtype: torch.dtype | None = torch.float32) -> Callable:
-    """A forward for the fused-experts `module` that computes what the eager loop computes and
-    hooks the factors of the tracked tensors `names` (attribute -> tracked name); `outputs`
+    """A forward for the fused-experts `module` that computes what the eager loop computes, with
+    the (token, expert) pairs sorted by expert so each matrix is one hooked tensor, and hands the
+    factors of the tracked tensors `names` (attribute -> tracked name) to `emit`; `outputs`
     collects the hooked tensors (the roots of the backward when no embedding is tracked)."""
     if is_dense_experts(module):
         return dense_tapped_forward(module, names, size, tokens, emit, outputs, dtype)
@@ -107,31 +142,13 @@ def tapped_forward(module: torch.nn.Module, names: dict[str, str], size: int, to
     up_attr = "gate_up_proj" if module.has_gate else "up_proj"
     experts = getattr(module, up_attr).shape[0]
 
-    def cast(x: torch.Tensor) -> torch.Tensor:
-        return x if dtype is None else x.to(dtype)
-
-    def linear(x: torch.Tensor, attr: str, e: int) -> torch.Tensor:
-        weight = getattr(module, attr)[e]
-        out = x @ weight if transposed else torch.nn.functional.linear(x, weight)
-        bias = getattr(module, attr + "_bias", None)
-        return out if bias is None else out + bias[e]
-
-    def tap(attr: str, e: int, x: torch.Tensor, out: torch.Tensor, at: torch.Tensor) -> None:
-        weight, bias = names.get(attr), names.get(attr + "_bias")
-        if (weight is None and bias is None) or not out.requires_grad:
-            return
-        x = x.detach()
-        rows = getattr(module, attr).shape[1]
-
-        def hook(g: torch.Tensor) -> None:
-            if weight is not None:  # [R, C] = out-grads x inputs, or inputs x out-grads when transposed
-                x_r, x_c = (x, g) if transposed else (g, x)
-                emit(weight, cast(x_r), cast(x_c), Routed(at, e * rows, size, tokens))
-            if bias is not None:  # row e of the bias matrix [E, n]: the out-grads, summed
-                emit(bias, cast(torch.ones_like(g[:, :1])), cast(g), Routed(at, e, size, tokens))
-
-        outputs.append(out)
-        out.register_hook(hook)
+    def linear(x: torch.Tensor, attr: str, segments: list[tuple[int, int, int]]) -> torch.Tensor:
+        weight, bias = getattr(module, attr), getattr(module, attr + "_bias", None)
+        parts = []
+        for e, start, stop in segments:
+            part = x[start:stop] @ weight[e] if transposed else torch.nn.functional.linear(x[start:stop], weight[e])
+            parts.append(part if bias is None else part + bias[e])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
                 top_k_weights: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -142,22 +159,30 @@ def tapped_forward(module: torch.nn.Module, names: dict[str, str], size: int, to
                              f"{size} x {tokens}")
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            hit = torch.unique(top_k_index)
-        for e in hit.tolist():
-            if not 0 <= e < experts:  # expert-parallel sentinels
-                continue
-            token_idx, slot = torch.where(top_k_index == e)
-            x = hidden_states[token_idx]
-            up = linear(x, up_attr, e)
-            tap(up_attr, e, x, up, token_idx)
-            h = module._apply_gate(up) if module.has_gate else module.act_fn(up)
-            down = linear(h, "down_proj", e)
-            tap("down_proj", e, h, down, token_idx)
-            if getattr(module, "has_post_expert_norm", False):
-                down = module.post_expert_norm(down)
-            down = down * top_k_weights[token_idx, slot, None]
-            final.index_add_(0, token_idx, down.to(final.dtype))
-        return final
+            flat = top_k_index.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            order = order[(flat[order] >= 0) & (flat[order] < experts)]  # expert-parallel sentinels out
+            counts = torch.bincount(flat[order], minlength=experts).tolist()
+        if not order.numel():
+            return final
+        token_idx, slot = order // top_k_index.shape[-1], order % top_k_index.shape[-1]
+        segments, start = [], 0
+        for e, count in enumerate(counts):
+            if count:
+                segments.append((e, start, start + count))
+                start += count
+        tap = dict(names=names, at=token_idx, segments=segments, transposed=transposed, size=size, tokens=tokens,
+                   emit=emit, outputs=outputs, dtype=dtype)
+        x = hidden_states[token_idx]
+        up = linear(x, up_attr, segments)
+        _tap(module, up_attr, x=x, out=up, **tap)
+        h = module._apply_gate(up) if module.has_gate else module.act_fn(up)
+        down = linear(h, "down_proj", segments)
+        _tap(module, "down_proj", x=h, out=down, **tap)
+        if getattr(module, "has_post_expert_norm", False):
+            down = module.post_expert_norm(down)
+        down = down * top_k_weights[token_idx, slot, None]
+        return final.index_add_(0, token_idx, down.to(final.dtype))
 
     return forward
 
@@ -176,12 +201,18 @@ def dense_tapped_forward(module: torch.nn.Module, names: dict[str, str], size: i
         rows = getattr(module, attr).shape[1]
 
         def hook(g: torch.Tensor) -> None:  # x [E, N, in], g [E, N, out]
+            picked, groups, start = [], [], 0
             for e in range(experts):
                 at = x[e].abs().sum(-1).nonzero().flatten()  # the tokens routed to e
                 if at.numel():
-                    x_r, x_c = x[e, at], g[e, at]
-                    emit(name, x_r if dtype is None else x_r.to(dtype), x_c if dtype is None else x_c.to(dtype),
-                         Routed(at, e * rows, size, tokens))
+                    picked.append((e, at))
+                    groups.append((e * rows, start, start + at.numel()))
+                    start += at.numel()
+            if picked:
+                x_r = torch.cat([x[e, at] for e, at in picked])
+                x_c = torch.cat([g[e, at] for e, at in picked])
+                at = torch.cat([at for _, at in picked])
+                emit(name, _cast(x_r, dtype), _cast(x_c, dtype), Routed(at, tuple(groups), size, tokens))
 
         outputs.append(out)
         out.register_hook(hook)

@@ -10,9 +10,10 @@ and C the optimizer correction (second_moment.py):
 - elementwise correction ("adam-exact", small models): G [batch, rows, cols] is formed per use,
   multiplied by W = 1/(sqrt(V)+eps), then projected.
 
-A fused-experts tensor (experts.py) comes one expert at a time as `Routed` rows: each routed
-token's projected rows (P_r[:, expert's rows] x_r)(P_c x_c)^T are added to its example's block
-(chunks of rows bound the memory); the elementwise correction forms the expert's slice of G.
+A fused-experts tensor (experts.py) comes as `Routed` rows grouped by expert: each routed
+token's projected rows (P_r[:, its expert's rows] x_r)(P_c x_c)^T are added to its example's
+block (P_c x_c one matmul for all experts; chunks of rows bound the memory); the elementwise
+correction forms each expert's slice of G.
 
 Blocks are concatenated or summed by the layout (config.py). Vectors are neither whitened nor
 unit-normalised: R and unit norm are applied downstream.
@@ -84,10 +85,13 @@ def _project_side(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def _routed_block(x_r: torch.Tensor, x_c: torch.Tensor, p_r: torch.Tensor, p_c: torch.Tensor,
                   routed: Routed) -> torch.Tensor:
-    """[routed.batch, k_r * k_c]: sum over each example's rows i of (p_r x_r[i]) (p_c x_c[i])^T;
-    x_r [n, r], x_c [n, c], p_r [k_r, r] (the expert's columns), p_c [k_c, c]."""
-    side_r = (x_r.to(p_r.dtype) @ p_r.t()).float()  # [n, k_r]
+    """[routed.batch, k_r * k_c]: sum over each example's rows i of (P_r x_r[i]) (p_c x_c[i])^T,
+    P_r the columns of p_r [k_r, rows] of row i's expert (its group's offset); x_r [n, r],
+    x_c [n, c], p_c [k_c, c] shared by the experts, so that side is one matmul."""
+    width = x_r.shape[-1]
     side_c = (x_c.to(p_c.dtype) @ p_c.t()).float()  # [n, k_c]
+    side_r = torch.cat([(x_r[start:stop].to(p_r.dtype) @ p_r[:, offset: offset + width].t()).float()
+                        for offset, start, stop in routed.groups])  # [n, k_r]
     k_r, k_c = side_r.shape[1], side_c.shape[1]
     out = torch.zeros(routed.batch, k_r * k_c, device=side_r.device)
     example = routed.example
@@ -171,15 +175,19 @@ class Featurizer:
                 self._elementwise[name] = self.second_moment.weights[name][0].to(self.device)
             weight = self._elementwise[name]
             x_r = x_r if x_r.dtype == torch.long else x_r.float()
-            if routed is not None:  # the expert's slice of G and of W, and its columns of P_r
-                span = slice(routed.offset, routed.offset + x_r.shape[-1])
-                g = dense_gradient(x_r, x_c.float(), x_r.shape[-1], Routed(routed.at, 0, routed.batch, routed.tokens))
-                return (p_r[:, span] @ (g * weight[span]) @ p_c.t()).flatten(1)
+            if routed is not None:  # per expert: its slice of G and of W, and its columns of P_r
+                out, width = 0, x_r.shape[-1]
+                for offset, start, stop in routed.groups:
+                    span = slice(offset, offset + width)
+                    g = dense_gradient(x_r, x_c.float(), width, Routed(routed.at, ((0, start, stop),), routed.batch,
+                                                                       routed.tokens))
+                    out = out + (p_r[:, span] @ (g * weight[span]) @ p_c.t()).flatten(1)
+                return out
             g = dense_gradient(x_r, x_c.float(), self.rows[name]) * weight
             return (p_r @ g @ p_c.t()).flatten(1)
         p_r, p_c = self._pair(name, corrected)
         if routed is not None:
-            return _routed_block(x_r, x_c, p_r[:, routed.offset: routed.offset + x_r.shape[-1]], p_c, routed)
+            return _routed_block(x_r, x_c, p_r, p_c, routed)
         return torch.bmm(_project_side(x_r, p_r), _project_side(x_c, p_c).transpose(1, 2)).flatten(1)
 
     def featurize(self, batch: dict[str, torch.Tensor], non_blocking: bool = False) -> FeaturizeOutput:

@@ -27,7 +27,7 @@ import torch
 
 from .config import FeaturizerConfig
 from .optimizer_state import OptimizerState
-from .tracked import TrackedMatrix, dense_gradient, find_tracked, per_example_backward
+from .tracked import TrackedMatrix, add_routed, dense_gradient, find_tracked, per_example_backward
 
 
 @dataclass
@@ -112,10 +112,9 @@ def estimate(config: FeaturizerConfig, model: torch.nn.Module, tracked: list[Tra
                 g = dense_gradient(x_r, x_c, shapes[name][0])
                 grads[name] = grads[name] + g if name in grads else g
                 return
-            if name not in grads:  # one expert's rows at a time, added in place
+            if name not in grads:  # the experts' rows, added in place
                 grads[name] = torch.zeros(routed.batch, *shapes[name], dtype=x_c.dtype, device=x_c.device)
-            span = grads[name][:, routed.offset: routed.offset + x_r.shape[-1]]
-            span.index_add_(0, routed.example, x_r[:, :, None] * x_c[:, None, :])
+            add_routed(grads[name], x_r, x_c, routed)
 
         per_example_backward(model, tracked, batch, on_factors)
         for name, g in grads.items():

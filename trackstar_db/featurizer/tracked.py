@@ -283,11 +283,10 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
 
 def dense_gradient(x_r: torch.Tensor, x_c: torch.Tensor, rows: int, routed: Routed | None = None) -> torch.Tensor:
     """Materialised per-example G = X_r^T X_c [batch, rows, cols] (small models / samples only);
-    with `routed`, the rows of one expert placed at their examples and matrix rows."""
+    with `routed`, each expert's rows placed at their examples and matrix rows."""
     if routed is not None:
         out = torch.zeros(routed.batch, rows, x_c.shape[-1], dtype=x_c.dtype, device=x_c.device)
-        part = x_r[:, :, None] * x_c[:, None, :]
-        out[:, routed.offset: routed.offset + x_r.shape[-1]].index_add_(0, routed.example, part)
+        add_routed(out, x_r, x_c, routed)
         return out
     if x_r.dtype == torch.long:  # ids: scatter-add rows of X_c, no one-hot
         batch, tokens, cols = x_c.shape
@@ -295,3 +294,11 @@ def dense_gradient(x_r: torch.Tensor, x_c: torch.Tensor, rows: int, routed: Rout
         out = torch.zeros(batch * rows, cols, dtype=x_c.dtype, device=x_c.device)
         return out.index_add_(0, index, x_c.reshape(-1, cols)).view(batch, rows, cols)
     return x_r.transpose(1, 2) @ x_c
+
+
+def add_routed(out: torch.Tensor, x_r: torch.Tensor, x_c: torch.Tensor, routed: Routed) -> None:
+    """out [batch, rows, cols] += the per-example gradient the routed rows make (in place)."""
+    example, width = routed.example, x_r.shape[-1]
+    for offset, start, stop in routed.groups:
+        part = x_r[start:stop, :, None] * x_c[start:stop, None, :]
+        out[:, offset: offset + width].index_add_(0, example[start:stop], part)
