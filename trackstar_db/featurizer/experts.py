@@ -144,9 +144,9 @@ def tapped_forward(module: torch.nn.Module, names: dict[str, str], size: int, to
 
     def linear(x: torch.Tensor, attr: str, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         weight, bias = getattr(module, attr), getattr(module, attr + "_bias", None)
-        parts = []
-        for e, start, stop in segments:
-            part = x[start:stop] @ weight[e] if transposed else torch.nn.functional.linear(x[start:stop], weight[e])
+        parts = []  # split, not sliced: a slice's backward writes a zero tensor of x's size per expert
+        for (e, _, _), rows in zip(segments, x.split([stop - start for _, start, stop in segments])):
+            part = rows @ weight[e] if transposed else torch.nn.functional.linear(rows, weight[e])
             parts.append(part if bias is None else part + bias[e])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
