@@ -57,6 +57,7 @@ class Routed:
     groups: tuple[tuple[int, int, int], ...]
     batch: int
     tokens: int
+    per_example: int | None = None  # every example has exactly this many rows (every token routed top_k times)
 
     @property
     def example(self) -> torch.Tensor:
@@ -65,7 +66,8 @@ class Routed:
 
     def per_position(self) -> "Routed":
         """The same rows with every position its own 'example' (per-token parts of one example)."""
-        return Routed(self.at, self.groups, self.batch * self.tokens, 1)
+        rows = None if self.per_example is None else self.per_example // self.tokens
+        return Routed(self.at, self.groups, self.batch * self.tokens, 1, rows)
 
 
 def is_experts(module: torch.nn.Module) -> bool:
@@ -108,7 +110,7 @@ def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _tap(module: torch.nn.Module, attr: str, names: dict[str, str], x: torch.Tensor, out: torch.Tensor,
          at: torch.Tensor, segments: list[tuple[int, int, int]], transposed: bool, size: int, tokens: int,
-         emit: Emit, outputs: list[torch.Tensor], dtype: torch.dtype | None) -> None:
+         emit: Emit, outputs: list[torch.Tensor], dtype: torch.dtype | None, per_example: int | None) -> None:
     """Hook `out` = the rows of x through expert tensor `attr` (rows grouped by expert:
     segments (e, start, stop)); its backward emits the weight's (and bias's) factors."""
     weight, bias = names.get(attr), names.get(attr + "_bias")
@@ -121,10 +123,11 @@ def _tap(module: torch.nn.Module, attr: str, names: dict[str, str], x: torch.Ten
         if weight is not None:  # [R, C] = out-grads x inputs, or inputs x out-grads when transposed
             x_r, x_c = (x, g) if transposed else (g, x)
             groups = tuple((e * rows, start, stop) for e, start, stop in segments)
-            emit(weight, _cast(x_r, dtype), _cast(x_c, dtype), Routed(at, groups, size, tokens))
+            emit(weight, _cast(x_r, dtype), _cast(x_c, dtype), Routed(at, groups, size, tokens, per_example))
         if bias is not None:  # row e of the bias matrix [E, n]: the out-grads, summed
             groups = tuple((e, start, stop) for e, start, stop in segments)
-            emit(bias, _cast(torch.ones_like(g[:, :1]), dtype), _cast(g, dtype), Routed(at, groups, size, tokens))
+            emit(bias, _cast(torch.ones_like(g[:, :1]), dtype), _cast(g, dtype),
+                 Routed(at, groups, size, tokens, per_example))
 
     outputs.append(out)
     out.register_hook(hook)
@@ -171,8 +174,10 @@ def tapped_forward(module: torch.nn.Module, names: dict[str, str], size: int, to
             if count:
                 segments.append((e, start, start + count))
                 start += count
+        complete = order.numel() == flat.numel()  # no sentinel dropped: each token has top_k rows
         tap = dict(names=names, at=token_idx, segments=segments, transposed=transposed, size=size, tokens=tokens,
-                   emit=emit, outputs=outputs, dtype=dtype)
+                   emit=emit, outputs=outputs, dtype=dtype,
+                   per_example=tokens * top_k_index.shape[-1] if complete else None)
         x = hidden_states[token_idx]
         up = linear(x, up_attr, segments)
         _tap(module, up_attr, x=x, out=up, **tap)

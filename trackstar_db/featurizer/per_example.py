@@ -93,8 +93,13 @@ def _routed_block(x_r: torch.Tensor, x_c: torch.Tensor, p_r: torch.Tensor, p_c: 
     side_r = torch.cat([(x_r[start:stop].to(p_r.dtype) @ p_r[:, offset: offset + width].t()).float()
                         for offset, start, stop in routed.groups])  # [n, k_r]
     k_r, k_c = side_r.shape[1], side_c.shape[1]
-    out = torch.zeros(routed.batch, k_r * k_c, device=side_r.device)
     example = routed.example
+    if routed.per_example is not None:  # equal rows per example: sort them by example, one bmm
+        order = torch.argsort(example, stable=True)
+        side_r = side_r[order].view(routed.batch, routed.per_example, k_r)
+        side_c = side_c[order].view(routed.batch, routed.per_example, k_c)
+        return torch.bmm(side_r.transpose(1, 2), side_c).flatten(1)
+    out = torch.zeros(routed.batch, k_r * k_c, device=side_r.device)
     step = max(1, ROUTED_CHUNK // (k_r * k_c))
     for start in range(0, side_r.shape[0], step):
         rows = slice(start, start + step)
