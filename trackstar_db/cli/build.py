@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import click
@@ -53,6 +54,8 @@ def info(db):
     click.echo(f"model: {model['path']} [{model['fingerprint']}]" if model else "model: none")
     if featurizer:
         click.echo(f"featurizer: {json.dumps(featurizer['config'])}; correction: {featurizer['correction_source']}")
+        if featurizer.get("coverage"):
+            click.echo(_coverage_line(featurizer))
     for name, rows in facts["tables"].items():
         click.echo(f"  {name:<20} {rows:>10,} rows")
     if facts["checkpoints"]:
@@ -119,7 +122,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage dtype of the vectors (first run; default float32).")
-@click.option("--dim", type=POSITIVE, default=None, help=f"Total projection dimension, 1024..65536 (first run; default {defaults.DIM}).")
+@click.option("--dim", type=POSITIVE, default=None, help=f"Total projection dimension, up to 65536 and the tracked entries; a warning below 256 (first run; default {defaults.DIM}).")
 @click.option("--seed", type=NON_NEGATIVE, default=None, help="Projection seed (first run; default 0).")
 @click.option("--correction", type=click.Choice(["auto", "adam-factored", "adam-exact", "adafactor", "estimated", "none"]),
               default=None, help="Optimizer second-moment correction (first run; default auto: the optimizer state's "
@@ -140,14 +143,35 @@ def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtyp
     from trackstar_db.gradients.plan import parse_shard
 
     handle = _open(db)
-    totals = handle.ingest_gradients(split, dim=dim, seed=seed, correction=correction, combine=combine, dtype=dtype,
-                                     engine=engine, shard_model=shard_model, batch_size=batch_size, device=device,
-                                     shard=parse_shard(shard), commit_rows=commit_rows, uncorrected=not no_uncorrected,
-                                     limit=limit, batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype,
-                                     pipeline=not no_pipeline, checkpoint=checkpoint)
+    from trackstar_db.featurizer.config import FeaturizerWarning
+
+    with warnings.catch_warnings(record=True) as caught:  # the featurizer's warnings: one line each
+        warnings.simplefilter("always", FeaturizerWarning)
+        totals = handle.ingest_gradients(split, dim=dim, seed=seed, correction=correction, combine=combine, dtype=dtype,
+                                         engine=engine, shard_model=shard_model, batch_size=batch_size, device=device,
+                                         shard=parse_shard(shard), commit_rows=commit_rows, uncorrected=not no_uncorrected,
+                                         limit=limit, batch_tokens=_batch_tokens(batch_tokens), model_dtype=model_dtype,
+                                         pipeline=not no_pipeline, checkpoint=checkpoint)
+    ours = [str(w.message) for w in caught if issubclass(w.category, FeaturizerWarning)]
+    for w in caught:
+        if not issubclass(w.category, FeaturizerWarning):  # anyone else's, as Python shows them
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    for line in dict.fromkeys(ours):  # the library's `dim` is the command's --dim
+        click.echo(f"warning: {'--' + line if line.startswith('dim ') else line}", err=True)
     click.echo(f"featurized {totals['rows']:,} {split} rows ({totals['tokens']:,} tokens) in "
                f"{totals['seconds']:.1f} s; correction: {handle.manifest['featurizer']['config']['correction']}; "
                "tables: " + ", ".join(f"{k}={v:,}" for k, v in totals["tables"].items()))
+    if handle.manifest["featurizer"].get("coverage"):
+        click.echo(_coverage_line(handle.manifest["featurizer"]))
+
+
+def _coverage_line(featurizer: dict) -> str:
+    """'tracked: 99.4% of the model's 47,520 trainable parameters (13 matrices)[; not tracked: ...]'."""
+    cover = featurizer["coverage"]
+    line = (f"tracked: {cover['share']:.1%} of the model's {cover['parameters']:,} trainable parameters "
+            f"({len(featurizer.get('tracked', []))} matrices)")
+    missed = cover.get("untracked_matrices") or []
+    return line + (f"; not tracked: {', '.join(missed[:6])}{' ...' if len(missed) > 6 else ''}" if missed else "")
 
 
 def _batch_tokens(text: str):

@@ -7,6 +7,11 @@ tracked matrix's projected gradient lives in the output vector [dim].
 - combine="concat": every tracked matrix gets its own block of k_r x k_c entries; blocks are
   concatenated in tracked order. Blocks are equal: block = dim // L (L matrices),
   k_r = floor(sqrt(block)), k_c = block // k_r, so the total is <= dim.
+- dim: 1 .. 65536, and at most the number of entries of the tracked matrices (a projection
+  wider than the gradient only pads it); in concat mode at least one entry per matrix. Below
+  WELL_PROJECTED (256) a warning says the projection's distortion: a Gaussian projection to d
+  dimensions keeps a squared norm to a relative standard deviation of sqrt(2 / d) (9% at 256,
+  18% at 64), so scores of a narrow table rank coarsely; it is a choice, not refused.
 - combine="sum": every matrix is projected to the same k_r x k_c = dim (k_r the largest divisor
   of dim <= sqrt(dim)) and the projections are added: one Johnson-Lindenstrauss projection of
   the whole gradient. Every block then has offset 0.
@@ -15,15 +20,24 @@ tracked matrix's projected gradient lives in the output vector [dim].
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 from trackstar_db import defaults
+from trackstar_db.errors import ParameterError
 
 COMBINES = ("concat", "sum")
 CORRECTIONS = ("none", "adam-exact", "adam-factored", "adafactor", "estimated")
 # "auto" = what the checkpoint supports, decided by settings.resolve before any vector is made
 CHOICES = CORRECTIONS + ("auto",)
-MIN_DIM, MAX_DIM = 2**10, 2**16
+MIN_DIM, MAX_DIM = 1, 2**16
+
+
+class FeaturizerWarning(UserWarning):
+    """A featurizer choice that works but deserves a look (a narrow dim, untracked matrices)."""
+
+
+WELL_PROJECTED = 256  # below this width a warning says the projection's distortion (module docstring)
 
 
 @dataclass(frozen=True)
@@ -40,7 +54,8 @@ class FeaturizerConfig:
 
     def __post_init__(self):
         if not (MIN_DIM <= int(self.dim) <= MAX_DIM):
-            raise ValueError(f"FeaturizerConfig.dim must be in [{MIN_DIM}, {MAX_DIM}], not {self.dim}")
+            raise ParameterError("dim", f"must be in [{MIN_DIM}, {MAX_DIM}] (and at most the tracked matrices' "
+                                        f"entries), not {self.dim}")
         if self.combine not in COMBINES:
             raise ValueError(f"FeaturizerConfig.combine must be one of {COMBINES}, not {self.combine!r}")
         if self.correction not in CHOICES:
@@ -100,6 +115,23 @@ class Layout:
     @classmethod
     def from_dict(cls, data: dict) -> "Layout":
         return cls(tuple(Block(**b) for b in data["blocks"]), int(data["dim"]))
+
+
+def check_width(config: FeaturizerConfig, tracked: list) -> None:
+    """Refuse a dim wider than the tracked matrices' entries (or, concat, narrower than their
+    count); warn below WELL_PROJECTED. tracked: featurizer.tracked.TrackedMatrix list."""
+    entries = sum(m.rows * m.cols for m in tracked)
+    if config.dim > entries:
+        raise ParameterError("dim", f"must be at most {entries:,}, the entries of the model's {len(tracked)} tracked "
+                                    f"matrices, not {config.dim}")
+    if config.combine == "concat" and config.dim < len(tracked):
+        raise ParameterError("dim", f"must be at least {len(tracked)} with combine 'concat' (one block per tracked "
+                                    f"matrix), not {config.dim}")
+    if config.dim < WELL_PROJECTED:
+        warnings.warn(f"dim {config.dim}: a projection this narrow distorts gradient norms by about "
+                      f"{math.sqrt(2 / config.dim):.0%} (relative standard deviation sqrt(2/dim)); "
+                      f"{WELL_PROJECTED} or more keeps it under {math.sqrt(2 / WELL_PROJECTED):.0%}",
+                      FeaturizerWarning, stacklevel=3)
 
 
 def _square_split(n: int) -> tuple[int, int]:

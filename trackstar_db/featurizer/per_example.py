@@ -10,6 +10,11 @@ and C the optimizer correction (second_moment.py):
 - elementwise correction ("adam-exact", small models): G [batch, rows, cols] is formed per use,
   multiplied by W = 1/(sqrt(V)+eps), then projected.
 
+A fused-experts tensor (experts.py) comes as `Routed` rows grouped by expert: each routed
+token's projected rows (P_r[:, its expert's rows] x_r)(P_c x_c)^T are added to its example's
+block (P_c x_c one matmul for all experts; chunks of rows bound the memory); the elementwise
+correction forms each expert's slice of G.
+
 Blocks are concatenated or summed by the layout (config.py). Vectors are neither whitened nor
 unit-normalised: R and unit norm are applied downstream.
 
@@ -26,16 +31,20 @@ host may read the output.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .config import FeaturizerConfig, Layout, plan_layout
+from .config import FeaturizerConfig, FeaturizerWarning, Layout, check_width, plan_layout
+from .experts import Routed
 from .projection import Projections
 from .second_moment import SecondMoment
 from .task import Task
-from .tracked import dense_gradient, find_tracked, per_example_backward
+from .tracked import coverage, dense_gradient, find_tracked, per_example_backward
+
+ROUTED_CHUNK = 2**22  # floats of per-row outer products made at once for routed (expert) rows
 
 
 @dataclass
@@ -74,6 +83,31 @@ def _project_side(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return side.transpose(0, 1).float()
 
 
+def _routed_block(x_r: torch.Tensor, x_c: torch.Tensor, p_r: torch.Tensor, p_c: torch.Tensor,
+                  routed: Routed) -> torch.Tensor:
+    """[routed.batch, k_r * k_c]: sum over each example's rows i of (P_r x_r[i]) (p_c x_c[i])^T,
+    P_r the columns of p_r [k_r, rows] of row i's expert (its group's offset); x_r [n, r],
+    x_c [n, c], p_c [k_c, c] shared by the experts, so that side is one matmul."""
+    width = x_r.shape[-1]
+    side_c = (x_c.to(p_c.dtype) @ p_c.t()).float()  # [n, k_c]
+    side_r = torch.cat([(x_r[start:stop].to(p_r.dtype) @ p_r[:, offset: offset + width].t()).float()
+                        for offset, start, stop in routed.groups])  # [n, k_r]
+    k_r, k_c = side_r.shape[1], side_c.shape[1]
+    example = routed.example
+    if routed.per_example is not None:  # equal rows per example: sort them by example, one bmm
+        order = torch.argsort(example, stable=True)
+        side_r = side_r[order].view(routed.batch, routed.per_example, k_r)
+        side_c = side_c[order].view(routed.batch, routed.per_example, k_c)
+        return torch.bmm(side_r.transpose(1, 2), side_c).flatten(1)
+    out = torch.zeros(routed.batch, k_r * k_c, device=side_r.device)
+    step = max(1, ROUTED_CHUNK // (k_r * k_c))
+    for start in range(0, side_r.shape[0], step):
+        rows = slice(start, start + step)
+        outer = (side_r[rows, :, None] * side_c[rows, None, :]).flatten(1)
+        out.index_add_(0, example[rows], outer)
+    return out
+
+
 def _to_host(tensor: torch.Tensor, non_blocking: bool) -> torch.Tensor:
     if not non_blocking or tensor.device.type != "cuda":
         return tensor.cpu()
@@ -97,6 +131,10 @@ class Featurizer:
         self.device = torch.device(device)
         self.task = task or Task()
         self.tracked = find_tracked(model, self.task)
+        self.coverage = coverage(model, self.tracked, self.task)
+        if self.coverage.warning():
+            warnings.warn(self.coverage.warning(), FeaturizerWarning, stacklevel=2)
+        check_width(config, self.tracked)
         self.layout: Layout = plan_layout(config, [m.name for m in self.tracked])
         self._blocks = {b.name: b for b in self.layout.blocks}
         self.rows = {m.name: m.rows for m in self.tracked}
@@ -116,7 +154,7 @@ class Featurizer:
         """What the database manifest records about this featurizer; the task only when it is not
         the default (absent = default, so the settings of older databases still compare equal)."""
         entry = {"config": self.config.to_dict(), "layout": self.layout.to_dict(),
-                 "tracked": [m.name for m in self.tracked],
+                 "tracked": [m.name for m in self.tracked], "coverage": self.coverage.to_dict(),
                  "correction_source": self.second_moment.describe() if self.second_moment else "none"}
         if self.task != Task():
             entry["task"] = self.task.to_dict()
@@ -132,16 +170,29 @@ class Featurizer:
         return (self._projections.get(name, "row", block.k_r, self.rows[name], scale[0], dtype),
                 self._projections.get(name, "col", block.k_c, self.cols[name], scale[1], dtype))
 
-    def block_vector(self, name: str, x_r: torch.Tensor, x_c: torch.Tensor, corrected: bool) -> torch.Tensor:
-        """[batch, k_r * k_c] contribution of one use of `name`."""
+    def block_vector(self, name: str, x_r: torch.Tensor, x_c: torch.Tensor, corrected: bool,
+                     routed: Routed | None = None) -> torch.Tensor:
+        """[batch, k_r * k_c] contribution of one use of `name` (with `routed`: of one expert's
+        rows, [routed.batch, k_r * k_c])."""
         if corrected and self.second_moment is not None and self.second_moment.mode == "elementwise":
             p_r, p_c = self._pair(name, corrected, torch.float32)
             if name not in self._elementwise:
                 self._elementwise[name] = self.second_moment.weights[name][0].to(self.device)
+            weight = self._elementwise[name]
             x_r = x_r if x_r.dtype == torch.long else x_r.float()
-            g = dense_gradient(x_r, x_c.float(), self.rows[name]) * self._elementwise[name]
+            if routed is not None:  # per expert: its slice of G and of W, and its columns of P_r
+                out, width = 0, x_r.shape[-1]
+                for offset, start, stop in routed.groups:
+                    span = slice(offset, offset + width)
+                    g = dense_gradient(x_r, x_c.float(), width, Routed(routed.at, ((0, start, stop),), routed.batch,
+                                                                       routed.tokens))
+                    out = out + (p_r[:, span] @ (g * weight[span]) @ p_c.t()).flatten(1)
+                return out
+            g = dense_gradient(x_r, x_c.float(), self.rows[name]) * weight
             return (p_r @ g @ p_c.t()).flatten(1)
         p_r, p_c = self._pair(name, corrected)
+        if routed is not None:
+            return _routed_block(x_r, x_c, p_r, p_c, routed)
         return torch.bmm(_project_side(x_r, p_r), _project_side(x_c, p_c).transpose(1, 2)).flatten(1)
 
     def featurize(self, batch: dict[str, torch.Tensor], non_blocking: bool = False) -> FeaturizeOutput:
@@ -155,11 +206,11 @@ class Featurizer:
         size = batch["input_ids"].shape[0]
         out = {v: torch.zeros(size, self.layout.dim, device=self.device) for v in self.variants}
 
-        def on_factors(name: str, x_r: torch.Tensor, x_c: torch.Tensor) -> None:
+        def on_factors(name: str, x_r: torch.Tensor, x_c: torch.Tensor, routed: Routed | None = None) -> None:
             block = self._blocks[name]
             for variant in self.variants:
                 span = out[variant][:, block.offset: block.offset + block.size]
-                span += self.block_vector(name, x_r, x_c, corrected=variant == "corrected")
+                span += self.block_vector(name, x_r, x_c, corrected=variant == "corrected", routed=routed)
 
         loss, n_tokens = per_example_backward(self.model, self.tracked, batch, on_factors,
                                               factor_dtype=None if self.dtype == torch.bfloat16 else torch.float32)

@@ -12,7 +12,8 @@ sides separately, (sum_t P_r x_r[t]) (sum_s P_c x_c[s])^T, would leave the cross
 splitting per position keeps both factors of a term on the same token, so nothing is left
 over.) The term of position t is computed by the featurizer's own block code with the tokens
 moved into the batch dimension ([1, T, n] -> [T, 1, n]), so the factored, elementwise and no
-correction all split the same way as the stored vectors are made.
+correction all split the same way as the stored vectors are made. An MoE expert's factors come
+as the rows of the tokens routed to it (experts.Routed); each row is already one position's term.
 
 What a position's part means: the gradient flowing through the model's activations AT that
 position, i.e. while it reads token t. Its output-grad carries the loss of predicting token
@@ -52,8 +53,14 @@ def per_token_vectors(featurizer: Featurizer, batch: dict[str, torch.Tensor],
         raise ValueError(f"per_token_vectors: the featurizer makes {featurizer.variants}, not {unknown}")
     out = {v: torch.zeros(tokens, featurizer.layout.dim, device=featurizer.device) for v in variants}
 
-    def on_factors(name: str, x_r: torch.Tensor, x_c: torch.Tensor) -> None:
+    def on_factors(name: str, x_r: torch.Tensor, x_c: torch.Tensor, routed=None) -> None:
         block = featurizer.layout.block(name)
+        if routed is not None:  # an expert's routed rows: each position its own "example"
+            for variant in variants:
+                part = featurizer.block_vector(name, x_r, x_c, corrected=variant == "corrected",
+                                               routed=routed.per_position())
+                out[variant][:, block.offset: block.offset + block.size] += part
+            return
         # [1, T, n] -> [T, 1, n] (ids [1, T] -> [T, 1]): one "example" per position
         x_r = x_r.reshape(tokens, 1, -1) if x_r.dtype != torch.long else x_r.reshape(tokens, 1)
         x_c = x_c.reshape(tokens, 1, -1)

@@ -19,6 +19,7 @@ Elementwise form: eps is added after the square root, as in Adam's update.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -26,7 +27,7 @@ import torch
 
 from .config import FeaturizerConfig
 from .optimizer_state import OptimizerState
-from .tracked import TrackedMatrix, dense_gradient, find_tracked, per_example_backward
+from .tracked import TrackedMatrix, add_routed, dense_gradient, find_tracked, per_example_backward
 
 
 @dataclass
@@ -61,16 +62,31 @@ def _check(name: str, tensor: torch.Tensor | None, shape: tuple, what: str) -> t
     return tensor
 
 
+def _as_matrix(tensor: torch.Tensor | None, shape: tuple) -> torch.Tensor | None:
+    """A fused-experts tensor's state [E, R, C] (Adafactor rows [E, R]) read in the tracked
+    matrix's 2-D view [E * R, C] ([E * R]); other shapes as they are (checked by _check)."""
+    if tensor is None or tuple(tensor.shape) == tuple(shape) or tensor.numel() != math.prod(shape):
+        return tensor
+    return tensor.reshape(shape) if tensor.dim() == len(shape) + 1 else tensor
+
+
 def from_optimizer_state(config: FeaturizerConfig, tracked: list[TrackedMatrix],
                          state: OptimizerState) -> SecondMoment:
+    """The correction from an optimizer state; a fused-experts tensor [E, R, C] is read as its
+    tracked matrix [E * R, C]: Adam's V reshaped, Adafactor's per-expert column means [E, C]
+    summed into the column sums of the whole matrix."""
     weights = {}
     for m in tracked:
         if config.correction == "adafactor":
-            row = _check(m.name, state.moment("exp_avg_sq_row", m.name), (m.rows,), "exp_avg_sq_row")
-            col = _check(m.name, state.moment("exp_avg_sq_col", m.name), (m.cols,), "exp_avg_sq_col")
+            row = _check(m.name, _as_matrix(state.moment("exp_avg_sq_row", m.name), (m.rows,)), (m.rows,),
+                         "exp_avg_sq_row")
+            col = state.moment("exp_avg_sq_col", m.name)
+            if col is not None and col.dim() == 2 and col.shape[1] == m.cols and m.rows % col.shape[0] == 0:
+                col = col.sum(0) * (m.rows // col.shape[0]) / m.rows  # per-expert means -> whole-matrix means
+            col = _check(m.name, col, (m.cols,), "exp_avg_sq_col")
             weights[m.name] = factored(row, col * m.rows, config.eps)  # means -> V~ = row col^T / mean(row)
             continue
-        v = _check(m.name, state.second_moment(m.name), (m.rows, m.cols), "exp_avg_sq")
+        v = _check(m.name, _as_matrix(state.second_moment(m.name), (m.rows, m.cols)), (m.rows, m.cols), "exp_avg_sq")
         weights[m.name] = (elementwise(v, config.eps) if config.correction == "adam-exact"
                            else factored(v.double().sum(1), v.double().sum(0), config.eps))
     mode = "elementwise" if config.correction == "adam-exact" else "factored"
@@ -91,9 +107,14 @@ def estimate(config: FeaturizerConfig, model: torch.nn.Module, tracked: list[Tra
         batch = {k: v[:, : config.max_length].to(device) for k, v in batch.items()}
         grads: dict[str, torch.Tensor] = {}
 
-        def on_factors(name, x_r, x_c):
-            g = dense_gradient(x_r, x_c, shapes[name][0])
-            grads[name] = grads[name] + g if name in grads else g
+        def on_factors(name, x_r, x_c, routed=None):
+            if routed is None:
+                g = dense_gradient(x_r, x_c, shapes[name][0])
+                grads[name] = grads[name] + g if name in grads else g
+                return
+            if name not in grads:  # the experts' rows, added in place
+                grads[name] = torch.zeros(routed.batch, *shapes[name], dtype=x_c.dtype, device=x_c.device)
+            add_routed(grads[name], x_r, x_c, routed)
 
         per_example_backward(model, tracked, batch, on_factors)
         for name, g in grads.items():

@@ -61,10 +61,14 @@ def bytes_per_token(featurizer, max_length: int) -> int:
     model = featurizer.model
     size = featurizer.model_dtype.itemsize
     per_use = 0
+    config = getattr(model, "config", None)
+    top_k = getattr(config, "num_experts_per_tok", None) or 1
     for matrix in featurizer.tracked:
         for _, kind in matrix.uses:
-            per_use += matrix.cols if kind == "embedding" else matrix.rows + matrix.cols
-    config = getattr(model, "config", None)
+            if kind == "experts":  # a token's factors: one expert's slice per routed expert
+                per_use += min(top_k, matrix.experts) * (matrix.rows // matrix.experts + matrix.cols)
+            else:
+                per_use += matrix.cols if kind == "embedding" else matrix.rows + matrix.cols
     vocab = getattr(config, "vocab_size", 0) or 0
     total = SLACK * size * per_use + 12 * vocab
     if getattr(config, "_attn_implementation", None) == "eager":

@@ -85,9 +85,9 @@ def record_settings(db, run: FeaturizeRun, job) -> None:
     model_dtype = str(featurizer.model_dtype).removeprefix("torch.")
     if model_dtype != "float32":  # absent = float32, so databases written before stay valid
         given["model_dtype"] = model_dtype
-    own = ("context_cap", "correction_source") if checkpoint else ("context_cap",)
+    own = ("context_cap", "coverage", "correction_source") if checkpoint else ("context_cap", "coverage")
 
-    def same(stored: dict) -> None:  # context_cap follows the model: recorded, never compared
+    def same(stored: dict) -> None:  # context_cap and coverage follow the model: recorded, never compared
         settings = [{k: v for k, v in d.items() if k not in own} for d in (stored, given)]
         _manifest.check_same(f"{db.path}: featurizer", *settings)
 
@@ -104,11 +104,12 @@ def record_settings(db, run: FeaturizeRun, job) -> None:
         else:
             same(manifest["featurizer"])
             manifest["featurizer"]["context_cap"] = context_cap
+            manifest["featurizer"]["coverage"] = given["coverage"]
 
     stored = db.manifest.get("featurizer")
     if stored is not None:  # refuse other settings before taking the lock
         same(stored)
-    if stored is None or stored.get("context_cap") != context_cap:
+    if stored is None or stored.get("context_cap") != context_cap or stored.get("coverage") != given["coverage"]:
         db.update_manifest(record)
 
 
