@@ -96,9 +96,9 @@ class PromptAttributor:
                                       query_vectors=vectors, ann=ann)
             rows = runners.run(db, entry, request).to_arrow(["adhoc"], "adhoc", entry.name)
             rows, missing = _with_texts(db, rows.select(["kind", "rank", "example_id", "score", "method"]), k)
-            if not missing or fetch >= K_MAX:
+            if min(K_MAX, k + missing) <= fetch:  # k hits left after the drop (or none more to ask for)
                 break
-            fetch = min(K_MAX, fetch + missing)
+            fetch = min(K_MAX, k + missing)
         from .evidence import with_evidence
 
         return with_evidence(db, prompt, target, rows, self.patcher() if verify else None)

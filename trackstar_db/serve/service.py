@@ -104,7 +104,7 @@ class ModelWorker:
                 return [first]
             group, deadline = [first], time.monotonic() + self.batch_wait
             while len(group) < self.max_batch:
-                same = [job for job in self._jobs if job.batch is first.batch][: self.max_batch - len(group)]
+                same = [job for job in self._jobs if job.batch == first.batch][: self.max_batch - len(group)]
                 for job in same:
                     self._jobs.remove(job)
                 group += same
