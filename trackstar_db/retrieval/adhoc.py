@@ -8,6 +8,12 @@ verify_ms, moves_model, label; delta_p measured only with verify).
 
 With no method given, the best rung the database can serve answers: trackstar with a task R,
 else r-train, else opt-cos, else grad-cos; the table's `method` column says which.
+
+Many queries at once (`PromptAttributor.attribute_many`, the server's batches): one featurize
+call per gradient variant for all their query gradients, one scan (or ANN search) per method for
+all its queries, each answer the one attribute() gives alone. Every hit's text comes from the
+examples of the handle's read view (a pinned version, a server's snapshot); a hit on an example
+outside it (a BM25 index newer than the view) gives way to the next one.
 """
 
 from __future__ import annotations
@@ -187,10 +193,11 @@ class PromptAttributor:
                 out[i] = mine.select(["kind", "rank", "example_id", "score", "method"])
         from .evidence import with_evidence
 
+        text_of = _texts(db, [i for rows in out if isinstance(rows, pa.Table) for i in rows.column("example_id").to_pylist()])
         for i, ask in enumerate(asks):
             if isinstance(out[i], pa.Table):
                 try:
-                    rows, missing = _with_texts(db, out[i], ask.k)
+                    rows, missing = _with_texts(db, out[i], ask.k, text_of)
                     out[i] = (self.attribute(ask.prompt, ask.target, ask.method, ask.k, ask.ann, ask.verify) if missing
                               else with_evidence(db, ask.prompt, ask.target, rows, self.patcher() if ask.verify else None))
                 except TrackstarError as exc:
@@ -210,16 +217,21 @@ class Ask:
     verify: bool = False
 
 
-def _with_texts(db, rows: pa.Table, k: int) -> tuple[pa.Table, int]:
+def _texts(db, ids) -> dict[str, str]:
+    """{example_id: text} of those of `ids` in db's read view (one filtered read)."""
+    if not ids:
+        return {}
+    texts = db.table("examples", columns=["example_id", "text"], filter=pc.field("example_id").isin(sorted(set(ids))))
+    return dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
+
+
+def _with_texts(db, rows: pa.Table, k: int, text_of: dict[str, str] | None = None) -> tuple[pa.Table, int]:
     """`rows` with each hit's text from the examples of db's read view (a snapshot's pinned
-    version), hits on examples outside it dropped and the ranks closed up; and how many were
-    dropped, for the caller to ask for that many more."""
+    version; `text_of` when already read), hits on examples outside it dropped and the ranks
+    closed up; and how many were dropped, for the caller to ask for that many more."""
     ids = rows.column("example_id").to_pylist()
-    text_of = {}
-    if ids:
-        texts = db.table("examples", columns=["example_id", "text"],
-                         filter=pc.field("example_id").isin(sorted(set(ids))))
-        text_of = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
+    if text_of is None:
+        text_of = _texts(db, ids)
     missing = sum(1 for i in ids if i not in text_of)
     if missing:
         keep = pa.array([i in text_of for i in ids])
