@@ -2,11 +2,14 @@
 and evaluation, against the tracker's current snapshot (snapshot.py).
 
 One model, one worker: everything that runs the model (query, token contributions) is queued to
-a single worker thread (`ModelWorker`, a one-thread executor), so requests from many clients
-run one after another in arrival order and the featurizers are only ever used by that thread.
-Requests that never touch the model (SQL, evaluation, runs, examples, version) run on the ASGI
-server's thread pool beside it, each on its own DuckDB connection or Lance read of the snapshot.
-At most `max_queued` model requests wait; the next one is refused at once (HTTP 503).
+a single worker thread (`ModelWorker`), so the featurizers are only ever used by that thread.
+Queries that wait while it is busy are taken together, up to `max_batch` (waiting `batch_wait`
+seconds for more once it takes the first), and answered by one model pass (`query_batch`:
+PromptAttributor.attribute_many, one featurize call and one scan per method for all of them),
+each with its own answer, the one it gets alone. Requests that never touch the model (SQL,
+evaluation, runs, examples, version) run on the ASGI server's thread pool beside it, each on its
+own DuckDB connection or Lance read of the snapshot. At most `max_queued` model requests wait;
+the next one is refused at once (HTTP 503); one not answered within `timeout` seconds gets a 504.
 """
 
 from __future__ import annotations

@@ -17,10 +17,14 @@ manifest are unchanged: the loaded checkpoints (PromptAttributor's featurizers) 
 over instead of loaded again.
 
 Not pinned (a reader of these sees the newest committed state): the BM25 index (Tantivy opens
-its newest commit; a hit on an example newer than the snapshot comes back with no text), an ANN
-index (its provenance check against the snapshot's manifest refuses an index rebuilt since),
-and preconditioner files (a refit replaces them; the snapshot's recorded sha256 refuses the new
-file until the next snapshot).
+its newest commit; a hit on an example newer than the snapshot gives way to the next one, every
+text coming from the snapshot's examples: retrieval/adhoc.py), an ANN index (its provenance check
+against the snapshot's manifest refuses an index rebuilt since), and preconditioner files (a
+refit replaces them; the snapshot's recorded sha256 refuses the new file until the next snapshot).
+
+A database on object storage (s3://bucket/db) is tracked by serve/remote.py: snapshots pinned to
+the versions its last writer committed (`committed=True`), each on its own local copy of the
+small files, renewed when one LIST request shows them changed.
 """
 
 from __future__ import annotations
