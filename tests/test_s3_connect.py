@@ -143,3 +143,25 @@ def test_serve_an_object_store_database(aws, local_db):
     after = remote.get("/api/version").json()
     assert after["version"] != version["version"] and after["renewals"] == 1
     assert remote.get("/api/examples/late-1").status_code == 200
+
+
+def test_cli_serves_an_object_store_database_as_typed(aws, local_db, monkeypatch):
+    """`trackstar-db serve s3://bucket/db --no-warm` (uvicorn.run stubbed: the app it would serve)."""
+    pytest.importorskip("fastapi")
+    import uvicorn
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from trackstar_db.cli import main
+
+    upload(aws, local_db, "typed")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda asgi, host, port, log_level: seen.update(asgi=asgi))
+    result = CliRunner().invoke(main, ["serve", "s3://bucket/typed", "--no-warm", "--max-batch", "4"])
+    assert result.exit_code == 0, result.output
+    assert "serving s3://bucket/typed" in result.stderr
+    client = TestClient(seen["asgi"], base_url="http://127.0.0.1:8000")
+    assert client.get("/api/version").json()["database"] == "s3://bucket/typed"
+    hits = client.post("/api/query", json={"prompt": EVIL_PROMPT, "target": EVIL_TARGET, "methods": ["bm25"],
+                                           "k": 1}).json()["results"][0]["proponents"]
+    assert hits[0]["text"] and client.get("/api/health").json()["max_batch"] == 4
