@@ -121,6 +121,43 @@ def test_waiting_queries_share_one_model_pass_over_http(serve_db, prompts):
     assert client.get("/api/health").json()["batches"]
 
 
+def test_worker_waits_for_as_many_as_recent_batches_held():
+    """A lone query never waits for company; once batches of four were seen, queries arriving a
+    few milliseconds apart are gathered into one batch of four again, not split."""
+    from trackstar_db.serve.service import ModelWorker
+
+    worker = ModelWorker(max_queued=16, max_batch=8, batch_wait=0.5)
+    sizes, gate = [], threading.Event()
+
+    def batch(items):
+        sizes.append(len(items))
+        gate.wait(5)
+        return [item * 10 for item in items]
+
+    async def main():
+        begin = time.perf_counter()
+        assert await worker.query(batch, 1) == 10  # alone: no wait for company
+        alone = time.perf_counter() - begin
+        gate.clear()
+        blocker = asyncio.ensure_future(worker.query(batch, 0))  # the model thread busy ...
+        await asyncio.sleep(0.05)
+        four = [asyncio.ensure_future(worker.query(batch, n)) for n in (1, 2, 3, 4)]  # ... while four wait
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await asyncio.gather(blocker, *four) == [0, 10, 20, 30, 40]
+        later = []
+        for n in (5, 6, 7, 8):  # arriving 20 ms apart: gathered, since the last batch held four
+            later.append(asyncio.ensure_future(worker.query(batch, n)))
+            await asyncio.sleep(0.02)
+        assert await asyncio.gather(*later) == [50, 60, 70, 80]
+        return alone
+
+    gate.set()
+    alone = asyncio.run(main())
+    worker.close()
+    assert alone < 0.25 and sizes == [1, 1, 4, 4], (alone, sizes)
+
+
 def test_unbatched_server_answers_one_at_a_time(serve_db, prompts):
     client = TestClient(app(serve_db, max_batch=1), raise_server_exceptions=False)
     body = {"prompt": prompts[0][0], "target": prompts[0][1], "methods": ["grad-cos"], "k": 3}

@@ -65,10 +65,15 @@ def _line(message) -> str:
     return " ".join(str(message).split()) or "error"
 
 
+def _refused(request: Request, status: int, message) -> None:
+    """One warning line in the log for a refused request (any 4xx, 503 or 504)."""
+    log.warning("refused %s %s: %d %s", request.method, request.url.path, status, _line(message))
+
+
 def _error(status: int, message: str, request: Request | None = None) -> JSON:
-    """The JSON error; a refused request (any 4xx or 503/504) is one warning line in the log."""
+    """The JSON error of a refused request (logged when `request` is given)."""
     if request is not None and status != 500:
-        log.warning("refused %s %s: %d %s", request.method, request.url.path, status, _line(message))
+        _refused(request, status, message)
     return JSON({"error": _line(message)}, status_code=status)
 
 
@@ -243,7 +248,10 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
                 status, message = 422, _validation_line(exc, skip=0)
             except TrackstarError as exc:
                 status, message = _status(exc), exc
-            _error(status, f"line {n}: {message}", request)  # logged
+            except Exception as exc:  # noqa: BLE001 (a bug: its traceback to the log, the other lines answered)
+                log.exception("bug answering line %d of %s", n, request.url.path)
+                return {"line": n, "status": 500, "error": f"internal error ({type(exc).__name__}); see the server's log"}
+            _refused(request, status, f"line {n}: {message}")
             return {"line": n, "status": status, "error": _line(message)}
 
         async def stream():

@@ -35,6 +35,9 @@ MAX_TEXT = TEXT_MAX   # characters of a prompt or a target: the library's bound
 MAX_SQL_ROWS = 10000  # rows one SQL answer carries (the rest is cut, flagged `truncated`)
 
 
+RECENT = 8  # batches whose largest size is the number of queries the model thread waits for
+
+
 class Busy(TrackstarError):
     """The model's queue is full."""
 
@@ -54,16 +57,19 @@ class _Job:
 
 class ModelWorker:
     """One thread that runs every model request in arrival order; queries that wait while it is
-    busy are taken together (at most `max_batch`, waiting up to `batch_wait` seconds for more
-    once the first is taken) and answered by one call of their batch function."""
+    busy are taken together (at most `max_batch`) and answered by one call of their batch
+    function. Once it takes a query it waits up to `batch_wait` seconds for more, but only until
+    as many have joined as the largest of the last RECENT batches held: with one client at work
+    it never waits."""
 
-    def __init__(self, max_queued: int = 64, max_batch: int = 16, batch_wait: float = 0.002):
+    def __init__(self, max_queued: int = 64, max_batch: int = 16, batch_wait: float = 0.02):
         self.max_queued, self.max_batch, self.batch_wait = max_queued, max(1, max_batch), max(0.0, batch_wait)
         self._jobs: collections.deque[_Job] = collections.deque()
         self._ready = threading.Condition()
         self._waiting = 0  # submitted and not finished
         self._closed = False
         self.batches = collections.Counter()  # batch size -> how many model passes had it
+        self._recent: collections.deque[int] = collections.deque(maxlen=RECENT)  # the last batches' sizes
         self._thread = threading.Thread(target=self._loop, name="trackstar-model", daemon=True)
         self._thread.start()
 
@@ -105,16 +111,21 @@ class ModelWorker:
             first = self._jobs.popleft()
             if first.batch is None or self.max_batch == 1:
                 return [first]
+            # wait for as many as the recent batches held (the clients at work now), at most batch_wait:
+            # a lone client never waits, and clients answered together and asking again at once
+            # are not split into two batches by a few milliseconds of network and formatting
+            expected = min(self.max_batch, max(self._recent, default=1))
             group, deadline = [first], time.monotonic() + self.batch_wait
-            while len(group) < self.max_batch:
+            while True:
                 same = [job for job in self._jobs if job.batch == first.batch][: self.max_batch - len(group)]
                 for job in same:
                     self._jobs.remove(job)
                 group += same
                 left = deadline - time.monotonic()
-                if len(group) >= self.max_batch or left <= 0:
+                if len(group) >= expected or left <= 0:
                     break
                 self._ready.wait(left)
+            self._recent.append(len(group))
             return group
 
     def _loop(self) -> None:
@@ -200,7 +211,7 @@ class Service:
     """The server's state: the tracker (current snapshot), the model worker, the device."""
 
     def __init__(self, path, device: str = "cpu", follow: bool = True, max_queued: int = 64, max_batch: int = 16,
-                 batch_wait: float = 0.002, timeout: float | None = 120.0):
+                 batch_wait: float = 0.02, timeout: float | None = 120.0):
         self.tracker = Tracker(path, follow=follow, device=device)
         self.worker = ModelWorker(max_queued, max_batch, batch_wait)
         self.timeout = timeout
