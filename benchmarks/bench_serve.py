@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--levels", default="1,2,4,8,16", help="concurrent clients of the side-by-side table")
     parser.add_argument("--requests", type=int, default=16,
-                        help="requests per level and method at least (each client sends max(--per-client, this / clients))")
+                        help="requests per level and method at least (a client sends max(--per-client, this/clients))")
     parser.add_argument("--only-clients", action="store_true", help="skip the first-query, floor and paired sections")
     args = parser.parse_args()
     import httpx

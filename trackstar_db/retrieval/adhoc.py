@@ -193,13 +193,16 @@ class PromptAttributor:
                 out[i] = mine.select(["kind", "rank", "example_id", "score", "method"])
         from .evidence import with_evidence
 
-        text_of = _texts(db, [i for rows in out if isinstance(rows, pa.Table) for i in rows.column("example_id").to_pylist()])
+        text_of = _texts(db, [i for rows in out if isinstance(rows, pa.Table)
+                              for i in rows.column("example_id").to_pylist()])
         for i, ask in enumerate(asks):
             if isinstance(out[i], pa.Table):
                 try:
                     rows, missing = _with_texts(db, out[i], ask.k, text_of)
-                    out[i] = (self.attribute(ask.prompt, ask.target, ask.method, ask.k, ask.ann, ask.verify) if missing
-                              else with_evidence(db, ask.prompt, ask.target, rows, self.patcher() if ask.verify else None))
+                    if missing:  # hits outside the read view: the lone path asks for more
+                        out[i] = self.attribute(ask.prompt, ask.target, ask.method, ask.k, ask.ann, ask.verify)
+                    else:
+                        out[i] = with_evidence(db, ask.prompt, ask.target, rows, self.patcher() if ask.verify else None)
                 except TrackstarError as exc:
                     out[i] = exc
         return out
@@ -240,7 +243,8 @@ def _with_texts(db, rows: pa.Table, k: int, text_of: dict[str, str] | None = Non
         for kind in rows.column("kind").to_pylist():  # rows are by kind, best first
             seen[kind] = seen.get(kind, 0) + 1
             ranks.append(seen[kind])
-        rows = rows.set_column(rows.schema.get_field_index("rank"), "rank", pa.array(ranks, rows.schema.field("rank").type))
+        at = rows.schema.get_field_index("rank")
+        rows = rows.set_column(at, "rank", pa.array(ranks, rows.schema.field(at).type))
         rows = rows.filter(pc.field("rank") <= k)
         ids = rows.column("example_id").to_pylist()
     rows = rows.append_column("text", pa.array([text_of.get(i) for i in ids], pa.string()))

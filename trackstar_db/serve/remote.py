@@ -62,7 +62,8 @@ class RemoteSource:
             return None
         snapshot = Snapshot(fresh, tables_at=objectstore.tables_home(self.client, self.uri, manifest),
                             committed=True, location=self.uri)
-        shutil.rmtree(self.root / str(self.generation - 1), ignore_errors=True)  # two copies kept: the old one may still answer
+        # two copies kept: a request may still be answering from the old snapshot
+        shutil.rmtree(self.root / str(self.generation - 1), ignore_errors=True)
         self.generation += 1
         self.marks = marks
         return snapshot

@@ -250,7 +250,8 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
                 status, message = _status(exc), exc
             except Exception as exc:  # noqa: BLE001 (a bug: its traceback to the log, the other lines answered)
                 log.exception("bug answering line %d of %s", n, request.url.path)
-                return {"line": n, "status": 500, "error": f"internal error ({type(exc).__name__}); see the server's log"}
+                return {"line": n, "status": 500,
+                        "error": f"internal error ({type(exc).__name__}); see the server's log"}
             _refused(request, status, f"line {n}: {message}")
             return {"line": n, "status": status, "error": _line(message)}
 
