@@ -157,6 +157,24 @@ def test_worker_waits_for_as_many_as_recent_batches_held():
     worker.close()
     assert alone < 0.25 and sizes == [1, 1, 4, 4], (alone, sizes)
 
+    # two clients in turn: B arrives while A's query runs, so B waits for A's next one to join it
+    worker, sizes = ModelWorker(max_queued=16, max_batch=8, batch_wait=0.5), []
+
+    async def ping_pong():
+        gate.clear()
+        first = asyncio.ensure_future(worker.query(batch, 1))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(worker.query(batch, 2))
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await first == 10
+        await asyncio.sleep(0.02)  # A answered, asks again a moment later
+        return await asyncio.gather(second, worker.query(batch, 3))
+
+    assert asyncio.run(ping_pong()) == [20, 30]
+    worker.close()
+    assert sizes == [1, 2], sizes
+
 
 def test_unbatched_server_answers_one_at_a_time(serve_db, prompts):
     client = TestClient(app(serve_db, max_batch=1), raise_server_exceptions=False)

@@ -48,7 +48,7 @@ def _log_handler() -> logging.Handler:
 @click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
               help="Queries answered by one model pass at most (those waiting while the model is busy); "
                    "1: one at a time.")
-@click.option("--batch-wait-ms", type=click.FloatRange(0, 1000), default=20.0, show_default=True,
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 1000), default=50.0, show_default=True,
               help="Milliseconds the model waits at most for more queries to join a batch (only while fewer have "
                    "joined than in the recent batches: a lone client never waits).")
 @click.option("--timeout", type=click.FloatRange(0.1, 86400), default=120.0, show_default=True,

@@ -20,7 +20,7 @@ from trackstar_db.errors import TrackstarError
 
 def app(db, *, token: str | None = None, device: str = "cpu", follow: bool = True,
         allowed_hosts: list[str] | None = None, max_queued: int = 64, max_batch: int = 16,
-        batch_wait: float = 0.02, timeout: float = 120.0):
+        batch_wait: float = 0.05, timeout: float = 120.0):
     """The ASGI application serving `db` (a path or an open Database).
 
     token: every request must carry it (header 'Authorization: Bearer ...', or ?token= once, which

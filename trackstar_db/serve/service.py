@@ -53,16 +53,17 @@ class _Job:
     def __init__(self, fn, args, batch=None):
         self.fn, self.args, self.batch = fn, args, batch
         self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.queued_at = time.monotonic()
 
 
 class ModelWorker:
     """One thread that runs every model request in arrival order; queries that wait while it is
     busy are taken together (at most `max_batch`) and answered by one call of their batch
     function. Once it takes a query it waits up to `batch_wait` seconds for more, but only until
-    as many have joined as the largest of the last RECENT batches held: with one client at work
-    it never waits."""
+    as many have joined as the largest of the last RECENT batches held (two, when the query
+    itself waited for the model): with one client at work it never waits."""
 
-    def __init__(self, max_queued: int = 64, max_batch: int = 16, batch_wait: float = 0.02):
+    def __init__(self, max_queued: int = 64, max_batch: int = 16, batch_wait: float = 0.05):
         self.max_queued, self.max_batch, self.batch_wait = max_queued, max(1, max_batch), max(0.0, batch_wait)
         self._jobs: collections.deque[_Job] = collections.deque()
         self._ready = threading.Condition()
@@ -70,6 +71,7 @@ class ModelWorker:
         self._closed = False
         self.batches = collections.Counter()  # batch size -> how many model passes had it
         self._recent: collections.deque[int] = collections.deque(maxlen=RECENT)  # the last batches' sizes
+        self._free_since = 0.0  # when the model thread finished its last job
         self._thread = threading.Thread(target=self._loop, name="trackstar-model", daemon=True)
         self._thread.start()
 
@@ -111,10 +113,14 @@ class ModelWorker:
             first = self._jobs.popleft()
             if first.batch is None or self.max_batch == 1:
                 return [first]
-            # wait for as many as the recent batches held (the clients at work now), at most batch_wait:
-            # a lone client never waits, and clients answered together and asking again at once
-            # are not split into two batches by a few milliseconds of network and formatting
-            expected = min(self.max_batch, max(self._recent, default=1))
+            # wait for as many as the recent batches held (the clients at work now), at least two when
+            # this query waited for the model (another client is at work), at most batch_wait: a lone
+            # client never waits, and clients answered together and asking again at once are not
+            # split into alternating batches by a few milliseconds of network and formatting
+            expected = max(self._recent, default=1)
+            if first.queued_at < self._free_since:
+                expected = max(expected, 2)
+            expected = min(self.max_batch, expected)
             group, deadline = [first], time.monotonic() + self.batch_wait
             while True:
                 same = [job for job in self._jobs if job.batch == first.batch][: self.max_batch - len(group)]
@@ -152,6 +158,7 @@ class ModelWorker:
             finally:
                 with self._ready:
                     self._waiting -= len(jobs)
+                    self._free_since = time.monotonic()
 
     def close(self) -> None:
         with self._ready:
@@ -211,7 +218,7 @@ class Service:
     """The server's state: the tracker (current snapshot), the model worker, the device."""
 
     def __init__(self, path, device: str = "cpu", follow: bool = True, max_queued: int = 64, max_batch: int = 16,
-                 batch_wait: float = 0.02, timeout: float | None = 120.0):
+                 batch_wait: float = 0.05, timeout: float | None = 120.0):
         self.tracker = Tracker(path, follow=follow, device=device)
         self.worker = ModelWorker(max_queued, max_batch, batch_wait)
         self.timeout = timeout
