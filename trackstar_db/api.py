@@ -267,11 +267,33 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
 
         return ledger(self, by, n_boot=n_boot, seed=seed)
 
+    remote = None  # distributed.objectstore.Remote of a database opened at an object-store URI
+
+    def close(self) -> None:
+        """Upload what this handle changed to its object-store home (nothing for a local directory)."""
+        if self.remote is not None:
+            self.remote.push()
+
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+
     def prompt_attributor(self, device: str = "cpu"):
         """The one-prompt attributor (retrieval.adhoc.PromptAttributor) this handle keeps warm on `device`."""
         return self._attributor_for(device)
 
 
 def connect(path: str | Path) -> Database:
-    """Open an existing trackstar-db database directory."""
+    """Open an existing trackstar-db database: a directory, or an object-store URI (s3://bucket/db;
+    endpoint and credentials from the AWS_* environment). A database at a URI is read through a
+    local cache of its small files (manifest, BM25, R; TRACKSTAR_CACHE) with its tables read in
+    place; what a handle changes there is uploaded by `db.close()` or at the end of
+    `with trackstar_db.connect(uri) as db:` (distributed/objectstore.py)."""
+    from trackstar_db.distributed.objectstore import is_uri, normal_uri, open_remote
+
+    if is_uri(path):
+        return open_remote(normal_uri(path), handle=Database)
     return Database.open(path)

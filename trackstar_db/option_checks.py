@@ -16,6 +16,7 @@ from trackstar_db.errors import ParameterError, TrackstarError
 
 K_MAX = 100_000  # the most proponents (and opponents) a run or a query keeps per query
 NAME_MAX = 200  # characters in a run or checkpoint name
+TEXT_MAX = 20_000  # characters of a one-prompt query's prompt or target (library and server alike)
 RESERVED_PREFIX = "~staging~"  # store/swap.py STAGING: keys under which a swap stages new rows
 
 

@@ -93,11 +93,14 @@ READ_COMMANDS = {"eval", "sql", "export", "query", "report", "info", "simulate",
 
 
 def _open(db: Path):
-    from trackstar_db.api import Database
-    from trackstar_db.distributed.objectstore import object_uri, open_for_command
+    from trackstar_db.api import connect
 
-    handle = open_for_command(object_uri(db), handle=Database) if object_uri(db) else Database.open(db)
+    handle = connect(db)  # the one door: a directory or s3://bucket/db
     context = click.get_current_context(silent=True)
+    if handle.remote is not None and context is not None:
+        from trackstar_db.distributed.objectstore import upload_on_close
+
+        upload_on_close(handle)
     if context is not None and context.info_name in READ_COMMANDS:
         handle.pin()
     return handle

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import click
@@ -25,6 +26,13 @@ def check_bind(host: str, public: bool) -> list[str] | None:
     return None
 
 
+def _log_handler() -> logging.Handler:
+    """One line on stderr per refused request (and per bug), with the time."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
+
+
 @main.command()
 @DB_ARG
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; beyond loopback needs --public.")
@@ -37,8 +45,17 @@ def check_bind(host: str, public: bool) -> list[str] | None:
 @click.option("--max-queued", type=click.IntRange(1, 100000), default=64, show_default=True,
               help="Model requests waiting at most; more are refused with 503.")
 @click.option("--no-warm", is_flag=True, help="Load the model on the first query instead of at start.")
-def serve(db, host, port, public, token, device, fixed, max_queued, no_warm):
-    """Serve DB over HTTP: JSON API and a live explorer page at /, the model kept warm."""
+@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Queries answered by one model pass at most (those waiting while the model is busy); "
+                   "1: one at a time.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 1000), default=50.0, show_default=True,
+              help="Milliseconds the model waits at most for more queries to join a batch (only while fewer have "
+                   "joined than in the recent batches: a lone client never waits).")
+@click.option("--timeout", type=click.FloatRange(0.1, 86400), default=120.0, show_default=True,
+              help="Seconds a model request may wait and run; later: 504.")
+def serve(db, host, port, public, token, device, fixed, max_queued, no_warm, max_batch, batch_wait_ms, timeout):
+    """Serve DB (a directory or s3://bucket/db) over HTTP: JSON API and a live explorer page at /,
+    the model kept warm; queries waiting together share one model pass."""
     try:
         import uvicorn
     except ImportError:
@@ -57,7 +74,14 @@ def serve(db, host, port, public, token, device, fixed, max_queued, no_warm):
     if token is not None and not token.strip():
         raise TrackstarError(f"--token / {TOKEN_ENV} is empty")
     started = time.perf_counter()
-    service = Service(db, device=resolve_device(device), follow=not fixed, max_queued=max_queued)
+    from trackstar_db.distributed.objectstore import object_uri
+
+    db = object_uri(db) or db
+    log = logging.getLogger("trackstar_db.serve")
+    if not log.handlers:
+        log.addHandler(_log_handler())
+    service = Service(db, device=resolve_device(device), follow=not fixed, max_queued=max_queued,
+                      max_batch=max_batch, batch_wait=batch_wait_ms / 1000, timeout=timeout)
     if not no_warm:
         try:
             method = service.warm_up()

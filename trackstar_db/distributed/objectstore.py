@@ -74,11 +74,11 @@ def remote_files(client, uri: str) -> dict[str, str]:
     return out
 
 
-def pull(uri: str, client=None) -> tuple[Path, dict[str, str]]:
-    """Bring the cache up to date with the bucket; (cache directory, ETags as read)."""
+def pull(uri: str, client=None, cache: Path | None = None) -> tuple[Path, dict[str, str]]:
+    """Bring the cache (default cache_dir(uri)) up to date with the bucket; (cache directory, ETags as read)."""
     client = client or _client()
     bucket, prefix = split_uri(uri)
-    cache = cache_dir(uri)
+    cache = cache or cache_dir(uri)
     cache.mkdir(parents=True, exist_ok=True)
     remote = remote_files(client, uri)
     for rel, etag in remote.items():
@@ -132,15 +132,46 @@ def _md5(path: Path) -> str:
         return hashlib.file_digest(handle, "md5").hexdigest()
 
 
-@contextlib.contextmanager
-def open_database(uri: str, create: bool = False, model_dir=None, handle=None):
-    """The database at `uri` (s3://bucket/db) on its local cache; changes are uploaded on exit.
-    create: make one there when the bucket holds none (model_dir as for `init --model`);
-    handle: the class opened (default store.database.Store; the CLI passes trackstar_db.Database)."""
+class Remote:
+    """The object-store home of a handle opened on its cache: `push()` uploads what changed since
+    the pull (the manifest last, swapped only if unchanged); `changed()` says whether the bucket's
+    small files differ from the ones this cache read (one LIST request)."""
+
+    def __init__(self, uri: str, cache: Path, before: dict[str, str], client):
+        self.uri, self.cache, self.before, self.client = uri, cache, before, client
+
+    def push(self) -> None:
+        push(self.uri, self.cache, self.before, self.client)
+        self.before = {p.relative_to(self.cache).as_posix(): _md5(p) for p in _local_files(self.cache)}
+
+    def marks(self) -> dict[str, str]:
+        """{relative path: ETag} of the small files in the bucket now."""
+        return remote_files(self.client, self.uri)
+
+
+def has_tables(client, uri: str) -> bool:
+    """Does the bucket hold any object under uri/tables/?"""
+    bucket, prefix = split_uri(uri)
+    return bool(client.list_objects_v2(Bucket=bucket, Prefix=_key(prefix, "tables/"), MaxKeys=1).get("KeyCount"))
+
+
+def tables_home(client, uri: str, manifest: dict) -> str | None:
+    """uri/tables where the database's tables are (or the manifest names no other place), else
+    None: the manifest's tables_uri applies (a directory uploaded whose tables lived elsewhere)."""
+    recorded = manifest.get("tables_uri")
+    return f"{uri}/tables" if recorded in (None, f"{uri}/tables") or has_tables(client, uri) else None
+
+
+def open_remote(uri: str, create: bool = False, model_dir=None, handle=None):
+    """The database at `uri` (s3://bucket/db) on its local cache, its tables at uri/tables, with
+    `.remote` (Remote) to upload its changes. A directory uploaded as plain files (`aws s3 sync
+    DB s3://bucket/db`) opens so, its manifest's tables_uri aside: tables live beside the
+    manifest wherever the database is (a `tables_uri` elsewhere is used only when uri/tables is
+    empty). create: make one there when the bucket holds none (model_dir as for `init --model`);
+    handle: the class opened (default store.database.Store; trackstar_db.connect passes Database)."""
     from trackstar_db.store.database import Store
 
     handle = handle or Store
-
     uri = uri.rstrip("/")
     client = _client()
     cache, before = pull(uri, client)
@@ -151,33 +182,62 @@ def open_database(uri: str, create: bool = False, model_dir=None, handle=None):
         db = handle.create(cache, model_dir, tables_uri=tables, exist_ok=(cache / MANIFEST).exists())
     else:
         db = handle.open(cache)
-        if db.manifest.get("tables_uri") != tables:
-            raise TrackstarError(f"{uri}/{MANIFEST}: its tables are at {db.manifest.get('tables_uri')!r}, not {tables!r}")
+        db._tables_at = tables_home(client, uri, db.manifest)
         if model_dir is not None:
             db.set_model(model_dir)
+    db.remote = Remote(uri, cache, before, client)
+    return db
+
+
+@contextlib.contextmanager
+def open_database(uri: str, create: bool = False, model_dir=None, handle=None):
+    """open_remote as a block: the changes are uploaded when it ends without an error."""
+    db = open_remote(uri, create=create, model_dir=model_dir, handle=handle)
     yield db
-    push(uri, cache, before, client)
+    db.remote.push()
+
+
+SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "file://", "memory://")
+
+
+def is_uri(location) -> bool:
+    """Does `location` name an object store (s3://..., also as click's Path writes it, s3:/...)?"""
+    text = str(location)
+    return any(text.startswith(scheme[:-1]) for scheme in SCHEMES)
+
+
+def normal_uri(location) -> str:
+    """'s3://bucket/db' for s3://bucket/db or s3:/bucket/db (a Path keeps one slash); other object
+    stores are refused in one line (the database's small files go through boto3's S3 API)."""
+    text = str(location)
+    scheme, _, rest = text.partition(":")
+    if scheme != "s3":
+        raise TrackstarError(f"{text}: only s3:// object stores hold a database (S3-compatible endpoints such as "
+                             "MinIO, R2 or GCS's XML API: set AWS_ENDPOINT_URL)")
+    return "s3://" + rest.lstrip("/")
 
 
 def object_uri(db) -> str | None:
     """'s3://bucket/db' for a command's DB argument naming one (click's Path keeps one slash), else None."""
-    text = str(db)
-    return "s3://" + text[4:].lstrip("/") if text.startswith("s3:/") else None
+    return normal_uri(db) if is_uri(db) else None
 
 
 def open_for_command(uri: str, create: bool = False, model_dir=None, handle=None):
-    """open_database for the running CLI command: its changes are uploaded when the command ends
+    """open_remote for the running CLI command: its changes are uploaded when the command ends
     without an error; after an error nothing is uploaded (the next pull restores the cache)."""
+    db = open_remote(uri, create=create, model_dir=model_dir, handle=handle)
+    upload_on_close(db)
+    return db
+
+
+def upload_on_close(db) -> None:
+    """Upload `db`'s changes (db.remote) when the running click command ends without an error."""
     import sys
 
     import click
 
-    manager = open_database(uri, create=create, model_dir=model_dir, handle=handle)
-    db = manager.__enter__()
-
     def finish():
         if sys.exc_info()[1] is None:
-            manager.__exit__(None, None, None)
+            db.remote.push()
 
     click.get_current_context().call_on_close(finish)
-    return db

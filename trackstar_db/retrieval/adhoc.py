@@ -8,20 +8,31 @@ verify_ms, moves_model, label; delta_p measured only with verify).
 
 With no method given, the best rung the database can serve answers: trackstar with a task R,
 else r-train, else opt-cos, else grad-cos; the table's `method` column says which.
+
+Many queries at once (`PromptAttributor.attribute_many`, the server's batches): one featurize
+call per gradient variant for all their query gradients, one scan (or ANN search) per method for
+all its queries, each answer the one attribute() gives alone. Every hit's text comes from the
+examples of the handle's read view (a pinned version, a server's snapshot); a hit on an example
+outside it (a BM25 index newer than the view) gives way to the next one.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.ladder import LADDER, METHODS, lookup
+from trackstar_db.option_checks import K_MAX
 
 from . import embedding, runners
 
 PREFERENCE = ("trackstar", "r-train", "opt-cos", "grad-cos")
+GRADIENT_BATCH = 16  # query gradients featurized in one call by attribute_many
 
 
 def best_method(db) -> str:
@@ -83,31 +94,161 @@ class PromptAttributor:
         and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
         now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
         db = self.db
-        if not prompt.strip() or not target.strip():
-            raise ParameterError("prompt" if not prompt.strip() else "target", "must be non-empty")
-        from trackstar_db.option_checks import K_MAX, count
-
-        count("k", k, 1, K_MAX)
-        if db.count("examples") == 0:
-            raise TrackstarError(f"{db.path}: the database has no examples")
-        entry = lookup(method or best_method(db))
-        if not entry.serves_prompt:
-            raise TrackstarError(entry.refuses_prompt)
-        vectors = self.gradient(prompt, target, entry.spec.table) if entry.spec is not None else None
-        request = runners.Request(["adhoc"], [embedding.query_text(prompt, target)], k, self.device,
-                                  query_vectors=vectors, ann=ann)
-        rows = runners.run(db, entry, request).to_arrow(["adhoc"], "adhoc", entry.name)
-        rows = rows.select(["kind", "rank", "example_id", "score", "method"])
-        ids = rows.column("example_id").to_pylist()
-        text_of = {}
-        if ids:
-            texts = db.table("examples", columns=["example_id", "text"],
-                             filter=pc.field("example_id").isin(sorted(set(ids))))
-            text_of = dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
-        rows = rows.append_column("text", pa.array([text_of.get(i) for i in ids], pa.string()))
+        entry = self._entry(prompt, target, method, k)
+        fetch = k
+        while True:  # hits on examples outside this read view (a BM25 index newer than it) give way
+            vectors = self.gradient(prompt, target, entry.spec.table) if entry.spec is not None else None
+            request = runners.Request(["adhoc"], [embedding.query_text(prompt, target)], fetch, self.device,
+                                      query_vectors=vectors, ann=ann)
+            rows = runners.run(db, entry, request).to_arrow(["adhoc"], "adhoc", entry.name)
+            rows, missing = _with_texts(db, rows.select(["kind", "rank", "example_id", "score", "method"]), k)
+            if min(K_MAX, k + missing) <= fetch:  # k hits left after the drop (or none more to ask for)
+                break
+            fetch = min(K_MAX, k + missing)
         from .evidence import with_evidence
 
         return with_evidence(db, prompt, target, rows, self.patcher() if verify else None)
 
+    def _entry(self, prompt: str, target: str, method: str | None, k: int):
+        """The registry entry answering a one-prompt query, after its checks (ParameterError names
+        the parameter; the bounds are option_checks': K_MAX, TEXT_MAX)."""
+        from trackstar_db.option_checks import TEXT_MAX, count
 
-__all__ = ["PromptAttributor", "best_method", "LADDER"]
+        for name, text in (("prompt", prompt), ("target", target)):
+            if not isinstance(text, str) or not text.strip():
+                raise ParameterError(name, "must be non-empty")
+            if len(text) > TEXT_MAX:
+                raise ParameterError(name, f"must be at most {TEXT_MAX:,} characters, not {len(text):,}")
+        count("k", k, 1, K_MAX)
+        if self.db.count("examples") == 0:
+            raise TrackstarError(f"{self.db.path}: the database has no examples")
+        entry = lookup(method or best_method(self.db))
+        if not entry.serves_prompt:
+            raise TrackstarError(entry.refuses_prompt)
+        return entry
+
+    def gradients(self, pairs: list[tuple[str, str]], variant: str) -> torch.Tensor:
+        """[n, d] raw query gradients of (prompt, target) pairs in `variant`, featurized together
+        (GRADIENT_BATCH at a time; each row is gradient()'s up to float rounding)."""
+        from trackstar_db.featurizer.tokenize import collate, pad_id
+
+        featurizer, tokenizer = self.featurizer(variant)
+        parts = []
+        for start in range(0, len(pairs), GRADIENT_BATCH):
+            items = [featurizer.task.encode_query(tokenizer, prompt, target, featurizer.config.max_length)
+                     for prompt, target in pairs[start: start + GRADIENT_BATCH]]
+            parts.append(featurizer.featurize(collate(items, pad_id(tokenizer))).vectors[variant])
+        return torch.cat(parts)
+
+    def attribute_many(self, asks: list["Ask"]) -> list:
+        """attribute() of each ask, the model and the stored vectors visited once for all: one
+        featurize call per gradient variant for every query gradient, then per method (and ANN
+        setting) one scan or ANN search of all its queries with the largest k, each query's rows
+        cut to its own k (the exact top-k of k is the first k of a larger one: ties break by
+        position). Answers equal attribute()'s, scores up to float rounding of the batched
+        products. A refused ask gets its TrackstarError in its place; the others are answered."""
+        db = self.db
+        out: list = [None] * len(asks)
+        entries, groups = {}, {}
+        for i, ask in enumerate(asks):
+            try:
+                entries[i] = self._entry(ask.prompt, ask.target, ask.method, ask.k)
+            except TrackstarError as exc:
+                out[i] = exc
+                continue
+            groups.setdefault((entries[i].name, repr(ask.ann)), []).append(i)
+        wanted: dict[str, dict] = {}  # variant -> {(prompt, target): row}
+        for i, entry in entries.items():
+            if entry.spec is not None:
+                wanted.setdefault(entry.spec.table, {}).setdefault((asks[i].prompt, asks[i].target), None)
+        vectors: dict[tuple, torch.Tensor] = {}
+        for variant, pairs in wanted.items():
+            try:
+                rows = self.gradients(list(pairs), variant)
+            except TrackstarError as exc:
+                for i, entry in entries.items():
+                    if entry.spec is not None and entry.spec.table == variant:
+                        out[i] = exc
+                continue
+            vectors.update({(variant, *pair): rows[n] for n, pair in enumerate(pairs)})
+        for members in groups.values():
+            members = [i for i in members if out[i] is None]
+            if not members:
+                continue
+            entry, ids = entries[members[0]], [f"q{i}" for i in members]
+            stacked = None
+            if entry.spec is not None:
+                stacked = torch.stack([vectors[(entry.spec.table, asks[i].prompt, asks[i].target)] for i in members])
+            request = runners.Request(ids, [embedding.query_text(asks[i].prompt, asks[i].target) for i in members],
+                                      max(asks[i].k for i in members), self.device, query_vectors=stacked,
+                                      ann=asks[members[0]].ann)
+            try:
+                result = runners.run(db, entry, request).to_arrow(ids, "adhoc", entry.name)
+            except TrackstarError as exc:
+                for i in members:
+                    out[i] = exc
+                continue
+            for i in members:
+                mine = result.filter((pc.field("query_id") == f"q{i}") & (pc.field("rank") <= asks[i].k))
+                out[i] = mine.select(["kind", "rank", "example_id", "score", "method"])
+        from .evidence import with_evidence
+
+        text_of = _texts(db, [i for rows in out if isinstance(rows, pa.Table)
+                              for i in rows.column("example_id").to_pylist()])
+        for i, ask in enumerate(asks):
+            if isinstance(out[i], pa.Table):
+                try:
+                    rows, missing = _with_texts(db, out[i], ask.k, text_of)
+                    if missing:  # hits outside the read view: the lone path asks for more
+                        out[i] = self.attribute(ask.prompt, ask.target, ask.method, ask.k, ask.ann, ask.verify)
+                    else:
+                        out[i] = with_evidence(db, ask.prompt, ask.target, rows, self.patcher() if ask.verify else None)
+                except TrackstarError as exc:
+                    out[i] = exc
+        return out
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One one-prompt query of a batch (PromptAttributor.attribute_many): attribute()'s arguments."""
+
+    prompt: str
+    target: str
+    method: str | None = None
+    k: int = defaults.K_QUERY
+    ann: object | None = None
+    verify: bool = False
+
+
+def _texts(db, ids) -> dict[str, str]:
+    """{example_id: text} of those of `ids` in db's read view (one filtered read)."""
+    if not ids:
+        return {}
+    texts = db.table("examples", columns=["example_id", "text"], filter=pc.field("example_id").isin(sorted(set(ids))))
+    return dict(zip(texts.column("example_id").to_pylist(), texts.column("text").to_pylist()))
+
+
+def _with_texts(db, rows: pa.Table, k: int, text_of: dict[str, str] | None = None) -> tuple[pa.Table, int]:
+    """`rows` with each hit's text from the examples of db's read view (a snapshot's pinned
+    version; `text_of` when already read), hits on examples outside it dropped and the ranks
+    closed up; and how many were dropped, for the caller to ask for that many more."""
+    ids = rows.column("example_id").to_pylist()
+    if text_of is None:
+        text_of = _texts(db, ids)
+    missing = sum(1 for i in ids if i not in text_of)
+    if missing:
+        keep = pa.array([i in text_of for i in ids])
+        rows = rows.filter(keep)
+        ranks, seen = [], {}
+        for kind in rows.column("kind").to_pylist():  # rows are by kind, best first
+            seen[kind] = seen.get(kind, 0) + 1
+            ranks.append(seen[kind])
+        at = rows.schema.get_field_index("rank")
+        rows = rows.set_column(at, "rank", pa.array(ranks, rows.schema.field(at).type))
+        rows = rows.filter(pc.field("rank") <= k)
+        ids = rows.column("example_id").to_pylist()
+    rows = rows.append_column("text", pa.array([text_of.get(i) for i in ids], pa.string()))
+    return rows, missing
+
+
+__all__ = ["Ask", "PromptAttributor", "best_method", "LADDER"]

@@ -19,13 +19,17 @@ from trackstar_db.errors import TrackstarError
 
 
 def app(db, *, token: str | None = None, device: str = "cpu", follow: bool = True,
-        allowed_hosts: list[str] | None = None, max_queued: int = 64):
+        allowed_hosts: list[str] | None = None, max_queued: int = 64, max_batch: int = 16,
+        batch_wait: float = 0.05, timeout: float = 120.0):
     """The ASGI application serving `db` (a path or an open Database).
 
     token: every request must carry it (header 'Authorization: Bearer ...', or ?token= once, which
     sets a cookie); follow: move to a newer database version when a writer has committed one (False:
     serve the version found at start); allowed_hosts: refuse other Host headers (the CLI passes
-    the loopback names when bound to localhost); max_queued: model requests waiting at most."""
+    the loopback names when bound to localhost); max_queued: model requests waiting at most (more:
+    503); max_batch: queries answered by one model pass at most (1: one at a time); batch_wait:
+    seconds the model thread waits for more queries to join a batch; timeout: seconds a model
+    request may wait and run before it is answered 504. `db` may be s3://bucket/db."""
     try:
         import fastapi  # noqa: F401
     except ImportError:
@@ -33,10 +37,17 @@ def app(db, *, token: str | None = None, device: str = "cpu", follow: bool = Tru
     from .routes import build
     from .service import Service
 
-    path = Path(getattr(db, "path", db))
-    if not (path / "manifest.json").is_file():
-        raise TrackstarError(f"{path}: not a trackstar-db database (no manifest.json)")
-    return build(Service(path, device=device, follow=follow, max_queued=max_queued), token, allowed_hosts)
+    from trackstar_db.distributed.objectstore import is_uri
+
+    remote = getattr(db, "remote", None)
+    path = remote.uri if remote is not None else getattr(db, "path", db)
+    if not is_uri(path):
+        path = Path(path)
+        if not (path / "manifest.json").is_file():
+            raise TrackstarError(f"{path}: not a trackstar-db database (no manifest.json)")
+    service = Service(path, device=device, follow=follow, max_queued=max_queued, max_batch=max_batch,
+                      batch_wait=batch_wait, timeout=timeout)
+    return build(service, token, allowed_hosts)
 
 
 __all__ = ["app"]

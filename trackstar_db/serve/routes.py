@@ -6,6 +6,7 @@ explorer page and its assets, one-line errors, an optional token and a request s
     GET  /api/version            trackstar-db version, the snapshot served, pending changes
     GET  /api/methods            every method a query may name, and whether this database serves it
     POST /api/query              proponents and opponents of one prompt and target, per method
+    POST /api/query/batch        many queries: JSON lines in (one /api/query body a line), JSON lines out
     POST /api/tokens             each token's part of one example's score
     POST /api/sql                one read-only SQL statement (the guard of `trackstar-db sql`)
     GET  /api/runs               the stored retrieval and tail-patch runs
@@ -16,11 +17,18 @@ explorer page and its assets, one-line errors, an optional token and a request s
 
 Errors are JSON {"error": "<one line>"}: 400 bad input the library refuses, 401 without the
 token, 404 unknown example or path, 413 a body over MAX_BODY, 422 a field out of range, 503 the
-model's queue full. A 500 is a bug (its traceback goes to the server's log).
+model's queue full, 504 no answer within the server's timeout. Each refused request is one
+warning line in the log (`refused POST /api/query: 503 busy: ...`). A 500 is a bug (its
+traceback goes to the server's log). k and the prompt's length have the library's bounds
+(option_checks.K_MAX, TEXT_MAX).
+
+Queries that wait while the model thread is busy are answered together (service.ModelWorker:
+one featurize call, one scan per method); each answer is the one it gets alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from importlib import resources
@@ -28,9 +36,9 @@ from typing import Optional
 
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,9 +46,10 @@ from trackstar_db import __version__
 from trackstar_db.errors import TrackstarError
 
 from . import payload
-from .service import MAX_K, MAX_SQL_ROWS, MAX_TEXT, Busy, Service
+from .service import MAX_K, MAX_SQL_ROWS, MAX_TEXT, Busy, QueryItem, Service, TimedOut
 
 MAX_BODY = 1 << 20  # bytes of a request body
+MAX_BATCH_LINES = 1000  # queries of one /api/query/batch request
 TOKEN_COOKIE = "trackstar_token"
 log = logging.getLogger("trackstar_db.serve")
 
@@ -52,8 +61,24 @@ class JSON(JSONResponse):
         return payload.dumps(content)
 
 
-def _error(status: int, message: str) -> JSON:
-    return JSON({"error": " ".join(str(message).split()) or "error"}, status_code=status)
+def _line(message) -> str:
+    return " ".join(str(message).split()) or "error"
+
+
+def _refused(request: Request, status: int, message) -> None:
+    """One warning line in the log for a refused request (any 4xx, 503 or 504)."""
+    log.warning("refused %s %s: %d %s", request.method, request.url.path, status, _line(message))
+
+
+def _error(status: int, message: str, request: Request | None = None) -> JSON:
+    """The JSON error of a refused request (logged when `request` is given)."""
+    if request is not None and status != 500:
+        _refused(request, status, message)
+    return JSON({"error": _line(message)}, status_code=status)
+
+
+def _status(exc: BaseException) -> int:
+    return 503 if isinstance(exc, Busy) else 504 if isinstance(exc, TimedOut) else 400
 
 
 class _Strict(BaseModel):
@@ -86,9 +111,10 @@ class SQLRequest(_Strict):
     limit: int = Field(1000, ge=1, le=MAX_SQL_ROWS, description="Rows returned at most.")
 
 
-def _validation_line(exc: RequestValidationError) -> str:
+def _validation_line(exc, skip: int = 1) -> str:
+    """'field: problem' of a validation error (skip: the leading 'body' of FastAPI's locations)."""
     first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    where = ".".join(str(p) for p in first.get("loc", ())[skip:]) or "request"
     return f"{where}: {first.get('msg', 'invalid')}"
 
 
@@ -98,6 +124,25 @@ def _known_methods(names: list[str]) -> None:
     for name in names:
         if name not in ALL_METHODS:
             raise TrackstarError(f"unknown method {name!r}; methods: {', '.join(ALL_METHODS)}")
+
+
+def _query_item(service: Service, request: QueryRequest) -> QueryItem:
+    """The model thread's work for one query request, after the checks that need no model."""
+    from trackstar_db.retrieval.adhoc import best_method
+
+    if not request.prompt.strip() or not request.target.strip():
+        raise TrackstarError("prompt and target must hold more than white space")
+    _known_methods(request.methods)
+    db = service.db
+    names = tuple(dict.fromkeys(request.methods)) or (best_method(db),)
+    ann = None
+    if request.ann:
+        from trackstar_db.retrieval.ann import AnnOptions
+
+        ann = AnnOptions(request.nprobes, request.refine_factor, request.ef)
+    elif request.nprobes or request.refine_factor or request.ef:
+        raise TrackstarError("nprobes, refine_factor and ef need ann")
+    return QueryItem(db, request.prompt, request.target, names, request.k, ann, request.verify, request.tokens)
 
 
 def build(service: Service, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -111,19 +156,20 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
 
     @app.exception_handler(TrackstarError)
     async def _bad_input(request, exc):
-        return _error(503 if isinstance(exc, Busy) else 400, exc)
+        return _error(_status(exc), exc, request)
 
     @app.exception_handler(LookupError)
     async def _missing(request, exc):
-        return _error(404, exc.args[0] if exc.args else "not found")
+        return _error(404, exc.args[0] if exc.args else "not found", request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
-        return _error(422, _validation_line(exc))
+        return _error(422, _validation_line(exc), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc):
-        return _error(exc.status_code, exc.detail if exc.status_code != 404 else f"not found: {request.url.path}")
+        return _error(exc.status_code, exc.detail if exc.status_code != 404 else f"not found: {request.url.path}",
+                      request)
 
     @app.exception_handler(Exception)
     async def _bug(request, exc):
@@ -134,13 +180,14 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
     async def _guard(request: Request, call_next):
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            return _error(413, f"request body over {MAX_BODY:,} bytes")
+            return _error(413, f"request body over {MAX_BODY:,} bytes", request)
         if token is not None:
             given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
                      or request.headers.get("x-trackstar-token") or request.cookies.get(TOKEN_COOKIE)
                      or request.query_params.get("token") or "")
             if not secrets.compare_digest(given.encode(), token.encode()):
-                return _error(401, "this server needs its token: ?token=..., or the header 'Authorization: Bearer ...'")
+                return _error(401, "this server needs its token: ?token=..., or the header 'Authorization: Bearer ...'",
+                              request)
         response = await call_next(request)
         if token is not None and request.query_params.get("token"):
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
@@ -177,22 +224,45 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
 
     @app.post("/api/query", summary="Proponents and opponents of one prompt and target, per method")
     async def query(request: QueryRequest = Body(...)):
-        from trackstar_db.retrieval.adhoc import best_method
+        return await service.worker.query(service.query_batch, _query_item(service, request), service.timeout)
 
-        if not request.prompt.strip() or not request.target.strip():
-            raise TrackstarError("prompt and target must hold more than white space")
-        _known_methods(request.methods)
-        db = service.db
-        names = list(dict.fromkeys(request.methods)) or [best_method(db)]
-        ann = None
-        if request.ann:
-            from trackstar_db.retrieval.ann import AnnOptions
+    @app.post("/api/query/batch", summary="Many queries: JSON lines in (an /api/query body each), JSON lines out",
+              openapi_extra={"requestBody": {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                                             "required": True}})
+    async def query_batch(request: Request):
+        """One answer line per request line, in order: the /api/query answer, or {"line": n,
+        "status": code, "error": "..."} with the status the single query would get. The lines go
+        to the model queue at most max_batch at a time, so one batch never fills the queue."""
+        lines = [(n, text) for n, text in enumerate((await request.body()).decode("utf-8", "replace").splitlines(), 1)
+                 if text.strip()]
+        if not lines:
+            raise TrackstarError("the body holds no JSON lines (one /api/query body a line)")
+        if len(lines) > MAX_BATCH_LINES:
+            raise TrackstarError(f"{len(lines):,} lines; at most {MAX_BATCH_LINES:,} a request")
 
-            ann = AnnOptions(request.nprobes, request.refine_factor, request.ef)
-        elif request.nprobes or request.refine_factor or request.ef:
-            raise TrackstarError("nprobes, refine_factor and ef need ann")
-        return await service.worker.run(service.query, db, request.prompt, request.target, names, request.k, ann,
-                                        request.verify, request.tokens)
+        async def answer(n: int, text: str) -> dict:
+            try:
+                item = _query_item(service, QueryRequest.model_validate_json(text))
+                return await service.worker.query(service.query_batch, item, service.timeout)
+            except ValidationError as exc:
+                status, message = 422, _validation_line(exc, skip=0)
+            except TrackstarError as exc:
+                status, message = _status(exc), exc
+            except Exception as exc:  # noqa: BLE001 (a bug: its traceback to the log, the other lines answered)
+                log.exception("bug answering line %d of %s", n, request.url.path)
+                return {"line": n, "status": 500,
+                        "error": f"internal error ({type(exc).__name__}); see the server's log"}
+            _refused(request, status, f"line {n}: {message}")
+            return {"line": n, "status": status, "error": _line(message)}
+
+        async def stream():
+            window = max(1, service.worker.max_batch)
+            for start in range(0, len(lines), window):
+                tasks = [asyncio.ensure_future(answer(n, text)) for n, text in lines[start: start + window]]
+                for task in tasks:
+                    yield payload.dumps(await task) + b"\n"
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
 
     @app.post("/api/tokens", summary="Each token's part of one example's score (gradient methods)")
     async def tokens(request: TokensRequest = Body(...)):
@@ -201,7 +271,7 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
         db = service.db
         service.example(db, request.example_id)  # 404 before the model runs
         table = await service.worker.run(service.tokens, db, request.prompt, request.target, request.example_id,
-                                         request.method)
+                                         request.method, timeout=service.timeout)
         return payload.table_json(table)
 
     @app.post("/api/sql", summary="One read-only SQL statement over the tables (DuckDB)")

@@ -17,10 +17,13 @@ manifest are unchanged: the loaded checkpoints (PromptAttributor's featurizers) 
 over instead of loaded again.
 
 BM25 reads the committed folder of the index the record names (store/bm25.py). Not pinned (a
-reader of these sees the newest committed state): an ANN
-index (its provenance check against the snapshot's manifest refuses an index rebuilt since),
-and preconditioner files (a refit replaces them; the snapshot's recorded sha256 refuses the new
-file until the next snapshot).
+reader of these sees the newest committed state): an ANN index (its provenance check against the
+snapshot's manifest refuses an index rebuilt since), and preconditioner files (a refit replaces
+them; the snapshot's recorded sha256 refuses the new file until the next snapshot).
+
+A database on object storage (s3://bucket/db) is tracked by serve/remote.py: snapshots pinned to
+the versions its last writer committed (`committed=True`), each on its own local copy of the
+small files, renewed when one LIST request shows them changed.
 """
 
 from __future__ import annotations
@@ -36,20 +39,26 @@ from pathlib import Path
 from trackstar_db.api import Database
 from trackstar_db.store import lock as _lock
 from trackstar_db.store import manifest as _manifest
+from trackstar_db.store import snapshot as _committed
 
 
 class Snapshot(Database):
-    """A database handle pinned to the manifest and table versions present when it was made."""
+    """A database handle pinned to the manifest and table versions present when it was made
+    (committed: to the versions its last writer committed, DB/versions.json, where recorded)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tables_at: str | None = None, committed: bool = False,
+                 location: str | None = None):
         super().__init__(path)
+        self._tables_at = tables_at
+        self.location = location or str(self.path)  # what it serves: the directory, or s3://bucket/db
         self._pinned: dict[str, int] = {}
         self._opened: dict[str, object] = {}
         self._guard = threading.Lock()
-        from trackstar_db.store.snapshot import committed_bm25
-
-        self._bm25 = committed_bm25(self.path)  # the committed BM25 folder (store/bm25.py), read first
-        for name in super().table_names():
+        self._bm25 = _committed.committed_bm25(self.path)  # the committed BM25 folder (store/bm25.py)
+        record = _committed.read(self.path) if committed else None
+        if record is not None:
+            self._pinned = dict(record["tables"])
+        for name in list(self._pinned) or super().table_names():
             self._opened[name] = dataset = super()._open_dataset(name)
             self._pinned[name] = dataset.version
         self.made_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -71,19 +80,8 @@ class Snapshot(Database):
     def _open_dataset(self, name: str):
         with self._guard:
             if name not in self._opened:  # only tables pinned exist (table_names): opened at their version
-                import lance
-
-                self._opened[name] = lance.dataset(str(Path(self.tables_uri) / f"{name}.lance"),
-                                                   version=self._pinned[name])
+                self._opened[name] = super()._open_dataset(name)
             return self._opened[name]
-
-    def _local_tables(self):
-        local = super()._local_tables()
-        if local is None:
-            from trackstar_db.errors import TrackstarError
-
-            raise TrackstarError(f"{self.tables_uri}: serve reads local databases only")
-        return local
 
 
 def _flat(value, prefix: str = "") -> list[tuple[str, str]]:
@@ -139,16 +137,31 @@ def writer_active(path: Path) -> bool:
         return not probe.entered
 
 
+REMOTE_INTERVAL = 2.0  # seconds between two looks at an object-store database (one LIST request)
+
+
 class Tracker:
     """The snapshot requests read, renewed when the database changed and no writer is at work."""
 
     def __init__(self, path: str | Path, follow: bool = True, device: str = "cpu", interval: float = 0.5,
                  wait: float = 10.0):
-        self.path, self.follow, self.device, self.interval = Path(path), follow, device, interval
+        from trackstar_db.distributed.objectstore import is_uri
+
+        self.follow, self.device, self.interval = follow, device, interval
         self._lock = threading.Lock()
         self._checked = 0.0
         self.pending = False
         self.renewals = 0
+        self.remote = None
+        if is_uri(path):  # s3://bucket/db: snapshots of its committed versions (serve/remote.py)
+            from .remote import RemoteSource
+
+            self.remote = RemoteSource(str(path))
+            self.interval = max(interval, REMOTE_INTERVAL)
+            self.snapshot = self.remote.snapshot(first=True)
+            self.path = self.snapshot.path
+            return
+        self.path = Path(path)
         deadline = time.monotonic() + wait
         while True:  # the first snapshot: wait a while for a writer at work, then read what is committed
             with _NoWriter(self.path) as probe:
@@ -168,6 +181,12 @@ class Tracker:
             return self.snapshot
 
     def _renew(self) -> None:
+        if self.remote is not None:
+            fresh = self.remote.snapshot() if self.remote.changed() else self.snapshot
+            self.pending = fresh is None
+            if fresh is not None and fresh is not self.snapshot:
+                self._move_to(fresh)
+            return
         mark = fingerprint(self.path)
         if mark == self._mark:
             self.pending = False
@@ -177,11 +196,17 @@ class Tracker:
                 self.pending = True
                 return
             mark, fresh = fingerprint(self.path), Snapshot(self.path)
+        self._mark = mark
+        self._move_to(fresh)
+
+    def _move_to(self, fresh: Snapshot) -> None:
+        """Serve `fresh` from now on, the loaded model handed over when it is the same."""
         old = self.snapshot
         if old._attributor is not None and _warm_state(old.manifest) == _warm_state(fresh.manifest):
             attributor = fresh._attributor_for(old._attributor.device)
             attributor._featurizers = old._attributor._featurizers
-        self._mark, self.snapshot, self.pending = mark, fresh, False
+        self.snapshot, self.pending = fresh, False
+        self.path = fresh.path
         self.renewals += 1
 
 

@@ -62,11 +62,21 @@ class Store(SwapWriter):
         uri = self.tables_uri
         return None if "://" in uri else Path(uri)
 
+    _tables_at: str | None = None  # where the database's home keeps them (objectstore.py: s3://bucket/db/tables)
+
     @property
     def tables_uri(self) -> str:
-        """Where the LanceDB tables live: DB/tables, or the object-store URI given at init (s3://...;
+        """Where the LanceDB tables live: beside the database's home (DB/tables, or uri/tables for a
+        database opened at an object-store URI) when tables are there, so a directory copied or
+        uploaded whole opens where it lands; else the object-store URI given at init (s3://...;
         endpoint and credentials from the AWS_* environment, as Lance reads them)."""
-        return self.manifest.get("tables_uri") or str(self.path / "tables")
+        if self._tables_at is not None:
+            return self._tables_at
+        local = self.path / "tables"
+        recorded = self.manifest.get("tables_uri")
+        if recorded and not (local.is_dir() and any(p.name.endswith(".lance") for p in local.iterdir())):
+            return recorded
+        return str(local)
 
     def _recover_abandoned(self) -> None:
         """A journal with no writer holding the lock was left by a killed command: finish it now."""
