@@ -127,10 +127,11 @@ def test_worker_waits_for_as_many_as_recent_batches_held():
     from trackstar_db.serve.service import ModelWorker
 
     worker = ModelWorker(max_queued=16, max_batch=8, batch_wait=0.5)
-    sizes, gate = [], threading.Event()
+    sizes, gate, started = [], threading.Event(), threading.Event()
 
     def batch(items):
         sizes.append(len(items))
+        started.set()
         gate.wait(5)
         return [item * 10 for item in items]
 
@@ -139,8 +140,9 @@ def test_worker_waits_for_as_many_as_recent_batches_held():
         assert await worker.query(batch, 1) == 10  # alone: no wait for company
         alone = time.perf_counter() - begin
         gate.clear()
+        started.clear()
         blocker = asyncio.ensure_future(worker.query(batch, 0))  # the model thread busy ...
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(started.wait, 5)
         four = [asyncio.ensure_future(worker.query(batch, n)) for n in (1, 2, 3, 4)]  # ... while four wait
         await asyncio.sleep(0.05)
         gate.set()
@@ -155,15 +157,16 @@ def test_worker_waits_for_as_many_as_recent_batches_held():
     gate.set()
     alone = asyncio.run(main())
     worker.close()
-    assert alone < 0.25 and sizes == [1, 1, 4, 4], (alone, sizes)
+    assert alone < 0.4 and sizes == [1, 1, 4, 4], (alone, sizes)
 
     # two clients in turn: B arrives while A's query runs, so B waits for A's next one to join it
     worker, sizes = ModelWorker(max_queued=16, max_batch=8, batch_wait=0.5), []
 
     async def ping_pong():
         gate.clear()
+        started.clear()
         first = asyncio.ensure_future(worker.query(batch, 1))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(started.wait, 5)
         second = asyncio.ensure_future(worker.query(batch, 2))
         await asyncio.sleep(0.05)
         gate.set()
