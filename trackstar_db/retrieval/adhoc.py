@@ -78,10 +78,12 @@ class PromptAttributor:
         return self._patcher
 
     def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY, ann=None,
-                  verify: bool = False) -> pa.Table:
+                  verify: bool = False, rerank: str | None = None, candidates: int = 200) -> pa.Table:
         """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts
         and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
-        now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
+        now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan;
+        `rerank` ('kfac' | 'ekfac'): the method's top `candidates` re-scored through the Kronecker
+        factors (retrieval/rerank.py; columns first_score, first_rank, first_method added)."""
         db = self.db
         if not prompt.strip() or not target.strip():
             raise ParameterError("prompt" if not prompt.strip() else "target", "must be non-empty")
@@ -91,13 +93,19 @@ class PromptAttributor:
         if db.count("examples") == 0:
             raise TrackstarError(f"{db.path}: the database has no examples")
         entry = lookup(method or best_method(db))
+        if entry.runner == "rerank":  # kfac / ekfac as a method: the best rung's candidates, re-scored
+            rerank, entry = entry.name, lookup(best_method(db))
         if not entry.serves_prompt:
             raise TrackstarError(entry.refuses_prompt)
         vectors = self.gradient(prompt, target, entry.spec.table) if entry.spec is not None else None
         request = runners.Request(["adhoc"], [embedding.query_text(prompt, target)], k, self.device,
-                                  query_vectors=vectors, ann=ann)
-        rows = runners.run(db, entry, request).to_arrow(["adhoc"], "adhoc", entry.name)
+                                  query_vectors=vectors, ann=ann, pairs=[(prompt, target)], rerank=rerank,
+                                  candidates=candidates, attributor=self)
+        result = runners.run(db, entry, request)
+        rows = result.to_arrow(["adhoc"], "adhoc", rerank or entry.name)
         rows = rows.select(["kind", "rank", "example_id", "score", "method"])
+        if hasattr(result, "annotate"):  # the second stage: the first stage's score and rank beside
+            rows = result.annotate(rows)
         ids = rows.column("example_id").to_pylist()
         text_of = {}
         if ids:
