@@ -242,13 +242,15 @@ class Database(_store.Store):
         return table
 
     def select(self, task=None, *, top: int | None = None, fraction: float | None = None, drop_opponents: bool = False,
-               method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None):
+               method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None,
+               rerank: str | None = None, candidates: int = 200):
         """Training examples for a task (selection.select.Task): the top N or fraction by mean score
-        against its queries, or all but the most harmful; a Selection (rows: Arrow), written to `out`."""
+        against its queries, or all but the most harmful; a Selection (rows: Arrow), written to `out`.
+        rerank ('kfac' | 'ekfac'): the best `candidates` re-scored through the Kronecker factors."""
         from trackstar_db.selection.select import select
 
         return select(self, task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
-                      aggregate=aggregate, ann=ann, device=device, out=out)
+                      aggregate=aggregate, ann=ann, device=device, out=out, rerank=rerank, candidates=candidates)
 
     def self_influence(self, variant: str = "corrected", mix: str = "train", k: int | None = None) -> pa.Table:
         """Each training example's g R^-1 g and |g|^2 (stored by fit), highest first; the first k."""

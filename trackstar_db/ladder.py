@@ -131,6 +131,22 @@ BASELINES = tuple(m.name for m in REGISTRY.values() if m.needs_texts)  # retriev
 # TracIn-CP over the checkpoints training kept (retrieval/tracin_cp.py); not in 'all': it needs every checkpoint's
 # gradient tables (ingest gradients --checkpoint NAME) or featurizes them in memory.
 CHECKPOINT_METHODS = tuple(m.name for m in REGISTRY.values() if m.needs_checkpoints)
+# The Kronecker-factored methods: they need 'trackstar-db fit-factors' (gradients/factors.py).
+FACTOR_METHODS = tuple(m.name for m in REGISTRY.values() if m.needs_factors)
+
+
+def factors_missing(manifest: dict, name: str) -> str | None:
+    """Why the factor method `name` cannot answer from a database with this manifest, or None."""
+    entry = manifest.get("factors") or {}
+    if not entry:
+        return "no Kronecker factors (trackstar-db fit-factors)"
+    spec = REGISTRY[name].spec
+    kind = spec.preconditioner if spec is not None else name
+    if kind == "ekfac" and entry.get("kind") != "ekfac":
+        return "K-FAC factors only (trackstar-db fit-factors --kind ekfac)"
+    if spec is not None and kind not in (entry.get("projected") or {}):
+        return "no projected curvature (ingest the uncorrected gradients, then fit-factors)"
+    return None
 
 
 def lookup(name: str) -> Method:
