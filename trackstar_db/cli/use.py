@@ -106,7 +106,9 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, reran
     from trackstar_db.retrieval.evidence import evidence_line
     from trackstar_db.retrieval.tokens import hit_tokens, strongest
 
-    if tokens and (rerank or method in ("kfac", "ekfac", "kfac-proj", "ekfac-proj")):
+    from trackstar_db.ladder import REGISTRY
+
+    if tokens and (rerank or getattr(REGISTRY.get(method), "needs_factors", False)):
         raise click.BadParameter("splits a ladder rung's score over tokens, not a Kronecker-factored one",
                                  param_hint="--tokens")
     handle = _open(db)
