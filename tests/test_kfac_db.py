@@ -226,3 +226,18 @@ def test_select_rerank_keeps_the_best_mean_second_stage_scores(db, tmp_path):
     out = run_cli("select", db.path, "--top", 3, "--method", "trackstar", "--rerank", "kfac", "--candidates", 8,
                   "--out", tmp_path / "sel.jsonl").output
     assert "trackstar-kfac" in out and (tmp_path / "sel.jsonl").read_text().count("\n") == 3
+
+
+def test_query_chunks_give_the_same_answers(db, monkeypatch):
+    """Queries preconditioned a few at a time (a large model's memory bound) score as all at once."""
+    from trackstar_db.retrieval import rerank
+
+    queries = db.table("queries", columns=["prompt", "target"]).slice(0, 5).to_pylist()
+    pairs = [(q["prompt"], q["target"]) for q in queries]
+    examples = db.table("examples", columns=["example_id"]).column("example_id").to_pylist()[:30]
+    ids, whole = rerank.score_examples(db, pairs, examples)
+    params = sum(m.rows * m.cols for m in rerank._model(db, "cpu")[0].tracked)
+    monkeypatch.setattr(rerank, "QUERY_BYTES", 2 * 4 * params)  # two queries a chunk
+    _, chunked = rerank.score_examples(db, pairs, examples, chunk=7)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-3, atol=1e-6 * np.abs(whole).max())  # padding: float32 noise
+    assert ids == examples

@@ -61,6 +61,10 @@ class PromptAttributor:
                                                              uncorrected=uncorrected)
         return self._featurizers[variant]
 
+    def warm_featurizer(self):
+        """A (Featurizer, tokenizer) already loaded here, or None (the second stage reuses its model)."""
+        return next(iter(self._featurizers.values()), None)
+
     def gradient(self, prompt: str, target: str, variant: str):
         """[1, d] raw query gradient of (prompt, target) in `variant`."""
         from trackstar_db.featurizer.tokenize import collate, pad_id

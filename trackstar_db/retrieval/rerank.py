@@ -38,6 +38,7 @@ from .topk import TopKResult
 
 DEFAULT_CANDIDATES = 200  # first-stage proponents (and as many opponents) re-scored per query
 BATCH_SIZE = 16  # candidates featurized per forward/backward
+QUERY_BYTES = 512 << 20  # float32 bytes of preconditioned query gradients held at once
 _MODELS: dict[tuple, tuple] = {}  # (db path, device, model path) -> (featurizer, tokenizer): one warm model
 
 
@@ -52,8 +53,9 @@ def check_rerank(kind: str | None, candidates: int) -> None:
 def _model(db, device: str, attributor=None):
     """(featurizer, tokenizer) of the database's final model: the one-prompt attributor's warm
     featurizer when it holds one, else one loaded here without an optimizer correction (kept)."""
-    if attributor is not None and attributor._featurizers:
-        return next(iter(attributor._featurizers.values()))
+    warm = attributor.warm_featurizer() if attributor is not None else None
+    if warm is not None:
+        return warm
     from trackstar_db.gradients.loader import database_featurizer, stored_config
     from trackstar_db.store.checkpoints import source
 
@@ -86,6 +88,11 @@ class FactorScorer:
         if sorted(names) != sorted(self.factors.sides):
             raise TrackstarError(f"{db.path}: the factors were fitted on other tracked matrices than the model's; "
                                  f"run 'trackstar-db fit-factors {db.path}'")
+
+    def query_chunk(self) -> int:
+        """Queries preconditioned at once: their [rows, cols] per matrix fit in QUERY_BYTES."""
+        params = sum(m.rows * m.cols for m in self.featurizer.tracked)
+        return max(1, QUERY_BYTES // (4 * params))
 
     def _rotated(self, items) -> dict[str, torch.Tensor]:
         from trackstar_db.featurizer.tokenize import collate, pad_id
@@ -134,14 +141,19 @@ def score_examples(db, pairs: list[tuple[str, str]], example_ids: list[str] | No
                    device: str = "cpu", batch_size: int = BATCH_SIZE, chunk: int = 2048) -> tuple[list[str], np.ndarray]:
     """(example ids, scores [len(pairs), n] float64): g_q^T (F + lambda)^-1 g_z of every
     (prompt, target) query against `example_ids` (None: every example, in id order) through
-    the stored factors of `kind` (None: the fitted kind). Memory: one chunk of example texts."""
+    the stored factors of `kind` (None: the fitted kind). Memory: one chunk of example texts and
+    one chunk of queries (QUERY_BYTES); each example is featurized once per chunk of queries."""
     if not pairs:
         raise ParameterError("pairs", "must hold at least one (prompt, target) query")
     scorer = FactorScorer(db, kind, device, batch_size=batch_size)
-    preconditioned = scorer.queries(pairs)
     ids = example_ids if example_ids is not None else _example_rows(db, None).column("example_id").to_pylist()
-    parts = [scorer.score(preconditioned, _example_rows(db, ids[i: i + chunk])) for i in range(0, len(ids), chunk)]
-    return list(ids), (np.concatenate(parts, axis=1) if parts else np.zeros((len(pairs), 0)))
+    out = np.zeros((len(pairs), len(ids)), np.float64)
+    step = scorer.query_chunk()
+    for q in range(0, len(pairs), step):  # every example featurized once per chunk of queries
+        preconditioned = scorer.queries(pairs[q: q + step])
+        for i in range(0, len(ids), chunk):
+            out[q: q + step, i: i + chunk] = scorer.score(preconditioned, _example_rows(db, ids[i: i + chunk]))
+    return list(ids), out
 
 
 def score_queries(db, query_ids: list[str], example_ids: list[str] | None = None, kind: str | None = None,
@@ -179,8 +191,9 @@ class RerankedResult(TopKResult):
 
 def rerank(db, first: TopKResult, pairs: list[tuple[str, str]], k: int, kind: str | None = None,
            device: str = "cpu", attributor=None, first_method: str = "") -> RerankedResult:
-    """Re-score each query's first-stage proponents and opponents (the union over queries is
-    featurized once) and rank them by the curvature-weighted score: k proponents, k opponents."""
+    """Re-score each query's first-stage proponents and opponents (the union over a chunk of
+    queries, FactorScorer.query_chunk, is featurized once) and rank them by the curvature-weighted
+    score: k proponents, k opponents."""
     if len(pairs) != len(first.proponent_ids):
         raise TrackstarError(f"rerank: {len(pairs)} queries for {len(first.proponent_ids)} first-stage answers")
     scorer = FactorScorer(db, kind, device, attributor)
@@ -192,25 +205,29 @@ def rerank(db, first: TopKResult, pairs: list[tuple[str, str]], k: int, kind: st
             for rank, (e, s) in enumerate(zip(ids, scores), 1):
                 seen[e] = (float(s), rank * sign)
         known.append(seen)
-    union = sorted({e for seen in known for e in seen})
-    if not union:
+    if not any(known):
         return RerankedResult([[] for _ in pairs], np.zeros((len(pairs), 0), np.float32), [[] for _ in pairs],
                               np.zeros((len(pairs), 0), np.float32), {"proponent": [[] for _ in pairs],
                                                                         "opponent": [[] for _ in pairs]}, first_method)
-    scores = scorer.score(scorer.queries(pairs), _example_rows(db, union))
-    column = {e: i for i, e in enumerate(union)}
     best = min(k, max(len(seen) for seen in known))
     prop_ids, opp_ids, stage = [], [], {"proponent": [], "opponent": []}
     prop = np.zeros((len(pairs), best), np.float32)
     opp = np.zeros((len(pairs), best), np.float32)
-    for q, seen in enumerate(known):
-        ids = list(seen)
-        values = scores[q, [column[e] for e in ids]]
-        order = np.argsort(-values, kind="stable")
-        top, bottom = order[:k], order[::-1][:k]
-        prop_ids.append([ids[i] for i in top])
-        opp_ids.append([ids[i] for i in bottom])
-        prop[q, :len(top)], opp[q, :len(bottom)] = values[top], values[bottom]
-        stage["proponent"].append([seen[ids[i]] for i in top])
-        stage["opponent"].append([seen[ids[i]] for i in bottom])
+    step = scorer.query_chunk()
+    for start in range(0, len(pairs), step):  # bounded memory: a chunk of queries and their candidates' union
+        chunk = known[start: start + step]
+        union = sorted({e for seen in chunk for e in seen})
+        scores = scorer.score(scorer.queries(pairs[start: start + step]), _example_rows(db, union))
+        column = {e: i for i, e in enumerate(union)}
+        for offset, seen in enumerate(chunk):
+            q = start + offset
+            ids = list(seen)
+            values = scores[offset, [column[e] for e in ids]]
+            order = np.argsort(-values, kind="stable")
+            top, bottom = order[:k], order[::-1][:k]
+            prop_ids.append([ids[i] for i in top])
+            opp_ids.append([ids[i] for i in bottom])
+            prop[q, :len(top)], opp[q, :len(bottom)] = values[top], values[bottom]
+            stage["proponent"].append([seen[ids[i]] for i in top])
+            stage["opponent"].append([seen[ids[i]] for i in bottom])
     return RerankedResult(prop_ids, prop, opp_ids, opp, stage, first_method)
