@@ -192,3 +192,17 @@ def test_large_sides_are_diagonal():
     assert wide and all(acc.diagonal[n][0] for n in wide)
     assert acc.diagonal["transformer.wpe.weight"][0]  # ids only: diagonal whatever the width
     assert not kfac.CovarianceAccumulator(tracked).diagonal["transformer.wte.weight"][0]  # tied with lm_head: dense
+
+
+def test_direct_scores_equal_rotated_scores(scored):
+    """<H_q, G_z> from token factors (no per-example gradient formed) = the rotated-basis product."""
+    model = tiny_gpt2()
+    _, (library, factors) = scored
+    tracked = find_tracked(model)
+    items = random_items(26, seed=3, min_len=3, max_len=10, query_fraction=0.0, vocab=VOCAB)
+    queries = random_items(4, seed=4, min_len=4, max_len=8, query_fraction=1.0, vocab=VOCAB)
+    rotated_q, _ = kfac.rotated_batch(model, tracked, factors, collate(queries))
+    for kind in ("kfac", "ekfac"):
+        h = kfac.unrotate(factors, kfac.precondition(factors, rotated_q, kind))
+        direct = torch.cat([kfac.direct_scores(model, tracked, h, collate(items[i:i + 7])) for i in range(0, 26, 7)], 1)
+        torch.testing.assert_close(direct, library[kind], rtol=1e-4, atol=1e-6 * float(library[kind].abs().max()))

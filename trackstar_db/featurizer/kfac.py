@@ -278,11 +278,51 @@ def precondition(factors: KroneckerFactors, rotated: dict[str, torch.Tensor], ki
     return {name: values * factors.inverse(name, kind, values.device) for name, values in rotated.items()}
 
 
+def unrotate(factors: KroneckerFactors, preconditioned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """H_q = Q_r M Q_c^T [nq, rows, cols] of preconditioned rotated gradients M: the query's
+    (F + lambda)^-1 g_q in the weight's own layout, so <H_q, G_z> is the score of z."""
+    out = {}
+    for name, m in preconditioned.items():
+        q_r, q_c = factors.basis(name, 0, m.device), factors.basis(name, 1, m.device)
+        h = m if q_r is None else q_r @ m
+        out[name] = h if q_c is None else h @ q_c.T
+    return out
+
+
+def factor_scores(h: torch.Tensor, x_r: torch.Tensor, x_c: torch.Tensor) -> torch.Tensor:
+    """[nq, batch] <H_q, G_b> of one use's factors, without forming G_b = X_r^T X_c:
+    sum over tokens of x_r,t^T H_q x_c,t. h [nq, rows, cols] float32; ids pick rows of H_q.
+    Cost nq x batch x tokens x rows x cols, against rows^2 + cols^2 per token for a rotation:
+    the cheaper path for a few queries (retrieval/rerank.py chooses)."""
+    if x_r.dtype == torch.long:
+        side = h[:, x_r]  # [nq, batch, tokens, cols]
+    else:
+        side = torch.einsum("btr,qrc->qbtc", x_r.float(), h)
+    return (side * x_c.float()[None]).sum((2, 3))
+
+
+def direct_scores(model: torch.nn.Module, tracked: list[TrackedMatrix], h: dict[str, torch.Tensor],
+                  batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[nq, batch] float64 sum over tracked matrices and uses of <H_q, G_b> (see factor_scores)."""
+    total: list[torch.Tensor] = []
+
+    def on_factors(name: str, x_r: torch.Tensor, x_c: torch.Tensor) -> None:
+        part = factor_scores(h[name], x_r, x_c).double()
+        if total:
+            total[0] = total[0] + part
+        else:
+            total.append(part)
+
+    per_example_backward(model, tracked, batch, on_factors)
+    return total[0]
+
+
 def pair_scores(preconditioned: dict[str, torch.Tensor], rotated: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[nq, nb] = sum over matrices of <preconditioned query_q, rotated example_b> (float64 sum)."""
+    """[nq, nb] = sum over matrices of <preconditioned query_q, rotated example_b> (float32
+    products, their sum over matrices float64)."""
     total = None
     for name, q in preconditioned.items():
-        part = (q.flatten(1).double() @ rotated[name].flatten(1).double().T)
+        part = (q.flatten(1) @ rotated[name].flatten(1).T).double()
         total = part if total is None else total + part
     return total
 

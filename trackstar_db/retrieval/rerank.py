@@ -38,6 +38,7 @@ from .topk import TopKResult
 
 DEFAULT_CANDIDATES = 200  # first-stage proponents (and as many opponents) re-scored per query
 BATCH_SIZE = 16  # candidates featurized per forward/backward
+DIRECT_QUERIES = 4  # up to this many queries, candidates are scored without rotating their gradients
 QUERY_BYTES = 512 << 20  # float32 bytes of preconditioned query gradients held at once
 _MODELS: dict[tuple, tuple] = {}  # (db path, device, model path) -> (featurizer, tokenizer): one warm model
 
@@ -94,11 +95,13 @@ class FactorScorer:
         params = sum(m.rows * m.cols for m in self.featurizer.tracked)
         return max(1, QUERY_BYTES // (4 * params))
 
-    def _rotated(self, items) -> dict[str, torch.Tensor]:
+    def _batch(self, items) -> dict[str, torch.Tensor]:
         from trackstar_db.featurizer.tokenize import collate, pad_id
 
-        batch = {k: v.to(self.featurizer.device) for k, v in collate(items, pad_id(self.tokenizer)).items()}
-        rotated, _ = _kfac.rotated_batch(self.featurizer.model, self.featurizer.tracked, self.factors, batch)
+        return {k: v.to(self.featurizer.device) for k, v in collate(items, pad_id(self.tokenizer)).items()}
+
+    def _rotated(self, items) -> dict[str, torch.Tensor]:
+        rotated, _ = _kfac.rotated_batch(self.featurizer.model, self.featurizer.tracked, self.factors, self._batch(items))
         return rotated
 
     def queries(self, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -110,16 +113,25 @@ class FactorScorer:
         return _kfac.precondition(self.factors, rotated, self.kind)
 
     def score(self, preconditioned: dict[str, torch.Tensor], rows: pa.Table) -> np.ndarray:
-        """[nq, len(rows)] float64 scores against examples rows (text, and loss_spans when the task masks)."""
+        """[nq, len(rows)] float64 scores against examples rows (text, and loss_spans when the task masks).
+        Up to DIRECT_QUERIES queries: each query's (F + lambda)^-1 g_q is turned back into the
+        weight's layout once and dotted with the candidates' token factors (kfac.direct_scores: no
+        per-example [rows, cols] is formed); more: the candidates' gradients are rotated once and
+        shared by all queries (kfac.rotated_batch, pair_scores)."""
         task, length = self.featurizer.task, self.featurizer.config.max_length
         texts = rows.column("text").to_pylist()
         spans = rows.column("loss_spans").to_pylist() if "loss_spans" in rows.column_names else [None] * len(texts)
         items = [task.encode_example(self.tokenizer, t, s, length) for t, s in zip(texts, spans)]
         order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))  # less padding per batch
         n_queries = next(iter(preconditioned.values())).shape[0]
+        direct = _kfac.unrotate(self.factors, preconditioned) if n_queries <= DIRECT_QUERIES else None
         out = np.zeros((n_queries, len(items)), np.float64)
         for start in range(0, len(order), self.batch_size):
             picked = order[start: start + self.batch_size]
+            if direct is not None:
+                out[:, picked] = _kfac.direct_scores(self.featurizer.model, self.featurizer.tracked, direct,
+                                                     self._batch([items[i] for i in picked])).cpu().numpy()
+                continue
             rotated = self._rotated([items[i] for i in picked])
             out[:, picked] = _kfac.pair_scores(preconditioned, rotated).cpu().numpy()
         return out
