@@ -241,3 +241,17 @@ def test_query_chunks_give_the_same_answers(db, monkeypatch):
     _, chunked = rerank.score_examples(db, pairs, examples, chunk=7)
     np.testing.assert_allclose(chunked, whole, rtol=1e-3, atol=1e-6 * np.abs(whole).max())  # padding: float32 noise
     assert ids == examples
+
+
+def test_fit_factors_errors_name_the_flag_or_the_missing_step(tiny_db):
+    bad = run_cli("fit-factors", tiny_db.path, "--kind", "dense", ok=False)
+    assert bad.exit_code == 2 and "--kind" in bad.output
+    bad = run_cli("fit-factors", tiny_db.path, "--fraction", 0, ok=False)
+    assert bad.exit_code == 2 and "--fraction" in bad.output
+    missing = run_cli("fit-factors", tiny_db.path, "--device", "cpu", ok=False)
+    assert missing.exit_code == 1 and "ingest gradients" in missing.output and len(missing.output.strip().splitlines()) == 1
+    from trackstar_db.errors import ParameterError
+    from trackstar_db.gradients.factors import fit_factors
+
+    with pytest.raises(ParameterError, match="damping"):
+        fit_factors(tiny_db, damping=float("nan"))
