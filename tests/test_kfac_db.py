@@ -255,3 +255,13 @@ def test_fit_factors_errors_name_the_flag_or_the_missing_step(tiny_db):
 
     with pytest.raises(ParameterError, match="damping"):
         fit_factors(tiny_db, damping=float("nan"))
+
+
+def test_a_projected_rung_is_a_first_stage_and_a_second_stage_is_not(db):
+    from trackstar_db.errors import ParameterError
+
+    _, prompt, target = _pair(db)
+    rows = db.query(prompt, target, k=3, method="kfac-proj", rerank="ekfac", candidates=10)
+    assert set(rows.column("first_method").to_pylist()) == {"kfac-proj"}
+    with pytest.raises(ParameterError, match="rerank"):
+        db.query(prompt, target, method="ekfac", rerank="kfac")

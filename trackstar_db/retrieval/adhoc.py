@@ -98,6 +98,9 @@ class PromptAttributor:
             raise TrackstarError(f"{db.path}: the database has no examples")
         entry = lookup(method or best_method(db))
         if entry.runner == "rerank":  # kfac / ekfac as a method: the best rung's candidates, re-scored
+            if rerank not in (None, entry.name):
+                raise ParameterError("rerank", f"{rerank!r} with method {entry.name}, itself the {entry.name} "
+                                               f"second stage; name a first-stage method")
             rerank, entry = entry.name, lookup(best_method(db))
         if not entry.serves_prompt:
             raise TrackstarError(entry.refuses_prompt)

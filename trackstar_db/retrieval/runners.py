@@ -14,7 +14,7 @@ from typing import Callable
 import pyarrow.compute as pc
 
 from trackstar_db import defaults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.ladder import Method
 
 from .topk import TopKResult
@@ -124,7 +124,7 @@ def kronecker_proj(db, method: Method, request: Request) -> TopKResult:
                        scoring=scoring)
 
 
-def first_stage(db, request: Request) -> str:
+def first_stage(db) -> str:
     """The first stage of a bare kfac / ekfac request: the best rung the database serves."""
     from .adhoc import best_method
 
@@ -135,7 +135,7 @@ def rerank(db, method: Method, request: Request) -> TopKResult:
     """kfac / ekfac as methods: the best rung's top candidates re-scored (retrieval/rerank.py)."""
     from trackstar_db.ladder import lookup
 
-    first = lookup(first_stage(db, request))
+    first = lookup(first_stage(db))
     return run(db, first, dataclasses.replace(request, rerank=method.name))
 
 
@@ -149,6 +149,9 @@ def run(db, method: Method, request: Request) -> TopKResult:
     """Top-k of `method` for `request`; an ANN search only where the method serves one."""
     if request.ann is not None and not method.serves_ann and method.runner != "rerank":
         raise TrackstarError(f"ann: an ANN index serves the gradient methods, not {method.name}")
+    if method.runner == "rerank" and request.rerank not in (None, method.name):
+        raise ParameterError("rerank", f"{request.rerank!r} with method {method.name}, itself the {method.name} second "
+                                       f"stage; name a first-stage method")
     if request.rerank is None or method.runner == "rerank":
         return RUNNERS[method.runner](db, method, request)
     from .rerank import check_rerank
@@ -157,8 +160,6 @@ def run(db, method: Method, request: Request) -> TopKResult:
     check_rerank(request.rerank, request.candidates)
     if request.pairs is None:
         raise TrackstarError(f"rerank: the queries' (prompt, target) pairs are needed to re-score {method.name}")
-    if method.needs_factors:
-        raise TrackstarError(f"rerank: {method.name} is not a first stage; rerank a ladder rung or a baseline")
     wide = dataclasses.replace(request, k=request.candidates, rerank=None)
     candidates = RUNNERS[method.runner](db, method, wide)
     return second_stage(db, candidates, request.pairs, request.k, request.rerank, request.device,
