@@ -58,6 +58,7 @@ def test_factors_equal_a_direct_fit_of_the_examples(db):
                 sums[1] = sums[1] + x_c[0].double().T @ x_c[0].double()
                 tokens += x_c.shape[1]
         per_example_backward(featurizer.model, featurizer.tracked, batch, take)
+    assert db.manifest["factors"]["tokens"] == tokens
     row, col = factors.sides[name.name]
     torch.testing.assert_close(row.matrix(), sums[0] / tokens, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(col.matrix(), sums[1] / tokens, rtol=1e-5, atol=1e-9)

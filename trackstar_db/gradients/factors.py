@@ -200,7 +200,7 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
         n_share, phase, done = done, "correction", 0
         if correction is not None:
             _save_partial(folder, key, "correction", 0, {**covariance.state(), **correction.state()})
-    tokens = sum(covariance.tokens.values())
+    tokens = min(covariance.tokens[m.name] // len(m.uses) for m in tracked)  # each use sees every token
     params = {"kind": kind, "damping": damping, "tokens": tokens}
     factors = _kfac.factors_from(covariance.covariances(), params)
     if correction is not None:
