@@ -147,6 +147,11 @@ def test_cli_query_rerank_and_errors(db):
     bad = run_cli("query", db.path, "--prompt", prompt, "--target", target, "--rerank", "kfac",
                   "--candidates", 0, ok=False)
     assert bad.exit_code == 2 and "--candidates" in bad.output
+    out = run_cli("retrieve", db.path, "--method", "grad-cos", "--rerank", "ekfac", "--candidates", 10, "--k", 3,
+                  "--device", "cpu").output
+    assert out.strip().startswith("run grad-cos-ekfac:")
+    listed = run_cli("eval", db.path, "--format", "csv").output
+    assert "grad-cos-ekfac" in listed
 
 
 def test_no_factors_is_one_line_naming_the_command(tiny_db_template, tmp_path):

@@ -165,7 +165,10 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
     n_examples = db.count("examples")
     if n_examples == 0:
         raise TrackstarError(f"{db.path}: the database has no examples")
-    featurizer, tokenizer = database_featurizer(db, replace(config, correction="none"), device=device)
+    from trackstar_db.progress import quiet_transformers
+
+    with quiet_transformers(progress):
+        featurizer, tokenizer = database_featurizer(db, replace(config, correction="none"), device=device)
     tracked, model = featurizer.tracked, featurizer.model
     fitted_on = {"examples": n_examples, "examples_version": db.lance_table("examples").version,
                  "fraction": fraction, "seed": seed, "model": str(source(db).path),

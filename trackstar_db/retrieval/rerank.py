@@ -65,8 +65,11 @@ def _model(db, device: str, attributor=None):
         raise TrackstarError(f"{db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
     key = (str(db.path), str(device), str(source(db).path), config)
     if key not in _MODELS:
+        from trackstar_db.progress import quiet_transformers
+
         _MODELS.clear()
-        _MODELS[key] = database_featurizer(db, replace(config, correction="none"), device=device)
+        with quiet_transformers():
+            _MODELS[key] = database_featurizer(db, replace(config, correction="none"), device=device)
     return _MODELS[key]
 
 
