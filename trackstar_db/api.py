@@ -272,7 +272,7 @@ class Database(_store.Store):
         the training examples (all or a seeded `fraction`), resumable (gradients/factors.py);
         damping: lambda = damping x mean eigenvalue per matrix. Returns its FactorReport."""
         from trackstar_db.devices import resolve_device
-        from trackstar_db.gradients.factors import fit_factors
+        from trackstar_db.gradients.factors import fit_factors  # heavy: torch
 
         return fit_factors(self, kind, damping, fraction, seed, batch_size, resolve_device(device), progress=progress)
 
@@ -281,7 +281,7 @@ class Database(_store.Store):
         queries against `example_ids` (None: every example) through the stored factors
         (retrieval/rerank.score_examples)."""
         from trackstar_db.devices import resolve_device
-        from trackstar_db.retrieval.rerank import score_examples
+        from trackstar_db.retrieval.rerank import score_examples  # heavy: torch
 
         with self.reading():
             return score_examples(self, list(pairs), example_ids, kind, resolve_device(device))

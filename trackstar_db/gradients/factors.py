@@ -38,14 +38,25 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import duckdb
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from trackstar_db import faults
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer import kfac as _kfac
+from trackstar_db.featurizer.config import Layout
+from trackstar_db.featurizer.preconditioner import Preconditioner
+from trackstar_db.featurizer.projection import projection_matrix
+from trackstar_db.featurizer.tokenize import collate, pad_id
 from trackstar_db.featurizer.tracked import per_example_backward
+from trackstar_db.progress import quiet_transformers, wanted
+from trackstar_db.store import manifest as _manifest
+from trackstar_db.store.checkpoints import source
+
+from .loader import database_featurizer, stored_config
 
 PARTIAL = "factors.partial.safetensors"
 SAVE_EVERY = 2048  # examples between saves of the partial sums
@@ -81,8 +92,6 @@ def in_share(example_id: str, fraction: float, seed: int) -> bool:
 
 def _examples(db, fraction: float, seed: int, chunk_rows: int = 4096):
     """(ids, texts, spans) chunks of the examples in id order, only those in the share."""
-    import duckdb
-
     dataset = db.dataset("examples")
     spans = "loss_spans" in dataset.schema.names
     con = duckdb.connect()
@@ -102,8 +111,6 @@ def _examples(db, fraction: float, seed: int, chunk_rows: int = 4096):
 
 def _batches(db, featurizer, tokenizer, fraction: float, seed: int, batch_size: int, skip: int = 0):
     """(n examples, collated batch) of the share, after the first `skip` examples."""
-    from trackstar_db.featurizer.tokenize import collate, pad_id
-
     task, max_length, pad = featurizer.task, featurizer.config.max_length, pad_id(tokenizer)
     seen = 0
     for ids, texts, spans in _examples(db, fraction, seed):
@@ -144,10 +151,6 @@ def _digest(path: Path) -> str:
 
 
 def _bar(total: int | None, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
-
-    from trackstar_db.progress import wanted
-
     return tqdm(total=total, desc=desc, unit=" ex", disable=not wanted(progress))
 
 
@@ -155,9 +158,6 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
                 seed: int = 0, batch_size: int = 16, device: str = "cpu", max_dense: int = _kfac.MAX_DENSE_SIDE,
                 save_every: int = SAVE_EVERY, progress: bool | None = None) -> FactorReport:
     """Fit and store the curvature of `kind` (see the module docstring); returns the manifest entry."""
-    from trackstar_db.gradients.loader import database_featurizer, stored_config
-    from trackstar_db.store.checkpoints import source
-
     _check(kind, damping, fraction, batch_size, max_dense)
     config = stored_config(db)
     if config is None:
@@ -165,8 +165,6 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
     n_examples = db.count("examples")
     if n_examples == 0:
         raise TrackstarError(f"{db.path}: the database has no examples")
-    from trackstar_db.progress import quiet_transformers
-
     with quiet_transformers(progress):
         featurizer, tokenizer = database_featurizer(db, replace(config, correction="none"), device=device)
     tracked, model = featurizer.tracked, featurizer.model
@@ -226,10 +224,6 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
 
 def _store(db, factors: _kfac.KroneckerFactors, config, folder: Path, resumed: int) -> FactorReport:
     """Write the factors and the projected blocks under content names, then swap them in."""
-    from trackstar_db.featurizer.config import Layout
-    from trackstar_db.featurizer.preconditioner import Preconditioner
-    from trackstar_db.featurizer.projection import projection_matrix
-
     kind = factors.kind
     staged: list[tuple[Path, str]] = []  # (temp file, final name)
     notes = []
@@ -264,8 +258,6 @@ def _store(db, factors: _kfac.KroneckerFactors, config, folder: Path, resumed: i
         raise
     faults.point("factors.after_files")
     with db.writer("fit-factors"):
-        from trackstar_db.store import manifest as _manifest
-
         old = _manifest.read(db.path).get("factors") or {}
         keep = {final for _, final in staged}
         stale = [f for f in [old.get("file")] + [p.get("file") for p in (old.get("projected") or {}).values()]
@@ -293,8 +285,6 @@ def load_factors(db) -> _kfac.KroneckerFactors:
 
 def load_projected(db, which: str):
     """The projected-space preconditioner of `which` ('kfac' | 'ekfac') for the uncorrected table."""
-    from trackstar_db.featurizer.preconditioner import Preconditioner
-
     entry = (db.manifest.get("factors") or {}).get("projected", {}).get(which)
     if not entry:
         fitted = (db.manifest.get("factors") or {}).get("kind")

@@ -33,6 +33,11 @@ import torch
 
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer import kfac as _kfac
+from trackstar_db.featurizer.tokenize import collate, pad_id
+from trackstar_db.gradients.factors import load_factors
+from trackstar_db.gradients.loader import database_featurizer, stored_config
+from trackstar_db.progress import quiet_transformers
+from trackstar_db.store.checkpoints import source
 
 from .topk import TopKResult
 
@@ -57,16 +62,11 @@ def _model(db, device: str, attributor=None):
     warm = attributor.warm_featurizer() if attributor is not None else None
     if warm is not None:
         return warm
-    from trackstar_db.gradients.loader import database_featurizer, stored_config
-    from trackstar_db.store.checkpoints import source
-
     config = stored_config(db)
     if config is None:
         raise TrackstarError(f"{db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
     key = (str(db.path), str(device), str(source(db).path), config)
     if key not in _MODELS:
-        from trackstar_db.progress import quiet_transformers
-
         _MODELS.clear()
         with quiet_transformers():
             _MODELS[key] = database_featurizer(db, replace(config, correction="none"), device=device)
@@ -79,8 +79,6 @@ class FactorScorer:
 
     def __init__(self, db, kind: str | None = None, device: str = "cpu", attributor=None,
                  batch_size: int = BATCH_SIZE):
-        from trackstar_db.gradients.factors import load_factors
-
         self.db, self.factors = db, load_factors(db)
         self.kind = _kfac.check_kind(kind or self.factors.kind)
         if self.kind == "ekfac" and not self.factors.corrected:
@@ -99,8 +97,6 @@ class FactorScorer:
         return max(1, QUERY_BYTES // (4 * params))
 
     def _batch(self, items) -> dict[str, torch.Tensor]:
-        from trackstar_db.featurizer.tokenize import collate, pad_id
-
         return {k: v.to(self.featurizer.device) for k, v in collate(items, pad_id(self.tokenizer)).items()}
 
     def _rotated(self, items) -> dict[str, torch.Tensor]:

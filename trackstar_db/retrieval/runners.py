@@ -110,7 +110,7 @@ def tracin_cp(db, method: Method, request: Request) -> TopKResult:
 def kronecker_proj(db, method: Method, request: Request) -> TopKResult:
     """kfac-proj / ekfac-proj: the uncorrected vectors through the projected curvature F_p that
     fit-factors stored (gradients/factors.py), by the one scoring path (g_z . g_q F_p^-1)."""
-    from trackstar_db.gradients.factors import load_projected
+    from trackstar_db.gradients.factors import load_projected  # heavy: torch
 
     from .scoring import Scoring, score_table
 
@@ -154,8 +154,8 @@ def run(db, method: Method, request: Request) -> TopKResult:
                                        f"stage; name a first-stage method")
     if request.rerank is None or method.runner == "rerank":
         return RUNNERS[method.runner](db, method, request)
-    from .rerank import check_rerank
-    from .rerank import rerank as second_stage
+    from .rerank import check_rerank  # heavy: transformers
+    from .rerank import rerank as second_stage  # heavy: transformers
 
     check_rerank(request.rerank, request.candidates)
     if request.pairs is None:

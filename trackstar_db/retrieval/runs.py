@@ -36,7 +36,7 @@ class RetrieveOptions:
     def __post_init__(self):
         from trackstar_db.option_checks import K_MAX, count
 
-        from .rerank import check_rerank
+        from .rerank import check_rerank  # heavy: transformers
 
         count("k", self.k, 1, K_MAX)
         check_rerank(self.rerank, self.candidates)

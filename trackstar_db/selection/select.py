@@ -270,7 +270,7 @@ def _reranked(db, queries: pa.Table, ids, scores: np.ndarray, order: np.ndarray,
               candidates: int, device: str, drop_opponents: bool) -> Selection:
     """The first stage's best max(n, candidates) re-scored by their mean second-stage score; the
     best n of them, with the first stage's score beside (first_score)."""
-    from trackstar_db.retrieval.rerank import check_rerank, score_examples
+    from trackstar_db.retrieval.rerank import check_rerank, score_examples  # heavy: transformers
 
     check_rerank(kind, candidates)
     if drop_opponents:
