@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from trackstar_db.cli import main
 from trackstar_db.errors import ParameterError, TrackstarError
-from trackstar_db.ladder import ALL_METHODS, LADDER, REGISTRY, get_method, lookup
+from trackstar_db.ladder import ALL_METHODS, KRONECKER, LADDER, REGISTRY, get_method, lookup
 from trackstar_db.retrieval.methods import expand
 from trackstar_db.retrieval.runners import RUNNERS, Request, run
 
@@ -19,13 +19,15 @@ def test_every_method_has_a_runner_and_consistent_capabilities():
     assert list(REGISTRY) == list(ALL_METHODS) and len(set(ALL_METHODS)) == len(ALL_METHODS)
     for method in REGISTRY.values():
         assert method.runner in RUNNERS, method
-        assert (method.spec is not None) == (method.runner == "gradient") == method.serves_ann, method
+        assert (method.spec is not None) == (method.runner in ("gradient", "kronecker-proj")), method
+        assert (method.runner == "gradient") == method.serves_ann, method
+        assert method.needs_factors == (method.runner in ("kronecker-proj", "rerank")), method
         assert method.serves_prompt == (method.refuses_prompt is None)
         assert not (method.needs_texts and method.spec is not None)
-    assert [m.spec for m in REGISTRY.values() if m.spec] == list(LADDER)
-    # 'all': everything but the checkpoint methods (the embedding one only with its package)
+    assert [m.spec for m in REGISTRY.values() if m.spec] == list(LADDER) + list(KRONECKER)
+    # 'all': everything but the checkpoint and factor methods (the embedding one only with its package)
     every = expand(["all"], installed=lambda name: True)
-    assert every == [m.name for m in REGISTRY.values() if not m.needs_checkpoints]
+    assert every == [m.name for m in REGISTRY.values() if not m.needs_checkpoints and not m.needs_factors]
     assert "embedding" not in expand(["all"], installed=lambda name: name != "embedding")
 
 

@@ -139,11 +139,15 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
     # -- using --------------------------------------------------------------------------
     def retrieve(self, method: str, k: int = defaults.K_RETRIEVE, run_id: str | None = None, replace: bool = False,
                  template: str | None = defaults.TEMPLATE, device: str = "cpu", query_text: str = "prompt+target",
-                 ann=None, engine: str = "local") -> tuple[str, pa.Table]:
-        """A stored run of `method` over the queries of `template` (None: all): (run id, its rows)."""
+                 ann=None, engine: str = "local", rerank: str | None = None, candidates: int = 200) -> tuple[str, pa.Table]:
+        """A stored run of `method` over the queries of `template` (None: all): (run id, its rows).
+        rerank ('kfac' | 'ekfac'): `method`'s top `candidates` per query re-scored through the
+        Kronecker factors (retrieval/rerank.py); the run is named METHOD-KIND by default and the
+        returned rows carry the first stage's score and rank too."""
         from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
 
-        options = RetrieveOptions(k=k, template=template, device=resolve_device(device), query_text=query_text, ann=ann)
+        options = RetrieveOptions(k=k, template=template, device=resolve_device(device), query_text=query_text, ann=ann,
+                                  rerank=rerank, candidates=candidates)
         return retrieve(self, method, options, run_id, replace, **_engine(engine, "retrieve"))
 
     def tail_patch(self, run_ids, k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
@@ -203,15 +207,19 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
             return evaluation(self, by)
 
     def query(self, prompt: str, target: str, k: int = defaults.K_QUERY, method: str | None = None,
-              device: str = "cpu", ann=None, verify: bool = False) -> pa.Table:
+              device: str = "cpu", ann=None, verify: bool = False, rerank: str | None = None,
+              candidates: int = 200) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
         score, method, text, and evidence: retrieval/evidence.py). method None: the best rung this
         database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label).
+        rerank ('kfac' | 'ekfac'): the method's top `candidates` re-scored from full gradients
+        through the Kronecker factors; first_score, first_rank, first_method keep the first stage.
         Quiet: no progress bar, transformers' included, unless stderr is a terminal (progress.py)."""
         from trackstar_db.progress import quiet_transformers
 
         with quiet_transformers(), self.reading():
-            return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify)
+            return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify,
+                                                          rerank=rerank, candidates=candidates)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:
@@ -245,13 +253,16 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         return table
 
     def select(self, task=None, *, top: int | None = None, fraction: float | None = None, drop_opponents: bool = False,
-               method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None):
+               method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None,
+               rerank: str | None = None, candidates: int = 200):
         """Training examples for a task (selection.select.Task): the top N or fraction by mean score
-        against its queries, or all but the most harmful; a Selection (rows: Arrow), written to `out`."""
+        against its queries, or all but the most harmful; a Selection (rows: Arrow), written to `out`.
+        rerank ('kfac' | 'ekfac'): the best `candidates` re-scored through the Kronecker factors."""
         from trackstar_db.selection.select import select
 
         return select(self, task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
-                      aggregate=aggregate, ann=ann, device=resolve_device(device), out=out)
+                      aggregate=aggregate, ann=ann, device=resolve_device(device), out=out, rerank=rerank,
+                      candidates=candidates)
 
     def self_influence(self, variant: str = "corrected", mix: str = "train", k: int | None = None) -> pa.Table:
         """Each training example's g R^-1 g and |g|^2 (stored by fit), highest first; the first k."""
@@ -266,6 +277,24 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         from trackstar_db.selection.ledger import ledger
 
         return ledger(self, by, n_boot=n_boot, seed=seed)
+
+    def fit_factors(self, kind: str = "ekfac", damping: float = 0.1, fraction: float = 1.0, seed: int = 0,
+                    batch_size: int = 16, device: str = "cpu", progress: bool | None = None):
+        """Fit the Kronecker-factored curvature (K-FAC, or EK-FAC with its eigenvalue correction) from
+        the training examples (all or a seeded `fraction`), resumable (gradients/factors.py);
+        damping: lambda = damping x mean eigenvalue per matrix. Returns its FactorReport."""
+        from trackstar_db.gradients.factors import fit_factors  # heavy: torch
+
+        return fit_factors(self, kind, damping, fraction, seed, batch_size, resolve_device(device), progress=progress)
+
+    def factor_scores(self, pairs, example_ids=None, kind: str | None = None, device: str = "cpu"):
+        """(example ids, scores [len(pairs), n]): g_q^T (F + lambda)^-1 g_z of (prompt, target)
+        queries against `example_ids` (None: every example) through the stored factors
+        (retrieval/rerank.score_examples)."""
+        from trackstar_db.retrieval.rerank import score_examples  # heavy: torch
+
+        with self.reading():
+            return score_examples(self, list(pairs), example_ids, kind, resolve_device(device))
 
     remote = None  # distributed.objectstore.Remote of a database opened at an object-store URI
 

@@ -21,6 +21,10 @@ rungs need the uncorrected train+query tables, the last three the corrected ones
 preconditioners passed in must be fitted on the same table the spec reads: trak's R_train is
 the autocorrelation of *uncorrected* gradients, r-train's of corrected ones.
 
+Beyond the ladder, the Kronecker-factored methods (`trackstar-db fit-factors`): kfac-proj and
+ekfac-proj score uncorrected vectors through the projected curvature (train and query power
+-1/2 of F_p); kfac and ekfac re-score a first stage's candidates from full gradients.
+
 Plain data with no heavy import: the transforms that apply a spec live in retrieval/methods.py.
 """
 
@@ -32,6 +36,7 @@ from trackstar_db.errors import TrackstarError
 
 TABLES = ("uncorrected", "corrected")
 PRECONDITIONERS = ("train", "mixed")
+CURVATURES = ("kfac", "ekfac")  # Kronecker-factored curvature (gradients/factors.py), not fitted by `fit`
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,9 @@ class MethodSpec:
     def __post_init__(self):
         if self.table not in TABLES:
             raise TrackstarError(f"method {self.name}: table must be one of {TABLES}, not {self.table!r}")
-        if self.preconditioner not in (None, *PRECONDITIONERS):
-            raise TrackstarError(f"method {self.name}: preconditioner must be None or one of {PRECONDITIONERS}")
+        if self.preconditioner not in (None, *PRECONDITIONERS, *CURVATURES):
+            raise TrackstarError(f"method {self.name}: preconditioner must be None or one of "
+                                 f"{PRECONDITIONERS + CURVATURES}")
         uses_r = self.train_power != 0 or self.query_power != 0
         if uses_r != (self.preconditioner is not None):
             raise TrackstarError(f"method {self.name}: a non-zero power needs a preconditioner and vice versa")
@@ -64,6 +70,13 @@ LADDER = (
     MethodSpec("trackstar", "corrected", -0.5, -0.5, True, "mixed"),
 )
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in LADDER}
+# The Kronecker-factored rungs (gradients/factors.py; not part of the ablation ladder, so `fit`
+# leaves them alone): the uncorrected vectors scored through the projected K-FAC / EK-FAC
+# curvature F_p (its powers -1/2 on both sides: g_z . g_q F_p^-1), still one dot-product scan.
+KRONECKER = (
+    MethodSpec("kfac-proj", "uncorrected", -0.5, -0.5, False, "kfac"),
+    MethodSpec("ekfac-proj", "uncorrected", -0.5, -0.5, False, "ekfac"),
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class Method:
     gpu_free: bool = True  # has a CPU path
     extra: str | None = None  # pip install 'trackstar-db[EXTRA]'
     refuses_prompt: str | None = None
+    needs_factors: bool = False  # reads the Kronecker factors of 'trackstar-db fit-factors'
 
     @property
     def serves_prompt(self) -> bool:
@@ -89,8 +103,9 @@ class Method:
 
     @property
     def in_all(self) -> bool:
-        """Part of `--method all`: everything but the methods that need intermediate checkpoints."""
-        return not self.needs_checkpoints
+        """Part of `--method all`: everything but the methods that need intermediate checkpoints
+        or the Kronecker factors (fitted by their own command)."""
+        return not self.needs_checkpoints and not self.needs_factors
 
 
 _ONE_PROMPT_TRACIN = ("{name} sums gradients of the database's stored queries over the checkpoints (their "
@@ -105,6 +120,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     *(Method(name, "tracin-cp", needs_model=True, needs_checkpoints=True,
              refuses_prompt=_ONE_PROMPT_TRACIN.format(name=name))
       for name in ("tracin-cp", "tracin-cp-cos", "tracin-cp-opt")),
+    *(Method(spec.name, "kronecker-proj", spec, needs_model=True, needs_factors=True) for spec in KRONECKER),
+    # the second stage (retrieval/rerank.py): a first stage's top candidates re-scored from full
+    # gradients through the factors (first stage: the best rung served, or query/retrieve --method)
+    *(Method(name, "rerank", needs_model=True, needs_factors=True) for name in CURVATURES),
 )}
 # Every method in display order: the one list the CLI, the demo and the SQL summaries read.
 ALL_METHODS = tuple(REGISTRY)
@@ -112,6 +131,22 @@ BASELINES = tuple(m.name for m in REGISTRY.values() if m.needs_texts)  # retriev
 # TracIn-CP over the checkpoints training kept (retrieval/tracin_cp.py); not in 'all': it needs every checkpoint's
 # gradient tables (ingest gradients --checkpoint NAME) or featurizes them in memory.
 CHECKPOINT_METHODS = tuple(m.name for m in REGISTRY.values() if m.needs_checkpoints)
+# The Kronecker-factored methods: they need 'trackstar-db fit-factors' (gradients/factors.py).
+FACTOR_METHODS = tuple(m.name for m in REGISTRY.values() if m.needs_factors)
+
+
+def factors_missing(manifest: dict, name: str) -> str | None:
+    """Why the factor method `name` cannot answer from a database with this manifest, or None."""
+    entry = manifest.get("factors") or {}
+    if not entry:
+        return "no Kronecker factors (trackstar-db fit-factors)"
+    spec = REGISTRY[name].spec
+    kind = spec.preconditioner if spec is not None else name
+    if kind == "ekfac" and entry.get("kind") != "ekfac":
+        return "K-FAC factors only (trackstar-db fit-factors --kind ekfac)"
+    if spec is not None and kind not in (entry.get("projected") or {}):
+        return "no projected curvature (ingest the uncorrected gradients, then fit-factors)"
+    return None
 
 
 def lookup(name: str) -> Method:

@@ -223,6 +223,30 @@ def fit(db, mix, kind, damping, crossing_k, template, engine):
                    f"n_train={params['n_train']:,} n_eval={params['n_eval']:,} kind={params['kind']}")
 
 
+@main.command("fit-factors")
+@DB_ARG
+@click.option("--kind", type=click.Choice(["kfac", "ekfac"]), default="ekfac", show_default=True,
+              help="kfac: the Kronecker factors' eigenvalues; ekfac: one more pass for the eigenvalue correction.")
+@click.option("--damping", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
+              help="lambda = DAMPING x the mean eigenvalue of each matrix.")
+@click.option("--fraction", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
+              help="The seeded share of the training examples fitted on.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the share.")
+@click.option("--batch-size", type=POSITIVE, default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+def fit_factors_cmd(db, kind, damping, fraction, seed, batch_size, device):
+    """Fit the Kronecker-factored curvature (K-FAC / EK-FAC) of the tracked matrices from the training
+    examples, for the kfac-proj / ekfac-proj rungs and the --rerank second stage (resumable)."""
+    report = _open(db).fit_factors(kind, damping, fraction, seed, batch_size, device)
+    entry = report.entry
+    for note in report.notes or []:
+        click.echo(f"note: {note}", err=True)
+    resumed = f" (resumed after {report.resumed:,})" if report.resumed else ""
+    click.echo(f"{entry['kind']} factors of {len(entry['fitted_on']['tracked'])} matrices from {entry['n_examples']:,} "
+               f"examples{resumed}, {entry['tokens']:,} tokens; damping={entry['damping']:g} x mean eigenvalue; "
+               f"projected: {', '.join(entry['projected']) or 'none'}")
+
+
 @main.command()
 @DB_ARG
 def migrate(db):

@@ -31,8 +31,13 @@ from trackstar_db.option_checks import FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
 @click.option("--drop-opponents", is_flag=True, help="Write every example except the N (fraction) most harmful.")
 @click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @ann_flags
+@click.option("--rerank", type=click.Choice(["kfac", "ekfac"]), default=None,
+              help="Re-score the method's best candidates by their mean Kronecker-factored score ('trackstar-db "
+                   "fit-factors') and keep the best of those.")
+@click.option("--candidates", type=POSITIVE, default=200, show_default=True,
+              help="With --rerank: how many of the method's best are re-scored (at least --top).")
 def select_cmd(db, top, fraction, out, relation, bucket, query_ids, template, task_file, method, aggregate,
-               drop_opponents, device, ann):
+               drop_opponents, device, ann, rerank, candidates):
     """Select training data for a task: the examples with the highest mean score against its queries."""
     from trackstar_db.devices import resolve_device
     from trackstar_db.selection.select import Task
@@ -40,7 +45,8 @@ def select_cmd(db, top, fraction, out, relation, bucket, query_ids, template, ta
     task = Task(relation=relation, bucket=bucket, query_ids=tuple(query_ids) or None,
                 template=None if template == "all" else template, examples=task_file)
     chosen = _open(db).select(task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
-                              aggregate=aggregate, ann=ann, device=resolve_device(device), out=out)
+                              aggregate=aggregate, ann=ann, device=resolve_device(device), out=out,
+                              rerank=rerank, candidates=candidates)
     what = "kept after dropping the most harmful" if drop_opponents else "selected"
     click.echo(f"{chosen.rows.num_rows:,} of {chosen.n_scored:,} examples {what} for {task.describe()} "
                f"({chosen.n_queries} queries; {chosen.method}, {chosen.aggregate}); wrote {out}")

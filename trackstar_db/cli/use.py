@@ -16,6 +16,15 @@ from .scale import ann_flags
 from trackstar_db.option_checks import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP_K
 
 
+def rerank_flags(command):
+    """--rerank KIND and --candidates N: the second stage (retrieval/rerank.py) of query and retrieve."""
+    command = click.option("--candidates", type=POSITIVE, default=200, show_default=True,
+                           help="With --rerank: the first stage's top N (and bottom N) re-scored per query.")(command)
+    return click.option("--rerank", type=click.Choice(["kfac", "ekfac"]), default=None,
+                        help="Re-score the method's top candidates from full gradients through the Kronecker factors "
+                             "('trackstar-db fit-factors'); the answer keeps the first stage's score and rank.")(command)
+
+
 @main.command()
 @DB_ARG
 @click.option("--method", "methods", multiple=True, required=True,
@@ -31,7 +40,8 @@ from trackstar_db.option_checks import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, 
 @click.option("--query-text", type=click.Choice(["prompt+target", "prompt"]), default="prompt+target", show_default=True,
               help="What BM25 and the embedding baseline search with.")
 @ENGINE
-def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann, engine):
+@rerank_flags
+def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann, engine, rerank, candidates):
     """Retrieve proponents for the database's queries with one or more methods."""
     from trackstar_db.retrieval.methods import expand
 
@@ -43,7 +53,7 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann,
         raise click.BadParameter("names one run; give one --method with it", param_hint="--run")
     for name in names:
         run, rows = handle.retrieve(name, k, run_id, replace, None if template == "all" else template, device,
-                                    query_text, ann, engine)
+                                    query_text, ann, engine, rerank=rerank, candidates=candidates)
         click.echo(f"run {run}: {rows.num_rows:,} rows")
 
 
@@ -84,7 +94,8 @@ def eval_cmd(db, fmt, by):
                                              "with --format json/table/csv: one row per token).")
 @click.option("--verify", is_flag=True, help="Measure each proponent's tail-patch effect now (one optimizer step on "
                                              "it, the change of P(target)) and label it 'moves the model' or not.")
-def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify):
+@rerank_flags
+def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, rerank, candidates):
     """Attribute one prompt and target: proponents and opponents with their texts, and evidence:
     whether each states the answer (target, subject, verbatim span, BM25) and, with --verify,
     whether it moves the model (docs/validate.md)."""
@@ -95,8 +106,14 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify):
     from trackstar_db.retrieval.evidence import evidence_line
     from trackstar_db.retrieval.tokens import hit_tokens, strongest
 
+    from trackstar_db.ladder import REGISTRY
+
+    if tokens and (rerank or getattr(REGISTRY.get(method), "needs_factors", False)):
+        raise click.BadParameter("splits a ladder rung's score over tokens, not a Kronecker-factored one",
+                                 param_hint="--tokens")
     handle = _open(db)
-    rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann, verify=verify)
+    rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann, verify=verify,
+                        rerank=rerank, candidates=candidates)
     per_hit = hit_tokens(handle, prompt, target, rows, resolve_device(device)) if tokens else None
     if fmt != "text":
         print_table(per_hit if tokens else rows, fmt)
@@ -106,7 +123,9 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify):
         if picked:
             click.secho(f"{kind}s of {target!r} after {prompt!r} (method: {picked[0]['method']}):", bold=True)
         for r in picked:
-            click.echo(f"{r['rank']:>4}  {r['score']:+.4f}  {r['example_id']:<14} {to_terminal(r['text'], [prompt, target])}")
+            first = f"  ({r['first_method']} {r['first_score']:+.4f} #{r['first_rank']})" if "first_score" in r else ""
+            click.echo(f"{r['rank']:>4}  {r['score']:+.4f}  {r['example_id']:<14} {to_terminal(r['text'], [prompt, target])}"
+                       f"{first}")
             click.echo(" " * 6 + evidence_line(r))
             if tokens:
                 mine = per_hit.filter((pc.field("kind") == kind) & (pc.field("rank") == r["rank"]))

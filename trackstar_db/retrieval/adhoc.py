@@ -72,6 +72,10 @@ class PromptAttributor:
                                                              uncorrected=uncorrected)
         return self._featurizers[variant]
 
+    def warm_featurizer(self):
+        """A (Featurizer, tokenizer) already loaded here, or None (the second stage reuses its model)."""
+        return next(iter(self._featurizers.values()), None)
+
     def gradient(self, prompt: str, target: str, variant: str):
         """[1, d] raw query gradient of (prompt, target) in `variant`."""
         from trackstar_db.featurizer.tokenize import collate, pad_id
@@ -89,19 +93,26 @@ class PromptAttributor:
         return self._patcher
 
     def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY, ann=None,
-                  verify: bool = False) -> pa.Table:
+                  verify: bool = False, rerank: str | None = None, candidates: int = 200) -> pa.Table:
         """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts
         and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
-        now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
+        now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan;
+        `rerank` ('kfac' | 'ekfac'): the method's top `candidates` re-scored through the Kronecker
+        factors (retrieval/rerank.py; columns first_score, first_rank, first_method added)."""
         db = self.db
-        entry = self._entry(prompt, target, method, k)
+        entry, rerank = self._entry(prompt, target, method, k, rerank)
         fetch = k
         while True:  # hits on examples outside this read view (a BM25 index newer than it) give way
             vectors = self.gradient(prompt, target, entry.spec.table) if entry.spec is not None else None
             request = runners.Request(["adhoc"], [embedding.query_text(prompt, target)], fetch, self.device,
-                                      query_vectors=vectors, ann=ann)
-            rows = runners.run(db, entry, request).to_arrow(["adhoc"], "adhoc", entry.name)
-            rows, missing = _with_texts(db, rows.select(["kind", "rank", "example_id", "score", "method"]), k)
+                                      query_vectors=vectors, ann=ann, pairs=[(prompt, target)], rerank=rerank,
+                                      candidates=candidates, attributor=self)
+            result = runners.run(db, entry, request)
+            rows = result.to_arrow(["adhoc"], "adhoc", rerank or entry.name)
+            rows = rows.select(["kind", "rank", "example_id", "score", "method"])
+            if hasattr(result, "annotate"):  # the second stage: the first stage's score and rank beside
+                rows = result.annotate(rows)
+            rows, missing = _with_texts(db, rows, k)
             if min(K_MAX, k + missing) <= fetch:  # k hits left after the drop (or none more to ask for)
                 break
             fetch = min(K_MAX, k + missing)
@@ -109,9 +120,10 @@ class PromptAttributor:
 
         return with_evidence(db, prompt, target, rows, self.patcher() if verify else None)
 
-    def _entry(self, prompt: str, target: str, method: str | None, k: int):
-        """The registry entry answering a one-prompt query, after its checks (ParameterError names
-        the parameter; the bounds are option_checks': K_MAX, TEXT_MAX)."""
+    def _entry(self, prompt: str, target: str, method: str | None, k: int, rerank: str | None = None):
+        """(the registry entry answering a one-prompt query, the second stage or None), after its
+        checks (ParameterError names the parameter; the bounds are option_checks': K_MAX, TEXT_MAX).
+        A second-stage method (kfac, ekfac) answers as the best rung's candidates re-scored."""
         from trackstar_db.option_checks import TEXT_MAX, count
 
         for name, text in (("prompt", prompt), ("target", target)):
@@ -123,9 +135,14 @@ class PromptAttributor:
         if self.db.count("examples") == 0:
             raise TrackstarError(f"{self.db.path}: the database has no examples")
         entry = lookup(method or best_method(self.db))
+        if entry.runner == "rerank":
+            if rerank not in (None, entry.name):
+                raise ParameterError("rerank", f"{rerank!r} with method {entry.name}, itself the {entry.name} "
+                                               f"second stage; name a first-stage method")
+            rerank, entry = entry.name, lookup(best_method(self.db))
         if not entry.serves_prompt:
             raise TrackstarError(entry.refuses_prompt)
-        return entry
+        return entry, rerank
 
     def gradients(self, pairs: list[tuple[str, str]], variant: str) -> torch.Tensor:
         """[n, d] raw query gradients of (prompt, target) pairs in `variant`, featurized together
@@ -146,13 +163,19 @@ class PromptAttributor:
         setting) one scan or ANN search of all its queries with the largest k, each query's rows
         cut to its own k (the exact top-k of k is the first k of a larger one: ties break by
         position). Answers equal attribute()'s, scores up to float rounding of the batched
-        products. A refused ask gets its TrackstarError in its place; the others are answered."""
+        products. A refused ask gets its TrackstarError in its place; the others are answered. A
+        second-stage ask (kfac, ekfac) is answered alone by attribute()."""
         db = self.db
         out: list = [None] * len(asks)
-        entries, groups = {}, {}
+        entries, groups, alone = {}, {}, set()
         for i, ask in enumerate(asks):
             try:
-                entries[i] = self._entry(ask.prompt, ask.target, ask.method, ask.k)
+                entries[i], second = self._entry(ask.prompt, ask.target, ask.method, ask.k)
+                if second is not None:  # a second stage re-scores its own candidates: answered alone
+                    del entries[i]
+                    alone.add(i)
+                    out[i] = self.attribute(ask.prompt, ask.target, ask.method, ask.k, ask.ann, ask.verify)
+                    continue
             except TrackstarError as exc:
                 out[i] = exc
                 continue
@@ -193,10 +216,10 @@ class PromptAttributor:
                 out[i] = mine.select(["kind", "rank", "example_id", "score", "method"])
         from .evidence import with_evidence
 
-        text_of = _texts(db, [i for rows in out if isinstance(rows, pa.Table)
+        text_of = _texts(db, [i for n, rows in enumerate(out) if isinstance(rows, pa.Table) and n not in alone
                               for i in rows.column("example_id").to_pylist()])
         for i, ask in enumerate(asks):
-            if isinstance(out[i], pa.Table):
+            if isinstance(out[i], pa.Table) and i not in alone:
                 try:
                     rows, missing = _with_texts(db, out[i], ask.k, text_of)
                     if missing:  # hits outside the read view: the lone path asks for more

@@ -7,13 +7,14 @@ its runner; nothing else branches on a method's name.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow.compute as pc
 
 from trackstar_db import defaults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.ladder import Method
 
 from .topk import TopKResult
@@ -34,6 +35,10 @@ class Request:
     batch_rows: int = defaults.SCAN_BATCH_ROWS
     ann: object | None = None
     scorer: Callable | None = None
+    pairs: list | None = None  # (prompt, target) per query: what the second stage featurizes
+    rerank: str | None = None  # 'kfac' | 'ekfac': re-score this method's top `candidates` (rerank.py)
+    candidates: int = 200  # retrieval/rerank.DEFAULT_CANDIDATES
+    attributor: object | None = None  # a warm adhoc.PromptAttributor whose model the second stage reuses
 
 
 def stored_query_vectors(db, spec, query_ids: list[str]):
@@ -102,13 +107,60 @@ def tracin_cp(db, method: Method, request: Request) -> TopKResult:
     return top_k_stored(db, request.query_ids, request.k, method.name, request.device)
 
 
+def kronecker_proj(db, method: Method, request: Request) -> TopKResult:
+    """kfac-proj / ekfac-proj: the uncorrected vectors through the projected curvature F_p that
+    fit-factors stored (gradients/factors.py), by the one scoring path (g_z . g_q F_p^-1)."""
+    from trackstar_db.gradients.factors import load_projected  # heavy: torch
+
+    from .scoring import Scoring, score_table
+
+    spec = method.spec
+    vectors = request.query_vectors
+    if vectors is None:
+        vectors = stored_query_vectors(db, spec, request.query_ids)
+    table = db.gradient_table("train", corrected=False).require()
+    scoring = Scoring(spec, table, load_projected(db, spec.preconditioner), None)
+    return score_table(db, spec, vectors, request.k, device=request.device, batch_rows=request.batch_rows,
+                       scoring=scoring)
+
+
+def first_stage(db) -> str:
+    """The first stage of a bare kfac / ekfac request: the best rung the database serves."""
+    from .adhoc import best_method
+
+    return best_method(db)
+
+
+def rerank(db, method: Method, request: Request) -> TopKResult:
+    """kfac / ekfac as methods: the best rung's top candidates re-scored (retrieval/rerank.py)."""
+    from trackstar_db.ladder import lookup
+
+    first = lookup(first_stage(db))
+    return run(db, first, dataclasses.replace(request, rerank=method.name))
+
+
 RUNNERS: dict[str, Callable[..., TopKResult]] = {
     "gradient": gradient, "bm25": bm25, "embedding": embedding, "lm-embedding": lm_embedding, "tracin-cp": tracin_cp,
+    "kronecker-proj": kronecker_proj, "rerank": rerank,
 }
 
 
 def run(db, method: Method, request: Request) -> TopKResult:
     """Top-k of `method` for `request`; an ANN search only where the method serves one."""
-    if request.ann is not None and not method.serves_ann:
+    if request.ann is not None and not method.serves_ann and method.runner != "rerank":
         raise TrackstarError(f"ann: an ANN index serves the gradient methods, not {method.name}")
-    return RUNNERS[method.runner](db, method, request)
+    if method.runner == "rerank" and request.rerank not in (None, method.name):
+        raise ParameterError("rerank", f"{request.rerank!r} with method {method.name}, itself the {method.name} second "
+                                       f"stage; name a first-stage method")
+    if request.rerank is None or method.runner == "rerank":
+        return RUNNERS[method.runner](db, method, request)
+    from .rerank import check_rerank  # heavy: transformers
+    from .rerank import rerank as second_stage  # heavy: transformers
+
+    check_rerank(request.rerank, request.candidates)
+    if request.pairs is None:
+        raise TrackstarError(f"rerank: the queries' (prompt, target) pairs are needed to re-score {method.name}")
+    wide = dataclasses.replace(request, k=request.candidates, rerank=None)
+    candidates = RUNNERS[method.runner](db, method, wide)
+    return second_stage(db, candidates, request.pairs, request.k, request.rerank, request.device,
+                        request.attributor, first_method=method.name)

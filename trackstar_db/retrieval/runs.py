@@ -29,11 +29,16 @@ class RetrieveOptions:
     batch_rows: int = defaults.SCAN_BATCH_ROWS
     query_text: str = "prompt+target"  # what BM25 and embedding see: 'prompt+target' or 'prompt'
     ann: object | None = None  # retrieval.ann.AnnOptions: approximate top-k from the method's index
+    rerank: str | None = None  # 'kfac' | 'ekfac': re-score the method's top `candidates` (retrieval/rerank.py)
+    candidates: int = 200  # retrieval/rerank.DEFAULT_CANDIDATES
 
     def __post_init__(self):
         from trackstar_db.option_checks import K_MAX, count
 
+        from .rerank import check_rerank  # heavy: transformers
+
         count("k", self.k, 1, K_MAX)
+        check_rerank(self.rerank, self.candidates)
         count("batch_rows", self.batch_rows)
         if self.query_text not in ("prompt+target", "prompt"):
             raise ParameterError("query_text", f"must be 'prompt+target' or 'prompt', not {self.query_text!r}")
@@ -62,22 +67,33 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     entry = lookup(method)
     from trackstar_db.option_checks import name
 
-    run_id = name("run_id", run_id or (f"{method}-ann" if options.ann is not None else method))
+    default = f"{method}-ann" if options.ann is not None else method
+    if options.rerank is not None:  # the second stage's name: its column and default run (trackstar-ekfac)
+        default, method = f"{default}-{options.rerank}", options.rerank
+    run_id = name("run_id", run_id or default)
     existing = db.table("runs", columns=["run_id"], filter=pc.field("run_id") == run_id).num_rows
     if existing and not replace:
         raise ParameterError("run_id", f"{run_id!r}: that run exists; name another run or replace it")
     query_rows = _queries(db, options.template)
     query_ids = query_rows.column("query_id").to_pylist()
     request = Request(query_ids, _query_texts(query_rows, options.query_text), options.k, options.device,
-                      batch_rows=options.batch_rows, ann=options.ann, scorer=scorer)
-    rows = runners.run(db, entry, request).to_arrow(query_ids, run_id, method)
+                      batch_rows=options.batch_rows, ann=options.ann, scorer=scorer,
+                      pairs=list(zip(query_rows.column("prompt").to_pylist(), query_rows.column("target").to_pylist())),
+                      rerank=options.rerank, candidates=options.candidates)
+    result = runners.run(db, entry, request)
+    rows = result.to_arrow(query_ids, run_id, method)
     if entry.spec is not None and rows.num_rows == 0:
         raise TrackstarError(f"{method}: the scan returned no rows; is the gradient table damaged? "
                              f"run 'trackstar-db check {db.path}'")
     parameters = dict(asdict(options), engine=getattr(scorer, "engine", "local") if scorer else "local")
     if entry.spec is not None:
         parameters["preconditioners"] = db.manifest.get("preconditioners", {})
+    if options.rerank is not None or entry.needs_factors:  # what the second stage re-scored with
+        parameters["factors"] = {k: v for k, v in (db.manifest.get("factors") or {}).items() if k != "projected"}
+        parameters["first_stage"] = getattr(result, "first_method", None)
     if options.ann is not None:
-        parameters["ann_index"] = db.manifest["ann"][method]
+        parameters["ann_index"] = db.manifest["ann"][parameters.get("first_stage") or method]
     db.replace_run(run_id, method, parameters, rows)
+    if hasattr(result, "annotate"):  # a second stage: the answer keeps the first stage's scores (not stored)
+        rows = result.annotate(rows)
     return run_id, rows

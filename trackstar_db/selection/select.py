@@ -217,10 +217,13 @@ def _with_fields(db, ids: list[str], scores: np.ndarray) -> pa.Table:
 
 def select(db, task: Task | None = None, *, top: int | None = None, fraction: float | None = None,
            drop_opponents: bool = False, method: str | None = None, aggregate: str = "mean-vector", ann=None,
-           device: str = "cpu", progress: bool = False, out: str | Path | None = None) -> Selection:
+           device: str = "cpu", progress: bool = False, out: str | Path | None = None, rerank: str | None = None,
+           candidates: int = 200) -> Selection:
     """The top N (or fraction) of the training examples for `task`, best first; with
     `drop_opponents`, every example except the N (or fraction) lowest-scoring, best first.
-    `out` (.jsonl or .parquet, outside the database): also written there."""
+    `out` (.jsonl or .parquet, outside the database): also written there. `rerank` ('kfac' |
+    'ekfac'): the method's top max(N, candidates) re-scored by their mean second-stage score
+    (retrieval/rerank.py) and the best N of those kept; first_score keeps the method's score."""
     from trackstar_db.ladder import METHODS
     from trackstar_db.retrieval.adhoc import best_method
 
@@ -254,10 +257,32 @@ def select(db, task: Task | None = None, *, top: int | None = None, fraction: fl
             return _written(selection, target)
         ids, scores = gradient_scores(db, spec, g_q, aggregate, device, progress=progress)
     order = np.argsort(-scores, kind="stable")  # best first; ties: scan order
+    if rerank is not None:
+        return _written(_reranked(db, queries, ids, scores, order, n, method, rerank, candidates, device, drop_opponents),
+                        target)
     order = order[: len(order) - n] if drop_opponents else order[:n]
     selection = Selection(_with_fields(db, [ids[i] for i in order], scores[order]), method, aggregate,
                           queries.num_rows, len(ids))
     return _written(selection, target)
+
+
+def _reranked(db, queries: pa.Table, ids, scores: np.ndarray, order: np.ndarray, n: int, method: str, kind: str,
+              candidates: int, device: str, drop_opponents: bool) -> Selection:
+    """The first stage's best max(n, candidates) re-scored by their mean second-stage score; the
+    best n of them, with the first stage's score beside (first_score)."""
+    from trackstar_db.retrieval.rerank import check_rerank, score_examples  # heavy: transformers
+
+    check_rerank(kind, candidates)
+    if drop_opponents:
+        raise TrackstarError("--rerank re-scores the best candidates; it does not serve --drop-opponents")
+    pool = order[: max(n, candidates)]
+    pairs = list(zip(queries.column("prompt").to_pylist(), queries.column("target").to_pylist()))
+    _, second = score_examples(db, pairs, [ids[i] for i in pool], kind, device)
+    mean = second.mean(axis=0)
+    best = np.argsort(-mean, kind="stable")[:n]
+    rows = _with_fields(db, [ids[pool[i]] for i in best], mean[best])
+    rows = rows.append_column("first_score", pa.array(scores[pool[best]], pa.float32()))
+    return Selection(rows, f"{method}-{kind}", "mean-score", queries.num_rows, len(ids))
 
 
 def _written(selection: Selection, target: tuple[Path, str] | None) -> Selection:

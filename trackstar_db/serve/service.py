@@ -187,7 +187,7 @@ class QueryItem:
 def servable_methods(db: Snapshot) -> list[dict]:
     """[{name, kind, available, reason, ann}] for every method a one-prompt query may name, in the
     ladder's display order (baselines, then the gradient rungs)."""
-    from trackstar_db.ladder import ALL_METHODS, CHECKPOINT_METHODS, METHODS
+    from trackstar_db.ladder import ALL_METHODS, CHECKPOINT_METHODS, FACTOR_METHODS, METHODS, factors_missing
     from trackstar_db.retrieval import embedding
 
     fitted = db.manifest.get("preconditioners", {})
@@ -205,6 +205,8 @@ def servable_methods(db: Snapshot) -> list[dict]:
                 reason = f"no {table.name} table (ingest gradients)"
             elif spec.preconditioner and table.preconditioner_key(spec.preconditioner) not in fitted:
                 reason = f"no {spec.preconditioner!r} R fitted (trackstar-db fit)"
+        elif name in FACTOR_METHODS:  # kfac-proj / ekfac-proj and the kfac / ekfac second stage
+            reason = reason or factors_missing(db.manifest, name)
         elif name == "embedding" and not embedding.available():
             reason = "pip install 'trackstar-db[embedding]'"
         elif name == "lm-embedding" and not db.manifest.get("model"):
