@@ -34,6 +34,7 @@ COMMANDS = {
     "ingest gradients": "ingest_gradients",
     "train": "train",
     "fit": "fit",
+    "fit-factors": "fit_factors",
     "retrieve": "retrieve",
     "tail-patch": "tail_patch",
     "eval": "evaluate",
@@ -77,6 +78,7 @@ ROUTES_NOT_VERBS = {
     "GET /openapi.json": "FastAPI's description of the routes",
     "GET /api/health": "the server's own state (uptime, queue, model loaded)",
     "GET /api/version": "the server's snapshot (version id, pending renewal)",
+    "POST /api/query/batch": "query, one line at a time (the model worker batches them: PromptAttributor.attribute_many)",
     "GET /api/methods": "the registry's servability per method (serve/service.servable_methods), not a verb yet",
 }
 

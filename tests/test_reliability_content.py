@@ -1,7 +1,7 @@
 """Content names come from content (issue 34, item 1).
 
 An R file's name and recorded sha256 are a hash of its tensors and metadata in one canonical
-layout (store/content.py), so: the same R saved by two processes is the same bytes; two
+layout (content.py), so: the same R saved by two processes is the same bytes; two
 identical refits on copies of one database name their files alike; a fit killed after writing
 its files and rerun names them as a clean fit does; an identical refit rewrites nothing.
 Each fit runs in its own process, as a user's would (safetensors' header order changed per process).
@@ -73,7 +73,7 @@ def test_one_r_saved_by_two_processes_is_one_file_that_safetensors_reads(tmp_pat
     exec(SAVER.replace("pre.save(sys.argv[1])", ""), here)  # the same R fitted in this process
     assert here["pre"].to_bytes() == again
     back.params["damping"] = 0.5  # other metadata: other bytes, other name
-    from trackstar_db.store.content import digest
+    from trackstar_db.content import digest
 
     assert digest(back.to_bytes()) != digest(again)
 

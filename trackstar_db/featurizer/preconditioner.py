@@ -12,7 +12,7 @@ Powers come from a float64 eigendecomposition with damping:
 R^p = U diag((s + damping * mean(s))^p) U^T, mean(s) = trace(R) / d over the whole matrix
 (all blocks). Default damping: DEFAULT_DAMPING (chosen by a sweep: docs/method.md). Saved as safetensors (eigenvalues and eigenvectors per
 block) with lambda, k, damping, n_train, n_eval, kind and spans in the metadata; never pickled;
-laid out canonically (store/content.py), so the file's sha256 names it by its content.
+laid out canonically (content.py), so the file's sha256 names it by its content.
 The same file may carry the whitened norms |g R^p| of every training row ("row_norms.<p>",
 in the table's scan order) with the table version they belong to, so scans never apply R to
 stored rows (retrieval/scoring.py).
@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from trackstar_db import defaults
+from trackstar_db.content import canonical_safetensors, write_bytes
 
 KINDS = ("block", "dense")
 _THREADED_EIGH = 2048  # below this size one thread is faster and immune to busy-core stalls
@@ -145,10 +146,8 @@ class Preconditioner:
         return torch.linalg.vector_norm(self.apply(x.float(), power), dim=1)
 
     def to_bytes(self) -> bytes:
-        """The file's bytes in the canonical layout (store/content.py): the same R gives the same
+        """The file's bytes in the canonical layout (content.py): the same R gives the same
         bytes in every process, so its sha256 names it by its content."""
-        from trackstar_db.store.content import canonical_safetensors
-
         arrays = {}
         for i, (s, u) in enumerate(zip(self.eigvals, self.eigvecs)):
             arrays[f"eigvals.{i}"], arrays[f"eigvecs.{i}"] = s.cpu().numpy(), u.cpu().numpy()
@@ -159,8 +158,6 @@ class Preconditioner:
         return canonical_safetensors(arrays, meta)
 
     def save(self, path: str | Path) -> Path:
-        from trackstar_db.store.content import write_bytes
-
         return write_bytes(path, self.to_bytes())
 
     @classmethod

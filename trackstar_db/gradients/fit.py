@@ -25,6 +25,7 @@ import torch
 
 from trackstar_db import defaults
 from trackstar_db import faults
+from trackstar_db.content import digest as content_digest, write_bytes
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, GramAccumulator, fit_preconditioner
@@ -189,12 +190,10 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
         raise TrackstarError(f"{db.path}: no gradient tables to fit (found: {', '.join(db.table_names())})")
     # write-then-swap: every new file is complete before one journaled step (Database.swap_files)
     # moves them into place and points the manifest at them; a kill in that step is rolled forward.
-    # New files are named by their content (store/content.py: canonical bytes, their sha256), so a
+    # New files are named by their content (content.py: canonical bytes, their sha256), so a
     # reader pinned to the old manifest keeps its R files (retired, removed by a later fit once
     # RETIRE_SECONDS have passed), a rerun names its files as a clean run does, and a file already
     # present under its name is not written again
-    from trackstar_db.store.content import digest as content_digest, write_bytes
-
     renames = []
     try:
         for train, which, pre, params in staged:
