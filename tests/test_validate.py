@@ -25,7 +25,8 @@ def _tables(members: np.ndarray, losses: np.ndarray, runs: dict[str, np.ndarray]
     ids = [f"e{i:03d}" for i in range(n)]
     validate_runs = pa.table({
         "validation": ["v"] * n_models, "subset": pa.array(range(n_models), pa.int32()),
-        "examples": pa.array([[ids[i] for i in np.flatnonzero(row)] for row in members], pa.list_(pa.string()))})
+        "examples": pa.array([[ids[i] for i in np.flatnonzero(row)] for row in members], pa.list_(pa.string())),
+        "parameters": [json.dumps({"identity": {"n_corpus": n}})] * n_models})
     validate_losses = pa.table({
         "validation": ["v"] * losses.size, "subset": pa.array(np.repeat(np.arange(n_models), losses.shape[1]), pa.int32()),
         "query_id": [f"q{q}" for _ in range(n_models) for q in range(losses.shape[1])], "loss": losses.ravel()})
@@ -69,6 +70,8 @@ def test_lds_sql_matches_brute_force_on_a_planted_linear_datamodel():
     assert lds["exact"]["lds"] > 0.95 and lds["flipped"]["lds"] < -0.95
     assert abs(lds["shuffled"]["lds"]) < 0.2
     assert lds["constant"]["lds"] == 0.0 and lds["constant"]["n_undefined"] == n_queries
+    assert not lds["exact"]["partial"] and lds["exact"]["n_scored"] == n
+    assert lds["top5"]["partial"] and lds["top5"]["n_scored"] == 5  # a top-k LDS says it is one
     assert lds["exact"]["lds_low"] <= lds["exact"]["lds"] <= lds["exact"]["lds_high"]
     assert lds["shuffled"]["lds_high"] - lds["shuffled"]["lds_low"] > 0
 

@@ -213,20 +213,29 @@ class Database(_store.Store):
             return token_contributions(self, prompt, target, example_id, method,
                                        attributor=self._attributor_for(device))
 
-    def validate(self, options=None, bootstrap: int = 1000, report=None, **settings) -> pa.Table:
+    def validate(self, options=None, bootstrap: int = 1000, report=None, second_stage=None, **settings) -> pa.Table:
         """Counterfactual validation (validate/): retrain on random subsets the validation lacks
         (options: validate.options.ValidateOptions, or its fields as keywords: models, fraction,
-        seed, name, train_command, ...), then the LDS of every retrieval run with a bootstrap
-        interval (run_id, method, validation, n_queries, n_undefined, n_subsets, lds, lds_low, lds_high)."""
+        seed, name, train_command, schedule, ...), score every example for each retrieval run's
+        validated queries (validate/scores.py; second_stage: a validate.scores.SecondStage
+        re-scoring runs' top candidates), then the LDS of every run with a bootstrap interval
+        (run_id, method, validation, n_queries, n_undefined, n_subsets, lds, n_scored, partial,
+        lds_low, lds_high)."""
         from trackstar_db.validate.lds import lds_table
         from trackstar_db.validate.options import ValidateOptions
-        from trackstar_db.validate.runner import run_validation
+        from trackstar_db.validate.runner import loss_summary, run_validation
+        from trackstar_db.validate.scores import score_runs
 
         options = options or ValidateOptions(**settings)
         trained = run_validation(self, options)
+        score_runs(self, options.name, device=options.device, second_stage=second_stage, report=report)
         if report is not None:
             report(f"validation {options.name}: trained {len(trained)} model(s) now, "
                    f"{options.models - len(trained)} already stored")
+            losses = loss_summary(self, options.name)
+            if losses["retrained"] is not None:
+                attributed = "not recorded" if losses["attributed"] is None else f"{losses['attributed']:.3f}"
+                report(f"mean target loss: retrained models {losses['retrained']:.3f}, attributed model {attributed}")
         table = lds_table(self, options.name, bootstrap)
         if report is not None and table.num_rows == 0:
             report("no retrieval run covers these queries yet: run 'trackstar-db retrieve', then validate again "
