@@ -117,12 +117,14 @@ class Database(_store.Store):
         return ray_ingest(self, settings, replace(job, device="cpu"), device=job.device, progress=wanted(progress))
 
     def fit(self, mix: str = "task", kind: str = "block", damping: float = defaults.DAMPING,
-            crossing_k: int | None = None, template: str | None = defaults.TEMPLATE, engine: str = "local"):
+            crossing_k: int | None = None, template: str | None = defaults.TEMPLATE, engine: str = "local",
+            shrinkage="ledoit-wolf"):
         """Fit R_train and the task-mixed R (+ whitened row norms) from the stored gradients
-        (gradients/fit.py); returns its FitReport (preconditioners, notes)."""
+        (gradients/fit.py; shrinkage: 'ledoit-wolf', 'none' or a fixed rho); returns its FitReport
+        (preconditioners, notes)."""
         from trackstar_db.gradients.fit import fit
 
-        return fit(self, mix, kind, damping, crossing_k, template, **_engine(engine, "fit"))
+        return fit(self, mix, kind, damping, crossing_k, template, **_engine(engine, "fit"), shrinkage=shrinkage)
 
     # -- using --------------------------------------------------------------------------
     def retrieve(self, method: str, k: int = defaults.K_RETRIEVE, run_id: str | None = None, replace: bool = False,
