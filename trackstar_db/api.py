@@ -195,15 +195,17 @@ class Database(_store.Store):
             return evaluation(self, by)
 
     def query(self, prompt: str, target: str, k: int = defaults.K_QUERY, method: str | None = None,
-              device: str = "cpu", ann=None, verify: bool = False) -> pa.Table:
+              device: str = "cpu", ann=None, verify: bool = False, control_target: str | None = None) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
         score, method, text, and evidence: retrieval/evidence.py). method None: the best rung this
         database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label).
+        control_target: why `target` rather than it (loss(target) - loss(control), gradient methods).
         Quiet: no progress bar, transformers' included, unless stderr is a terminal (progress.py)."""
         from trackstar_db.progress import quiet_transformers
 
         with quiet_transformers(), self.reading():
-            return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify)
+            return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify,
+                                                          control_target=control_target)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:

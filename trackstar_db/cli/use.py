@@ -84,7 +84,9 @@ def eval_cmd(db, fmt, by):
                                              "with --format json/table/csv: one row per token).")
 @click.option("--verify", is_flag=True, help="Measure each proponent's tail-patch effect now (one optimizer step on "
                                              "it, the change of P(target)) and label it 'moves the model' or not.")
-def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify):
+@click.option("--control-target", default=None, help="Contrast: attribute loss(target) - loss(this target) after the "
+                                                     "same prompt, i.e. why the target rather than this (gradient methods).")
+def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, control_target):
     """Attribute one prompt and target: proponents and opponents with their texts, and evidence:
     whether each states the answer (target, subject, verbatim span, BM25) and, with --verify,
     whether it moves the model (docs/validate.md)."""
@@ -95,8 +97,11 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify):
     from trackstar_db.retrieval.evidence import evidence_line
     from trackstar_db.retrieval.tokens import hit_tokens, strongest
 
+    if tokens and control_target is not None:
+        raise click.BadParameter("token contributions are of one target; drop --tokens", param_hint="--control-target")
     handle = _open(db)
-    rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann, verify=verify)
+    rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann, verify=verify,
+                        control_target=control_target)
     per_hit = hit_tokens(handle, prompt, target, rows, resolve_device(device)) if tokens else None
     if fmt != "text":
         print_table(per_hit if tokens else rows, fmt)
@@ -104,7 +109,8 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify):
     for kind in ("proponent", "opponent"):
         picked = [r for r in rows.to_pylist() if r["kind"] == kind]
         if picked:
-            click.secho(f"{kind}s of {target!r} after {prompt!r} (method: {picked[0]['method']}):", bold=True)
+            versus = f" rather than {control_target!r}" if control_target is not None else ""
+            click.secho(f"{kind}s of {target!r}{versus} after {prompt!r} (method: {picked[0]['method']}):", bold=True)
         for r in picked:
             click.echo(f"{r['rank']:>4}  {r['score']:+.4f}  {r['example_id']:<14} {to_terminal(r['text'], [prompt, target])}")
             click.echo(" " * 6 + evidence_line(r))

@@ -6,6 +6,12 @@ kind ('proponent' | 'opponent'), rank, example_id, score, method, text, and the 
 of retrieval/evidence.py (bm25, has_target, has_subject, shared_span, states_it, delta_p,
 verify_ms, moves_model, label; delta_p measured only with verify).
 
+Contrastive queries (`control_target`): the query vector is the gradient of loss(target) -
+loss(control), i.e. grad(loss_target) - grad(loss_control), both featurized in one batch (the
+featurizer is linear in the gradient: correction and projection are linear maps); proponents then
+make the target more likely relative to the control. Gradient methods only; the evidence columns
+describe the target.
+
 With no method given, the best rung the database can serve answers: trackstar with a task R,
 else r-train, else opt-cos, else grad-cos; the table's `method` column says which.
 """
@@ -61,13 +67,16 @@ class PromptAttributor:
                                                              uncorrected=uncorrected)
         return self._featurizers[variant]
 
-    def gradient(self, prompt: str, target: str, variant: str):
-        """[1, d] raw query gradient of (prompt, target) in `variant`."""
+    def gradient(self, prompt: str, target: str, variant: str, control_target: str | None = None):
+        """[1, d] raw query gradient of (prompt, target) in `variant`; with `control_target`, of
+        loss(target) - loss(control_target) after the same prompt."""
         from trackstar_db.featurizer.tokenize import collate, pad_id
 
         featurizer, tokenizer = self.featurizer(variant)
-        item = featurizer.task.encode_query(tokenizer, prompt, target, featurizer.config.max_length)
-        return featurizer.featurize(collate([item], pad_id(tokenizer))).vectors[variant]
+        targets = [target] if control_target is None else [target, control_target]
+        items = [featurizer.task.encode_query(tokenizer, prompt, t, featurizer.config.max_length) for t in targets]
+        vectors = featurizer.featurize(collate(items, pad_id(tokenizer))).vectors[variant]
+        return vectors if control_target is None else vectors[:1] - vectors[1:2]
 
     def patcher(self):
         """The tail-patcher of `verify` (tailpatch/runs.load_patcher), loaded once."""
@@ -78,13 +87,16 @@ class PromptAttributor:
         return self._patcher
 
     def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY, ann=None,
-                  verify: bool = False) -> pa.Table:
+                  verify: bool = False, control_target: str | None = None) -> pa.Table:
         """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts
         and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
-        now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan."""
+        now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan;
+        `control_target`: attribute loss(target) - loss(control_target) (module docstring)."""
         db = self.db
         if not prompt.strip() or not target.strip():
             raise ParameterError("prompt" if not prompt.strip() else "target", "must be non-empty")
+        if control_target is not None and (not control_target.strip() or control_target == target):
+            raise ParameterError("control_target", "must be non-empty and differ from target")
         from trackstar_db.option_checks import K_MAX, count
 
         count("k", k, 1, K_MAX)
@@ -93,7 +105,10 @@ class PromptAttributor:
         entry = lookup(method or best_method(db))
         if not entry.serves_prompt:
             raise TrackstarError(entry.refuses_prompt)
-        vectors = self.gradient(prompt, target, entry.spec.table) if entry.spec is not None else None
+        if control_target is not None and entry.spec is None:
+            raise ParameterError("control_target", f"needs a gradient method (a difference of loss gradients), "
+                                                   f"not {entry.name}")
+        vectors = self.gradient(prompt, target, entry.spec.table, control_target) if entry.spec is not None else None
         request = runners.Request(["adhoc"], [embedding.query_text(prompt, target)], k, self.device,
                                   query_vectors=vectors, ann=ann)
         rows = runners.run(db, entry, request).to_arrow(["adhoc"], "adhoc", entry.name)

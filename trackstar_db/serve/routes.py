@@ -72,6 +72,8 @@ class QueryRequest(_Strict):
     refine_factor: Optional[int] = Field(None, ge=1)
     ef: Optional[int] = Field(None, ge=1)
     verify: bool = Field(False, description="Ask Database.query to verify (where this version offers it).")
+    control_target: Optional[str] = Field(None, min_length=1, max_length=MAX_TEXT,
+                                          description="Contrast: attribute loss(target) - loss(control_target).")
 
 
 class TokensRequest(_Strict):
@@ -192,7 +194,7 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
         elif request.nprobes or request.refine_factor or request.ef:
             raise TrackstarError("nprobes, refine_factor and ef need ann")
         return await service.worker.run(service.query, db, request.prompt, request.target, names, request.k, ann,
-                                        request.verify, request.tokens)
+                                        request.verify, request.tokens, request.control_target)
 
     @app.post("/api/tokens", summary="Each token's part of one example's score (gradient methods)")
     async def tokens(request: TokensRequest = Body(...)):

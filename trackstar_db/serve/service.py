@@ -107,7 +107,7 @@ class Service:
 
     # -- model requests (run on the worker thread) --------------------------------------------
     def query(self, db: Snapshot, prompt: str, target: str, methods: list[str], k: int, ann=None,
-              verify: bool = False, tokens: int = 0) -> dict:
+              verify: bool = False, tokens: int = 0, control_target: str | None = None) -> dict:
         """Each method's proponents and opponents with their evidence (verify: each proponent's
         tail-patch measured now); the top `tokens` proponents of gradient methods carry their
         token contributions (the page's shading)."""
@@ -122,14 +122,16 @@ class Service:
         for method in methods:
             started = time.perf_counter()
             try:
-                rows = db.query(prompt, target, k=k, method=method, device=self.device, ann=ann, verify=verify)
+                rows = db.query(prompt, target, k=k, method=method, device=self.device, ann=ann, verify=verify,
+                                control_target=control_target)
             except TrackstarError as exc:
                 raise TrackstarError(f"method {method}: {exc}") from None
             seconds = time.perf_counter() - started
             hits = {"proponent": [], "opponent": []}
             for hit in rows.to_pylist():
                 shade = None
-                if hit["kind"] == "proponent" and method in METHODS and len(hits["proponent"]) < tokens:
+                if hit["kind"] == "proponent" and method in METHODS and len(hits["proponent"]) < tokens \
+                        and control_target is None:  # token shares are of one target
                     contributions = contributions or TokenAttributor(db, db._attributor_for(self.device), self.device)
                     shade = contributions(prompt, target, hit["example_id"], method, hit["text"])
                 hits.setdefault(hit["kind"], []).append(payload.hit_json(hit, refs, shade, truth))
