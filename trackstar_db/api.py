@@ -246,6 +246,22 @@ class Database(_store.Store):
                    "(nothing is retrained)")
         return table
 
+    def query_loss_difference(self, run: str, queries: int = 4, top: float = 0.1, seed: int = 0,
+                              random_control: bool = True, bootstrap: int = 1000, report=None,
+                              **settings) -> pa.Table:
+        """The QLD check (validate/qld.py): per query of `run`, the rise of its target loss when
+        retrained without the run's top `top` share of examples, and without as many random ones;
+        settings: the trainer's (ValidateOptions: schedule, steps, device, template...). The summary
+        (mean rises with bootstrap intervals) is the JSON schema metadata b'summary'."""
+        import json
+
+        from trackstar_db.validate.options import ValidateOptions
+        from trackstar_db.validate.qld import QLDOptions, query_loss_difference
+
+        table, summary = query_loss_difference(self, QLDOptions(run, queries, top, seed, random_control, bootstrap),
+                                               ValidateOptions(**settings), progress=report)
+        return table.replace_schema_metadata({"summary": json.dumps(summary)})
+
     def select(self, task=None, *, top: int | None = None, fraction: float | None = None, drop_opponents: bool = False,
                method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None):
         """Training examples for a task (selection.select.Task): the top N or fraction by mean score
