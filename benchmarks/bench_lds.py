@@ -13,7 +13,7 @@ METHOD:RULE and scored on the same retrained models (nothing retrained).
 
     python benchmarks/bench_lds.py                               # tiny world, M=24 (a few minutes on 2 cores)
     python benchmarks/bench_lds.py --size demo --models 12 --k 1000   # the demo world (much longer)
-    python benchmarks/bench_lds.py --dim 16384 --compare-shrinkage none   # the damping rule against none
+    python benchmarks/bench_lds.py --dim 16384 --compare-shrinkage none,ledoit-wolf   # the damping rule against others
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def main() -> None:
                                                                 "the base model's own config)")
     parser.add_argument("--dim", type=int, default=1024, help="projected gradient width")
     parser.add_argument("--schedule", default="scaled", help="retrained models' schedule (validate --schedule)")
-    parser.add_argument("--shrinkage", default="ledoit-wolf", help="R's shrinkage (fit --shrinkage)")
-    parser.add_argument("--compare-shrinkage", default=None, help="also score the R rungs refitted with this rule")
+    parser.add_argument("--shrinkage", default="prior", help="R's shrinkage (fit --shrinkage)")
+    parser.add_argument("--compare-shrinkage", default=None,
+                        help="comma-separated rules: also score the R rungs refitted with each")
     parser.add_argument("--k", type=int, default=None, help="re-retrieve with this k (default: every example; on the "
                                                             "demo world that stores 2 x 5,426 rows per query and method)")
     parser.add_argument("--patch-queries", type=int, default=20, help="queries tail-patched per method")
@@ -61,8 +62,8 @@ def main() -> None:
     run_demo(workdir, size=args.size, dim=args.dim, full=True, simfluence=False, tail_patch_queries=1)
     times["build (world, train, featurize, fit, retrieve k=100)"] = time.perf_counter() - started
     db = connect(workdir / "db")
-    shrinkage = args.shrinkage if args.shrinkage in ("ledoit-wolf", "none") else float(args.shrinkage)
-    if shrinkage != "ledoit-wolf":  # the demo fitted with the default rule
+    shrinkage = _rule(args.shrinkage)
+    if shrinkage != "prior":  # the demo fitted with the default rule
         db.fit(shrinkage=shrinkage)
     n = db.count("examples")
     k = min(args.k or n, n)
@@ -79,23 +80,19 @@ def main() -> None:
     from trackstar_db.validate.runner import loss_summary
 
     losses = loss_summary(db, "lds")
+    shown = METHODS
     if args.compare_shrinkage:
-        mark = time.perf_counter()
-        other = args.compare_shrinkage if args.compare_shrinkage in ("ledoit-wolf", "none") else \
-            float(args.compare_shrinkage)
-        db.fit(shrinkage=other)
         rungs = [m for m in METHODS if m in ("trak", "r-train", "trackstar")]
-        for method in rungs:
-            retrieve(db, method, RetrieveOptions(k=k, device=args.device), run_id=f"{method}:{args.compare_shrinkage}",
-                     replace=True)
-        table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device,
-                            schedule=args.schedule)
-        times[f"refit R with shrinkage {args.compare_shrinkage}, retrieve and score {len(rungs)} rungs"] = \
-            time.perf_counter() - mark
-        METHODS_SHOWN = METHODS + tuple(f"{m}:{args.compare_shrinkage}" for m in rungs)
-    else:
-        METHODS_SHOWN = METHODS
-    table = table.filter(pc.is_in(table.column("run_id"), pa.array(METHODS_SHOWN)))
+        for rule in args.compare_shrinkage.split(","):
+            mark = time.perf_counter()
+            db.fit(shrinkage=_rule(rule))
+            for method in rungs:
+                retrieve(db, method, RetrieveOptions(k=k, device=args.device), run_id=f"{method}:{rule}", replace=True)
+            table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device,
+                                schedule=args.schedule)
+            times[f"refit R with shrinkage {rule}, retrieve and score {len(rungs)} rungs"] = time.perf_counter() - mark
+            shown += tuple(f"{m}:{rule}" for m in rungs)
+    table = table.filter(pc.is_in(table.column("run_id"), pa.array(shown)))
     summary = db.evaluate().select(["method", "run_id", "mrr", "recall_at_10", "tailpatch_at_1", "lds", "lds_partial"])
     print(f"world {args.size}: {n:,} examples, {db.count('queries') // 3} prompt0 queries; M={args.models}, "
           f"fraction {args.fraction}, d={args.dim}, R shrinkage {args.shrinkage}, schedule {args.schedule}, "
@@ -108,6 +105,10 @@ def main() -> None:
         print(f"{stage}: {seconds:.0f} s")
     print(f"total {time.perf_counter() - started:.0f} s; load average at start {load[0]:.2f}, "
           f"at end {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
+
+
+def _rule(text: str):
+    return text if text in ("prior", "ledoit-wolf", "none") else float(text)
 
 
 if __name__ == "__main__":

@@ -118,9 +118,9 @@ class Database(_store.Store):
 
     def fit(self, mix: str = "task", kind: str = "block", damping: float = defaults.DAMPING,
             crossing_k: int | None = None, template: str | None = defaults.TEMPLATE, engine: str = "local",
-            shrinkage="ledoit-wolf"):
+            shrinkage="prior"):
         """Fit R_train and the task-mixed R (+ whitened row norms) from the stored gradients
-        (gradients/fit.py; shrinkage: 'ledoit-wolf', 'none' or a fixed rho); returns its FitReport
+        (gradients/fit.py; shrinkage: 'prior', 'ledoit-wolf', 'none' or a fixed rho); returns its FitReport
         (preconditioners, notes)."""
         from trackstar_db.gradients.fit import fit
 

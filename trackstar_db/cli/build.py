@@ -197,16 +197,16 @@ def train(db, out_dir, arch, epochs, seed, checkpoints, overwrite):
 @click.option("--crossing-k", type=POSITIVE, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
 @click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Queries whose gradients form R_eval.")
 @ENGINE
-@click.option("--shrinkage", default="ledoit-wolf", show_default=True,
-              help="Each block of R toward its mean eigenvalue: ledoit-wolf (chosen from the data), none, or a fixed "
-                   "share in [0, 1] (docs/method.md).")
+@click.option("--shrinkage", default="prior", show_default=True,
+              help="Each block of R toward its mean eigenvalue: prior (size / (n + size), from the block's size and "
+                   "its n vectors), ledoit-wolf, none, or a fixed share in [0, 1] (docs/method.md).")
 def fit(db, mix, kind, damping, crossing_k, template, engine, shrinkage):
     """Fit the preconditioners R (R_train, and the task-mixed R) from the stored gradients."""
-    if shrinkage not in ("ledoit-wolf", "none"):
+    if shrinkage not in ("prior", "ledoit-wolf", "none"):
         try:
             shrinkage = float(shrinkage)
         except ValueError:
-            raise click.BadParameter(f"must be ledoit-wolf, none or a number in [0, 1], not {shrinkage!r}",
+            raise click.BadParameter(f"must be prior, ledoit-wolf, none or a number in [0, 1], not {shrinkage!r}",
                                      param_hint="--shrinkage") from None
     report = _open(db).fit(mix, kind, damping, crossing_k, template, engine, shrinkage=shrinkage)
     for note in report.notes:

@@ -10,15 +10,20 @@ lambda = s_train[k] / (s_train[k] + s_eval[k]). Without query vectors R = R_trai
 
 Shrinkage, chosen from the data (docs/method.md, "The damping rule"): each block's estimate S
 (R_train from n_train vectors, R_eval from n_eval) becomes (1 - rho) S + rho mu I, mu = trace(S)
-/ size, with Ledoit and Wolf's rho = min(b2, d2) / d2 for a second moment (no centering):
+/ size. The default rule, 'prior', is the posterior mean under a prior mu I worth one
+pseudo-vector per dimension of the block (PRIOR_SAMPLES_PER_DIM): rho = size / (n + size), so
+rho grows as n falls below the block size, where S's small eigenvalues are noise (with n <
+size, S has size - n zero eigenvalues, which R^-1/2 would otherwise blow up to the damping's
+floor). 'ledoit-wolf' takes Ledoit and Wolf's rho = min(b2, d2) / d2 for a second moment (no
+centering) instead:
 
     d2 = |S - mu I|_F^2 = |S|_F^2 - size mu^2
     b2 = (1/n^2) sum_i |x_i x_i^T - S|_F^2 = (mean_i |x_i|^4 - |S|_F^2) / n
 
-(GramAccumulator keeps sum_i |x_i|^4 per block beside g g^T, so this costs no second pass).
-rho grows as n falls below the block size, where S's small eigenvalues are noise: with n <
-size, S has size - n zero eigenvalues, which R^-1/2 would otherwise blow up to the damping's
-floor. shrinkage='none' (rho = 0) or a number in [0, 1] fixes rho instead.
+(GramAccumulator keeps sum_i |x_i|^4 per block beside g g^T, so this costs no second pass); it
+is Frobenius-optimal for S, dominated by the large eigenvalues, and shrinks too little for
+whitening (rho ~0.16 for blocks of 1,600 from 354 gradients; benchmarks/RESULTS.md).
+shrinkage='none' (rho = 0) or a number in [0, 1] fixes rho instead.
 
 Powers come from a float64 eigendecomposition with damping:
 R^p = U diag((s + damping * mean(s))^p) U^T, mean(s) = trace(R) / d over the whole matrix
@@ -62,8 +67,9 @@ def _eigh_threads(size: int):
 DEFAULT_DAMPING = defaults.DAMPING  # chosen by benchmarks/sweep_preconditioner.py on the demo world
 
 
-SHRINKAGES = ("ledoit-wolf", "none")
-DEFAULT_SHRINKAGE = "ledoit-wolf"
+SHRINKAGES = ("prior", "ledoit-wolf", "none")
+DEFAULT_SHRINKAGE = "prior"
+PRIOR_SAMPLES_PER_DIM = 1.0  # the prior's weight: pseudo-vectors per dimension of a block (docs/method.md)
 
 
 class GramAccumulator:
@@ -113,10 +119,20 @@ def ledoit_wolf_rho(mean: torch.Tensor, fourth: float, n: int) -> float:
     return min(b2, d2) / d2
 
 
+def prior_rho(size: int, n: int) -> float:
+    """The 'prior' rule's rho for a block of `size` dimensions estimated from n vectors: the
+    posterior mean of a second moment under a prior mu I worth c * size pseudo-vectors
+    (c = PRIOR_SAMPLES_PER_DIM), (n S + c size mu I) / (n + c size), i.e. rho = c size / (n + c size)."""
+    prior = PRIOR_SAMPLES_PER_DIM * size
+    return prior / (n + prior)
+
+
 def shrink(blocks: list[torch.Tensor], acc: "GramAccumulator", shrinkage) -> tuple[list[torch.Tensor], list[float]]:
-    """(blocks shrunk toward mu I, rho per block) by `shrinkage`: 'ledoit-wolf', 'none' or a fixed rho."""
+    """(blocks shrunk toward mu I, rho per block) by `shrinkage`: 'prior', 'ledoit-wolf', 'none' or a fixed rho."""
     if shrinkage == "none":
         rhos = [0.0] * len(blocks)
+    elif shrinkage == "prior":
+        rhos = [prior_rho(b.shape[0], acc.n) for b in blocks]
     elif shrinkage == "ledoit-wolf":
         rhos = [ledoit_wolf_rho(b, f, acc.n) for b, f in zip(blocks, acc.fourth)]
     else:
@@ -249,7 +265,7 @@ def fit_preconditioner(train: Iterable[torch.Tensor], queries: Iterable[torch.Te
                        damping: float = DEFAULT_DAMPING, k: int | None = None,
                        shrinkage=DEFAULT_SHRINKAGE) -> Preconditioner:
     """Fit R (mixed when `queries` is given) from streams of [batch, dim] vectors, each estimate
-    shrunk by `shrinkage` ('ledoit-wolf', 'none' or a fixed rho; module docstring) before the mix.
+    shrunk by `shrinkage` ('prior', 'ledoit-wolf', 'none' or a fixed rho; module docstring) before the mix.
 
     kind="block" uses `spans` (Layout.spans()); kind="dense" one span [0, dim). `train` may also
     be a GramAccumulator already summed over those spans (the Ray engine's partial sums)."""

@@ -127,8 +127,8 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
         shrinkage=DEFAULT_SHRINKAGE) -> FitReport:
     """Fit every preconditioner the stored tables allow. `passes`: who reads the training tables
     (LocalPasses; trackstar_db.distributed.fit sums over Ray tasks). shrinkage: each block's
-    estimate toward its mean eigenvalue, 'ledoit-wolf' (rho from the data, the default), 'none'
-    or a fixed rho in [0, 1] (featurizer/preconditioner.py; docs/method.md)."""
+    estimate toward its mean eigenvalue: 'prior' (rho = size / (n + size) per block, the default),
+    'ledoit-wolf', 'none' or a fixed rho in [0, 1] (featurizer/preconditioner.py; docs/method.md)."""
     _check_options(mix, damping, k, shrinkage)
     featurizer = db.manifest.get("featurizer")
     if not featurizer:
