@@ -30,9 +30,17 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     return (1 - rho) * s + rho * mu * np.eye(size), rho
 
 
-def numpy_reference(train, queries, spans, k, damping, power, shrink=False):
-    """Explicit R_mix^power, dense [d, d] (zeros off the blocks); with `shrink`, each block of
-    R_train and R_eval shrunk by its own Ledoit-Wolf rho before the mix."""
+def prior(x: np.ndarray) -> np.ndarray:
+    """The 'prior' rule written out: (n S + size mu I) / (n + size), the posterior mean under a
+    prior mu I worth one pseudo-vector per dimension."""
+    n, size = x.shape
+    s = x.T @ x / n
+    return (n * s + size * np.trace(s) / size * np.eye(size)) / (n + size)
+
+
+def numpy_reference(train, queries, spans, k, damping, power, shrink="none"):
+    """Explicit R_mix^power, dense [d, d] (zeros off the blocks); with `shrink` ('prior' or
+    'ledoit-wolf'), each block of R_train and R_eval shrunk by its own rule before the mix."""
     t = np.concatenate([x.numpy() for x in train]).astype(np.float64)
     q = np.concatenate([x.numpy() for x in queries]).astype(np.float64)
     blocks_t = [t[:, o:o + s].T @ t[:, o:o + s] / len(t) for o, s in spans]
@@ -40,9 +48,10 @@ def numpy_reference(train, queries, spans, k, damping, power, shrink=False):
     s_t = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in blocks_t]))[::-1]
     s_q = np.sort(np.concatenate([np.linalg.eigvalsh(b) for b in blocks_q]))[::-1]
     lam = s_t[k] / (s_t[k] + s_q[k])
-    if shrink:
-        blocks_t = [ledoit_wolf(t[:, o:o + s])[0] for o, s in spans]
-        blocks_q = [ledoit_wolf(q[:, o:o + s])[0] for o, s in spans]
+    rule = {"prior": prior, "ledoit-wolf": lambda x: ledoit_wolf(x)[0]}.get(shrink)
+    if rule is not None:
+        blocks_t = [rule(t[:, o:o + s]) for o, s in spans]
+        blocks_q = [rule(q[:, o:o + s]) for o, s in spans]
     mixed = [lam * bq + (1 - lam) * bt for bt, bq in zip(blocks_t, blocks_q)]
     mean = sum(np.trace(m) for m in mixed) / DIM
     out = np.zeros((DIM, DIM))
@@ -52,14 +61,14 @@ def numpy_reference(train, queries, spans, k, damping, power, shrink=False):
     return lam, out
 
 
-@pytest.mark.parametrize("shrinkage", ["none", "ledoit-wolf"])
+@pytest.mark.parametrize("shrinkage", ["none", "prior", "ledoit-wolf"])
 @pytest.mark.parametrize("kind", ["block", "dense"])
 @pytest.mark.parametrize("power", [-0.5, -1.0])
 def test_matches_numpy(kind, power, shrinkage):
     train, queries = stream(0, 50), stream(1, 30, scale=torch.linspace(3.0, 0.1, DIM))
     spans = SPANS if kind == "block" else [(0, DIM)]
     pre = fit_preconditioner(train, queries, dim=DIM, spans=SPANS, kind=kind, damping=0.01, k=3, shrinkage=shrinkage)
-    lam, matrix = numpy_reference(train, queries, spans, 3, 0.01, power, shrink=shrinkage == "ledoit-wolf")
+    lam, matrix = numpy_reference(train, queries, spans, 3, 0.01, power, shrink=shrinkage)
     assert pre.params["lambda"] == pytest.approx(lam, rel=1e-9)
     assert pre.params["n_train"] == 50 and pre.params["n_eval"] == 30
     x = torch.randn(5, DIM, dtype=torch.float64)
@@ -72,7 +81,11 @@ def test_without_queries_is_r_train():
     t = torch.cat(train).double()
     for (o, s), m in zip(SPANS, pre.matrices()):
         torch.testing.assert_close(m, t[:, o:o + s].T @ t[:, o:o + s] / 40)
-    shrunk = fit_preconditioner(train, dim=DIM, spans=SPANS)  # the default: Ledoit-Wolf per block
+    default = fit_preconditioner(train, dim=DIM, spans=SPANS)  # the default rule: 'prior' per block
+    for (o, s), m, rho in zip(SPANS, default.matrices(), default.params["rho_train"]):
+        assert rho == pytest.approx(s / (40 + s)) and default.params["shrinkage"] == "prior"
+        np.testing.assert_allclose(m.numpy(), prior(t[:, o:o + s].numpy()), rtol=1e-9, atol=1e-12)
+    shrunk = fit_preconditioner(train, dim=DIM, spans=SPANS, shrinkage="ledoit-wolf")
     for (o, s), m, rho in zip(SPANS, shrunk.matrices(), shrunk.params["rho_train"]):
         want, want_rho = ledoit_wolf(t[:, o:o + s].numpy())
         assert rho == pytest.approx(want_rho, rel=1e-9) and 0 < rho <= 1
@@ -86,7 +99,7 @@ def test_whitened_row_norms_and_their_file_round_trip(tmp_path):
     train, queries = stream(3, 60), stream(4, 20)
     pre = fit_preconditioner(train, queries, dim=DIM, spans=SPANS, damping=1e-2, k=2)
     x = torch.cat(train).double()
-    _, inverse = numpy_reference(train, queries, SPANS, 2, 1e-2, -1.0, shrink=True)  # (R_damped)^-1, dense
+    _, inverse = numpy_reference(train, queries, SPANS, 2, 1e-2, -1.0, shrink="prior")  # (R_damped)^-1, dense
     want = np.sqrt(np.einsum("nd,de,ne->n", x.numpy(), inverse, x.numpy()))  # |x R^-1/2|^2 = x R^-1 x^T
     np.testing.assert_allclose(pre.norms(x, -0.5).numpy(), want, rtol=1e-6)  # norms are float32
     pre.row_norms = {-0.5: pre.norms(x, -0.5).float()}
@@ -134,6 +147,7 @@ def test_ledoit_wolf_rho_on_a_known_spectrum():
     (shrunk,), (rho,) = shrink([mean], acc, "ledoit-wolf")
     np.testing.assert_allclose(np.linalg.eigvalsh(shrunk.numpy()), [0.125, 0.125, 0.875, 0.875])
     assert shrink([mean], acc, "none")[1] == [0.0] and shrink([mean], acc, 0.5)[1] == [0.5]
+    assert shrink([mean], acc, "prior")[1] == [pytest.approx(4 / (8 + 4))]  # size / (n + size)
     x[:, 2] = x[:, 3] = 0.0
     iso = GramAccumulator([(0, 2)])  # S = I already: rho 0, shrinking could not change it
     iso.update(x[:, :2])
@@ -147,17 +161,21 @@ def test_ledoit_wolf_rho_on_a_known_spectrum():
 def test_fewer_vectors_than_a_block_stay_well_conditioned():
     """The case that sank trackstar at d = 16,384 (blocks of ~1,600 dims from 354 gradients): n = 40
     vectors in a block of 200. Unshrunk (damping ~0), R has 160 zero eigenvalues and R^-1/2 blows
-    up whatever a new vector has outside the 40 seen directions; shrunk by Ledoit-Wolf, fresh
-    vectors from the same law whiten to norms like the fitted ones', and rho grows as n falls."""
+    up whatever a new vector has outside the 40 seen directions; shrunk by the default rule (and
+    by Ledoit-Wolf), fresh vectors from the same law whiten to norms like the fitted ones', and
+    rho grows as n falls."""
     size, gen = 200, torch.Generator().manual_seed(0)
     scale = torch.linspace(0.1, 3.0, size, dtype=torch.float64)
     draw = lambda n: torch.randn(n, size, generator=gen, dtype=torch.float64) * scale  # noqa: E731
     train, fresh = draw(40), draw(40)
-    rule = fit_preconditioner([train], dim=size, kind="dense", damping=1e-9)
     raw = fit_preconditioner([train], dim=size, kind="dense", damping=1e-9, shrinkage="none")
-    s_rule, s_raw = rule.eigvals[0], raw.eigvals[0]
-    assert float(s_rule.max() / s_rule.min()) < 1e3 < float(s_raw.max() / s_raw.clamp(min=1e-300).min())
+    s_raw = raw.eigvals[0]
     ratio = lambda pre: float(pre.norms(fresh, -0.5).median() / pre.norms(train, -0.5).median())  # noqa: E731
-    assert ratio(rule) < 3 and ratio(raw) > 100
-    rhos = [fit_preconditioner([draw(n)], dim=size, kind="dense").params["rho_train"][0] for n in (20, 200, 5000)]
-    assert rhos[0] > rhos[1] > rhos[2] and rhos[2] < 0.1
+    assert float(s_raw.max() / s_raw.clamp(min=1e-300).min()) > 1e10 and ratio(raw) > 100
+    for shrinkage in ("prior", "ledoit-wolf"):
+        rule = fit_preconditioner([train], dim=size, kind="dense", damping=1e-9, shrinkage=shrinkage)
+        s_rule = rule.eigvals[0]
+        assert float(s_rule.max() / s_rule.min()) < 1e3 and ratio(rule) < 3, shrinkage
+        rhos = [fit_preconditioner([draw(n)], dim=size, kind="dense", shrinkage=shrinkage).params["rho_train"][0]
+                for n in (20, 200, 20000)]
+        assert rhos[0] > rhos[1] > rhos[2] and rhos[2] < 0.1, shrinkage
