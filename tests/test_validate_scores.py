@@ -114,3 +114,14 @@ def test_second_stage_rescores_candidates_and_says_how_many(db):
         assert r["prediction"] == len(top[r["query_id"]] & members[r["subset"]])
     every = db.validate(models=MODELS, steps=2, bootstrap=10, second_stage=SecondStage("all", ones))
     assert not _rows(every, "cos+all")["partial"] and _rows(every, "cos+all")["n_scored"] == n
+
+
+def test_a_run_retrieved_before_a_refit_is_not_scored_with_the_new_r(db):
+    """Its stored top-k describes the old R: validate says so and leaves its LDS partial."""
+    retrieve(db, "trackstar", RetrieveOptions(k=5), run_id="old")
+    fit(db, shrinkage="none")
+    lines = []
+    row = _rows(db.validate(models=MODELS, steps=2, bootstrap=10, report=lines.append), "old")
+    assert row["partial"] and any("old: R was refitted" in line for line in lines)
+    retrieve(db, "trackstar", RetrieveOptions(k=5), run_id="old", replace=True)
+    assert not _rows(db.validate(models=MODELS, steps=2, bootstrap=10), "old")["partial"]

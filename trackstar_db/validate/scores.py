@@ -153,6 +153,21 @@ def _texts(db, run_parameters: str, query_ids: list[str]) -> list[str]:
     return _query_texts(rows.take([position[q] for q in query_ids]), mode)
 
 
+def refit_since(db, method: str, run_parameters: str) -> bool:
+    """True when `method` uses an R refitted since the run was retrieved (its stored top-k then
+    describes another R than the one validate would score with)."""
+    from trackstar_db.ladder import REGISTRY
+
+    entry = REGISTRY.get(method)
+    if entry is None or entry.spec is None or entry.spec.preconditioner is None:
+        return False
+    key = db.gradient_table("train", corrected=entry.spec.table == "corrected").preconditioner_key(
+        entry.spec.preconditioner)
+    then = (json.loads(run_parameters or "{}").get("preconditioners") or {}).get(key, {}).get("sha256")
+    now = (db.manifest.get("preconditioners") or {}).get(key, {}).get("sha256")
+    return then != now
+
+
 def score_runs(db, validation: str, *, device: str = "cpu", second_stage: SecondStage | None = None,
                report: Callable[[str], None] | None = None) -> list[str]:
     """Store predictions over every example for each retrieval run (and, with `second_stage`, each
@@ -183,6 +198,11 @@ def score_runs(db, validation: str, *, device: str = "cpu", second_stage: Second
         query_ids = sorted(validated & set(db.table("retrievals", columns=["query_id"], filter=pc.field("run_id") == run_id)
                                            .column("query_id").unique().to_pylist()))
         if not query_ids:
+            continue
+        if refit_since(db, method, parameters):
+            if report is not None:
+                report(f"run {run_id}: R was refitted since it was retrieved; LDS from its stored top-k only "
+                       f"(partial): retrieve it again to score every example")
             continue
         try:
             first = score_every_example(db, method, query_ids, _texts(db, parameters, query_ids), device=device,
