@@ -176,7 +176,6 @@ def score_runs(db, validation: str, *, device: str = "cpu", second_stage: Second
     or tables missing) keeps its stored top-k LDS, marked partial, and `report` says why."""
     from .runner import ensure_tables
 
-    subsets, members = [], None
     examples = example_ids(db)
     subsets, members = _members(db, validation, examples)
     if not subsets:
