@@ -2,14 +2,18 @@
 the target loss of models retrained on random halves of the corpus.
 
 Builds the world with the demo's own pipeline (trackstar_db/demo.run_demo with full=True: model with
-intermediate checkpoints for TracIn-CP, gradients, R, every method), re-retrieves each method with
-k = every example (so a subset's summed score misses no example), tail-patches a sample of queries,
-then runs `validate` (M retrained models, each on a seeded random half) and prints the LDS table
-with bootstrap intervals, the wall time of each stage and the machine load. The retrained models
-use the base model's training config unless --steps caps them.
+intermediate checkpoints for TracIn-CP, gradients, R, every method), refits R with --shrinkage,
+re-retrieves each method (k = every example unless --k; validate scores every example itself, so
+the LDS does not depend on k), tail-patches a sample of queries, then runs `validate` (M retrained
+models, each on a seeded random half, trained with the base model's schedule scaled to the half:
+--schedule) and prints the LDS table with bootstrap intervals, the retrained models' and the
+attributed model's mean target loss, the wall time of each stage and the machine load. With
+--compare-shrinkage RULE the R rungs are refitted with RULE, retrieved again under run ids
+METHOD:RULE and scored on the same retrained models (nothing retrained).
 
     python benchmarks/bench_lds.py                               # tiny world, M=24 (a few minutes on 2 cores)
-    python benchmarks/bench_lds.py --size demo --models 12 --steps 300 --k 1000   # the demo world (much longer)
+    python benchmarks/bench_lds.py --size demo --models 12 --k 1000   # the demo world (much longer)
+    python benchmarks/bench_lds.py --dim 16384 --compare-shrinkage none,ledoit-wolf   # the damping rule against others
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per retrained model (default: "
                                                                 "the base model's own config)")
     parser.add_argument("--dim", type=int, default=1024, help="projected gradient width")
+    parser.add_argument("--schedule", default="scaled", help="retrained models' schedule (validate --schedule)")
+    parser.add_argument("--shrinkage", default="prior", help="R's shrinkage (fit --shrinkage)")
+    parser.add_argument("--compare-shrinkage", default=None,
+                        help="comma-separated rules: also score the R rungs refitted with each")
     parser.add_argument("--k", type=int, default=None, help="re-retrieve with this k (default: every example; on the "
                                                             "demo world that stores 2 x 5,426 rows per query and method)")
     parser.add_argument("--patch-queries", type=int, default=20, help="queries tail-patched per method")
@@ -54,6 +62,9 @@ def main() -> None:
     run_demo(workdir, size=args.size, dim=args.dim, full=True, simfluence=False, tail_patch_queries=1)
     times["build (world, train, featurize, fit, retrieve k=100)"] = time.perf_counter() - started
     db = connect(workdir / "db")
+    shrinkage = _rule(args.shrinkage)
+    if shrinkage != "prior":  # the demo fitted with the default rule
+        db.fit(shrinkage=shrinkage)
     n = db.count("examples")
     k = min(args.k or n, n)
     mark = time.perf_counter()
@@ -63,19 +74,41 @@ def main() -> None:
     times[f"re-retrieve {len(METHODS)} methods with k={k}, tail-patch {args.patch_queries} queries"] = \
         time.perf_counter() - mark
     mark = time.perf_counter()
-    table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device)
+    table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device,
+                        schedule=args.schedule)
     times[f"validate: train {args.models} models + losses + LDS"] = time.perf_counter() - mark
-    table = table.filter(pc.is_in(table.column("method"), pa.array(METHODS)))
-    summary = db.evaluate().select(["method", "mrr", "recall_at_10", "tailpatch_at_1", "lds"])
+    from trackstar_db.validate.runner import loss_summary
+
+    losses = loss_summary(db, "lds")
+    shown = METHODS
+    if args.compare_shrinkage:
+        rungs = [m for m in METHODS if m in ("trak", "r-train", "trackstar")]
+        for rule in args.compare_shrinkage.split(","):
+            mark = time.perf_counter()
+            db.fit(shrinkage=_rule(rule))
+            for method in rungs:
+                retrieve(db, method, RetrieveOptions(k=k, device=args.device), run_id=f"{method}:{rule}", replace=True)
+            table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device,
+                                schedule=args.schedule)
+            times[f"refit R with shrinkage {rule}, retrieve and score {len(rungs)} rungs"] = time.perf_counter() - mark
+            shown += tuple(f"{m}:{rule}" for m in rungs)
+    table = table.filter(pc.is_in(table.column("run_id"), pa.array(shown)))
+    summary = db.evaluate().select(["method", "run_id", "mrr", "recall_at_10", "tailpatch_at_1", "lds", "lds_partial"])
     print(f"world {args.size}: {n:,} examples, {db.count('queries') // 3} prompt0 queries; M={args.models}, "
-          f"fraction {args.fraction}, steps {args.steps or 'base config'}, device {args.device}")
-    print(format_table(table.select(["method", "n_queries", "n_undefined", "n_subsets", "lds", "lds_low",
-                                     "lds_high"]), "table"))
+          f"fraction {args.fraction}, d={args.dim}, R shrinkage {args.shrinkage}, schedule {args.schedule}, "
+          f"steps {args.steps or 'scaled from the base'}, stored k={k}, device {args.device}")
+    print(f"mean target loss: retrained models {losses['retrained']:.3f}, attributed model {losses['attributed']:.3f}")
+    print(format_table(table.select(["run_id", "n_queries", "n_undefined", "n_subsets", "n_scored", "partial", "lds",
+                                     "lds_low", "lds_high"]), "table"))
     print(format_table(summary, "table"))
     for stage, seconds in times.items():
         print(f"{stage}: {seconds:.0f} s")
     print(f"total {time.perf_counter() - started:.0f} s; load average at start {load[0]:.2f}, "
           f"at end {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs")
+
+
+def _rule(text: str):
+    return text if text in ("prior", "ledoit-wolf", "none") else float(text)
 
 
 if __name__ == "__main__":

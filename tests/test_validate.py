@@ -25,7 +25,8 @@ def _tables(members: np.ndarray, losses: np.ndarray, runs: dict[str, np.ndarray]
     ids = [f"e{i:03d}" for i in range(n)]
     validate_runs = pa.table({
         "validation": ["v"] * n_models, "subset": pa.array(range(n_models), pa.int32()),
-        "examples": pa.array([[ids[i] for i in np.flatnonzero(row)] for row in members], pa.list_(pa.string()))})
+        "examples": pa.array([[ids[i] for i in np.flatnonzero(row)] for row in members], pa.list_(pa.string())),
+        "parameters": [json.dumps({"identity": {"n_corpus": n}})] * n_models})
     validate_losses = pa.table({
         "validation": ["v"] * losses.size, "subset": pa.array(np.repeat(np.arange(n_models), losses.shape[1]), pa.int32()),
         "query_id": [f"q{q}" for _ in range(n_models) for q in range(losses.shape[1])], "loss": losses.ravel()})
@@ -69,6 +70,8 @@ def test_lds_sql_matches_brute_force_on_a_planted_linear_datamodel():
     assert lds["exact"]["lds"] > 0.95 and lds["flipped"]["lds"] < -0.95
     assert abs(lds["shuffled"]["lds"]) < 0.2
     assert lds["constant"]["lds"] == 0.0 and lds["constant"]["n_undefined"] == n_queries
+    assert not lds["exact"]["partial"] and lds["exact"]["n_scored"] == n
+    assert lds["top5"]["partial"] and lds["top5"]["n_scored"] == 5  # a top-k LDS says it is one
     assert lds["exact"]["lds_low"] <= lds["exact"]["lds"] <= lds["exact"]["lds_high"]
     assert lds["shuffled"]["lds_high"] - lds["shuffled"]["lds_low"] > 0
 
@@ -193,3 +196,84 @@ def test_train_command_and_cli_output(tiny_db, tmp_path):
     failing = _cli(tiny_db.path, "--name", "bad", "--models", "2", "--train-command", f"{sys.executable} -c "
                    "'import sys; sys.exit(\"no GPU here\")' {data} {out}")
     assert failing.returncode == 1 and "exited with 1: no GPU here" in failing.stderr
+
+
+def test_schedule_scales_with_the_subset():
+    """The base run made 120 steps (12 per epoch over 354 examples, 10 epochs, warm-up 50): a half
+    subset keeps the epochs (60 steps) and the warm-up's share (25), 'same-steps' keeps 120 steps
+    and the 50-step warm-up, 'base' keeps the config; --steps keeps the warm-up's share of it."""
+    from trackstar_db.testbed.train import TrainConfig, lr_factor
+    from trackstar_db.validate.trainers import schedule_for
+
+    base = TrainConfig(epochs=10, batch_size=32, warmup=50)
+    scaled = schedule_for(base, 120, 354, 177, ValidateOptions())
+    assert (scaled.max_steps, scaled.warmup, scaled.epochs) == (60, 25, 10)
+    assert lr_factor(scaled.max_steps - 1, scaled.max_steps, scaled) == pytest.approx(base.final_lr / base.lr)
+    same = schedule_for(base, 120, 354, 177, ValidateOptions(schedule="same-steps"))
+    assert (same.max_steps, same.warmup, same.epochs) == (120, 50, 20)
+    assert schedule_for(base, 120, 354, 177, ValidateOptions(schedule="base")) == base
+    assert schedule_for(base, 120, 354, 177, ValidateOptions(steps=12)).warmup == 5
+    cut = TrainConfig(epochs=20, batch_size=32, warmup=5, max_steps=30)  # a base stopped by max_steps
+    assert schedule_for(cut, 30, 354, 177, ValidateOptions()).max_steps == 15
+    with pytest.raises(Exception, match="--schedule"):
+        ValidateOptions(schedule="fast")
+
+
+def test_both_losses_are_reported_and_the_attributed_one_is_measured(tiny_db):
+    from trackstar_db.models.load import open_model
+    from trackstar_db.models.source import ModelSource
+    from trackstar_db.testbed.train import ProbeLosses
+    from trackstar_db.validate.runner import loss_summary
+
+    lines = []
+    tiny_db.validate(models=2, steps=3, bootstrap=10, report=lines.append)
+    assert any(line.startswith("mean target loss: retrained models") and "attributed model" in line for line in lines)
+    summary = loss_summary(tiny_db, "lds")
+    queries = tiny_db.table("queries").filter(pa.compute.equal(tiny_db.table("queries").column("template"), "prompt0"))
+    model, tokenizer = open_model(ModelSource.from_entry(tiny_db.manifest["model"]))
+    losses = ProbeLosses(tokenizer, queries.column("prompt").to_pylist(), queries.column("target").to_pylist())(model)
+    assert summary["attributed"] == pytest.approx(np.mean(losses), rel=1e-6)
+    assert summary["retrained"] == pytest.approx(np.mean(tiny_db.table("validate_losses").column("loss").to_numpy()))
+    assert summary["subsets"] == 2
+
+
+def test_qld_removes_the_top_scored_examples_and_a_random_control(tiny_db, monkeypatch):
+    """QLD with a BM25 run: the model of each query is trained without exactly that query's top
+    10% by BM25 over every example; the control without as many random ones; rises add up."""
+    import json
+
+    from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
+    from trackstar_db.validate import trainers
+    from trackstar_db.validate.scores import score_every_example
+
+    retrieve(tiny_db, "bm25", RetrieveOptions(k=5))
+    trained = []
+    original = trainers.TestbedTrainer.__call__
+
+    def recording(self, texts, out, ids=()):
+        trained.append((out.name, set(ids)))
+        return original(self, texts, out, ids)
+
+    monkeypatch.setattr(trainers.TestbedTrainer, "__call__", recording)
+    table = tiny_db.query_loss_difference("bm25", queries=2, top=0.1, steps=2, bootstrap=50)
+    n = tiny_db.count("examples")
+    removed = round(0.1 * n)
+    assert [name for name, _ in trained] == ["full", "top-0", "random-0", "top-1", "random-1"]
+    assert len(trained[0][1]) == n and all(len(ids) == n - removed for _, ids in trained[1:])
+    everyone = trained[0][1]
+    rows = table.to_pylist()
+    queries = tiny_db.table("queries", columns=["query_id", "prompt", "target"]).to_pylist()
+    by_id = {q["query_id"]: q for q in queries}
+    from trackstar_db.retrieval.embedding import query_text
+
+    full = score_every_example(tiny_db, "bm25", [r["query_id"] for r in rows],
+                               [query_text(by_id[r["query_id"]]["prompt"], by_id[r["query_id"]]["target"]) for r in rows])
+    for i, row in enumerate(rows):
+        top = {full.example_ids[j] for j in np.argsort(-full.scores[i], kind="stable")[:removed]}
+        assert everyone - trained[1 + 2 * i][1] == top
+        assert everyone - trained[2 + 2 * i][1] != top
+        assert row["rise"] == pytest.approx(row["loss_removed"] - row["loss_full"])
+        assert row["random_rise"] == pytest.approx(row["loss_random"] - row["loss_full"])
+    summary = json.loads(table.schema.metadata[b"summary"])
+    assert summary["mean_rise"] == pytest.approx(np.mean([r["rise"] for r in rows]))
+    assert summary["rise_low"] <= summary["mean_rise"] <= summary["rise_high"] and summary["n_removed"] == removed

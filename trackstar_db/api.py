@@ -129,12 +129,14 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         return ray_ingest(self, settings, replace(job, device="cpu"), device=job.device, progress=wanted(progress))
 
     def fit(self, mix: str = "task", kind: str = "block", damping: float = defaults.DAMPING,
-            crossing_k: int | None = None, template: str | None = defaults.TEMPLATE, engine: str = "local"):
+            crossing_k: int | None = None, template: str | None = defaults.TEMPLATE, engine: str = "local",
+            shrinkage="prior"):
         """Fit R_train and the task-mixed R (+ whitened row norms) from the stored gradients
-        (gradients/fit.py); returns its FitReport (preconditioners, notes)."""
+        (gradients/fit.py; shrinkage: 'prior', 'ledoit-wolf', 'none' or a fixed rho); returns its FitReport
+        (preconditioners, notes)."""
         from trackstar_db.gradients.fit import fit
 
-        return fit(self, mix, kind, damping, crossing_k, template, **_engine(engine, "fit"))
+        return fit(self, mix, kind, damping, crossing_k, template, **_engine(engine, "fit"), shrinkage=shrinkage)
 
     # -- using --------------------------------------------------------------------------
     def retrieve(self, method: str, k: int = defaults.K_RETRIEVE, run_id: str | None = None, replace: bool = False,
@@ -208,18 +210,20 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
 
     def query(self, prompt: str, target: str, k: int = defaults.K_QUERY, method: str | None = None,
               device: str = "cpu", ann=None, verify: bool = False, rerank: str | None = None,
-              candidates: int = 200) -> pa.Table:
+              candidates: int = 200, control_target: str | None = None) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
         score, method, text, and evidence: retrieval/evidence.py). method None: the best rung this
         database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label).
         rerank ('kfac' | 'ekfac'): the method's top `candidates` re-scored from full gradients
         through the Kronecker factors; first_score, first_rank, first_method keep the first stage.
+        control_target: why `target` rather than it (loss(target) - loss(control), gradient methods).
         Quiet: no progress bar, transformers' included, unless stderr is a terminal (progress.py)."""
         from trackstar_db.progress import quiet_transformers
 
         with quiet_transformers(), self.reading():
             return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify,
-                                                          rerank=rerank, candidates=candidates)
+                                                          rerank=rerank, candidates=candidates,
+                                                          control_target=control_target)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:
@@ -231,26 +235,51 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
             return token_contributions(self, prompt, target, example_id, method,
                                        attributor=self._attributor_for(device))
 
-    def validate(self, options=None, bootstrap: int = 1000, report=None, **settings) -> pa.Table:
+    def validate(self, options=None, bootstrap: int = 1000, report=None, second_stage=None, **settings) -> pa.Table:
         """Counterfactual validation (validate/): retrain on random subsets the validation lacks
         (options: validate.options.ValidateOptions, or its fields as keywords: models, fraction,
-        seed, name, train_command, ...), then the LDS of every retrieval run with a bootstrap
-        interval (run_id, method, validation, n_queries, n_undefined, n_subsets, lds, lds_low, lds_high)."""
+        seed, name, train_command, schedule, ...), score every example for each retrieval run's
+        validated queries (validate/scores.py; second_stage: a validate.scores.SecondStage
+        re-scoring runs' top candidates), then the LDS of every run with a bootstrap interval
+        (run_id, method, validation, n_queries, n_undefined, n_subsets, lds, n_scored, partial,
+        lds_low, lds_high)."""
         from trackstar_db.validate.lds import lds_table
         from trackstar_db.validate.options import ValidateOptions
-        from trackstar_db.validate.runner import run_validation
+        from trackstar_db.validate.runner import loss_summary, run_validation
+        from trackstar_db.validate.scores import score_runs
 
         options = options or ValidateOptions(**settings)
         options = replace_fields(options, device=resolve_device(options.device))
         trained = run_validation(self, options)
+        score_runs(self, options.name, device=options.device, second_stage=second_stage, report=report)
         if report is not None:
             report(f"validation {options.name}: trained {len(trained)} model(s) now, "
                    f"{options.models - len(trained)} already stored")
+            losses = loss_summary(self, options.name)
+            if losses["retrained"] is not None:
+                attributed = "not recorded" if losses["attributed"] is None else f"{losses['attributed']:.3f}"
+                report(f"mean target loss: retrained models {losses['retrained']:.3f}, attributed model {attributed}")
         table = lds_table(self, options.name, bootstrap)
         if report is not None and table.num_rows == 0:
             report("no retrieval run covers these queries yet: run 'trackstar-db retrieve', then validate again "
                    "(nothing is retrained)")
         return table
+
+    def query_loss_difference(self, run: str, queries: int = 4, top: float = 0.1, seed: int = 0,
+                              random_control: bool = True, bootstrap: int = 1000, report=None,
+                              **settings) -> pa.Table:
+        """The QLD check (validate/qld.py): per query of `run`, the rise of its target loss when
+        retrained without the run's top `top` share of examples, and without as many random ones;
+        settings: the trainer's (ValidateOptions: schedule, steps, device, template...). The summary
+        (mean rises with bootstrap intervals) is the JSON schema metadata b'summary'."""
+        import json
+
+        from trackstar_db.validate.options import ValidateOptions
+        from trackstar_db.validate.qld import QLDOptions, query_loss_difference
+
+        table, summary = query_loss_difference(self, QLDOptions(run, queries, top, seed, random_control, bootstrap),
+                                               ValidateOptions(**settings), progress=report)
+        return table.replace_schema_metadata({"summary": json.dumps(summary)})
 
     def select(self, task=None, *, top: int | None = None, fraction: float | None = None, drop_opponents: bool = False,
                method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None,

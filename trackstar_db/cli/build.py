@@ -213,14 +213,25 @@ def train(db, out_dir, arch, epochs, seed, checkpoints, overwrite):
 @click.option("--crossing-k", type=POSITIVE, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
 @click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Queries whose gradients form R_eval.")
 @ENGINE
-def fit(db, mix, kind, damping, crossing_k, template, engine):
+@click.option("--shrinkage", default="prior", show_default=True,
+              help="Each block of R toward its mean eigenvalue: prior (size / (n + size), from the block's size and "
+                   "its n vectors), ledoit-wolf, none, or a fixed share in [0, 1] (docs/method.md).")
+def fit(db, mix, kind, damping, crossing_k, template, engine, shrinkage):
     """Fit the preconditioners R (R_train, and the task-mixed R) from the stored gradients."""
-    report = _open(db).fit(mix, kind, damping, crossing_k, template, engine)
+    if shrinkage not in ("prior", "ledoit-wolf", "none"):
+        try:
+            shrinkage = float(shrinkage)
+        except ValueError:
+            raise click.BadParameter(f"must be prior, ledoit-wolf, none or a number in [0, 1], not {shrinkage!r}",
+                                     param_hint="--shrinkage") from None
+    report = _open(db).fit(mix, kind, damping, crossing_k, template, engine, shrinkage=shrinkage)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     for name, params in report.preconditioners.items():
         click.echo(f"{name:<32} lambda={params['lambda']:.4f} k={params['k']} damping={params['damping']:g} "
-                   f"n_train={params['n_train']:,} n_eval={params['n_eval']:,} kind={params['kind']}")
+                   f"n_train={params['n_train']:,} n_eval={params['n_eval']:,} kind={params['kind']}"
+                   + (f" shrinkage={params['shrinkage']} mean rho={sum(params['rho_train']) / len(params['rho_train']):.3f}"
+                      if params.get("rho_train") else ""))
 
 
 @main.command("fit-factors")

@@ -95,7 +95,9 @@ def eval_cmd(db, fmt, by):
 @click.option("--verify", is_flag=True, help="Measure each proponent's tail-patch effect now (one optimizer step on "
                                              "it, the change of P(target)) and label it 'moves the model' or not.")
 @rerank_flags
-def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, rerank, candidates):
+@click.option("--control-target", default=None, help="Contrast: attribute loss(target) - loss(this target) after the "
+                                                     "same prompt, i.e. why the target rather than this (gradient methods).")
+def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, rerank, candidates, control_target):
     """Attribute one prompt and target: proponents and opponents with their texts, and evidence:
     whether each states the answer (target, subject, verbatim span, BM25) and, with --verify,
     whether it moves the model (docs/validate.md)."""
@@ -111,9 +113,11 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, reran
     if tokens and (rerank or getattr(REGISTRY.get(method), "needs_factors", False)):
         raise click.BadParameter("splits a ladder rung's score over tokens, not a Kronecker-factored one",
                                  param_hint="--tokens")
+    if tokens and control_target is not None:
+        raise click.BadParameter("token contributions are of one target; drop --tokens", param_hint="--control-target")
     handle = _open(db)
     rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann, verify=verify,
-                        rerank=rerank, candidates=candidates)
+                        rerank=rerank, candidates=candidates, control_target=control_target)
     per_hit = hit_tokens(handle, prompt, target, rows, resolve_device(device)) if tokens else None
     if fmt != "text":
         print_table(per_hit if tokens else rows, fmt)
@@ -121,7 +125,8 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, reran
     for kind in ("proponent", "opponent"):
         picked = [r for r in rows.to_pylist() if r["kind"] == kind]
         if picked:
-            click.secho(f"{kind}s of {target!r} after {prompt!r} (method: {picked[0]['method']}):", bold=True)
+            versus = f" rather than {control_target!r}" if control_target is not None else ""
+            click.secho(f"{kind}s of {target!r}{versus} after {prompt!r} (method: {picked[0]['method']}):", bold=True)
         for r in picked:
             first = f"  ({r['first_method']} {r['first_score']:+.4f} #{r['first_rank']})" if "first_score" in r else ""
             click.echo(f"{r['rank']:>4}  {r['score']:+.4f}  {r['example_id']:<14} {to_terminal(r['text'], [prompt, target])}"

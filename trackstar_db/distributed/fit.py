@@ -51,9 +51,7 @@ def gram(table, spans, *, workers: int | None = None, batch_rows: int = defaults
     total = GramAccumulator([tuple(s) for s in spans])
     for part in unwrap(ray, f"fit {table.name}", [task.remote(r, table.dtype, total.spans, batch_rows)
                                                    for r in ranges]):
-        for acc, s in zip(total.sums, part.sums):
-            acc += s
-        total.n += part.n
+        total.merge(part)
     return total
 
 

@@ -2,7 +2,7 @@
 
 Each queries/*.sql file is one SELECT over views named after the tables (retrievals,
 ground_truth, queries, facts, tail_patch, runs, model_correct, validate_runs,
-validate_losses). A header line
+validate_losses, validate_predictions). A header line
 `-- uses: attribution_per_query, ...` names other files of queries/ whose results the file
 reads as views; they are run first. Tables not given are empty views with their schema
 (e.g. no tail_patch rows yet: the tail-patch columns come out NULL).
@@ -22,7 +22,7 @@ from trackstar_db.store import schema as _schema
 from .sql import ReadOnlySQL
 
 TABLES = ("retrievals", "ground_truth", "queries", "facts", "tail_patch", "runs", "model_correct", "method_order",
-          "validate_runs", "validate_losses")
+          "validate_runs", "validate_losses", "validate_predictions")
 MODEL_CORRECT = pa.schema([pa.field("query_id", pa.string(), nullable=False),
                            pa.field("correct", pa.bool_(), nullable=False)])
 

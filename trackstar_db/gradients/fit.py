@@ -28,7 +28,8 @@ from trackstar_db import faults
 from trackstar_db.content import digest as content_digest, write_bytes
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer.config import Layout
-from trackstar_db.featurizer.preconditioner import DEFAULT_DAMPING, GramAccumulator, fit_preconditioner
+from trackstar_db.featurizer.preconditioner import (DEFAULT_DAMPING, DEFAULT_SHRINKAGE, GramAccumulator,
+                                                    check_shrinkage, fit_preconditioner)
 from trackstar_db.ladder import LADDER
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.vectors import BATCH_BYTES, scan_progress
@@ -89,11 +90,15 @@ def _summed(source, blocks) -> GramAccumulator:
     return acc
 
 
-def _check_options(mix: str, damping: float, k: int | None) -> None:
+def _check_options(mix: str, damping: float, k: int | None, shrinkage=DEFAULT_SHRINKAGE) -> None:
     if mix not in MIXES:
         raise ParameterError("mix", f"must be one of {', '.join(MIXES)}, not {mix!r}")
     if not (math.isfinite(damping) and damping >= 0):
         raise ParameterError("damping", f"must be a finite number >= 0, not {damping}")
+    try:
+        check_shrinkage(shrinkage)
+    except ValueError as exc:
+        raise ParameterError("shrinkage", str(exc).removeprefix("shrinkage ")) from None
     if k is not None and k < 0:
         raise ParameterError("crossing_k", f"must be >= 0, not {k}")
 
@@ -139,10 +144,13 @@ class LocalPasses:
 
 
 def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAMPING, k: int | None = None,
-        template: str | None = defaults.TEMPLATE, passes=LocalPasses) -> FitReport:
+        template: str | None = defaults.TEMPLATE, passes=LocalPasses,
+        shrinkage=DEFAULT_SHRINKAGE) -> FitReport:
     """Fit every preconditioner the stored tables allow. `passes`: who reads the training tables
-    (LocalPasses; trackstar_db.distributed.fit sums over Ray tasks)."""
-    _check_options(mix, damping, k)
+    (LocalPasses; trackstar_db.distributed.fit sums over Ray tasks). shrinkage: each block's
+    estimate toward its mean eigenvalue: 'prior' (rho = size / (n + size) per block, the default),
+    'ledoit-wolf', 'none' or a fixed rho in [0, 1] (featurizer/preconditioner.py; docs/method.md)."""
+    _check_options(mix, damping, k, shrinkage)
     featurizer = db.manifest.get("featurizer")
     if not featurizer:
         raise TrackstarError(f"{db.path}: no gradients yet; run 'trackstar-db ingest gradients' first")
@@ -175,7 +183,7 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
             grams[train.name] = _summed(passes.gram(train, blocks), blocks)
         try:
             pre = fit_preconditioner(grams[train.name], queries, dim=layout.dim, spans=spans, kind=kind,
-                                     damping=damping, k=k)
+                                     damping=damping, k=k, shrinkage=shrinkage)
         except ValueError as exc:  # the crossing rule finds both spectra zero at component k
             if "component k" not in str(exc):
                 raise

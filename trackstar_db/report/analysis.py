@@ -27,7 +27,7 @@ def evaluation(db, by: str = "method") -> pa.Table:
     if by != "method" and by not in splits:
         return ledger(db, by)
     tables = {name: db.dataset(name) for name in ("retrievals", "ground_truth", "facts", "tail_patch", "runs")}
-    for name in ("validate_runs", "validate_losses"):  # absent from databases made before `validate`
+    for name in ("validate_runs", "validate_losses", "validate_predictions"):  # absent from databases made before `validate`
         tables[name] = db.dataset(name) if db.has_table(name) else None
     tables["model_correct"] = db.dataset("predictions")
     # Evaluate the queries some run retrieved for (e.g. the prompt0 ones), not every template.

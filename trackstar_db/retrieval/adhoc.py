@@ -6,6 +6,12 @@ kind ('proponent' | 'opponent'), rank, example_id, score, method, text, and the 
 of retrieval/evidence.py (bm25, has_target, has_subject, shared_span, states_it, delta_p,
 verify_ms, moves_model, label; delta_p measured only with verify).
 
+Contrastive queries (`control_target`): the query vector is the gradient of loss(target) -
+loss(control), i.e. grad(loss_target) - grad(loss_control), both featurized in one batch (the
+featurizer is linear in the gradient: correction and projection are linear maps); proponents then
+make the target more likely relative to the control. Gradient methods only; the evidence columns
+describe the target.
+
 With no method given, the best rung the database can serve answers: trackstar with a task R,
 else r-train, else opt-cos, else grad-cos; the table's `method` column says which.
 
@@ -76,13 +82,16 @@ class PromptAttributor:
         """A (Featurizer, tokenizer) already loaded here, or None (the second stage reuses its model)."""
         return next(iter(self._featurizers.values()), None)
 
-    def gradient(self, prompt: str, target: str, variant: str):
-        """[1, d] raw query gradient of (prompt, target) in `variant`."""
+    def gradient(self, prompt: str, target: str, variant: str, control_target: str | None = None):
+        """[1, d] raw query gradient of (prompt, target) in `variant`; with `control_target`, of
+        loss(target) - loss(control_target) after the same prompt."""
         from trackstar_db.featurizer.tokenize import collate, pad_id
 
         featurizer, tokenizer = self.featurizer(variant)
-        item = featurizer.task.encode_query(tokenizer, prompt, target, featurizer.config.max_length)
-        return featurizer.featurize(collate([item], pad_id(tokenizer))).vectors[variant]
+        targets = [target] if control_target is None else [target, control_target]
+        items = [featurizer.task.encode_query(tokenizer, prompt, t, featurizer.config.max_length) for t in targets]
+        vectors = featurizer.featurize(collate(items, pad_id(tokenizer))).vectors[variant]
+        return vectors if control_target is None else vectors[:1] - vectors[1:2]
 
     def patcher(self):
         """The tail-patcher of `verify` (tailpatch/runs.load_patcher), loaded once."""
@@ -93,17 +102,29 @@ class PromptAttributor:
         return self._patcher
 
     def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY, ann=None,
-                  verify: bool = False, rerank: str | None = None, candidates: int = 200) -> pa.Table:
+                  verify: bool = False, rerank: str | None = None, candidates: int = 200,
+                  control_target: str | None = None) -> pa.Table:
         """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts
         and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
         now; `ann` (retrieval.ann.AnnOptions): from the method's ANN index instead of the exact scan;
         `rerank` ('kfac' | 'ekfac'): the method's top `candidates` re-scored through the Kronecker
-        factors (retrieval/rerank.py; columns first_score, first_rank, first_method added)."""
+        factors (retrieval/rerank.py; columns first_score, first_rank, first_method added);
+        `control_target`: attribute loss(target) - loss(control_target) (module docstring)."""
         db = self.db
         entry, rerank = self._entry(prompt, target, method, k, rerank)
+        if control_target is not None:
+            if not isinstance(control_target, str) or not control_target.strip() or control_target == target:
+                raise ParameterError("control_target", "must be non-empty and differ from target")
+            if entry.spec is None:
+                raise ParameterError("control_target", f"needs a gradient method (a difference of loss gradients), "
+                                                       f"not {entry.name}")
+            if rerank is not None:
+                raise ParameterError("control_target", f"is not re-scored by the {rerank} second stage; "
+                                                       "drop rerank or the control")
         fetch = k
         while True:  # hits on examples outside this read view (a BM25 index newer than it) give way
-            vectors = self.gradient(prompt, target, entry.spec.table) if entry.spec is not None else None
+            vectors = (self.gradient(prompt, target, entry.spec.table, control_target)
+                       if entry.spec is not None else None)
             request = runners.Request(["adhoc"], [embedding.query_text(prompt, target)], fetch, self.device,
                                       query_vectors=vectors, ann=ann, pairs=[(prompt, target)], rerank=rerank,
                                       candidates=candidates, attributor=self)
@@ -164,17 +185,18 @@ class PromptAttributor:
         cut to its own k (the exact top-k of k is the first k of a larger one: ties break by
         position). Answers equal attribute()'s, scores up to float rounding of the batched
         products. A refused ask gets its TrackstarError in its place; the others are answered. A
-        second-stage ask (kfac, ekfac) is answered alone by attribute()."""
+        second-stage ask (kfac, ekfac) or a contrastive one is answered alone by attribute()."""
         db = self.db
         out: list = [None] * len(asks)
         entries, groups, alone = {}, {}, set()
         for i, ask in enumerate(asks):
             try:
                 entries[i], second = self._entry(ask.prompt, ask.target, ask.method, ask.k)
-                if second is not None:  # a second stage re-scores its own candidates: answered alone
-                    del entries[i]
+                if second is not None or ask.control_target is not None:  # answered alone: a second
+                    del entries[i]  # stage re-scores its own candidates, a contrast featurizes two targets
                     alone.add(i)
-                    out[i] = self.attribute(ask.prompt, ask.target, ask.method, ask.k, ask.ann, ask.verify)
+                    out[i] = self.attribute(ask.prompt, ask.target, ask.method, ask.k, ask.ann, ask.verify,
+                                            control_target=ask.control_target)
                     continue
             except TrackstarError as exc:
                 out[i] = exc
@@ -241,6 +263,7 @@ class Ask:
     k: int = defaults.K_QUERY
     ann: object | None = None
     verify: bool = False
+    control_target: str | None = None
 
 
 def _texts(db, ids) -> dict[str, str]:

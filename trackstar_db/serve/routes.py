@@ -97,6 +97,8 @@ class QueryRequest(_Strict):
     refine_factor: Optional[int] = Field(None, ge=1)
     ef: Optional[int] = Field(None, ge=1)
     verify: bool = Field(False, description="Ask Database.query to verify (where this version offers it).")
+    control_target: Optional[str] = Field(None, min_length=1, max_length=MAX_TEXT,
+                                          description="Contrast: attribute loss(target) - loss(control_target).")
 
 
 class TokensRequest(_Strict):
@@ -142,7 +144,8 @@ def _query_item(service: Service, request: QueryRequest) -> QueryItem:
         ann = AnnOptions(request.nprobes, request.refine_factor, request.ef)
     elif request.nprobes or request.refine_factor or request.ef:
         raise TrackstarError("nprobes, refine_factor and ef need ann")
-    return QueryItem(db, request.prompt, request.target, names, request.k, ann, request.verify, request.tokens)
+    return QueryItem(db, request.prompt, request.target, names, request.k, ann, request.verify, request.tokens,
+                     request.control_target)
 
 
 def build(service: Service, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:

@@ -182,6 +182,7 @@ class QueryItem:
     ann: object | None = None
     verify: bool = False
     tokens: int = 0
+    control_target: str | None = None
 
 
 def servable_methods(db: Snapshot) -> list[dict]:
@@ -246,7 +247,8 @@ class Service:
         for members in by_snapshot.values():
             db = items[members[0]].db
             asks = [(i, method, Ask(items[i].prompt, items[i].target, method, items[i].k, items[i].ann,
-                                    items[i].verify)) for i in members for method in items[i].methods]
+                                    items[i].verify, items[i].control_target))
+                    for i in members for method in items[i].methods]
             started = time.perf_counter()
             with quiet_transformers(), db.reading():
                 answers = db.prompt_attributor(self.device).attribute_many([ask for _, _, ask in asks])
@@ -258,13 +260,15 @@ class Service:
                 item = items[i]
                 try:
                     out[i] = self.query(db, item.prompt, item.target, list(item.methods), item.k, item.ann,
-                                        item.verify, item.tokens, answered=answered[i], batch=len(members))
+                                        item.verify, item.tokens, item.control_target, answered=answered[i],
+                                        batch=len(members))
                 except TrackstarError as exc:
                     out[i] = exc
         return out
 
     def query(self, db: Snapshot, prompt: str, target: str, methods: list[str], k: int, ann=None,
-              verify: bool = False, tokens: int = 0, answered: dict | None = None, batch: int = 1) -> dict:
+              verify: bool = False, tokens: int = 0, control_target: str | None = None,
+              answered: dict | None = None, batch: int = 1) -> dict:
         """Each method's proponents and opponents with their evidence (verify: each proponent's
         tail-patch measured now); the top `tokens` proponents of gradient methods carry their
         token contributions (the page's shading). answered: {method: (rows or its error, seconds)}
@@ -285,14 +289,16 @@ class Service:
                     if isinstance(rows, BaseException):
                         raise rows
                 else:
-                    rows = db.query(prompt, target, k=k, method=method, device=self.device, ann=ann, verify=verify)
+                    rows = db.query(prompt, target, k=k, method=method, device=self.device, ann=ann, verify=verify,
+                                    control_target=control_target)
                     seconds = time.perf_counter() - started
             except TrackstarError as exc:
                 raise TrackstarError(f"method {method}: {exc}") from None
             hits = {"proponent": [], "opponent": []}
             for hit in rows.to_pylist():
                 shade = None
-                if hit["kind"] == "proponent" and method in METHODS and len(hits["proponent"]) < tokens:
+                if hit["kind"] == "proponent" and method in METHODS and len(hits["proponent"]) < tokens \
+                        and control_target is None:  # token shares are of one target
                     contributions = contributions or TokenAttributor(db, db._attributor_for(self.device), self.device)
                     shade = contributions(prompt, target, hit["example_id"], method, hit["text"])
                 hits.setdefault(hit["kind"], []).append(payload.hit_json(hit, refs, shade, truth))

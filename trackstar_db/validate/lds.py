@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-TABLES = ("retrievals", "runs", "validate_runs", "validate_losses")
+TABLES = ("retrievals", "runs", "validate_runs", "validate_losses", "validate_predictions")
 
 
 def _tables(db) -> dict:

@@ -9,6 +9,8 @@ import numpy as np
 
 from trackstar_db.errors import TrackstarError
 
+SCHEDULES = ("scaled", "same-steps", "base")  # validate/trainers.schedule_for
+
 
 @dataclass(frozen=True)
 class ValidateOptions:
@@ -17,7 +19,10 @@ class ValidateOptions:
     resumes it, more models extend it); train_command: a command line with {data} (a JSON lines
     file of the subset's examples: example_id, text) and {out} (the directory it must write a
     transformers checkpoint to), None for the testbed trainer; steps / epochs: override the
-    testbed trainer's (its own training config otherwise); template: which queries ('all' for
+    testbed trainer's (its own training config otherwise); schedule: how the testbed trainer
+    scales the base model's schedule to a subset ('scaled': its epochs with the warm-up as a share
+    of the run, 'same-steps': its optimizer steps, 'base': its config unchanged;
+    validate/trainers.schedule_for); template: which queries ('all' for
     every template); keep_models: keep each checkpoint under DB/validate/NAME/ (else deleted once
     its losses are stored)."""
 
@@ -28,6 +33,7 @@ class ValidateOptions:
     train_command: str | None = None
     steps: int | None = None
     epochs: int | None = None
+    schedule: str = "scaled"
     template: str = "prompt0"
     device: str = "cpu"
     threads: int | None = None
@@ -44,6 +50,8 @@ class ValidateOptions:
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise TrackstarError(f"validate: --{field} must be >= 1, not {value}")
+        if self.schedule not in SCHEDULES:
+            raise TrackstarError(f"validate: --schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.train_command is not None and ("{data}" not in self.train_command or "{out}" not in self.train_command):
             raise TrackstarError("validate: --train-command must contain {data} and {out}, e.g. "
                                  "'python train.py --data {data} --out {out}'")

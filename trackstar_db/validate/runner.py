@@ -22,7 +22,7 @@ from trackstar_db.errors import TrackstarError
 from .options import ValidateOptions, draw_subset
 from .trainers import make_trainer
 
-TABLES = ("validate_runs", "validate_losses")
+TABLES = ("validate_runs", "validate_losses", "validate_predictions")
 
 
 def ensure_tables(db) -> None:
@@ -79,7 +79,7 @@ def run_validation(db, options: ValidateOptions, progress: bool | None = None) -
     queries = _queries(db, options.template)
     query_ids = queries.column("query_id").to_pylist()
     ensure_tables(db)
-    trainer = make_trainer(db, options)
+    trainer = make_trainer(db, options, len(draw_subset(len(ids), options.fraction, options.seed, 0)))
     parameters = {"identity": {**options.identity(), "trainer": trainer.parameters(), "n_corpus": len(ids)},
                   "queries": len(query_ids)}
     done = completed(db, options.name)
@@ -89,6 +89,7 @@ def run_validation(db, options: ValidateOptions, progress: bool | None = None) -
         return []
     losses_of = ProbeLosses(trainer.tokenizer, queries.column("prompt").to_pylist(),
                             queries.column("target").to_pylist(), device=options.device)
+    parameters = dict(parameters, attributed_loss=attributed_loss(db, losses_of, options.device))
     keep_root = db.path / "validate" / options.name
     threads = torch.get_num_threads()
     if options.threads:
@@ -115,6 +116,34 @@ def run_validation(db, options: ValidateOptions, progress: bool | None = None) -
     finally:
         torch.set_num_threads(threads)
     return trained
+
+
+def attributed_loss(db, losses_of, device: str) -> float | None:
+    """Mean target loss of the validation's queries under the database's own (attributed) model,
+    the figure the retrained models' losses are compared with (None without a loadable model)."""
+    from trackstar_db.models.load import open_model
+    from trackstar_db.models.source import ModelSource
+
+    entry = db.manifest.get("model")
+    if entry is None:
+        return None
+    model, _ = open_model(ModelSource.from_entry(entry), device)
+    losses = losses_of(model)
+    return float(sum(losses) / len(losses)) if losses else None
+
+
+def loss_summary(db, name: str) -> dict:
+    """{'retrained': mean target loss over the validation's retrained models and queries,
+    'attributed': the attributed model's mean over the same queries (None where not recorded),
+    'subsets': retrained models}: says whether the retrained models stand for the attributed one."""
+    if not completed(db, name):
+        return {"retrained": None, "attributed": None, "subsets": 0}
+    losses = db.table("validate_losses", columns=["loss"], filter=pc.field("validation") == name).column("loss")
+    rows = db.table("validate_runs", columns=["parameters", "created_at"], filter=pc.field("validation") == name)
+    attributed = [json.loads(p).get("attributed_loss") for p in rows.sort_by("created_at").column("parameters").to_pylist()]
+    attributed = [a for a in attributed if a is not None]
+    return {"retrained": float(pc.mean(losses).as_py()), "attributed": attributed[-1] if attributed else None,
+            "subsets": rows.num_rows}
 
 
 def _store(db, options: ValidateOptions, subset: int, members: list[str], trainer: str, parameters: dict,

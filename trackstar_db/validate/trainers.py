@@ -7,6 +7,7 @@ Both return (model, tokenizer) for the loss measurement; the checkpoint stays in
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 from dataclasses import replace
@@ -23,11 +24,12 @@ from .options import ValidateOptions
 class TestbedTrainer:
     """Trains from scratch with the config the database's model was trained with (its
     train_info.json), the same initialisation and order seed for every subset, so the subset is
-    the only difference between two retrained models."""
+    the only difference between two retrained models. The schedule is that config's, scaled to
+    a subset of `n_subset` examples (`schedule_for`; options.schedule)."""
 
     name = "testbed"
 
-    def __init__(self, db, options: ValidateOptions):
+    def __init__(self, db, options: ValidateOptions, n_subset: int | None = None):
         from trackstar_db.simfluence.record import RecordOptions, training_setup
 
         if db.manifest.get("model") is None:
@@ -38,13 +40,12 @@ class TestbedTrainer:
         except TrackstarError as exc:
             raise TrackstarError(f"{str(exc).split(';')[0]}; validate's testbed trainer needs the testbed's "
                                  "train_info.json: give --train-command for another model") from None
-        overrides = {"device": options.device, "threads": options.threads}
-        if options.steps is not None:
-            overrides["max_steps"] = options.steps
-            overrides["warmup"] = min(config.warmup, options.steps)
-        if options.epochs is not None:
-            overrides["epochs"] = options.epochs
-        self.config = replace(config, **overrides)
+        info = json.loads((Path(db.manifest["model"]["path"]) / "train_info.json").read_text(encoding="utf-8"))
+        n_base = int(info.get("n_examples") or db.count("examples"))
+        base_steps = int(info.get("steps") or _total_steps(config, n_base))
+        self.base = {"steps": base_steps, "n_examples": n_base, "warmup": config.warmup}
+        self.config = replace(schedule_for(config, base_steps, n_base, n_subset or n_base, options),
+                              device=options.device, threads=options.threads)
 
     def parameters(self) -> dict:
         from dataclasses import asdict
@@ -98,9 +99,50 @@ class CommandTrainer:
         return _load(out, tokenizer, self.device)
 
 
+def _total_steps(config, n_examples: int) -> int:
+    """Optimizer steps testbed/train.py makes for `n_examples` under `config`."""
+    total = math.ceil(n_examples / config.batch_size) * config.epochs
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
+def schedule_for(config, base_steps: int, n_base: int, n_subset: int, options: ValidateOptions):
+    """The base model's TrainConfig (it made `base_steps` optimizer steps over `n_base` examples)
+    for a model retrained on `n_subset` examples, by options.schedule:
+
+    'scaled' (default): the base's epochs, so the steps per epoch shrink with the subset (the
+    usual convention; a base cut short by max_steps keeps its share: base_steps * n_subset /
+    n_base), and the warm-up keeps its share of the run (warmup / base_steps of the new total).
+    'same-steps': the base's optimizer steps and warm-up, over as many epochs of the subset as
+    that takes (equal compute). 'base': the config as it is (a warm-up counted in steps, which a
+    short run may never leave). --steps / --epochs replace the total / the epochs; under
+    'scaled' the warm-up keeps its share of that total."""
+    if options.schedule == "base":
+        overrides = {}
+        if options.steps is not None:
+            overrides.update(max_steps=options.steps, warmup=min(config.warmup, options.steps))
+        if options.epochs is not None:
+            overrides["epochs"] = options.epochs
+        return replace(config, **overrides)
+    per_epoch = math.ceil(n_subset / config.batch_size)
+    if options.schedule == "same-steps":
+        total = options.steps or base_steps
+        return replace(config, epochs=options.epochs or math.ceil(total / per_epoch), max_steps=total,
+                       warmup=min(config.warmup, total))
+    epochs = options.epochs or config.epochs
+    if options.steps is not None:
+        total = options.steps
+    elif config.max_steps is not None and options.epochs is None:
+        total = max(1, round(base_steps * n_subset / max(1, n_base)))
+    else:
+        total = per_epoch * epochs
+    share = min(1.0, config.warmup / max(1, base_steps))
+    return replace(config, epochs=epochs, max_steps=total, warmup=max(1, round(share * total)) if config.warmup else 0)
+
+
 def _load(out: Path, tokenizer, device: str):
     return open_weights(out, device).eval(), tokenizer
 
 
-def make_trainer(db, options: ValidateOptions):
-    return CommandTrainer(db, options) if options.train_command else TestbedTrainer(db, options)
+def make_trainer(db, options: ValidateOptions, n_subset: int | None = None):
+    """The trainer of `options` for subsets of `n_subset` examples."""
+    return CommandTrainer(db, options) if options.train_command else TestbedTrainer(db, options, n_subset)
