@@ -12,7 +12,7 @@ from trackstar_db.errors import ParameterError
 
 # every verb that takes a device: its own parameter, or a field of the job or options it builds
 VERBS = {"ingest_gradients", "retrieve", "tail_patch", "query", "token_contributions", "select", "validate",
-         "prompt_attributor"}
+         "prompt_attributor", "build_index", "fit_factors", "factor_scores"}
 
 
 def test_the_rule():
@@ -69,6 +69,13 @@ def test_device_auto_in_every_verb(db):
     done.add("validate")
     assert db.prompt_attributor(device="auto").device == resolve_device("auto")
     done.add("prompt_attributor")
+    assert db.build_index("trackstar", "ivf_flat", num_partitions=2, device="auto", progress=False)
+    done.add("build_index")
+    db.fit_factors("kfac", fraction=0.2, device="auto", progress=False)
+    done.add("fit_factors")
+    ids, scores = db.factor_scores([(prompt, target)], [example_id], device="auto")
+    assert list(ids) == [example_id] and tuple(scores.shape) == (1, 1)
+    done.add("factor_scores")
     assert done == VERBS
 
 
