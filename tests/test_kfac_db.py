@@ -271,3 +271,26 @@ def test_a_projected_rung_is_a_first_stage_and_a_second_stage_is_not(db):
     assert set(rows.column("first_method").to_pylist()) == {"kfac-proj"}
     with pytest.raises(ParameterError, match="rerank"):
         db.query(prompt, target, method="ekfac", rerank="kfac")
+
+
+def test_a_batch_of_asks_equals_each_ask_alone(db):
+    """attribute_many (the server's batches): second-stage asks of one k share one re-scoring pass,
+    mixed with first-stage and contrastive asks, and each answer equals attribute() alone."""
+    from trackstar_db.retrieval.adhoc import Ask
+
+    rows = db.table("queries", columns=["prompt", "target"]).slice(0, 3).to_pylist()
+    pairs = [(r["prompt"], r["target"]) for r in rows]
+    asks = [Ask(*pairs[0], "ekfac", 3), Ask(*pairs[1], "ekfac", 3), Ask(*pairs[2], "kfac", 4),
+            Ask(*pairs[0], "grad-cos", 5), Ask(*pairs[1], "grad-cos", 2, control_target=pairs[2][1] + " x")]
+    attributor = db.prompt_attributor("cpu")
+    together = attributor.attribute_many(asks)
+    for ask, answer in zip(asks, together):
+        alone = attributor.attribute(ask.prompt, ask.target, ask.method, ask.k, control_target=ask.control_target)
+        assert answer.column_names == alone.column_names, ask
+        assert answer.column("example_id").to_pylist() == alone.column("example_id").to_pylist(), ask
+        assert answer.column("kind").to_pylist() == alone.column("kind").to_pylist(), ask
+        np.testing.assert_allclose(answer.column("score").to_numpy(), alone.column("score").to_numpy(), rtol=1e-4,
+                                   atol=1e-6)
+        if ask.method in ("kfac", "ekfac"):
+            assert answer.column("first_rank").to_pylist() == alone.column("first_rank").to_pylist()
+            assert set(answer.column("method").to_pylist()) == {ask.method}

@@ -141,7 +141,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
     # -- using --------------------------------------------------------------------------
     def retrieve(self, method: str, k: int = defaults.K_RETRIEVE, run_id: str | None = None, replace: bool = False,
                  template: str | None = defaults.TEMPLATE, device: str = "cpu", query_text: str = "prompt+target",
-                 ann=None, engine: str = "local", rerank: str | None = None, candidates: int = 200) -> tuple[str, pa.Table]:
+                 ann=None, engine: str = "local", rerank: str | None = None, candidates: int = defaults.CANDIDATES) -> tuple[str, pa.Table]:
         """A stored run of `method` over the queries of `template` (None: all): (run id, its rows).
         rerank ('kfac' | 'ekfac'): `method`'s top `candidates` per query re-scored through the
         Kronecker factors (retrieval/rerank.py); the run is named METHOD-KIND by default and the
@@ -210,7 +210,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
 
     def query(self, prompt: str, target: str, k: int = defaults.K_QUERY, method: str | None = None,
               device: str = "cpu", ann=None, verify: bool = False, rerank: str | None = None,
-              candidates: int = 200, control_target: str | None = None) -> pa.Table:
+              candidates: int = defaults.CANDIDATES, control_target: str | None = None) -> pa.Table:
         """Which examples made the model say `target` after `prompt`? (kind, rank, example_id,
         score, method, text, and evidence: retrieval/evidence.py). method None: the best rung this
         database can serve. verify: measure each proponent's tail-patch effect now (delta_p, label).
@@ -283,7 +283,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
 
     def select(self, task=None, *, top: int | None = None, fraction: float | None = None, drop_opponents: bool = False,
                method: str | None = None, aggregate: str = "mean-vector", ann=None, device: str = "cpu", out=None,
-               rerank: str | None = None, candidates: int = 200):
+               rerank: str | None = None, candidates: int = defaults.CANDIDATES):
         """Training examples for a task (selection.select.Task): the top N or fraction by mean score
         against its queries, or all but the most harmful; a Selection (rows: Arrow), written to `out`.
         rerank ('kfac' | 'ekfac'): the best `candidates` re-scored through the Kronecker factors."""

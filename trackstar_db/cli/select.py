@@ -9,6 +9,7 @@ import click
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
+from trackstar_db import defaults
 from trackstar_db.option_checks import FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
 
 
@@ -34,7 +35,7 @@ from trackstar_db.option_checks import FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
 @click.option("--rerank", type=click.Choice(["kfac", "ekfac"]), default=None,
               help="Re-score the method's best candidates by their mean Kronecker-factored score ('trackstar-db "
                    "fit-factors') and keep the best of those.")
-@click.option("--candidates", type=POSITIVE, default=200, show_default=True,
+@click.option("--candidates", type=POSITIVE, default=defaults.CANDIDATES, show_default=True,
               help="With --rerank: how many of the method's best are re-scored (at least --top).")
 def select_cmd(db, top, fraction, out, relation, bucket, query_ids, template, task_file, method, aggregate,
                drop_opponents, device, ann, rerank, candidates):

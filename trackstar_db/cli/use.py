@@ -18,7 +18,7 @@ from trackstar_db.option_checks import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, 
 
 def rerank_flags(command):
     """--rerank KIND and --candidates N: the second stage (retrieval/rerank.py) of query and retrieve."""
-    command = click.option("--candidates", type=POSITIVE, default=200, show_default=True,
+    command = click.option("--candidates", type=POSITIVE, default=defaults.CANDIDATES, show_default=True,
                            help="With --rerank: the first stage's top N (and bottom N) re-scored per query.")(command)
     return click.option("--rerank", type=click.Choice(["kfac", "ekfac"]), default=None,
                         help="Re-score the method's top candidates from full gradients through the Kronecker factors "

@@ -17,7 +17,8 @@ else r-train, else opt-cos, else grad-cos; the table's `method` column says whic
 
 Many queries at once (`PromptAttributor.attribute_many`, the server's batches): one featurize
 call per gradient variant for all their query gradients, one scan (or ANN search) per method for
-all its queries, each answer the one attribute() gives alone. Every hit's text comes from the
+all its queries (a second stage: one re-scoring pass over their candidates), each answer the one
+attribute() gives alone. Every hit's text comes from the
 examples of the handle's read view (a pinned version, a server's snapshot); a hit on an example
 outside it (a BM25 index newer than the view) gives way to the next one.
 """
@@ -38,6 +39,8 @@ from trackstar_db.option_checks import K_MAX
 from . import embedding, runners
 
 PREFERENCE = ("trackstar", "r-train", "opt-cos", "grad-cos")
+ANSWER_COLUMNS = ["kind", "rank", "example_id", "score", "method"]  # then text and the evidence columns
+FIRST_STAGE_COLUMNS = ("first_score", "first_rank", "first_method")  # a second stage's answer keeps its first
 GRADIENT_BATCH = 16  # query gradients featurized in one call by attribute_many
 
 
@@ -102,7 +105,7 @@ class PromptAttributor:
         return self._patcher
 
     def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY, ann=None,
-                  verify: bool = False, rerank: str | None = None, candidates: int = 200,
+                  verify: bool = False, rerank: str | None = None, candidates: int = defaults.CANDIDATES,
                   control_target: str | None = None) -> pa.Table:
         """Proponents (and opponents, for gradient methods) of `target` given `prompt`, with texts
         and evidence (retrieval/evidence.py); `verify`: each proponent's tail-patch effect measured
@@ -130,7 +133,7 @@ class PromptAttributor:
                                       candidates=candidates, attributor=self)
             result = runners.run(db, entry, request)
             rows = result.to_arrow(["adhoc"], "adhoc", rerank or entry.name)
-            rows = rows.select(["kind", "rank", "example_id", "score", "method"])
+            rows = rows.select(ANSWER_COLUMNS)
             if hasattr(result, "annotate"):  # the second stage: the first stage's score and rank beside
                 rows = result.annotate(rows)
             rows, missing = _with_texts(db, rows, k)
@@ -184,16 +187,17 @@ class PromptAttributor:
         setting) one scan or ANN search of all its queries with the largest k, each query's rows
         cut to its own k (the exact top-k of k is the first k of a larger one: ties break by
         position). Answers equal attribute()'s, scores up to float rounding of the batched
-        products. A refused ask gets its TrackstarError in its place; the others are answered. A
-        second-stage ask (kfac, ekfac) or a contrastive one is answered alone by attribute()."""
+        products. A refused ask gets its TrackstarError in its place; the others are answered. The
+        second stage (kfac, ekfac) re-scores the candidates of all its asks of one k in one pass
+        (retrieval/rerank.py featurizes their union once); a contrastive ask is answered alone."""
         db = self.db
         out: list = [None] * len(asks)
-        entries, groups, alone = {}, {}, set()
+        entries, seconds, groups, alone = {}, {}, {}, set()
         for i, ask in enumerate(asks):
             try:
-                entries[i], second = self._entry(ask.prompt, ask.target, ask.method, ask.k)
-                if second is not None or ask.control_target is not None:  # answered alone: a second
-                    del entries[i]  # stage re-scores its own candidates, a contrast featurizes two targets
+                entries[i], seconds[i] = self._entry(ask.prompt, ask.target, ask.method, ask.k)
+                if ask.control_target is not None:  # a contrast featurizes two targets: answered alone
+                    del entries[i]
                     alone.add(i)
                     out[i] = self.attribute(ask.prompt, ask.target, ask.method, ask.k, ask.ann, ask.verify,
                                             control_target=ask.control_target)
@@ -201,7 +205,9 @@ class PromptAttributor:
             except TrackstarError as exc:
                 out[i] = exc
                 continue
-            groups.setdefault((entries[i].name, repr(ask.ann)), []).append(i)
+            # a second stage's candidates follow max(k, candidates): its asks share a pass per k
+            key = (entries[i].name, repr(ask.ann), seconds[i], ask.k if seconds[i] else None)
+            groups.setdefault(key, []).append(i)
         wanted: dict[str, dict] = {}  # variant -> {(prompt, target): row}
         for i, entry in entries.items():
             if entry.spec is not None:
@@ -224,18 +230,23 @@ class PromptAttributor:
             stacked = None
             if entry.spec is not None:
                 stacked = torch.stack([vectors[(entry.spec.table, asks[i].prompt, asks[i].target)] for i in members])
+            second = seconds[members[0]]
             request = runners.Request(ids, [embedding.query_text(asks[i].prompt, asks[i].target) for i in members],
                                       max(asks[i].k for i in members), self.device, query_vectors=stacked,
-                                      ann=asks[members[0]].ann)
+                                      ann=asks[members[0]].ann, pairs=[(asks[i].prompt, asks[i].target) for i in members],
+                                      rerank=second, attributor=self)
             try:
-                result = runners.run(db, entry, request).to_arrow(ids, "adhoc", entry.name)
+                answer = runners.run(db, entry, request)
+                result = answer.to_arrow(ids, "adhoc", second or entry.name)
+                if hasattr(answer, "annotate"):  # the second stage: the first stage's score and rank beside
+                    result = answer.annotate(result)
             except TrackstarError as exc:
                 for i in members:
                     out[i] = exc
                 continue
             for i in members:
                 mine = result.filter((pc.field("query_id") == f"q{i}") & (pc.field("rank") <= asks[i].k))
-                out[i] = mine.select(["kind", "rank", "example_id", "score", "method"])
+                out[i] = mine.select(ANSWER_COLUMNS + [c for c in FIRST_STAGE_COLUMNS if c in mine.column_names])
         from .evidence import with_evidence
 
         text_of = _texts(db, [i for n, rows in enumerate(out) if isinstance(rows, pa.Table) and n not in alone

@@ -41,7 +41,6 @@ from trackstar_db.store.checkpoints import source
 
 from .topk import TopKResult
 
-DEFAULT_CANDIDATES = 200  # first-stage proponents (and as many opponents) re-scored per query
 BATCH_SIZE = 16  # candidates featurized per forward/backward
 DIRECT_QUERIES = 4  # up to this many queries, candidates are scored without rotating their gradients
 QUERY_BYTES = 512 << 20  # float32 bytes of preconditioned query gradients held at once

@@ -37,7 +37,7 @@ class Request:
     scorer: Callable | None = None
     pairs: list | None = None  # (prompt, target) per query: what the second stage featurizes
     rerank: str | None = None  # 'kfac' | 'ekfac': re-score this method's top `candidates` (rerank.py)
-    candidates: int = 200  # retrieval/rerank.DEFAULT_CANDIDATES
+    candidates: int = defaults.CANDIDATES
     attributor: object | None = None  # a warm adhoc.PromptAttributor whose model the second stage reuses
 
 

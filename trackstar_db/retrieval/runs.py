@@ -30,7 +30,7 @@ class RetrieveOptions:
     query_text: str = "prompt+target"  # what BM25 and embedding see: 'prompt+target' or 'prompt'
     ann: object | None = None  # retrieval.ann.AnnOptions: approximate top-k from the method's index
     rerank: str | None = None  # 'kfac' | 'ekfac': re-score the method's top `candidates` (retrieval/rerank.py)
-    candidates: int = 200  # retrieval/rerank.DEFAULT_CANDIDATES
+    candidates: int = defaults.CANDIDATES
 
     def __post_init__(self):
         from trackstar_db.option_checks import K_MAX, count

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
 AGGREGATES = ("mean-vector", "mean-score")
@@ -218,7 +219,7 @@ def _with_fields(db, ids: list[str], scores: np.ndarray) -> pa.Table:
 def select(db, task: Task | None = None, *, top: int | None = None, fraction: float | None = None,
            drop_opponents: bool = False, method: str | None = None, aggregate: str = "mean-vector", ann=None,
            device: str = "cpu", progress: bool = False, out: str | Path | None = None, rerank: str | None = None,
-           candidates: int = 200) -> Selection:
+           candidates: int = defaults.CANDIDATES) -> Selection:
     """The top N (or fraction) of the training examples for `task`, best first; with
     `drop_opponents`, every example except the N (or fraction) lowest-scoring, best first.
     `out` (.jsonl or .parquet, outside the database): also written there. `rerank` ('kfac' |
