@@ -50,6 +50,7 @@ COMMANDS = {
     "select": "select",
     "rank": "self_influence",
     "validate": "validate",
+    "qld": "query_loss_difference",
     "simfluence record": "simfluence_record",
     "simfluence fit": "simfluence_fit",
     "simfluence simulate": "simulate",

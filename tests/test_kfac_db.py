@@ -79,8 +79,9 @@ def test_rerank_scores_equal_score_examples(db):
     ids, scores = db.factor_scores([(prompt, target)], candidates, kind="ekfac")
     expected = sorted(zip(scores[0], ids), reverse=True)[:5]
     props = rows.filter(pc.field("kind") == "proponent")
-    assert props.column("example_id").to_pylist() == [e for _, e in expected]
     np.testing.assert_allclose(props.column("score").to_numpy(), [s for s, _ in expected], rtol=1e-4)
+    # the same examples; duplicate texts in the world tie exactly, and ties may come in either order
+    assert set(props.column("example_id").to_pylist()) == {e for _, e in expected}
     # the first-stage columns are the first stage's own numbers
     by_id = dict(zip(first_props.column("example_id").to_pylist(), first_props.column("score").to_pylist()))
     for e, s, r in zip(props.column("example_id").to_pylist(), props.column("first_score").to_pylist(),

@@ -45,14 +45,15 @@ def prompts(serve_db):
 def _same(batched, alone) -> None:
     """The same hits in the same order with the same evidence, scores equal up to the float
     rounding of a batched matrix product (MKL rounds [n, d] @ X^T and [1, d] @ X^T differently,
-    by a few ulp). Examples whose scores tie in exact arithmetic (the tiny corpus holds duplicate
+    by a few ulp) and of the query gradients featurized in one padded batch (float32 sums in
+    another order: relative differences up to about 1e-5 measured, 1e-4 allowed). Examples whose scores tie in exact arithmetic (the tiny corpus holds duplicate
     sentences, whose stored gradients are bit-identical) may come in another order: where two ids
     differ at a rank, their texts are the same."""
     a, b = (rows if isinstance(rows, list) else rows.to_pylist() for rows in (batched, alone))
     assert len(a) == len(b)
     key = [f for f in ("kind", "rank", "text", "label") if a and f in a[0]]
     assert [tuple(r[f] for f in key) for r in a] == [tuple(r[f] for f in key) for r in b]
-    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], rel=1e-5, abs=1e-7)
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], rel=1e-4, abs=1e-7)
     swapped = sum(x["example_id"] != y["example_id"] for x, y in zip(a, b))
     assert swapped <= len(a) // 2
 
