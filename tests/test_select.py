@@ -11,7 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from trackstar_db.errors import TrackstarError
-from trackstar_db.selection.select import Task, gradient_scores
+from trackstar_db.ladder import lookup
+from trackstar_db.retrieval.runners import Request, aggregate
+from trackstar_db.selection.select import Task
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,12 @@ def db(tiny_db_template, tmp_path_factory):
     from databases import with_gradients
 
     return with_gradients(tiny_db_template, tmp_path_factory.mktemp("select"))
+
+
+def gradient_scores(db, spec, g_q, how="mean-vector"):
+    """(ids, mean scores) of the registry's aggregate for the raw query gradients g_q, in scan order."""
+    scored = aggregate(db, lookup(spec.name), Request([], [], 1, query_vectors=g_q, aggregate=how))
+    return scored.ids, scored.scores
 
 
 def _stored(db, name):

@@ -211,7 +211,7 @@ def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp"
     task = task_of(db.manifest)
     examples = db.table("examples", columns=["text"] + (["loss_spans"] if task.masked else []))
     spans = examples.column("loss_spans").to_pylist() if task.masked else None
-    points = [p.with_dtype(recorded_model_dtype(db)) for p in points]
+    points = [point.with_dtype(recorded_model_dtype(db)) for point in points]
     return _top(scores(points, examples.column("text").to_pylist(), [pairs[q] for q in query_ids], config, method,
                        device, sample=lambda: sample_texts(db, ESTIMATE_SAMPLE, task.masked), task=task, spans=spans),
                 ids, k)
