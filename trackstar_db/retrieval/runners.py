@@ -171,9 +171,9 @@ def embedding(db, method: Method, request: Request) -> TopKResult:
 
 def embedding_status(db, method: Method) -> str | None:
     """The embedding baseline needs its package."""
-    from . import embedding as dense
+    from .methods import extra_installed
 
-    return None if dense.available() else f"pip install 'trackstar-db[{method.extra}]'"
+    return None if extra_installed(method.name) else f"pip install 'trackstar-db[{method.extra}]'"
 
 
 def lm_embedding(db, method: Method, request: Request) -> TopKResult:
