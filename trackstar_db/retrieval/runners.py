@@ -124,7 +124,8 @@ def gradient_status(db, method: Method) -> str | None:
     table = db.gradient_table("train", corrected=spec.table == "corrected")
     if not table.exists():
         return f"no {table.name} table (ingest gradients)"
-    if spec.preconditioner and table.preconditioner_key(spec.preconditioner) not in db.manifest.get("preconditioners", {}):
+    fitted = db.manifest.get("preconditioners", {})
+    if spec.preconditioner and table.preconditioner_key(spec.preconditioner) not in fitted:
         return f"no {spec.preconditioner!r} R fitted (trackstar-db fit)"
     return None
 

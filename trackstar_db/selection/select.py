@@ -188,9 +188,9 @@ def select(db, task: Task | None = None, *, top: int | None = None, fraction: fl
     n = top if top is not None else max(1, round(fraction * n_examples))
     n = min(n, n_examples)
     prompts, targets = queries.column("prompt").to_pylist(), queries.column("target").to_pylist()
-    request = runners.Request(queries.column("query_id").to_pylist(), [query_text(p, t) for p, t in zip(prompts, targets)],
-                              n, device, query_vectors=task_gradients(db, entry.spec, task, queries, device), ann=ann,
-                              aggregate=aggregate, progress=progress)
+    texts = [query_text(p, t) for p, t in zip(prompts, targets)]
+    request = runners.Request(queries.column("query_id").to_pylist(), texts, n, device, ann=ann, aggregate=aggregate,
+                              query_vectors=task_gradients(db, entry.spec, task, queries, device), progress=progress)
     scored = runners.aggregate(db, entry, request)
     ids, scores, aggregate = scored.ids, scored.scores, scored.aggregate
     if ann is not None:  # the index's best n, best first
