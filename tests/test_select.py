@@ -11,7 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from trackstar_db.errors import TrackstarError
-from trackstar_db.selection.select import Task, gradient_scores
+from trackstar_db.ladder import lookup
+from trackstar_db.retrieval.runners import Request, aggregate
+from trackstar_db.selection.select import Task
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,12 @@ def db(tiny_db_template, tmp_path_factory):
     from databases import with_gradients
 
     return with_gradients(tiny_db_template, tmp_path_factory.mktemp("select"))
+
+
+def gradient_scores(db, spec, g_q, how="mean-vector"):
+    """(ids, mean scores) of the registry's aggregate for the raw query gradients g_q, in scan order."""
+    scored = aggregate(db, lookup(spec.name), Request([], [], 1, query_vectors=g_q, aggregate=how))
+    return scored.ids, scored.scores
 
 
 def _stored(db, name):
@@ -201,3 +209,34 @@ def test_cli_select_writes_what_the_api_returns(db, tmp_path):
     written = [json.loads(line)["example_id"] for line in (tmp_path / "keep.jsonl").read_text().splitlines()]
     want = db.select(Task(relation="employer"), fraction=0.1, method="trackstar").rows
     assert written == want.column("example_id").to_pylist()
+
+
+def _bm25_brute_force(db, task):
+    """Mean over the task's query texts of each example's BM25 score, from one search per text."""
+    from trackstar_db.retrieval.embedding import query_text
+    from trackstar_db.selection.select import task_queries
+    from trackstar_db.store.bm25 import BM25Index
+
+    queries = task_queries(db, task).to_pylist()
+    index, total = BM25Index(db.path), dict.fromkeys(db.table("examples").column("example_id").to_pylist(), 0.0)
+    for q in queries:
+        for example_id, score in index.search(query_text(q["prompt"], q["target"]), len(total)):
+            total[example_id] += score / len(queries)
+    return total
+
+
+@pytest.mark.parametrize("method", ["grad-cos", "trackstar", "bm25"])
+def test_select_of_every_example_equals_the_brute_force_mean(db, method):
+    """Through the registry's aggregate, select(fraction=1) scores every example with its mean
+    score over the task's queries, as computed here from the stored vectors and R (or one BM25
+    search per query text), and ranks them best first."""
+    task = Task(relation="place of birth")
+    chosen = db.select(task, fraction=1.0, method=method)
+    want = (_bm25_brute_force(db, task) if method == "bm25"
+            else brute_force(db, method, _relation_queries(db, "place of birth")))
+    ids, scores = chosen.rows.column("example_id").to_pylist(), chosen.rows.column("score").to_numpy()
+    assert sorted(ids) == sorted(want) and chosen.n_scored == len(want)
+    scale = max(abs(v) for v in want.values())
+    assert np.allclose(scores, [want[i] for i in ids], rtol=1e-3, atol=1e-4 * scale)
+    assert (np.diff(scores) <= 0).all()
+    assert chosen.aggregate == ("mean-score" if method == "bm25" else "mean-vector") and chosen.method == method

@@ -27,7 +27,7 @@ from trackstar_db.api import Database
 from trackstar_db.errors import ParameterError
 from trackstar_db.evaluation.sql import format_table
 from trackstar_db.ladder import CHECKPOINT_METHODS
-from trackstar_db.retrieval.methods import expand
+from trackstar_db.retrieval.methods import expand, not_installed
 from trackstar_db.store.checkpoints import kept
 from trackstar_db.testbed.model import format_accuracy
 from trackstar_db.testbed.world import generate_world
@@ -75,8 +75,8 @@ def run_demo(workdir: Path, size: str = "demo", seed: int = 0, tail_patch_querie
     for name, params in db.fit().preconditioners.items():
         echo(f"  {name}: lambda={params['lambda']:.3f}")
     methods = expand(["all"]) + (list(CHECKPOINT_METHODS) if full else [])
-    if "embedding" not in methods:
-        echo("  (embedding baseline skipped: pip install 'trackstar-db[embedding]' to add it)")
+    for left in not_installed():
+        echo(f"  ({left.name} baseline skipped: pip install 'trackstar-db[{left.extra}]' to add it)")
     step(f"retrieving with {', '.join(methods)}")
     for method in methods:
         db.retrieve(method)

@@ -43,12 +43,12 @@ def rerank_flags(command):
 @rerank_flags
 def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann, engine, rerank, candidates):
     """Retrieve proponents for the database's queries with one or more methods."""
-    from trackstar_db.retrieval.methods import expand
+    from trackstar_db.retrieval.methods import expand, not_installed
 
     handle = _open(db)
     names = expand(methods)
-    if "all" in methods and "embedding" not in names:
-        click.echo("skipping the embedding baseline: pip install 'trackstar-db[embedding]' to add it", err=True)
+    for left in not_installed() if "all" in methods else ():
+        click.echo(f"skipping the {left.name} baseline: pip install 'trackstar-db[{left.extra}]' to add it", err=True)
     if run_id and len(names) > 1:
         raise click.BadParameter("names one run; give one --method with it", param_hint="--run")
     for name in names:

@@ -12,8 +12,9 @@ featurizer is linear in the gradient: correction and projection are linear maps)
 make the target more likely relative to the control. Gradient methods only; the evidence columns
 describe the target.
 
-With no method given, the best rung the database can serve answers: trackstar with a task R,
-else r-train, else opt-cos, else grad-cos; the table's `method` column says which.
+With no method given, the best rung the database can serve answers (runners.best_method:
+trackstar with a task R, else r-train, else opt-cos, else grad-cos); the table's `method` column
+says which.
 
 Many queries at once (`PromptAttributor.attribute_many`, the server's batches): one featurize
 call per gradient variant for all their query gradients, one scan (or ANN search) per method for
@@ -33,29 +34,14 @@ import torch
 
 from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
-from trackstar_db.ladder import LADDER, METHODS, lookup
+from trackstar_db.ladder import LADDER, lookup
 from trackstar_db.option_checks import K_MAX
 
 from . import embedding, runners
 
-PREFERENCE = ("trackstar", "r-train", "opt-cos", "grad-cos")
 ANSWER_COLUMNS = ["kind", "rank", "example_id", "score", "method"]  # then text and the evidence columns
 FIRST_STAGE_COLUMNS = ("first_score", "first_rank", "first_method")  # a second stage's answer keeps its first
 GRADIENT_BATCH = 16  # query gradients featurized in one call by attribute_many
-
-
-def best_method(db) -> str:
-    """The first rung of PREFERENCE whose tables and R this database holds."""
-    fitted = db.manifest.get("preconditioners", {})
-    for name in PREFERENCE:
-        spec = METHODS[name]
-        table = db.gradient_table("train", corrected=spec.table == "corrected")
-        if not table.exists():
-            continue
-        if spec.preconditioner and table.preconditioner_key(spec.preconditioner) not in fitted:
-            continue
-        return name
-    raise TrackstarError(f"{db.path}: no gradient method can answer yet; run 'trackstar-db ingest gradients {db.path}'")
 
 
 class PromptAttributor:
@@ -158,12 +144,12 @@ class PromptAttributor:
         count("k", k, 1, K_MAX)
         if self.db.count("examples") == 0:
             raise TrackstarError(f"{self.db.path}: the database has no examples")
-        entry = lookup(method or best_method(self.db))
+        entry = lookup(method or runners.best_method(self.db))
         if entry.runner == "rerank":
             if rerank not in (None, entry.name):
                 raise ParameterError("rerank", f"{rerank!r} with method {entry.name}, itself the {entry.name} "
                                                f"second stage; name a first-stage method")
-            rerank, entry = entry.name, lookup(best_method(self.db))
+            rerank, entry = entry.name, lookup(runners.best_method(self.db))
         if not entry.serves_prompt:
             raise TrackstarError(entry.refuses_prompt)
         return entry, rerank
@@ -308,4 +294,4 @@ def _with_texts(db, rows: pa.Table, k: int, text_of: dict[str, str] | None = Non
     return rows, missing
 
 
-__all__ = ["Ask", "PromptAttributor", "best_method", "LADDER"]
+__all__ = ["Ask", "PromptAttributor", "LADDER"]

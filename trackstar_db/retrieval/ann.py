@@ -143,8 +143,10 @@ def require_index(db, method: str) -> dict:
 SEARCH_BATCH = 64  # query vectors per Lance call (each call returns SEARCH_BATCH x k hits)
 
 
-def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions | None = None) -> TopKResult:
-    """Approximate top-k proponents and opponents of raw query gradients g_q [nq, d].
+def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions | None = None,
+               mean: bool = False) -> TopKResult:
+    """Approximate top-k proponents and opponents of raw query gradients g_q [nq, d]; with
+    `mean`, of one query: the mean of their t_query vectors (select's aggregate).
 
     The index is read with Lance directly (LanceDB's query builder is slower: docs/scale.md)
     and the 2 x nq searches (t_query, -t_query) go to
@@ -156,7 +158,8 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
 
         table = db.gradient_table("train", corrected=spec.table == "corrected")
         preconditioners[spec.preconditioner] = load_preconditioner(table, spec.preconditioner)
-    return search_vectors(db, method, query_transform(spec, preconditioners)(g_q.float().cpu()), k, options)
+    q = query_transform(spec, preconditioners)(g_q.float().cpu())
+    return search_vectors(db, method, q.mean(dim=0, keepdim=True) if mean else q, k, options)
 
 
 def search_vectors(db, method: str, q: torch.Tensor, k: int, options: AnnOptions | None = None) -> TopKResult:

@@ -27,13 +27,23 @@ class Preconditioner(Protocol):
         """x [b, d] -> x R^power [b, d]."""
 
 
+def extra_installed(name: str) -> bool:
+    """Whether the pip extra method `name` needs (ladder.Method.extra), if any, is importable."""
+    from . import embedding
+
+    return REGISTRY[name].extra != "embedding" or embedding.available()
+
+
+def not_installed(installed=None) -> list:
+    """The registry entries of `--method all` that `expand` leaves out: their pip extra is missing."""
+    installed = installed or extra_installed
+    return [m for m in REGISTRY.values() if m.in_all and not installed(m.name)]
+
+
 def expand(names, installed=None) -> list[str]:
     """Method names with 'all' expanded to every method of `--method all` (ladder.Method.in_all)
-    whose needs are installed (`installed(name) -> bool`, default: its pip extra is importable)."""
-    if installed is None:
-        from . import embedding
-
-        installed = lambda name: REGISTRY[name].extra != "embedding" or embedding.available()  # noqa: E731
+    whose needs are installed (`installed(name) -> bool`, default: extra_installed)."""
+    installed = installed or extra_installed
     out = []
     for name in names:
         every = [m.name for m in REGISTRY.values() if m.in_all and installed(m.name)]

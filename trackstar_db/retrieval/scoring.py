@@ -12,7 +12,10 @@ computed once when R was fitted (gradients/fit.py) and stored inside R's file, v
 table version it was fitted on. A table changed since is refused, never silently mixed.
 
 `score_table` is used by stored runs (retrieval/runs.py) and by one-prompt queries
-(retrieval/adhoc.py) alike.
+(retrieval/adhoc.py) alike; `mean_scores` by select's aggregate (retrieval/runners.py): the mean
+over the queries of score(z, q) = x_z . v_q is x_z . mean(v_q), one matrix-vector product per
+stored row whatever the number of queries ('mean-vector'; 'mean-score' averages the nq scores
+of each row, the reference the tests compare against).
 
 The scan reads each record batch zero-copy in its stored dtype and widens it to float32 tile by
 tile (a few MB, cache-resident) into one buffer reused for every batch, dividing by n_z while
@@ -24,10 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trackstar_db import defaults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.store.vectors import BATCH_BYTES, scan_progress, vector_batches
 
 from .methods import MethodSpec
@@ -108,6 +112,7 @@ def check_fitted(db, table, pre, norms: torch.Tensor) -> None:
                              f"run 'trackstar-db fit {db.path}'")
 
 
+AGGREGATES = ("mean-vector", "mean-score")  # how mean_scores takes the mean over the queries
 TILE_BYTES = 4 << 20  # float32 bytes widened per step on the CPU: stays in cache
 _BUFFER: dict[str, torch.Tensor] = {}  # the float32 scan buffer, kept between scans of a warm process
 
@@ -178,3 +183,28 @@ def score_table(db, spec: MethodSpec, g_q: torch.Tensor, k: int, *, device="cpu"
         if isinstance(exc, TrackstarError):
             raise
         raise TrackstarError(f"{spec.name}: {exc}") from None
+
+
+def mean_scores(db, spec: MethodSpec, g_q: torch.Tensor, aggregate: str = "mean-vector", *, device="cpu",
+                batch_rows: int = defaults.SCAN_BATCH_ROWS, progress: bool | None = False
+                ) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 mean score of each stored row over the raw query gradients g_q [nq, d]) in
+    scan order, under rung `spec`; `aggregate`: 'mean-vector' or 'mean-score' (module docstring)."""
+    if aggregate not in AGGREGATES:
+        raise ParameterError("aggregate", f"must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
+    scoring = prepare(db, spec)
+    v = scoring.query_side(g_q.to(device))  # [nq, d]
+    side = v.mean(dim=0, keepdim=True) if aggregate == "mean-vector" else v
+    batches = scan(scoring, device, batch_rows)
+    if progress:
+        batches = scan_progress(batches, scoring.table.count(), spec.name, progress)
+    ids, parts = [], []
+    with torch.inference_mode():
+        for batch_ids, x in batches:
+            scores = (x @ side.T).mean(dim=1)  # [nb]; one column on the fast path
+            if not bool(torch.isfinite(scores).all()):
+                bad = int((~torch.isfinite(scores)).nonzero()[0])
+                raise TrackstarError(f"{spec.name}: non-finite score for example {batch_ids[bad]!r}")
+            ids += batch_ids
+            parts.append(scores.cpu().numpy())
+    return ids, np.concatenate(parts) if parts else np.zeros(0, np.float32)

@@ -62,7 +62,7 @@ class TokenAttributor:
         self._query: dict[tuple[str, str, str], torch.Tensor] = {}
 
     def _spec(self, method: str | None):
-        from .adhoc import best_method
+        from .runners import best_method
 
         method = method or best_method(self.db)
         if method not in METHODS:

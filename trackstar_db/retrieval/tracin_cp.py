@@ -36,6 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from trackstar_db import defaults
@@ -170,8 +171,6 @@ def _points(db, method: str) -> tuple[str, list[ModelSource]]:
 
 
 def _top(score: torch.Tensor, ids: list[str], k: int):
-    import numpy as np
-
     from .topk import TopKResult
 
     kk = min(k, len(ids))
@@ -195,8 +194,10 @@ def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp"
         block = max(1, SCORE_BYTES // (8 * max(1, len(ids))))
         parts = [_top(stored_scores(db, points, ids, query_ids[i:i + block], method), ids, k)
                  for i in range(0, len(query_ids), block)]
-        return TopKResult([p for r in parts for p in r.proponent_ids], _stack([r.proponent_scores for r in parts]),
-                          [p for r in parts for p in r.opponent_ids], _stack([r.opponent_scores for r in parts]))
+        return TopKResult([row for r in parts for row in r.proponent_ids],
+                          np.concatenate([r.proponent_scores for r in parts], axis=0),
+                          [row for r in parts for row in r.opponent_ids],
+                          np.concatenate([r.opponent_scores for r in parts], axis=0))
     rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("query_id").isin(list(query_ids)))
     pairs = {q: (p, t) for q, p, t in zip(*(rows.column(c).to_pylist() for c in ("query_id", "prompt", "target")))}
     missing = [q for q in query_ids if q not in pairs]
@@ -211,13 +212,7 @@ def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp"
     task = task_of(db.manifest)
     examples = db.table("examples", columns=["text"] + (["loss_spans"] if task.masked else []))
     spans = examples.column("loss_spans").to_pylist() if task.masked else None
-    points = [p.with_dtype(recorded_model_dtype(db)) for p in points]
+    points = [point.with_dtype(recorded_model_dtype(db)) for point in points]
     return _top(scores(points, examples.column("text").to_pylist(), [pairs[q] for q in query_ids], config, method,
                        device, sample=lambda: sample_texts(db, ESTIMATE_SAMPLE, task.masked), task=task, spans=spans),
                 ids, k)
-
-
-def _stack(parts):
-    import numpy as np
-
-    return np.concatenate(parts, axis=0)

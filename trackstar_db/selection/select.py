@@ -6,16 +6,12 @@ A task is a set of queries: the database's own, chosen by relation, frequency bu
 or ids (stored query gradients), or a JSONL file of {"prompt", "target"} examples featurized in
 memory by the same featurizer as the stored ones (retrieval/adhoc.py).
 
-Aggregate: mean over the task's queries of score(z, q). Every gradient rung scores
-score(z, q) = x_z . v_q, where x_z is the stored row divided by its norm n_z and
-v_q = t_query(g_q) R^p_train (retrieval/scoring.py: Scoring.query_side), so the mean of the
-scores is x_z . mean(v_q): one matrix-vector product per stored row, whatever the task's size.
-That mean query vector is the path used (`aggregate='mean-vector'`); `aggregate='mean-score'`
-computes the nq scores of each row and averages them, the reference tests compare against.
-BM25 has no vector: its mean is over the per-query Tantivy scores (0 where a text does not match).
-
-With `ann` (retrieval.ann.AnnOptions), the top N come from the rung's ANN index searched with
-the mean of the task's t_query vectors (the index holds t_train(g_z)): approximate, top-N only.
+Aggregate: mean over the task's queries of score(z, q), computed by the method's runner in the
+registry (retrieval/runners.aggregate): for a gradient rung one scan against the mean query
+vector (`aggregate='mean-vector'`; 'mean-score' averages each row's nq scores, the reference the
+tests compare against), for BM25 the mean of the per-query Tantivy scores (0 where a text does
+not match). With `ann` (retrieval.ann.AnnOptions), the top N come from the rung's ANN index
+searched with the mean of the task's t_query vectors: approximate, top-N only.
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ import torch
 from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 
-AGGREGATES = ("mean-vector", "mean-score")
 FORMATS = {".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -137,71 +132,16 @@ def read_examples(path: str | Path) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def task_gradients(db, spec, task: Task, queries: pa.Table, device: str = "cpu") -> torch.Tensor:
-    """[nq, d] raw gradients of the task's queries in the rung's variant: stored, or featurized."""
-    if task.examples is None:
-        from trackstar_db.retrieval.runners import stored_query_vectors
-
-        return stored_query_vectors(db, spec, queries.column("query_id").to_pylist())
+def task_gradients(db, spec, task: Task, queries: pa.Table, device: str = "cpu") -> torch.Tensor | None:
+    """[nq, d] raw gradients of a task file's queries in the rung's variant, featurized by the
+    database's featurizer (retrieval/adhoc.py); None for stored queries (the runner reads them)."""
+    if task.examples is None or spec is None:
+        return None
     from trackstar_db.retrieval.adhoc import PromptAttributor
 
     attributor = PromptAttributor(db, device)
     return torch.cat([attributor.gradient(p, t, spec.table).float().cpu() for p, t in
                       zip(queries.column("prompt").to_pylist(), queries.column("target").to_pylist())])
-
-
-def gradient_scores(db, spec, g_q: torch.Tensor, aggregate: str = "mean-vector", device: str = "cpu",
-                    batch_rows: int = 65536, progress: bool = False) -> tuple[list[str], np.ndarray]:
-    """(ids, mean score of each stored row over the queries g_q [nq, d]) in scan order."""
-    from trackstar_db.retrieval.scoring import prepare, scan
-    from trackstar_db.store.vectors import scan_progress
-
-    if aggregate not in AGGREGATES:
-        raise TrackstarError(f"--aggregate must be one of {', '.join(AGGREGATES)}, not {aggregate!r}")
-    scoring = prepare(db, spec)
-    v = scoring.query_side(g_q.to(device))  # [nq, d]
-    side = v.mean(dim=0, keepdim=True) if aggregate == "mean-vector" else v
-    batches = scan(scoring, device, batch_rows)
-    if progress:
-        batches = scan_progress(batches, scoring.table.count(), f"select {spec.name}")
-    ids, parts = [], []
-    with torch.inference_mode():
-        for batch_ids, x in batches:
-            scores = (x @ side.T).mean(dim=1)  # [nb]; one column on the fast path
-            if not bool(torch.isfinite(scores).all()):
-                bad = int((~torch.isfinite(scores)).nonzero()[0])
-                raise TrackstarError(f"{spec.name}: non-finite score for example {batch_ids[bad]!r}")
-            ids += batch_ids
-            parts.append(scores.cpu().numpy())
-    return ids, np.concatenate(parts) if parts else np.zeros(0, np.float32)
-
-
-def bm25_scores(db, texts: list[str]) -> tuple[list[str], np.ndarray]:
-    """(ids, mean BM25 score over the texts) of every example (0 where a text does not match it)."""
-    from trackstar_db.store.bm25 import BM25Index
-
-    ids = db.table("examples", columns=["example_id"]).column("example_id").to_pylist()
-    position = {example_id: i for i, example_id in enumerate(ids)}
-    total = np.zeros(len(ids), np.float64)
-    for hits in BM25Index.reader(db, must_exist=True).search_many(texts, max(1, len(ids))):
-        for example_id, score in hits:
-            if example_id in position:
-                total[position[example_id]] += score
-    return ids, (total / max(1, len(texts))).astype(np.float32)
-
-
-def _ann_top(db, method: str, spec, g_q: torch.Tensor, n: int, ann) -> tuple[list[str], np.ndarray]:
-    from trackstar_db.retrieval.ann import search_vectors
-    from trackstar_db.retrieval.methods import query_transform
-    from trackstar_db.retrieval.scoring import load_preconditioner
-
-    preconditioners = {}
-    if spec.preconditioner:
-        table = db.gradient_table("train", corrected=spec.table == "corrected")
-        preconditioners[spec.preconditioner] = load_preconditioner(table, spec.preconditioner)
-    mean = query_transform(spec, preconditioners)(g_q.float()).mean(dim=0, keepdim=True)
-    result = search_vectors(db, method, mean, n, ann)
-    return result.proponent_ids[0], result.proponent_scores[0, :len(result.proponent_ids[0])]
 
 
 def _with_fields(db, ids: list[str], scores: np.ndarray) -> pa.Table:
@@ -225,8 +165,8 @@ def select(db, task: Task | None = None, *, top: int | None = None, fraction: fl
     `out` (.jsonl or .parquet, outside the database): also written there. `rerank` ('kfac' |
     'ekfac'): the method's top max(N, candidates) re-scored by their mean second-stage score
     (retrieval/rerank.py) and the best N of those kept; first_score keeps the method's score."""
-    from trackstar_db.ladder import METHODS
-    from trackstar_db.retrieval.adhoc import best_method
+    from trackstar_db.retrieval import runners
+    from trackstar_db.retrieval.embedding import query_text
 
     check_amount(top, fraction)
     target = check_output(db, out) if out is not None else None
@@ -234,29 +174,29 @@ def select(db, task: Task | None = None, *, top: int | None = None, fraction: fl
     n_examples = db.count("examples")
     if n_examples == 0:
         raise TrackstarError(f"{db.path}: no training examples to select from")
-    method = method or best_method(db)
-    if method != "bm25" and method not in METHODS:
-        raise TrackstarError(f"select scores with a gradient method ({', '.join(METHODS)}) or bm25, not {method!r}")
-    if ann is not None and (method == "bm25" or drop_opponents or aggregate != "mean-vector"):
+    method = method or runners.best_method(db)
+    scorers = {m.name: m for m in runners.aggregating()}
+    if method not in scorers:
+        rungs = [m.name for m in scorers.values() if m.spec is not None]
+        others = [m.name for m in scorers.values() if m.spec is None]
+        raise TrackstarError(f"select scores with a gradient method ({', '.join(rungs)}) or {' or '.join(others)}, "
+                             f"not {method!r}")
+    entry = scorers[method]
+    if ann is not None and (not entry.serves_ann or drop_opponents or aggregate != "mean-vector"):
         raise TrackstarError("--ann serves the top N of a gradient method's mean query vector only "
                              "(not bm25, --drop-opponents or --aggregate mean-score)")
     queries = read_examples(task.examples) if task.examples is not None else task_queries(db, task)
     n = top if top is not None else max(1, round(fraction * n_examples))
     n = min(n, n_examples)
-    if method == "bm25":
-        from trackstar_db.retrieval.embedding import query_text
-
-        ids, scores = bm25_scores(db, [query_text(p, t) for p, t in zip(queries.column("prompt").to_pylist(),
-                                                                        queries.column("target").to_pylist())])
-        aggregate = "mean-score"
-    else:
-        spec = METHODS[method]
-        g_q = task_gradients(db, spec, task, queries, device)
-        if ann is not None:
-            ids, scores = _ann_top(db, method, spec, g_q, n, ann)
-            selection = Selection(_with_fields(db, ids, scores), f"{method}-ann", aggregate, queries.num_rows, len(ids))
-            return _written(selection, target)
-        ids, scores = gradient_scores(db, spec, g_q, aggregate, device, progress=progress)
+    prompts, targets = queries.column("prompt").to_pylist(), queries.column("target").to_pylist()
+    texts = [query_text(p, t) for p, t in zip(prompts, targets)]
+    request = runners.Request(queries.column("query_id").to_pylist(), texts, n, device, ann=ann, aggregate=aggregate,
+                              query_vectors=task_gradients(db, entry.spec, task, queries, device), progress=progress)
+    scored = runners.aggregate(db, entry, request)
+    ids, scores, aggregate = scored.ids, scored.scores, scored.aggregate
+    if ann is not None:  # the index's best n, best first
+        selection = Selection(_with_fields(db, ids, scores), f"{method}-ann", aggregate, queries.num_rows, len(ids))
+        return _written(selection, target)
     order = np.argsort(-scores, kind="stable")  # best first; ties: scan order
     if rerank is not None:
         return _written(_reranked(db, queries, ids, scores, order, n, method, rerank, candidates, device, drop_opponents),

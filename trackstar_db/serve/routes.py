@@ -130,7 +130,7 @@ def _known_methods(names: list[str]) -> None:
 
 def _query_item(service: Service, request: QueryRequest) -> QueryItem:
     """The model thread's work for one query request, after the checks that need no model."""
-    from trackstar_db.retrieval.adhoc import best_method
+    from trackstar_db.retrieval.runners import best_method
 
     if not request.prompt.strip() or not request.target.strip():
         raise TrackstarError("prompt and target must hold more than white space")

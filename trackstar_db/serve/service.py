@@ -187,33 +187,18 @@ class QueryItem:
 
 def servable_methods(db: Snapshot) -> list[dict]:
     """[{name, kind, available, reason, ann}] for every method a one-prompt query may name, in the
-    ladder's display order (baselines, then the gradient rungs)."""
-    from trackstar_db.ladder import ALL_METHODS, CHECKPOINT_METHODS, FACTOR_METHODS, METHODS, factors_missing
-    from trackstar_db.retrieval import embedding
+    registry's display order, with the registry's reason when it cannot answer now (runners.status)."""
+    from trackstar_db.ladder import REGISTRY
+    from trackstar_db.retrieval.runners import status
 
-    fitted = db.manifest.get("preconditioners", {})
-    has_examples = db.count("examples") > 0
     indexed = db.manifest.get("ann", {})  # methods with an ANN index (trackstar-db index)
     out = []
-    for name in ALL_METHODS:
-        if name in CHECKPOINT_METHODS:  # their sums need stored query gradients at every checkpoint
+    for entry in REGISTRY.values():
+        if not entry.serves_prompt:  # TracIn-CP: its sums need stored query gradients at every checkpoint
             continue
-        reason = None if has_examples else "no examples"
-        if name in METHODS:
-            spec = METHODS[name]
-            table = db.gradient_table("train", corrected=spec.table == "corrected")
-            if not table.exists():
-                reason = f"no {table.name} table (ingest gradients)"
-            elif spec.preconditioner and table.preconditioner_key(spec.preconditioner) not in fitted:
-                reason = f"no {spec.preconditioner!r} R fitted (trackstar-db fit)"
-        elif name in FACTOR_METHODS:  # kfac-proj / ekfac-proj and the kfac / ekfac second stage
-            reason = reason or factors_missing(db.manifest, name)
-        elif name == "embedding" and not embedding.available():
-            reason = "pip install 'trackstar-db[embedding]'"
-        elif name == "lm-embedding" and not db.manifest.get("model"):
-            reason = "no model recorded"
-        out.append({"name": name, "kind": "gradient" if name in METHODS else "baseline",
-                    "available": reason is None, "reason": reason, "ann": name in indexed})
+        reason = status(db, entry)
+        out.append({"name": entry.name, "kind": "gradient" if entry.runner == "gradient" else "baseline",
+                    "available": reason is None, "reason": reason, "ann": entry.name in indexed})
     return out
 
 
@@ -313,7 +298,7 @@ class Service:
     def warm_up(self, method: str | None = None) -> str:
         """Load the model, featurizer and R now (one query of the best method), so the first
         request is not the one that pays; returns the method used."""
-        from trackstar_db.retrieval.adhoc import best_method
+        from trackstar_db.retrieval.runners import best_method
 
         db = self.db
         method = method or best_method(db)
