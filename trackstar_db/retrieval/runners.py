@@ -38,7 +38,6 @@ class Request:
     pairs: list | None = None  # (prompt, target) per query: what the second stage featurizes
     rerank: str | None = None  # 'kfac' | 'ekfac': re-score this method's top `candidates` (rerank.py)
     candidates: int = 200  # retrieval/rerank.DEFAULT_CANDIDATES
-    attributor: object | None = None  # a warm adhoc.PromptAttributor whose model the second stage reuses
 
 
 def stored_query_vectors(db, spec, query_ids: list[str]):
@@ -163,4 +162,4 @@ def run(db, method: Method, request: Request) -> TopKResult:
     wide = dataclasses.replace(request, k=request.candidates, rerank=None)
     candidates = RUNNERS[method.runner](db, method, wide)
     return second_stage(db, candidates, request.pairs, request.k, request.rerank, request.device,
-                        request.attributor, first_method=method.name)
+                        first_method=method.name)
