@@ -334,7 +334,8 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
             self.close()
 
     def prompt_attributor(self, device: str = "cpu"):
-        """The one-prompt attributor (retrieval.adhoc.PromptAttributor) on `device`, its models this handle's warm ones."""
+        """The one-prompt attributor (retrieval.adhoc.PromptAttributor) on `device`; its models are
+        this handle's warm ones (`models`)."""
         from trackstar_db.retrieval.adhoc import PromptAttributor
 
         return PromptAttributor(self, device)

@@ -54,6 +54,8 @@ MAX_BATCH_LINES = 1000  # queries of one /api/query/batch request
 TOKEN_COOKIE = "trackstar_token"
 LIVE_HEAD = ('<link rel="icon" href="data:,"><link rel="stylesheet" href="static/app.css">'
              '<script src="static/app.js" defer></script>')  # relative: the page works under a path prefix
+PAGE_POLICY = ("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'; "
+               "base-uri 'none'")  # the page's Content-Security-Policy: nothing from the network
 log = logging.getLogger("trackstar_db.serve")
 
 
@@ -211,8 +213,7 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                           "img-src 'self' data:; object-src 'none'; base-uri 'none'"})
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/static/explorer.css", include_in_schema=False)
     async def explorer_css():
