@@ -125,6 +125,16 @@ def test_the_second_stage_alone_loads_a_plain_featurizer_once(fresh, opened):
     assert len(opened) == 2 and fresh.models.find(fresh.manifest, "cpu", ["plain"]) is not None
 
 
+def test_a_refit_keeps_the_model_warm(fresh, opened):
+    """R is not part of the featurizer (scoring applies it): a refit changes the answer, not the model."""
+    (prompt, target), _ = _pair(fresh)
+    before = fresh.query(prompt, target, k=5, method="trackstar")
+    fresh.fit(damping=0.5)
+    after = fresh.query(prompt, target, k=5, method="trackstar")
+    assert len(opened) == 1 and fresh.models.loads == 1
+    assert after.column("score").to_pylist() != before.column("score").to_pylist()  # the new R answered
+
+
 def test_a_new_model_is_loaded_again(fresh, opened, tmp_path):
     (prompt, target), _ = _pair(fresh)
     before = fresh.query(prompt, target, k=5, method="grad-dot")
