@@ -350,3 +350,31 @@ def test_every_page_has_the_one_shell_stylesheet_and_escaping(tmp_path):
     own = [str(p.relative_to(package)) for p in package.rglob("*.py")
            if p.name != "page.py" and re.search(r"^import html$|html\.escape\(|<!DOCTYPE", p.read_text(encoding="utf-8"), re.M)]
     assert own == []
+
+
+def test_the_served_page_is_the_same_shell(report, tmp_path):
+    """`serve`'s "/" is report/page.py's shell too: the same doctype, charset, title and viewport
+    markup as a written report page, its first stylesheet the one STYLESHEET (linked, where the
+    report has it inline), then the live page's own layout and script."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from trackstar_db import Database
+    from trackstar_db.report.page import STYLESHEET
+    from trackstar_db.serve import app
+
+    Database.create(tmp_path / "db")
+    client = TestClient(app(tmp_path / "db"))
+    served, written = client.get("/").text, report.read_text(encoding="utf-8")
+
+    def shell(text: str) -> tuple:
+        """(up to the title, from the title's end to the stylesheet, how it ends)."""
+        first_style = min(i for i in (text.find("<style>"), text.find('<link rel="stylesheet"')) if i >= 0)
+        return text[:text.index("<title>") + 7], text[text.index("</title>"):first_style], text[-14:]
+
+    assert shell(served) == shell(written) and served.endswith("</body></html>")
+    links = re.findall(r'<link rel="stylesheet" href="([^"]+)">', served)
+    assert links == ["static/explorer.css", "static/app.css"]  # the one stylesheet first, the page's layout after
+    assert client.get("/" + links[0]).text == STYLESHEET == re.findall(r"<style>(.*?)</style>", written, re.S)[0]
+    assert served.count("<!DOCTYPE html>") == 1 and served.count("<body>") == 1 and 'id="ask"' in served
+    assert "<title>trackstar-db explorer</title>" in served and "<script" not in written

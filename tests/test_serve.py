@@ -371,7 +371,9 @@ def test_reads_stay_on_one_version_while_a_writer_works(serve_db, tmp_path, foll
     count = lambda: client.post("/api/sql", json={"sql": "SELECT count(*) AS n FROM examples"}).json()["rows"][0][0]  # noqa: E731
     before = count()
     client.post("/api/query", json={"prompt": EVIL_PROMPT, "target": EVIL_TARGET, "methods": ["grad-cos"], "k": 1})
-    featurizers = client.app.state.service.db._attributor._featurizers
+    service = client.app.state.service
+    featurizers = service.db.models.find(service.db.manifest, service.device)
+    assert featurizers is not None
     version = client.get("/api/version").json()
     appended, release = tmp_path / "appended", tmp_path / "release"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(appended), str(release)],
@@ -392,7 +394,8 @@ def test_reads_stay_on_one_version_while_a_writer_works(serve_db, tmp_path, foll
     if follow:  # the writer finished: the next request reads the new version, the model still loaded
         assert count() == before + 1 and client.get("/api/examples/late-1").status_code == 200
         assert after["version"] != version["version"] and after["renewals"] == 1 and not after["pending"]
-        assert client.app.state.service.db._attributor._featurizers is featurizers
+        assert service.db.models.find(service.db.manifest, service.device) is featurizers
+        assert service.db.models.loads == 0  # the new snapshot took the model over, loaded nothing
         answer = client.post("/api/query", json={"prompt": EVIL_PROMPT, "target": EVIL_TARGET, "methods": ["bm25"],
                                                  "k": 1})
         assert answer.status_code == 200 and answer.json()["version"] == after["version"]

@@ -32,6 +32,7 @@ import pyarrow as pa
 from trackstar_db import defaults
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import ParameterError
+from trackstar_db.models.cache import ModelCache
 from trackstar_db.store import database as _store
 from trackstar_db.verbs.exchange import ExchangeVerbs
 from trackstar_db.verbs.model import ModelVerbs
@@ -58,17 +59,11 @@ def _engine(engine: str, command: str) -> dict:
 
 
 class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVerbs, _store.Store):
-    """An open trackstar-db directory, with its one-prompt attributor kept warm between queries."""
+    """An open trackstar-db directory, with its models kept warm between calls (`models`)."""
 
-    _attributor = None  # retrieval.adhoc.PromptAttributor, made by the first query()
-
-    def _attributor_for(self, device: str):
-        from trackstar_db.retrieval.adhoc import PromptAttributor
-
-        device = resolve_device(device)
-        if self._attributor is None or self._attributor.device != device:
-            self._attributor = PromptAttributor(self, device)
-        return self._attributor
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        self.models = ModelCache()  # the warm models of query, tokens, verify, rerank and serve (models/cache.py)
 
     # -- building -----------------------------------------------------------------------
     def ingest_corpus(self, files, text_field: str = "text", id_field: str | None = None, skip_bad: bool = False,
@@ -221,9 +216,9 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         from trackstar_db.progress import quiet_transformers
 
         with quiet_transformers(), self.reading():
-            return self._attributor_for(device).attribute(prompt, target, method=method, k=k, ann=ann, verify=verify,
-                                                          rerank=rerank, candidates=candidates,
-                                                          control_target=control_target)
+            return self.prompt_attributor(device).attribute(prompt, target, method=method, k=k, ann=ann,
+                                                            verify=verify, rerank=rerank, candidates=candidates,
+                                                            control_target=control_target)
 
     def token_contributions(self, prompt: str, target: str, example_id: str, method: str | None = None,
                             device: str = "cpu") -> pa.Table:
@@ -232,8 +227,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         from trackstar_db.retrieval.tokens import token_contributions
 
         with self.reading():
-            return token_contributions(self, prompt, target, example_id, method,
-                                       attributor=self._attributor_for(device))
+            return token_contributions(self, prompt, target, example_id, method, device=device)
 
     def validate(self, options=None, bootstrap: int = 1000, report=None, second_stage=None, **settings) -> pa.Table:
         """Counterfactual validation (validate/): retrain on random subsets the validation lacks
@@ -340,8 +334,11 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
             self.close()
 
     def prompt_attributor(self, device: str = "cpu"):
-        """The one-prompt attributor (retrieval.adhoc.PromptAttributor) this handle keeps warm on `device`."""
-        return self._attributor_for(device)
+        """The one-prompt attributor (retrieval.adhoc.PromptAttributor) on `device`; its models are
+        this handle's warm ones (`models`)."""
+        from trackstar_db.retrieval.adhoc import PromptAttributor
+
+        return PromptAttributor(self, device)
 
 
 def connect(path: str | Path) -> Database:

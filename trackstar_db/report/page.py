@@ -3,10 +3,14 @@ curation sections, the live page's stylesheet) is built from the pieces here.
 
     STYLESHEET   the one stylesheet (the report, the explorer, and /static/explorer.css of `serve`)
     escape       the one escaping of text and attribute values
-    document     the one page shell: doctype, charset, viewport, title, the stylesheet inline
+    document     the one page shell: doctype, charset, viewport, title, the stylesheet (inline, or
+                 linked where a server serves it), then what else the page's head needs
     figure, svg  a matplotlib figure of n panels, and its inline <svg> text
 
-Pages are plain HTML with the stylesheet inline: no script, no network, open from disk.
+Written pages are plain HTML with the stylesheet inline: no script, no network, open from disk.
+The served page (`serve`'s "/", made at start-up by serve/routes.live_page) is the same shell
+around its body (serve/static/live.html), the stylesheet linked, its own layout and script
+(static/app.css, static/app.js) added to the head.
 """
 
 from __future__ import annotations
@@ -45,10 +49,13 @@ def escape(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def document(title: str, body: str) -> str:
-    """A whole HTML document: `body` (HTML) under `title` (text), the stylesheet inline."""
+def document(title: str, body: str, *, stylesheet_href: str | None = None, head: str = "") -> str:
+    """A whole HTML document: `body` (HTML) under `title` (text), the stylesheet inline, or linked
+    from `stylesheet_href` (a server's copy of STYLESHEET); `head`: markup the head ends with."""
+    style = (f'<link rel="stylesheet" href="{escape(stylesheet_href)}">' if stylesheet_href is not None
+             else f"<style>{STYLESHEET}</style>")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-            f'<meta name="viewport" content="width=device-width"><style>{STYLESHEET}</style></head>'
+            f'<meta name="viewport" content="width=device-width">{style}{head}</head>'
             f"<body>{body}</body></html>")
 
 

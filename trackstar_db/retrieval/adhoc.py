@@ -33,8 +33,10 @@ import pyarrow.compute as pc
 import torch
 
 from trackstar_db import defaults
+from trackstar_db.devices import resolve_device
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.ladder import LADDER, lookup
+from trackstar_db.models.cache import ModelKey
 from trackstar_db.option_checks import K_MAX
 
 from . import embedding, runners
@@ -45,31 +47,27 @@ GRADIENT_BATCH = 16  # query gradients featurized in one call by attribute_many
 
 
 class PromptAttributor:
-    """Answers one-prompt queries for a database, keeping one featurizer per gradient variant
-    loaded between calls (loading a checkpoint costs far more than featurizing one prompt)."""
+    """Answers one-prompt queries for a database. It holds no model itself: the featurizers and
+    the tail-patcher it uses are the handle's warm ones (`db.models`, models/cache.py), loaded by
+    the first call that needs them (loading a checkpoint costs far more than featurizing one
+    prompt) and shared with token contributions, the second stage and the server."""
 
     def __init__(self, db, device: str = "cpu"):
-        self.db, self.device = db, device
-        self._featurizers: dict[str, tuple] = {}  # variant -> (Featurizer, tokenizer)
-        self._patcher = None  # tailpatch.TailPatcher for verify, made by the first verify
+        self.db, self.device = db, resolve_device(device)  # resolved: the cache's keys name the device it is
 
     def featurizer(self, variant: str):
         """(Featurizer, tokenizer) making `variant` with the stored recipe (settings and model
-        dtype), from the database's model source (gradients/loader.database_featurizer)."""
-        if variant not in self._featurizers:
-            from trackstar_db.gradients.loader import database_featurizer, stored_config
+        dtype), from the database's model source (gradients/loader.database_featurizer), warm in
+        the handle's model cache under the manifest's model, settings, `variant` and the device."""
+        from trackstar_db.gradients.loader import database_featurizer, stored_config
 
-            config = stored_config(self.db)
-            if config is None:
-                raise TrackstarError(f"{self.db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
-            uncorrected = variant == "uncorrected" and config.correction != "none"
-            self._featurizers[variant] = database_featurizer(self.db, config, device=self.device,
-                                                             uncorrected=uncorrected)
-        return self._featurizers[variant]
-
-    def warm_featurizer(self):
-        """A (Featurizer, tokenizer) already loaded here, or None (the second stage reuses its model)."""
-        return next(iter(self._featurizers.values()), None)
+        config = stored_config(self.db)
+        if config is None:
+            raise TrackstarError(f"{self.db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
+        uncorrected = variant == "uncorrected" and config.correction != "none"
+        return self.db.models.get(ModelKey.of(self.db.manifest, variant, self.device),
+                                  lambda: database_featurizer(self.db, config, device=self.device,
+                                                              uncorrected=uncorrected))
 
     def gradient(self, prompt: str, target: str, variant: str, control_target: str | None = None):
         """[1, d] raw query gradient of (prompt, target) in `variant`; with `control_target`, of
@@ -83,12 +81,14 @@ class PromptAttributor:
         return vectors if control_target is None else vectors[:1] - vectors[1:2]
 
     def patcher(self):
-        """The tail-patcher of `verify` (tailpatch/runs.load_patcher), loaded once."""
-        if self._patcher is None:
-            from trackstar_db.tailpatch.runs import load_patcher
+        """The tail-patcher of `verify` (tailpatch/runs.load_patcher), warm in the handle's model
+        cache; its loss spans are read from this handle's view (tailpatch/runs.stored_spans)."""
+        from trackstar_db.tailpatch.runs import load_patcher, stored_spans
 
-            self._patcher = load_patcher(self.db, device=self.device)
-        return self._patcher
+        patcher = self.db.models.get(ModelKey.of(self.db.manifest, "tail-patch", self.device),
+                                     lambda: load_patcher(self.db, device=self.device))
+        patcher.spans = stored_spans(self.db, patcher.task)  # a server's next snapshot reuses the patcher
+        return patcher
 
     def attribute(self, prompt: str, target: str, method: str | None = None, k: int = defaults.K_QUERY, ann=None,
                   verify: bool = False, rerank: str | None = None, candidates: int = defaults.CANDIDATES,
@@ -116,7 +116,7 @@ class PromptAttributor:
                        if entry.spec is not None else None)
             request = runners.Request(["adhoc"], [embedding.query_text(prompt, target)], fetch, self.device,
                                       query_vectors=vectors, ann=ann, pairs=[(prompt, target)], rerank=rerank,
-                                      candidates=candidates, attributor=self)
+                                      candidates=candidates)
             result = runners.run(db, entry, request)
             rows = result.to_arrow(["adhoc"], "adhoc", rerank or entry.name)
             rows = rows.select(ANSWER_COLUMNS)
@@ -220,7 +220,7 @@ class PromptAttributor:
             request = runners.Request(ids, [embedding.query_text(asks[i].prompt, asks[i].target) for i in members],
                                       max(asks[i].k for i in members), self.device, query_vectors=stacked,
                                       ann=asks[members[0]].ann, pairs=[(asks[i].prompt, asks[i].target) for i in members],
-                                      rerank=second, attributor=self)
+                                      rerank=second)
             try:
                 answer = runners.run(db, entry, request)
                 result = answer.to_arrow(ids, "adhoc", second or entry.name)

@@ -36,15 +36,14 @@ from trackstar_db.featurizer import kfac as _kfac
 from trackstar_db.featurizer.tokenize import collate, pad_id
 from trackstar_db.gradients.factors import load_factors
 from trackstar_db.gradients.loader import database_featurizer, stored_config
+from trackstar_db.models.cache import ModelKey
 from trackstar_db.progress import quiet_transformers
-from trackstar_db.store.checkpoints import source
 
 from .topk import TopKResult
 
 BATCH_SIZE = 16  # candidates featurized per forward/backward
 DIRECT_QUERIES = 4  # up to this many queries, candidates are scored without rotating their gradients
 QUERY_BYTES = 512 << 20  # float32 bytes of preconditioned query gradients held at once
-_MODELS: dict[tuple, tuple] = {}  # (db path, device, model path) -> (featurizer, tokenizer): one warm model
 
 
 def check_rerank(kind: str | None, candidates: int) -> None:
@@ -55,35 +54,35 @@ def check_rerank(kind: str | None, candidates: int) -> None:
         raise ParameterError("candidates", f"must be an integer >= 1, not {candidates!r}")
 
 
-def _model(db, device: str, attributor=None):
-    """(featurizer, tokenizer) of the database's final model: the one-prompt attributor's warm
-    featurizer when it holds one, else one loaded here without an optimizer correction (kept)."""
-    warm = attributor.warm_featurizer() if attributor is not None else None
+def _model(db, device: str):
+    """(featurizer, tokenizer) of the database's final model, from the handle's model cache
+    (`db.models`, models/cache.py): a featurizer a query already loaded there when it holds one,
+    else one loaded now without an optimizer correction (kept there)."""
+    warm = db.models.find(db.manifest, device)
     if warm is not None:
         return warm
     config = stored_config(db)
     if config is None:
         raise TrackstarError(f"{db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
-    key = (str(db.path), str(device), str(source(db).path), config)
-    if key not in _MODELS:
-        _MODELS.clear()
+
+    def load():
         with quiet_transformers():
-            _MODELS[key] = database_featurizer(db, replace(config, correction="none"), device=device)
-    return _MODELS[key]
+            return database_featurizer(db, replace(config, correction="none"), device=device)
+
+    return db.models.get(ModelKey.of(db.manifest, "plain", device), load)
 
 
 class FactorScorer:
     """g_q^T (F + lambda)^-1 g_z for (prompt, target) queries against training examples, on a
     warm model with the database's stored factors (gradients/factors.py)."""
 
-    def __init__(self, db, kind: str | None = None, device: str = "cpu", attributor=None,
-                 batch_size: int = BATCH_SIZE):
+    def __init__(self, db, kind: str | None = None, device: str = "cpu", batch_size: int = BATCH_SIZE):
         self.db, self.factors = db, load_factors(db)
         self.kind = _kfac.check_kind(kind or self.factors.kind)
         if self.kind == "ekfac" and not self.factors.corrected:
             raise TrackstarError(f"{db.path}: the stored factors are K-FAC; run 'trackstar-db fit-factors "
                                  f"{db.path} --kind ekfac' for EK-FAC")
-        self.featurizer, self.tokenizer = _model(db, device, attributor)
+        self.featurizer, self.tokenizer = _model(db, device)
         self.batch_size = batch_size
         names = [m.name for m in self.featurizer.tracked]
         if sorted(names) != sorted(self.factors.sides):
@@ -200,13 +199,13 @@ class RerankedResult(TopKResult):
 
 
 def rerank(db, first: TopKResult, pairs: list[tuple[str, str]], k: int, kind: str | None = None,
-           device: str = "cpu", attributor=None, first_method: str = "") -> RerankedResult:
+           device: str = "cpu", first_method: str = "") -> RerankedResult:
     """Re-score each query's first-stage proponents and opponents (the union over a chunk of
     queries, FactorScorer.query_chunk, is featurized once) and rank them by the curvature-weighted
     score: k proponents, k opponents."""
     if len(pairs) != len(first.proponent_ids):
         raise TrackstarError(f"rerank: {len(pairs)} queries for {len(first.proponent_ids)} first-stage answers")
-    scorer = FactorScorer(db, kind, device, attributor)
+    scorer = FactorScorer(db, kind, device)
     known: list[dict[str, tuple[float, int]]] = []  # per query: id -> (first score, first rank), signed rank for opponents
     for q in range(len(pairs)):
         seen: dict[str, tuple[float, int]] = {}

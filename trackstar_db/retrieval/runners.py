@@ -48,7 +48,6 @@ class Request:
     pairs: list | None = None  # (prompt, target) per query: what the second stage featurizes
     rerank: str | None = None  # 'kfac' | 'ekfac': re-score this method's top `candidates` (rerank.py)
     candidates: int = defaults.CANDIDATES
-    attributor: object | None = None  # a warm adhoc.PromptAttributor whose model the second stage reuses
     aggregate: str = "mean-vector"  # how `aggregate` takes a rung's mean: one of retrieval/scoring.AGGREGATES
     progress: bool | None = None  # the scan's bar (trackstar_db/progress.py); False skips its bookkeeping too
 
@@ -294,4 +293,4 @@ def run(db, method: Method, request: Request) -> TopKResult:
     wide = dataclasses.replace(request, k=request.candidates, rerank=None)
     candidates = RUNNERS[method.runner].top_k(db, method, wide)
     return second_stage(db, candidates, request.pairs, request.k, request.rerank, request.device,
-                        request.attributor, first_method=method.name)
+                        first_method=method.name)

@@ -50,14 +50,15 @@ def example_text(db, example_id: str) -> str:
 
 
 class TokenAttributor:
-    """Per-token contributions for many (query, proponent) pairs of one database, keeping the
-    featurizers (PromptAttributor), each method's R and each query's vector between calls."""
+    """Per-token contributions for many (query, proponent) pairs of one database, keeping each
+    method's R and each query's vector between calls; the featurizers are the handle's warm ones
+    (PromptAttributor, `db.models`)."""
 
-    def __init__(self, db, attributor=None, device: str = "cpu"):
+    def __init__(self, db, device: str = "cpu"):
         from .adhoc import PromptAttributor
 
         self.db = db
-        self.attributor = attributor or PromptAttributor(db, device)
+        self.attributor = PromptAttributor(db, device)
         self._scoring: dict[str, object] = {}
         self._query: dict[tuple[str, str, str], torch.Tensor] = {}
 
@@ -112,10 +113,10 @@ class TokenAttributor:
 
 
 def token_contributions(db, prompt: str, target: str, example_id: str, method: str | None = None,
-                        *, attributor=None, device: str = "cpu") -> pa.Table:
+                        *, device: str = "cpu") -> pa.Table:
     """Each token's part of `example_id`'s score for `target` after `prompt` under `method`
     (default: the best rung the database serves)."""
-    return TokenAttributor(db, attributor, device)(prompt, target, example_id, method)
+    return TokenAttributor(db, device)(prompt, target, example_id, method)
 
 
 def strongest(tokens: pa.Table, top: int = 5) -> list[tuple[str, float]]:
@@ -129,8 +130,7 @@ def hit_tokens(db, prompt: str, target: str, hits: pa.Table, device: str = "cpu"
     """token_contributions of every row of a `Database.query` answer, with its kind and rank
     prepended (one row per token per hit)."""
     parts = []
-    attributor = db.prompt_attributor(device) if hasattr(db, "prompt_attributor") else None  # a handle's warm one
-    contributions = TokenAttributor(db, attributor, device)
+    contributions = TokenAttributor(db, device)
     for hit in hits.select(["kind", "rank", "example_id", "method"]).to_pylist():
         tokens = contributions(prompt, target, hit["example_id"], hit["method"])
         parts.append(tokens.add_column(0, "rank", pa.array([hit["rank"]] * tokens.num_rows, pa.int32()))

@@ -1,7 +1,7 @@
 """The HTTP face of the service (service.py): a FastAPI application with JSON endpoints, the
 explorer page and its assets, one-line errors, an optional token and a request size limit.
 
-    GET  /                       the live explorer (static/index.html)
+    GET  /                       the live explorer (live_page: static/live.html in report/page.py's shell)
     GET  /api/health             status, model loaded, requests queued
     GET  /api/version            trackstar-db version, the snapshot served, pending changes
     GET  /api/methods            every method a query may name, and whether this database serves it
@@ -36,7 +36,7 @@ from typing import Optional
 
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trackstar_db import __version__
 from trackstar_db.errors import TrackstarError
+from trackstar_db.report.page import STYLESHEET, document
 
 from . import payload
 from .service import MAX_K, MAX_SQL_ROWS, MAX_TEXT, Busy, QueryItem, Service, TimedOut
@@ -51,6 +52,10 @@ from .service import MAX_K, MAX_SQL_ROWS, MAX_TEXT, Busy, QueryItem, Service, Ti
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_BATCH_LINES = 1000  # queries of one /api/query/batch request
 TOKEN_COOKIE = "trackstar_token"
+LIVE_HEAD = ('<link rel="icon" href="data:,"><link rel="stylesheet" href="static/app.css">'
+             '<script src="static/app.js" defer></script>')  # relative: the page works under a path prefix
+PAGE_POLICY = ("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'; "
+               "base-uri 'none'")  # the page's Content-Security-Policy: nothing from the network
 log = logging.getLogger("trackstar_db.serve")
 
 
@@ -148,6 +153,13 @@ def _query_item(service: Service, request: QueryRequest) -> QueryItem:
                      request.control_target)
 
 
+def live_page(static) -> str:
+    """The live explorer page: its body (static/live.html) in the one page shell (report/page.py),
+    the one stylesheet linked from static/explorer.css, then the page's own layout and script."""
+    body = (static / "live.html").read_text(encoding="utf-8")
+    return document("trackstar-db explorer", body, stylesheet_href="static/explorer.css", head=LIVE_HEAD)
+
+
 def build(service: Service, token: str | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The FastAPI application over `service`."""
     app = FastAPI(title="trackstar-db", version=__version__, default_response_class=JSON,
@@ -197,17 +209,15 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
+    page = live_page(static)
+
     @app.get("/", include_in_schema=False)
     async def index():
-        return FileResponse(str(static / "index.html"), media_type="text/html",
-                            headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                                                "img-src 'self' data:; object-src 'none'; base-uri 'none'"})
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/static/explorer.css", include_in_schema=False)
     async def explorer_css():
-        from trackstar_db.report.page import STYLESHEET  # the one stylesheet of every page
-
-        return Response(STYLESHEET, media_type="text/css")
+        return Response(STYLESHEET, media_type="text/css")  # the one stylesheet of every page
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from trackstar_db import __version__
+from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
 from trackstar_db.option_checks import K_MAX, TEXT_MAX
 
@@ -207,10 +208,10 @@ class Service:
 
     def __init__(self, path, device: str = "cpu", follow: bool = True, max_queued: int = 64, max_batch: int = 16,
                  batch_wait: float = 0.05, timeout: float | None = 120.0):
-        self.tracker = Tracker(path, follow=follow, device=device)
+        self.tracker = Tracker(path, follow=follow)
         self.worker = ModelWorker(max_queued, max_batch, batch_wait)
         self.timeout = timeout
-        self.device = device
+        self.device = resolve_device(device)  # as the model cache's keys name it (health's model_loaded)
         self.started = time.time()
         self.requests = 0
 
@@ -284,7 +285,7 @@ class Service:
                 shade = None
                 if hit["kind"] == "proponent" and method in METHODS and len(hits["proponent"]) < tokens \
                         and control_target is None:  # token shares are of one target
-                    contributions = contributions or TokenAttributor(db, db._attributor_for(self.device), self.device)
+                    contributions = contributions or TokenAttributor(db, self.device)
                     shade = contributions(prompt, target, hit["example_id"], method, hit["text"])
                 hits.setdefault(hit["kind"], []).append(payload.hit_json(hit, refs, shade, truth))
             results.append({"method": method, "seconds": seconds, "proponents": hits["proponent"],
@@ -346,8 +347,7 @@ class Service:
 
     def health(self) -> dict:
         db = self.db
-        attributor = db._attributor
         return {"status": "ok", "uptime_s": round(time.time() - self.started, 1), "device": self.device,
-                "model_loaded": bool(attributor and attributor._featurizers), "queued": self.worker.queued,
+                "model_loaded": db.models.find(db.manifest, self.device) is not None, "queued": self.worker.queued,
                 "max_batch": self.worker.max_batch, "batches": dict(sorted(self.worker.batches.items())),
                 "version": db.version_id, "examples": db.count("examples")}

@@ -12,9 +12,9 @@ snapshot under that shared lock, so no writer can commit half-way through it. Wh
 works, the old snapshot keeps answering and `pending` says a newer version is on its way.
 `follow=False` serves the first snapshot for the server's whole life.
 
-The warm state moves to the new snapshot when the model and featurizer recorded in the
-manifest are unchanged: the loaded checkpoints (PromptAttributor's featurizers) are handed
-over instead of loaded again.
+The warm models move to the new snapshot when the model and featurizer recorded in the
+manifest are unchanged: the new snapshot's model cache adopts its predecessor's entries that
+its manifest still describes (models/cache.py), instead of loading them again.
 
 BM25 reads the committed folder of the index the record names (store/bm25.py). Not pinned (a
 reader of these sees the newest committed state): an ANN index (its provenance check against the
@@ -143,11 +143,10 @@ REMOTE_INTERVAL = 2.0  # seconds between two looks at an object-store database (
 class Tracker:
     """The snapshot requests read, renewed when the database changed and no writer is at work."""
 
-    def __init__(self, path: str | Path, follow: bool = True, device: str = "cpu", interval: float = 0.5,
-                 wait: float = 10.0):
+    def __init__(self, path: str | Path, follow: bool = True, interval: float = 0.5, wait: float = 10.0):
         from trackstar_db.distributed.objectstore import is_uri
 
-        self.follow, self.device, self.interval = follow, device, interval
+        self.follow, self.interval = follow, interval
         self._lock = threading.Lock()
         self._checked = 0.0
         self.pending = False
@@ -200,16 +199,9 @@ class Tracker:
         self._move_to(fresh)
 
     def _move_to(self, fresh: Snapshot) -> None:
-        """Serve `fresh` from now on, the loaded model handed over when it is the same."""
-        old = self.snapshot
-        if old._attributor is not None and _warm_state(old.manifest) == _warm_state(fresh.manifest):
-            attributor = fresh._attributor_for(old._attributor.device)
-            attributor._featurizers = old._attributor._featurizers
+        """Serve `fresh` from now on, the loaded models handed over where they are the same."""
+        fresh.models.adopt(self.snapshot.models, fresh.manifest)
         self.snapshot, self.pending = fresh, False
         self.path = fresh.path
         self.renewals += 1
 
-
-def _warm_state(manifest: dict) -> tuple:
-    """What the loaded featurizers depend on: the model and the featurizer settings."""
-    return repr(manifest.get("model")), repr(manifest.get("featurizer"))

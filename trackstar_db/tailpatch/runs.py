@@ -48,8 +48,13 @@ def load_patcher(db, k: int = defaults.K_TAIL_PATCH, device: str = "cpu") -> Tai
 
     model, tokenizer, state = patch_model(db, device)
     task = task_of(db.manifest)  # the step takes the database's loss (a completion's, a chat's)
-    return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k), task=task,
-                       spans=_StoredSpans(db) if task.masked else None)
+    return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k), task=task, spans=stored_spans(db, task))
+
+
+def stored_spans(db, task):
+    """The loss spans a patcher's steps take on `db`'s examples: read from db's view when the
+    task is loss-masked, none (every token's loss) otherwise."""
+    return _StoredSpans(db) if task.masked else {}
 
 
 class _StoredSpans:
