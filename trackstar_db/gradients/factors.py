@@ -272,15 +272,7 @@ def load_factors(db) -> _kfac.KroneckerFactors:
     entry = db.manifest.get("factors")
     if not entry:
         raise TrackstarError(f"{db.path}: no Kronecker factors; run 'trackstar-db fit-factors {db.path}'")
-    path = db.path / "preconditioners" / entry["file"]
-    key = (str(path), entry["sha256"])
-    if key not in _LOADED:
-        if not path.is_file() or _digest(path) != entry["sha256"]:
-            raise TrackstarError(f"{path}: missing or not the file fitted (sha256 differs); "
-                                 f"run 'trackstar-db fit-factors {db.path}'")
-        _LOADED.clear()
-        _LOADED[key] = _kfac.KroneckerFactors.load(path)
-    return _LOADED[key]
+    return _checked(db, entry, _LOADED, 1, _kfac.KroneckerFactors.load)
 
 
 def load_projected(db, which: str):
@@ -290,17 +282,23 @@ def load_projected(db, which: str):
         fitted = (db.manifest.get("factors") or {}).get("kind")
         hint = "fit-factors --kind ekfac" if fitted == "kfac" and which == "ekfac" else "fit-factors"
         raise TrackstarError(f"{db.path}: no projected {which} curvature; run 'trackstar-db {hint} {db.path}'")
+    return _checked(db, entry, _LOADED_PROJECTED, 4, Preconditioner.load)
+
+
+def _checked(db, entry: dict, loaded: dict, keep: int, load):
+    """The file `entry` names, loaded by `load` once its sha256 matches the recorded one; `loaded`
+    keeps the last `keep` files of a warm process (the oldest goes first)."""
     path = db.path / "preconditioners" / entry["file"]
     key = (str(path), entry["sha256"])
-    if key not in _LOADED_PROJECTED:
+    if key not in loaded:
         if not path.is_file() or _digest(path) != entry["sha256"]:
             raise TrackstarError(f"{path}: missing or not the file fitted (sha256 differs); "
                                  f"run 'trackstar-db fit-factors {db.path}'")
-        if len(_LOADED_PROJECTED) >= 4:
-            _LOADED_PROJECTED.pop(next(iter(_LOADED_PROJECTED)))
-        _LOADED_PROJECTED[key] = Preconditioner.load(path)
-    return _LOADED_PROJECTED[key]
+        while len(loaded) >= keep:
+            loaded.pop(next(iter(loaded)))
+        loaded[key] = load(path)
+    return loaded[key]
 
 
-_LOADED: dict[tuple, _kfac.KroneckerFactors] = {}  # a warm process's factors
-_LOADED_PROJECTED: dict[tuple, object] = {}
+_LOADED: dict[tuple, _kfac.KroneckerFactors] = {}  # a warm process's factors (the last file)
+_LOADED_PROJECTED: dict[tuple, object] = {}  # and projected blocks (the last four files)
