@@ -13,7 +13,7 @@ from trackstar_db import defaults
 from . import main
 from .engine import ENGINE
 from .common import DB_ARG, Group, _open
-from trackstar_db.option_checks import NON_NEGATIVE, OUTPUT_DIR, POSITIVE
+from .types import NON_NEGATIVE, OUTPUT_DIR, POSITIVE
 
 
 @main.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import click
@@ -26,12 +27,19 @@ def flag(parameter: str) -> str:
     return FLAGS.get(parameter, "--" + parameter.replace("_", "-"))
 
 
+def flags_in(problem: str, parameters) -> str:
+    """`problem` with each of `parameters` named by its flag (whole words only)."""
+    for parameter in parameters:
+        problem = re.sub(rf"(?<![\w-]){re.escape(parameter)}(?![\w-])", flag(parameter), problem)
+    return problem
+
+
 def one_line(exc: BaseException) -> str | None:
     """The one line a user sees for `exc`, naming the file where the error knows it; None for
     an error that is a bug in trackstar-db (its traceback is more useful than a line)."""
     module = type(exc).__module__ or ""
     if isinstance(exc, ParameterError):
-        return f"{flag(exc.parameter)} {exc.problem}"
+        return f"{flag(exc.parameter)} {flags_in(exc.problem, exc.others)}"
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         if exc.errno == errno.ENOSPC:

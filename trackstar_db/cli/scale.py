@@ -12,7 +12,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
-from trackstar_db.option_checks import POSITIVE, POSITIVE_FLOAT
+from .types import POSITIVE, POSITIVE_FLOAT
 
 
 def ann_flags(command):

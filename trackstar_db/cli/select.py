@@ -9,7 +9,7 @@ import click
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
-from trackstar_db.option_checks import FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
+from .types import FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
 
 
 @main.command("select")

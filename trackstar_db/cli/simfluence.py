@@ -8,7 +8,7 @@ import click
 
 from . import main
 from .common import DB_ARG, FORMATS, Group, _open, print_table
-from trackstar_db.option_checks import FRACTION, NAME, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT
+from .types import FRACTION, NAME, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT
 
 
 @main.group(cls=Group)

@@ -13,7 +13,7 @@ from . import main
 from .engine import ENGINE
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
-from trackstar_db.option_checks import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP_K
+from .types import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP_K
 
 
 def rerank_flags(command):

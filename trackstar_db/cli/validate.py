@@ -6,7 +6,7 @@ import click
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
-from trackstar_db.option_checks import NON_NEGATIVE, POSITIVE
+from .types import NON_NEGATIVE, POSITIVE
 
 
 @main.command()
