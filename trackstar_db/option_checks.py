@@ -100,6 +100,7 @@ class Pattern:
         return None
 
 
+# A rule is any object with `problem(value) -> str | None` (devices.DEVICE is one, beside the device rule).
 class _RunName:
     """A run's name (it may reach a path, a table name or a predicate): non-empty, printable, no
     path separator, not '.' or '..', at most NAME_MAX characters, not the staging prefix."""
@@ -118,10 +119,12 @@ FRACTION = Range(0.0, 1.0, integer=False, low_open=True)  # a share kept or samp
 SUBSET_FRACTION = Range(0.0, 1.0, integer=False, low_open=True, high_open=True)  # validate's subsets: (0, 1)
 DAMPING = Range(0.0, integer=False)  # an eigenvalue shift, times their mean: finite, >= 0
 POSITIVE_NUMBER = Range(0.0, integer=False, low_open=True)  # learning rates, GiB
+DIM = Range(1, 2**16)  # a projection's width (the featurizer: also at most the tracked matrices' entries)
 TEXT = Range(1, TEXT_MAX)  # characters of a prompt or target
 IDENTIFIER = Pattern(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", "letters, digits, '-' and '_' (starting with a letter "
                      "or digit, at most 64 characters)")  # a checkpoint's or a validation's name: a table suffix
 RUN_NAME = _RunName()
+MODELS = Range(2, why=" (a correlation needs two subsets)")  # validate's retrained models
 
 
 def ruled(rule, default=MISSING, **kwargs):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from trackstar_db import option_checks as rules
+from trackstar_db import devices, option_checks as rules
 from trackstar_db.errors import TrackstarError
 
 
@@ -62,5 +62,6 @@ POSITIVE_FLOAT = click_type(rules.POSITIVE_NUMBER)
 FRACTION = click_type(rules.FRACTION)
 SUBSET_FRACTION = click_type(rules.SUBSET_FRACTION)
 DAMPING = click_type(rules.DAMPING)
+DEVICE = click_type(devices.DEVICE)
 OUTPUT_FILE = Output(dir_okay=False, path_type=Path)
 OUTPUT_DIR = Output(file_okay=False, path_type=Path)
