@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from trackstar_db import faults
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import kfac as _kfac
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import Preconditioner
