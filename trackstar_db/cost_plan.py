@@ -48,7 +48,7 @@ def _read_rates(path: Path) -> dict:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TrackstarError(f"{path}: no rates file; run benchmarks/bench_scale.py --rates {path}") from None
+        raise TrackstarError(f"{path}: no rates file; run 'python benchmarks/bench_scale.py --rates {path}'") from None
     except json.JSONDecodeError as exc:
         raise TrackstarError(f"{path}: invalid JSON in the rates file (line {exc.lineno})") from None
     rates, sources = {}, {}

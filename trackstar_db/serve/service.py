@@ -101,7 +101,7 @@ class ModelWorker:
             return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
         except asyncio.TimeoutError:
             job.future.cancel()  # skipped by the model thread if it has not started it
-            raise TimedOut(f"timed out: no answer within {timeout:g} s (the server's --timeout)") from None
+            raise TimedOut(f"timed out: no answer within {timeout:g} s (the server's timeout)") from None
 
     def _take(self) -> list[_Job]:
         """The next job, and with a batchable one the others of its kind that wait (or arrive within batch_wait)."""

@@ -71,7 +71,7 @@ def training_setup(db, options: RecordOptions):
     model = db.manifest.get("model")
     if model is None:
         if options.init == "checkpoint":
-            raise TrackstarError(f"{db.path}: --init checkpoint needs a recorded model; run 'trackstar-db train' first")
+            raise ParameterError("init", f"'checkpoint' needs a recorded model in {db.path}; run 'trackstar-db train' first")
         from trackstar_db.testbed.vocab import build_tokenizer
 
         texts = db.table("examples", columns=["text"]).column("text").to_pylist()

@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from trackstar_db import defaults
 from trackstar_db import faults
-from trackstar_db.errors import RecordError, TrackstarError
+from trackstar_db.errors import ParameterError, RecordError, TrackstarError
 from trackstar_db.store.bm25 import BM25Index, sync_bm25
 
 from .records import IdRegistry, checked_records, expand, optional_index, optional_text, record_id, require_text
@@ -59,11 +59,12 @@ class CorpusOptions:
 
     def __post_init__(self):
         if (self.prompt_field is None) != (self.completion_field is None):
-            raise TrackstarError("prompt_field (--prompt-field) and completion_field (--completion-field) go together")
+            raise ParameterError("prompt_field", "and completion_field go together", others=("completion_field",))
         if self.messages_field is not None and self.prompt_field is not None:
-            raise TrackstarError("messages_field (--messages-field) excludes prompt_field and completion_field")
+            raise ParameterError("messages_field", "excludes prompt_field and completion_field",
+                                 others=("prompt_field", "completion_field"))
         if self.chat_template is not None and self.messages_field is None:
-            raise TrackstarError("chat_template (--chat-template) needs messages_field (--messages-field)")
+            raise ParameterError("chat_template", "needs messages_field", others=("messages_field",))
         from trackstar_db.option_checks import count
 
         count("batch_size", self.batch_size)
