@@ -100,6 +100,20 @@ class Pattern:
         return None
 
 
+@dataclass(frozen=True)
+class Text:
+    """A text with more than white space, at most `high` characters."""
+
+    high: int
+
+    def problem(self, value) -> str | None:
+        if not isinstance(value, str) or not value.strip():
+            return "must be non-empty"
+        if len(value) > self.high:
+            return f"must be at most {self.high:,} characters, not {len(value):,}"
+        return None
+
+
 # A rule is any object with `problem(value) -> str | None` (devices.DEVICE is one, beside the device rule).
 class _RunName:
     """A run's name (it may reach a path, a table name or a predicate): non-empty, printable, no
@@ -120,11 +134,26 @@ SUBSET_FRACTION = Range(0.0, 1.0, integer=False, low_open=True, high_open=True) 
 DAMPING = Range(0.0, integer=False)  # an eigenvalue shift, times their mean: finite, >= 0
 POSITIVE_NUMBER = Range(0.0, integer=False, low_open=True)  # learning rates, GiB
 DIM = Range(1, 2**16)  # a projection's width (the featurizer: also at most the tracked matrices' entries)
-TEXT = Range(1, TEXT_MAX)  # characters of a prompt or target
+TEXT = Text(TEXT_MAX)  # a one-prompt query's prompt, target or control target
 IDENTIFIER = Pattern(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", "letters, digits, '-' and '_' (starting with a letter "
                      "or digit, at most 64 characters)")  # a checkpoint's or a validation's name: a table suffix
 RUN_NAME = _RunName()
 MODELS = Range(2, why=" (a correlation needs two subsets)")  # validate's retrained models
+
+
+def field_bounds(rule: Range) -> dict:
+    """A Range as the keyword arguments of a pydantic Field (ge/gt, le/lt): the server's request models."""
+    bounds = {}
+    if rule.low is not None:
+        bounds["gt" if rule.low_open else "ge"] = rule.low
+    if rule.high is not None:
+        bounds["lt" if rule.high_open else "le"] = rule.high
+    return bounds
+
+
+def length_bounds(rule: Text) -> dict:
+    """A Text rule as the keyword arguments of a pydantic string Field."""
+    return {"min_length": 1, "max_length": rule.high}
 
 
 def ruled(rule, default=MISSING, **kwargs):

@@ -25,13 +25,10 @@ import pyarrow as pa
 
 from trackstar_db import __version__
 from trackstar_db.errors import TrackstarError
-from trackstar_db.option_checks import K_MAX, TEXT_MAX
 
 from . import payload
 from .snapshot import Snapshot, Tracker, writer_active
 
-MAX_K = K_MAX         # proponents per method of one query: the library's bound (option_checks.py)
-MAX_TEXT = TEXT_MAX   # characters of a prompt or a target: the library's bound
 MAX_SQL_ROWS = 10000  # rows one SQL answer carries (the rest is cut, flagged `truncated`)
 
 
