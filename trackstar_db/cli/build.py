@@ -211,7 +211,7 @@ def train(db, out_dir, arch, epochs, seed, checkpoints, overwrite):
 @click.option("--kind", type=click.Choice(["block", "dense"]), default="block", show_default=True,
               help="Block-diagonal per tracked matrix, or one dense R.")
 @click.option("--damping", type=DAMPING, default=defaults.DAMPING, show_default=True, help="Added to eigenvalues, times their mean.")
-@click.option("--crossing-k", type=NON_NEGATIVE, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
+@click.option("--crossing-k", type=POSITIVE, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
 @click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Queries whose gradients form R_eval.")
 @ENGINE
 @click.option("--shrinkage", default="prior", show_default=True,

@@ -30,7 +30,7 @@ from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import (DEFAULT_DAMPING, DEFAULT_SHRINKAGE, GramAccumulator,
                                                     check_shrinkage, fit_preconditioner)
 from trackstar_db.ladder import LADDER
-from trackstar_db.option_checks import DAMPING, NON_NEGATIVE, Choice, check_fields, ruled
+from trackstar_db.option_checks import COUNT, DAMPING, Choice, check_fields, ruled
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.vectors import BATCH_BYTES, scan_progress
 
@@ -99,7 +99,7 @@ class FitOptions:
     mix: str = ruled(Choice(MIXES), "task")
     kind: str = ruled(Choice(KINDS), "block")
     damping: float = ruled(DAMPING, DEFAULT_DAMPING)
-    crossing_k: int | None = ruled(NON_NEGATIVE, None)
+    crossing_k: int | None = ruled(COUNT, None)
     shrinkage: object = DEFAULT_SHRINKAGE
 
     def __post_init__(self):
