@@ -132,6 +132,7 @@ NON_NEGATIVE = Range(0)  # seeds, buckets, checkpoints to save
 FRACTION = Range(0.0, 1.0, integer=False, low_open=True)  # a share kept or sampled: (0, 1]
 SUBSET_FRACTION = Range(0.0, 1.0, integer=False, low_open=True, high_open=True)  # validate's subsets: (0, 1)
 DAMPING = Range(0.0, integer=False)  # an eigenvalue shift, times their mean: finite, >= 0
+NON_NEGATIVE_NUMBER = Range(0.0, integer=False)  # a ridge penalty, a final learning rate, a weight decay
 POSITIVE_NUMBER = Range(0.0, integer=False, low_open=True)  # learning rates, GiB
 DIM = Range(1, 2**16)  # a projection's width (the featurizer: also at most the tracked matrices' entries)
 TEXT = Text(TEXT_MAX)  # a one-prompt query's prompt, target or control target

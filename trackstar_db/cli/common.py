@@ -19,7 +19,8 @@ _DISK_FULL = ("disk full (no space left on device); nothing half-written is kept
               "again")
 
 
-FLAGS = {"run_id": "--run", "max_queries": "--queries"}  # parameters whose flag is not --name-with-dashes
+FLAGS = {"run_id": "--run", "max_queries": "--queries", "out_dir": "--out",
+         "architecture": "--arch"}  # parameters whose flag is not --name-with-dashes
 
 
 def flag(parameter: str) -> str:
