@@ -127,8 +127,8 @@ def test_groups_from_metadata_and_unknown_column(tmp_path):
     assert groups == {f"x{i}": ["news", "law"][i % 2] for i in range(6)}
     assert set(example_groups(db, "source").column("group_value").to_pylist()) == {"shard-00.jsonl"}
     assert example_groups(db, "licence").column("group_value").to_pylist().count(None) == 1
-    with pytest.raises(TrackstarError, match=r"unknown --by column 'shard'; examples have columns .*source.* "
-                                             r"metadata keys domain, licence"):
+    with pytest.raises(TrackstarError, match=r"^by 'shard' is neither a column \(.*source.*\) nor a metadata key "
+                                             r"\(domain, licence\)"):
         example_groups(db, "shard")
 
 

@@ -82,8 +82,9 @@ def test_draw_subset_is_seeded_and_sized():
     assert np.all(np.diff(a) > 0)
 
 
-@pytest.mark.parametrize("bad, message", [(dict(models=1), "--models"), (dict(fraction=1.0), "--fraction"),
-                                         (dict(name="a b"), "--name"), (dict(train_command="x {out}"), "{data}")])
+@pytest.mark.parametrize("bad, message", [(dict(models=1), "^models must be >= 2"),
+                                         (dict(fraction=1.0), r"^fraction must be in \(0, 1\)"),
+                                         (dict(name="a b"), "^name must be"), (dict(train_command="x {out}"), "{data}")])
 def test_bad_options_name_the_option(bad, message):
     from trackstar_db.errors import TrackstarError
 

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import TrackstarError
 
 from . import adapters as _adapters
 from . import directory as _directory
@@ -40,8 +40,8 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
         raise TrackstarError(f"{path}: cannot read the checkpoint's config ({exc})") from None
     value = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
     if value not in MODEL_DTYPES[1:]:
-        raise ParameterError("model_dtype", f"must be given ({', '.join(MODEL_DTYPES[1:])}): {path} says "
-                                            f"torch_dtype {value!r}")
+        raise TrackstarError(f"{path}: field 'torch_dtype' is {value!r}; give the model dtype explicitly "
+                             f"({', '.join(MODEL_DTYPES[1:])})")
     return value
 
 

@@ -54,8 +54,8 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
         except (OSError, UnicodeDecodeError) as exc:
             raise TrackstarError(f"{template_file}: cannot read the chat template ({exc})") from None
     if not getattr(tokenizer, "chat_template", None):
-        raise ParameterError("chat_template", f"not given, and the tokenizer ({source}) has none: give a Jinja "
-                                              "template file, or set 'chat_template' in tokenizer_config.json (or "
+        raise ParameterError("chat_template", f"not given, and the tokenizer ({source}) has no chat template: "
+                                              "give a Jinja template file, or set 'chat_template' in tokenizer_config.json (or "
                                               "add chat_template.jinja)")
     return tokenizer
 
