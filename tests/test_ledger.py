@@ -145,5 +145,5 @@ def test_eval_by_source_as_a_user_types_it(tiny_db):
     assert rows[0]["share_low"] <= rows[0]["share"] <= rows[0]["share_high"]
     result = runner.invoke(main, ["eval", str(tiny_db.path), "--by", "licence"])
     assert result.exit_code != 0
-    assert result.output.strip().splitlines()[-1].startswith("Error: unknown --by column 'licence'")
+    assert result.output.strip().splitlines()[-1].startswith("Error: --by 'licence' is not a column (")
     assert len(result.output.strip().splitlines()) == 1

@@ -41,9 +41,9 @@ def example_groups(db, by: str) -> pa.Table:
         value = record.get(by)
         values.append(None if value is None else value if isinstance(value, str) else json.dumps(value))
     if by not in keys:
-        raise ParameterError("by", f"{by!r} is neither a column ({', '.join(columns)})"
-                                   + (f" nor a metadata key ({', '.join(sorted(keys))})" if keys else "")
-                                   + " of the examples")
+        where = f"neither a column ({', '.join(columns)}) nor a metadata key ({', '.join(sorted(keys))})" if keys \
+            else f"not a column ({', '.join(columns)})"
+        raise ParameterError("by", f"{by!r} is {where} of the examples")
     return pa.table({"example_id": rows.column("example_id"), "group_value": pa.array(values, pa.string())})
 
 
