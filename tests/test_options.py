@@ -36,8 +36,8 @@ def test_rules_refuse_at_their_bounds_and_say_why():
     assert rules.K.problem(rules.K_MAX + 1) == "must be <= 100,000, not 100001"
     assert rules.K.problem(True) == "must be an integer, not True" and rules.K.problem(2.0) is not None
     assert rules.FRACTION.problem(1.0) is None and rules.FRACTION.problem(0.0) == "must be in (0, 1], not 0.0"
-    assert rules.SUBSET_FRACTION.problem(0.999) is None
-    assert rules.SUBSET_FRACTION.problem(1.0) == "must be in (0, 1), not 1.0"
+    assert rules.PROPER_FRACTION.problem(0.999) is None
+    assert rules.PROPER_FRACTION.problem(1.0) == "must be in (0, 1), not 1.0"
     assert rules.DAMPING.problem(0) is None and rules.DAMPING.problem(-0.5) == "must be >= 0, not -0.5"
     assert rules.DAMPING.problem(math.inf) == "must be a finite number >= 0, not inf"
     assert rules.DAMPING.problem(math.nan) is not None
@@ -75,6 +75,7 @@ def _verbs():
     from trackstar_db.tailpatch.patcher import TailPatchConfig
     from trackstar_db.testbed.train import TrainConfig
     from trackstar_db.validate.options import ValidateOptions
+    from trackstar_db.validate.qld import QLDOptions
 
     # the one-prompt query takes plain arguments, checked with these rules (retrieval/adhoc.py)
     query = {"k": rules.K}
@@ -90,6 +91,10 @@ def _verbs():
         ("train",): [TrainConfig],
         ("tail-patch",): [TailPatchConfig],
         ("simfluence", "record"): [RecordOptions],
+        ("qld",): [QLDOptions],
+        # Simfluence's fit and evaluation take plain arguments, checked with these rules (simfluence/)
+        ("simfluence", "fit"): [{"ridge": rules.POSITIVE_NUMBER}],
+        ("simfluence", "eval"): [{"ridge": rules.POSITIVE_NUMBER, "holdout": rules.PROPER_FRACTION}],
     }
 
 
@@ -155,7 +160,7 @@ def test_every_click_option_with_a_counterpart_field_applies_its_rule():
 
 def test_the_check_can_fail():
     """A click option with other bounds than its field is caught (the walk's comparison is live)."""
-    assert _agrees(click.FloatRange(0.0, 1.0, min_open=True), rules.SUBSET_FRACTION) is not None
+    assert _agrees(click.FloatRange(0.0, 1.0, min_open=True), rules.PROPER_FRACTION) is not None
     assert _agrees(click.Choice(["a"]), rules.Choice(("a", "b"))) is not None
     assert _agrees(click.STRING, rules.IDENTIFIER) is not None
     from trackstar_db.cli.types import click_type

@@ -10,10 +10,10 @@ and cli/common.Group prints it with the flag ("--k must be >= 1, not 0", one lin
 request models take their bounds from the same rules (serve/routes.py). tests/test_options.py
 walks every click option and request field that has a counterpart rule and compares them.
 
-Rules shared by several verbs are the constants below (K, FRACTION, SUBSET_FRACTION, DAMPING,
+Rules shared by several verbs are the constants below (K, FRACTION, PROPER_FRACTION, DAMPING,
 RUN_NAME, IDENTIFIER, COUNT, ...); one concept, one rule: a selection keeps a fraction in (0, 1]
 (FRACTION; 1 keeps everything), a validation's subsets draw a fraction in (0, 1)
-(SUBSET_FRACTION; 1 would give every model the same data, so no correlation). Nothing here
+(PROPER_FRACTION; 1 would give every model the same data, so no correlation). Nothing here
 touches a database.
 """
 
@@ -130,9 +130,11 @@ K = Range(1, K_MAX)  # proponents (and opponents) kept per query: retrieve, quer
 COUNT = Range(1)  # a positive count: batch sizes, rows, models, steps, probes, ANN search widths
 NON_NEGATIVE = Range(0)  # seeds, buckets, checkpoints to save
 FRACTION = Range(0.0, 1.0, integer=False, low_open=True)  # a share kept or sampled: (0, 1]
-SUBSET_FRACTION = Range(0.0, 1.0, integer=False, low_open=True, high_open=True)  # validate's subsets: (0, 1)
-DAMPING = Range(0.0, integer=False)  # an eigenvalue shift, times their mean: finite, >= 0
-NON_NEGATIVE_NUMBER = Range(0.0, integer=False)  # a ridge penalty, a final learning rate, a weight decay
+# a proper share, some but not all: validate's subsets (1 would give every model the same data), qld's
+# removed top, Simfluence's held-out runs: (0, 1)
+PROPER_FRACTION = Range(0.0, 1.0, integer=False, low_open=True, high_open=True)
+NON_NEGATIVE_NUMBER = Range(0.0, integer=False)  # finite, >= 0: a ridge penalty, a final learning rate
+DAMPING = NON_NEGATIVE_NUMBER  # an eigenvalue shift, times their mean
 POSITIVE_NUMBER = Range(0.0, integer=False, low_open=True)  # learning rates, GiB
 DIM = Range(1, 2**16)  # a projection's width (the featurizer: also at most the tracked matrices' entries)
 TEXT = Text(TEXT_MAX)  # a one-prompt query's prompt, target or control target
@@ -193,22 +195,6 @@ def check_fields(options) -> None:
 def _parameter(field: str) -> str:
     """A library parameter's name, also when a caller passes its flag ('--batch-size' -> 'batch_size')."""
     return field.lstrip("-").replace("-", "_")
-
-
-def count_problem(value, minimum: int = 1, maximum: int | None = None) -> str | None:
-    """What is wrong with `value` as a count in [minimum, maximum], or None."""
-    return Range(minimum, maximum).problem(value)
-
-
-def count(field: str, value, minimum: int = 1, maximum: int | None = None):
-    """`value` as an int within [minimum, maximum] (None passes through), else ParameterError naming `field`."""
-    return check(_parameter(field), Range(minimum, maximum), value)
-
-
-def fraction(field: str, value: float, low: float = 0.0, high: float = 1.0, open_low: bool = True) -> float:
-    """A finite float in (low, high] (or [low, high] with open_low=False), else ParameterError."""
-    check(_parameter(field), Range(low, high, integer=False, low_open=open_low), value)
-    return float(value)
 
 
 def name_problem(value) -> str | None:

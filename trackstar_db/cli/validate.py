@@ -6,14 +6,14 @@ import click
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
-from .types import DEVICE, NON_NEGATIVE, POSITIVE, SUBSET_FRACTION, click_type
+from .types import DEVICE, NON_NEGATIVE, POSITIVE, PROPER_FRACTION, click_type
 from trackstar_db import option_checks as rules
 
 
 @main.command()
 @DB_ARG
 @click.option("--models", type=click_type(rules.MODELS), default=8, show_default=True, help="Models to retrain (M), each on its own random subset.")
-@click.option("--fraction", type=SUBSET_FRACTION, default=0.5, show_default=True, help="Share of the training examples each subset draws.")
+@click.option("--fraction", type=PROPER_FRACTION, default=0.5, show_default=True, help="Share of the training examples each subset draws.")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seeds the subsets.")
 @click.option("--name", type=click_type(rules.IDENTIFIER), default="lds", show_default=True,
               help="The validation's name: rerunning it resumes (trains only missing subsets); more --models extend it.")
@@ -50,7 +50,7 @@ def validate(db, models, fraction, seed, name, train_command, steps, epochs, sch
 @DB_ARG
 @click.option("--run", "run_id", required=True, help="The retrieval run whose method ranks the examples.")
 @click.option("--queries", type=POSITIVE, default=4, show_default=True, help="Queries checked (drawn with --seed).")
-@click.option("--top", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.1, show_default=True,
+@click.option("--top", type=PROPER_FRACTION, default=0.1, show_default=True,
               help="Share of the corpus removed per query: its highest-scored examples.")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--no-random-control", is_flag=True, help="Skip the models retrained without as many random examples.")

@@ -9,7 +9,7 @@ import numpy as np
 
 from trackstar_db.devices import DEVICE
 from trackstar_db.errors import ParameterError
-from trackstar_db.option_checks import COUNT, IDENTIFIER, MODELS, NON_NEGATIVE, SUBSET_FRACTION, Choice, check_fields, ruled
+from trackstar_db.option_checks import COUNT, IDENTIFIER, MODELS, NON_NEGATIVE, PROPER_FRACTION, Choice, check_fields, ruled
 
 SCHEDULES = ("scaled", "same-steps", "base")  # validate/trainers.schedule_for
 
@@ -29,7 +29,7 @@ class ValidateOptions:
     its losses are stored)."""
 
     models: int = ruled(MODELS, 8)
-    fraction: float = ruled(SUBSET_FRACTION, 0.5)
+    fraction: float = ruled(PROPER_FRACTION, 0.5)
     seed: int = ruled(NON_NEGATIVE, 0)
     name: str = ruled(IDENTIFIER, "lds")
     train_command: str | None = None
