@@ -63,9 +63,10 @@ def test_one_rule_per_concept():
 
 # -- click options and request fields against the dataclasses' rules -----------------------------
 def _verbs():
+    from trackstar_db.cost_plan import Plan
+    from trackstar_db.featurizer.config import FeaturizerConfig
     from trackstar_db.gradients.factors import FactorOptions
     from trackstar_db.gradients.fit import FitOptions
-    from trackstar_db.featurizer.config import FeaturizerConfig
     from trackstar_db.gradients.worker import GradientJob
     from trackstar_db.retrieval.ann import AnnOptions
     from trackstar_db.retrieval.runs import RetrieveOptions
@@ -92,6 +93,7 @@ def _verbs():
         ("tail-patch",): [TailPatchConfig],
         ("simfluence", "record"): [RecordOptions],
         ("qld",): [QLDOptions],
+        ("plan",): [Plan],
         # Simfluence's fit and evaluation take plain arguments, checked with these rules (simfluence/)
         ("simfluence", "fit"): [{"ridge": rules.POSITIVE_NUMBER}],
         ("simfluence", "eval"): [{"ridge": rules.POSITIVE_NUMBER, "holdout": rules.PROPER_FRACTION}],

@@ -33,7 +33,7 @@ from trackstar_db.featurizer.tokenize import (
 )
 from trackstar_db.featurizer.task import per_example_loss
 from trackstar_db.models.load import open_weights, save_model
-from trackstar_db.option_checks import COUNT, NON_NEGATIVE, POSITIVE_NUMBER, Choice, check_fields, ruled
+from trackstar_db.option_checks import COUNT, NON_NEGATIVE, POSITIVE_NUMBER, Choice, check, check_fields, ruled
 from trackstar_db.progress import bar as progress_bar
 
 from .vocab import build_tokenizer
@@ -110,8 +110,7 @@ def train_model(texts: Sequence[str], out_dir: str | Path, config: TrainConfig, 
     for TracIn-CP, whose last checkpoint is out_dir itself)."""
     if not texts:
         raise ValueError("train_model: no training texts")
-    if checkpoints < 0:
-        raise ValueError(f"train_model: checkpoints must be >= 0, not {checkpoints}")
+    check("checkpoints", NON_NEGATIVE, checkpoints)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
