@@ -1,7 +1,8 @@
 """Every option's rule, declared once and shared by the library, the CLI and the server.
 
-A rule (Range, Choice, Pattern below) says what a value may be and, when it is not, what is
-wrong in words that name no parameter ("must be >= 1, not 0"). A verb's options are a dataclass
+A rule (Range, Choice, Pattern, Text below; any object with `problem(value) -> str | None`, such
+as devices.DEVICE) says what a value may be and, when it is not, what is wrong in words that
+name no parameter ("must be >= 1, not 0"). A verb's options are a dataclass
 whose fields carry their rules (`ruled(...)`: the rule in the field's metadata) and check them
 with `check_fields` after construction, raising ParameterError naming the field ("k must be >= 1,
 not 0"); verbs that take plain arguments check each with `check(name, RULE, value)`. The CLI
@@ -114,7 +115,6 @@ class Text:
         return None
 
 
-# A rule is any object with `problem(value) -> str | None` (devices.DEVICE is one, beside the device rule).
 class _RunName:
     """A run's name (it may reach a path, a table name or a predicate): non-empty, printable, no
     path separator, not '.' or '..', at most NAME_MAX characters, not the staging prefix."""
