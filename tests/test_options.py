@@ -69,6 +69,7 @@ def _verbs():
     from trackstar_db.gradients.fit import FitOptions
     from trackstar_db.gradients.worker import GradientJob
     from trackstar_db.retrieval.ann import AnnOptions
+    from trackstar_db.retrieval.ann_build import IndexOptions
     from trackstar_db.retrieval.runs import RetrieveOptions
     from trackstar_db.selection.select import SelectOptions
     from trackstar_db.simfluence.record import RecordOptions
@@ -94,6 +95,7 @@ def _verbs():
         ("simfluence", "record"): [RecordOptions],
         ("qld",): [QLDOptions],
         ("plan",): [Plan],
+        ("index",): [IndexOptions],
         # Simfluence's fit and evaluation take plain arguments, checked with these rules (simfluence/)
         ("simfluence", "fit"): [{"ridge": rules.POSITIVE_NUMBER}],
         ("simfluence", "eval"): [{"ridge": rules.POSITIVE_NUMBER, "holdout": rules.PROPER_FRACTION}],

@@ -20,7 +20,7 @@ _DISK_FULL = ("disk full (no space left on device); nothing half-written is kept
 
 
 FLAGS = {"run_id": "--run", "max_queries": "--queries", "out_dir": "--out",
-         "architecture": "--arch"}  # parameters whose flag is not --name-with-dashes
+         "architecture": "--arch", "num_partitions": "--partitions", "num_sub_vectors": "--sub-vectors"}  # parameters whose flag is not --name-with-dashes
 
 
 def flag(parameter: str) -> str:
