@@ -74,7 +74,7 @@ class GradientJob:
         check_fields(self)
         index, count = self.shard
         if not (count >= 1 and 0 <= index < count):
-            raise ParameterError("shard", f"must be (index, count) with 0 <= index < count, not ({index}, {count})")
+            raise ParameterError("shard", f"must be I/N (shard I of N) with 0 <= I < N, not {index}/{count}")
         if self.batch_tokens != "auto" and self.batch_tokens is not None:
             check("batch_tokens", COUNT, int(self.batch_tokens))
         self.device = resolve_device(self.device)
