@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from trackstar_db import defaults
 from trackstar_db.devices import DEVICE, resolve_device
-from trackstar_db.errors import ParameterError
 from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.models.source import MODEL_DTYPES
 from trackstar_db.option_checks import COUNT, Choice, check, check_fields, ruled
@@ -48,7 +47,7 @@ from trackstar_db.store.gradient_table import SPLITS
 from .commit import Committer
 from .loader import ESTIMATE_SAMPLE
 from .loop import run_batches
-from .plan import count_missing
+from .plan import check_shard, count_missing
 from .setup import create_tables, open_run, record_settings
 
 
@@ -72,9 +71,7 @@ class GradientJob:
 
     def __post_init__(self):
         check_fields(self)
-        index, count = self.shard
-        if not (count >= 1 and 0 <= index < count):
-            raise ParameterError("shard", f"must be I/N (shard I of N) with 0 <= I < N, not {index}/{count}")
+        check_shard(self.shard)
         if self.batch_tokens != "auto" and self.batch_tokens is not None:
             check("batch_tokens", COUNT, int(self.batch_tokens))
         self.device = resolve_device(self.device)
