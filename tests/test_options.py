@@ -94,6 +94,7 @@ def _verbs():
         ("tail-patch",): [TailPatchConfig],
         ("simfluence", "record"): [RecordOptions],
         ("qld",): [QLDOptions],
+        ("rank",): [{"k": rules.K}],  # Database.self_influence's k
         ("plan",): [Plan],
         ("index",): [IndexOptions],
         # Simfluence's fit and evaluation take plain arguments, checked with these rules (simfluence/)
