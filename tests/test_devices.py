@@ -101,5 +101,5 @@ def test_the_cli_names_the_flag(db):
     from databases import run_cli
 
     result = run_cli("query", db.path, "--prompt", "The river", "--target", "bridge", "--device", "gpu", ok=False)
-    assert result.exit_code == 1  # raised by the library, named as the flag by the CLI
+    assert result.exit_code == 2  # the library's rule (devices.DEVICE) as the option's type, named as the flag
     assert result.output.strip().splitlines()[-1].endswith("--device must be one of auto, cpu, cuda, cuda:N, not 'gpu'")

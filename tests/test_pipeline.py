@@ -173,7 +173,7 @@ def test_checkpoint_dtype_reads_config_json(tmp_path):
     (tmp_path / "config.json").write_text('{"torch_dtype": "int8"}')
     with pytest.raises(TrackstarError, match="config.json: field 'torch_dtype' is 'int8'"):
         checkpoint_dtype(tmp_path)
-    with pytest.raises(TrackstarError, match="--model-dtype"):
+    with pytest.raises(TrackstarError, match="^model_dtype must be one of"):
         GradientJob("train", model_dtype="fp8")
 
 

@@ -33,6 +33,7 @@ from trackstar_db import defaults
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import ParameterError
 from trackstar_db.models.cache import ModelCache
+from trackstar_db.option_checks import K, check
 from trackstar_db.store import database as _store
 from trackstar_db.verbs.exchange import ExchangeVerbs
 from trackstar_db.verbs.model import ModelVerbs
@@ -291,6 +292,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         """Each training example's g R^-1 g and |g|^2 (stored by fit), highest first; the first k."""
         from trackstar_db.selection.self_influence import self_influence
 
+        check("k", K, k)
         ranked = self_influence(self, variant, mix)
         return ranked if k is None else ranked.slice(0, k)
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.option_checks import COUNT, check_fields, ruled
 
 RATES_FILE = "rates.json"
 ROW_OVERHEAD = 48  # bytes per gradient row besides the vector: id, norm, loss, n_tokens, offsets
@@ -48,7 +49,7 @@ def _read_rates(path: Path) -> dict:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TrackstarError(f"{path}: no rates file; run benchmarks/bench_scale.py --rates {path}") from None
+        raise TrackstarError(f"{path}: no rates file; run 'python benchmarks/bench_scale.py --rates {path}'") from None
     except json.JSONDecodeError as exc:
         raise TrackstarError(f"{path}: invalid JSON in the rates file (line {exc.lineno})") from None
     rates, sources = {}, {}
@@ -75,12 +76,12 @@ class Plan:
     (default one per 1,024 dimensions); variants: gradient tables per split (2: corrected and
     uncorrected, the whole ladder)."""
 
-    rows: int
-    dim: int
+    rows: int = ruled(COUNT)
+    dim: int = ruled(COUNT)
     dtype: str = "float16"
-    queries: int = 1000
+    queries: int = ruled(COUNT, 1000)
     blocks: int | None = None
-    variants: int = 2
+    variants: int = ruled(COUNT, 2)
     rates: str | Path | None = None  # the rates file (default: rates_path())
 
     def __post_init__(self):
@@ -88,9 +89,7 @@ class Plan:
 
         if self.dtype not in DTYPES:
             raise ParameterError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        for name in ("rows", "dim", "queries", "variants"):
-            if getattr(self, name) < 1:
-                raise ParameterError(name, f"must be >= 1, not {getattr(self, name)}")
+        check_fields(self)
         self.blocks = self.blocks or max(1, self.dim // BLOCK_DIMS)
         if self.blocks < 1 or self.blocks > self.dim:
             raise ParameterError("blocks", f"must be in [1, {self.dim}], not {self.blocks}")

@@ -24,6 +24,18 @@ def device_problem(device) -> str | None:
     return None
 
 
+class _DeviceRule:
+    """The device rule as an option rule (option_checks.py: anything with `problem(value)`)."""
+
+    problem = staticmethod(device_problem)
+
+    def __repr__(self) -> str:
+        return "DEVICE"
+
+
+DEVICE = _DeviceRule()
+
+
 def resolve_device(device: str = "auto") -> str:
     """The torch device `device` names: 'auto' a GPU when one is present, else the CPU; 'cuda' under a
     multi-process launcher (torchrun sets LOCAL_RANK) this process's GPU. A GPU asked for and absent,

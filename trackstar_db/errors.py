@@ -26,8 +26,10 @@ class RecordError(TrackstarError):
 
 class ParameterError(TrackstarError):
     """A bad argument of a library call; the message names the parameter ("k must be >= 1, not 0"),
-    and the command line names its flag instead (cli/common.py: `flag`)."""
+    and the command line names its flag instead (cli/common.py: `flag`). `others`: the other
+    parameters `problem` names, by name ("top excludes fraction"), which the command line also
+    writes as flags ("--top excludes --fraction")."""
 
-    def __init__(self, parameter: str, problem: str):
-        self.parameter, self.problem = parameter, problem
+    def __init__(self, parameter: str, problem: str, others: tuple[str, ...] = ()):
+        self.parameter, self.problem, self.others = parameter, problem, tuple(others)
         super().__init__(f"{parameter} {problem}")

@@ -13,7 +13,8 @@ from trackstar_db import defaults
 from . import main
 from .engine import ENGINE
 from .common import DB_ARG, Group, _open
-from trackstar_db.option_checks import NON_NEGATIVE, OUTPUT_DIR, POSITIVE
+from .types import DAMPING, DEVICE, FRACTION, NON_NEGATIVE, OUTPUT_DIR, POSITIVE, click_type
+from trackstar_db import option_checks as rules
 
 
 @main.command()
@@ -112,7 +113,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @ingest.command("gradients")
 @DB_ARG
 @click.option("--split", type=click.Choice(["train", "queries"]), default="train", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=POSITIVE, default=16, show_default=True, help="Most rows per batch.")
 @click.option("--batch-tokens", default="auto", show_default=True,
               help="Rows x padded width per batch (length-bucketed); auto: the largest that fits the device.")
@@ -122,7 +123,7 @@ def ingest_facts_cmd(db, files, skip_bad):
 @click.option("--shard", default="0/1", show_default=True, help="I/N: featurize only ids with crc32(id) % N == I; 'auto' reads torchrun/Slurm ranks.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Storage dtype of the vectors (first run; default float32).")
-@click.option("--dim", type=POSITIVE, default=None, help=f"Total projection dimension, up to 65536 and the tracked entries; a warning below 256 (first run; default {defaults.DIM}).")
+@click.option("--dim", type=click_type(rules.DIM), default=None, help=f"Total projection dimension, up to 65536 and the tracked entries; a warning below 256 (first run; default {defaults.DIM}).")
 @click.option("--seed", type=NON_NEGATIVE, default=None, help="Projection seed (first run; default 0).")
 @click.option("--correction", type=click.Choice(["auto", "adam-factored", "adam-exact", "adafactor", "estimated", "none"]),
               default=None, help="Optimizer second-moment correction (first run; default auto: the optimizer state's "
@@ -209,7 +210,7 @@ def train(db, out_dir, arch, epochs, seed, checkpoints, overwrite):
               help="task: mix R_eval of the queries into R_train (TrackStar); train: R_train only.")
 @click.option("--kind", type=click.Choice(["block", "dense"]), default="block", show_default=True,
               help="Block-diagonal per tracked matrix, or one dense R.")
-@click.option("--damping", type=click.FloatRange(min=0.0), default=defaults.DAMPING, show_default=True, help="Added to eigenvalues, times their mean.")
+@click.option("--damping", type=DAMPING, default=defaults.DAMPING, show_default=True, help="Added to eigenvalues, times their mean.")
 @click.option("--crossing-k", type=POSITIVE, default=None, help="Spectrum-crossing component for lambda (default d // 64).")
 @click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Queries whose gradients form R_eval.")
 @ENGINE
@@ -238,13 +239,13 @@ def fit(db, mix, kind, damping, crossing_k, template, engine, shrinkage):
 @DB_ARG
 @click.option("--kind", type=click.Choice(["kfac", "ekfac"]), default="ekfac", show_default=True,
               help="kfac: the Kronecker factors' eigenvalues; ekfac: one more pass for the eigenvalue correction.")
-@click.option("--damping", type=click.FloatRange(min=0.0), default=0.1, show_default=True,
+@click.option("--damping", type=DAMPING, default=0.1, show_default=True,
               help="lambda = DAMPING x the mean eigenvalue of each matrix.")
-@click.option("--fraction", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
+@click.option("--fraction", type=FRACTION, default=1.0, show_default=True,
               help="The seeded share of the training examples fitted on.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the share.")
 @click.option("--batch-size", type=POSITIVE, default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 def fit_factors_cmd(db, kind, damping, fraction, seed, batch_size, device):
     """Fit the Kronecker-factored curvature (K-FAC / EK-FAC) of the tracked matrices from the training
     examples, for the kfac-proj / ekfac-proj rungs and the --rerank second stage (resumable)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import click
@@ -18,7 +19,8 @@ _DISK_FULL = ("disk full (no space left on device); nothing half-written is kept
               "again")
 
 
-FLAGS = {"run_id": "--run", "max_queries": "--queries"}  # parameters whose flag is not --name-with-dashes
+FLAGS = {"run_id": "--run", "max_queries": "--queries", "out_dir": "--out",
+         "architecture": "--arch", "num_partitions": "--partitions", "num_sub_vectors": "--sub-vectors"}  # parameters whose flag is not --name-with-dashes
 
 
 def flag(parameter: str) -> str:
@@ -26,12 +28,19 @@ def flag(parameter: str) -> str:
     return FLAGS.get(parameter, "--" + parameter.replace("_", "-"))
 
 
+def flags_in(problem: str, parameters) -> str:
+    """`problem` with each of `parameters` named by its flag (whole words only)."""
+    for parameter in parameters:
+        problem = re.sub(rf"(?<![\w-]){re.escape(parameter)}(?![\w-])", flag(parameter), problem)
+    return problem
+
+
 def one_line(exc: BaseException) -> str | None:
     """The one line a user sees for `exc`, naming the file where the error knows it; None for
     an error that is a bug in trackstar-db (its traceback is more useful than a line)."""
     module = type(exc).__module__ or ""
     if isinstance(exc, ParameterError):
-        return f"{flag(exc.parameter)} {exc.problem}"
+        return f"{flag(exc.parameter)} {flags_in(exc.problem, exc.others)}"
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         if exc.errno == errno.ENOSPC:

@@ -12,7 +12,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
-from trackstar_db.option_checks import POSITIVE, POSITIVE_FLOAT
+from .types import DEVICE, POSITIVE, POSITIVE_FLOAT
 
 
 def ann_flags(command):
@@ -46,7 +46,7 @@ def ann_flags(command):
               show_default=True, help="LanceDB index type (retrieval/ann.py KINDS; measured figures: docs/scale.md).")
 @click.option("--partitions", "num_partitions", type=POSITIVE, default=None, help="IVF partitions (default sqrt(rows)/5).")
 @click.option("--sub-vectors", "num_sub_vectors", type=POSITIVE, default=None, help="IVF-PQ sub-vectors (default d/16).")
-@click.option("--device", default="cpu", show_default=True, help="Where R is applied to the stored rows.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="Where R is applied to the stored rows.")
 def index(db, method, kind, num_partitions, num_sub_vectors, device):
     """Materialise a rung's unit vectors (float16) in ann_<method> with a vector index, for --ann."""
     entry = _open(db).build_index(method, kind, num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,

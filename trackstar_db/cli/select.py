@@ -10,7 +10,8 @@ from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
 from trackstar_db import defaults
-from trackstar_db.option_checks import FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
+
+from .types import DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
 
 
 @main.command("select")
@@ -30,7 +31,7 @@ from trackstar_db.option_checks import FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
               help="mean-vector: score against the mean query vector (equal to the mean of the scores, one "
                    "product a row); mean-score: every query's score, then their mean.")
 @click.option("--drop-opponents", is_flag=True, help="Write every example except the N (fraction) most harmful.")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @ann_flags
 @click.option("--rerank", type=click.Choice(["kfac", "ekfac"]), default=None,
               help="Re-score the method's best candidates by their mean Kronecker-factored score ('trackstar-db "

@@ -11,6 +11,7 @@ from trackstar_db.errors import TrackstarError
 
 from . import main
 from .common import DB_ARG
+from .types import DEVICE
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_ENV = "TRACKSTAR_SERVE_TOKEN"
@@ -40,7 +41,7 @@ def _log_handler() -> logging.Handler:
 @click.option("--public", is_flag=True, help="Allow a --host other than loopback (prints a warning).")
 @click.option("--token", default=None, envvar=TOKEN_ENV, show_envvar=True,
               help="Every request must carry this token ('Authorization: Bearer ...' or ?token= once).")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--fixed", is_flag=True, help="Serve the database version found at start; never move to a newer one.")
 @click.option("--max-queued", type=click.IntRange(1, 100000), default=64, show_default=True,
               help="Model requests waiting at most; more are refused with 503.")

@@ -8,7 +8,8 @@ import click
 
 from . import main
 from .common import DB_ARG, FORMATS, Group, _open, print_table
-from trackstar_db.option_checks import FRACTION, NAME, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT
+from .types import FRACTION, NAME, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, PROPER_FRACTION, click_type
+from trackstar_db import option_checks as rules
 
 
 @main.group(cls=Group)
@@ -24,7 +25,7 @@ def simfluence():
 @click.option("--probes", type=POSITIVE, default=64, show_default=True, help="prompt0 queries whose loss is recorded every step.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=POSITIVE_FLOAT, default=3e-3, show_default=True, help="Peak learning rate (linear warm-up, cosine down to --final-lr).")
-@click.option("--final-lr", type=click.FloatRange(min=0.0), default=3e-4, show_default=True)
+@click.option("--final-lr", type=click_type(rules.NON_NEGATIVE_NUMBER), default=3e-4, show_default=True)
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
 @click.option("--init", type=click.Choice(["scratch", "checkpoint"]), default="scratch", show_default=True,
               help="scratch: the testbed model's initialisation (same in every run); checkpoint: the database's model.")
@@ -38,7 +39,7 @@ def record(db, runs, steps, subset, probes, batch_size, lr, final_lr, warmup, in
 
 @simfluence.command()
 @DB_ARG
-@click.option("--ridge", type=click.FloatRange(min=0.0), default=1.0, show_default=True, help="Ridge penalty on the per-example effects.")
+@click.option("--ridge", type=POSITIVE_FLOAT, default=1.0, show_default=True, help="Ridge penalty on the per-example effects.")
 @click.option("--run", "run_ids", type=NAME, multiple=True, help="Fit on these recorded runs only (default: all); repeatable.")
 def fit(db, ridge, run_ids):
     """Fit Simfluence-Linear and its additive special case per probe; store them in sim_coefficients."""
@@ -62,8 +63,8 @@ def simulate(db, curriculum, query_ids, model, fmt):
 
 @simfluence.command("eval")
 @DB_ARG
-@click.option("--holdout", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.25, show_default=True, help="Fraction of the recorded runs held out (the last ones).")
-@click.option("--ridge", type=click.FloatRange(min=0.0), default=1.0, show_default=True)
+@click.option("--holdout", type=PROPER_FRACTION, default=0.25, show_default=True, help="Fraction of the recorded runs held out (the last ones).")
+@click.option("--ridge", type=POSITIVE_FLOAT, default=1.0, show_default=True)
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def eval_cmd(db, holdout, ridge, fmt):
     """Held-out runs: all-steps MSE and Spearman of final losses, linear vs additive (TracIn) vs constant."""

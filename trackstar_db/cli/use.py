@@ -13,7 +13,7 @@ from . import main
 from .engine import ENGINE
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
-from trackstar_db.option_checks import NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP_K
+from .types import DEVICE, NAME, OUTPUT_DIR, OUTPUT_FILE, POSITIVE, TOP_K
 
 
 def rerank_flags(command):
@@ -34,7 +34,7 @@ def rerank_flags(command):
 @click.option("--k", type=TOP_K, default=defaults.K_RETRIEVE, show_default=True, help="Proponents (and opponents) kept per query.")
 @click.option("--run", "run_id", type=NAME, default=None, help="Run name (default: the method name).")
 @click.option("--template", default=defaults.TEMPLATE, show_default=True, help="Which queries ('all' for every template).")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--replace", is_flag=True, help="Overwrite an existing run of the same name.")
 @ann_flags
 @click.option("--query-text", type=click.Choice(["prompt+target", "prompt"]), default="prompt+target", show_default=True,
@@ -62,7 +62,7 @@ def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann,
 @click.option("--run", "run_ids", type=NAME, multiple=True, required=True, help="Retrieval run(s) to patch; repeatable.")
 @click.option("--k", type=TOP_K, default=defaults.K_TAIL_PATCH, show_default=True, help="Top-k proponents per query (k=1, 3, 5 are read from these).")
 @click.option("--queries", "max_queries", type=POSITIVE, default=None, help="Patch a deterministic sample of this many queries.")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 def tail_patch_cmd(db, run_ids, k, max_queries, device):
     """Influence: one optimizer step on each proponent, the change in P(target | prompt)."""
     rows = _open(db).tail_patch(run_ids, k, max_queries, device)
@@ -87,7 +87,7 @@ def eval_cmd(db, fmt, by):
 @click.option("--method", default=None, help="Default: the best method the database can serve (trackstar, "
                                                "else r-train, else opt-cos, else grad-cos).")
 @click.option("--k", type=TOP_K, default=defaults.K_QUERY, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @ann_flags
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "table", "csv"]), default="text", show_default=True)
 @click.option("--tokens", is_flag=True, help="Also show which tokens of each hit carry its score (gradient methods; "

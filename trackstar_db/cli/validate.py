@@ -6,15 +6,16 @@ import click
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
-from trackstar_db.option_checks import NON_NEGATIVE, POSITIVE
+from .types import DEVICE, NON_NEGATIVE, POSITIVE, PROPER_FRACTION, click_type
+from trackstar_db import option_checks as rules
 
 
 @main.command()
 @DB_ARG
-@click.option("--models", type=POSITIVE, default=8, show_default=True, help="Models to retrain (M), each on its own random subset.")
-@click.option("--fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5, show_default=True, help="Share of the training examples each subset draws.")
+@click.option("--models", type=click_type(rules.MODELS), default=8, show_default=True, help="Models to retrain (M), each on its own random subset.")
+@click.option("--fraction", type=PROPER_FRACTION, default=0.5, show_default=True, help="Share of the training examples each subset draws.")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True, help="Seeds the subsets.")
-@click.option("--name", default="lds", show_default=True,
+@click.option("--name", type=click_type(rules.IDENTIFIER), default="lds", show_default=True,
               help="The validation's name: rerunning it resumes (trains only missing subsets); more --models extend it.")
 @click.option("--train-command", default=None,
               help="Train with this command instead of the testbed trainer: {data} is a JSON lines file of the "
@@ -26,7 +27,7 @@ from trackstar_db.option_checks import NON_NEGATIVE, POSITIVE
               help="Testbed trainer: the base model's epochs with its warm-up as a share of the run (scaled), its "
                    "optimizer steps (same-steps), or its config unchanged (base).")
 @click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--keep-models", is_flag=True, help="Keep each retrained checkpoint under DB/validate/NAME/.")
 @click.option("--bootstrap", type=POSITIVE, default=1000, show_default=True, help="Bootstrap draws (over queries) for the interval.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
@@ -49,7 +50,7 @@ def validate(db, models, fraction, seed, name, train_command, steps, epochs, sch
 @DB_ARG
 @click.option("--run", "run_id", required=True, help="The retrieval run whose method ranks the examples.")
 @click.option("--queries", type=POSITIVE, default=4, show_default=True, help="Queries checked (drawn with --seed).")
-@click.option("--top", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.1, show_default=True,
+@click.option("--top", type=PROPER_FRACTION, default=0.1, show_default=True,
               help="Share of the corpus removed per query: its highest-scored examples.")
 @click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--no-random-control", is_flag=True, help="Skip the models retrained without as many random examples.")
@@ -57,7 +58,7 @@ def validate(db, models, fraction, seed, name, train_command, steps, epochs, sch
               help="How the retrained models' schedule follows the base model's (see validate).")
 @click.option("--steps", type=POSITIVE, default=None, help="Testbed trainer: optimizer steps per model.")
 @click.option("--template", default="prompt0", show_default=True, help="Which queries ('all' for every template).")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
 @click.option("--bootstrap", type=POSITIVE, default=1000, show_default=True, help="Bootstrap draws (over queries).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def qld(db, run_id, queries, top, seed, no_random_control, schedule, steps, template, device, bootstrap, fmt):

@@ -31,7 +31,7 @@ import threading
 import time
 
 from trackstar_db import faults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.gradients.commit import Committer, absent
 
 from . import cluster_cpus, ray_session
@@ -160,7 +160,7 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
     from trackstar_db.store.gradient_table import GradientTable
 
     if job.limit is not None or job.shard != (0, 1):
-        raise TrackstarError("--engine ray plans its own shards; drop --limit and --shard")
+        raise ParameterError("engine", "'ray' plans its own shards; drop limit and shard", others=("limit", "shard"))
     ray = ray_session()
     device = device or job.device
     config = config if isinstance(config, FeaturizerConfig) else resolved_config(db, config)
@@ -168,7 +168,7 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
     gpus = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     count = workers or (int(ray.cluster_resources().get("GPU", 0)) if gpus else cluster_cpus(ray))
     if count < 1:
-        raise TrackstarError(f"--device {device}: the Ray cluster has no GPU")
+        raise ParameterError("device", f"{device}: the Ray cluster has no GPU")
     env = {"TRACKSTAR_FAULT": os.environ["TRACKSTAR_FAULT"]} if os.environ.get("TRACKSTAR_FAULT") else {}
     actor_class = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1, max_restarts=0)(GradientActor)
     options = {"runtime_env": {"env_vars": env}} if env else {}

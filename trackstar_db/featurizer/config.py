@@ -24,13 +24,14 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 
 from trackstar_db import defaults
-from trackstar_db.errors import ParameterError
+from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.option_checks import DIM, NON_NEGATIVE, Choice, Range, check_fields, ruled
 
 COMBINES = ("concat", "sum")
 CORRECTIONS = ("none", "adam-exact", "adam-factored", "adafactor", "estimated")
 # "auto" = what the checkpoint supports, decided by settings.resolve before any vector is made
 CHOICES = CORRECTIONS + ("auto",)
-MIN_DIM, MAX_DIM = 1, 2**16
+MIN_DIM, MAX_DIM = DIM.low, DIM.high
 
 
 class FeaturizerWarning(UserWarning):
@@ -45,25 +46,15 @@ class FeaturizerConfig:
     """dim: total output width; seed: projection seed; eps: in g / (sqrt(V) + eps);
     max_length: tokens kept per example (right cut)."""
 
-    dim: int = defaults.DIM
-    seed: int = 0
-    combine: str = "concat"
-    correction: str = "auto"
-    eps: float = 1e-8
-    max_length: int = 512
+    dim: int = ruled(DIM, defaults.DIM)
+    seed: int = ruled(NON_NEGATIVE, 0)
+    combine: str = ruled(Choice(COMBINES), "concat")
+    correction: str = ruled(Choice(CHOICES), "auto")
+    eps: float = ruled(Range(0.0, integer=False), 1e-8)
+    max_length: int = ruled(Range(2), 512)
 
     def __post_init__(self):
-        if not (MIN_DIM <= int(self.dim) <= MAX_DIM):
-            raise ParameterError("dim", f"must be in [{MIN_DIM}, {MAX_DIM}] (and at most the tracked matrices' "
-                                        f"entries), not {self.dim}")
-        if self.combine not in COMBINES:
-            raise ValueError(f"FeaturizerConfig.combine must be one of {COMBINES}, not {self.combine!r}")
-        if self.correction not in CHOICES:
-            raise ValueError(f"FeaturizerConfig.correction must be one of {CHOICES}, not {self.correction!r}")
-        if not self.eps >= 0:
-            raise ValueError(f"FeaturizerConfig.eps must be >= 0, not {self.eps}")
-        if self.max_length < 2:
-            raise ValueError(f"FeaturizerConfig.max_length must be >= 2, not {self.max_length}")
+        check_fields(self)  # dim: also at most the tracked matrices' entries (plan_layout)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,7 +64,7 @@ class FeaturizerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"FeaturizerConfig: unknown field(s) {unknown}")
+            raise TrackstarError(f"featurizer settings: unknown field(s) {unknown}")
         return cls(**data)
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trackstar_db.errors import TrackstarError
+
 from .tokenize import IGNORE, Encoded, encode_query, encode_segments, encode_text
 
 EXAMPLE_LOSSES = ("all", "completion", "chat")
@@ -39,11 +41,11 @@ class Task:
 
     def __post_init__(self):
         if self.examples not in EXAMPLE_LOSSES:
-            raise ValueError(f"Task.examples must be one of {EXAMPLE_LOSSES}, not {self.examples!r}")
+            raise TrackstarError(f"task examples must be one of {', '.join(EXAMPLE_LOSSES)}, not {self.examples!r}")
         if self.modules is not None:
             modules = tuple(self.modules)
             if not modules or not all(isinstance(m, str) and m for m in modules):
-                raise ValueError(f"Task.modules must be a non-empty list of name patterns, not {self.modules!r}")
+                raise TrackstarError(f"task modules must be a non-empty list of name patterns, not {self.modules!r}")
             object.__setattr__(self, "modules", modules)
 
     @property

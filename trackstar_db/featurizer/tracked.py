@@ -223,7 +223,7 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
                 output = _logits(module, output)
                 if output is None:
                     raise ValueError(f"router {name!r}: none of its outputs is the matmul of its input with its "
-                                     "weight; leave it out with Task modules")
+                                     "weight; leave it out with the task's modules")
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return None
             if output.shape[0] == 1 < size:  # shared across the batch: each example gets its own rows

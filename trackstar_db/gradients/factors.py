@@ -45,13 +45,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from trackstar_db import faults
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import kfac as _kfac
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import Preconditioner
 from trackstar_db.featurizer.projection import projection_matrix
 from trackstar_db.featurizer.tokenize import collate, pad_id
 from trackstar_db.featurizer.tracked import per_example_backward
+from trackstar_db.option_checks import COUNT, DAMPING, FRACTION, Choice, check_fields, ruled
 from trackstar_db.progress import quiet_transformers, wanted
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.checkpoints import source
@@ -72,17 +73,23 @@ class FactorReport:
     notes: list[str] | None = None
 
 
+@dataclass(frozen=True)
+class FactorOptions:
+    """fit-factors' options (see `fit_factors`), checked by their rules."""
+
+    kind: str = ruled(Choice(_kfac.KINDS), "ekfac")
+    damping: float = ruled(DAMPING, _kfac.DEFAULT_DAMPING)
+    fraction: float = ruled(FRACTION, 1.0)
+    seed: int = 0
+    batch_size: int = ruled(COUNT, 16)
+    max_dense: int = ruled(COUNT, _kfac.MAX_DENSE_SIDE)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
 def _check(kind: str, damping: float, fraction: float, batch_size: int, max_dense: int) -> None:
-    if kind not in _kfac.KINDS:
-        raise ParameterError("kind", f"must be one of {', '.join(_kfac.KINDS)}, not {kind!r}")
-    if not (damping == damping and 0 <= damping < float("inf")):
-        raise ParameterError("damping", f"must be a finite number >= 0, not {damping}")
-    if not 0 < fraction <= 1:
-        raise ParameterError("fraction", f"must be in (0, 1], not {fraction}")
-    if batch_size < 1:
-        raise ParameterError("batch_size", f"must be >= 1, not {batch_size}")
-    if max_dense < 1:
-        raise ParameterError("max_dense", f"must be >= 1, not {max_dense}")
+    FactorOptions(kind=kind, damping=damping, fraction=fraction, batch_size=batch_size, max_dense=max_dense)
 
 
 def in_share(example_id: str, fraction: float, seed: int) -> bool:

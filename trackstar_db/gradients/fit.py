@@ -17,7 +17,6 @@ The same pass stores, for R_train of every table, the norms self-influence reads
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
@@ -31,12 +30,14 @@ from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import (DEFAULT_DAMPING, DEFAULT_SHRINKAGE, GramAccumulator,
                                                     check_shrinkage, fit_preconditioner)
 from trackstar_db.ladder import LADDER
+from trackstar_db.option_checks import COUNT, DAMPING, Choice, check_fields, ruled
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store.vectors import BATCH_BYTES, scan_progress
 
 RETIRE_SECONDS = 3600.0  # a replaced R file stays this long for readers that pinned the manifest naming it
 
 MIXES = ("task", "train")
+KINDS = ("block", "dense")  # R block-diagonal over the layout's blocks, or one dense matrix
 SELF_INFLUENCE_POWERS = (-0.5, 0.0)  # g R^-1 g = |g R^-1/2|^2 and |g|^2, stored with R_train
 
 
@@ -90,17 +91,27 @@ def _summed(source, blocks) -> GramAccumulator:
     return acc
 
 
-def _check_options(mix: str, damping: float, k: int | None, shrinkage=DEFAULT_SHRINKAGE) -> None:
-    if mix not in MIXES:
-        raise ParameterError("mix", f"must be one of {', '.join(MIXES)}, not {mix!r}")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ParameterError("damping", f"must be a finite number >= 0, not {damping}")
-    try:
-        check_shrinkage(shrinkage)
-    except ValueError as exc:
-        raise ParameterError("shrinkage", str(exc).removeprefix("shrinkage ")) from None
-    if k is not None and k < 0:
-        raise ParameterError("crossing_k", f"must be >= 0, not {k}")
+@dataclass(frozen=True)
+class FitOptions:
+    """fit's options (see `fit`), checked by their rules; crossing_k: lambda's spectrum-crossing
+    component (None: d // 64), also below the database's dim (checked in `fit`)."""
+
+    mix: str = ruled(Choice(MIXES), "task")
+    kind: str = ruled(Choice(KINDS), "block")
+    damping: float = ruled(DAMPING, DEFAULT_DAMPING)
+    crossing_k: int | None = ruled(COUNT, None)
+    shrinkage: object = DEFAULT_SHRINKAGE
+
+    def __post_init__(self):
+        check_fields(self)
+        try:
+            check_shrinkage(self.shrinkage)
+        except ValueError as exc:
+            raise ParameterError("shrinkage", str(exc).removeprefix("shrinkage ")) from None
+
+
+def _check_options(mix: str, damping: float, k: int | None, shrinkage=DEFAULT_SHRINKAGE, kind: str = "block") -> None:
+    FitOptions(mix=mix, kind=kind, damping=damping, crossing_k=k, shrinkage=shrinkage)
 
 
 def damping_bound(pre) -> float | None:
@@ -150,7 +161,7 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
     (LocalPasses; trackstar_db.distributed.fit sums over Ray tasks). shrinkage: each block's
     estimate toward its mean eigenvalue: 'prior' (rho = size / (n + size) per block, the default),
     'ledoit-wolf', 'none' or a fixed rho in [0, 1] (featurizer/preconditioner.py; docs/method.md)."""
-    _check_options(mix, damping, k, shrinkage)
+    _check_options(mix, damping, k, shrinkage, kind)
     featurizer = db.manifest.get("featurizer")
     if not featurizer:
         raise TrackstarError(f"{db.path}: no gradients yet; run 'trackstar-db ingest gradients' first")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer import optimizer_state as _optimizer_state
 from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.featurizer.per_example import Featurizer
@@ -82,8 +82,9 @@ def load_featurizer(source: ModelSource, config: FeaturizerConfig, device: str =
     state = None
     if config.correction in ELEMENTWISE_OR_FACTORED:
         if source.optimizer_state is None:
-            raise TrackstarError(f"correction {config.correction!r} needs the optimizer state; "
-                                 "give --optimizer-state to init, or use --correction estimated")
+            raise ParameterError("correction", f"{config.correction!r} needs the optimizer state; record it with the "
+                                               "model ('trackstar-db init DB --model DIR --optimizer-state FILE'), or "
+                                               "use correction 'estimated'", others=("correction",))
         state = _optimizer_state.load(source.optimizer_state)
     batches = None
     if config.correction == "estimated":

@@ -98,8 +98,8 @@ def plan_batch_tokens(featurizer, max_length: int, free_bytes: int | None = None
     if budget < max_length:
         raise TrackstarError(
             f"{device}: one {max_length}-token example needs ~{max_length * per_token / GiB:.2f} GiB but "
-            f"{free_bytes / GiB:.2f} GiB are free and projections take {fixed / GiB:.2f} GiB; lower --dim or "
-            "max_length, use --model-dtype bfloat16, or give --batch-tokens")
+            f"{free_bytes / GiB:.2f} GiB are free and projections take {fixed / GiB:.2f} GiB; lower dim or "
+            "max_length, use model_dtype bfloat16, or give batch_tokens")
     return MemoryPlan(budget, per_token, fixed, int(free_bytes))
 
 

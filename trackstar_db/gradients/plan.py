@@ -34,9 +34,15 @@ def parse_shard(text: str) -> tuple[int, int]:
         index, count = (int(part) for part in text.split("/"))
     except ValueError:
         raise ParameterError("shard", f"{text!r}: expected I/N, e.g. 0/4") from None
-    if not (count >= 1 and 0 <= index < count):
-        raise ParameterError("shard", f"{index}/{count}: need 0 <= I < N")
+    check_shard((index, count))
     return index, count
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    """Shard I of N: 0 <= I < N, else ParameterError naming shard."""
+    index, count = shard
+    if not (count >= 1 and 0 <= index < count):
+        raise ParameterError("shard", f"must be I/N (shard I of N) with 0 <= I < N, not {index}/{count}")
 
 
 def in_shard(item_id: str, shard: tuple[int, int]) -> bool:

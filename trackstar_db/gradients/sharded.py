@@ -42,7 +42,7 @@ from typing import Iterator
 
 import torch
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 
 def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -93,7 +93,7 @@ def init_ranks(device: str = "auto") -> Rank:
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         if not torch.cuda.is_available():
-            raise TrackstarError(f"--device {device}: no CUDA GPU is available here")
+            raise ParameterError("device", f"{device}: no CUDA GPU is available here")
         index = int(env.get("LOCAL_RANK", "0")) if device in ("auto", "cuda") else torch.device(device).index or 0
         if index >= torch.cuda.device_count():  # a launcher that shows each task its one GPU (srun --gpus-per-task=1)
             index = 0

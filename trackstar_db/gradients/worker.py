@@ -37,56 +37,44 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from trackstar_db import defaults
-from trackstar_db.devices import resolve_device
-from trackstar_db.errors import TrackstarError
+from trackstar_db.devices import DEVICE, resolve_device
 from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.models.source import MODEL_DTYPES
+from trackstar_db.option_checks import COUNT, Choice, check, check_fields, ruled
 from trackstar_db.store import vectors as _vectors
 from trackstar_db.store.gradient_table import SPLITS
 
 from .commit import Committer
 from .loader import ESTIMATE_SAMPLE
 from .loop import run_batches
-from .plan import count_missing
+from .plan import check_shard, count_missing
 from .setup import create_tables, open_run, record_settings
 
 
 @dataclass
 class GradientJob:
-    split: str = "train"
-    batch_size: int = 16
-    device: str = "auto"
-    dtype: str = "float32"
+    split: str = ruled(Choice(SPLITS), "train")
+    batch_size: int = ruled(COUNT, 16)
+    device: str = ruled(DEVICE, "auto")
+    dtype: str = ruled(Choice(_vectors.DTYPES), "float32")
     shard: tuple[int, int] = (0, 1)
-    commit_rows: int = defaults.COMMIT_ROWS
+    commit_rows: int = ruled(COUNT, defaults.COMMIT_ROWS)
     uncorrected: bool = True  # also write the uncorrected table the first ladder rungs need
-    estimate_sample: int = ESTIMATE_SAMPLE  # training examples used when correction == "estimated"
-    limit: int | None = None  # stop after this many new rows (tests, quick looks)
+    estimate_sample: int = ruled(COUNT, ESTIMATE_SAMPLE)  # training examples used when correction == "estimated"
+    limit: int | None = ruled(COUNT, None)  # stop after this many new rows (tests, quick looks)
     batch_tokens: int | str | None = "auto"  # rows x padded width per batch; "auto": planned; None: batch_size rows
-    model_dtype: str = "auto"  # the checkpoint's (config.json), float32 when it says nothing
+    model_dtype: str = ruled(Choice(MODEL_DTYPES), "auto")  # the checkpoint's (config.json), float32 when it says nothing
     pipeline: bool = True  # tokenize ahead and write behind on threads; False: all on this thread
-    queue_depth: int = 4  # batches waiting in each queue of the pipeline
+    queue_depth: int = ruled(COUNT, 4)  # batches waiting in each queue of the pipeline
     checkpoint: str | None = None  # an attached checkpoint's name (or a path to attach); None: the final one
     sharded: object | None = None  # sharded.ShardedModel: the model's parameters sharded across processes
 
     def __post_init__(self):
-        if self.split not in SPLITS:
-            raise TrackstarError(f"--split must be one of {', '.join(SPLITS)}, not {self.split!r}")
-        index, count = self.shard
-        if not (count >= 1 and 0 <= index < count):
-            raise TrackstarError(f"--shard {index}/{count}: need 0 <= I < N")
-        if self.batch_tokens != "auto" and self.batch_tokens is not None and int(self.batch_tokens) < 1:
-            raise TrackstarError(f"--batch-tokens must be 'auto' or >= 1, not {self.batch_tokens}")
-        if self.model_dtype not in MODEL_DTYPES:
-            raise TrackstarError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, not {self.model_dtype!r}")
-        for name in ("batch_size", "commit_rows", "estimate_sample", "queue_depth"):
-            if getattr(self, name) < 1:
-                raise TrackstarError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise TrackstarError(f"--limit must be >= 1, not {self.limit}")
+        check_fields(self)
+        check_shard(self.shard)
+        if self.batch_tokens != "auto" and self.batch_tokens is not None:
+            check("batch_tokens", COUNT, int(self.batch_tokens))
         self.device = resolve_device(self.device)
-        if self.dtype not in _vectors.DTYPES:
-            raise TrackstarError(f"--dtype must be one of {', '.join(_vectors.DTYPES)}, not {self.dtype!r}")
 
 
 def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJob, progress: bool = True) -> dict:

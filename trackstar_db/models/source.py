@@ -40,7 +40,7 @@ def checkpoint_dtype(model_dir: str | Path) -> str:
         raise TrackstarError(f"{path}: cannot read the checkpoint's config ({exc})") from None
     value = str(config.get("torch_dtype") or config.get("dtype") or "float32").removeprefix("torch.")
     if value not in MODEL_DTYPES[1:]:
-        raise TrackstarError(f"{path}: field 'torch_dtype' is {value!r}; give --model-dtype "
+        raise TrackstarError(f"{path}: field 'torch_dtype' is {value!r}; give the model dtype explicitly "
                              f"({', '.join(MODEL_DTYPES[1:])})")
     return value
 

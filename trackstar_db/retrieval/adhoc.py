@@ -132,16 +132,15 @@ class PromptAttributor:
 
     def _entry(self, prompt: str, target: str, method: str | None, k: int, rerank: str | None = None):
         """(the registry entry answering a one-prompt query, the second stage or None), after its
-        checks (ParameterError names the parameter; the bounds are option_checks': K_MAX, TEXT_MAX).
+        checks (ParameterError names the parameter; the rules are option_checks': K, TEXT).
         A second-stage method (kfac, ekfac) answers as the best rung's candidates re-scored."""
-        from trackstar_db.option_checks import TEXT_MAX, count
+        from trackstar_db.option_checks import K, TEXT, check
 
         for name, text in (("prompt", prompt), ("target", target)):
-            if not isinstance(text, str) or not text.strip():
-                raise ParameterError(name, "must be non-empty")
-            if len(text) > TEXT_MAX:
-                raise ParameterError(name, f"must be at most {TEXT_MAX:,} characters, not {len(text):,}")
-        count("k", k, 1, K_MAX)
+            problem = TEXT.problem(text)
+            if problem:
+                raise ParameterError(name, problem)
+        check("k", K, k)
         if self.db.count("examples") == 0:
             raise TrackstarError(f"{self.db.path}: the database has no examples")
         entry = lookup(method or runners.best_method(self.db))

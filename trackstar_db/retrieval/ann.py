@@ -40,6 +40,7 @@ import pyarrow as pa
 import torch
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.option_checks import COUNT, check_fields, ruled
 
 from .methods import get_method, query_transform
 from .topk import TopKResult
@@ -59,15 +60,12 @@ class AnnOptions:
     visited; refine_factor: re-rank refine_factor * k candidates with the full float16 vectors;
     ef: HNSW candidate list size (IVF_HNSW_*), >= k."""
 
-    nprobes: int | None = None
-    refine_factor: int | None = None
-    ef: int | None = None
+    nprobes: int | None = ruled(COUNT, None)
+    refine_factor: int | None = ruled(COUNT, None)
+    ef: int | None = ruled(COUNT, None)
 
     def __post_init__(self):
-        for name in ("nprobes", "refine_factor", "ef"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TrackstarError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+        check_fields(self)
 
 
 def table_name(method: str) -> str:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import pyarrow as pa
 
 from trackstar_db import defaults
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import TrackstarError
+from trackstar_db.option_checks import COUNT, Choice, check_fields, ruled
 
 from .ann import DEFAULT_KIND, KINDS, open_table, source_version, table_name
 from .methods import get_method
@@ -80,6 +82,23 @@ def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device
     return connection(db).create_table(table_name(method), data=reader, schema=schema, mode="overwrite")
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    """The index's build parameters (see build_index), checked by their rules."""
+
+    kind: str = ruled(Choice(KINDS), DEFAULT_KIND)
+    num_partitions: int | None = ruled(COUNT, None)
+    num_sub_vectors: int | None = ruled(COUNT, None)
+    m: int = ruled(COUNT, 20)
+    ef_construction: int = ruled(COUNT, 300)
+    max_iterations: int = ruled(COUNT, MAX_ITERATIONS)
+    sample_rate: int = ruled(COUNT, SAMPLE_RATE)
+    batch_rows: int = ruled(COUNT, defaults.STREAM_BATCH_ROWS)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
 def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: int | None = None,
                 num_sub_vectors: int | None = None, m: int = 20, ef_construction: int = 300,
                 max_iterations: int = MAX_ITERATIONS, sample_rate: int = SAMPLE_RATE, batch_rows: int = defaults.STREAM_BATCH_ROWS,
@@ -91,10 +110,9 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
     kind or parameters)."""
     from .scoring import prepare
 
+    IndexOptions(kind, num_partitions, num_sub_vectors, m, ef_construction, max_iterations, sample_rate, batch_rows)
     # one writer of DB/ann and the manifest at a time (store/lock.py), as fit holds it
     with db.writer(f"index {method}"):
-        if kind not in KINDS:
-            raise ParameterError("kind", f"must be one of {', '.join(KINDS)}, not {kind!r}")
         spec = get_method(method)
         source = source_version(db, method)
         scoring = prepare(db, spec)  # refuses stale row norms before anything is written

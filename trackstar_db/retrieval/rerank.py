@@ -33,6 +33,7 @@ import torch
 
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer import kfac as _kfac
+from trackstar_db.option_checks import COUNT, Choice, check
 from trackstar_db.featurizer.tokenize import collate, pad_id
 from trackstar_db.gradients.factors import load_factors
 from trackstar_db.gradients.loader import database_featurizer, stored_config
@@ -46,12 +47,13 @@ DIRECT_QUERIES = 4  # up to this many queries, candidates are scored without rot
 QUERY_BYTES = 512 << 20  # float32 bytes of preconditioned query gradients held at once
 
 
+RERANKS = Choice(_kfac.KINDS)  # the second stages: --rerank, RetrieveOptions.rerank, select's rerank
+
+
 def check_rerank(kind: str | None, candidates: int) -> None:
     """The one check of --rerank / --candidates."""
-    if kind is not None and kind not in _kfac.KINDS:
-        raise ParameterError("rerank", f"must be one of {', '.join(_kfac.KINDS)}, not {kind!r}")
-    if not isinstance(candidates, int) or candidates < 1:
-        raise ParameterError("candidates", f"must be an integer >= 1, not {candidates!r}")
+    check("rerank", RERANKS, kind)
+    check("candidates", COUNT, candidates)
 
 
 def _model(db, device: str):

@@ -13,35 +13,32 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db import defaults
+from trackstar_db.devices import DEVICE
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.ladder import lookup
+from trackstar_db.option_checks import COUNT, K, Choice, check_fields, ruled
 
 from . import embedding
 from . import runners
+from .rerank import RERANKS
 from .runners import Request
+
+QUERY_TEXTS = ("prompt+target", "prompt")  # what BM25 and embedding see of a query
 
 
 @dataclass
 class RetrieveOptions:
-    k: int = defaults.K_RETRIEVE
+    k: int = ruled(K, defaults.K_RETRIEVE)
     template: str | None = defaults.TEMPLATE  # which queries; None = all
-    device: str = "cpu"
-    batch_rows: int = defaults.SCAN_BATCH_ROWS
-    query_text: str = "prompt+target"  # what BM25 and embedding see: 'prompt+target' or 'prompt'
+    device: str = ruled(DEVICE, "cpu")
+    batch_rows: int = ruled(COUNT, defaults.SCAN_BATCH_ROWS)
+    query_text: str = ruled(Choice(QUERY_TEXTS), "prompt+target")  # what BM25 and embedding see
     ann: object | None = None  # retrieval.ann.AnnOptions: approximate top-k from the method's index
-    rerank: str | None = None  # 'kfac' | 'ekfac': re-score the method's top `candidates` (retrieval/rerank.py)
-    candidates: int = defaults.CANDIDATES
+    rerank: str | None = ruled(RERANKS, None)  # re-score the method's top `candidates` (retrieval/rerank.py)
+    candidates: int = ruled(COUNT, defaults.CANDIDATES)
 
     def __post_init__(self):
-        from trackstar_db.option_checks import K_MAX, count
-
-        from .rerank import check_rerank  # heavy: transformers
-
-        count("k", self.k, 1, K_MAX)
-        check_rerank(self.rerank, self.candidates)
-        count("batch_rows", self.batch_rows)
-        if self.query_text not in ("prompt+target", "prompt"):
-            raise ParameterError("query_text", f"must be 'prompt+target' or 'prompt', not {self.query_text!r}")
+        check_fields(self)
 
 
 def _queries(db, template: str | None) -> pa.Table:

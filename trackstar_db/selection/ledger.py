@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 NOT_GROUPS = ("example_id", "text", "content_hash", "fact_triples", "metadata", "n_tokens")
 MAX_GROUPS = 500
@@ -41,8 +41,9 @@ def example_groups(db, by: str) -> pa.Table:
         value = record.get(by)
         values.append(None if value is None else value if isinstance(value, str) else json.dumps(value))
     if by not in keys:
-        raise TrackstarError(f"unknown --by column {by!r}; examples have columns {', '.join(columns)}"
-                             + (f" and metadata keys {', '.join(sorted(keys))}" if keys else ""))
+        where = f"neither a column ({', '.join(columns)}) nor a metadata key ({', '.join(sorted(keys))})" if keys \
+            else f"not a column ({', '.join(columns)})"
+        raise ParameterError("by", f"{by!r} is {where} of the examples")
     return pa.table({"example_id": rows.column("example_id"), "group_value": pa.array(values, pa.string())})
 
 
@@ -55,7 +56,7 @@ def cells(db, by: str, groups: pa.Table | None = None) -> pa.Table:
     groups = example_groups(db, by) if groups is None else groups
     n_groups = len(pc.unique(groups.column("group_value")))
     if n_groups > MAX_GROUPS:
-        raise TrackstarError(f"--by {by}: {n_groups:,} distinct values; the ledger groups at most {MAX_GROUPS}")
+        raise ParameterError("by", f"{by}: {n_groups:,} distinct values; the ledger groups at most {MAX_GROUPS}")
     tail_patch = db.dataset("tail_patch") if db.count("tail_patch") else _schema.arrow_schema("tail_patch").empty_table()
     return run_cells(db.dataset("retrievals"), tail_patch, groups)
 

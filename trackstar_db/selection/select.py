@@ -16,7 +16,6 @@ searched with the mean of the task's t_query vectors: approximate, top-N only.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,10 @@ import pyarrow.compute as pc
 import torch
 
 from trackstar_db import defaults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.featurizer.kfac import KINDS as RERANK_KINDS
+from trackstar_db.option_checks import COUNT, FRACTION, Choice, check_fields, ruled
+from trackstar_db.retrieval.scoring import AGGREGATES
 
 FORMATS = {".jsonl": "json", ".parquet": "parquet"}
 
@@ -63,13 +65,22 @@ class Selection:
     n_scored: int
 
 
-def check_amount(top: int | None, fraction: float | None) -> None:
-    if (top is None) == (fraction is None):
-        raise TrackstarError("give exactly one of --top N and --fraction F")
-    if top is not None and top <= 0:
-        raise TrackstarError(f"--top must be > 0, not {top}")
-    if fraction is not None and not (math.isfinite(fraction) and 0 < fraction <= 1):
-        raise TrackstarError(f"--fraction must be in (0, 1], not {fraction}")
+@dataclass(frozen=True)
+class SelectOptions:
+    """select's amount and scoring options, checked by their rules: exactly one of top (examples
+    kept) and fraction (share kept); aggregate: how the queries' scores combine; rerank and
+    candidates: the second stage (retrieval/rerank.py)."""
+
+    top: int | None = ruled(COUNT, None)
+    fraction: float | None = ruled(FRACTION, None)
+    aggregate: str = ruled(Choice(AGGREGATES), "mean-vector")
+    rerank: str | None = ruled(Choice(RERANK_KINDS), None)
+    candidates: int = ruled(COUNT, defaults.CANDIDATES)
+
+    def __post_init__(self):
+        if (self.top is None) == (self.fraction is None):
+            raise ParameterError("top", "or fraction: give exactly one of them", others=("fraction",))
+        check_fields(self)
 
 
 def check_output(db, out: str | Path) -> tuple[Path, str]:
@@ -168,7 +179,7 @@ def select(db, task: Task | None = None, *, top: int | None = None, fraction: fl
     from trackstar_db.retrieval import runners
     from trackstar_db.retrieval.embedding import query_text
 
-    check_amount(top, fraction)
+    SelectOptions(top=top, fraction=fraction, aggregate=aggregate, rerank=rerank, candidates=candidates)
     target = check_output(db, out) if out is not None else None
     task = task or Task()
     n_examples = db.count("examples")
@@ -183,8 +194,8 @@ def select(db, task: Task | None = None, *, top: int | None = None, fraction: fl
                              f"not {method!r}")
     entry = scorers[method]
     if ann is not None and (not entry.serves_ann or drop_opponents or aggregate != "mean-vector"):
-        raise TrackstarError("--ann serves the top N of a gradient method's mean query vector only "
-                             "(not bm25, --drop-opponents or --aggregate mean-score)")
+        raise ParameterError("ann", "serves the top N of a gradient method's mean query vector only (not bm25, "
+                                    "drop_opponents or aggregate mean-score)", others=("drop_opponents", "aggregate"))
     queries = read_examples(task.examples) if task.examples is not None else task_queries(db, task)
     n = top if top is not None else max(1, round(fraction * n_examples))
     n = min(n, n_examples)
@@ -215,7 +226,8 @@ def _reranked(db, queries: pa.Table, ids, scores: np.ndarray, order: np.ndarray,
 
     check_rerank(kind, candidates)
     if drop_opponents:
-        raise TrackstarError("--rerank re-scores the best candidates; it does not serve --drop-opponents")
+        raise ParameterError("rerank", "re-scores the best candidates; it does not serve drop_opponents",
+                             others=("drop_opponents",))
     pool = order[: max(n, candidates)]
     pairs = list(zip(queries.column("prompt").to_pylist(), queries.column("target").to_pylist()))
     _, second = score_examples(db, pairs, [ids[i] for i in pool], kind, device)

@@ -20,7 +20,7 @@ token, 404 unknown example or path, 413 a body over MAX_BODY, 422 a field out of
 model's queue full, 504 no answer within the server's timeout. Each refused request is one
 warning line in the log (`refused POST /api/query: 503 busy: ...`). A 500 is a bug (its
 traceback goes to the server's log). k and the prompt's length have the library's bounds
-(option_checks.K_MAX, TEXT_MAX).
+(option_checks.K, TEXT: the models' Fields are built from them).
 
 Queries that wait while the model thread is busy are answered together (service.ModelWorker:
 one featurize call, one scan per method); each answer is the one it gets alone.
@@ -45,9 +45,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from trackstar_db import __version__
 from trackstar_db.errors import TrackstarError
 from trackstar_db.report.page import STYLESHEET, document
+from trackstar_db.option_checks import COUNT, K, TEXT, field_bounds, length_bounds
 
 from . import payload
-from .service import MAX_K, MAX_SQL_ROWS, MAX_TEXT, Busy, QueryItem, Service, TimedOut
+from .service import MAX_SQL_ROWS, Busy, QueryItem, Service, TimedOut
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_BATCH_LINES = 1000  # queries of one /api/query/batch request
@@ -91,24 +92,24 @@ class _Strict(BaseModel):
 
 
 class QueryRequest(_Strict):
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT, description="The context, e.g. 'The capital of France is'.")
-    target: str = Field(min_length=1, max_length=MAX_TEXT, description="The continuation to attribute.")
+    prompt: str = Field(**length_bounds(TEXT), description="The context, e.g. 'The capital of France is'.")
+    target: str = Field(**length_bounds(TEXT), description="The continuation to attribute.")
     methods: list[str] = Field(default_factory=list, max_length=16,
                                description="Methods side by side; empty: the best one the database serves.")
-    k: int = Field(10, ge=1, le=MAX_K, description="Proponents (and opponents) per method.")
+    k: int = Field(10, **field_bounds(K), description="Proponents (and opponents) per method.")
     tokens: int = Field(0, ge=0, le=10, description="Shade the top N proponents of each gradient method by token.")
     ann: bool = Field(False, description="Approximate top-k from the method's ANN index (trackstar-db index).")
-    nprobes: Optional[int] = Field(None, ge=1)
-    refine_factor: Optional[int] = Field(None, ge=1)
-    ef: Optional[int] = Field(None, ge=1)
+    nprobes: Optional[int] = Field(None, **field_bounds(COUNT))
+    refine_factor: Optional[int] = Field(None, **field_bounds(COUNT))
+    ef: Optional[int] = Field(None, **field_bounds(COUNT))
     verify: bool = Field(False, description="Ask Database.query to verify (where this version offers it).")
-    control_target: Optional[str] = Field(None, min_length=1, max_length=MAX_TEXT,
+    control_target: Optional[str] = Field(None, **length_bounds(TEXT),
                                           description="Contrast: attribute loss(target) - loss(control_target).")
 
 
 class TokensRequest(_Strict):
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
-    target: str = Field(min_length=1, max_length=MAX_TEXT)
+    prompt: str = Field(**length_bounds(TEXT))
+    target: str = Field(**length_bounds(TEXT))
     example_id: str = Field(min_length=1, max_length=1000)
     method: Optional[str] = Field(None, description="A gradient method; default: the best one served.")
 

@@ -26,13 +26,10 @@ import pyarrow as pa
 from trackstar_db import __version__
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
-from trackstar_db.option_checks import K_MAX, TEXT_MAX
 
 from . import payload
 from .snapshot import Snapshot, Tracker, writer_active
 
-MAX_K = K_MAX         # proponents per method of one query: the library's bound (option_checks.py)
-MAX_TEXT = TEXT_MAX   # characters of a prompt or a target: the library's bound
 MAX_SQL_ROWS = 10000  # rows one SQL answer carries (the rest is cut, flagged `truncated`)
 
 
@@ -102,7 +99,7 @@ class ModelWorker:
             return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout)
         except asyncio.TimeoutError:
             job.future.cancel()  # skipped by the model thread if it has not started it
-            raise TimedOut(f"timed out: no answer within {timeout:g} s (the server's --timeout)") from None
+            raise TimedOut(f"timed out: no answer within {timeout:g} s (the server's timeout)") from None
 
     def _take(self) -> list[_Job]:
         """The next job, and with a batchable one the others of its kind that wait (or arrive within batch_wait)."""

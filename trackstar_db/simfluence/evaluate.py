@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import TrackstarError
+from trackstar_db.option_checks import PROPER_FRACTION, check
 
 from .data import load_runs
 from .fit import fit
@@ -26,8 +27,7 @@ def split_runs(run_ids: list[str], holdout: float) -> tuple[list[str], list[str]
     """(training runs, held-out runs): the last round(holdout * n) runs (at least 1) are held out."""
     if len(run_ids) < 2:
         raise TrackstarError(f"simfluence eval needs at least 2 recorded runs, found {len(run_ids)}")
-    if not 0 < holdout < 1:
-        raise ParameterError("holdout", f"must be in (0, 1), not {holdout}")
+    check("holdout", PROPER_FRACTION, holdout)
     n_held = min(len(run_ids) - 1, max(1, round(holdout * len(run_ids))))
     return run_ids[:-n_held], run_ids[-n_held:]
 

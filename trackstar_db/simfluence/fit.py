@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import TrackstarError
+from trackstar_db.option_checks import POSITIVE_NUMBER, check
 
 from .data import Runs
 
@@ -75,8 +76,7 @@ def fit(runs: Runs, model: str = "linear", ridge: float = 1.0, solver: str = "au
     """Fit one simulator per probe of `runs` (solver: 'auto', 'primal' or 'dual')."""
     if model not in MODELS:
         raise TrackstarError(f"simfluence model must be one of {', '.join(MODELS)}, not {model!r}")
-    if not ridge > 0:
-        raise ParameterError("ridge", f"must be > 0, not {ridge}")
+    check("ridge", POSITIVE_NUMBER, ridge)
     if solver not in ("auto", "primal", "dual"):
         raise TrackstarError(f"solver must be auto, primal or dual, not {solver!r}")
     m, before, after = membership(runs)

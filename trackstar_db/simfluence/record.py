@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.models.load import open_tokenizer
+from trackstar_db.option_checks import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE_NUMBER, Choice, check_fields, ruled
 from trackstar_db.store.checkpoints import source
 
 from .data import ensure_tables
@@ -29,26 +30,20 @@ from .data import ensure_tables
 
 @dataclass
 class RecordOptions:
-    runs: int = 8
-    steps: int = 100
-    subset: float = 0.5        # fraction of the examples each run draws
-    probes: int = 64           # prompt0 queries whose loss is recorded (deterministic sample)
-    batch_size: int = 64
-    lr: float = 3e-3
-    final_lr: float = 3e-4
-    warmup: int = 10
-    seed: int = 0              # order seeds are seed*100003 + run number
-    init: str = "scratch"      # 'scratch' (the testbed config's initialisation) | 'checkpoint'
-    threads: int | None = None
+    runs: int = ruled(COUNT, 8)
+    steps: int = ruled(COUNT, 100)
+    subset: float = ruled(FRACTION, 0.5)  # fraction of the examples each run draws
+    probes: int = ruled(COUNT, 64)  # prompt0 queries whose loss is recorded (deterministic sample)
+    batch_size: int = ruled(COUNT, 64)
+    lr: float = ruled(POSITIVE_NUMBER, 3e-3)
+    final_lr: float = ruled(NON_NEGATIVE_NUMBER, 3e-4)
+    warmup: int = ruled(NON_NEGATIVE, 10)
+    seed: int = ruled(NON_NEGATIVE, 0)  # order seeds are seed*100003 + run number
+    init: str = ruled(Choice(("scratch", "checkpoint")), "scratch")  # 'scratch': the testbed config's initialisation
+    threads: int | None = ruled(COUNT, None)
 
     def __post_init__(self):
-        for name in ("runs", "steps", "probes", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ParameterError(name, f"must be >= 1, not {getattr(self, name)}")
-        if not 0 < self.subset <= 1:
-            raise ParameterError("subset", f"must be in (0, 1], not {self.subset}")
-        if self.init not in ("scratch", "checkpoint"):
-            raise ParameterError("init", f"must be scratch or checkpoint, not {self.init!r}")
+        check_fields(self)
 
 
 def probe_queries(db, n: int) -> pa.Table:
@@ -71,7 +66,7 @@ def training_setup(db, options: RecordOptions):
     model = db.manifest.get("model")
     if model is None:
         if options.init == "checkpoint":
-            raise TrackstarError(f"{db.path}: --init checkpoint needs a recorded model; run 'trackstar-db train' first")
+            raise ParameterError("init", f"'checkpoint' needs a recorded model in {db.path}; run 'trackstar-db train' first")
         from trackstar_db.testbed.vocab import build_tokenizer
 
         texts = db.table("examples", columns=["text"]).column("text").to_pylist()

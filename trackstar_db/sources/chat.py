@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trackstar_db.errors import RecordError, TrackstarError
+from trackstar_db.errors import ParameterError, RecordError, TrackstarError
 
 
 @dataclass
@@ -54,8 +54,9 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
         except (OSError, UnicodeDecodeError) as exc:
             raise TrackstarError(f"{template_file}: cannot read the chat template ({exc})") from None
     if not getattr(tokenizer, "chat_template", None):
-        raise TrackstarError(f"{source}: the tokenizer has no chat template; set 'chat_template' in "
-                             "tokenizer_config.json (or add chat_template.jinja) or pass --chat-template FILE")
+        raise ParameterError("chat_template", f"not given, and the tokenizer ({source}) has no chat template: "
+                                              "give a Jinja template file, or set 'chat_template' in tokenizer_config.json (or "
+                                              "add chat_template.jinja)")
     return tokenizer
 
 
@@ -124,7 +125,7 @@ def render(tokenizer, messages: list[dict], path, line: int) -> tuple[str, list[
         upto = _render(tokenizer, messages[: i + 1], path, line)
         if not (text.startswith(upto) and upto.startswith(before)) or (spans and len(before) < spans[-1]):
             raise RecordError(path, line, "the chat template does not render the conversation's turns as prefixes "
-                                          "of it, so the assistant turns cannot be located; pass --chat-template FILE")
+                                          "of it, so the assistant turns cannot be located; give another chat template file")
         if len(upto) > len(before):
             spans += [len(before), len(upto)]
     if not spans:

@@ -33,7 +33,8 @@ import pyarrow as pa
 
 from trackstar_db import defaults
 from trackstar_db import faults
-from trackstar_db.errors import RecordError, TrackstarError
+from trackstar_db.errors import ParameterError, RecordError, TrackstarError
+from trackstar_db.option_checks import COUNT, check_fields, ruled
 from trackstar_db.store.bm25 import BM25Index, sync_bm25
 
 from .records import IdRegistry, checked_records, expand, optional_index, optional_text, record_id, require_text
@@ -51,7 +52,7 @@ class CorpusOptions:
     text_field: str = "text"
     id_field: str | None = None  # None: the first of ID_CANDIDATES present, else a hash of the text
     skip_bad: bool = False
-    batch_size: int = defaults.CORPUS_COMMIT_ROWS
+    batch_size: int = ruled(COUNT, defaults.CORPUS_COMMIT_ROWS)
     prompt_field: str | None = None  # with completion_field: the loss on the completion only
     completion_field: str | None = None
     messages_field: str | None = None  # chat records: the loss on the assistant turns
@@ -59,14 +60,13 @@ class CorpusOptions:
 
     def __post_init__(self):
         if (self.prompt_field is None) != (self.completion_field is None):
-            raise TrackstarError("prompt_field (--prompt-field) and completion_field (--completion-field) go together")
+            raise ParameterError("prompt_field", "and completion_field go together", others=("completion_field",))
         if self.messages_field is not None and self.prompt_field is not None:
-            raise TrackstarError("messages_field (--messages-field) excludes prompt_field and completion_field")
+            raise ParameterError("messages_field", "excludes prompt_field and completion_field",
+                                 others=("prompt_field", "completion_field"))
         if self.chat_template is not None and self.messages_field is None:
-            raise TrackstarError("chat_template (--chat-template) needs messages_field (--messages-field)")
-        from trackstar_db.option_checks import count
-
-        count("batch_size", self.batch_size)
+            raise ParameterError("chat_template", "needs messages_field", others=("messages_field",))
+        check_fields(self)
 
     @property
     def loss(self) -> str:

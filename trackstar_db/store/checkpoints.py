@@ -18,18 +18,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.models import directory
 from trackstar_db.models.source import FINAL as DEFAULT
 from trackstar_db.models.source import ModelSource
+from trackstar_db.option_checks import IDENTIFIER
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # also the suffix of its table names
+NAME = re.compile(IDENTIFIER.regex)  # a checkpoint's name: also the suffix of its table names
 
 
 def check_name(name: str) -> str:
-    """A checkpoint name usable in a table name (letters, digits, '-' and '_'), or a one-line error."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise TrackstarError(f"checkpoint name {name!r}: use letters, digits, '-' and '_' (at most 64)")
+    """A checkpoint name usable in a table name (option_checks.IDENTIFIER), else ParameterError."""
+    problem = IDENTIFIER.problem(name)
+    if problem:
+        raise ParameterError("checkpoint", problem)
     return name
 
 

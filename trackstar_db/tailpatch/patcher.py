@@ -32,6 +32,7 @@ from trackstar_db.featurizer.tokenize import (
     pad_id,
 )
 from trackstar_db.featurizer.task import Task, per_example_loss
+from trackstar_db.option_checks import COUNT, K, POSITIVE_NUMBER, check_fields, ruled
 from trackstar_db.progress import bar
 from trackstar_db.store import schema as _schema
 
@@ -45,14 +46,13 @@ class TailPatchConfig:
     """k: proponents patched per query (ranks 1..k); batch_size: queries per forward pass;
     lr: learning rate of the step (None: the saved final lr); max_length: token cut."""
 
-    k: int = defaults.K_TAIL_PATCH
-    batch_size: int = 32
-    lr: float | None = None
-    max_length: int | None = None
+    k: int = ruled(K, defaults.K_TAIL_PATCH)
+    batch_size: int = ruled(COUNT, 32)
+    lr: float | None = ruled(POSITIVE_NUMBER, None)
+    max_length: int | None = ruled(COUNT, None)
 
     def __post_init__(self):
-        if self.k < 1 or self.batch_size < 1:
-            raise TrackstarError(f"TailPatchConfig: k and batch_size must be >= 1, not {self.k}, {self.batch_size}")
+        check_fields(self)
 
 
 class TailPatcher:

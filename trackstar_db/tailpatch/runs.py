@@ -70,10 +70,10 @@ class _StoredSpans:
 
 def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
-    from trackstar_db.option_checks import K_MAX, count
+    from trackstar_db.option_checks import COUNT, K, check
 
-    count("k", k, 1, K_MAX)
-    count("max_queries", max_queries)
+    check("k", K, k)
+    check("max_queries", COUNT, max_queries)
     known = db.ids("runs", "run_id")
     for run_id in run_ids:
         if run_id not in known:

@@ -14,7 +14,7 @@ import torch
 from click import echo
 
 from trackstar_db import defaults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer.tokenize import (
     collate,
     encode_query,
@@ -74,10 +74,10 @@ def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bo
 
     from .train import TrainConfig, train_model
 
-    outside_database("--out", out_dir)
+    outside_database("out_dir", out_dir)
     if holds_model(out_dir) and not overwrite:
-        raise TrackstarError(f"{out_dir}: already holds a model (config.json or weights); choose another --out "
-                             "or pass --overwrite to replace it")
+        raise ParameterError("out_dir", f"{out_dir} already holds a model (config.json or weights); choose another "
+                                        "out_dir, or overwrite to replace it", others=("out_dir", "overwrite"))
 
     if db.manifest["gradient_tables"]:
         raise TrackstarError(f"{db.path}: holds gradients of model {db.manifest['model']['fingerprint']}; "

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from trackstar_db.devices import DEVICE
+from trackstar_db.errors import ParameterError
 from trackstar_db.featurizer import optimizer_state
 from trackstar_db.featurizer.tokenize import (
     IGNORE,
@@ -31,6 +33,7 @@ from trackstar_db.featurizer.tokenize import (
 )
 from trackstar_db.featurizer.task import per_example_loss
 from trackstar_db.models.load import open_weights, save_model
+from trackstar_db.option_checks import COUNT, NON_NEGATIVE, POSITIVE_NUMBER, Choice, check, check_fields, ruled
 from trackstar_db.progress import bar as progress_bar
 
 from .vocab import build_tokenizer
@@ -40,32 +43,29 @@ from .vocab import build_tokenizer
 class TrainConfig:
     """Architecture and optimisation of a from-scratch pretraining run."""
 
-    architecture: str = "gpt2"  # "gpt2" | "llama"
-    n_layer: int = 2
-    d_model: int = 128
-    n_head: int = 4
-    max_length: int = 32        # tokens per example (and position embeddings)
-    epochs: int = 20
-    max_steps: int | None = None  # stop early after this many optimizer steps
-    batch_size: int = 64
-    lr: float = 3e-3
-    final_lr: float = 3e-4      # learning rate at the last step (cosine end point; must be > 0)
+    architecture: str = ruled(Choice(("gpt2", "llama")), "gpt2")
+    n_layer: int = ruled(COUNT, 2)
+    d_model: int = ruled(COUNT, 128)
+    n_head: int = ruled(COUNT, 4)
+    max_length: int = ruled(COUNT, 32)  # tokens per example (and position embeddings)
+    epochs: int = ruled(COUNT, 20)
+    max_steps: int | None = ruled(COUNT, None)  # stop early after this many optimizer steps
+    batch_size: int = ruled(COUNT, 64)
+    lr: float = ruled(POSITIVE_NUMBER, 3e-3)
+    final_lr: float = ruled(POSITIVE_NUMBER, 3e-4)  # learning rate at the last step (cosine end point; <= lr)
     weight_decay: float = 0.01
-    warmup: int = 50            # linear warm-up steps
+    warmup: int = ruled(NON_NEGATIVE, 50)  # linear warm-up steps
     seed: int = 0
-    threads: int | None = None  # torch CPU threads while training; None = torch's current setting
-    device: str = "cpu"
+    threads: int | None = ruled(COUNT, None)  # torch CPU threads while training; None = torch's current setting
+    device: str = ruled(DEVICE, "cpu")
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("gpt2", "llama"):
-            raise ValueError(f"TrainConfig.architecture={self.architecture!r}: expected 'gpt2' or 'llama'")
-        if not 0 < self.final_lr <= self.lr:
-            raise ValueError(f"TrainConfig.final_lr={self.final_lr}: must be in (0, lr={self.lr}]")
-        for name in ("epochs", "batch_size", "max_length", "n_layer", "n_head", "d_model"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be an integer >= 1")
+        check_fields(self)
+        if self.final_lr > self.lr:
+            raise ParameterError("final_lr", f"must be at most lr ({self.lr:g}), not {self.final_lr:g}", others=("lr",))
         if self.d_model % self.n_head:
-            raise ValueError(f"TrainConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            raise ParameterError("d_model", f"must be divisible by n_head ({self.n_head}), not {self.d_model}",
+                                 others=("n_head",))
 
 
 @dataclass
@@ -110,8 +110,7 @@ def train_model(texts: Sequence[str], out_dir: str | Path, config: TrainConfig, 
     for TracIn-CP, whose last checkpoint is out_dir itself)."""
     if not texts:
         raise ValueError("train_model: no training texts")
-    if checkpoints < 0:
-        raise ValueError(f"train_model: checkpoints must be >= 0, not {checkpoints}")
+    check("checkpoints", NON_NEGATIVE, checkpoints)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.devices import DEVICE
+from trackstar_db.errors import ParameterError
+from trackstar_db.option_checks import COUNT, IDENTIFIER, MODELS, NON_NEGATIVE, PROPER_FRACTION, Choice, check_fields, ruled
 
 SCHEDULES = ("scaled", "same-steps", "base")  # validate/trainers.schedule_for
 
@@ -26,35 +28,24 @@ class ValidateOptions:
     every template); keep_models: keep each checkpoint under DB/validate/NAME/ (else deleted once
     its losses are stored)."""
 
-    models: int = 8
-    fraction: float = 0.5
-    seed: int = 0
-    name: str = "lds"
+    models: int = ruled(MODELS, 8)
+    fraction: float = ruled(PROPER_FRACTION, 0.5)
+    seed: int = ruled(NON_NEGATIVE, 0)
+    name: str = ruled(IDENTIFIER, "lds")
     train_command: str | None = None
-    steps: int | None = None
-    epochs: int | None = None
-    schedule: str = "scaled"
+    steps: int | None = ruled(COUNT, None)
+    epochs: int | None = ruled(COUNT, None)
+    schedule: str = ruled(Choice(SCHEDULES), "scaled")
     template: str = "prompt0"
-    device: str = "cpu"
-    threads: int | None = None
+    device: str = ruled(DEVICE, "cpu")
+    threads: int | None = ruled(COUNT, None)
     keep_models: bool = False
 
     def __post_init__(self):
-        if self.models < 2:
-            raise TrackstarError(f"validate: --models must be >= 2 (a correlation needs two subsets), not {self.models}")
-        if not 0 < self.fraction < 1:
-            raise TrackstarError(f"validate: --fraction must be in (0, 1), not {self.fraction}")
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
-            raise TrackstarError(f"validate: --name must be letters, digits, '-' or '_', not {self.name!r}")
-        for field in ("steps", "epochs"):
-            value = getattr(self, field)
-            if value is not None and value < 1:
-                raise TrackstarError(f"validate: --{field} must be >= 1, not {value}")
-        if self.schedule not in SCHEDULES:
-            raise TrackstarError(f"validate: --schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        check_fields(self)
         if self.train_command is not None and ("{data}" not in self.train_command or "{out}" not in self.train_command):
-            raise TrackstarError("validate: --train-command must contain {data} and {out}, e.g. "
-                                 "'python train.py --data {data} --out {out}'")
+            raise ParameterError("train_command", "must contain {data} and {out}, e.g. "
+                                                  "'python train.py --data {data} --out {out}'")
 
     def identity(self) -> dict:
         """The settings every subset of one validation must share (stored in validate_runs.parameters)."""

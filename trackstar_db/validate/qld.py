@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.option_checks import COUNT, NON_NEGATIVE, PROPER_FRACTION, check_fields, ruled
 
 from .lds import bootstrap_interval
 from .options import ValidateOptions
@@ -33,17 +34,14 @@ class QLDOptions:
     retrain without as many random examples; bootstrap: draws for the intervals."""
 
     run: str
-    queries: int = 4
-    top: float = 0.1
-    seed: int = 0
+    queries: int = ruled(COUNT, 4)
+    top: float = ruled(PROPER_FRACTION, 0.1)
+    seed: int = ruled(NON_NEGATIVE, 0)
     random_control: bool = True
-    bootstrap: int = 1000
+    bootstrap: int = ruled(COUNT, 1000)
 
     def __post_init__(self):
-        if self.queries < 1:
-            raise ParameterError("queries", f"must be >= 1, not {self.queries}")
-        if not 0 < self.top < 1:
-            raise ParameterError("top", f"must be in (0, 1), not {self.top}")
+        check_fields(self)
 
 
 def _pick_queries(db, run: str, count: int, seed: int, template: str) -> pa.Table:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db import faults
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 
 from .options import ValidateOptions, draw_subset
 from .trainers import make_trainer
@@ -41,7 +41,7 @@ def _queries(db, template: str) -> pa.Table:
         rows = rows.filter(pc.equal(rows.column("template"), template))
     if rows.num_rows == 0:
         raise TrackstarError(f"{db.path}: no {template if template != 'all' else ''} queries to validate on; "
-                             "run 'trackstar-db ingest facts' first (or pick --template)")
+                             "run 'trackstar-db ingest facts' first (or pick another template)")
     return rows.sort_by("query_id")
 
 
@@ -60,8 +60,9 @@ def _check_same(done: dict[int, dict], parameters: dict, name: str) -> None:
             changed = sorted(k for k in set(stored.get("identity", {})) | set(parameters["identity"])
                              if stored.get("identity", {}).get(k) != parameters["identity"].get(k))
             what = ", ".join(changed) if changed else "the query set"
-            raise TrackstarError(f"validation {name!r} was made with other settings ({what} differ, subset {subset}); "
-                                 "rerun with the same settings to resume it, or give a new --name")
+            raise ParameterError("name", f"{name!r}: that validation was made with other settings ({what} differ, "
+                                         f"subset {subset}); rerun with the same settings to resume it, or give a new "
+                                         "name", others=("name",))
 
 
 def run_validation(db, options: ValidateOptions, progress: bool | None = None) -> list[int]:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from trackstar_db.errors import TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.models.load import open_tokenizer, open_weights
 from trackstar_db.store.checkpoints import source
 
@@ -33,13 +33,15 @@ class TestbedTrainer:
         from trackstar_db.simfluence.record import RecordOptions, training_setup
 
         if db.manifest.get("model") is None:
-            raise TrackstarError(f"{db.path}: no model recorded; validate retrains the database's model "
-                                 "('trackstar-db train' or 'init --model') or runs --train-command")
+            raise ParameterError("train_command", f"not given, and {db.path} records no model to retrain: record one "
+                                                  "('trackstar-db train', or 'trackstar-db init DB --model DIR') or "
+                                                  "give a train command")
         try:  # the testbed checkpoint's own config, as Simfluence's recorded runs use it
             config, self.tokenizer, _ = training_setup(db, RecordOptions(init="scratch"))
         except TrackstarError as exc:
-            raise TrackstarError(f"{str(exc).split(';')[0]}; validate's testbed trainer needs the testbed's "
-                                 "train_info.json: give --train-command for another model") from None
+            raise ParameterError("train_command", f"not given; {str(exc).split(';')[0]}, and validate's testbed "
+                                                  "trainer needs the testbed's train_info.json: give a train command "
+                                                  "for another model") from None
         info = json.loads((Path(db.manifest["model"]["path"]) / "train_info.json").read_text(encoding="utf-8"))
         n_base = int(info.get("n_examples") or db.count("examples"))
         base_steps = int(info.get("steps") or _total_steps(config, n_base))
@@ -82,20 +84,20 @@ class CommandTrainer:
         try:
             done = subprocess.run(argv, capture_output=True, text=True)
         except OSError as exc:
-            raise TrackstarError(f"validate --train-command: cannot run {argv[0]!r}: {exc.strerror}") from None
+            raise ParameterError("train_command", f"cannot run {argv[0]!r}: {exc.strerror}") from None
         finally:
             data.unlink(missing_ok=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no error output"])[-1]
-            raise TrackstarError(f"validate --train-command exited with {done.returncode}: {last}")
+            raise ParameterError("train_command", f"exited with {done.returncode}: {last}")
         if not (out / "config.json").is_file():
-            raise TrackstarError(f"validate --train-command: {out}/config.json missing; the command must write a "
-                                 "transformers checkpoint to {out}")
+            raise ParameterError("train_command", f"left no {out}/config.json; the command must write a "
+                                                  "transformers checkpoint to {out}")
         tokenizer = self.tokenizer
         if (out / "tokenizer_config.json").is_file():
             tokenizer = open_tokenizer(out)
         if tokenizer is None:
-            raise TrackstarError(f"validate --train-command: {out} holds no tokenizer and the database records no model")
+            raise ParameterError("train_command", f"left no tokenizer in {out}, and the database records no model")
         return _load(out, tokenizer, self.device)
 
 
