@@ -116,10 +116,9 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, reran
     if tokens and control_target is not None:
         raise click.BadParameter("token contributions are of one target; drop --tokens", param_hint="--control-target")
     handle = _open(db)
-    with handle.reading():  # the hits and their tokens from one read view
-        rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann, verify=verify,
-                            rerank=rerank, candidates=candidates, control_target=control_target)
-        per_hit = hit_tokens(handle, prompt, target, rows, resolve_device(device)) if tokens else None
+    rows = handle.query(prompt, target, k=k, method=method, device=resolve_device(device), ann=ann, verify=verify,
+                        rerank=rerank, candidates=candidates, control_target=control_target)
+    per_hit = hit_tokens(handle, prompt, target, rows, resolve_device(device)) if tokens else None
     if fmt != "text":
         print_table(per_hit if tokens else rows, fmt)
         return
