@@ -23,6 +23,7 @@ written before DB/versions.json existed gets one at its first open.
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import pyarrow as pa
@@ -116,7 +117,7 @@ class Store(SwapWriter):
         version, a manifest whose featurizer or dims differ from the stored vectors', an
         unreadable journal) is refused with one line and its repair."""
         self.view = view if view is not None else _read_view.take(self)
-        self.manifest = self.view.manifest
+        self.manifest = copy.deepcopy(self.view.manifest)  # the handle's copy: the view's never changes
         return self
 
     def unpin(self) -> None:
