@@ -71,28 +71,33 @@ def _truncate_r(db):
     path.write_bytes(path.read_bytes()[:200])
 
 
+# damage written by a writer that finished (committed: check judges the committed versions)
 def _delete_gradient_row(db):
     from trackstar_db import connect
 
-    connect(db).delete_rows("grads_train_corrected", "id", "S000003")
+    handle = connect(db)
+    with handle.writer("damage"):
+        handle.delete_rows("grads_train_corrected", "id", "S000003")
 
 
 def _nan_row(db):
     from trackstar_db import connect
 
     handle = connect(db)
-    row = handle.table("grads_train_uncorrected").slice(0, 1).to_pylist()[0]
-    row["vector"] = [math.nan] + row["vector"][1:]
-    handle.delete_rows("grads_train_uncorrected", "id", row["id"])
-    dataset = handle.dataset("grads_train_uncorrected")  # lance itself: LanceDB's add refuses NaN vectors
-    dataset.insert(pa.Table.from_pylist([row], schema=dataset.schema), mode="append")
+    with handle.writer("damage"):
+        row = handle.table("grads_train_uncorrected").slice(0, 1).to_pylist()[0]
+        row["vector"] = [math.nan] + row["vector"][1:]
+        handle.delete_rows("grads_train_uncorrected", "id", row["id"])
+        dataset = handle.dataset("grads_train_uncorrected")  # lance itself: LanceDB's add refuses NaN vectors
+        dataset.insert(pa.Table.from_pylist([row], schema=dataset.schema), mode="append")
 
 
 def _duplicate_row(db):
     from trackstar_db import connect
 
     handle = connect(db)
-    handle.append("grads_queries_corrected", handle.table("grads_queries_corrected").slice(0, 2))
+    with handle.writer("damage"):
+        handle.append("grads_queries_corrected", handle.table("grads_queries_corrected").slice(0, 2))
 
 
 def _truncate_table(db):
@@ -221,10 +226,13 @@ def test_half_precision_tables_and_orphan_ids(tmp_path):
                          "loss": pa.array([1.0] * len(names), pa.float32()), "n_tokens": pa.array([1] * len(names), pa.int32())})
 
     db.append(table.name, rows(ids, torch.randn(3, 1024)))
+    with db.writer("test"):  # commits what was written
+        pass
     assert check(db).num_rows == 0
     x = torch.randn(1, 1024)
     x[0, 7] = math.inf
-    db.dataset(table.name).insert(rows(["zz"], x), mode="append")
+    with db.writer("test"):
+        db.dataset(table.name).insert(rows(["zz"], x), mode="append")
     found = {(p["table"], p["problem"].split(" (")[0]) for p in check(db).to_pylist()}
     assert found == {(table.name, "1 vectors are not finite"), (table.name, "1 gradient ids are not in examples")}
 
@@ -234,3 +242,39 @@ def test_a_swapped_preconditioner_is_refused_not_used(copy):
     result = run("retrieve", copy, "--method", "r-train", "--k", 5, ok=False)
     assert result.exit_code == 1 and "sha256 differs" in result.output and "trackstar-db fit" in result.output
     run("retrieve", copy, "--method", "trackstar", "--k", 5)  # the untouched mixed R still serves
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from trackstar_db import connect
+
+handle = connect(sys.argv[1])
+with handle.writer("append, then killed"):
+    handle.append("grads_queries_corrected", handle.table("grads_queries_corrected").slice(0, 2))
+    os.kill(os.getpid(), signal.SIGKILL)  # dies holding the lock: the new version is never committed
+"""
+
+
+def test_check_judges_the_committed_versions_not_a_killed_writers(copy):
+    """A killed writer's newer Lance version (two duplicate rows) is on disk but not committed:
+    check's verdict is the committed state's (no problem). Once a writer commits that version,
+    the same rows are judged and found."""
+    import subprocess
+    import sys
+
+    from trackstar_db.store import snapshot
+
+    before = snapshot.read(copy)["tables"]["grads_queries_corrected"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(copy)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    from trackstar_db import connect
+
+    handle = connect(copy)
+    assert snapshot.latest_versions(handle)["grads_queries_corrected"] > before  # the uncommitted version is there
+    assert snapshot.read(copy)["tables"]["grads_queries_corrected"] == before
+    assert problems(copy) == []
+    assert "no problems found" in run("check", copy).output
+    with handle.writer("adopts what is on disk"):
+        pass
+    found = [p for p in problems(copy) if p["table"] == "grads_queries_corrected"]
+    assert found and "2 duplicate ids" in found[0]["problem"], found

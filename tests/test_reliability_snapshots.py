@@ -11,6 +11,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -435,3 +436,113 @@ def test_a_journal_naming_a_lost_version_is_one_line_with_its_repair(fitted, tmp
     assert len(line) == 1 and "version 999 of examples" in line[0] and "repair: move" in line[0], result.output
     (db / "journal.json").rename(tmp_path / "journal.json")  # the repair it names
     _cli("retrieve", db, "--method", "bm25", "--run", "again")
+
+
+# -- one read view for the CLI, the API and the server (issue 30, item 1) -----------------------
+HOLDER = textwrap.dedent("""
+    import sys, time, pyarrow as pa
+    from pathlib import Path
+    from trackstar_db import connect
+    db = connect(sys.argv[1])
+    with db.writer("test append"):
+        if sys.argv[4] == "append":
+            db.append("examples", pa.table({"example_id": ["late-1"], "text": ["written while readers read"],
+                                            "source": ["late"], "content_hash": ["0" * 64]}))
+        Path(sys.argv[2]).write_text("held")
+        while not Path(sys.argv[3]).exists():
+            time.sleep(0.05)
+""")
+
+
+class _Held:
+    """A writer process holding the lock (after one uncommitted append to examples, or none)."""
+
+    def __init__(self, db, tmp_path, append=True):
+        self.held, self.release = tmp_path / "held", tmp_path / "release"
+        self.process = subprocess.Popen([sys.executable, "-c", HOLDER, str(db), str(self.held), str(self.release),
+                                         "append" if append else "hold"], env=ENV,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self):
+        deadline = time.monotonic() + 120
+        while not self.held.exists():
+            assert self.process.poll() is None, self.process.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the writer did not get going"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.release.write_text("go")
+        out, err = self.process.communicate(timeout=120)
+        assert self.process.returncode == 0, err[-2000:]
+
+
+def _cli_count(db):
+    return json.loads(_cli("sql", db, "SELECT count(*) AS n FROM examples", "--format", "json").output)["n"]
+
+
+def test_cli_api_and_server_each_read_the_committed_version_beside_an_uncommitted_append(tiny_db, tmp_path):
+    """While a writer holds an appended example it has not committed, the CLI (sql, info),
+    the API's read verbs (sql, info, evaluate, query) and a server started then (its first
+    snapshot, /api/sql, /api/examples) all read the committed version; after the writer's commit
+    each sees the row. Without one view per read (the newest version on disk), each read fails."""
+    from fastapi.testclient import TestClient
+
+    from trackstar_db import connect
+    from trackstar_db.serve import app
+
+    db = tiny_db.path
+    _cli("retrieve", db, "--method", "bm25", "--k", "3")
+    before = connect(db).count("examples")
+    with _Held(db, tmp_path):
+        assert connect(db).count("examples") == before + 1  # on disk (Lance committed it), not yet in the record
+        assert _cli_count(db) == before
+        assert re.search(rf"examples +{before:,} rows", _cli("info", db).output)
+        handle = connect(db)
+        assert handle.sql("SELECT count(*) AS n FROM examples").column("n")[0].as_py() == before
+        assert handle.info()["tables"]["examples"] == before
+        assert handle.evaluate().num_rows >= 1
+        hits = handle.query(PROMPT, TARGET, k=3, method="bm25").column("example_id").to_pylist()
+        assert "late-1" not in hits
+        client = TestClient(app(db), raise_server_exceptions=False)  # made while the writer works
+        answer = client.post("/api/sql", json={"sql": "SELECT count(*) AS n FROM examples"}).json()
+        assert answer["rows"][0][0] == before, answer
+        assert client.get("/api/examples/late-1").status_code == 404
+        version = client.get("/api/version").json()
+        assert version["writer_active"] and version["tables"] == json.loads((db / "versions.json").read_text())["tables"]
+    assert _cli_count(db) == before + 1
+    assert connect(db).info()["tables"]["examples"] == before + 1
+    assert re.search(rf"examples +{before + 1:,} rows", _cli("info", db).output)
+    time.sleep(0.6)  # past the tracker's check interval: the next request reads the committed append
+    assert client.post("/api/sql", json={"sql": "SELECT count(*) AS n FROM examples"}).json()["rows"][0][0] == before + 1
+    assert client.get("/api/examples/late-1").status_code == 200
+
+
+def test_a_database_older_than_versions_json_gets_one_at_its_first_open(tiny_db, tmp_path):
+    """No versions.json: the first open records the tables as they are (under the writer lock), so
+    the next reader reads that record, not the newest versions; with another writer holding the
+    lock the open writes nothing (and its reads take the newest versions), the next open does."""
+    from trackstar_db import connect
+    from trackstar_db.store import snapshot
+
+    db = tiny_db.path
+    record = db / snapshot.FILENAME
+    recorded = json.loads(record.read_text())
+    (tmp_path / "holder").mkdir()
+    with _Held(db, tmp_path / "holder", append=False):
+        record.unlink()
+        handle = connect(db)
+        assert not record.exists()  # a writer holds the lock: the open leaves the record to it
+        assert handle.sql("SELECT count(*) AS n FROM examples").column("n")[0].as_py() == handle.count("examples")
+    record.unlink()  # the writer committed on release: make the database old again
+    handle = connect(db)
+    assert record.exists()
+    written = json.loads(record.read_text())
+    assert written["tables"] == snapshot.latest_versions(handle) == recorded["tables"]
+    assert written["manifest"] == json.loads((db / "manifest.json").read_text())
+    assert written.get("bm25") and (db / "bm25_versions" / written["bm25"] / "meta.json").is_file()
+    # the record now holds: an append no writer committed is not read
+    import pyarrow as pa
+
+    handle.append("examples", pa.table({"example_id": ["raw-1"], "text": ["x"], "source": ["x"], "content_hash": ["1" * 64]}))
+    assert connect(db).sql("SELECT count(*) AS n FROM examples").column("n")[0].as_py() == handle.count("examples") - 1

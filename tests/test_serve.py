@@ -414,11 +414,14 @@ def test_snapshot_pins_each_table(serve_db, tmp_path):
     shutil.copytree(serve_db, tmp_path / "db")
     snapshot = Snapshot(tmp_path / "db")
     before = snapshot.count("examples")
-    connect(tmp_path / "db").append("examples", pa.table({"example_id": ["x"], "text": ["x"], "source": ["x"],
-                                                         "content_hash": ["0" * 64]}))
+    handle = connect(tmp_path / "db")
+    handle.append("examples", pa.table({"example_id": ["x"], "text": ["x"], "source": ["x"], "content_hash": ["0" * 64]}))
     assert snapshot.count("examples") == before and snapshot.sql("SELECT count(*) n FROM examples").to_pylist() == [
         {"n": before}]
-    assert Snapshot(tmp_path / "db").count("examples") == before + 1
+    assert Snapshot(tmp_path / "db").count("examples") == before  # on disk, but no writer committed it
+    with handle.writer("commit the append"):
+        pass
+    assert Snapshot(tmp_path / "db").count("examples") == before + 1 and snapshot.count("examples") == before
 
 
 # -- embedding and the command line -----------------------------------------------------------

@@ -177,18 +177,19 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         from trackstar_db.store.checkpoints import DEFAULT, attached
         from trackstar_db.store.gradient_table import parse_table_name
 
-        names = self.table_names()
-        model = self.manifest.get("model")
-        points = ({DEFAULT: model} if model else {}) | attached(self)
-        tables = {name: [] for name in points}
-        for name in names:
-            parsed = parse_table_name(name)
-            if parsed:
-                tables.setdefault(parsed[2] or DEFAULT, []).append(name)
-        return {"path": str(self.path), "format_version": self.manifest["format_version"], "model": model,
-                "featurizer": self.manifest.get("featurizer"), "tables": {name: self.count(name) for name in names},
-                "checkpoints": {name: {"lr": entry.get("optimizer_lr"), "path": entry["path"], "tables": tables[name]}
-                                for name, entry in points.items()}}
+        with self.reading():
+            names = self.table_names()
+            model = self.manifest.get("model")
+            points = ({DEFAULT: model} if model else {}) | attached(self)
+            tables = {name: [] for name in points}
+            for name in names:
+                parsed = parse_table_name(name)
+                if parsed:
+                    tables.setdefault(parsed[2] or DEFAULT, []).append(name)
+            return {"path": str(self.path), "format_version": self.manifest["format_version"], "model": model,
+                    "featurizer": self.manifest.get("featurizer"), "tables": {name: self.count(name) for name in names},
+                    "checkpoints": {name: {"lr": entry.get("optimizer_lr"), "path": entry["path"], "tables": tables[name]}
+                                    for name, entry in points.items()}}
 
     def sql(self, text: str, vectors: bool = False) -> pa.Table:
         """Run one read-only SQL statement over the tables (DuckDB); the result as Arrow."""
@@ -284,16 +285,18 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         rerank ('kfac' | 'ekfac'): the best `candidates` re-scored through the Kronecker factors."""
         from trackstar_db.selection.select import select
 
-        return select(self, task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
-                      aggregate=aggregate, ann=ann, device=resolve_device(device), out=out, rerank=rerank,
-                      candidates=candidates)
+        with self.reading():
+            return select(self, task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
+                          aggregate=aggregate, ann=ann, device=resolve_device(device), out=out, rerank=rerank,
+                          candidates=candidates)
 
     def self_influence(self, variant: str = "corrected", mix: str = "train", k: int | None = None) -> pa.Table:
         """Each training example's g R^-1 g and |g|^2 (stored by fit), highest first; the first k."""
         from trackstar_db.selection.self_influence import self_influence
 
         check("k", K, k)
-        ranked = self_influence(self, variant, mix)
+        with self.reading():
+            ranked = self_influence(self, variant, mix)
         return ranked if k is None else ranked.slice(0, k)
 
     def contribution(self, by: str = "source", n_boot: int = 1000, seed: int = 0) -> pa.Table:
@@ -301,7 +304,8 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         of one metadata column of the examples, with seeded bootstrap intervals over queries."""
         from trackstar_db.selection.ledger import ledger
 
-        return ledger(self, by, n_boot=n_boot, seed=seed)
+        with self.reading():
+            return ledger(self, by, n_boot=n_boot, seed=seed)
 
     def fit_factors(self, kind: str = "ekfac", damping: float = 0.1, fraction: float = 1.0, seed: int = 0,
                     batch_size: int = 16, device: str = "cpu", progress: bool | None = None):

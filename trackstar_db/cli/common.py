@@ -97,10 +97,6 @@ class Group(click.Group):
             raise click.ClickException(message) from None
 
 
-# commands that only read: each pins the committed state for its whole run (store/snapshot.py)
-READ_COMMANDS = {"eval", "sql", "export", "query", "report", "info", "simulate", "select", "rank"}
-
-
 def _open(db: Path):
     from trackstar_db.api import connect
 
@@ -110,9 +106,7 @@ def _open(db: Path):
         from trackstar_db.distributed.objectstore import upload_on_close
 
         upload_on_close(handle)
-    if context is not None and context.info_name in READ_COMMANDS:
-        handle.pin()
-    return handle
+    return handle  # each read verb takes its own read view (store/read_view.py): no list of read commands here
 
 
 def print_table(table, fmt: str = "table") -> None:

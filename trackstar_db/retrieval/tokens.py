@@ -130,11 +130,12 @@ def hit_tokens(db, prompt: str, target: str, hits: pa.Table, device: str = "cpu"
     """token_contributions of every row of a `Database.query` answer, with its kind and rank
     prepended (one row per token per hit)."""
     parts = []
-    contributions = TokenAttributor(db, device)
-    for hit in hits.select(["kind", "rank", "example_id", "method"]).to_pylist():
-        tokens = contributions(prompt, target, hit["example_id"], hit["method"])
-        parts.append(tokens.add_column(0, "rank", pa.array([hit["rank"]] * tokens.num_rows, pa.int32()))
-                     .add_column(0, "kind", pa.array([hit["kind"]] * tokens.num_rows, pa.string())))
+    with db.reading():  # one read view for every hit (store/read_view.py)
+        contributions = TokenAttributor(db, device)
+        for hit in hits.select(["kind", "rank", "example_id", "method"]).to_pylist():
+            tokens = contributions(prompt, target, hit["example_id"], hit["method"])
+            parts.append(tokens.add_column(0, "rank", pa.array([hit["rank"]] * tokens.num_rows, pa.int32()))
+                         .add_column(0, "kind", pa.array([hit["kind"]] * tokens.num_rows, pa.string())))
     if not parts:
         return SCHEMA.empty_table().add_column(0, "rank", pa.array([], pa.int32())).add_column(0, "kind", pa.array([], pa.string()))
     return pa.concat_tables(parts)

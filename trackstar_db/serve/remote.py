@@ -61,7 +61,7 @@ class RemoteSource:
             shutil.rmtree(fresh, ignore_errors=True)
             return None
         snapshot = Snapshot(fresh, tables_at=objectstore.tables_home(self.client, self.uri, manifest),
-                            committed=True, location=self.uri)
+                            location=self.uri)  # the view of the versions its last writer committed
         # two copies kept: a request may still be answering from the old snapshot
         shutil.rmtree(self.root / str(self.generation - 1), ignore_errors=True)
         self.generation += 1

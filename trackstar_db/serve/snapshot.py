@@ -1,36 +1,35 @@
 """One consistent version of a database for a long-lived reader, and noticing the next one.
 
-`Snapshot` is a `Database` whose manifest and table versions are fixed when it is made: every
-read of a table opens the Lance version recorded then (and keeps the opened dataset), so a
-request sees the same rows from start to end, whatever another process commits meanwhile.
+`Snapshot` is a `Database` pinned for its whole life to one read view (store/read_view.py, taken
+by `read_view.take` as every reader's is: the committed version of every table, the manifest,
+the R files' sha256, the committed BM25 folder; damage refused with one line). Every read of a
+table opens the Lance version of that view (and keeps the opened dataset), so a request sees the
+same rows from start to end, whatever another process commits meanwhile.
 
 `Tracker` holds the current snapshot. Before a request it compares a cheap fingerprint of the
-directory (stat of manifest.json, of each table's _versions folder and of the BM25 index's
-meta.json) with the one its snapshot was made from; when it changed and no writer holds the
-database's lock (a shared flock on DB/.writer.lock, taken without waiting), it makes a new
-snapshot under that shared lock, so no writer can commit half-way through it. While a writer
-works, the old snapshot keeps answering and `pending` says a newer version is on its way.
-`follow=False` serves the first snapshot for the server's whole life.
+directory (stat of versions.json, manifest.json, each table's _versions folder and the BM25
+index's meta.json) with the one its snapshot was made from; when it changed and no writer holds
+the database's lock (a shared flock on DB/.writer.lock, taken without waiting), it takes a new
+view under that shared lock (the manifest then is the committed one). While a writer works, the
+old snapshot keeps answering and `pending` says a newer version is on its way. `follow=False`
+serves the first snapshot for the server's whole life.
 
 The warm models move to the new snapshot when the model and featurizer recorded in the
 manifest are unchanged: the new snapshot's model cache adopts its predecessor's entries that
 its manifest still describes (models/cache.py), instead of loading them again.
 
-BM25 reads the committed folder of the index the record names (store/bm25.py). Not pinned (a
-reader of these sees the newest committed state): an ANN index (its provenance check against the
-snapshot's manifest refuses an index rebuilt since), and preconditioner files (a refit replaces
-them; the snapshot's recorded sha256 refuses the new file until the next snapshot).
+Not in the view (a reader of these sees the newest committed state): an ANN index (its
+provenance check against the snapshot's manifest refuses an index rebuilt since).
 
-A database on object storage (s3://bucket/db) is tracked by serve/remote.py: snapshots pinned to
-the versions its last writer committed (`committed=True`), each on its own local copy of the
-small files, renewed when one LIST request shows them changed.
+A database on object storage (s3://bucket/db) is tracked by serve/remote.py: the same view, of
+its local copy of the small files (versions.json among them), with the tables read in place,
+renewed when one LIST request shows them changed.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import fcntl
-import hashlib
 import os
 import threading
 import time
@@ -43,58 +42,42 @@ from trackstar_db.store import snapshot as _committed
 
 
 class Snapshot(Database):
-    """A database handle pinned to the manifest and table versions present when it was made
-    (committed: to the versions its last writer committed, DB/versions.json, where recorded)."""
+    """A database handle pinned to the read view taken when it was made (store/read_view.py)."""
 
-    def __init__(self, path: str | Path, tables_at: str | None = None, committed: bool = False,
-                 location: str | None = None):
+    def __init__(self, path: str | Path, tables_at: str | None = None, location: str | None = None):
+        self._tables_at = tables_at  # before the store opens: an object-store database's tables are not local
         super().__init__(path)
-        self._tables_at = tables_at
         self.location = location or str(self.path)  # what it serves: the directory, or s3://bucket/db
-        self._pinned: dict[str, int] = {}
         self._opened: dict[str, object] = {}
         self._guard = threading.Lock()
-        self._bm25 = _committed.committed_bm25(self.path)  # the committed BM25 folder (store/bm25.py)
-        record = _committed.read(self.path) if committed else None
-        if record is not None:
-            self._pinned = dict(record["tables"])
-        for name in list(self._pinned) or super().table_names():
-            self._opened[name] = dataset = super()._open_dataset(name)
-            self._pinned[name] = dataset.version
+        self.pin()
         self.made_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
     @property
     def versions(self) -> dict[str, int]:
         """{table: the Lance version this snapshot reads}."""
-        return dict(self._pinned)
+        return dict(self.view.tables)
 
     @property
     def version_id(self) -> str:
-        """A short name of this version: a hash of the manifest and the table versions."""
-        text = repr((sorted(self._pinned.items()), sorted(_flat(self.manifest))))
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """A short name of this version (ReadView.version_id)."""
+        return self.view.version_id
 
-    def table_names(self) -> list[str]:
-        return sorted(self._pinned)
+    def unpin(self) -> None:
+        """A snapshot keeps its view for its life (requests on several threads read it)."""
 
     def _open_dataset(self, name: str):
         with self._guard:
-            if name not in self._opened:  # only tables pinned exist (table_names): opened at their version
+            if name not in self._opened:  # only tables of the view exist (table_names): opened at their version
                 self._opened[name] = super()._open_dataset(name)
             return self._opened[name]
 
 
-def _flat(value, prefix: str = "") -> list[tuple[str, str]]:
-    if isinstance(value, dict):
-        return [item for key, v in value.items() for item in _flat(v, f"{prefix}/{key}")]
-    return [(prefix, repr(value))]
-
-
 def fingerprint(path: Path) -> tuple:
-    """What changes whenever a writer commits: stat of the manifest, every table's version
-    folder and the BM25 index's meta.json (microseconds; no table is opened)."""
+    """What changes whenever a writer commits: stat of versions.json, the manifest, every
+    table's version folder and the BM25 index's meta.json (microseconds; no table is opened)."""
     marks = []
-    for item in [path / _manifest.FILENAME, path / "bm25" / "meta.json",
+    for item in [path / _committed.FILENAME, path / _manifest.FILENAME, path / "bm25" / "meta.json",
                  *sorted((path / "tables").glob("*.lance/_versions"))]:
         try:
             stat = item.stat()
@@ -161,6 +144,7 @@ class Tracker:
             self.path = self.snapshot.path
             return
         self.path = Path(path)
+        Database.open(self.path)  # its first open records a database older than versions.json (read_view.py)
         deadline = time.monotonic() + wait
         while True:  # the first snapshot: wait a while for a writer at work, then read what is committed
             with _NoWriter(self.path) as probe:

@@ -3,7 +3,7 @@
 Readers see the committed index (store/snapshot.py): when a writer commits, `commit_index`
 hard-links the index's files (Tantivy never rewrites a file: segments are immutable, meta.json
 is replaced by rename) into DB/bm25_versions/<sha256 of meta.json>/ and the committed record
-names that folder; `BM25Index.reader(db)` opens the one its pinned record names, so a query
+names that folder; `BM25Index.reader(db)` opens the one its read view names, so a query
 beside an ingest never meets a document whose example it cannot see, and BM25's statistics are
 those of the committed examples. Folders no record names are removed once RETIRE_SECONDS old.
 
@@ -89,9 +89,10 @@ class BM25Index:
 
     @classmethod
     def reader(cls, db, must_exist: bool = False) -> "BM25Index":
-        """The index a reading command of `db` sees: the committed state its pin names (a Store
-        pinned with pin(), a serve Snapshot), else the live index."""
-        name = getattr(db, "_bm25", None)
+        """The index a reading command of `db` sees: the committed folder its read view names
+        (store/read_view.py: a handle inside reading(), a serve Snapshot), else the live index."""
+        view = getattr(db, "view", None)
+        name = view.bm25 if view is not None else None
         if name:
             folder = Path(db.path) / VERSIONS / name
             if (folder / "meta.json").is_file():

@@ -18,6 +18,11 @@ repair), one row each, empty when the database is whole:
   recorded (fingerprint).
 
 Id agreement runs in DuckDB over the id columns only (read into Arrow; vectors are never held).
+
+What is judged is the committed state (store/read_view.py, taken without refusing damage): each
+table at the version its last writer committed, the committed BM25 folder beside the live index.
+A newer version no writer committed (left by a killed one) changes nothing here; a table behind
+its committed version (damage) or never committed is read at its newest version.
 """
 
 from __future__ import annotations
@@ -68,8 +73,9 @@ def _rebuild(db, name: str) -> str:
 class Checker:
     """Collects problems; each check_* method adds rows."""
 
-    def __init__(self, db):
+    def __init__(self, db, newest: dict[str, int] | None = None):
         self.db = db
+        self.newest = newest if newest is not None else {}  # {table: newest version on disk}
         self.rows: list[dict] = []
         self.readable: set[str] = set()
         self.rows_read = 0
@@ -124,9 +130,9 @@ class Checker:
             self.add(name, f"unreadable: {_first_line(exc)}", _rebuild(db, name))
             return
         self.rows_read += seen
-        hint = self._version_hint(name)
-        if hint is not None and hint > dataset.version:
-            self.add(name, f"latest version {hint} is missing (the table opens at version {dataset.version}); "
+        hint, newest = self._version_hint(name), self.newest.get(name, dataset.version)
+        if hint is not None and hint > newest:
+            self.add(name, f"latest version {hint} is missing (the table opens at version {newest}); "
                            "its newest rows are not visible", _rebuild(db, name))
             return
         if seen != expected:
@@ -232,7 +238,8 @@ class Checker:
                 self.add("bm25", f"{path} is missing ({n_examples:,} examples are not searchable)", repair)
             return
         try:
-            n_docs = BM25Index(db.path, must_exist=True).count()
+            BM25Index(db.path, must_exist=True).count()  # the live index opens (writers add to it)
+            n_docs = BM25Index.reader(db, must_exist=True).count()  # the committed one: its examples' documents
         except Exception as exc:  # a damaged Tantivy index
             self.add("bm25", f"unreadable: {_first_line(exc)}", f"delete {path}, then {repair}")
             return
@@ -328,13 +335,35 @@ class Checker:
 
 def check(db) -> pa.Table:
     """Problems of a database as an Arrow table (table, problem, repair); empty when it is whole."""
-    checker = Checker(db)
-    checker.check_tables()
-    checker.check_committed()
-    checker.check_ids()
-    checker.check_bm25()
-    checker.check_preconditioners()
-    checker.check_model()
+    view, newest = _view(db)
+    checker = Checker(db, newest)
+    with db.reading(view):
+        checker.check_tables()
+        checker.check_committed()
+        checker.check_ids()
+        checker.check_bm25()
+        checker.check_preconditioners()
+        checker.check_model()
     schema = pa.schema([("table", pa.string()), ("problem", pa.string()), ("repair", pa.string())])
     table = pa.Table.from_pylist(checker.rows, schema=schema)
     return table.replace_schema_metadata({"rows_read": str(checker.rows_read)})
+
+
+def _view(db):
+    """(the read view check judges, {table: newest version on disk}): each table at its committed
+    version, at its newest where it is behind that (damage, named by check_committed) or was never
+    committed; the newest versions wholly when the record itself is unreadable (named too)."""
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from trackstar_db.store import read_view, snapshot
+
+    newest = snapshot.latest_versions(db)
+    try:
+        view = read_view.take(db, refuse=False)
+    except TrackstarError:  # an unreadable versions.json: check_committed names it
+        return read_view.newest(db), newest
+    committed = view.tables
+    tables = {name: (committed[name] if name in committed and committed[name] <= latest else latest)
+              for name, latest in newest.items()}
+    return replace(view, tables=MappingProxyType(tables)), newest

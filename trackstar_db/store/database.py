@@ -14,11 +14,16 @@ Writing: one writer at a time (`with db.writer("ingest corpus"):`, store/lock.py
 multi-table writes under a write-ahead journal (store/journal.py, DB/journal.json) that the next
 writer rolls back (or, for a write-then-swap whose new rows are complete, forward); manifest
 changes through `update_manifest(fn)`, which re-reads the manifest under the lock.
+
+Reading: one read view (store/read_view.py) per read, the committed state taken by
+`read_view.take`: `with db.reading():` (every read verb of the handle), `db.pin()`; a database
+written before DB/versions.json existed gets one at its first open.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +34,7 @@ from trackstar_db.models import directory as _model_dir
 from . import journal as _journal
 from . import lock as _lock
 from . import manifest as _manifest
+from . import read_view as _read_view
 from . import schema as _schema
 from . import snapshot as _snapshot
 from .gradient_table import GradientTable, is_gradient_table
@@ -42,10 +48,11 @@ class Store(SwapWriter):
         self.path = Path(path)
         self.manifest = _manifest.read(self.path)
         self._connection = None  # the LanceDB connection, made by the first write (reads open Lance directly)
-        self._pinned: dict[str, int] | None = None  # table -> version, while a read is pinned (pin())
-        self._bm25: str | None = None  # the committed BM25 folder a pinned read uses (store/bm25.py)
+        self.view: _read_view.ReadView | None = None  # the committed state a read holds (pin(), reading())
         if (self.path / _journal.FILENAME).exists() and not _lock.held(self.path):
             self._recover_abandoned()
+        elif _read_view.record_missing(self):  # written before versions.json: recorded at its first open
+            self.manifest = _manifest.read(self.path)
 
     @property
     def _lance(self):
@@ -103,37 +110,28 @@ class Store(SwapWriter):
                 _snapshot.write(self, _manifest.read(self.path))
 
     # -- reading: one committed version for a whole command ------------------------------------
-    def pin(self) -> "Database":
-        """Read the committed state from now on (store/snapshot.py): every table at the version
-        the last writer committed, and the manifest as it is now, until unpin(). A damaged
-        database (a table behind its committed version, a manifest whose featurizer or dims differ
-        from the stored vectors', an unreadable journal) is refused with one line and its repair."""
-        if (self.path / _journal.FILENAME).exists():
-            _journal.pending(self.path)  # an unreadable journal: one line, its repair
-        record = _snapshot.read(self.path)
-        if record is None:  # written before committed versions were recorded: the newest ones now
-            self.manifest = _manifest.read(self.path)
-            self._pinned = _snapshot.latest_versions(self)
-            return self
-        _snapshot.refuse_damage(self, record)
-        # the manifest as it is (a hand-moved model is seen); what must match the stored vectors
-        # was compared with the committed one just now; the R files it names are never overwritten
-        self.manifest = _manifest.read(self.path)
-        self._pinned = dict(record["tables"])
-        self._bm25 = record.get("bm25")
+    def pin(self, view: "_read_view.ReadView | None" = None) -> "Store":
+        """Read one committed state from now on, until unpin(): `view`, else the one taken now
+        (store/read_view.py: every table at the version its last writer committed, the committed
+        BM25 folder, the manifest as it is now). A damaged database (a table behind its committed
+        version, a manifest whose featurizer or dims differ from the stored vectors', an
+        unreadable journal) is refused with one line and its repair."""
+        self.view = view if view is not None else _read_view.take(self)
+        self.manifest = copy.deepcopy(self.view.manifest)  # the handle's copy: the view's never changes
         return self
 
     def unpin(self) -> None:
-        self._pinned, self._bm25 = None, None
+        self.view = None
         self.manifest = _manifest.read(self.path)
 
     @contextlib.contextmanager
-    def reading(self):
-        """Pin the committed state for the block (nothing changes when already pinned)."""
-        if self._pinned is not None:
+    def reading(self, view: "_read_view.ReadView | None" = None):
+        """Hold one read view for the block (`view`, else one taken now; nothing changes when a
+        view is held already): every read verb of the handle takes its view so."""
+        if self.view is not None:
             yield self
             return
-        self.pin()
+        self.pin(view)
         try:
             yield self
         finally:
@@ -231,8 +229,8 @@ class Store(SwapWriter):
         return GradientTable(self, split, "corrected" if corrected else "uncorrected")
 
     def table_names(self) -> list[str]:
-        if self._pinned:  # a table created since the commit is not there yet (serve's Snapshot fills its own)
-            return sorted(self._pinned)
+        if self.view is not None:  # a table created since the commit is not there yet
+            return sorted(self.view.tables)
         local = self._local_tables()
         if local is None:
             return sorted(self._lance.list_tables().tables)
@@ -259,7 +257,7 @@ class Store(SwapWriter):
     def _open_dataset(self, name: str):
         """dataset(name) of a table known to exist."""
         local = self._local_tables()
-        version = None if self._pinned is None else self._pinned.get(name)
+        version = None if self.view is None else self.view.tables.get(name)
         if local is None:
             dataset = self._lance.open_table(name).to_lance()
             return dataset if version is None else dataset.checkout_version(version)

@@ -6,9 +6,11 @@ DB/versions.json holds the state of the database as its last writer left it, wri
 
     {"tables": {"examples": 7, "retrievals": 12, ...}, "manifest": {...the manifest then...}}
 
-A read command pins it (Database.pin): every table is read at its committed version for the
-whole command, BM25 in the committed folder of the index the record names ("bm25"), with the manifest read once at its start (its featurizer settings and dims are
-compared with the committed ones first; the R files it names are never overwritten). So rows a writer has staged,
+Every reader takes its read view from it (store/read_view.py: the handle's read verbs, the
+server's snapshots, check): every table is read at its committed version for the whole read,
+BM25 in the committed folder of the index the record names ("bm25"), with the manifest read
+once at its start (its featurizer settings and dims are compared with the committed ones first;
+the R files it names are never overwritten). So rows a writer has staged,
 or written but not yet committed (a retrieve --replace, an import, a fit in progress), are never
 seen, and a run being replaced stays readable until its writer commits; old Lance versions and
 old preconditioner files stay on disk for such readers (gradients/fit.py keeps retired R files).
@@ -60,15 +62,6 @@ def write(db, manifest: dict) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return  # nothing committed since: the record is not rewritten
     write_atomic(path, text)
-
-
-def committed_bm25(db_path: str | Path) -> str | None:
-    """The BM25 folder the committed record names (None: the live index)."""
-    try:
-        record = read(db_path)
-    except Exception:
-        return None
-    return (record or {}).get("bm25")
 
 
 def _latest_local(table_dir: Path) -> int | None:

@@ -12,7 +12,8 @@ class ExchangeVerbs:
         """Write run `run_id` as viewer JSON lines to `out` (outside the database); returns the path."""
         from trackstar_db.exchange.run_files import export_run  # heavy: duckdb, tantivy
 
-        return export_run(self, run_id, Path(out))
+        with self.reading():
+            return export_run(self, run_id, Path(out))
 
     def import_run(self, path: str | Path, method: str, run_id: str | None = None) -> int:
         """Load a viewer-format results file as run `run_id` (default: the method's name) of `method`,

@@ -17,4 +17,5 @@ class ReportVerbs:
         Returns the index page's path."""
         from trackstar_db.report.analysis import write_db_report  # heavy: duckdb, matplotlib
 
-        return write_db_report(self, Path(out_dir), compare, samples, trajectory=report_trajectory(self))
+        with self.reading():
+            return write_db_report(self, Path(out_dir), compare, samples, trajectory=report_trajectory(self))

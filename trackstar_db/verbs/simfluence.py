@@ -30,8 +30,10 @@ class SimfluenceVerbs:
 
     def simulate(self, curriculum: str | Path, model: str = "linear", query_ids: list[str] | None = None) -> pa.Table:
         """The probes' predicted loss after every step of a curriculum file (JSON lines of batches)."""
-        return simulate_file(self, curriculum, model, query_ids)
+        with self.reading():
+            return simulate_file(self, curriculum, model, query_ids)
 
     def simfluence_evaluate(self, holdout: float = 0.25, ridge: float = 1.0) -> pa.Table:
         """Held-out runs: all-steps MSE and Spearman of final losses, linear vs additive vs constant."""
-        return evaluate(self, holdout, ridge)
+        with self.reading():
+            return evaluate(self, holdout, ridge)
