@@ -194,7 +194,8 @@ def _ranks_by_hand(db_path, rank_env: dict, world: int = 2):
     import time
 
     env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1", TRACKSTAR_RANK_TIMEOUT="300")
+               OMP_NUM_THREADS="1", TRACKSTAR_RANK_TIMEOUT="300",
+               TRACKSTAR_LOCK_TIMEOUT="120")  # a loaded machine may hold the other rank's commit past the default wait
     args = [sys.executable, "-m", "trackstar_db.cli", "ingest", "gradients", str(db_path), *COMMON, "--shard-model",
             "--device", "cpu"]
     start = time.monotonic()
