@@ -67,7 +67,6 @@ class Committer:
         # dropping the ids a table holds before appending makes concurrent ingests duplicate-free.
         # The appends of one flush are journaled: a failure (a full disk) or a kill between the
         # tables' appends rolls both back, so no table holds rows the other lacks.
-
         names = [table.name for variant, table in self.tables.items() if self.pending[variant]]
         with self.db.writer("ingest gradients", timeout=max(default_timeout(), FLUSH_LOCK_TIMEOUT)), \
                 journal.transaction(self.db, "ingest gradients", names):
