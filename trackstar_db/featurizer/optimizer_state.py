@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trackstar_db.errors import TrackstarError, first_line
+
 from .trainer_state import final_lr, parameter_order, skeleton
 
 FILENAME = "optimizer.safetensors"
