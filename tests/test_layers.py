@@ -81,12 +81,13 @@ def unexplained_local_imports(source: str, where: str = "<source>") -> list[str]
     import ast
 
     tree, lines = ast.parse(source), source.splitlines()
-    at_top = set()
+    at_top = set()  # the modules imported at the top, and their packages
     for node in tree.body:
-        if isinstance(node, ast.Import):
-            at_top |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and not node.level:
-            at_top.add((node.module or "").split(".")[0])
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        for name in names:
+            parts = name.split(".")
+            at_top |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
     problems, seen = [], set()
     for function in ast.walk(tree):
         if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -106,12 +107,13 @@ def unexplained_local_imports(source: str, where: str = "<source>") -> list[str]
                 if missing:
                     problems.append(f"{where}:{node.lineno}: '# cycle:' names no module: {', '.join(missing)}")
                 continue
-            unknown = sorted(set(names) - HEAVY)
+            unknown = sorted(name for name in names if name.split(".")[0] not in HEAVY)  # torch.distributed: a heavy part
             if unknown:
                 problems.append(f"{where}:{node.lineno}: not a heavy package: {', '.join(unknown)}")
-            imported = ({alias.name.split(".")[0] for alias in node.names} if isinstance(node, ast.Import)
-                        else {(node.module or "").split(".")[0]} if not node.level else set())
-            already = imported & set(names) & at_top
+            imported = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                        else [node.module or ""] if not node.level else [])
+            already = {name for name in names if name in at_top
+                       and any(module == name or module.startswith(name + ".") for module in imported)}
             if already:
                 problems.append(f"{where}:{node.lineno}: {', '.join(sorted(already))} is imported at the top already")
     return problems
@@ -128,11 +130,13 @@ def test_the_local_import_check_finds_each_kind_of_problem():
     source = ("import torch\n\n\ndef f():\n    from trackstar_db.ladder import LADDER\n"
               "    import json  # heavy: json\n    import torch  # heavy: torch\n"
               "    from trackstar_db.api import Database  # cycle: trackstar_db.nowhere\n"
-              "    import duckdb  # heavy: duckdb\n")
+              "    import duckdb  # heavy: duckdb\n    import torch.distributed as dist  # heavy: torch.distributed\n"
+              "    from torch.distributed.fsdp import fully_shard  # heavy: torch\n")
     problems = unexplained_local_imports(source)
-    assert [p.split(":")[1] for p in problems] == ["5", "6", "7", "8"], problems
+    assert [p.split(":")[1] for p in problems] == ["5", "6", "7", "8", "11"], problems
     assert "no '# heavy: PACKAGE'" in problems[0] and "not a heavy package: json" in problems[1]
     assert "torch is imported at the top already" in problems[2] and "names no module" in problems[3]
+    assert "torch is imported at the top already" in problems[4]
 
 
 def test_the_cli_starts_without_a_heavy_package():

@@ -47,9 +47,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from trackstar_db.errors import ParameterError, TrackstarError, first_line
 
@@ -64,6 +61,8 @@ def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
     """fully_shard each block, then the root (the rest: embeddings, final norm, head, tied
     weights together), over `mesh`; the shards move to the mesh's device."""
+    from torch.distributed.fsdp import fully_shard  # heavy: torch.distributed
+
     for block in block_modules(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -86,6 +85,8 @@ class Rank:
 def init_ranks(device: str = "auto") -> Rank:
     """Join (or start) the process group torchrun or Slurm describes: NCCL on GPUs, gloo on CPU.
     Without a launcher, a world of one (this process alone)."""
+    import torch.distributed as dist  # heavy: torch.distributed
+
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env:  # srun: map Slurm's variables onto torch's
         env.setdefault("RANK", env["SLURM_PROCID"])
@@ -131,6 +132,8 @@ class RankWatch:
     collective) and otherwise writes it to stderr itself and ends the process (exit status 1)."""
 
     def __init__(self, rank: Rank, interval: float = 1.0, grace: float = RANK_GRACE, exit=None):
+        import torch.distributed as dist  # heavy: torch.distributed
+
         self.rank, self.interval, self.grace = rank, interval, grace
         self._exit = exit or os._exit
         self._store = dist.distributed_c10d._get_default_store()
@@ -230,6 +233,8 @@ def _collective_error(exc: BaseException) -> bool:
 
 
 def mesh_for(rank: Rank):
+    from torch.distributed.device_mesh import init_device_mesh  # heavy: torch.distributed
+
     return init_device_mesh(rank.device.type, (rank.world,))
 
 
@@ -252,6 +257,8 @@ class Lockstep:
         self.dummy_steps = 0
 
     def _any(self, mine: bool) -> bool:
+        import torch.distributed as dist  # heavy: torch.distributed
+
         flag = torch.tensor([1 if mine else 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -290,6 +297,8 @@ class ShardedModel:
 @contextmanager
 def process_group(device: str = "auto"):
     """init_ranks(), and the process group destroyed on the way out."""
+    import torch.distributed as dist  # heavy: torch.distributed
+
     rank = init_ranks(device)
     try:
         yield rank
