@@ -36,6 +36,8 @@ def local_imports(package: Path) -> Counter:
                     counts["project" if project else (node.module or "").split(".")[0]] += 1
                     if project and "# heavy:" in lines[node.lineno - 1]:
                         counts["project, marked heavy"] += 1
+                    if project and "# cycle:" in lines[node.lineno - 1]:
+                        counts["project, marked cycle"] += 1
                 elif isinstance(node, ast.Import):
                     for alias in node.names:
                         top = alias.name.split(".")[0]
@@ -87,7 +89,8 @@ def main() -> None:
     print(f"checkout: {checkout}")
     print(f"import chains that run back up the stage order: {count}")
     print(f"imports inside functions: {local['project'] + third_party} ({local['project']} of project modules, "
-          f"{local['project, marked heavy']} of them marked '# heavy:'; {third_party} of other packages)")
+          f"{local['project, marked heavy']} of them marked '# heavy:', {local['project, marked cycle']} '# cycle:'; "
+          f"{third_party} of other packages)")
     if broken:
         print(broken)
 

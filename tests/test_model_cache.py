@@ -6,6 +6,7 @@ Loads are counted at the one model factory (models/load.open_model), which every
 tail-patcher goes through."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,9 @@ def fresh(template, tmp_path):
 @pytest.fixture
 def opened(monkeypatch):
     """Counts every model the factory opens (featurizers and tail-patchers alike)."""
+    import importlib
+    import re
+
     from trackstar_db.models import load
 
     calls = []
@@ -43,6 +47,11 @@ def opened(monkeypatch):
         return real(source, device, *args, **kwargs)
 
     monkeypatch.setattr(load, "open_model", counting)
+    package = Path(load.__file__).parents[1]  # the modules that import open_model at their top hold their own name
+    for path in package.rglob("*.py"):
+        if re.search(r"^from trackstar_db\.models\.load import .*\bopen_model\b", path.read_text(encoding="utf-8"), re.M):
+            module = importlib.import_module(".".join(("trackstar_db", *path.relative_to(package).with_suffix("").parts)))
+            monkeypatch.setattr(module, "open_model", counting)
     return calls
 
 

@@ -11,7 +11,7 @@ __all__ = ["Database", "connect", "__version__"]
 
 def __getattr__(name):
     if name in ("Database", "connect"):
-        from trackstar_db import api
+        from trackstar_db import api  # heavy: pyarrow
 
         return getattr(api, name)
     raise AttributeError(f"module 'trackstar_db' has no attribute {name!r}")

@@ -24,6 +24,7 @@ verbs, so it never imports them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace as replace_fields
 from pathlib import Path
 
@@ -31,10 +32,22 @@ import pyarrow as pa
 
 from trackstar_db import defaults
 from trackstar_db.devices import resolve_device
+from trackstar_db.distributed.objectstore import is_uri, normal_uri, open_remote
 from trackstar_db.errors import ParameterError
 from trackstar_db.models.cache import ModelCache
 from trackstar_db.option_checks import K, check
+from trackstar_db.progress import quiet_transformers, wanted
+from trackstar_db.selection.ledger import ledger
+from trackstar_db.selection.self_influence import self_influence
 from trackstar_db.store import database as _store
+from trackstar_db.store.check import check as check_database
+from trackstar_db.store.checkpoints import DEFAULT, attached
+from trackstar_db.store.gradient_table import parse_table_name
+from trackstar_db.validate.lds import lds_table
+from trackstar_db.validate.options import ValidateOptions
+from trackstar_db.validate.qld import QLDOptions, query_loss_difference
+from trackstar_db.validate.runner import loss_summary, run_validation
+from trackstar_db.validate.scores import score_runs
 from trackstar_db.verbs.exchange import ExchangeVerbs
 from trackstar_db.verbs.model import ModelVerbs
 from trackstar_db.verbs.reporting import ReportVerbs
@@ -51,10 +64,10 @@ def _engine(engine: str, command: str) -> dict:
     if engine == "local":
         return {}
     if command == "fit":
-        from trackstar_db.distributed import fit as ray_fit
+        from trackstar_db.distributed import fit as ray_fit  # heavy: torch
 
         return {"passes": ray_fit}
-    from trackstar_db.distributed.scan import score_table
+    from trackstar_db.distributed.scan import score_table  # heavy: torch
 
     return {"scorer": score_table}
 
@@ -75,7 +88,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         and the BM25 index (sources/corpus.py); prompt_field + completion_field: the loss on the
         completion only; messages_field (+ chat_template): chat records, the loss on the assistant
         turns. Returns its IngestReport (added, already_present, rejected)."""
-        from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus
+        from trackstar_db.sources.corpus import CorpusOptions, ingest_corpus  # heavy: tantivy
 
         options = CorpusOptions(text_field, id_field, skip_bad, batch_size, prompt_field, completion_field,
                                 messages_field, chat_template)
@@ -83,7 +96,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
 
     def ingest_facts(self, files, skip_bad: bool = False, progress: bool | None = None):
         """Add facts and their queries, rebuild ground_truth (sources/facts.py); returns its FactReport."""
-        from trackstar_db.sources.facts import ingest_facts
+        from trackstar_db.sources.facts import ingest_facts  # heavy: duckdb
 
         return ingest_facts(self, files, skip_bad=skip_bad, progress=progress)
 
@@ -98,10 +111,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         batch_tokens, model_dtype, pipeline, checkpoint, limit, ...); engine 'ray': Ray actors,
         each resolving `device` itself; shard_model: the model's parameters sharded (FSDP2) over
         the torchrun/Slurm processes (gradients/sharded.py). Returns the totals (rows, tokens, seconds, tables)."""
-        from dataclasses import replace
-
-        from trackstar_db.gradients.worker import GradientJob, ingest_gradients
-        from trackstar_db.progress import wanted
+        from trackstar_db.gradients.worker import GradientJob, ingest_gradients  # heavy: torch
 
         if engine not in ENGINES:
             raise ParameterError("engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -112,7 +122,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
             if engine != "local" or job.shard != (0, 1):
                 raise ParameterError("shard_model", "takes its shards from the launcher's ranks; drop shard and the "
                                                     "Ray engine")
-            from trackstar_db.gradients.worker import ingest_sharded
+            from trackstar_db.gradients.worker import ingest_sharded  # heavy: torch
 
             return ingest_sharded(self, settings, job, progress=wanted(progress))
         if engine == "local":
@@ -120,9 +130,9 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         if job.checkpoint:
             raise ParameterError("checkpoint", "the Ray engine featurizes the final checkpoint only; "
                                                "featurize an attached checkpoint with the local engine")
-        from trackstar_db.distributed.ingest import ingest_gradients as ray_ingest
+        from trackstar_db.distributed.ingest import ingest_gradients as ray_ingest  # heavy: torch
 
-        return ray_ingest(self, settings, replace(job, device="cpu"), device=job.device, progress=wanted(progress))
+        return ray_ingest(self, settings, replace_fields(job, device="cpu"), device=job.device, progress=wanted(progress))
 
     def fit(self, mix: str = "task", kind: str = "block", damping: float = defaults.DAMPING,
             crossing_k: int | None = None, template: str | None = defaults.TEMPLATE, engine: str = "local",
@@ -130,7 +140,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         """Fit R_train and the task-mixed R (+ whitened row norms) from the stored gradients
         (gradients/fit.py; shrinkage: 'prior', 'ledoit-wolf', 'none' or a fixed rho); returns its FitReport
         (preconditioners, notes)."""
-        from trackstar_db.gradients.fit import fit
+        from trackstar_db.gradients.fit import fit  # heavy: torch
 
         return fit(self, mix, kind, damping, crossing_k, template, **_engine(engine, "fit"), shrinkage=shrinkage)
 
@@ -142,7 +152,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         rerank ('kfac' | 'ekfac'): `method`'s top `candidates` per query re-scored through the
         Kronecker factors (retrieval/rerank.py); the run is named METHOD-KIND by default and the
         returned rows carry the first stage's score and rank too."""
-        from trackstar_db.retrieval.runs import RetrieveOptions, retrieve
+        from trackstar_db.retrieval.runs import RetrieveOptions, retrieve  # heavy: torch
 
         options = RetrieveOptions(k=k, template=template, device=resolve_device(device), query_text=query_text, ann=ann,
                                   rerank=rerank, candidates=candidates)
@@ -151,20 +161,18 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
     def tail_patch(self, run_ids, k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
                    device: str = "cpu") -> pa.Table:
         """Influence of each run's top-k proponents by one optimizer step (tailpatch/runs.py)."""
-        from trackstar_db.tailpatch.runs import tail_patch_runs
+        from trackstar_db.tailpatch.runs import tail_patch_runs  # heavy: torch
 
         return tail_patch_runs(self, list(run_ids), k, max_queries, resolve_device(device))
 
     def check(self) -> pa.Table:
         """Every problem of the database (table, problem, repair); empty when it is whole."""
-        from trackstar_db.store.check import check
-
-        return check(self)
+        return check_database(self)
 
     def rebuild_bm25(self) -> dict:
         """Make the BM25 index hold exactly the stored examples, under the writer lock:
         {'changed': documents added or removed, 'documents': the index's count}."""
-        from trackstar_db.store.bm25 import BM25Index, sync_bm25
+        from trackstar_db.store.bm25 import BM25Index, sync_bm25  # heavy: tantivy
 
         with self.writer("rebuild-bm25"):
             BM25Index(self.path)  # creates an empty index where the directory was deleted
@@ -174,9 +182,6 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
     def info(self) -> dict:
         """What the database holds: path, format, model, featurizer settings, each table's rows, and
         each checkpoint TracIn-CP sums over with its learning rate, path and gradient tables."""
-        from trackstar_db.store.checkpoints import DEFAULT, attached
-        from trackstar_db.store.gradient_table import parse_table_name
-
         with self.reading():
             names = self.table_names()
             model = self.manifest.get("model")
@@ -193,14 +198,14 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
 
     def sql(self, text: str, vectors: bool = False) -> pa.Table:
         """Run one read-only SQL statement over the tables (DuckDB); the result as Arrow."""
-        from trackstar_db.evaluation.sql import ReadOnlySQL
+        from trackstar_db.evaluation.sql import ReadOnlySQL  # heavy: duckdb
 
         with self.reading(), ReadOnlySQL(self.views(vectors)) as con:
             return con.run(text)
 
     def evaluate(self, by: str = "method") -> pa.Table:
         """The method-by-metric table (queries/summary*.sql); by='bucket' or 'correct' splits it."""
-        from trackstar_db.report.analysis import evaluation
+        from trackstar_db.report.analysis import evaluation  # heavy: duckdb
 
         with self.reading():
             return evaluation(self, by)
@@ -215,8 +220,6 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         through the Kronecker factors; first_score, first_rank, first_method keep the first stage.
         control_target: why `target` rather than it (loss(target) - loss(control), gradient methods).
         Quiet: no progress bar, transformers' included, unless stderr is a terminal (progress.py)."""
-        from trackstar_db.progress import quiet_transformers
-
         with quiet_transformers(), self.reading():
             return self.prompt_attributor(device).attribute(prompt, target, method=method, k=k, ann=ann,
                                                             verify=verify, rerank=rerank, candidates=candidates,
@@ -226,7 +229,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
                             device: str = "cpu") -> pa.Table:
         """Each token's part of `example_id`'s score for (prompt, target); the parts sum to the
         score (position, token_id, token, start, end, contribution; retrieval/tokens.py)."""
-        from trackstar_db.retrieval.tokens import token_contributions
+        from trackstar_db.retrieval.tokens import token_contributions  # heavy: torch
 
         with self.reading():
             return token_contributions(self, prompt, target, example_id, method, device=device)
@@ -239,11 +242,6 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         re-scoring runs' top candidates), then the LDS of every run with a bootstrap interval
         (run_id, method, validation, n_queries, n_undefined, n_subsets, lds, n_scored, partial,
         lds_low, lds_high)."""
-        from trackstar_db.validate.lds import lds_table
-        from trackstar_db.validate.options import ValidateOptions
-        from trackstar_db.validate.runner import loss_summary, run_validation
-        from trackstar_db.validate.scores import score_runs
-
         options = options or ValidateOptions(**settings)
         options = replace_fields(options, device=resolve_device(options.device))
         trained = run_validation(self, options)
@@ -268,11 +266,6 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         retrained without the run's top `top` share of examples, and without as many random ones;
         settings: the trainer's (ValidateOptions: schedule, steps, device, template...). The summary
         (mean rises with bootstrap intervals) is the JSON schema metadata b'summary'."""
-        import json
-
-        from trackstar_db.validate.options import ValidateOptions
-        from trackstar_db.validate.qld import QLDOptions, query_loss_difference
-
         table, summary = query_loss_difference(self, QLDOptions(run, queries, top, seed, random_control, bootstrap),
                                                ValidateOptions(**settings), progress=report)
         return table.replace_schema_metadata({"summary": json.dumps(summary)})
@@ -283,7 +276,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
         """Training examples for a task (selection.select.Task): the top N or fraction by mean score
         against its queries, or all but the most harmful; a Selection (rows: Arrow), written to `out`.
         rerank ('kfac' | 'ekfac'): the best `candidates` re-scored through the Kronecker factors."""
-        from trackstar_db.selection.select import select
+        from trackstar_db.selection.select import select  # heavy: torch
 
         with self.reading():
             return select(self, task, top=top, fraction=fraction, drop_opponents=drop_opponents, method=method,
@@ -292,8 +285,6 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
 
     def self_influence(self, variant: str = "corrected", mix: str = "train", k: int | None = None) -> pa.Table:
         """Each training example's g R^-1 g and |g|^2 (stored by fit), highest first; the first k."""
-        from trackstar_db.selection.self_influence import self_influence
-
         check("k", K, k)
         with self.reading():
             ranked = self_influence(self, variant, mix)
@@ -302,8 +293,6 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
     def contribution(self, by: str = "source", n_boot: int = 1000, seed: int = 0) -> pa.Table:
         """The contribution ledger: each run's proponent share, score and tail-patch effect per value
         of one metadata column of the examples, with seeded bootstrap intervals over queries."""
-        from trackstar_db.selection.ledger import ledger
-
         with self.reading():
             return ledger(self, by, n_boot=n_boot, seed=seed)
 
@@ -342,7 +331,7 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
     def prompt_attributor(self, device: str = "cpu"):
         """The one-prompt attributor (retrieval.adhoc.PromptAttributor) on `device`; its models are
         this handle's warm ones (`models`)."""
-        from trackstar_db.retrieval.adhoc import PromptAttributor
+        from trackstar_db.retrieval.adhoc import PromptAttributor  # heavy: torch
 
         return PromptAttributor(self, device)
 
@@ -353,8 +342,6 @@ def connect(path: str | Path) -> Database:
     local cache of its small files (manifest, BM25, R; TRACKSTAR_CACHE) with its tables read in
     place; what a handle changes there is uploaded by `db.close()` or at the end of
     `with trackstar_db.connect(uri) as db:` (distributed/objectstore.py)."""
-    from trackstar_db.distributed.objectstore import is_uri, normal_uri, open_remote
-
     if is_uri(path):
         return open_remote(normal_uri(path), handle=Database)
     return Database.open(path)

@@ -26,6 +26,8 @@ import pyarrow as pa
 from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.option_checks import COUNT, check_fields, ruled
+from trackstar_db.resources import data_dir
+from trackstar_db.store.vectors import DTYPES
 
 RATES_FILE = "rates.json"
 ROW_OVERHEAD = 48  # bytes per gradient row besides the vector: id, norm, loss, n_tokens, offsets
@@ -39,7 +41,6 @@ def rates_path(path: str | Path | None = None) -> Path:
         path = os.environ["TRACKSTAR_RATES"]
     if path is not None:
         return Path(path)
-    from trackstar_db.resources import data_dir
 
     return data_dir("benchmarks") / RATES_FILE
 
@@ -85,8 +86,6 @@ class Plan:
     rates: str | Path | None = None  # the rates file (default: rates_path())
 
     def __post_init__(self):
-        from trackstar_db.store.vectors import DTYPES
-
         if self.dtype not in DTYPES:
             raise ParameterError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         check_fields(self)

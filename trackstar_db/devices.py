@@ -45,7 +45,7 @@ def resolve_device(device: str = "auto") -> str:
         raise ParameterError("device", problem)
     if device == "cpu":
         return device
-    import torch
+    import torch  # heavy: torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,8 +9,10 @@ outside tests) a point costs three dict lookups.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import time
 
 _reached: dict[str, int] = {}
 
@@ -18,12 +20,8 @@ _reached: dict[str, int] = {}
 def point(name: str) -> None:
     pause = os.environ.get("TRACKSTAR_FAULT_SLEEP")
     if pause and pause.rpartition(":")[0] == name:
-        import time
-
         time.sleep(float(pause.rpartition(":")[2]))
     if _due(os.environ.get("TRACKSTAR_FAULT_ENOSPC"), name, "enospc"):
-        import errno
-
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
     if _due(os.environ.get("TRACKSTAR_FAULT"), name, "kill"):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -37,7 +37,7 @@ def to_polars(table: pa.Table):
     """`table` (a pyarrow Table or RecordBatch) as a polars.DataFrame."""
     table = _check(table)
     _need("polars")
-    import polars
+    import polars  # heavy: polars
 
     return polars.from_arrow(table)
 

@@ -20,6 +20,7 @@ touches a database.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -221,8 +222,6 @@ def name(field: str, value: str) -> str:
 
 def require_extra(module: str, extra: str) -> None:
     """Import `module` now; when it is missing, say which optional extra installs it."""
-    import importlib
-
     try:
         importlib.import_module(module)
     except ImportError:

@@ -28,7 +28,7 @@ def wanted(progress: bool | None = None) -> bool:
 
 def bar(iterable=None, *, progress: bool | None = None, **kwargs):
     """A tqdm bar (tqdm's arguments) that follows `wanted(progress)`; asked-for bars show at once."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # heavy: tqdm
 
     return tqdm(iterable, disable=not wanted(progress), delay=0 if progress else defaults.PROGRESS_DELAY_S, **kwargs)
 
@@ -39,7 +39,7 @@ def quiet_transformers(progress: bool | None = None):
     if wanted(progress):
         yield
         return
-    from transformers.utils import logging
+    from transformers.utils import logging  # heavy: transformers
 
     enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()

@@ -15,6 +15,8 @@ from .engine import ENGINE
 from .common import DB_ARG, Group, _open
 from .types import DAMPING, DEVICE, FRACTION, NON_NEGATIVE, OUTPUT_DIR, POSITIVE, click_type
 from trackstar_db import option_checks as rules
+from trackstar_db.distributed.objectstore import object_uri, open_for_command
+from trackstar_db.store.migrate import migrate as run_migrate
 
 
 @main.command()
@@ -29,9 +31,7 @@ from trackstar_db import option_checks as rules
               help="Also attach this checkpoint (a directory in the model's checkpoints/, or a path); repeatable.")
 def init(db, model_dir, optimizer_state, tables_uri, checkpoint_refs):
     """Create a database directory DB (optionally recording the model it attributes)."""
-    from trackstar_db.api import Database
-
-    from trackstar_db.distributed.objectstore import object_uri, open_for_command
+    from trackstar_db.api import Database  # heavy: pyarrow
 
     if object_uri(db):  # s3://bucket/db: tables at s3://bucket/db/tables, the rest through a local cache
         handle = open_for_command(object_uri(db), create=True, model_dir=model_dir, handle=Database)
@@ -141,10 +141,10 @@ def ingest_facts_cmd(db, files, skip_bad):
 def ingest_gradients_cmd(db, split, device, batch_size, batch_tokens, model_dtype, no_pipeline, shard, dtype, dim, seed,
                          correction, combine, no_uncorrected, limit, commit_rows, checkpoint, engine, shard_model):
     """Featurize the training examples or the queries into gradient tables (resumable)."""
-    from trackstar_db.gradients.plan import parse_shard
+    from trackstar_db.gradients.plan import parse_shard  # heavy: pyarrow
 
     handle = _open(db)
-    from trackstar_db.featurizer.config import FeaturizerWarning
+    from trackstar_db.featurizer.config import FeaturizerWarning  # heavy: torch
 
     with warnings.catch_warnings(record=True) as caught:  # the featurizer's warnings: one line each
         warnings.simplefilter("always", FeaturizerWarning)
@@ -199,7 +199,7 @@ def train(db, out_dir, arch, epochs, seed, checkpoints, overwrite):
     accuracy = _open(db).train(out_dir, architecture=arch, epochs=epochs, seed=seed, checkpoints=checkpoints,
                                overwrite=overwrite)
     if accuracy is not None:
-        from trackstar_db.testbed.model import format_accuracy
+        from trackstar_db.testbed.model import format_accuracy  # heavy: torch
 
         click.echo(format_accuracy(accuracy))
 
@@ -263,7 +263,5 @@ def fit_factors_cmd(db, kind, damping, fraction, seed, batch_size, device):
 @DB_ARG
 def migrate(db):
     """Bring a database written by an earlier trackstar-db to the current format, in place."""
-    from trackstar_db.store.migrate import migrate as run_migrate
-
     for line in run_migrate(db):
         click.echo(line)

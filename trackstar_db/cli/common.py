@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from trackstar_db.distributed.objectstore import upload_on_close
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.errors import first_line as _first_line
 
@@ -100,19 +101,17 @@ class Group(click.Group):
 
 
 def _open(db: Path):
-    from trackstar_db.api import connect
+    from trackstar_db.api import connect  # heavy: pyarrow
 
     handle = connect(db)  # the one door: a directory or s3://bucket/db
     context = click.get_current_context(silent=True)
     if handle.remote is not None and context is not None:
-        from trackstar_db.distributed.objectstore import upload_on_close
-
         upload_on_close(handle)
     return handle  # each read verb takes its own read view (store/read_view.py): no list of read commands here
 
 
 def print_table(table, fmt: str = "table") -> None:
-    from trackstar_db.evaluation.sql import format_table
+    from trackstar_db.evaluation.sql import format_table  # heavy: duckdb
 
     text = format_table(table, fmt)
     click.echo(text, nl=not text.endswith("\n"))

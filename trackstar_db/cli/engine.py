@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import click
 
+from trackstar_db.errors import TrackstarError
+from trackstar_db.option_checks import require_extra
 
 
 def _engine_installed(ctx, param, value):
     """--engine ray without Ray: say which extra to install before anything runs."""
     if value == "ray":
-        from trackstar_db.errors import TrackstarError
-        from trackstar_db.option_checks import require_extra
-
         try:
             require_extra("ray", "ray")
         except TrackstarError as exc:

@@ -31,7 +31,7 @@ def ann_flags(command):
             raise TrackstarError("--nprobes, --refine-factor and --ef need --ann")
         ann = None
         if use_ann:
-            from trackstar_db.retrieval.ann import AnnOptions
+            from trackstar_db.retrieval.ann import AnnOptions  # heavy: torch
 
             ann = AnnOptions(nprobes, refine_factor, ef)
         return command(*args, ann=ann, **kwargs)
@@ -72,7 +72,7 @@ def index(db, method, kind, num_partitions, num_sub_vectors, device):
 @click.option("--max-length", type=POSITIVE, default=512, show_default=True, help="With --model: tokens per example.")
 def plan(db, dim, dtype, rows, queries, blocks, fmt, model_dir, device_gib, model_dtype, max_length):
     """Bytes on disk, RAM and time of ingest, fit, scan and index before building (DB optional)."""
-    from trackstar_db.verbs.scale import plan as plan_without_database
+    from trackstar_db.verbs.scale import plan as plan_without_database  # heavy: pyarrow
 
     if db is None and rows is None:
         raise click.UsageError("give --rows N (or a DB holding examples)")

@@ -10,6 +10,8 @@ from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
 from .scale import ann_flags
 from trackstar_db import defaults
+from trackstar_db.devices import resolve_device
+from trackstar_db.errors import TrackstarError
 
 from .types import DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
 
@@ -41,8 +43,7 @@ from .types import DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, TOP_K
 def select_cmd(db, top, fraction, out, relation, bucket, query_ids, template, task_file, method, aggregate,
                drop_opponents, device, ann, rerank, candidates):
     """Select training data for a task: the examples with the highest mean score against its queries."""
-    from trackstar_db.devices import resolve_device
-    from trackstar_db.selection.select import Task
+    from trackstar_db.selection.select import Task  # heavy: torch
 
     task = Task(relation=relation, bucket=bucket, query_ids=tuple(query_ids) or None,
                 template=None if template == "all" else template, examples=task_file)
@@ -63,8 +64,6 @@ def select_cmd(db, top, fraction, out, relation, bucket, query_ids, template, ta
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def rank(db, k, mix, variant, fmt):
     """List the training examples with the highest self-influence g R^-1 g (outliers, contradictions)."""
-    from trackstar_db.errors import TrackstarError
-
     if k < 1:
         raise TrackstarError(f"--k must be >= 1, not {k}")
     print_table(_open(db).self_influence(variant=variant, mix=mix, k=k), fmt)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import click
 
+from trackstar_db.devices import resolve_device
+from trackstar_db.distributed.objectstore import object_uri
 from trackstar_db.errors import TrackstarError
 
 from . import main
@@ -58,14 +61,12 @@ def serve(db, host, port, public, token, device, fixed, max_queued, no_warm, max
     """Serve DB (a directory or s3://bucket/db) over HTTP: JSON API and a live explorer page at /,
     the model kept warm; queries waiting together share one model pass."""
     try:
-        import uvicorn
+        import uvicorn  # heavy: uvicorn
     except ImportError:
         raise TrackstarError("trackstar-db serve needs FastAPI and uvicorn: pip install 'trackstar-db[serve]'") from None
-    import time
 
-    from trackstar_db.devices import resolve_device
-    from trackstar_db.serve.routes import build
-    from trackstar_db.serve.service import Service
+    from trackstar_db.serve.routes import build  # heavy: duckdb
+    from trackstar_db.serve.service import Service  # heavy: duckdb
 
     allowed_hosts = check_bind(host, public)
     if allowed_hosts is None:
@@ -75,7 +76,6 @@ def serve(db, host, port, public, token, device, fixed, max_queued, no_warm, max
     if token is not None and not token.strip():
         raise TrackstarError(f"--token / {TOKEN_ENV} is empty")
     started = time.perf_counter()
-    from trackstar_db.distributed.objectstore import object_uri
 
     db = object_uri(db) or db
     log = logging.getLogger("trackstar_db.serve")

@@ -7,7 +7,10 @@ from pathlib import Path
 import click
 
 from trackstar_db import defaults
+from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
+from trackstar_db.evaluation.highlight import to_terminal
+from trackstar_db.ladder import REGISTRY
 
 from . import main
 from .engine import ENGINE
@@ -43,7 +46,7 @@ def rerank_flags(command):
 @rerank_flags
 def retrieve(db, methods, k, run_id, template, device, replace, query_text, ann, engine, rerank, candidates):
     """Retrieve proponents for the database's queries with one or more methods."""
-    from trackstar_db.retrieval.methods import expand, not_installed
+    from trackstar_db.retrieval.methods import expand, not_installed  # heavy: torch
 
     handle = _open(db)
     names = expand(methods)
@@ -101,14 +104,10 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, reran
     """Attribute one prompt and target: proponents and opponents with their texts, and evidence:
     whether each states the answer (target, subject, verbatim span, BM25) and, with --verify,
     whether it moves the model (docs/validate.md)."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # heavy: pyarrow
 
-    from trackstar_db.devices import resolve_device
-    from trackstar_db.evaluation.highlight import to_terminal
-    from trackstar_db.retrieval.evidence import evidence_line
-    from trackstar_db.retrieval.tokens import hit_tokens, strongest
-
-    from trackstar_db.ladder import REGISTRY
+    from trackstar_db.retrieval.evidence import evidence_line  # heavy: pyarrow
+    from trackstar_db.retrieval.tokens import hit_tokens, strongest  # heavy: torch
 
     if tokens and (rerank or getattr(REGISTRY.get(method), "needs_factors", False)):
         raise click.BadParameter("splits a ladder rung's score over tokens, not a Kronecker-factored one",
@@ -145,7 +144,7 @@ def query(db, prompt, target, method, k, device, fmt, ann, tokens, verify, reran
 @click.option("--vectors", is_flag=True, help="Expose the vector columns of gradient tables.")
 def sql(db, statement, fmt, out, vectors):
     """Run one read-only SQL statement (DuckDB) over the database's tables."""
-    from trackstar_db.evaluation.sql import write_table
+    from trackstar_db.evaluation.sql import write_table  # heavy: duckdb
 
     result = _open(db).sql(statement, vectors=vectors)
     if out is not None:
@@ -197,7 +196,7 @@ def report(db, out_dir, compare, samples):
               "Simfluence (record, held-out eval, report plot): several minutes more.")
 def demo(workdir, size, seed, fmt, full):
     """Build the demo fact world, train a model on it, run every method and print the table."""
-    from trackstar_db.demo import run_demo
+    from trackstar_db.demo import run_demo  # heavy: torch
 
     summary = run_demo(workdir, size=size, seed=seed, full=full)
     print_table(summary, fmt)

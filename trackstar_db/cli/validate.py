@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from . import main
 from .common import DB_ARG, FORMATS, _open, print_table
 from .types import DEVICE, NON_NEGATIVE, POSITIVE, PROPER_FRACTION, click_type
 from trackstar_db import option_checks as rules
+from trackstar_db.devices import resolve_device
 
 
 @main.command()
@@ -35,8 +38,7 @@ def validate(db, models, fraction, seed, name, train_command, steps, epochs, sch
              bootstrap, fmt):
     """Counterfactual check: LDS of every retrieval run (Spearman, over retrained subsets, of the
     summed scores of each subset's examples against minus the query's loss; docs/validate.md)."""
-    from trackstar_db.devices import resolve_device
-    from trackstar_db.validate.options import ValidateOptions
+    from trackstar_db.validate.options import ValidateOptions  # heavy: numpy
 
     options = ValidateOptions(models=models, fraction=fraction, seed=seed, name=name, train_command=train_command,
                               steps=steps, epochs=epochs, schedule=schedule, template=template, device=resolve_device(device),
@@ -64,10 +66,6 @@ def validate(db, models, fraction, seed, name, train_command, steps, epochs, sch
 def qld(db, run_id, queries, top, seed, no_random_control, schedule, steps, template, device, bootstrap, fmt):
     """Counterfactual check per query (QLD): retrain without the run's top --top share of examples
     for a query and report the rise of its loss, against removing as many random ones (docs/validate.md)."""
-    import json
-
-    from trackstar_db.devices import resolve_device
-
     table = _open(db).query_loss_difference(run_id, queries, top, seed, not no_random_control, bootstrap,
                                             report=lambda line: click.echo(line, err=True), schedule=schedule,
                                             steps=steps, template=template, device=resolve_device(device))

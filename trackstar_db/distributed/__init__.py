@@ -21,7 +21,7 @@ from trackstar_db.errors import ParameterError
 def ray_session(num_cpus: int | None = None):
     """The ray module, connected: an existing session, RAY_ADDRESS's cluster, or a new local one."""
     try:
-        import ray
+        import ray  # heavy: ray
     except ImportError:
         raise ParameterError("engine", "ray needs Ray: pip install 'trackstar-db[ray]'") from None
     if not ray.is_initialized():

@@ -20,7 +20,7 @@ from .scan import unwrap
 
 
 def gram_range(r: Range, dtype: str, spans, batch_rows: int):
-    from trackstar_db.featurizer.preconditioner import GramAccumulator
+    from trackstar_db.featurizer.preconditioner import GramAccumulator  # heavy: transformers
 
     acc = GramAccumulator(spans)
     for _, x in range_batches(r, dtype, batch_rows):
@@ -44,7 +44,7 @@ def _ranges(table, workers, storage_options):
 
 def gram(table, spans, *, workers: int | None = None, batch_rows: int = defaults.STREAM_BATCH_ROWS, storage_options: dict | None = None):
     """GramAccumulator of every row of `table` (a GradientTable), summed by Ray tasks."""
-    from trackstar_db.featurizer.preconditioner import GramAccumulator
+    from trackstar_db.featurizer.preconditioner import GramAccumulator  # heavy: transformers
 
     ray, ranges = _ranges(table, workers, storage_options)
     task = ray.remote(num_cpus=1)(gram_range)

@@ -30,9 +30,17 @@ import os
 import threading
 import time
 
+import pyarrow as pa
+import torch
+
 from trackstar_db import faults
+from trackstar_db.devices import resolve_device
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.gradients.commit import Committer, absent
+from trackstar_db.gradients.plan import count_missing
+from trackstar_db.store import manifest as _manifest, schema as _schema
+from trackstar_db.store.database import Store
+from trackstar_db.store.gradient_table import GradientTable
 
 from . import cluster_cpus, ray_session
 
@@ -49,10 +57,7 @@ class FragmentWriter(Committer):
         self._lock = threading.Lock()
 
     def flush(self) -> None:
-        import lance.fragment
-        import pyarrow as pa
-
-        from trackstar_db.store import schema as _schema
+        import lance.fragment  # heavy: lance
 
         written = []  # every table's fragments of this flush, published together
         for variant, parts in self.pending.items():
@@ -83,12 +88,8 @@ class GradientActor:
 
     def __init__(self, db_path: str, config: dict, job, device: str, shard: tuple[int, int],
                  storage_options: dict | None = None):
-        import torch
-
-        from trackstar_db.devices import resolve_device
-        from trackstar_db.featurizer.config import FeaturizerConfig
-        from trackstar_db.gradients.setup import open_run
-        from trackstar_db.store.database import Store
+        from trackstar_db.featurizer.config import FeaturizerConfig  # heavy: transformers
+        from trackstar_db.gradients.setup import open_run  # heavy: transformers
 
         if not device.startswith("cuda"):
             torch.set_num_threads(1)  # one core per CPU actor
@@ -98,8 +99,7 @@ class GradientActor:
 
     def setup(self) -> list[str]:
         """Record (or check) the featurizer settings and create the tables; on one actor only."""
-        from trackstar_db.gradients.setup import create_tables, record_settings
-        from trackstar_db.store.database import Store
+        from trackstar_db.gradients.setup import create_tables, record_settings  # heavy: transformers
 
         db = Store.open(self.db_path)
         record_settings(db, self.run, self.job)
@@ -114,9 +114,8 @@ class GradientActor:
         return next(self.batches, None)
 
     def _batches(self):
-        from trackstar_db.gradients.loop import run_batches
-        from trackstar_db.gradients.setup import run_tables
-        from trackstar_db.store.database import Store
+        from trackstar_db.gradients.loop import run_batches  # heavy: transformers
+        from trackstar_db.gradients.setup import run_tables  # heavy: transformers
 
         db, job, run = Store.open(self.db_path), self.job, self.run
         tables = run_tables(db, run, job.split)  # created by setup()
@@ -136,8 +135,8 @@ class GradientActor:
 def _commit(tables: dict, fragments: list, storage_options: dict | None) -> None:
     """One Append commit per table (variant -> GradientTable) of the fragments a worker wrote
     (corrected first, like the local Committer, so a rerun after a kill between the two re-plans the id)."""
-    import lance
-    from lance.fragment import FragmentMetadata
+    import lance  # heavy: lance
+    from lance.fragment import FragmentMetadata  # heavy: lance
 
     for variant, metadata, _ in fragments:
         dataset = tables[variant].dataset()
@@ -150,14 +149,11 @@ def ingest_gradients(db, config, job, *, device: str | None = None, workers: int
                      progress: bool = True, storage_options: dict | None = None) -> dict:
     """gradients.worker.ingest_gradients on Ray actors. `device`: what each actor uses ('cuda':
     one actor per GPU of the cluster; default job.device); `workers`: the number of actors."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # heavy: tqdm
 
-    from trackstar_db.featurizer.config import FeaturizerConfig
-    from trackstar_db.gradients.loader import resolved_config
-    from trackstar_db.gradients.plan import count_missing
-    from trackstar_db.gradients.setup import checkpoint_name
-    from trackstar_db.store import manifest as _manifest
-    from trackstar_db.store.gradient_table import GradientTable
+    from trackstar_db.featurizer.config import FeaturizerConfig  # heavy: transformers
+    from trackstar_db.gradients.loader import resolved_config  # heavy: transformers
+    from trackstar_db.gradients.setup import checkpoint_name  # heavy: transformers
 
     if job.limit is not None or job.shard != (0, 1):
         raise ParameterError("engine", "'ray' plans its own shards; drop limit and shard", others=("limit", "shard"))

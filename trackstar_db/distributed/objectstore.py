@@ -24,7 +24,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from pathlib import Path
+
+import click
 
 from trackstar_db.errors import TrackstarError
 
@@ -41,7 +44,7 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 def _client():
     try:
-        import boto3
+        import boto3  # heavy: boto3
     except ImportError:
         raise TrackstarError("a database at s3:// needs boto3: pip install 'trackstar-db[s3]'") from None
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT")
@@ -169,7 +172,7 @@ def open_remote(uri: str, create: bool = False, model_dir=None, handle=None):
     manifest wherever the database is (a `tables_uri` elsewhere is used only when uri/tables is
     empty). create: make one there when the bucket holds none (model_dir as for `init --model`);
     handle: the class opened (default store.database.Store; trackstar_db.connect passes Database)."""
-    from trackstar_db.store.database import Store
+    from trackstar_db.store.database import Store  # heavy: pyarrow
 
     handle = handle or Store
     uri = uri.rstrip("/")
@@ -232,10 +235,6 @@ def open_for_command(uri: str, create: bool = False, model_dir=None, handle=None
 
 def upload_on_close(db) -> None:
     """Upload `db`'s changes (db.remote) when the running click command ends without an error."""
-    import sys
-
-    import click
-
     def finish():
         if sys.exc_info()[1] is None:
             db.remote.push()

@@ -45,7 +45,7 @@ def fragment_ranges(dataset, parts: int, storage_options: dict | None = None) ->
 
 def open_range(r: Range):
     """(dataset at the range's version, its LanceFragments) inside a worker."""
-    import lance
+    import lance  # heavy: lance
 
     dataset = lance.dataset(r.uri, version=r.version, storage_options=r.storage_options)
     return dataset, [dataset.get_fragment(i) for i in r.fragment_ids]
@@ -64,6 +64,6 @@ class RangeSource:
 
 def range_batches(r: Range, dtype: str, batch_rows: int = defaults.SCAN_BATCH_ROWS, columns: tuple[str, ...] = ()):
     """(ids, vectors [nb, d] float32) of one range, in scan order (CPU)."""
-    from trackstar_db.store.vectors import vector_batches
+    from trackstar_db.store.vectors import vector_batches  # heavy: pyarrow
 
     return vector_batches(RangeSource(r), dtype=dtype, batch_size=batch_rows, extra_columns=columns)

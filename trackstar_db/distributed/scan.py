@@ -15,7 +15,9 @@ import numpy as np
 
 from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
-from trackstar_db.retrieval.topk import TopKResult
+from trackstar_db.retrieval.methods import get_method
+from trackstar_db.retrieval.scoring import Scoring, prepare, scan
+from trackstar_db.retrieval.topk import TopKResult, search
 
 from . import cluster_cpus, ray_session
 from .ranges import Range, RangeSource, fragment_ranges
@@ -60,10 +62,6 @@ class RangeTable:
 def scan_range(r: Range, table: dict, method: str, q, row_norms, k: int, batch_rows: int) -> TopKResult:
     """One Ray task: the exact top-k of queries q [nq, d] (query side applied) over range r,
     through the one-process scan (scoring.scan: rows divided by n_z) and search."""
-    from trackstar_db.retrieval.methods import get_method
-    from trackstar_db.retrieval.scoring import Scoring, scan
-    from trackstar_db.retrieval.topk import search
-
     scoring = Scoring(get_method(method), RangeTable(r, **table), None, row_norms)
     return search(q, scan(scoring, "cpu", batch_rows), k)
 
@@ -81,8 +79,6 @@ def unwrap(ray, method: str, futures):
 def score_table(db, spec, g_q, k: int, *, batch_rows: int = defaults.SCAN_BATCH_ROWS, workers: int | None = None,
                 scoring=None, storage_options: dict | None = None) -> TopKResult:
     """retrieval.scoring.score_table with the scan spread over Ray tasks (CPU workers)."""
-    from trackstar_db.retrieval.scoring import prepare
-
     if k < 1:
         raise TrackstarError(f"top-k: k must be >= 1, not {k}")
     ray = ray_session()

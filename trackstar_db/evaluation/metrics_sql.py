@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from trackstar_db import resources
 from trackstar_db.errors import TrackstarError
+from trackstar_db.ladder import method_order
 from trackstar_db.store import schema as _schema
 
 from .sql import ReadOnlySQL
@@ -29,8 +30,6 @@ MODEL_CORRECT = pa.schema([pa.field("query_id", pa.string(), nullable=False),
 
 def method_order_table() -> pa.Table:
     """(method, position) from the one method list (trackstar_db/ladder.py), for summaries' order."""
-    from trackstar_db.ladder import method_order
-
     rows = method_order()
     return pa.table({"method": [m for m, _ in rows], "position": pa.array([p for _, p in rows], pa.int32())})
 _USES = re.compile(r"^--\s*uses:\s*(.+)$", re.MULTILINE)

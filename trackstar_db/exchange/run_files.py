@@ -9,8 +9,10 @@ import pyarrow.compute as pc
 
 from trackstar_db import faults
 from trackstar_db.errors import ParameterError, RecordError, TrackstarError
+from trackstar_db.option_checks import name as valid_name, outside_database
 from trackstar_db.store.bm25 import BM25Index
 from trackstar_db.sources.facts import rebuild_ground_truth
+from trackstar_db.store import journal
 from trackstar_db.store.schema import arrow_schema
 
 
@@ -21,10 +23,7 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
     relation) is refused, naming the line: nothing is stored; so is a file without records. Facts
     the file names but the database does not hold are known by id only (queries.fact_id and
     ground_truth_imported; `check` counts them as known)."""
-    from trackstar_db.store import journal
-    from trackstar_db.option_checks import name as valid_name
-
-    from .viewer_format import import_viewer
+    from .viewer_format import import_viewer  # heavy: pandas
 
     valid_name("run_id", run_id)
     valid_name("method", method)
@@ -64,7 +63,7 @@ def import_run(db, path: Path, method: str, run_id: str) -> int:
 def _refuse_conflicts(db, path: Path, imported) -> None:
     """RecordError at the first query, example or fact the file gives other content than the stored one
     (a field the file leaves out, such as a query's fact_id, is not compared)."""
-    from .viewer_format import _rows_by
+    from .viewer_format import _rows_by  # heavy: pandas
 
     checks = (("queries", "query_id", ("prompt", "target", "fact_id"), imported.queries, "query"),
               ("examples", "example_id", ("text",), imported.examples, "example"))
@@ -94,9 +93,7 @@ def _short(value, limit: int = 60) -> str:
 
 def export_run(db, run_id: str, path: Path) -> Path:
     """Write one run as viewer JSON lines (proponents, opponents, texts, proponent_correct)."""
-    from trackstar_db.option_checks import outside_database
-
-    from .viewer_format import export_viewer
+    from .viewer_format import export_viewer  # heavy: pandas
 
     outside_database("--out", path)
     if run_id not in db.ids("runs", "run_id"):

@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from trackstar_db.errors import TrackstarError, first_line
+
+from .trainer_state import final_lr, parameter_order, skeleton
 
 FILENAME = "optimizer.safetensors"
 TRAINER_FILENAME = "optimizer.pt"  # transformers Trainer checkpoints
@@ -145,7 +148,6 @@ def load(path: str | Path, model: torch.nn.Module | None = None) -> OptimizerSta
         raise FileNotFoundError(f"{path}: no optimizer state")
     if not _is_safetensors(path):
         return load_hf_trainer(path.parent, model, path)
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -171,8 +173,6 @@ def peek_kind(path: str | Path) -> str | None:
     if not _is_safetensors(path):
         return None  # a Trainer optimizer.pt: its kind is recorded in the manifest at init
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             return (handle.metadata() or {}).get("optimizer")
     except Exception:  # a missing or foreign file is reported by load(), where it is needed
@@ -194,7 +194,6 @@ def load_hf_trainer(model_dir: str | Path, model: torch.nn.Module | None = None,
         raise TrackstarError(f"{path}: not a readable torch optimizer state ({first_line(exc)})") from None
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and saved.get("param_groups")):
         raise TrackstarError(f"{path}: not an optimizer state_dict (needs 'state' and 'param_groups')")
-    from .trainer_state import final_lr, parameter_order, skeleton
 
     groups = saved["param_groups"]
     order = parameter_order(model if model is not None else skeleton(model_dir),
@@ -242,7 +241,6 @@ def describe(path: str | Path) -> dict:
     if not _is_safetensors(path):
         state = load_hf_trainer(path.parent, path=path)
         return {"optimizer": state.optimizer, "optimizer_step": state.step, "optimizer_lr": state.lr}
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:

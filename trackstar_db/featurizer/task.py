@@ -22,6 +22,7 @@ The manifest holds it as "task"; a manifest without the field is the default tas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 
@@ -87,8 +88,6 @@ class Task:
 
     def tracks(self, name: str) -> bool:
         """Whether the parameter `name` is one the task tracks (before the kind filter)."""
-        from fnmatch import fnmatchcase
-
         return self.modules is None or any(fnmatchcase(name, pattern) for pattern in self.modules)
 
     @staticmethod
@@ -109,8 +108,6 @@ def record_task(db, task: Task) -> None:
     fixed by the first gradient run: a change after it is refused."""
     stored = db.manifest.get("featurizer")
     if stored is not None and task.modules != task_of(db.manifest).modules:
-        from trackstar_db.errors import TrackstarError
-
         raise TrackstarError(f"{db.path}: the tracked modules are fixed by the first gradient run "
                              f"({len(stored.get('tracked', []))} matrices); featurize into a new database to track others")
     if db.manifest.get(MANIFEST_KEY) != task.to_dict():

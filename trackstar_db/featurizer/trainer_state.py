@@ -10,16 +10,16 @@ import json
 from pathlib import Path
 
 import torch
+from transformers.trainer_pt_utils import get_parameter_names
 
 from trackstar_db.errors import TrackstarError, first_line
+from trackstar_db.models.load import model_from_config, open_config
 
 _NO_DECAY = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 
 
 def skeleton(model_dir: Path) -> torch.nn.Module:
     """The checkpoint's model built from its config.json on the meta device (names and shapes, no memory)."""
-    from trackstar_db.models.load import model_from_config, open_config
-
     if not (model_dir / "config.json").is_file():
         raise TrackstarError(f"{model_dir}: optimizer.pt must sit in its checkpoint directory (no config.json there)")
     return model_from_config(open_config(model_dir), meta=True)
@@ -27,8 +27,6 @@ def skeleton(model_dir: Path) -> torch.nn.Module:
 
 def _decay_names(model: torch.nn.Module) -> set[str]:
     """Parameters the Trainer puts in its weight-decay group (Trainer.get_decay_parameter_names)."""
-    from transformers.trainer_pt_utils import get_parameter_names
-
     return set(get_parameter_names(model, [torch.nn.LayerNorm], list(_NO_DECAY)))
 
 

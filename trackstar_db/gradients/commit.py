@@ -11,7 +11,7 @@ import torch
 
 from trackstar_db import faults
 from trackstar_db.errors import TrackstarError
-from trackstar_db.store import vectors as _vectors
+from trackstar_db.store import journal, vectors as _vectors
 from trackstar_db.store.lock import default_timeout
 
 FLUSH_LOCK_TIMEOUT = 600.0  # a flush waits this long for the lock: featurized rows cost hours, not seconds
@@ -67,8 +67,6 @@ class Committer:
         # dropping the ids a table holds before appending makes concurrent ingests duplicate-free.
         # The appends of one flush are journaled: a failure (a full disk) or a kill between the
         # tables' appends rolls both back, so no table holds rows the other lacks.
-        from trackstar_db.store import journal
-
         names = [table.name for variant, table in self.tables.items() if self.pending[variant]]
         with self.db.writer("ingest gradients", timeout=max(default_timeout(), FLUSH_LOCK_TIMEOUT)), \
                 journal.transaction(self.db, "ingest gradients", names):

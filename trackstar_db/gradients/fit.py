@@ -17,6 +17,10 @@ The same pass stores, for R_train of every table, the norms self-influence reads
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import os
+import time
 from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
@@ -245,8 +249,6 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
 
 
 def _sha256(path) -> str:
-    import hashlib
-
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -256,10 +258,6 @@ def _retire(manifest: dict, fitted: dict, folder) -> tuple[list[str], list[str]]
     fit stops naming it; its mtime is set then and it is removed once RETIRE_SECONDS
     (TRACKSTAR_RETIRE_SECONDS) later. The manifest lists names only, sorted, so a rerun writes
     the manifest a clean fit writes (a manifest of an older trackstar-db maps names to the time)."""
-    import datetime as _dt
-    import os
-    import time
-
     grace = float(os.environ.get("TRACKSTAR_RETIRE_SECONDS", RETIRE_SECONDS))
     now = time.time()
     keep = {entry["file"] for entry in fitted.values()}

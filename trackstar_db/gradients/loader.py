@@ -21,7 +21,9 @@ from trackstar_db.featurizer.settings import resolve
 from trackstar_db.featurizer.task import DEFAULT as DEFAULT_TASK
 from trackstar_db.featurizer.task import Task, task_of
 from trackstar_db.featurizer.tokenize import collate, pad_id
+from trackstar_db.models.load import open_model
 from trackstar_db.models.source import ModelSource
+from trackstar_db.store.checkpoints import source
 
 ESTIMATE_SAMPLE = 512  # training examples the 'estimated' correction averages over
 ELEMENTWISE_OR_FACTORED = ("adam-exact", "adam-factored", "adafactor")  # corrections read from the optimizer state
@@ -54,7 +56,7 @@ def resolved_config(db, given: dict | None = None) -> FeaturizerConfig:
 def sample_texts(db, limit: int, spans: bool = False) -> list:
     """The first `limit` example texts by id (a deterministic sample; DuckDB's top-N keeps
     memory at O(limit) whatever the corpus size); with `spans`, (text, loss spans) pairs."""
-    import duckdb
+    import duckdb  # heavy: duckdb
 
     columns = "text, loss_spans" if spans else "text"
     with duckdb.connect() as con:
@@ -72,8 +74,6 @@ def load_featurizer(source: ModelSource, config: FeaturizerConfig, device: str =
     loss) with the second moment config asks for. `sample` gives the training texts (or (text,
     loss spans) pairs) the 'estimated' correction averages the task's loss over (called only
     then). prepare: model -> model, given the model opened on the CPU (gradients/sharded.py)."""
-    from trackstar_db.models.load import open_model
-
     task = task or DEFAULT_TASK
 
     model, tokenizer = open_model(source, "cpu" if prepare else device)
@@ -102,8 +102,6 @@ def database_featurizer(db, config: FeaturizerConfig, checkpoint: str | None = N
                         estimate_sample: int = ESTIMATE_SAMPLE, batch_size: int = 16, prepare=None):
     """load_featurizer for checkpoint `checkpoint` of db's model (None: the final one) and the
     database's task, in `model_dtype` (None: the dtype the stored vectors were made with)."""
-    from trackstar_db.store.checkpoints import source
-
     task = task_of(db.manifest)
     point = source(db, checkpoint).with_dtype(model_dtype or recorded_model_dtype(db))
     return load_featurizer(point, config, device, uncorrected, lambda: sample_texts(db, estimate_sample, task.masked),

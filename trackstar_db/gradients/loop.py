@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Protocol
 
 from trackstar_db.featurizer.task import DEFAULT as DEFAULT_TASK
 from trackstar_db.featurizer.task import Task
+from trackstar_db.featurizer.tokenize import pad_id
 
 from .pipeline import Batch, Writer, ahead, make_batches
 
@@ -43,7 +44,7 @@ def encode_rows(tokenizer, split: str, chunk, max_length: int, task: Task = DEFA
 def planned_chunks(db, split: str, tables: list, shard: tuple[int, int], tokenizer, max_length: int,
                    limit: int | None = None, task: Task = DEFAULT_TASK):
     """(ids, encoded items) of every chunk of the plan (gradients/plan.missing), up to `limit` rows."""
-    from .plan import missing
+    from .plan import missing  # heavy: pyarrow
 
     produced = 0
     for chunk in missing(db, split, tables, shard):
@@ -80,8 +81,6 @@ def featurize_chunks(featurizer, chunks: Iterable, sink: Sink, *, pad: int, batc
 def run_batches(db, run, job, tables: dict, sink: Sink, shard: tuple[int, int] | None = None) -> Iterator[Batch]:
     """featurize_chunks over the plan of `job` (its split, `shard` or job.shard, job.limit) for
     `run` (featurizer, tokenizer, max_length, batch_tokens) into `sink`."""
-    from trackstar_db.featurizer.tokenize import pad_id
-
     chunks = planned_chunks(db, job.split, list(tables.values()), shard or job.shard, run.tokenizer, run.max_length,
                             job.limit, getattr(run.featurizer, "task", DEFAULT_TASK))
     sharded = getattr(job, "sharded", None)  # every rank featurizes in step (FSDP gathers)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.models.load import model_from_config, open_config
 
 CPU_BATCH_TOKENS = 4096
 SLACK = 1.5
@@ -88,7 +89,7 @@ def plan_batch_tokens(featurizer, max_length: int, free_bytes: int | None = None
     if device.type != "cuda" and free_bytes is None:
         return MemoryPlan(CPU_BATCH_TOKENS, bytes_per_token(featurizer, max_length), 0, None)
     if free_bytes is None:
-        import torch
+        import torch  # heavy: torch
 
         torch.cuda.empty_cache()  # blocks cached by earlier steps (the second-moment sample) count as free
         free_bytes, _ = torch.cuda.mem_get_info(device)
@@ -123,7 +124,7 @@ class DeviceNeed:
 
 def _group_bytes(model) -> tuple[int, int, int]:
     """(all weights, the root group: what no block holds, the largest block) in bytes."""
-    from .sharded import block_modules
+    from .sharded import block_modules  # heavy: torch
 
     size = {id(p): p.numel() * p.element_size() for p in model.parameters()}
     blocks = [{id(p) for p in block.parameters()} for block in block_modules(model)]
@@ -173,9 +174,8 @@ def plan_rows_for_model(model_dir, dim: int, device_gib: float, model_dtype: str
     """Rows for `trackstar-db plan --model DIR --device-gib G`: the devices the featurizer of the
     model in DIR (config.json; no weights are read) needs at `dim`, and one device's memory at
     each count. Shapes come from the config on the meta device."""
-    from trackstar_db.featurizer.config import FeaturizerConfig
-    from trackstar_db.featurizer.per_example import Featurizer
-    from trackstar_db.models.load import model_from_config, open_config
+    from trackstar_db.featurizer.config import FeaturizerConfig  # heavy: torch
+    from trackstar_db.featurizer.per_example import Featurizer  # heavy: torch
 
     model = model_from_config(open_config(model_dir), meta=True, dtype=model_dtype)
     featurizer = Featurizer(model, FeaturizerConfig(dim=dim, correction="none", max_length=max_length))

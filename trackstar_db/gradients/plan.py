@@ -57,7 +57,7 @@ def missing(db, split: str, tables: list, shard: tuple[int, int], chunk_rows: in
             payload: bool = True) -> Iterator[pa.Table]:
     """Chunks (id, payload columns) of `split` whose id lacks a row in any of `tables`
     (GradientTables), in this shard, each chunk sorted long-first then by id."""
-    import duckdb
+    import duckdb  # heavy: duckdb
 
     source, key, columns = SOURCES[split]
     dataset = db.dataset(source)

@@ -18,6 +18,8 @@ from typing import Callable
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer.config import FeaturizerConfig
 from trackstar_db.models.context import token_limit
+from trackstar_db.store import checkpoints, manifest as _manifest
+from trackstar_db.store.gradient_table import GradientTable
 
 from .loader import database_featurizer, resolved_config
 from .memory import plan_batch_tokens
@@ -42,8 +44,6 @@ class FeaturizeRun:
 
 def checkpoint_name(db, job) -> str | None:
     """The attached checkpoint job.checkpoint names (attaching a path), None for the final one."""
-    from trackstar_db.store import checkpoints
-
     if checkpoints.is_default(job.checkpoint):
         return None
     if db.manifest.get("featurizer") is None:
@@ -78,8 +78,6 @@ def record_settings(db, run: FeaturizeRun, job) -> None:
     (tokens kept per encoding) follows from the model and is recorded. An attached checkpoint's
     run is checked against the settings (its correction source, its own optimizer state, goes
     into its checkpoint entry) and records nothing else."""
-    from trackstar_db.store import manifest as _manifest
-
     featurizer, checkpoint, context_cap = run.featurizer, run.checkpoint, run.cap
     given = dict(featurizer.manifest(), dtype=job.dtype)
     model_dtype = str(featurizer.model_dtype).removeprefix("torch.")
@@ -115,8 +113,6 @@ def record_settings(db, run: FeaturizeRun, job) -> None:
 
 def run_tables(db, run: FeaturizeRun, split: str) -> dict:
     """variant -> GradientTable the run writes (its checkpoint's tables of `split`)."""
-    from trackstar_db.store.gradient_table import GradientTable
-
     return {variant: GradientTable(db, split, variant, run.checkpoint) for variant in run.featurizer.variants}
 
 

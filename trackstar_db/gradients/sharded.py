@@ -35,14 +35,20 @@ which is how it is tested without a GPU.
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import os
+import socket
+import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.errors import ParameterError, TrackstarError, first_line
 
 
 def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -55,7 +61,7 @@ def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def shard_model(model: torch.nn.Module, mesh) -> torch.nn.Module:
     """fully_shard each block, then the root (the rest: embeddings, final norm, head, tied
     weights together), over `mesh`; the shards move to the mesh's device."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # heavy: torch.distributed
 
     for block in block_modules(model):
         fully_shard(block, mesh=mesh)
@@ -79,7 +85,7 @@ class Rank:
 def init_ranks(device: str = "auto") -> Rank:
     """Join (or start) the process group torchrun or Slurm describes: NCCL on GPUs, gloo on CPU.
     Without a launcher, a world of one (this process alone)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: torch.distributed
 
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env:  # srun: map Slurm's variables onto torch's
@@ -102,8 +108,6 @@ def init_ranks(device: str = "auto") -> Rank:
     else:
         where = torch.device("cpu")
     if not dist.is_initialized():
-        import datetime as _dt
-
         timeout = float(env.get("TRACKSTAR_RANK_TIMEOUT", RANK_TIMEOUT))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=_dt.timedelta(seconds=timeout))
     return Rank(dist.get_rank(), dist.get_world_size(), where)
@@ -128,14 +132,10 @@ class RankWatch:
     collective) and otherwise writes it to stderr itself and ends the process (exit status 1)."""
 
     def __init__(self, rank: Rank, interval: float = 1.0, grace: float = RANK_GRACE, exit=None):
-        import os as _os
-        import socket
-        import threading
-
-        import torch.distributed as dist
+        import torch.distributed as dist  # heavy: torch.distributed
 
         self.rank, self.interval, self.grace = rank, interval, grace
-        self._exit = exit or _os._exit
+        self._exit = exit or os._exit
         self._store = dist.distributed_c10d._get_default_store()
         self._host = socket.gethostname()
         self._stop = threading.Event()
@@ -144,8 +144,6 @@ class RankWatch:
         self._thread = threading.Thread(target=self._watch, name=f"rank-watch-{rank.rank}", daemon=True)
 
     def __enter__(self) -> "RankWatch":
-        import json
-
         self._store.set(f"{_PLACE}{self.rank.rank}", json.dumps({"host": self._host, "pid": os.getpid()}))
         self._thread.start()
         return self
@@ -155,8 +153,6 @@ class RankWatch:
 
     def failed(self, exc: BaseException) -> None:
         """Record this rank's failure for the others (best effort: the store may be gone)."""
-        from trackstar_db.errors import first_line
-
         self._stop.set()  # this rank's own record is not another's failure
         if isinstance(exc, RankFailure):
             return
@@ -168,8 +164,6 @@ class RankWatch:
 
     def other_failure(self) -> str | None:
         """The line naming another rank's failure, if one is known now."""
-        import json
-
         try:
             if self._store.check([_FAILED]):
                 return self._store.get(_FAILED).decode()
@@ -190,9 +184,6 @@ class RankWatch:
                 "command: it resumes from the last commit")
 
     def _watch(self) -> None:
-        import sys
-        import time
-
         while not self._stop.wait(self.interval):
             cause = self.other_failure()
             if cause is None:
@@ -208,8 +199,6 @@ class RankWatch:
     def report(self, exc: BaseException) -> RankFailure | None:
         """For the main thread: the RankFailure to raise when `exc` came from another rank's
         failure (a collective that failed), else None (this rank's own error, recorded)."""
-        import time
-
         deadline = time.monotonic() + self.grace
         cause = self.cause or self.other_failure()
         while cause is None and time.monotonic() < deadline and _collective_error(exc):
@@ -244,7 +233,7 @@ def _collective_error(exc: BaseException) -> bool:
 
 
 def mesh_for(rank: Rank):
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh  # heavy: torch.distributed
 
     return init_device_mesh(rank.device.type, (rank.world,))
 
@@ -268,7 +257,7 @@ class Lockstep:
         self.dummy_steps = 0
 
     def _any(self, mine: bool) -> bool:
-        import torch.distributed as dist
+        import torch.distributed as dist  # heavy: torch.distributed
 
         flag = torch.tensor([1 if mine else 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -308,7 +297,7 @@ class ShardedModel:
 @contextmanager
 def process_group(device: str = "auto"):
     """init_ranks(), and the process group destroyed on the way out."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: torch.distributed
 
     rank = init_ranks(device)
     try:

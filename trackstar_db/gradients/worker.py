@@ -30,6 +30,7 @@ optimizer state; the final checkpoint's run fixes those settings, so it comes fi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from .loader import ESTIMATE_SAMPLE
 from .loop import run_batches
 from .plan import check_shard, count_missing
 from .setup import create_tables, open_run, record_settings
+from .sharded import RankWatch, ShardedModel, process_group
 
 
 @dataclass
@@ -113,10 +115,6 @@ def ingest_gradients(db, config: FeaturizerConfig | dict | None, job: GradientJo
 def ingest_sharded(db, config, job, progress: bool = True) -> dict:
     """ingest_gradients with the model sharded over the launcher's processes: job.shard becomes
     (rank, world) and job.device this rank's device. Returns this rank's totals."""
-    import dataclasses
-
-    from .sharded import RankWatch, ShardedModel, process_group
-
     with process_group(job.device) as rank, RankWatch(rank) as watch:
         job = dataclasses.replace(job, shard=rank.shard, device=str(rank.device), sharded=ShardedModel(rank))
         try:

@@ -19,6 +19,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from trackstar_db.featurizer import optimizer_state
+
 
 def last_lr(optimizer, lr_scheduler=None) -> float:
     """The learning rate of the last optimizer step (the scheduler's, else the param group's)."""
@@ -32,8 +34,6 @@ def last_lr(optimizer, lr_scheduler=None) -> float:
 
 def write_optimizer_state(model, optimizer, directory: str | Path, lr: float | None = None) -> Path:
     """Write optimizer.safetensors for `model`'s parameters into `directory`; returns its path."""
-    from trackstar_db.featurizer import optimizer_state
-
     model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
     state = optimizer_state.from_torch(optimizer, dict(model.named_parameters()), lr)
     return optimizer_state.save(state, directory)

@@ -33,10 +33,10 @@ from .source import ModelSource
 
 def load_adapter_model(path: str | Path, dtype: str = "float32"):
     """The base model (weights in `dtype`) with the adapter at `path` applied, adapter weights trainable."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # heavy: peft
     except ImportError:
         raise TrackstarError(f"{path}: a PEFT adapter needs peft: pip install 'trackstar-db[peft]'") from None
     base = AutoModelForCausalLM.from_pretrained(base_path(path), local_files_only=True, dtype=dtype)
@@ -49,7 +49,7 @@ def load_adapter_model(path: str | Path, dtype: str = "float32"):
 def open_tokenizer(source: ModelSource | str | Path):
     """The tokenizer of `source` alone (counting tokens needs no weights); an adapter's own, else its
     base's; a path is a directory holding a tokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers
 
     path = source.tokenizer_path() if isinstance(source, ModelSource) else Path(source)
     with quiet_transformers():
@@ -59,7 +59,7 @@ def open_tokenizer(source: ModelSource | str | Path):
 def open_config(model_dir: str | Path):
     """The transformers config of a local model directory (its config.json; no weights are read),
     or one line naming the directory."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers
 
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
@@ -70,8 +70,8 @@ def open_config(model_dir: str | Path):
 def model_from_config(config, *, meta: bool = False, dtype: str | None = None):
     """A causal LM built from `config` with fresh weights (the caller seeds torch first); `meta`:
     on the meta device (names and shapes, no memory); `dtype`: cast to it ('float32', ...)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # heavy: torch
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = AutoModelForCausalLM.from_config(config)
@@ -81,7 +81,7 @@ def model_from_config(config, *, meta: bool = False, dtype: str | None = None):
 def open_weights(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
     """The causal LM in a directory that is no recorded source (a training run's own output),
     checked by the one directory rule (a config, safetensors weights), on `device`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     config_file(Path(model_dir))
     weight_files(Path(model_dir))
@@ -93,7 +93,7 @@ def open_weights(model_dir: str | Path, device: str = "cpu", dtype: str = "float
 def open_encoder(model_dir: str | Path, device: str = "cpu"):
     """A sentence encoder (transformers AutoModel, no LM head) from a local directory, eval mode on
     `device`: the embedding baseline's model, a package's files rather than a recorded source."""
-    from transformers import AutoModel
+    from transformers import AutoModel  # heavy: transformers
 
     with quiet_transformers():
         model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
@@ -110,7 +110,7 @@ def save_model(model, tokenizer, out: str | Path) -> Path:
 
 def open_model(source: ModelSource, device: str = "cpu"):
     """(model, tokenizer) of `source`: eval mode on `device`, tokenizer capped at the model's context."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     if source.path.is_dir():  # config an object, safetensors weights (never a pickle), a tokenizer
         validate(source.path, source.tokenizer_path())

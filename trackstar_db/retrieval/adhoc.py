@@ -35,11 +35,15 @@ import torch
 from trackstar_db import defaults
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.featurizer.tokenize import collate, pad_id
+from trackstar_db.gradients.loader import database_featurizer, stored_config
 from trackstar_db.ladder import LADDER, lookup
 from trackstar_db.models.cache import ModelKey
-from trackstar_db.option_checks import K_MAX
+from trackstar_db.option_checks import K, K_MAX, TEXT, check
+from trackstar_db.tailpatch.runs import load_patcher, stored_spans
 
 from . import embedding, runners
+from .evidence import with_evidence
 
 ANSWER_COLUMNS = ["kind", "rank", "example_id", "score", "method"]  # then text and the evidence columns
 FIRST_STAGE_COLUMNS = ("first_score", "first_rank", "first_method")  # a second stage's answer keeps its first
@@ -59,8 +63,6 @@ class PromptAttributor:
         """(Featurizer, tokenizer) making `variant` with the stored recipe (settings and model
         dtype), from the database's model source (gradients/loader.database_featurizer), warm in
         the handle's model cache under the manifest's model, settings, `variant` and the device."""
-        from trackstar_db.gradients.loader import database_featurizer, stored_config
-
         config = stored_config(self.db)
         if config is None:
             raise TrackstarError(f"{self.db.path}: no gradients stored yet; run 'trackstar-db ingest gradients'")
@@ -72,8 +74,6 @@ class PromptAttributor:
     def gradient(self, prompt: str, target: str, variant: str, control_target: str | None = None):
         """[1, d] raw query gradient of (prompt, target) in `variant`; with `control_target`, of
         loss(target) - loss(control_target) after the same prompt."""
-        from trackstar_db.featurizer.tokenize import collate, pad_id
-
         featurizer, tokenizer = self.featurizer(variant)
         targets = [target] if control_target is None else [target, control_target]
         items = [featurizer.task.encode_query(tokenizer, prompt, t, featurizer.config.max_length) for t in targets]
@@ -83,8 +83,6 @@ class PromptAttributor:
     def patcher(self):
         """The tail-patcher of `verify` (tailpatch/runs.load_patcher), warm in the handle's model
         cache; its loss spans are read from this handle's view (tailpatch/runs.stored_spans)."""
-        from trackstar_db.tailpatch.runs import load_patcher, stored_spans
-
         patcher = self.db.models.get(ModelKey.of(self.db.manifest, "tail-patch", self.device),
                                      lambda: load_patcher(self.db, device=self.device))
         patcher.spans = stored_spans(self.db, patcher.task)  # a server's next snapshot reuses the patcher
@@ -126,7 +124,6 @@ class PromptAttributor:
             if min(K_MAX, k + missing) <= fetch:  # k hits left after the drop (or none more to ask for)
                 break
             fetch = min(K_MAX, k + missing)
-        from .evidence import with_evidence
 
         return with_evidence(db, prompt, target, rows, self.patcher() if verify else None)
 
@@ -134,8 +131,6 @@ class PromptAttributor:
         """(the registry entry answering a one-prompt query, the second stage or None), after its
         checks (ParameterError names the parameter; the rules are option_checks': K, TEXT).
         A second-stage method (kfac, ekfac) answers as the best rung's candidates re-scored."""
-        from trackstar_db.option_checks import K, TEXT, check
-
         for name, text in (("prompt", prompt), ("target", target)):
             problem = TEXT.problem(text)
             if problem:
@@ -156,8 +151,6 @@ class PromptAttributor:
     def gradients(self, pairs: list[tuple[str, str]], variant: str) -> torch.Tensor:
         """[n, d] raw query gradients of (prompt, target) pairs in `variant`, featurized together
         (GRADIENT_BATCH at a time; each row is gradient()'s up to float rounding)."""
-        from trackstar_db.featurizer.tokenize import collate, pad_id
-
         featurizer, tokenizer = self.featurizer(variant)
         parts = []
         for start in range(0, len(pairs), GRADIENT_BATCH):
@@ -232,7 +225,6 @@ class PromptAttributor:
             for i in members:
                 mine = result.filter((pc.field("query_id") == f"q{i}") & (pc.field("rank") <= asks[i].k))
                 out[i] = mine.select(ANSWER_COLUMNS + [c for c in FIRST_STAGE_COLUMNS if c in mine.column_names])
-        from .evidence import with_evidence
 
         text_of = _texts(db, [i for n, rows in enumerate(out) if isinstance(rows, pa.Table) and n not in alone
                               for i in rows.column("example_id").to_pylist()])

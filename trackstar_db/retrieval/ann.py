@@ -41,8 +41,11 @@ import torch
 
 from trackstar_db.errors import TrackstarError
 from trackstar_db.option_checks import COUNT, check_fields, ruled
+from trackstar_db.store.manifest import file_digest
+from trackstar_db.store.vectors import to_torch
 
 from .methods import get_method, query_transform
+from .scoring import load_preconditioner
 from .topk import TopKResult
 
 KINDS = ("ivf_rq", "ivf_pq", "ivf_hnsw_sq", "ivf_flat")
@@ -83,7 +86,7 @@ def open_table(db, method: str):
     """The Lance dataset of method's index (refused when missing; not checked for staleness).
     Read with Lance alone: a search never imports LanceDB."""
     global _SESSION
-    import lance
+    import lance  # heavy: lance
 
     path = db.path / "ann" / f"{table_name(method)}.lance"
     if not (path / "_versions").is_dir():
@@ -97,8 +100,6 @@ _DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256, so a wa
 
 
 def _digest(path) -> str:
-    from trackstar_db.store.manifest import file_digest
-
     stat = path.stat()
     key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
@@ -152,8 +153,6 @@ def search_ann(db, method: str, g_q: torch.Tensor, k: int, options: AnnOptions |
     spec = get_method(method)
     preconditioners = {}
     if spec.preconditioner:
-        from .scoring import load_preconditioner
-
         table = db.gradient_table("train", corrected=spec.table == "corrected")
         preconditioners[spec.preconditioner] = load_preconditioner(table, spec.preconditioner)
     q = query_transform(spec, preconditioners)(g_q.float().cpu())
@@ -212,7 +211,6 @@ def _ranked(hits: pa.Table, query: np.ndarray, sign: float, exact_distances: boo
         return found.column("id").to_pylist(), sign * (1.0 - found.column("_distance").to_numpy().astype(np.float32))
     if hits.num_rows == 0:
         return [], np.zeros(0, np.float32)
-    from trackstar_db.store.vectors import to_torch
 
     x = to_torch(hits.column("vector"), "float16").numpy()
     scores = x @ query.astype(np.float32)

@@ -15,9 +15,12 @@ import pyarrow as pa
 from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.option_checks import COUNT, Choice, check_fields, ruled
+from trackstar_db.store import vectors as _vectors
+from trackstar_db.store.vectors import scan_progress
 
 from .ann import DEFAULT_KIND, KINDS, open_table, source_version, table_name
 from .methods import get_method
+from .scoring import prepare, scan
 
 RQ_BITS, PQ_BITS = 4, 4  # PQ: the 8-bit codebook training did not finish in 13 minutes here
 # k-means of the IVF (and PQ) training: iterations and sampled rows per partition (LanceDB's
@@ -27,7 +30,7 @@ MAX_ITERATIONS, SAMPLE_RATE = 20, 64
 
 def connection(db):
     """The LanceDB directory DB/ann/ holding the ANN tables."""
-    import lancedb
+    import lancedb  # heavy: lancedb
 
     return lancedb.connect(str(db.path / "ann"))
 
@@ -44,7 +47,7 @@ def _default_partitions(rows: int, kind: str) -> int:
 def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vectors, m, ef_construction,
                   max_iterations, sample_rate):
     """LanceDB's index config object for `kind` (metric 'dot') and its parameters as recorded."""
-    from lancedb import index as _index
+    from lancedb import index as _index  # heavy: lancedb
 
     params = {"num_partitions": num_partitions or _default_partitions(rows, kind),
               "max_iterations": max_iterations, "sample_rate": sample_rate}
@@ -61,11 +64,6 @@ def _index_config(kind: str, dim: int, rows: int, num_partitions, num_sub_vector
 
 def _materialise(db, method: str, source: dict, scoring, batch_rows: int, device, progress: bool | None):
     """Write t_train(g_z) of every stored row into ann_<method>; the LanceDB table."""
-    from trackstar_db.store import vectors as _vectors
-    from trackstar_db.store.vectors import scan_progress
-
-    from .scoring import scan
-
     spec = get_method(method)
     schema = pa.schema([("id", pa.string()), ("vector", _vectors.arrow_type(scoring.table.dim, "float16"))])
 
@@ -108,8 +106,6 @@ def build_index(db, method: str, kind: str = DEFAULT_KIND, *, num_partitions: in
     reuse_vectors: keep ann_<method>'s vectors when the recorded index was built from the
     database as it is now (same source, every row there) and only rebuild the index (another
     kind or parameters)."""
-    from .scoring import prepare
-
     IndexOptions(kind, num_partitions, num_sub_vectors, m, ef_construction, max_iterations, sample_rate, batch_rows)
     # one writer of DB/ann and the manifest at a time (store/lock.py), as fit holds it
     with db.writer(f"index {method}"):

@@ -25,9 +25,12 @@ label: 'both', 'states it', 'moves the model' or 'neither' when verified; withou
 
 from __future__ import annotations
 
+import hashlib
 import re
+import statistics
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -102,8 +105,6 @@ def verify(patcher, prompt: str, target: str, hits: list[tuple[str, str]]) -> li
     """(delta_p, milliseconds) of each (example_id, text) in `hits`, measured one at a time by
     `patcher` (tailpatch.TailPatcher: the same step and measurement as stored tail-patch; it
     caches per (prompt and target, example), so a repeated hit costs nothing)."""
-    import hashlib
-
     query_id = "adhoc:" + hashlib.sha1(f"{prompt}\x00{target}".encode()).hexdigest()
     patcher.run({"verify": [(query_id, prompt, target, [])]})  # P(target) before, measured once
     out = []
@@ -117,10 +118,6 @@ def verify(patcher, prompt: str, target: str, hits: list[tuple[str, str]]) -> li
 
 def baseline_examples(db, prompt: str, target: str, n: int = BASELINE_EXAMPLES) -> list[tuple[str, str]]:
     """n (example_id, text) drawn at random from the corpus, the same for the same prompt and target."""
-    import hashlib
-
-    import numpy as np
-
     ids = sorted(db.table("examples", columns=["example_id"]).column("example_id").to_pylist())
     seed = int.from_bytes(hashlib.sha1(f"{prompt}\x00{target}".encode()).digest()[:8], "little")
     picked = sorted(np.random.default_rng(seed).choice(len(ids), min(n, len(ids)), replace=False).tolist())
@@ -129,15 +126,13 @@ def baseline_examples(db, prompt: str, target: str, n: int = BASELINE_EXAMPLES) 
 
 
 def _baseline(db, patcher, prompt: str, target: str) -> float:
-    import statistics
-
     return statistics.median(d for d, _ in verify(patcher, prompt, target, baseline_examples(db, prompt, target)))
 
 
 def with_evidence(db, prompt: str, target: str, rows: pa.Table, patcher=None) -> pa.Table:
     """`rows` (a query's answer: kind, rank, example_id, text, ...) with the evidence columns;
     `patcher` given: its proponents are verified (delta_p, verify_ms, baseline_delta_p, moves_model)."""
-    from trackstar_db.store.bm25 import BM25Index
+    from trackstar_db.store.bm25 import BM25Index  # heavy: tantivy
 
     ids, texts = rows.column("example_id").to_pylist(), rows.column("text").to_pylist()
     bm25 = None

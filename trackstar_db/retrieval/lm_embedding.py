@@ -20,6 +20,8 @@ from typing import Iterator, Sequence
 import torch
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.models.load import open_model
+from trackstar_db.store.checkpoints import source
 
 LAYER = "input"
 LAYERS = ("input", "middle", "final")
@@ -42,7 +44,7 @@ def layer_index(n_layers: int, layer: str | int) -> int:
 def embed(model, tokenizer, texts: Sequence[str], layer: str | int = LAYER, batch_size: int = 64) -> torch.Tensor:
     """Unit-norm mean-pooled hidden states [n, hidden] (float32, on the model's device) of `texts`;
     `tokenizer` as models/load.open_model gives it (capped at the model's context)."""
-    from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
+    from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id  # heavy: transformers
 
     device = next(model.parameters()).device
     index = layer_index(model.config.num_hidden_layers, layer)
@@ -75,11 +77,9 @@ def example_batches(db, model, tokenizer, layer: str | int = LAYER, rows: int = 
 
 def top_k(db, texts: Sequence[str], k: int, device: str = "cpu", layer: str | int = LAYER):
     """Top-k examples by cosine of the database model's embeddings of `texts` (queries) and of each example."""
-    from trackstar_db.models.load import open_model
-    from trackstar_db.store.checkpoints import source
-    from trackstar_db.store.vectors import scan_progress
+    from trackstar_db.store.vectors import scan_progress  # heavy: pyarrow
 
-    from .topk import search
+    from .topk import search  # heavy: pyarrow
 
     model, tokenizer = open_model(source(db).with_dtype("float32"), device)
     queries = embed(model, tokenizer, list(texts), layer)

@@ -29,7 +29,7 @@ class Preconditioner(Protocol):
 
 def extra_installed(name: str) -> bool:
     """Whether the pip extra method `name` needs (ladder.Method.extra), if any, is importable."""
-    from . import embedding
+    from . import embedding  # heavy: transformers
 
     return REGISTRY[name].extra != "embedding" or embedding.available()
 

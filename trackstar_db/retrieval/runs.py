@@ -16,7 +16,7 @@ from trackstar_db import defaults
 from trackstar_db.devices import DEVICE
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.ladder import lookup
-from trackstar_db.option_checks import COUNT, K, Choice, check_fields, ruled
+from trackstar_db.option_checks import COUNT, Choice, K, check_fields, name, ruled
 
 from . import embedding
 from . import runners
@@ -62,7 +62,6 @@ def retrieve(db, method: str, options: RetrieveOptions | None = None, run_id: st
     scorer: another engine's score_table (trackstar_db.distributed.scan.score_table for Ray)."""
     options = options or RetrieveOptions()
     entry = lookup(method)
-    from trackstar_db.option_checks import name
 
     default = f"{method}-ann" if options.ann is not None else method
     if options.rerank is not None:  # the second stage's name: its column and default run (trackstar-ekfac)

@@ -21,6 +21,8 @@ import torch
 from trackstar_db.errors import TrackstarError
 
 from .methods import METHODS, get_method
+from .runners import best_method
+from .scoring import prepare
 
 SCHEMA = pa.schema([("position", pa.int32()), ("token_id", pa.int64()), ("token", pa.string()),
                     ("start", pa.int32()), ("end", pa.int32()), ("contribution", pa.float64()),
@@ -55,7 +57,7 @@ class TokenAttributor:
     (PromptAttributor, `db.models`)."""
 
     def __init__(self, db, device: str = "cpu"):
-        from .adhoc import PromptAttributor
+        from .adhoc import PromptAttributor  # heavy: transformers
 
         self.db = db
         self.attributor = PromptAttributor(db, device)
@@ -63,8 +65,6 @@ class TokenAttributor:
         self._query: dict[tuple[str, str, str], torch.Tensor] = {}
 
     def _spec(self, method: str | None):
-        from .runners import best_method
-
         method = method or best_method(self.db)
         if method not in METHODS:
             raise TrackstarError(f"per-token attribution needs a gradient method ({', '.join(METHODS)}), "
@@ -74,10 +74,8 @@ class TokenAttributor:
     def __call__(self, prompt: str, target: str, example_id: str, method: str | None = None,
                  text: str | None = None) -> pa.Table:
         """Each token's part of `example_id`'s score (see the module docstring); `text` saves a lookup."""
-        from trackstar_db.featurizer.per_token import per_token_vectors, token_scores
-        from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id
-
-        from .scoring import prepare
+        from trackstar_db.featurizer.per_token import per_token_vectors, token_scores  # heavy: transformers
+        from trackstar_db.featurizer.tokenize import collate, encode_text, pad_id  # heavy: transformers
 
         spec = self._spec(method)
         featurizer, tokenizer = self.attributor.featurizer(spec.table)

@@ -44,6 +44,7 @@ from trackstar_db.errors import TrackstarError
 from trackstar_db.models.source import ModelSource
 from trackstar_db.store.checkpoints import attached, kept, stored
 from trackstar_db.store.gradient_table import GradientTable
+from .methods import unit_normalize
 
 VARIANTS = {"tracin-cp": ("uncorrected", False), "tracin-cp-cos": ("uncorrected", True),
             "tracin-cp-opt": ("corrected", True)}
@@ -54,8 +55,8 @@ def checkpoint_featurizer(point: ModelSource, config, variant: str, device: str 
                           sample: Callable[[], Sequence] | None = None, task=None):
     """(Featurizer, tokenizer) of checkpoint `point` that makes `variant` ('uncorrected' |
     'corrected') with the database's projection settings `config` and task (featurizer/task.py)."""
-    from trackstar_db.featurizer.settings import default_correction
-    from trackstar_db.gradients.loader import load_featurizer
+    from trackstar_db.featurizer.settings import default_correction  # heavy: transformers
+    from trackstar_db.gradients.loader import load_featurizer  # heavy: transformers
 
     if variant == "uncorrected":
         config = replace(config, correction="none")
@@ -65,7 +66,7 @@ def checkpoint_featurizer(point: ModelSource, config, variant: str, device: str 
 
 
 def _vectors(featurizer, items, pad: int, batch_size: int) -> torch.Tensor:
-    from trackstar_db.featurizer.tokenize import collate
+    from trackstar_db.featurizer.tokenize import collate  # heavy: transformers
 
     out = [featurizer.featurize(collate(items[i:i + batch_size], pad)).vectors
            for i in range(0, len(items), batch_size)]
@@ -80,10 +81,8 @@ def scores(points: Sequence[ModelSource], texts: Sequence[str], queries: Sequenc
     text, encoded under `task` (featurizer/task.py; `spans`: the texts' loss spans when masked).
     `sample`: the training texts (or (text, spans) pairs) an 'estimated' correction averages
     over (default: the first gradients.loader.ESTIMATE_SAMPLE of `texts`)."""
-    from trackstar_db.featurizer.tokenize import pad_id
-    from trackstar_db.gradients.loader import ESTIMATE_SAMPLE
-
-    from .methods import unit_normalize
+    from trackstar_db.featurizer.tokenize import pad_id  # heavy: transformers
+    from trackstar_db.gradients.loader import ESTIMATE_SAMPLE  # heavy: transformers
 
     variant, unit = _check(method)
     if not points:
@@ -119,9 +118,9 @@ def _table(db, split: str, variant: str, point: ModelSource, n_rows: int) -> Gra
 
 
 def _query_vectors(table: GradientTable, query_ids: Sequence[str]) -> torch.Tensor:
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # heavy: pyarrow
 
-    from trackstar_db.store.vectors import to_torch
+    from trackstar_db.store.vectors import to_torch  # heavy: pyarrow
 
     rows = table.dataset().to_table(columns=["id", "vector"], filter=pc.field("id").isin(list(query_ids)))
     order = pc.index_in(query_ids, value_set=rows.column("id"))
@@ -135,10 +134,8 @@ def stored_scores(db, points: Sequence[ModelSource], example_ids: Sequence[str],
                   method: str = "tracin-cp", batch_rows: int = defaults.STREAM_BATCH_ROWS) -> torch.Tensor:
     """[n_queries, n_examples] TracIn-CP scores from the checkpoints' stored gradient tables
     (examples in the order of `example_ids`)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from .methods import unit_normalize
+    import pyarrow as pa  # heavy: pyarrow
+    import pyarrow.compute as pc  # heavy: pyarrow
 
     variant, unit = _check(method)
     every = pa.array(list(example_ids), pa.string())
@@ -171,7 +168,7 @@ def _points(db, method: str) -> tuple[str, list[ModelSource]]:
 
 
 def _top(score: torch.Tensor, ids: list[str], k: int):
-    from .topk import TopKResult
+    from .topk import TopKResult  # heavy: pyarrow
 
     kk = min(k, len(ids))
     best, worst = torch.topk(score, kk, dim=1), torch.topk(score, kk, dim=1, largest=False)
@@ -181,11 +178,11 @@ def _top(score: torch.Tensor, ids: list[str], k: int):
 
 def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp", device: str = "cpu"):
     """Top-k proponents and opponents (retrieval.topk.TopKResult) of stored queries, by id, over every example."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # heavy: pyarrow
 
-    from trackstar_db.featurizer.config import FeaturizerConfig
+    from trackstar_db.featurizer.config import FeaturizerConfig  # heavy: transformers
 
-    from .topk import TopKResult
+    from .topk import TopKResult  # heavy: pyarrow
 
     _check(method)
     ids = db.table("examples", columns=["example_id"]).column("example_id").to_pylist()
@@ -203,11 +200,11 @@ def top_k_stored(db, query_ids: Sequence[str], k: int, method: str = "tracin-cp"
     missing = [q for q in query_ids if q not in pairs]
     if missing:
         raise TrackstarError(f"{method}: query {missing[0]!r} is not in the queries table (ad-hoc queries are not supported)")
-    from trackstar_db.gradients.loader import ESTIMATE_SAMPLE, recorded_model_dtype, sample_texts
+    from trackstar_db.gradients.loader import ESTIMATE_SAMPLE, recorded_model_dtype, sample_texts  # heavy: transformers
 
     entry = db.manifest.get("featurizer")
     config = FeaturizerConfig.from_dict(entry["config"]) if entry else FeaturizerConfig()
-    from trackstar_db.featurizer.task import task_of
+    from trackstar_db.featurizer.task import task_of  # heavy: transformers
 
     task = task_of(db.manifest)
     examples = db.table("examples", columns=["text"] + (["loss_spans"] if task.masked else []))

@@ -20,7 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from trackstar_db import resources
 from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.store import schema as _schema
 
 NOT_GROUPS = ("example_id", "text", "content_hash", "fact_triples", "metadata", "n_tokens")
 MAX_GROUPS = 500
@@ -49,8 +51,6 @@ def example_groups(db, by: str) -> pa.Table:
 
 def cells(db, by: str, groups: pa.Table | None = None) -> pa.Table:
     """The per-(run, group, query) rows of queries/contribution_by_source.sql over the database."""
-    from trackstar_db.store import schema as _schema
-
     if db.count("retrievals") == 0:
         raise TrackstarError(f"{db.path}: no retrieval runs to group; run 'trackstar-db retrieve' first")
     groups = example_groups(db, by) if groups is None else groups
@@ -64,8 +64,7 @@ def cells(db, by: str, groups: pa.Table | None = None) -> pa.Table:
 def run_cells(retrievals, tail_patch, groups: pa.Table) -> pa.Table:
     """queries/contribution_by_source.sql over these tables, on the read-only connection every
     query of queries/ runs on (evaluation/sql.py)."""
-    from trackstar_db import resources
-    from trackstar_db.evaluation.sql import ReadOnlySQL
+    from trackstar_db.evaluation.sql import ReadOnlySQL  # heavy: duckdb
 
     with ReadOnlySQL({"retrievals": retrievals, "tail_patch": tail_patch, "example_groups": groups}) as sql:
         return sql.run(resources.read_text("queries", "contribution_by_source.sql"))

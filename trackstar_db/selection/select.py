@@ -28,7 +28,11 @@ from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer.kfac import KINDS as RERANK_KINDS
 from trackstar_db.option_checks import COUNT, FRACTION, Choice, check_fields, ruled
+from trackstar_db.retrieval import runners
+from trackstar_db.retrieval.adhoc import PromptAttributor
+from trackstar_db.retrieval.embedding import query_text
 from trackstar_db.retrieval.scoring import AGGREGATES
+from trackstar_db.sources.records import iter_records, require_text
 
 FORMATS = {".jsonl": "json", ".parquet": "parquet"}
 
@@ -131,8 +135,6 @@ def task_queries(db, task: Task) -> pa.Table:
 def read_examples(path: str | Path) -> pa.Table:
     """query_id ('<file>:<line>'), prompt, target of a task file (JSON lines or Parquet, read by
     sources/records.py); a bad record is a one-line error naming its line and field."""
-    from trackstar_db.sources.records import iter_records, require_text
-
     path = Path(path)
     if not path.is_file():
         raise TrackstarError(f"{path}: no such task file")
@@ -148,7 +150,6 @@ def task_gradients(db, spec, task: Task, queries: pa.Table, device: str = "cpu")
     database's featurizer (retrieval/adhoc.py); None for stored queries (the runner reads them)."""
     if task.examples is None or spec is None:
         return None
-    from trackstar_db.retrieval.adhoc import PromptAttributor
 
     attributor = PromptAttributor(db, device)
     return torch.cat([attributor.gradient(p, t, spec.table).float().cpu() for p, t in
@@ -176,9 +177,6 @@ def select(db, task: Task | None = None, *, top: int | None = None, fraction: fl
     `out` (.jsonl or .parquet, outside the database): also written there. `rerank` ('kfac' |
     'ekfac'): the method's top max(N, candidates) re-scored by their mean second-stage score
     (retrieval/rerank.py) and the best N of those kept; first_score keeps the method's score."""
-    from trackstar_db.retrieval import runners
-    from trackstar_db.retrieval.embedding import query_text
-
     SelectOptions(top=top, fraction=fraction, aggregate=aggregate, rerank=rerank, candidates=candidates)
     target = check_output(db, out) if out is not None else None
     task = task or Task()
@@ -241,7 +239,7 @@ def _reranked(db, queries: pa.Table, ids, scores: np.ndarray, order: np.ndarray,
 def _written(selection: Selection, target: tuple[Path, str] | None) -> Selection:
     """Write the selection as JSONL (one example a line) or Parquet, when a target was given."""
     if target is not None:
-        from trackstar_db.evaluation.sql import write_table
+        from trackstar_db.evaluation.sql import write_table  # heavy: duckdb
 
         write_table(selection.rows, target[1], target[0])
     return selection

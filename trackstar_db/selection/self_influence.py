@@ -22,7 +22,7 @@ COLUMNS = ("rank", "example_id", "self_influence", "grad_sq_norm")
 
 def self_influence(db, variant: str = "corrected", mix: str = "train") -> pa.Table:
     """rank, example_id, self_influence (g R^-1 g), grad_sq_norm (|g|^2), highest first."""
-    from trackstar_db.retrieval.scoring import check_fitted, load_preconditioner
+    from trackstar_db.retrieval.scoring import check_fitted, load_preconditioner  # heavy: torch
 
     table = db.gradient_table("train", corrected=variant == "corrected").require()
     pre = load_preconditioner(table, mix)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trackstar_db.distributed.objectstore import is_uri
 from trackstar_db.errors import TrackstarError
 
 
@@ -32,13 +33,11 @@ def app(db, *, token: str | None = None, device: str = "cpu", follow: bool = Tru
     seconds the model thread waits for more queries to join a batch; timeout: seconds a model
     request may wait and run before it is answered 504. `db` may be s3://bucket/db."""
     try:
-        import fastapi  # noqa: F401
+        import fastapi  # noqa: F401  # heavy: fastapi
     except ImportError:
         raise TrackstarError("trackstar-db serve needs FastAPI and uvicorn: pip install 'trackstar-db[serve]'") from None
-    from .routes import build
-    from .service import Service
-
-    from trackstar_db.distributed.objectstore import is_uri
+    from .routes import build  # heavy: duckdb
+    from .service import Service  # heavy: duckdb
 
     remote = getattr(db, "remote", None)
     path = remote.uri if remote is not None else getattr(db, "path", db)

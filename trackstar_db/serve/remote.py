@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from trackstar_db.distributed import objectstore
+from trackstar_db.errors import TrackstarError
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store import snapshot as _committed
 
@@ -52,8 +53,6 @@ class RemoteSource:
         _, marks = objectstore.pull(self.uri, self.client, cache=fresh)
         if objectstore.MANIFEST not in marks:
             shutil.rmtree(fresh, ignore_errors=True)
-            from trackstar_db.errors import TrackstarError
-
             raise TrackstarError(f"{self.uri}: no trackstar-db database here (no {objectstore.MANIFEST})")
         record = _committed.read(fresh)
         manifest = json.loads((fresh / _manifest.FILENAME).read_text(encoding="utf-8"))

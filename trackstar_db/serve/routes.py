@@ -41,14 +41,16 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from trackstar_db import __version__
 from trackstar_db.errors import TrackstarError
+from trackstar_db.ladder import ALL_METHODS
 from trackstar_db.report.page import STYLESHEET, document
 from trackstar_db.option_checks import COUNT, K, TEXT, field_bounds, length_bounds
 
 from . import payload
-from .service import MAX_SQL_ROWS, Busy, QueryItem, Service, TimedOut
+from .service import MAX_SQL_ROWS, Busy, QueryItem, Service, TimedOut, servable_methods
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_BATCH_LINES = 1000  # queries of one /api/query/batch request
@@ -127,8 +129,6 @@ def _validation_line(exc, skip: int = 1) -> str:
 
 
 def _known_methods(names: list[str]) -> None:
-    from trackstar_db.ladder import ALL_METHODS
-
     for name in names:
         if name not in ALL_METHODS:
             raise TrackstarError(f"unknown method {name!r}; methods: {', '.join(ALL_METHODS)}")
@@ -136,7 +136,7 @@ def _known_methods(names: list[str]) -> None:
 
 def _query_item(service: Service, request: QueryRequest) -> QueryItem:
     """The model thread's work for one query request, after the checks that need no model."""
-    from trackstar_db.retrieval.runners import best_method
+    from trackstar_db.retrieval.runners import best_method  # heavy: torch
 
     if not request.prompt.strip() or not request.target.strip():
         raise TrackstarError("prompt and target must hold more than white space")
@@ -145,7 +145,7 @@ def _query_item(service: Service, request: QueryRequest) -> QueryItem:
     names = tuple(dict.fromkeys(request.methods)) or (best_method(db),)
     ann = None
     if request.ann:
-        from trackstar_db.retrieval.ann import AnnOptions
+        from trackstar_db.retrieval.ann import AnnOptions  # heavy: torch
 
         ann = AnnOptions(request.nprobes, request.refine_factor, request.ef)
     elif request.nprobes or request.refine_factor or request.ef:
@@ -232,8 +232,6 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
 
     @app.get("/api/methods", summary="Methods a query may name, and whether this database serves each")
     async def methods():
-        from .service import servable_methods
-
         return {"methods": await run_in_threadpool(servable_methods, service.db)}
 
     @app.post("/api/query", summary="Proponents and opponents of one prompt and target, per method")
@@ -309,7 +307,5 @@ def build(service: Service, token: str | None = None, allowed_hosts: list[str] |
         return await run_in_threadpool(service.suggestions, service.db, limit)
 
     if allowed_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     return app

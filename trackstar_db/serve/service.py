@@ -22,10 +22,13 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from trackstar_db import __version__
 from trackstar_db.devices import resolve_device
 from trackstar_db.errors import TrackstarError
+from trackstar_db.ladder import METHODS, REGISTRY
+from trackstar_db.progress import quiet_transformers
 
 from . import payload
 from .snapshot import Snapshot, Tracker, writer_active
@@ -186,8 +189,7 @@ class QueryItem:
 def servable_methods(db: Snapshot) -> list[dict]:
     """[{name, kind, available, reason, ann}] for every method a one-prompt query may name, in the
     registry's display order, with the registry's reason when it cannot answer now (runners.status)."""
-    from trackstar_db.ladder import REGISTRY
-    from trackstar_db.retrieval.runners import status
+    from trackstar_db.retrieval.runners import status  # heavy: torch
 
     indexed = db.manifest.get("ann", {})  # methods with an ANN index (trackstar-db index)
     out = []
@@ -220,8 +222,7 @@ class Service:
     def query_batch(self, items: list[QueryItem]) -> list:
         """Service.query of each item, the model and the stored vectors visited once for all the
         items of one snapshot (PromptAttributor.attribute_many); a refused item gets its error."""
-        from trackstar_db.progress import quiet_transformers
-        from trackstar_db.retrieval.adhoc import Ask
+        from trackstar_db.retrieval.adhoc import Ask  # heavy: torch
 
         out: list = [None] * len(items)
         by_snapshot: dict[int, list[int]] = {}
@@ -256,8 +257,7 @@ class Service:
         tail-patch measured now); the top `tokens` proponents of gradient methods carry their
         token contributions (the page's shading). answered: {method: (rows or its error, seconds)}
         already computed for this query in a batch of `batch` queries (query_batch)."""
-        from trackstar_db.ladder import METHODS
-        from trackstar_db.retrieval.tokens import TokenAttributor
+        from trackstar_db.retrieval.tokens import TokenAttributor  # heavy: torch
 
         stored = payload.stored_query(db, prompt, target)
         truth = stored.pop("truth") if stored else None
@@ -296,7 +296,7 @@ class Service:
     def warm_up(self, method: str | None = None) -> str:
         """Load the model, featurizer and R now (one query of the best method), so the first
         request is not the one that pays; returns the method used."""
-        from trackstar_db.retrieval.runners import best_method
+        from trackstar_db.retrieval.runners import best_method  # heavy: torch
 
         db = self.db
         method = method or best_method(db)
@@ -320,8 +320,6 @@ class Service:
 
     @staticmethod
     def example(db: Snapshot, example_id: str) -> dict:
-        import pyarrow.compute as pc
-
         rows = db.table("examples", filter=pc.field("example_id") == example_id).to_pylist()
         if not rows:
             raise LookupError(f"no example {example_id!r} in table examples")

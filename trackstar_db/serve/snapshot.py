@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from trackstar_db.api import Database
+from trackstar_db.distributed.objectstore import is_uri
 from trackstar_db.store import lock as _lock
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store import snapshot as _committed
@@ -127,8 +128,6 @@ class Tracker:
     """The snapshot requests read, renewed when the database changed and no writer is at work."""
 
     def __init__(self, path: str | Path, follow: bool = True, interval: float = 0.5, wait: float = 10.0):
-        from trackstar_db.distributed.objectstore import is_uri
-
         self.follow, self.interval = follow, interval
         self._lock = threading.Lock()
         self._checked = 0.0
@@ -136,7 +135,7 @@ class Tracker:
         self.renewals = 0
         self.remote = None
         if is_uri(path):  # s3://bucket/db: snapshots of its committed versions (serve/remote.py)
-            from .remote import RemoteSource
+            from .remote import RemoteSource  # cycle: trackstar_db.serve.remote
 
             self.remote = RemoteSource(str(path))
             self.interval = max(interval, REMOTE_INTERVAL)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from trackstar_db.errors import TrackstarError
+from trackstar_db.store.schema import arrow_schema
 
 TABLES = ("sim_runs", "sim_steps", "sim_batches", "sim_trajectories")
 
@@ -36,8 +37,6 @@ class Runs:
 
 def ensure_tables(db) -> None:
     """Create the sim_* tables (schema/sim_*.json) where the database lacks them."""
-    from trackstar_db.store.schema import arrow_schema
-
     for name in (*TABLES, "sim_coefficients"):
         if not db.has_table(name):
             db.create_table(name, arrow_schema(name))

@@ -33,7 +33,7 @@ def split_runs(run_ids: list[str], holdout: float) -> tuple[list[str], list[str]
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # heavy: scipy
 
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")

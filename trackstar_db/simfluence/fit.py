@@ -18,11 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from trackstar_db.errors import TrackstarError
 from trackstar_db.option_checks import POSITIVE_NUMBER, check
 
-from .data import Runs
+from .data import Runs, ensure_tables, load_runs
 
 MODELS = ("linear", "additive")
 
@@ -53,7 +55,7 @@ class Simulator:
 def membership(runs: Runs):
     """M [all steps, examples] (scipy CSR, 1 where the example is in the step's batch), and for each
     probe the loss before (l [probes, S]) and after (y [probes, S]) every step."""
-    import scipy.sparse as sp
+    import scipy.sparse as sp  # heavy: scipy
 
     rows, cols, before, after = [], [], [], []
     offset = 0
@@ -91,7 +93,7 @@ def fit(runs: Runs, model: str = "linear", ridge: float = 1.0, solver: str = "au
 
 
 def _primal(m, before, y, ridge, linear):
-    import scipy.linalg as la
+    import scipy.linalg as la  # heavy: scipy
 
     n = m.shape[1]
     alpha, beta = np.zeros((len(y), n)), np.zeros((len(y), n))
@@ -114,7 +116,7 @@ def _primal(m, before, y, ridge, linear):
 
 
 def _dual(m, before, y, ridge, linear):
-    import scipy.linalg as la
+    import scipy.linalg as la  # heavy: scipy
 
     n_steps, n = m.shape
     alpha, beta = np.zeros((len(y), n)), np.zeros((len(y), n))
@@ -135,8 +137,6 @@ def _dual(m, before, y, ridge, linear):
 
 def to_table(sim: Simulator):
     """The fitted effects as an Arrow table (sim_coefficients), only examples with a non-zero effect."""
-    import pyarrow as pa
-
     probe, example = np.nonzero((sim.alpha != 0) | (sim.beta != 0))
     return pa.table({
         "model": pa.array([sim.model] * len(probe), pa.string()),
@@ -148,8 +148,6 @@ def to_table(sim: Simulator):
 
 def from_table(table, model: str, example_ids: list[str], query_ids: list[str], initial: np.ndarray) -> Simulator:
     """A Simulator back from sim_coefficients rows of one model (examples absent: no effect)."""
-    import pyarrow.compute as pc
-
     rows = table.filter(pc.equal(table.column("model"), model))
     if rows.num_rows == 0:
         raise TrackstarError(f"sim_coefficients holds no fitted {model!r} simulator; run 'trackstar-db simfluence fit'")
@@ -164,10 +162,6 @@ def from_table(table, model: str, example_ids: list[str], query_ids: list[str], 
 
 def fit_and_store(db, ridge: float = 1.0, models=MODELS, run_ids: list[str] | None = None) -> dict:
     """Fit each model on the recorded runs (all, or those named) and replace sim_coefficients."""
-    import pyarrow as pa
-
-    from .data import ensure_tables, load_runs
-
     with db.writer("simfluence fit"):  # committed on release, so pinned reads (simulate, eval) see the fit
         ensure_tables(db)
         runs = load_runs(db, run_ids)

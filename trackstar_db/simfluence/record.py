@@ -11,6 +11,7 @@ sim_trajectories when it completes, so an interrupted recording keeps its finish
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from trackstar_db import defaults
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.models.load import open_tokenizer
 from trackstar_db.option_checks import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE_NUMBER, Choice, check_fields, ruled
+from trackstar_db.progress import bar
 from trackstar_db.store.checkpoints import source
 
 from .data import ensure_tables
@@ -48,8 +50,6 @@ class RecordOptions:
 
 def probe_queries(db, n: int) -> pa.Table:
     """The probes: n prompt0 queries, the same for a given database (sorted by a hash of the id)."""
-    import hashlib
-
     rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("template") == defaults.TEMPLATE)
     if rows.num_rows == 0:
         raise TrackstarError(f"{db.path}: no prompt0 queries to probe; run 'trackstar-db ingest facts' first")
@@ -60,14 +60,14 @@ def probe_queries(db, n: int) -> pa.Table:
 
 def training_setup(db, options: RecordOptions):
     """(TrainConfig, tokenizer, init checkpoint dir or None) for the runs."""
-    from trackstar_db.testbed.train import TrainConfig
+    from trackstar_db.testbed.train import TrainConfig  # heavy: torch
 
     config = TrainConfig()
     model = db.manifest.get("model")
     if model is None:
         if options.init == "checkpoint":
             raise ParameterError("init", f"'checkpoint' needs a recorded model in {db.path}; run 'trackstar-db train' first")
-        from trackstar_db.testbed.vocab import build_tokenizer
+        from trackstar_db.testbed.vocab import build_tokenizer  # heavy: transformers
 
         texts = db.table("examples", columns=["text"]).column("text").to_pylist()
         return config, build_tokenizer(texts, model_max_length=config.max_length), None
@@ -84,10 +84,9 @@ def training_setup(db, options: RecordOptions):
 
 def record_runs(db, options: RecordOptions, progress: bool | None = None) -> list[str]:
     """Record `options.runs` new runs (numbered after any already recorded); returns their ids."""
-    import torch
+    import torch  # heavy: torch
 
-    from trackstar_db.progress import bar
-    from trackstar_db.testbed.train import ProbeLosses, train_recorded
+    from trackstar_db.testbed.train import ProbeLosses, train_recorded  # heavy: torch
 
     with db.writer("simfluence record"):
         ensure_tables(db)

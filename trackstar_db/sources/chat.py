@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trackstar_db.errors import ParameterError, RecordError, TrackstarError
+from trackstar_db.models.context import cap_tokenizer, token_limit
+from trackstar_db.models.load import open_config, open_tokenizer
+from trackstar_db.store.checkpoints import source as model_source
 
 
 @dataclass
@@ -42,8 +45,6 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
     if not db.manifest.get("model"):
         raise TrackstarError(f"{db.path}: chat records are rendered with the model's chat template; record the "
                              f"model first ('trackstar-db init {db.path} --model DIR')")
-    from trackstar_db.models.load import open_tokenizer
-    from trackstar_db.store.checkpoints import source as model_source
 
     point = model_source(db)
     tokenizer = open_tokenizer(point)
@@ -63,9 +64,7 @@ def chat_tokenizer(db, template_file: str | Path | None = None):
 def context_cap(db, tokenizer) -> int | None:
     """Tokens a featurized chat keeps: the stored (or default) max_length, capped at the model's
     context (models/context.cap_tokenizer), as the gradient run will cut it."""
-    from trackstar_db.featurizer.config import FeaturizerConfig
-    from trackstar_db.models.context import cap_tokenizer, token_limit
-    from trackstar_db.models.load import open_config
+    from trackstar_db.featurizer.config import FeaturizerConfig  # heavy: torch
 
     entry = db.manifest.get("featurizer") or {}
     max_length = entry.get("config", {}).get("max_length", FeaturizerConfig().max_length)
@@ -77,8 +76,8 @@ def context_cap(db, tokenizer) -> int | None:
 
 def check_fits(tokenizer, text: str, spans: list[int], cap: int | None, path, line: int) -> None:
     """Refuse a chat whose assistant tokens all lie beyond the cut (its loss would be empty)."""
-    from trackstar_db.featurizer.task import Task
-    from trackstar_db.featurizer.tokenize import IGNORE
+    from trackstar_db.featurizer.task import Task  # heavy: torch
+    from trackstar_db.featurizer.tokenize import IGNORE  # heavy: torch
 
     if cap is not None and all(label == IGNORE for label in Task("chat").encode_example(tokenizer, text, spans, cap).labels):
         raise RecordError(path, line, f"no assistant token lies within the first {cap} tokens the model keeps")

@@ -34,9 +34,13 @@ import pyarrow as pa
 from trackstar_db import defaults
 from trackstar_db import faults
 from trackstar_db.errors import ParameterError, RecordError, TrackstarError
+from trackstar_db.models.load import open_tokenizer
 from trackstar_db.option_checks import COUNT, check_fields, ruled
+from trackstar_db.store import journal
 from trackstar_db.store.bm25 import BM25Index, sync_bm25
+from trackstar_db.store.checkpoints import source
 
+from .chat import chat_renderer
 from .records import IdRegistry, checked_records, expand, optional_index, optional_text, record_id, require_text
 
 TREX_FIELDS = {"sentence_id", "text", "abstract_uri", "sent_idx_in_abst", "fact_triples"}
@@ -107,7 +111,7 @@ def text_and_spans(record: dict, path: Path, line: int, options: CorpusOptions,
     if options.loss == "all":
         return require_text(record, options.text_field, path, line), None
     if options.loss == "completion":
-        from trackstar_db.featurizer.tokenize import target_separator
+        from trackstar_db.featurizer.tokenize import target_separator  # heavy: torch
 
         prompt = require_text(record, options.prompt_field, path, line, allow_empty=True)
         completion = require_text(record, options.completion_field, path, line)
@@ -154,8 +158,6 @@ def _tokenizer(db):
     """The database model's tokenizer, for n_tokens; None before a model is recorded."""
     if not db.manifest.get("model"):
         return None
-    from trackstar_db.models.load import open_tokenizer
-    from trackstar_db.store.checkpoints import source
 
     return open_tokenizer(source(db))
 
@@ -171,7 +173,7 @@ def _stored_hashes(db) -> dict[str, tuple[str, str]]:
 def _loss_of_table(db, options: CorpusOptions):
     """The task these records are stored under: the manifest's, with the options' example loss.
     Refused (before anything is written) when the examples table holds rows of another loss."""
-    from trackstar_db.featurizer.task import task_of
+    from trackstar_db.featurizer.task import task_of  # heavy: torch
 
     task = task_of(db.manifest)
     if db.count("examples") and task.examples != options.loss:
@@ -193,8 +195,7 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
     writer lock. A conflicting duplicate id (in the files, or against a stored example) is a
     RecordError naming both places; records whose loss differs from the stored examples' are
     refused before anything is written."""
-    from trackstar_db.featurizer.task import record_task
-    from trackstar_db.store import journal
+    from trackstar_db.featurizer.task import record_task  # heavy: torch
 
     options = options or CorpusOptions()
     report = IngestReport()
@@ -202,8 +203,6 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
     sources = {shard: f"{path.name}/{shard.name}" for path in map(Path, files) if path.is_dir()
                for shard in expand([path])}
     if options.loss == "chat":
-        from .chat import chat_renderer
-
         chat = chat_renderer(db, options.chat_template)
         tokenizer = chat.tokenizer
     else:
@@ -240,7 +239,7 @@ def ingest_corpus(db, files: list[str | Path], options: CorpusOptions | None = N
                 flush()
         flush()
         faults.point("corpus.after_bm25")
-        from .facts import rebuild_ground_truth
+        from .facts import rebuild_ground_truth  # heavy: duckdb
 
         rebuild_ground_truth(db)
         faults.point("corpus.after_ground_truth")

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from trackstar_db import defaults
 from trackstar_db import faults
 from trackstar_db.errors import RecordError
-from trackstar_db.store import schema as _schema
+from trackstar_db.store import journal, schema as _schema
 
 from .records import IdRegistry, checked_records, optional_text, record_id, require_text, string_list
 
@@ -116,7 +117,6 @@ def _stored_facts(db, ids: set[str]) -> dict[str, dict]:
     ("prompts": {template: prompt})."""
     if not ids or db.count("facts") == 0:
         return {}
-    import pyarrow.compute as pc
 
     wanted = pa.array(sorted(ids), pa.string())
     facts = {r["fact_id"]: r for r in db.table("facts", filter=pc.field("fact_id").isin(wanted)).to_pylist()}
@@ -134,7 +134,6 @@ def _stored_queries(db, ids: set[str]) -> dict[str, dict]:
     before their facts: the fact's ingest then finds them stored)."""
     if not ids or db.count("queries") == 0:
         return {}
-    import pyarrow.compute as pc
 
     rows = db.table("queries", columns=["query_id", "prompt", "target"],
                     filter=pc.field("query_id").isin(pa.array(sorted(ids), pa.string())))
@@ -176,8 +175,6 @@ def ingest_facts(db, files: list[str | Path], skip_bad: bool = False, progress: 
     """Add facts and their queries and rebuild ground_truth: all or nothing, kill -9 included
     (store/journal.py), under the writer lock. A fact id stored with other content (any field,
     or a prompt) is refused, naming the line and the stored fact with the field that differs."""
-    from trackstar_db.store import journal
-
     report = FactReport()
     parsed = _read(files, skip_bad, progress, report)
     with journal.transaction(db, "ingest facts", ["facts", "queries", "ground_truth"]):

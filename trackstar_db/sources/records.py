@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trackstar_db.errors import RecordError, TrackstarError, first_line
+from trackstar_db.progress import bar as progress_bar
 
 
 READ_ROWS = 8192  # rows per record batch read from Parquet and Arrow
@@ -300,8 +301,6 @@ def checked_records(files, check: Callable[[dict, Path, int], tuple[object, bool
     `check(record, path, line) -> (value, is_new)` accepts as new. A RecordError is raised, or
     with skip_bad kept in report.rejected; a repeat counts in report.already_present. One
     progress bar per file."""
-    from trackstar_db.progress import bar as progress_bar
-
     for path in expand(files):
         records = iter_records(path, report.rejected if skip_bad else None)
         with progress_bar(records, desc=f"{desc} {path.name}", unit=" rec", progress=progress) as bar:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tantivy
 
+from trackstar_db.errors import TrackstarError
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 VERSIONS = "bm25_versions"  # DB/bm25_versions/<name>/: committed states of the index, hard-linked
 RETIRE_SECONDS = 3600.0  # an uncommitted-to folder stays this long for readers that pinned it
@@ -80,8 +82,6 @@ class BM25Index:
         creating an empty one that would answer every query with nothing."""
         self.path = Path(db_path) / "bm25"
         if must_exist and not (self.path / "meta.json").is_file():
-            from trackstar_db.errors import TrackstarError
-
             raise TrackstarError(f"{self.path}: the BM25 index is missing; run 'trackstar-db check {db_path}' "
                                  f"and 'trackstar-db rebuild-bm25 {db_path}'")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -129,8 +129,6 @@ class BM25Index:
 
     def all_ids(self) -> list[str]:
         """The example_id of every document (a full scan: for reconciling after a rollback)."""
-        import tantivy
-
         self.index.reload()
         searcher = self.index.searcher()
         if not searcher.num_docs:

@@ -28,12 +28,19 @@ its committed version (damage) or never committed is read at its newest version.
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import pyarrow as pa
 
 from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError, first_line
+from trackstar_db.models.directory import fingerprint as model_fingerprint
+from trackstar_db.store import journal, read_view, schema as _schema, snapshot
+from trackstar_db.store.gradient_table import is_gradient_table, parse_table_name
+from trackstar_db.store.vectors import to_torch
 
 _SCAN_ROWS = defaults.STREAM_BATCH_ROWS
 
@@ -59,8 +66,6 @@ def _split(name: str) -> str:
 
 
 def _rebuild(db, name: str) -> str:
-    from trackstar_db.store.gradient_table import parse_table_name
-
     parsed = parse_table_name(name)
     if parsed:  # an attached checkpoint's table is written again with its --checkpoint
         checkpoint = parsed[2]
@@ -85,8 +90,6 @@ class Checker:
 
     # -- tables read fully, vectors finite ------------------------------------------------
     def check_tables(self) -> None:
-        from trackstar_db.store import schema as _schema
-
         db = self.db
         try:
             names = db.table_names()
@@ -103,9 +106,6 @@ class Checker:
             self._read(name)
 
     def _read(self, name: str) -> None:
-        from trackstar_db.store.gradient_table import is_gradient_table
-        from trackstar_db.store.vectors import to_torch
-
         db = self.db
         entry = db.manifest.get("gradient_tables", {}).get(name)
         try:
@@ -114,7 +114,7 @@ class Checker:
             seen, bad, first_bad = 0, 0, None
             for batch in dataset.to_batches(batch_size=_SCAN_ROWS):
                 if entry is not None and batch.num_rows:
-                    import torch
+                    import torch  # heavy: torch
 
                     x = to_torch(batch.column("vector"), entry["dtype"])  # [rows, d] float32
                     # a row sum is finite unless the row holds a NaN or inf (or overflows: rechecked
@@ -147,8 +147,6 @@ class Checker:
 
     def _version_hint(self, name: str) -> int | None:
         """The latest version Lance recorded for a table (_versions/latest_version_hint.json), if any."""
-        import json
-
         path = self.db.path / "tables" / f"{name}.lance" / "_versions" / "latest_version_hint.json"
         try:
             return int(json.loads(path.read_text())["version"])
@@ -172,7 +170,7 @@ class Checker:
 
     # -- ids agree across tables ------------------------------------------------------------
     def check_ids(self) -> None:
-        import duckdb
+        import duckdb  # heavy: duckdb
 
         db = self.db
         ids = {"examples": "example_id", "queries": "query_id", "facts": "fact_id"}
@@ -225,7 +223,7 @@ class Checker:
                     self.add(table, f"{n:,} rows name a {column} not in {target} (first: {first!r})", _rebuild(db, table))
 
     def check_bm25(self) -> None:
-        from trackstar_db.store.bm25 import BM25Index
+        from trackstar_db.store.bm25 import BM25Index  # heavy: tantivy
 
         db = self.db
         if "examples" not in self.readable:
@@ -259,7 +257,7 @@ class Checker:
             try:
                 with path.open("rb") as handle:
                     digest = hashlib.file_digest(handle, "sha256").hexdigest()
-                from trackstar_db.featurizer.preconditioner import Preconditioner  # imports transformers: only here
+                from trackstar_db.featurizer.preconditioner import Preconditioner  # heavy: torch, transformers
 
                 Preconditioner.load(path)
             except Exception as exc:
@@ -279,8 +277,6 @@ class Checker:
 
     # -- the journal and the committed versions (store/journal.py, store/snapshot.py) -----------
     def check_committed(self) -> None:
-        from trackstar_db.store import journal, snapshot
-
         db = self.db
         try:
             entry = journal.pending(db.path)
@@ -312,8 +308,6 @@ class Checker:
 
     # -- the model ----------------------------------------------------------------------------
     def check_model(self) -> None:
-        from trackstar_db.models.directory import fingerprint as model_fingerprint
-
         db = self.db
         model = db.manifest.get("model")
         if not model:
@@ -353,11 +347,6 @@ def _view(db):
     """(the read view check judges, {table: newest version on disk}): each table at its committed
     version, at its newest where it is behind that (damage, named by check_committed) or was never
     committed; the newest versions wholly when the record itself is unreadable (named too)."""
-    from dataclasses import replace
-    from types import MappingProxyType
-
-    from trackstar_db.store import read_view, snapshot
-
     newest = snapshot.latest_versions(db)
     try:
         view = read_view.take(db, refuse=False)

@@ -16,6 +16,7 @@ models/load.open_model; `kept(model_dir)` and `stored(db)` list the ones TracIn-
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from trackstar_db.errors import ParameterError, TrackstarError
@@ -42,8 +43,6 @@ def is_default(name: str | None) -> bool:
 def with_optimizer(point: ModelSource) -> ModelSource:
     """`point` with the optimizer state of its directory (file, kind, learning rate) filled in;
     TracIn-CP needs each checkpoint's learning rate."""
-    from dataclasses import replace
-
     from trackstar_db.featurizer import optimizer_state  # heavy: torch
 
     state_file = point.optimizer_state or optimizer_state.find(point.path)

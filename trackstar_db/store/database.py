@@ -58,7 +58,7 @@ class Store(SwapWriter):
     def _lance(self):
         """The LanceDB connection (writes, and every access to tables at an object-store URI)."""
         if self._connection is None:
-            import lancedb
+            import lancedb  # heavy: lancedb
 
             self._connection = lancedb.connect(self.tables_uri)
         return self._connection
@@ -173,7 +173,7 @@ class Store(SwapWriter):
             if path.exists() and any(p.name != "tables" for p in path.iterdir()):
                 raise TrackstarError(f"{path}: directory is not empty and holds no database")
             (path / "tables").mkdir(parents=True, exist_ok=True)
-            import lancedb
+            import lancedb  # heavy: lancedb
 
             lance = lancedb.connect(tables_uri or str(path / "tables"))
             for name in _schema.table_names():
@@ -261,7 +261,7 @@ class Store(SwapWriter):
         if local is None:
             dataset = self._lance.open_table(name).to_lance()
             return dataset if version is None else dataset.checkout_version(version)
-        import lance
+        import lance  # heavy: lance
 
         try:
             return lance.dataset(str(local / f"{name}.lance"), version=version)

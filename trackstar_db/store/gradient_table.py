@@ -19,15 +19,17 @@ training table and live next to it, one file per mix:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from trackstar_db import defaults
+from trackstar_db import defaults, faults
 from trackstar_db.errors import TrackstarError
 
 from . import checkpoints as _checkpoints
+from .lock import default_timeout
 
 SPLITS = ("train", "queries")
 VARIANTS = ("corrected", "uncorrected")
@@ -105,14 +107,11 @@ class GradientTable:
 
     def create(self, dim: int, dtype: str) -> None:
         """Create the Lance table (if needed) and record it in the manifest."""
-        from . import schema as _schema
-
-        from trackstar_db import faults
+        from . import schema as _schema  # heavy: pyarrow
 
         entry = {"split": self.split, "variant": self.variant, "dim": dim, "dtype": dtype}
         if not self.is_default:
             entry["checkpoint"] = self.checkpoint
-        from .lock import default_timeout
 
         # part of a gradient ingest, which may start while other shards commit: it waits as a flush does
         with self.db.writer(f"create {self.name}", timeout=max(default_timeout(), 600.0)):
@@ -133,7 +132,7 @@ class GradientTable:
     def batches(self, batch_size: int = defaults.SCAN_BATCH_ROWS, device="cpu", columns: tuple[str, ...] = ()) -> Iterator:
         """(ids, vectors [nb, d] float32 on `device`) batches in the table's scan order; with
         `columns`, (ids, vectors, {column: numpy array}) (e.g. the stored 'norm')."""
-        from .vectors import vector_batches
+        from .vectors import vector_batches  # heavy: pyarrow
 
         return vector_batches(self.dataset(), dtype=self.dtype, batch_size=batch_size, device=device,
                               extra_columns=columns)
@@ -162,8 +161,6 @@ class GradientTable:
                                  f"run 'trackstar-db fit {self.db.path}'")
         recorded = self.db.manifest["preconditioners"][self.preconditioner_key(mix)].get("sha256")
         if recorded is not None:  # recorded at fit: a swapped or damaged file is refused, not used
-            import hashlib
-
             with path.open("rb") as handle:
                 if hashlib.file_digest(handle, "sha256").hexdigest() != recorded:
                     raise TrackstarError(f"{path}: not the file fitted (sha256 differs); run 'trackstar-db fit {self.db.path}'")

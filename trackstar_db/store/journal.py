@@ -98,7 +98,7 @@ def rollback(db, entry: dict) -> None:
                     f"roll back, which cannot be restored ({first_line(exc)}); repair: move {path_of(db)} away to keep "
                     f"{name} as it is, then run 'trackstar-db check {db.path}'") from None
     if entry.get("bm25"):
-        from trackstar_db.store.bm25 import sync_bm25  # the one derived index outside Lance
+        from trackstar_db.store.bm25 import sync_bm25  # heavy: tantivy (the one derived index outside Lance)
 
         sync_bm25(db, full=True)
 

@@ -15,6 +15,8 @@ import pyarrow as pa
 
 from trackstar_db.resources import data_dir
 
+from .vectors import arrow_type
+
 _SCALARS = {
     "string": pa.string(),
     "bool": pa.bool_(),
@@ -72,8 +74,6 @@ def arrow_schema(name: str, *, vector: pa.DataType | None = None) -> pa.Schema:
 
 def gradient_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     """Schema of a gradient table holding `dim`-wide vectors stored as `dtype` (see vectors.py)."""
-    from .vectors import arrow_type
-
     return arrow_schema("gradients", vector=arrow_type(dim, dtype))
 
 

@@ -27,6 +27,9 @@ from pathlib import Path
 
 from trackstar_db.errors import TrackstarError
 
+from . import manifest as _manifest
+from .manifest import write_atomic
+
 FILENAME = "versions.json"
 _V2 = 1 << 63  # Lance's V2 manifest naming stores u64::MAX - version as the file name
 
@@ -50,8 +53,7 @@ def read(db_path: str | Path) -> dict | None:
 def write(db, manifest: dict) -> None:
     """Record every table's newest version, the BM25 index's committed folder (store/bm25.py)
     and `manifest` as the committed state."""
-    from .bm25 import commit_index
-    from .manifest import write_atomic
+    from .bm25 import commit_index  # heavy: tantivy
 
     record = {"tables": latest_versions(db), "manifest": manifest}
     bm25 = commit_index(db.path)
@@ -114,8 +116,6 @@ def damage(db, record: dict | None = None) -> list[tuple[str, str, str]]:
 def _manifest_damage(db, committed: dict, latest: dict[str, int]) -> list[tuple[str, str, str]]:
     """The manifest against the committed one and the stored vectors: its featurizer settings
     (projection seeds, dims, hashes: fixed once vectors exist) and each gradient table's dim."""
-    from . import manifest as _manifest
-
     current = _manifest.read(db.path)
     path = Path(db.path) / _manifest.FILENAME
     found = []
@@ -138,7 +138,7 @@ def _manifest_damage(db, committed: dict, latest: dict[str, int]) -> list[tuple[
 
 def _stored_dim(db, name: str) -> int | None:
     try:
-        import lance
+        import lance  # heavy: lance
 
         local = db._local_tables()
         dataset = (db._lance.open_table(name).to_lance() if local is None

@@ -10,6 +10,9 @@ tail-patch results are replaced this way; fit's R files with swap_files.
 
 from __future__ import annotations
 
+import datetime as _dt
+import json as _json
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -19,6 +22,8 @@ from trackstar_db.errors import TrackstarError
 from . import journal as _journal
 
 from trackstar_db.option_checks import RESERVED_PREFIX as STAGING  # prefix of the key under which swap_rows writes new rows
+from trackstar_db.option_checks import name as valid_name
+from trackstar_db.version import __version__
 
 
 class SwapWriter:
@@ -26,12 +31,6 @@ class SwapWriter:
 
     def record_run(self, run_id: str, method: str, parameters: dict) -> None:
         """Add a row to the runs table."""
-        import datetime as _dt
-        import json as _json
-
-        from trackstar_db.version import __version__
-        from trackstar_db.option_checks import name as valid_name
-
         valid_name("run", run_id)
 
         self.append("runs", pa.table({
@@ -56,8 +55,6 @@ class SwapWriter:
         all in, the journal turns to 'forward', the old rows (in `name`, `drop_from` and, with
         `record_run`, runs) are deleted and the staged ones renamed. A kill before the staged rows
         are complete rolls back to the old rows; after, the next writer finishes the swap."""
-        from trackstar_db.option_checks import name as valid_name
-
         keys = sorted(valid_name(column, key) for key in set(keys))  # never a staging key: a swap of one would jam
         values = rows.column(column).to_pylist()
         if set(values) - set(keys):

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
+from trackstar_db.progress import bar
 
 DTYPES = ("float32", "float16", "bfloat16")
 BATCH_BYTES = defaults.SCAN_BATCH_BYTES
@@ -37,7 +38,7 @@ def bytes_per_vector(dim: int, dtype: str) -> int:
 
 def to_arrow(vectors: torch.Tensor, dtype: str) -> pa.FixedSizeListArray:
     """[n, d] float tensor -> fixed_size_list array in the storage dtype."""
-    import torch
+    import torch  # heavy: torch
 
     n, dim = vectors.shape
     vectors = vectors.detach().to("cpu")
@@ -56,7 +57,7 @@ def to_torch(column: pa.Array | pa.ChunkedArray, dtype: str, device: str | torch
              native: bool = False) -> torch.Tensor:
     """fixed_size_list column -> [n, d] tensor on `device`: float32, or with `native` the stored
     dtype (float32, float16 or bfloat16) as a zero-copy view of the Arrow buffer on the CPU."""
-    import torch  # here, not at the top: the store imports without torch
+    import torch  # heavy: torch (the store imports without it)
 
     if dtype not in DTYPES:
         raise ValueError(f"vector dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -126,8 +127,6 @@ def vector_batches(source, *, dtype: str = "float32", id_column: str = "id", vec
 def scan_progress(batches, total: int, label: str, progress: bool | None = None):
     """Pass (ids, vectors) batches through, advancing a progress bar by the rows scanned
     (trackstar_db/progress.py: by default only in a terminal, and only for a long scan)."""
-    from trackstar_db.progress import bar
-
     with bar(total=total, desc=f"scan {label}", unit=" ex", leave=False, progress=progress) as shown:
         for item in batches:
             yield item

@@ -17,6 +17,10 @@ import pyarrow.compute as pc
 from trackstar_db import defaults
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import optimizer_state as _optimizer_state
+from trackstar_db.featurizer.task import task_of
+from trackstar_db.models.load import open_model
+from trackstar_db.option_checks import COUNT, K, check
+from trackstar_db.store.checkpoints import source
 
 from .patcher import TailPatchConfig, TailPatcher
 
@@ -30,9 +34,6 @@ def patch_model(db, device: str = "cpu"):
     """(model, tokenizer, optimizer state) of the final checkpoint, from the one model factory
     (models/load.open_model: the tokenizer cut at the model's context), weights in float32: the
     optimizer step is taken in full precision whatever the checkpoint's dtype."""
-    from trackstar_db.models.load import open_model
-    from trackstar_db.store.checkpoints import source
-
     point = source(db).with_dtype("float32")
     if point.optimizer_state is None:
         raise TrackstarError("tail-patch needs the model's optimizer state (optimizer.safetensors)")
@@ -44,8 +45,6 @@ def patch_model(db, device: str = "cpu"):
 def load_patcher(db, k: int = defaults.K_TAIL_PATCH, device: str = "cpu") -> TailPatcher:
     """A TailPatcher over the database's recorded checkpoint and its saved optimizer state (the one
     set-up of stored tail-patch runs and of `query --verify`)."""
-    from trackstar_db.featurizer.task import task_of
-
     model, tokenizer, state = patch_model(db, device)
     task = task_of(db.manifest)  # the step takes the database's loss (a completion's, a chat's)
     return TailPatcher(model, tokenizer, state, TailPatchConfig(k=k), task=task, spans=stored_spans(db, task))
@@ -70,8 +69,6 @@ class _StoredSpans:
 
 def tail_patch_runs(db, run_ids: list[str], k: int = defaults.K_TAIL_PATCH, max_queries: int | None = None,
                     device: str = "cpu") -> pa.Table:
-    from trackstar_db.option_checks import COUNT, K, check
-
     check("k", K, k)
     check("max_queries", COUNT, max_queries)
     known = db.ids("runs", "run_id")

@@ -21,16 +21,15 @@ from trackstar_db.featurizer.tokenize import (
     pad_id,
 )
 from trackstar_db.featurizer.task import per_example_loss
+from .train import TrainConfig, fact_accuracy, train_model
+from trackstar_db.models.load import open_model
+from trackstar_db.option_checks import holds_model, outside_database
+from trackstar_db.store.checkpoints import source
 
 
 @torch.no_grad()
 def score_predictions(db, batch_size: int = 64) -> pa.Table:
     """Write the predictions table: greedy correctness and P(target | prompt) of every query."""
-    from .train import fact_accuracy
-
-    from trackstar_db.models.load import open_model
-    from trackstar_db.store.checkpoints import source
-
     model, tokenizer = open_model(source(db).with_dtype("float32"))
     queries = db.table("queries", columns=["query_id", "prompt", "target"])
     ids = queries.column("query_id").to_pylist()
@@ -60,7 +59,7 @@ GROUP BY ALL ORDER BY f.frequency_bucket
 
 def accuracy_table(db) -> pa.Table:
     """Accuracy of the model on prompt0 queries, by fact frequency bucket."""
-    from trackstar_db.evaluation.sql import ReadOnlySQL
+    from trackstar_db.evaluation.sql import ReadOnlySQL  # heavy: duckdb
 
     with ReadOnlySQL(db.views()) as con:
         return con.run(ACCURACY_SQL)
@@ -70,10 +69,6 @@ def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bo
                   checkpoints: int = 0, overwrite: bool = False) -> pa.Table | None:
     """Train the testbed model on the examples, record it in the manifest, score the queries
     (checkpoints > 0: also keep that many intermediate checkpoints, for TracIn-CP)."""
-    from trackstar_db.option_checks import holds_model, outside_database
-
-    from .train import TrainConfig, train_model
-
     outside_database("out_dir", out_dir)
     if holds_model(out_dir) and not overwrite:
         raise ParameterError("out_dir", f"{out_dir} already holds a model (config.json or weights); choose another "
@@ -96,6 +91,6 @@ def train_testbed(db, out_dir: Path, overrides: dict | None = None, progress: bo
 
 
 def format_accuracy(table: pa.Table) -> str:
-    from trackstar_db.evaluation.sql import format_table
+    from trackstar_db.evaluation.sql import format_table  # heavy: duckdb
 
     return "model accuracy on prompt0 queries by frequency bucket:\n" + format_table(table, "table")

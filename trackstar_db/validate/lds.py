@@ -20,7 +20,7 @@ def _tables(db) -> dict:
 
 def lds_per_query(db_or_tables) -> pa.Table:
     """queries/lds_per_query.sql over a database (or a dict of its tables)."""
-    from trackstar_db.evaluation.metrics_sql import run_sql_file
+    from trackstar_db.evaluation.metrics_sql import run_sql_file  # heavy: duckdb
 
     tables = db_or_tables if isinstance(db_or_tables, dict) else _tables(db_or_tables)
     return run_sql_file("lds_per_query.sql", tables)
@@ -40,7 +40,7 @@ def bootstrap_interval(values: np.ndarray, draws: int = 1000, seed: int = 0, lev
 def lds_table(db_or_tables, validation: str | None = None, bootstrap: int = 1000, seed: int = 0) -> pa.Table:
     """One row per (run, validation): run_id, method, validation, n_queries, n_undefined,
     n_subsets, lds, lds_low, lds_high (queries/lds.sql, bootstrap over queries)."""
-    from trackstar_db.evaluation.metrics_sql import run_sql_file
+    from trackstar_db.evaluation.metrics_sql import run_sql_file  # heavy: duckdb
 
     tables = db_or_tables if isinstance(db_or_tables, dict) else _tables(db_or_tables)
     summary = run_sql_file("lds.sql", tables)

@@ -25,6 +25,8 @@ from trackstar_db.option_checks import COUNT, NON_NEGATIVE, PROPER_FRACTION, che
 
 from .lds import bootstrap_interval
 from .options import ValidateOptions
+from .scores import _texts, score_every_example
+from .trainers import make_trainer
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,7 @@ def query_loss_difference(db, options: QLDOptions, validate: ValidateOptions | N
     method, queries, top, mean_rise with rise_low / rise_high, and the same for random_rise and
     the difference rise - random_rise. validate: the trainer settings (schedule, steps, device,
     template...), ValidateOptions' defaults otherwise."""
-    from trackstar_db.testbed.train import ProbeLosses
-
-    from .scores import _texts, score_every_example
-    from .trainers import make_trainer
+    from trackstar_db.testbed.train import ProbeLosses  # heavy: torch
 
     validate = validate or ValidateOptions()
     queries, run = _pick_queries(db, options.run, options.queries, options.seed, validate.template)

@@ -18,6 +18,9 @@ import pyarrow.compute as pc
 
 from trackstar_db import faults
 from trackstar_db.errors import ParameterError, TrackstarError
+from trackstar_db.models.load import open_model
+from trackstar_db.models.source import ModelSource
+from trackstar_db.store.schema import arrow_schema
 
 from .options import ValidateOptions, draw_subset
 from .trainers import make_trainer
@@ -27,8 +30,6 @@ TABLES = ("validate_runs", "validate_losses", "validate_predictions")
 
 def ensure_tables(db) -> None:
     """Create the validate_* tables (schema/validate_*.json) where an older database lacks them."""
-    from trackstar_db.store.schema import arrow_schema
-
     for name in TABLES:
         if not db.has_table(name):
             with db.writer("validate: create tables"):
@@ -68,10 +69,10 @@ def _check_same(done: dict[int, dict], parameters: dict, name: str) -> None:
 def run_validation(db, options: ValidateOptions, progress: bool | None = None) -> list[int]:
     """Train and measure every subset 0..models-1 of validation `options.name` that is not stored
     yet; returns the subsets trained now. progress: a bar (None: only when stderr is a terminal)."""
-    import torch
-    from tqdm.auto import tqdm
+    import torch  # heavy: torch
+    from tqdm.auto import tqdm  # heavy: tqdm
 
-    from trackstar_db.testbed.train import ProbeLosses
+    from trackstar_db.testbed.train import ProbeLosses  # heavy: torch
 
     examples = db.table("examples", columns=["example_id", "text"]).sort_by("example_id")
     if examples.num_rows < 2:
@@ -122,9 +123,6 @@ def run_validation(db, options: ValidateOptions, progress: bool | None = None) -
 def attributed_loss(db, losses_of, device: str) -> float | None:
     """Mean target loss of the validation's queries under the database's own (attributed) model,
     the figure the retrained models' losses are compared with (None without a loadable model)."""
-    from trackstar_db.models.load import open_model
-    from trackstar_db.models.source import ModelSource
-
     entry = db.manifest.get("model")
     if entry is None:
         return None

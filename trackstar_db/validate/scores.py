@@ -30,6 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trackstar_db.errors import TrackstarError
+from .runner import ensure_tables
+from trackstar_db.ladder import REGISTRY, lookup
 
 QUERY_CHUNK_CELLS = 1 << 22  # query x example scores held at once by one runner call
 
@@ -47,8 +49,6 @@ class SecondStage:
     runs: tuple[str, ...] | None = None
 
     def applies_to(self, run_id: str, method: str) -> bool:
-        from trackstar_db.ladder import REGISTRY
-
         if self.runs is not None:
             return run_id in self.runs
         entry = REGISTRY.get(method)
@@ -80,9 +80,7 @@ def score_every_example(db, method: str, query_ids: list[str], texts: list[str],
     """Every example's score under `method` for `query_ids` (texts: what the text methods search
     with), from the method's runner with k = every example; examples it does not return (BM25:
     no shared word) score 0, which is their score."""
-    from trackstar_db.ladder import lookup
-
-    from trackstar_db.retrieval import runners
+    from trackstar_db.retrieval import runners  # heavy: torch
 
     entry = lookup(method)
     examples = examples if examples is not None else example_ids(db)
@@ -145,7 +143,7 @@ def _stored(db, validation: str) -> dict[str, tuple]:
 
 
 def _texts(db, run_parameters: str, query_ids: list[str]) -> list[str]:
-    from trackstar_db.retrieval.runs import _query_texts
+    from trackstar_db.retrieval.runs import _query_texts  # heavy: torch
 
     mode = json.loads(run_parameters or "{}").get("query_text", "prompt+target")
     rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("query_id").isin(query_ids))
@@ -156,8 +154,6 @@ def _texts(db, run_parameters: str, query_ids: list[str]) -> list[str]:
 def refit_since(db, method: str, run_parameters: str) -> bool:
     """True when `method` uses an R refitted since the run was retrieved (its stored top-k then
     describes another R than the one validate would score with)."""
-    from trackstar_db.ladder import REGISTRY
-
     entry = REGISTRY.get(method)
     if entry is None or entry.spec is None or entry.spec.preconditioner is None:
         return False
@@ -174,8 +170,6 @@ def score_runs(db, validation: str, *, device: str = "cpu", second_stage: Second
     run it applies to re-scored) whose stored ones are missing, stale or miss a subset; returns
     the run ids scored now. A run whose method cannot score here (not in the registry, its extra
     or tables missing) keeps its stored top-k LDS, marked partial, and `report` says why."""
-    from .runner import ensure_tables
-
     examples = example_ids(db)
     subsets, members = _members(db, validation, examples)
     if not subsets:

@@ -10,7 +10,7 @@ import json
 import math
 import shlex
 import subprocess
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +30,7 @@ class TestbedTrainer:
     name = "testbed"
 
     def __init__(self, db, options: ValidateOptions, n_subset: int | None = None):
-        from trackstar_db.simfluence.record import RecordOptions, training_setup
+        from trackstar_db.simfluence.record import RecordOptions, training_setup  # heavy: pyarrow
 
         if db.manifest.get("model") is None:
             raise ParameterError("train_command", f"not given, and {db.path} records no model to retrain: record one "
@@ -50,12 +50,10 @@ class TestbedTrainer:
                               device=options.device, threads=options.threads)
 
     def parameters(self) -> dict:
-        from dataclasses import asdict
-
         return {k: v for k, v in asdict(self.config).items() if k not in ("device", "threads")}
 
     def __call__(self, texts: Sequence[str], out: Path, ids: Sequence[str] = ()):
-        from trackstar_db.testbed.train import train_model
+        from trackstar_db.testbed.train import train_model  # heavy: torch
 
         train_model(texts, out, self.config, self.tokenizer, progress=False)
         return _load(out, self.tokenizer, self.config.device)

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from trackstar_db.cost_plan import Plan, plan_table
 from trackstar_db.devices import resolve_device
+from trackstar_db.gradients.memory import plan_rows_for_model
 
 
 def plan(db, dim: int, *, rows: int | None = None, queries: int | None = None, dtype: str = "float16",
@@ -23,8 +24,6 @@ def plan(db, dim: int, *, rows: int | None = None, queries: int | None = None, d
         chosen = Plan(rows=rows, dim=dim, dtype=dtype, blocks=blocks, **({"queries": queries} if queries else {}))
     extra = []
     if model_dir is not None:
-        from trackstar_db.gradients.memory import plan_rows_for_model  # heavy: torch, transformers
-
         extra = plan_rows_for_model(model_dir, dim, device_gib, model_dtype, max_length)
     return plan_table(chosen, extra)
 
