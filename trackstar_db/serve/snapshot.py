@@ -47,7 +47,7 @@ class Snapshot(Database):
     (committed: to the versions its last writer committed, DB/versions.json, where recorded)."""
 
     def __init__(self, path: str | Path, tables_at: str | None = None, committed: bool = False,
-                 location: str | None = None):
+                 location: str | None = None, previous: "Snapshot | None" = None):
         super().__init__(path)
         self._tables_at = tables_at
         self.location = location or str(self.path)  # what it serves: the directory, or s3://bucket/db
@@ -58,9 +58,16 @@ class Snapshot(Database):
         record = _committed.read(self.path) if committed else None
         if record is not None:
             self._pinned = dict(record["tables"])
+        self._bm25_index = None  # the committed BM25 index, opened by the first request that asks (held_bm25)
+        kept = previous._reusable(self.path) if previous is not None else {}
         for name in list(self._pinned) or super().table_names():
-            self._opened[name] = dataset = super()._open_dataset(name)
+            dataset = kept.get(name)
+            if dataset is None or dataset.version != self._pinned.get(name, dataset.latest_version):
+                dataset = super()._open_dataset(name)
+            self._opened[name] = dataset
             self._pinned[name] = dataset.version
+        if previous is not None and previous._bm25 == self._bm25 and previous.path == self.path:
+            self._bm25_index = previous._bm25_index
         self.made_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
     @property
@@ -76,6 +83,26 @@ class Snapshot(Database):
 
     def table_names(self) -> list[str]:
         return sorted(self._pinned)
+
+    def _reusable(self, path: Path) -> dict:
+        """{table: opened dataset} a next snapshot of `path` may keep where its version is the same
+        (a Lance dataset at a fixed version never changes): a commit that touches few tables opens only those."""
+        if path != self.path:
+            return {}
+        with self._guard:
+            return dict(self._opened)
+
+    def held_bm25(self):
+        """The committed BM25 index this snapshot reads (store/bm25.py), opened once: a Tantivy
+        reader per request would open the index's files and start its watcher threads every time."""
+        if not self._bm25:
+            return None
+        with self._guard:
+            if self._bm25_index is None:
+                from trackstar_db.store.bm25 import BM25Index
+
+                self._bm25_index = BM25Index.committed(self)
+            return self._bm25_index
 
     def _open_dataset(self, name: str):
         with self._guard:
@@ -195,7 +222,7 @@ class Tracker:
             if not probe.entered:
                 self.pending = True
                 return
-            mark, fresh = fingerprint(self.path), Snapshot(self.path)
+            mark, fresh = fingerprint(self.path), Snapshot(self.path, previous=self.snapshot)
         self._mark = mark
         self._move_to(fresh)
 

@@ -91,6 +91,16 @@ class BM25Index:
     def reader(cls, db, must_exist: bool = False) -> "BM25Index":
         """The index a reading command of `db` sees: the committed state its pin names (a Store
         pinned with pin(), a serve Snapshot), else the live index."""
+        held = getattr(db, "held_bm25", None)  # a serve Snapshot opens its committed index once
+        if held is not None:
+            index = held()
+            if index is not None:
+                return index
+        return cls.committed(db, must_exist)
+
+    @classmethod
+    def committed(cls, db, must_exist: bool = False) -> "BM25Index":
+        """reader(db), opened afresh."""
         name = getattr(db, "_bm25", None)
         if name:
             folder = Path(db.path) / VERSIONS / name
