@@ -455,6 +455,33 @@ def test_next_snapshot_reopens_only_what_changed(serve_db, tmp_path):
     sql = "SELECT count(*) AS n, max(example_id) AS m FROM examples"
     assert renewed.sql(sql).to_pylist() == scratch.sql(sql).to_pylist() != first.sql(sql).to_pylist()
 
+
+def test_a_refit_replaces_the_held_preconditioner(serve_db, tmp_path):
+    """A warm process keeps one R per table and mix: after a refit (a new file) the next query
+    loads the new R in place of the old one, and answers as a process that never held the old."""
+    import shutil
+
+    from trackstar_db import connect
+    from trackstar_db.retrieval import scoring
+
+    shutil.copytree(serve_db, tmp_path / "db")
+    db = connect(tmp_path / "db")
+    mine = lambda: {family: held[0][0] for family, held in scoring._LOADED.items()  # noqa: E731
+                    if family[0].startswith(str(tmp_path))}
+    db.query(EVIL_PROMPT, EVIL_TARGET, k=3, method="trackstar")
+    before = mine()
+    assert before
+    db.fit(damping=0.5)  # another R: new content-named files
+    after_db = connect(tmp_path / "db")
+    answer = after_db.query(EVIL_PROMPT, EVIL_TARGET, k=3, method="trackstar")
+    after = mine()
+    assert after.keys() == before.keys() and all(after[f] != before[f] for f in after)  # replaced, not added
+    assert all(__import__("pathlib").Path(path).is_file() for path in after.values())
+    scoring._LOADED.clear()  # a process that never held the old R
+    again = connect(tmp_path / "db").query(EVIL_PROMPT, EVIL_TARGET, k=3, method="trackstar")
+    assert answer.column("example_id").to_pylist() == again.column("example_id").to_pylist()
+    assert answer.column("score").to_pylist() == again.column("score").to_pylist()
+
 # -- embedding and the command line -----------------------------------------------------------
 
 def test_mounts_in_a_users_app(serve_db):
