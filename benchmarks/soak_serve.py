@@ -20,7 +20,13 @@ Reported: requests served and errors (any answer but 200, or a transport error: 
 p50/p95 latency per minute (all requests, and /api/query alone; the last row is a part minute
 when --minutes is not whole), the server's RSS (VmRSS of its process) at start (after the
 warm-up) and at the end, writer cycles, and
-whether every answer matched one committed version:
+whether every answer matched one committed version (below), and two figures that tell growth
+of the database from growth of the server: the RSS growth over the second half of the soak, and
+the RSS of a fresh server on the final database after the same 20 s warm-up (--no-fresh skips it;
+what the soak's server holds beyond it is what the versions it served cost). --no-writer is the
+control: the clients alone on one version.
+
+Every answer is checked against one committed version:
   - every hit of every /api/query answer carries its example's text (a hit on an example the
     answer's version does not hold would have none), BM25 included;
   - every /api/sql answer finds no retrieval or ground-truth row naming an example it lacks;
@@ -29,6 +35,7 @@ whether every answer matched one committed version:
 
     python benchmarks/soak_serve.py                    # 10 minutes
     python benchmarks/soak_serve.py --minutes 1.5      # a short try
+    python benchmarks/soak_serve.py --minutes 3 --no-writer   # the control: no version moves
 """
 
 from __future__ import annotations

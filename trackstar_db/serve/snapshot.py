@@ -14,7 +14,9 @@ works, the old snapshot keeps answering and `pending` says a newer version is on
 
 The warm state moves to the new snapshot when the model and featurizer recorded in the
 manifest are unchanged: the loaded checkpoints (PromptAttributor's featurizers) are handed
-over instead of loaded again.
+over instead of loaded again. So do the opened Lance datasets of tables whose version is the
+same (`previous`): a commit that touched two tables opens two. A snapshot opens its committed
+BM25 index once (`held_bm25`), not once per request.
 
 BM25 reads the committed folder of the index the record names (store/bm25.py). Not pinned (a
 reader of these sees the newest committed state): an ANN index (its provenance check against the
