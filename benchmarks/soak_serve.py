@@ -20,7 +20,13 @@ Reported: requests served and errors (any answer but 200, or a transport error: 
 p50/p95 latency per minute (all requests, and /api/query alone; the last row is a part minute
 when --minutes is not whole), the server's RSS (VmRSS of its process) at start (after the
 warm-up) and at the end, writer cycles, and
-whether every answer matched one committed version:
+whether every answer matched one committed version (below), and two figures that tell growth
+of the database from growth of the server: the RSS growth over the second half of the soak, and
+the RSS of a fresh server on the final database after the same 20 s warm-up (--no-fresh skips it;
+what the soak's server holds beyond it is what the versions it served cost). --no-writer is the
+control: the clients alone on one version.
+
+Every answer is checked against one committed version:
   - every hit of every /api/query answer carries its example's text (a hit on an example the
     answer's version does not hold would have none), BM25 included;
   - every /api/sql answer finds no retrieval or ground-truth row naming an example it lacks;
@@ -29,6 +35,7 @@ whether every answer matched one committed version:
 
     python benchmarks/soak_serve.py                    # 10 minutes
     python benchmarks/soak_serve.py --minutes 1.5      # a short try
+    python benchmarks/soak_serve.py --minutes 3 --no-writer   # the control: no version moves
 """
 
 from __future__ import annotations
@@ -83,7 +90,7 @@ while time.time() < until:
     records.append(json.loads((Path(path) / "versions.json").read_text())["tables"])
     seconds.append(time.perf_counter() - begin)
     cycle += 1
-    time.sleep(pause)  # no writer at work: the server moves to the new version
+    time.sleep(max(0.0, min(pause, until - time.time())))  # no writer at work: the server moves to the new version
 Path(out).write_text(json.dumps({"cycles": cycle, "seconds": seconds, "records": records}))
 """
 
@@ -105,6 +112,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Server:
+    """`trackstar-db serve DB --device cpu` on a free port, started as a user would."""
+
+    def __init__(self, path: Path, env: dict):
+        import httpx
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(CLI + ["serve", str(path), "--port", str(port), "--device", "cpu"], env=env,
+                                        stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        with httpx.Client(base_url=self.url, timeout=600) as http:
+            while True:
+                try:
+                    http.get("/api/health").raise_for_status()
+                    return
+                except httpx.TransportError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise SystemExit(f"the server did not start: {self.process.stderr.read()[-2000:]}")
+                    time.sleep(0.2)
+
+    def warm_up(self, warm: "Soak", clients: int, seconds: float = 20.0) -> None:
+        """`seconds` of every client's requests: every kind answered by every client thread, the
+        warm state a soak starts from."""
+        threads = [threading.Thread(target=warm.client, args=(i, time.time() + seconds)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if warm.errors:
+            raise SystemExit(f"warm-up failed: {warm.errors[0]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(60)
 
 
 class Soak:
@@ -185,9 +231,11 @@ def main() -> None:
     parser.add_argument("--append", type=int, default=8, help="examples the writer appends per cycle")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--pause", type=float, default=2.0, help="seconds the writer rests between cycles")
+    parser.add_argument("--writer", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-writer: the control, clients alone on one version")
+    parser.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
+                        help="at the end, a fresh server on the final database, warmed up alike: its RSS")
     args = parser.parse_args()
-    import httpx
-
     from trackstar_db import connect
 
     built = build(args.workdir, args.size, args.dim)
@@ -207,67 +255,60 @@ def main() -> None:
     print(f"{path}: {db.count('examples'):,} examples, d {args.dim}; {args.clients} clients, {args.minutes:g} min; "
           f"commit {commit}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    server = subprocess.Popen(CLI + ["serve", str(path), "--port", str(port), "--device", "cpu"], env=env,
-                              stderr=subprocess.PIPE, text=True)
+    server = Server(path, env)
+    url = server.url
     loads, rss, sampling = [], [], threading.Event()
     writer = None
     try:
-        http = httpx.Client(base_url=url, timeout=600)
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                http.get("/api/health").raise_for_status()
-                break
-            except httpx.TransportError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start: {server.stderr.read()[-2000:]}")
-                time.sleep(0.2)
-        warm = Soak(url, prompt, target, args.k, ids)  # every kind of request answered once, by every
-        threads = [threading.Thread(target=warm.client, args=(i, time.time() + 20)) for i in range(args.clients)]
-        for thread in threads:  # client thread: the warm state the soak starts from
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if warm.errors:
-            raise SystemExit(f"warm-up failed: {warm.errors[0]}")
-        start_rss = rss_kib(server.pid)
+        server.warm_up(Soak(url, prompt, target, args.k, ids), args.clients)
+        start_rss = rss_kib(server.process.pid)
         begin = time.time()
         until = begin + args.minutes * 60
 
         def sample() -> None:
             while not sampling.wait(5.0):
                 loads.append((time.time(), os.getloadavg()[0]))
-                rss.append((time.time(), rss_kib(server.pid)))
+                rss.append((time.time(), rss_kib(server.process.pid)))
 
         threading.Thread(target=sample, daemon=True).start()
         out = args.workdir / "soak-writer.json"
         out.unlink(missing_ok=True)
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(until), str(args.append), prompt,
-                                   target, str(out), str(args.pause)], env=env, stderr=subprocess.PIPE, text=True)
+        if args.writer:
+            writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(until), str(args.append), prompt,
+                                       target, str(out), str(args.pause)], env=env, stderr=subprocess.PIPE, text=True)
         soak = Soak(url, prompt, target, args.k, ids)
         threads = [threading.Thread(target=soak.client, args=(i, until)) for i in range(args.clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        _, werr = writer.communicate(timeout=900)
-        end_rss = rss_kib(server.pid)
-        if writer.returncode != 0:
-            raise SystemExit(f"the writer failed: {werr[-3000:]}")
-        wrote = json.loads(out.read_text())
+        if writer is not None:
+            _, werr = writer.communicate(timeout=900)
+            if writer.returncode != 0:
+                raise SystemExit(f"the writer failed: {werr[-3000:]}")
+            wrote = json.loads(out.read_text())
+        else:  # the one version committed before the soak
+            wrote = {"cycles": 0, "seconds": [], "records": [json.loads((path / "versions.json").read_text())["tables"]]}
+        end_rss = rss_kib(server.process.pid)
     finally:
         sampling.set()
         if writer is not None and writer.poll() is None:
             writer.kill()
-        server.terminate()
-        server.wait(60)
+        server.stop()
+    fresh_rss = None
+    if args.fresh:  # the control: what a server holds for the final database alone, after the same warm-up
+        fresh = Server(path, env)
+        try:
+            fresh.warm_up(Soak(fresh.url, prompt, target, args.k, ids), args.clients)
+            fresh_rss = rss_kib(fresh.process.pid)
+        finally:
+            fresh.stop()
 
     committed = [json.dumps(r, sort_keys=True) for r in wrote["records"]]
     unmatched = [v for v in soak.versions if json.dumps(v, sort_keys=True) not in committed]
-    print(f"\nwriter: {wrote['cycles']} cycles of +{args.append} examples, featurize, refit, replace the bm25 run "
+    print(f"\nwriter: none (--no-writer): one version for the whole soak" if writer is None else
+          f"\nwriter: {wrote['cycles']} cycles of +{args.append} examples, featurize, refit, replace the bm25 run "
           f"(p50 {percentile(wrote['seconds'], 50):.1f} s a cycle); {connect(path).count('examples'):,} examples "
           "at the end")
     print(f"{'minute':>6} {'requests':>9} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8} {'query p50':>10} {'query p95':>10} "
@@ -291,6 +332,14 @@ def main() -> None:
     print(f"\nrequests served: {len(soak.requests):,}; errors: {len(soak.errors)}"
           + (f" (first: {soak.errors[0]})" if soak.errors else ""))
     print(f"server RSS: {start_rss / 1024:.1f} MiB at start, {end_rss / 1024:.1f} MiB at the end ({growth:+.1f}%)")
+    half = [x for t, x in rss if t >= begin + args.minutes * 30]
+    if half and args.minutes >= 2:
+        print(f"  steady state: {half[0] / 1024:.1f} MiB at minute {args.minutes / 2:g}, {end_rss / 1024:.1f} MiB at "
+              f"the end ({(end_rss - half[0]) / half[0] * 100:+.1f}% over the second half)")
+    if fresh_rss is not None:
+        print(f"  a fresh server on the final database, after the same warm-up: {fresh_rss / 1024:.1f} MiB "
+              f"({(fresh_rss - start_rss) / start_rss * 100:+.1f}% on the soak's start: what the larger database "
+              f"itself costs); the soak's server held {(end_rss - fresh_rss) / 1024:+.1f} MiB more than it")
     matched = not soak.mismatches and not unmatched
     print(f"every answer matched one committed version: {'yes' if matched else 'NO'} "
           f"({len(soak.versions)} /api/version answers over {len(set(map(json.dumps, soak.versions)))} versions, "

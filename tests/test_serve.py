@@ -424,6 +424,70 @@ def test_snapshot_pins_each_table(serve_db, tmp_path):
     assert Snapshot(tmp_path / "db").count("examples") == before + 1 and snapshot.count("examples") == before
 
 
+
+def test_next_snapshot_reopens_only_what_changed(serve_db, tmp_path):
+    """A renewed snapshot keeps the previous one's datasets of unchanged tables and its BM25
+    reader when the index is unchanged (one Tantivy reader per version, not per request), opens
+    the rest at the new versions, and answers exactly as a snapshot made from nothing."""
+    import json
+    import shutil
+
+    from trackstar_db import connect
+    from trackstar_db.serve.snapshot import Snapshot
+
+    shutil.copytree(serve_db, tmp_path / "db")
+    first = Snapshot(tmp_path / "db")
+    index = first.held_bm25()
+    assert index is not None and first.held_bm25() is index  # opened once for the snapshot's life
+    again = Snapshot(tmp_path / "db", previous=first)  # nothing committed since: everything kept
+    assert again.versions == first.versions and again.held_bm25() is index
+    assert all(again._opened[name] is first._opened[name] for name in first.versions)
+
+    corpus = tmp_path / "more.jsonl"
+    corpus.write_text(json.dumps({"sentence_id": "more-1", "text": f"{EVIL_PROMPT} {EVIL_TARGET} again"}) + "\n")
+    connect(tmp_path / "db").ingest_corpus([corpus], progress=False)
+    renewed, scratch = Snapshot(tmp_path / "db", previous=again), Snapshot(tmp_path / "db")
+    assert renewed.versions == scratch.versions and renewed.versions["examples"] == first.versions["examples"] + 1
+    for name, version in first.versions.items():  # kept exactly where the version is the same
+        assert (renewed._opened[name] is first._opened[name]) == (renewed.versions[name] == version), name
+    assert renewed.held_bm25() is not index and renewed.held_bm25() is renewed.held_bm25()
+    assert renewed.count("examples") == scratch.count("examples") == first.count("examples") + 1
+    for db in (renewed, scratch):
+        assert db.held_bm25().path == scratch.held_bm25().path != index.path
+    ask = f"{EVIL_PROMPT} {EVIL_TARGET}"
+    assert renewed.held_bm25().search(ask, 5) == scratch.held_bm25().search(ask, 5)
+    assert "more-1" in [hit for hit, _ in renewed.held_bm25().search(ask, 5)]
+    assert "more-1" not in [hit for hit, _ in first.held_bm25().search(ask, 5)]  # the old version still reads its own
+    sql = "SELECT count(*) AS n, max(example_id) AS m FROM examples"
+    assert renewed.sql(sql).to_pylist() == scratch.sql(sql).to_pylist() != first.sql(sql).to_pylist()
+
+
+def test_a_refit_replaces_the_held_preconditioner(serve_db, tmp_path):
+    """A warm process keeps one R per table and mix: after a refit (a new file) the next query
+    loads the new R in place of the old one, and answers as a process that never held the old."""
+    import shutil
+
+    from trackstar_db import connect
+    from trackstar_db.retrieval import scoring
+
+    shutil.copytree(serve_db, tmp_path / "db")
+    db = connect(tmp_path / "db")
+    mine = lambda: {family: held[0][0] for family, held in scoring._LOADED.items()  # noqa: E731
+                    if family[0].startswith(str(tmp_path))}
+    db.query(EVIL_PROMPT, EVIL_TARGET, k=3, method="trackstar")
+    before = mine()
+    assert before
+    db.fit(damping=0.5)  # another R: new content-named files
+    after_db = connect(tmp_path / "db")
+    answer = after_db.query(EVIL_PROMPT, EVIL_TARGET, k=3, method="trackstar")
+    after = mine()
+    assert after.keys() == before.keys() and all(after[f] != before[f] for f in after)  # replaced, not added
+    assert all(__import__("pathlib").Path(path).is_file() for path in after.values())
+    scoring._LOADED.clear()  # a process that never held the old R
+    again = connect(tmp_path / "db").query(EVIL_PROMPT, EVIL_TARGET, k=3, method="trackstar")
+    assert answer.column("example_id").to_pylist() == again.column("example_id").to_pylist()
+    assert answer.column("score").to_pylist() == again.column("score").to_pylist()
+
 # -- embedding and the command line -----------------------------------------------------------
 
 def test_mounts_in_a_users_app(serve_db):

@@ -67,24 +67,29 @@ def _norms(x: torch.Tensor, what: str) -> torch.Tensor:
     return norms
 
 
-_LOADED: dict[tuple, object] = {}  # (path, inode, size, mtime) -> Preconditioner, a warm process's R
+_LOADED: dict[tuple, tuple] = {}  # (folder, table, mix) -> ((path, inode, size, mtime), Preconditioner): a warm process's R
 
 
 def load_preconditioner(table, mix: str):
     """table.load_preconditioner(mix), kept while its file is unchanged (a refit replaces the
-    file, so a new inode or mtime loads the new R). R's powers stay cached inside it."""
+    file, so a new inode or mtime loads the new R). R's powers stay cached inside it. One R is
+    kept per table and mix: a server following a database through refits holds the current
+    ones, not those of the versions before."""
     path = table.preconditioner_path(mix)
     try:
         stat = path.stat()
         key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     except OSError:
         return table.load_preconditioner(mix)  # names what to run
-    if key not in _LOADED:
+    family = (str(path.parent), getattr(table, "name", ""), mix)
+    held = _LOADED.get(family)
+    if held is None or held[0] != key:
         pre = table.load_preconditioner(mix)
+        _LOADED.pop(family, None)
         if len(_LOADED) >= 4:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = pre
-    return _LOADED[key]
+        _LOADED[family] = held = (key, pre)
+    return held[1]
 
 
 def prepare(db, spec: MethodSpec) -> Scoring:

@@ -16,7 +16,9 @@ serves the first snapshot for the server's whole life.
 
 The warm models move to the new snapshot when the model and featurizer recorded in the
 manifest are unchanged: the new snapshot's model cache adopts its predecessor's entries that
-its manifest still describes (models/cache.py), instead of loading them again.
+its manifest still describes (models/cache.py), instead of loading them again. So do the opened
+Lance datasets of tables whose version is the same (`previous`): a commit that touched two tables
+opens two. A snapshot opens its committed BM25 index once (`held_bm25`), not once per request.
 
 Not in the view (a reader of these sees the newest committed state): an ANN index (its
 provenance check against the snapshot's manifest refuses an index rebuilt since).
@@ -45,13 +47,21 @@ from trackstar_db.store import snapshot as _committed
 class Snapshot(Database):
     """A database handle pinned to the read view taken when it was made (store/read_view.py)."""
 
-    def __init__(self, path: str | Path, tables_at: str | None = None, location: str | None = None):
+    def __init__(self, path: str | Path, tables_at: str | None = None, location: str | None = None,
+                 previous: "Snapshot | None" = None):
         self._tables_at = tables_at  # before the store opens: an object-store database's tables are not local
         super().__init__(path)
         self.location = location or str(self.path)  # what it serves: the directory, or s3://bucket/db
         self._opened: dict[str, object] = {}
         self._guard = threading.Lock()
         self.pin()
+        self._bm25_index = None  # the committed BM25 index, opened by the first request that asks (held_bm25)
+        if previous is not None and previous.path == self.path:
+            for name, dataset in previous._reusable().items():  # a Lance dataset at a fixed version never changes
+                if self.view.tables.get(name) == dataset.version:
+                    self._opened[name] = dataset
+            if previous.view.bm25 == self.view.bm25:
+                self._bm25_index = previous._bm25_index
         self.made_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
     @property
@@ -66,6 +76,24 @@ class Snapshot(Database):
 
     def unpin(self) -> None:
         """A snapshot keeps its view for its life (requests on several threads read it)."""
+
+    def _reusable(self) -> dict:
+        """{table: opened dataset}: what a next snapshot keeps where its view has the same version
+        (a commit that touches few tables opens only those)."""
+        with self._guard:
+            return dict(self._opened)
+
+    def held_bm25(self):
+        """The committed BM25 index this snapshot reads (store/bm25.py), opened once: a Tantivy
+        reader per request would open the index's files and start its watcher threads every time."""
+        if not self.view.bm25:
+            return None
+        with self._guard:
+            if self._bm25_index is None:
+                from trackstar_db.store.bm25 import BM25Index
+
+                self._bm25_index = BM25Index.committed(self)
+            return self._bm25_index
 
     def _open_dataset(self, name: str):
         with self._guard:
@@ -177,7 +205,7 @@ class Tracker:
             if not probe.entered:
                 self.pending = True
                 return
-            mark, fresh = fingerprint(self.path), Snapshot(self.path)
+            mark, fresh = fingerprint(self.path), Snapshot(self.path, previous=self.snapshot)
         self._mark = mark
         self._move_to(fresh)
 

@@ -90,7 +90,18 @@ class BM25Index:
     @classmethod
     def reader(cls, db, must_exist: bool = False) -> "BM25Index":
         """The index a reading command of `db` sees: the committed folder its read view names
-        (store/read_view.py: a handle inside reading(), a serve Snapshot), else the live index."""
+        (store/read_view.py: a handle inside reading(), a serve Snapshot, which holds it open), else
+        the live index."""
+        held = getattr(db, "held_bm25", None)  # a serve Snapshot opens its committed index once
+        if held is not None:
+            index = held()
+            if index is not None:
+                return index
+        return cls.committed(db, must_exist)
+
+    @classmethod
+    def committed(cls, db, must_exist: bool = False) -> "BM25Index":
+        """reader(db), opened afresh."""
         view = getattr(db, "view", None)
         name = view.bm25 if view is not None else None
         if name:
