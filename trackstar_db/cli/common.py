@@ -52,7 +52,7 @@ def one_line(exc: BaseException) -> str | None:
             return f"{where}{_DISK_FULL}"
         return f"{where}{one_line(RuntimeError(_first_line(exc)))}"  # Lance/LanceDB: OSError, path inside
     if isinstance(exc, TrackstarError):  # our own line, as written (a failed rank names itself before its cause)
-        return _first_line(exc)
+        return _lance_hint(_first_line(exc), module)
     if "os error 28" in str(exc) or "No space left on device" in str(exc):  # safetensors, Tantivy
         return _DISK_FULL
     if isinstance(exc, json.JSONDecodeError):
@@ -68,11 +68,15 @@ def one_line(exc: BaseException) -> str | None:
     if isinstance(exc, (OverflowError, MemoryError)):
         return f"{type(exc).__name__}: {_first_line(exc)}"
     if isinstance(exc, (ValueError, RuntimeError)) or module.startswith(("lance", "pyarrow", "tantivy")):
-        line = _first_line(exc)  # TrackstarError and the Rust side of Lance, LanceDB and Tantivy
-        if "LanceError" in line or module.startswith("lance"):
-            line += " (a damaged table? 'trackstar-db check DB' names it and its repair)"
-        return line
+        return _lance_hint(_first_line(exc), module)  # the Rust side of Lance, LanceDB and Tantivy
     return None
+
+
+def _lance_hint(line: str, module: str) -> str:
+    """`line`, pointing to `check` where Lance failed to read a table."""
+    if "LanceError" in line or module.startswith("lance"):
+        return line + " (a damaged table? 'trackstar-db check DB' names it and its repair)"
+    return line
 
 
 class OptionError(click.ClickException):

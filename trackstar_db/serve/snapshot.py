@@ -42,6 +42,7 @@ from trackstar_db.distributed.objectstore import is_uri
 from trackstar_db.store import lock as _lock
 from trackstar_db.store import manifest as _manifest
 from trackstar_db.store import snapshot as _committed
+from trackstar_db.store.bm25 import BM25Index
 
 
 class Snapshot(Database):
@@ -90,8 +91,6 @@ class Snapshot(Database):
             return None
         with self._guard:
             if self._bm25_index is None:
-                from trackstar_db.store.bm25 import BM25Index
-
                 self._bm25_index = BM25Index.committed(self)
             return self._bm25_index
 
