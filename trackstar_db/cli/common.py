@@ -51,8 +51,8 @@ def one_line(exc: BaseException) -> str | None:
         if "os error 28" in str(exc) or "No space left" in str(exc):  # Lance's IO error of a full disk
             return f"{where}{_DISK_FULL}"
         return f"{where}{one_line(RuntimeError(_first_line(exc)))}"  # Lance/LanceDB: OSError, path inside
-    if isinstance(exc, TrackstarError):  # our own line, as written (a failed rank names itself before its cause)
-        return _lance_hint(_first_line(exc), module)
+    if getattr(exc, "whole_line", False):  # a line that names its own cause (a failed rank, then why)
+        return _first_line(exc)
     if "os error 28" in str(exc) or "No space left on device" in str(exc):  # safetensors, Tantivy
         return _DISK_FULL
     if isinstance(exc, json.JSONDecodeError):

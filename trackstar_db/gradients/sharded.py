@@ -121,6 +121,8 @@ _FAILED, _PLACE = "trackstar/failed", "trackstar/rank/"
 class RankFailure(TrackstarError):
     """Another rank (or this one) failed: the message names the rank and the cause."""
 
+    whole_line = True  # the CLI shows it as written, even where the cause is a full disk
+
 
 class RankWatch:
     """Watches the other ranks of a sharded run (see the module doc); a context manager.
