@@ -51,6 +51,12 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """digest() of a file's bytes, read in chunks: what a content-named file's record holds."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` and fsync it (a full disk leaves no partial file)."""
     path = Path(path)

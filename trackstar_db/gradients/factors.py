@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from trackstar_db import faults
+from trackstar_db.content import file_sha256
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import kfac as _kfac
 from trackstar_db.featurizer.config import Layout
@@ -152,11 +153,6 @@ def _load_partial(folder: Path, key: str) -> tuple[str, int, dict] | None:
         return None
 
 
-def _digest(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _bar(total: int | None, desc: str, progress: bool | None):
     return tqdm(total=total, desc=desc, unit=" ex", disable=not wanted(progress))
 
@@ -237,7 +233,7 @@ def _store(db, factors: _kfac.KroneckerFactors, config, folder: Path, resumed: i
     try:
         tmp = folder / f"factors.{kind}.tmp"
         factors.save(tmp)
-        digest = _digest(tmp)
+        digest = file_sha256(tmp)
         staged.append((tmp, f"factors.{kind}.{digest[:16]}.safetensors"))
         entry = {"kind": kind, "damping": factors.damping, "file": staged[-1][1], "sha256": digest,
                  "n_examples": factors.params["n_examples"], "tokens": factors.params["tokens"],
@@ -252,7 +248,7 @@ def _store(db, factors: _kfac.KroneckerFactors, config, folder: Path, resumed: i
                                                    n_train=factors.params["n_examples"], table_version=table.version())
                 tmp = folder / f"{PROJECTED_TABLE}.{which}-proj.tmp"
                 pre.save(tmp)
-                digest = _digest(tmp)
+                digest = file_sha256(tmp)
                 staged.append((tmp, f"{PROJECTED_TABLE}.{which}-proj.{digest[:16]}.safetensors"))
                 entry["projected"][which] = {"file": staged[-1][1], "sha256": digest, "table": table.name,
                                              "table_version": table.version()}
@@ -298,7 +294,7 @@ def _checked(db, entry: dict, loaded: dict, keep: int, load):
     path = db.path / "preconditioners" / entry["file"]
     key = (str(path), entry["sha256"])
     if key not in loaded:
-        if not path.is_file() or _digest(path) != entry["sha256"]:
+        if not path.is_file() or file_sha256(path) != entry["sha256"]:
             raise TrackstarError(f"{path}: missing or not the file fitted (sha256 differs); "
                                  f"run 'trackstar-db fit-factors {db.path}'")
         while len(loaded) >= keep:

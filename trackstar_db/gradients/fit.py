@@ -18,7 +18,6 @@ The same pass stores, for R_train of every table, the norms self-influence reads
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import torch
 
 from trackstar_db import defaults
 from trackstar_db import faults
-from trackstar_db.content import digest as content_digest, write_bytes
+from trackstar_db.content import digest as content_digest, file_sha256, write_bytes
 from trackstar_db.errors import ParameterError, TrackstarError
 from trackstar_db.featurizer.config import Layout
 from trackstar_db.featurizer.preconditioner import (DEFAULT_DAMPING, DEFAULT_SHRINKAGE, GramAccumulator,
@@ -224,7 +223,7 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
             digest = content_digest(data)
             path = train.preconditioner_path(which, digest)
             fitted[train.preconditioner_key(which)] = dict(params, file=path.name, sha256=digest)
-            if path.is_file() and _sha256(path) == digest:
+            if path.is_file() and file_sha256(path) == digest:
                 continue  # the same content under its name: nothing to write
             tmp = path.parent / f"{train.preconditioner_key(which)}.tmp"
             tmp.parent.mkdir(exist_ok=True)
@@ -246,11 +245,6 @@ def fit(db, mix: str = "task", kind: str = "block", damping: float = DEFAULT_DAM
                           unlink=expired, fault="fit")
         # else: an identical refit, every file and the manifest already as fitted: nothing rewritten
     return FitReport(fitted, notes)
-
-
-def _sha256(path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _retire(manifest: dict, fitted: dict, folder) -> tuple[list[str], list[str]]:

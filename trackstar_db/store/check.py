@@ -27,7 +27,6 @@ its committed version (damage) or never committed is read at its newest version.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from types import MappingProxyType
 import pyarrow as pa
 
 from trackstar_db import defaults
+from trackstar_db.content import file_sha256
 from trackstar_db.errors import TrackstarError, first_line
 from trackstar_db.models.directory import fingerprint as model_fingerprint
 from trackstar_db.store import journal, read_view, schema as _schema, snapshot
@@ -255,8 +255,7 @@ class Checker:
                 self.add(label, "file is missing", repair)
                 continue
             try:
-                with path.open("rb") as handle:
-                    digest = hashlib.file_digest(handle, "sha256").hexdigest()
+                digest = file_sha256(path)
                 from trackstar_db.featurizer.preconditioner import Preconditioner  # heavy: torch, transformers
 
                 Preconditioner.load(path)

@@ -19,13 +19,13 @@ training table and live next to it, one file per mix:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from trackstar_db import defaults, faults
+from trackstar_db.content import file_sha256
 from trackstar_db.errors import TrackstarError
 
 from . import checkpoints as _checkpoints
@@ -161,9 +161,8 @@ class GradientTable:
                                  f"run 'trackstar-db fit {self.db.path}'")
         recorded = self.db.manifest["preconditioners"][self.preconditioner_key(mix)].get("sha256")
         if recorded is not None:  # recorded at fit: a swapped or damaged file is refused, not used
-            with path.open("rb") as handle:
-                if hashlib.file_digest(handle, "sha256").hexdigest() != recorded:
-                    raise TrackstarError(f"{path}: not the file fitted (sha256 differs); run 'trackstar-db fit {self.db.path}'")
+            if file_sha256(path) != recorded:
+                raise TrackstarError(f"{path}: not the file fitted (sha256 differs); run 'trackstar-db fit {self.db.path}'")
         try:
             return Preconditioner.load(path)
         except Exception as exc:  # a truncated or foreign file: one line naming it
