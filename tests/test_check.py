@@ -262,16 +262,16 @@ def test_check_judges_the_committed_versions_not_a_killed_writers(copy):
     import subprocess
     import sys
 
-    from trackstar_db.store import snapshot
+    from trackstar_db.store import committed
 
-    before = snapshot.read(copy)["tables"]["grads_queries_corrected"]
+    before = committed.read(copy)["tables"]["grads_queries_corrected"]
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(copy)], capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     from trackstar_db import connect
 
     handle = connect(copy)
-    assert snapshot.latest_versions(handle)["grads_queries_corrected"] > before  # the uncommitted version is there
-    assert snapshot.read(copy)["tables"]["grads_queries_corrected"] == before
+    assert committed.latest_versions(handle)["grads_queries_corrected"] > before  # the uncommitted version is there
+    assert committed.read(copy)["tables"]["grads_queries_corrected"] == before
     assert problems(copy) == []
     assert "no problems found" in run("check", copy).output
     with handle.writer("adopts what is on disk"):

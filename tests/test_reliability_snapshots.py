@@ -533,10 +533,10 @@ def test_a_database_older_than_versions_json_gets_one_at_its_first_open(tiny_db,
     the next reader reads that record, not the newest versions; with another writer holding the
     lock the open writes nothing (and its reads take the newest versions), the next open does."""
     from trackstar_db import connect
-    from trackstar_db.store import snapshot
+    from trackstar_db.store import committed
 
     db = tiny_db.path
-    record = db / snapshot.FILENAME
+    record = db / committed.FILENAME
     recorded = json.loads(record.read_text())
     (tmp_path / "holder").mkdir()
     with _Held(db, tmp_path / "holder", append=False):
@@ -548,7 +548,7 @@ def test_a_database_older_than_versions_json_gets_one_at_its_first_open(tiny_db,
     handle = connect(db)
     assert record.exists()
     written = json.loads(record.read_text())
-    assert written["tables"] == snapshot.latest_versions(handle) == recorded["tables"]
+    assert written["tables"] == committed.latest_versions(handle) == recorded["tables"]
     assert written["manifest"] == json.loads((db / "manifest.json").read_text())
     assert written.get("bm25") and (db / "bm25_versions" / written["bm25"] / "meta.json").is_file()
     # the record now holds: an append no writer committed is not read

@@ -22,7 +22,7 @@ from pathlib import Path
 from trackstar_db.distributed import objectstore
 from trackstar_db.errors import TrackstarError
 from trackstar_db.store import manifest as _manifest
-from trackstar_db.store import snapshot as _committed
+from trackstar_db.store import committed as _committed
 
 from .snapshot import Snapshot
 

@@ -41,7 +41,7 @@ from trackstar_db.api import Database
 from trackstar_db.distributed.objectstore import is_uri
 from trackstar_db.store import lock as _lock
 from trackstar_db.store import manifest as _manifest
-from trackstar_db.store import snapshot as _committed
+from trackstar_db.store import committed as _committed
 from trackstar_db.store.bm25 import BM25Index
 
 

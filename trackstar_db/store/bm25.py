@@ -1,6 +1,6 @@
 """The BM25 side: a Tantivy index over examples.text inside the database directory (DB/bm25).
 
-Readers see the committed index (store/snapshot.py): when a writer commits, `commit_index`
+Readers see the committed index (store/committed.py): when a writer commits, `commit_index`
 hard-links the index's files (Tantivy never rewrites a file: segments are immutable, meta.json
 is replaced by rename) into DB/bm25_versions/<sha256 of meta.json>/ and the committed record
 names that folder; `BM25Index.reader(db)` opens the one its read view names, so a query

@@ -11,7 +11,7 @@ repair), one row each, empty when the database is whole:
   examples;
 - the journal of an interrupted command is readable and names versions that exist; no table is
   missing or behind the version its last writer committed; the manifest's featurizer settings
-  and dims agree with those the stored vectors were written with (store/snapshot.py);
+  and dims agree with those the stored vectors were written with (store/committed.py);
 - preconditioner files are present, readable, match the sha256 recorded at fit and are not
   stale (their table_version is the training table's version);
 - the recorded model directory and optimizer state are there, and the weights are the ones
@@ -38,7 +38,7 @@ from trackstar_db import defaults
 from trackstar_db.content import file_sha256
 from trackstar_db.errors import TrackstarError, first_line
 from trackstar_db.models.directory import fingerprint as model_fingerprint
-from trackstar_db.store import journal, read_view, schema as _schema, snapshot
+from trackstar_db.store import committed as _committed, journal, read_view, schema as _schema
 from trackstar_db.store.gradient_table import is_gradient_table, parse_table_name
 from trackstar_db.store.vectors import to_torch
 
@@ -274,7 +274,7 @@ class Checker:
                 self.add(label, f"stale: fitted on version {params.get('table_version')} of {table}, "
                                 f"which is now at version {version}", repair)
 
-    # -- the journal and the committed versions (store/journal.py, store/snapshot.py) -----------
+    # -- the journal and the committed versions (store/journal.py, store/committed.py) -----------
     def check_committed(self) -> None:
         db = self.db
         try:
@@ -285,7 +285,7 @@ class Checker:
                      "the interrupted command left")
             entry = None
         if entry is not None:
-            latest = snapshot.latest_versions(db)
+            latest = _committed.latest_versions(db)
             for name, version in sorted(entry["tables"].items()):
                 if version is not None and name in latest and not self._has_version(name, int(version)):
                     self.add("journal.json", f"names version {version} of {name}, which no longer exists",
@@ -293,11 +293,11 @@ class Checker:
                              f"'trackstar-db check {db.path}'")
         try:
             reported = {row["table"] for row in self.rows}
-            for name, problem, repair in snapshot.damage(db):
+            for name, problem, repair in _committed.damage(db):
                 if name not in reported:  # a table check_tables found damaged already says how to rebuild it
                     self.add(name, problem, repair)
         except TrackstarError as exc:
-            self.add(snapshot.FILENAME, _first_line(exc), f"delete {db.path / snapshot.FILENAME}")
+            self.add(_committed.FILENAME, _first_line(exc), f"delete {db.path / _committed.FILENAME}")
 
     def _has_version(self, name: str, version: int) -> bool:
         try:
@@ -346,7 +346,7 @@ def _view(db):
     """(the read view check judges, {table: newest version on disk}): each table at its committed
     version, at its newest where it is behind that (damage, named by check_committed) or was never
     committed; the newest versions wholly when the record itself is unreadable (named too)."""
-    newest = snapshot.latest_versions(db)
+    newest = _committed.latest_versions(db)
     try:
         view = read_view.take(db, refuse=False)
     except TrackstarError:  # an unreadable versions.json: check_committed names it

@@ -36,7 +36,7 @@ from . import lock as _lock
 from . import manifest as _manifest
 from . import read_view as _read_view
 from . import schema as _schema
-from . import snapshot as _snapshot
+from . import committed as _committed
 from .gradient_table import GradientTable, is_gradient_table
 from .swap import SwapWriter
 
@@ -90,7 +90,7 @@ class Store(SwapWriter):
         try:
             with _lock.WriterLock(self.path, "recover", timeout=0):
                 _journal.recover(self)
-                _snapshot.write(self, _manifest.read(self.path))
+                _committed.write(self, _manifest.read(self.path))
         except (TrackstarError, OSError):
             return  # a writer is at work (its journal is live), the directory is read-only, or the journal is damaged
         self.manifest = _manifest.read(self.path)
@@ -104,10 +104,10 @@ class Store(SwapWriter):
             if held.first:
                 if (self.path / _journal.FILENAME).exists():
                     _journal.recover(self)
-                _snapshot.refuse_damage(self)
+                _committed.refuse_damage(self)
             yield self
             if held.first:  # the command finished cleanly: its state is the one readers pin from now on
-                _snapshot.write(self, _manifest.read(self.path))
+                _committed.write(self, _manifest.read(self.path))
 
     # -- reading: one committed version for a whole command ------------------------------------
     def pin(self, view: "_read_view.ReadView | None" = None) -> "Store":

@@ -33,7 +33,7 @@ from trackstar_db.errors import TrackstarError
 from . import journal as _journal
 from . import lock as _lock
 from . import manifest as _manifest
-from . import snapshot as _snapshot
+from . import committed as _committed
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,12 @@ def take(db, refuse: bool = True) -> ReadView:
     path = Path(db.path)
     if refuse and (path / _journal.FILENAME).exists():
         _journal.pending(path)  # an unreadable journal: one line, its repair
-    record = _snapshot.read(path)
+    record = _committed.read(path)
     if record is None:  # written before versions.json, and a writer held the lock at its first open
-        tables, bm25 = _snapshot.latest_versions(db), None
+        tables, bm25 = _committed.latest_versions(db), None
     else:
         if refuse:
-            _snapshot.refuse_damage(db, record)
+            _committed.refuse_damage(db, record)
         tables, bm25 = dict(record["tables"]), record.get("bm25")
     manifest = _manifest.read(path)
     return ReadView(MappingProxyType(tables), manifest, MappingProxyType(_recorded_sha256(manifest)), bm25,
@@ -76,7 +76,7 @@ def newest(db) -> ReadView:
     """The newest versions on disk as a view, no record consulted (check's view when the record
     itself is unreadable: check names the record as the problem)."""
     manifest = _manifest.read(Path(db.path))
-    return ReadView(MappingProxyType(_snapshot.latest_versions(db)), manifest,
+    return ReadView(MappingProxyType(_committed.latest_versions(db)), manifest,
                     MappingProxyType(_recorded_sha256(manifest)), None, False)
 
 
@@ -87,16 +87,16 @@ def record_missing(db) -> bool:
     work: its rows are not committed by a reader), the tables are not on this machine (an
     object-store database: its writers record it) or the directory cannot be written."""
     path = Path(db.path)
-    if (path / _snapshot.FILENAME).exists() or _lock.held(path):
+    if (path / _committed.FILENAME).exists() or _lock.held(path):
         return False
     local = db._local_tables()
     if local is None or not local.is_dir():
         return False
     try:
         with _lock.WriterLock(path, "record committed versions", timeout=0):
-            if (path / _snapshot.FILENAME).exists() or (path / _journal.FILENAME).exists():
+            if (path / _committed.FILENAME).exists() or (path / _journal.FILENAME).exists():
                 return False  # recorded meanwhile, or a killed writer's journal the next writer recovers
-            _snapshot.write(db, _manifest.read(path))
+            _committed.write(db, _manifest.read(path))
     except (TrackstarError, OSError):
         return False
     return True
