@@ -138,12 +138,7 @@ class PromptAttributor:
         check("k", K, k)
         if self.db.count("examples") == 0:
             raise TrackstarError(f"{self.db.path}: the database has no examples")
-        entry = lookup(method or runners.best_method(self.db))
-        if entry.runner == "rerank":
-            if rerank not in (None, entry.name):
-                raise ParameterError("rerank", f"{rerank!r} with method {entry.name}, itself the {entry.name} "
-                                               f"second stage; name a first-stage method")
-            rerank, entry = entry.name, lookup(runners.best_method(self.db))
+        entry, rerank = runners.stages(self.db, lookup(method or runners.best_method(self.db)), rerank)
         if not entry.serves_prompt:
             raise TrackstarError(entry.refuses_prompt)
         return entry, rerank

@@ -205,10 +205,21 @@ def kronecker_proj(db, method: Method, request: Request) -> TopKResult:
                        scoring=scoring)
 
 
+def stages(db, method: Method, rerank: str | None) -> tuple[Method, str | None]:
+    """(the method whose answer comes first, the second stage re-scoring it or None): kfac /
+    ekfac as methods are the best rung's top candidates re-scored by themselves."""
+    if method.runner != "rerank":
+        return method, rerank
+    if rerank not in (None, method.name):
+        raise ParameterError("rerank", f"{rerank!r} with method {method.name}, itself the {method.name} second "
+                                       f"stage; name a first-stage method")
+    return lookup(best_method(db)), method.name
+
+
 def rerank(db, method: Method, request: Request) -> TopKResult:
     """kfac / ekfac as methods: the best rung's top candidates re-scored (retrieval/rerank.py)."""
-    first = lookup(best_method(db))
-    return run(db, first, dataclasses.replace(request, rerank=method.name))
+    first, second = stages(db, method, request.rerank)
+    return run(db, first, dataclasses.replace(request, rerank=second))
 
 
 @dataclass(frozen=True)
@@ -267,9 +278,6 @@ def run(db, method: Method, request: Request) -> TopKResult:
     """Top-k of `method` for `request`; an ANN search only where the method serves one."""
     if request.ann is not None and not method.serves_ann and method.runner != "rerank":
         raise TrackstarError(f"ann: an ANN index serves the gradient methods, not {method.name}")
-    if method.runner == "rerank" and request.rerank not in (None, method.name):
-        raise ParameterError("rerank", f"{request.rerank!r} with method {method.name}, itself the {method.name} second "
-                                       f"stage; name a first-stage method")
     if request.rerank is None or method.runner == "rerank":
         return RUNNERS[method.runner].top_k(db, method, request)
     from .rerank import check_rerank  # heavy: transformers
