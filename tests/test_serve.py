@@ -464,6 +464,32 @@ def test_next_snapshot_reopens_only_what_changed(serve_db, tmp_path):
     assert renewed.sql(sql).to_pylist() == scratch.sql(sql).to_pylist() != first.sql(sql).to_pylist()
 
 
+def test_a_snapshot_evaluates_once_and_a_new_version_again(serve_db, tmp_path, monkeypatch):
+    """The evaluation table of a snapshot is computed by the first request that asks for it and
+    then handed out as is (its view never changes); a snapshot of a later version computes its
+    own, which sees the change (here a run added)."""
+    import shutil
+
+    from trackstar_db import connect
+    from trackstar_db.api import Database
+    from trackstar_db.serve.snapshot import Snapshot
+
+    shutil.copytree(serve_db, tmp_path / "db")
+    computed = []
+    original = Database.evaluate
+    monkeypatch.setattr(Database, "evaluate", lambda self, by="method": computed.append(by) or original(self, by))
+    first = Snapshot(tmp_path / "db")
+    table = first.evaluate()
+    assert first.evaluate() is table and first.evaluate("bucket") is first.evaluate("bucket")
+    assert computed == ["method", "bucket"]
+    assert table.equals(connect(tmp_path / "db").evaluate())  # the same table a fresh read computes
+    connect(tmp_path / "db").retrieve("bm25", k=5, run_id="bm25-again")
+    renewed = Snapshot(tmp_path / "db", previous=first)
+    assert "bm25-again" in renewed.evaluate().column("run_id").to_pylist()
+    assert "bm25-again" not in first.evaluate().column("run_id").to_pylist()
+    assert computed == ["method", "bucket", "method", "method"]  # the fresh read above, then the renewed snapshot
+
+
 def test_a_refit_replaces_the_held_preconditioner(serve_db, tmp_path):
     """A warm process keeps one R per table and mix: after a refit (a new file) the next query
     loads the new R in place of the old one, and answers as a process that never held the old."""

@@ -18,7 +18,8 @@ The warm models move to the new snapshot when the model and featurizer recorded 
 manifest are unchanged: the new snapshot's model cache adopts its predecessor's entries that
 its manifest still describes (models/cache.py), instead of loading them again. So do the opened
 Lance datasets of tables whose version is the same (`previous`): a commit that touched two tables
-opens two. A snapshot opens its committed BM25 index once (`held_bm25`), not once per request.
+opens two. A snapshot opens its committed BM25 index once (`held_bm25`), not once per request, and computes
+its evaluation table once per `by` (`evaluate`).
 
 Not in the view (a reader of these sees the newest committed state): an ANN index (its
 provenance check against the snapshot's manifest refuses an index rebuilt since).
@@ -57,6 +58,7 @@ class Snapshot(Database):
         self._guard = threading.Lock()
         self.pin()
         self._bm25_index = None  # the committed BM25 index, opened by the first request that asks (held_bm25)
+        self._evaluations: dict[str, object] = {}  # evaluate(by) of this view, computed once (a view never changes)
         if previous is not None and previous.path == self.path:
             for name, dataset in previous._reusable().items():  # a Lance dataset at a fixed version never changes
                 if self.view.tables.get(name) == dataset.version:
@@ -93,6 +95,18 @@ class Snapshot(Database):
             if self._bm25_index is None:
                 self._bm25_index = BM25Index.committed(self)
             return self._bm25_index
+
+    def evaluate(self, by: str = "method"):
+        """The method-by-metric table of this view, computed by the first request that asks for
+        each `by` and kept for the snapshot's life: the view's rows never change, and the
+        computation (a DuckDB instance over every retrieval) is most of a request's time."""
+        with self._guard:
+            held = self._evaluations.get(by)
+        if held is None:
+            held = super().evaluate(by)
+            with self._guard:
+                held = self._evaluations.setdefault(by, held)
+        return held
 
     def _open_dataset(self, name: str):
         with self._guard:
