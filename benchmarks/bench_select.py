@@ -18,7 +18,7 @@ subset from the same initialisation (seed), the same tokenizer and the same numb
 scored on the task: greedy accuracy and mean target loss on the given half and on the held-out
 half (all three prompt templates), and accuracy on the other facts' prompt0 queries.
 
-    python benchmarks/bench_select.py [--people 60] [--steps 400] [--fraction 0.2]
+    python benchmarks/bench_select.py [--people 60] [--steps 400] [--fraction 0.2] [--rerank ekfac]
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     parser.add_argument("--templates", choices=["prompt0", "all"], default="prompt0",
                         help="which query templates of the given facts form the task")
+    parser.add_argument("--rerank", choices=["kfac", "ekfac"], default=None,
+                        help="also select with trackstar's scan re-scored through the Kronecker factors (fit-factors "
+                             "is run first), every example a candidate: the selector 'trackstar+KIND'")
     parser.add_argument("--reuse", action="store_true", help="reuse the world, model and R an earlier run left in --workdir")
     args = parser.parse_args()
 
@@ -153,6 +156,12 @@ def main() -> None:
     for method in ("trackstar", "bm25"):
         chosen = db.select(task, fraction=args.fraction, method=method)
         subsets[method] = chosen.rows.column("example_id").to_pylist()
+    if args.rerank:  # the second stage over every example: the accurate tier's own selection
+        if (db.manifest.get("factors") or {}).get("kind") != "ekfac":  # EK-FAC factors serve both kinds
+            db.fit_factors("ekfac", progress=False)
+        chosen = db.select(task, fraction=args.fraction, method="trackstar", rerank=args.rerank, candidates=n_examples)
+        subsets[f"trackstar+{args.rerank}"] = chosen.rows.column("example_id").to_pylist()
+        step(f"selected with trackstar + {args.rerank} over all {n_examples:,} examples")
     facts_of = {}
     for row in db.sql("SELECT example_id, fact_id FROM ground_truth").to_pylist():
         facts_of.setdefault(row["example_id"], set()).add(row["fact_id"])

@@ -59,6 +59,7 @@ from bench_query import build  # noqa: E402
 
 CLI = [sys.executable, "-m", "trackstar_db.cli"]
 METHODS = ("trackstar", "r-train", "grad-cos", "bm25")
+KINDS = [f"query {m}" for m in METHODS] + ["sql", "runs", "evaluation", "example", "version"]
 SQL = ("SELECT (SELECT count(*) FROM examples) AS examples, "
        "(SELECT count(*) FROM retrievals WHERE example_id NOT IN (SELECT example_id FROM examples)) AS stray, "
        "(SELECT count(*) FROM ground_truth WHERE example_id NOT IN (SELECT example_id FROM examples)) AS lost")
@@ -156,8 +157,8 @@ class Server:
 class Soak:
     """The clients' shared record: (time, kind, seconds, ok) of every request and every mismatch."""
 
-    def __init__(self, url: str, prompt: str, target: str, k: int, example_ids: list[str]):
-        self.url, self.prompt, self.target, self.k, self.ids = url, prompt, target, k, example_ids
+    def __init__(self, url: str, prompt: str, target: str, k: int, example_ids: list[str], kinds: list[str] = KINDS):
+        self.url, self.prompt, self.target, self.k, self.ids, self.kinds = url, prompt, target, k, example_ids, kinds
         self.lock = threading.Lock()
         self.requests: list[tuple[float, str, float, bool]] = []
         self.errors: list[str] = []
@@ -201,7 +202,7 @@ class Soak:
     def client(self, index: int, until: float) -> None:
         import httpx
 
-        kinds = itertools.cycle([f"query {m}" for m in METHODS] + ["sql", "runs", "evaluation", "example", "version"])
+        kinds = itertools.cycle(self.kinds)
         for _ in range(index):  # the clients start at different points of the cycle
             next(kinds)
         with httpx.Client(base_url=self.url, timeout=600) as http:
@@ -231,11 +232,17 @@ def main() -> None:
     parser.add_argument("--append", type=int, default=8, help="examples the writer appends per cycle")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--pause", type=float, default=2.0, help="seconds the writer rests between cycles")
+    parser.add_argument("--kinds", default=None,
+                        help="comma-separated request kinds the clients cycle through (default: all of "
+                             + ", ".join(KINDS) + "); e.g. 'query trackstar,version' to tell which kind grows memory")
     parser.add_argument("--writer", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-writer: the control, clients alone on one version")
     parser.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=True,
                         help="at the end, a fresh server on the final database, warmed up alike: its RSS")
     args = parser.parse_args()
+    kinds = KINDS if args.kinds is None else [k.strip() for k in args.kinds.split(",")]
+    if not kinds or set(kinds) - set(KINDS):
+        parser.error(f"--kinds: choose among {', '.join(KINDS)}")
     from trackstar_db import connect
 
     built = build(args.workdir, args.size, args.dim)
@@ -252,7 +259,8 @@ def main() -> None:
     ids = db.table("examples", columns=["example_id"]).column(0).to_pylist()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    print(f"{path}: {db.count('examples'):,} examples, d {args.dim}; {args.clients} clients, {args.minutes:g} min; "
+    print(f"{path}: {db.count('examples'):,} examples, d {args.dim}; {args.clients} clients asking "
+          f"{'every kind' if kinds == KINDS else ', '.join(kinds)}, {args.minutes:g} min; "
           f"commit {commit}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -261,7 +269,7 @@ def main() -> None:
     loads, rss, sampling = [], [], threading.Event()
     writer = None
     try:
-        server.warm_up(Soak(url, prompt, target, args.k, ids), args.clients)
+        server.warm_up(Soak(url, prompt, target, args.k, ids, kinds), args.clients)
         start_rss = rss_kib(server.process.pid)
         begin = time.time()
         until = begin + args.minutes * 60
@@ -277,7 +285,7 @@ def main() -> None:
         if args.writer:
             writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(until), str(args.append), prompt,
                                        target, str(out), str(args.pause)], env=env, stderr=subprocess.PIPE, text=True)
-        soak = Soak(url, prompt, target, args.k, ids)
+        soak = Soak(url, prompt, target, args.k, ids, kinds)
         threads = [threading.Thread(target=soak.client, args=(i, until)) for i in range(args.clients)]
         for thread in threads:
             thread.start()
@@ -300,7 +308,7 @@ def main() -> None:
     if args.fresh:  # the control: what a server holds for the final database alone, after the same warm-up
         fresh = Server(path, env)
         try:
-            fresh.warm_up(Soak(fresh.url, prompt, target, args.k, ids), args.clients)
+            fresh.warm_up(Soak(fresh.url, prompt, target, args.k, ids, kinds), args.clients)
             fresh_rss = rss_kib(fresh.process.pid)
         finally:
             fresh.stop()
