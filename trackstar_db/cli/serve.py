@@ -11,6 +11,7 @@ import click
 from trackstar_db.devices import resolve_device
 from trackstar_db.distributed.objectstore import object_uri
 from trackstar_db.errors import TrackstarError
+from trackstar_db.serve.allocator import keep_mmap_threshold
 
 from . import main
 from .common import DB_ARG
@@ -76,6 +77,7 @@ def serve(db, host, port, public, token, device, fixed, max_queued, no_warm, max
     if token is not None and not token.strip():
         raise TrackstarError(f"--token / {TOKEN_ENV} is empty")
     started = time.perf_counter()
+    keep_mmap_threshold()  # a long-lived process: freed scan buffers go back to the kernel (serve/allocator.py)
 
     db = object_uri(db) or db
     log = logging.getLogger("trackstar_db.serve")

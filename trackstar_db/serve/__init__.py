@@ -6,7 +6,8 @@
 
 The app opens the database once and keeps the model, featurizer and R warm between requests.
 Its parts: snapshot.py (the consistent version each request reads), service.py (the work, one
-model worker thread), payload.py (answers as JSON), routes.py (HTTP, errors, token, and the
+model worker thread), allocator.py (the process's malloc setting `serve` makes at start),
+payload.py (answers as JSON), routes.py (HTTP, errors, token, and the
 explorer page: static/live.html's body in report/page.py's one page shell, made at start-up),
 static/ (the page's body, its own CSS and JavaScript, shipped in the wheel; nothing from the
 network). Needs the `serve` extra: pip install 'trackstar-db[serve]'.
