@@ -36,7 +36,8 @@ def test_manifest_records_what_the_factors_were_fitted_on(db):
 
 
 def test_factors_equal_a_direct_fit_of_the_examples(db):
-    """The stored covariances are those of the examples' factors, summed here independently."""
+    """The stored covariances are those of the examples' factors (of each example's summed token
+    loss, as the manifest records), summed here independently."""
     from trackstar_db.featurizer.tokenize import collate, pad_id
     from trackstar_db.featurizer.tracked import per_example_backward
     from trackstar_db.gradients.factors import load_factors
@@ -57,8 +58,9 @@ def test_factors_equal_a_direct_fit_of_the_examples(db):
                 sums[0] = sums[0] + x_r[0].double().T @ x_r[0].double()
                 sums[1] = sums[1] + x_c[0].double().T @ x_c[0].double()
                 tokens += x_c.shape[1]
-        per_example_backward(featurizer.model, featurizer.tracked, batch, take)
-    assert db.manifest["factors"]["tokens"] == tokens
+        per_example_backward(featurizer.model, featurizer.tracked, batch, take, summed=True)
+    assert db.manifest["factors"]["tokens"] == tokens and db.manifest["factors"]["token_loss"] == "sum"
+    assert factors.summed
     row, col = factors.sides[name.name]
     torch.testing.assert_close(row.matrix(), sums[0] / tokens, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(col.matrix(), sums[1] / tokens, rtol=1e-5, atol=1e-9)

@@ -16,6 +16,9 @@ Lambda[j, k] = mean_i ((Q_r^T G_i Q_c)[j, k])^2 (George et al. 2018). The influe
 
 with per-matrix damping lambda_W = damping * mean(Lambda_W) (default damping 0.1: kronfluence's
 heuristic). Matrices are independent blocks (a block-diagonal Fisher over the tracked matrices).
+The gradients (of the factors' fit and of every score) are those of each example's summed token
+loss (TOKEN_LOSS), so an example counts by its tokens as it does in the training loss; the
+manifest records it (factors fitted before it was recorded used the mean and are scored alike).
 
 A side that only ever sees token ids (an untied embedding's rows) has a diagonal covariance (the
 ids' counts) and the identity as its basis; a side wider than `max_dense` (default
@@ -42,6 +45,7 @@ from .tracked import TrackedMatrix, dense_gradient, per_example_backward
 
 KINDS = ("kfac", "ekfac")
 MAX_DENSE_SIDE = 4096  # a side wider than this keeps a diagonal covariance (see the module docstring)
+TOKEN_LOSS = "sum"  # factors and scores take each example's summed token loss, as training weighs its tokens
 DEFAULT_DAMPING = 0.1  # lambda_W = DEFAULT_DAMPING * mean eigenvalue of W
 
 
@@ -158,6 +162,13 @@ class KroneckerFactors:
     def damping(self) -> float:
         return float(self.params.get("damping", DEFAULT_DAMPING))
 
+    @property
+    def summed(self) -> bool:
+        """Were the factors fitted on each example's summed token loss (TOKEN_LOSS, the weighting
+        the training loss gives a token), or on its mean (factors fitted before the choice was
+        recorded)? Their scores take gradients of the same loss."""
+        return self.params.get("token_loss") == "sum"
+
     def eigenvalues(self, name: str, kind: str | None = None) -> torch.Tensor:
         """Lambda [rows, cols] float64 of `kind` (default: the fitted kind; 'kfac' always available)."""
         kind = check_kind(kind or self.kind)
@@ -241,7 +252,7 @@ def rotated_batch(model: torch.nn.Module, tracked: list[TrackedMatrix], factors:
         if covariance is not None:
             covariance.update(name, x_r, x_c, mask)
 
-    loss, _ = per_example_backward(model, tracked, batch, on_factors)
+    loss, _ = per_example_backward(model, tracked, batch, on_factors, summed=factors.summed)
     return out, loss
 
 
@@ -302,7 +313,7 @@ def factor_scores(h: torch.Tensor, x_r: torch.Tensor, x_c: torch.Tensor) -> torc
 
 
 def direct_scores(model: torch.nn.Module, tracked: list[TrackedMatrix], h: dict[str, torch.Tensor],
-                  batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                  batch: dict[str, torch.Tensor], summed: bool = False) -> torch.Tensor:
     """[nq, batch] float64 sum over tracked matrices and uses of <H_q, G_b> (see factor_scores)."""
     total: list[torch.Tensor] = []
 
@@ -313,7 +324,7 @@ def direct_scores(model: torch.nn.Module, tracked: list[TrackedMatrix], h: dict[
         else:
             total.append(part)
 
-    per_example_backward(model, tracked, batch, on_factors)
+    per_example_backward(model, tracked, batch, on_factors, summed=summed)
     return total[0]
 
 

@@ -194,8 +194,10 @@ def _uses_directly(tensor: torch.Tensor, weight: torch.Tensor, depth: int = 4) -
 
 def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
                          batch: dict[str, torch.Tensor], on_factors: OnFactors,
-                         factor_dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward and one backward of sum_i loss_i (loss_i: mean token loss of example i).
+                         factor_dtype: torch.dtype | None = torch.float32,
+                         summed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward and one backward of sum_i loss_i (loss_i: mean token loss of example i; with
+    `summed`, its summed token loss, each token weighted as the training loss weighs it).
 
     Each example's rows of the output-grads belong to its own loss only, so the factors are
     per-example. A module output shared by the batch (batch dim 1, e.g. GPT-2's position
@@ -268,7 +270,8 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
             loss, n_tokens = per_example_loss(logits, batch["labels"])
             if not roots and not others:
                 raise ValueError("the model used no tracked matrix; cannot take per-example gradients")
-            torch.autograd.grad(loss.sum(), roots or others, allow_unused=True)
+            total = (loss * n_tokens).sum() if summed else loss.sum()
+            torch.autograd.grad(total, roots or others, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()

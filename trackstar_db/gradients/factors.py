@@ -195,7 +195,8 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
                 batch = {k: v.to(featurizer.device) for k, v in batch.items()}
                 mask = batch["attention_mask"]
                 per_example_backward(model, tracked, batch,
-                                     lambda name, x_r, x_c: covariance.update(name, x_r, x_c, mask))
+                                     lambda name, x_r, x_c: covariance.update(name, x_r, x_c, mask),
+                                     summed=_kfac.TOKEN_LOSS == "sum")
                 done += n
                 bar.update(n)
                 if done // save_every != (done - n) // save_every:
@@ -205,7 +206,7 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
         if correction is not None:
             _save_partial(folder, key, "correction", 0, {**covariance.state(), **correction.state()})
     tokens = min(covariance.tokens[m.name] // len(m.uses) for m in tracked)  # each use sees every token
-    params = {"kind": kind, "damping": damping, "tokens": tokens}
+    params = {"kind": kind, "damping": damping, "tokens": tokens, "token_loss": _kfac.TOKEN_LOSS}
     factors = _kfac.factors_from(covariance.covariances(), params)
     if correction is not None:
         with _bar(share, "factors: eigenvalue correction", progress) as bar:
@@ -237,7 +238,7 @@ def _store(db, factors: _kfac.KroneckerFactors, config, folder: Path, resumed: i
         staged.append((tmp, f"factors.{kind}.{digest[:16]}.safetensors"))
         entry = {"kind": kind, "damping": factors.damping, "file": staged[-1][1], "sha256": digest,
                  "n_examples": factors.params["n_examples"], "tokens": factors.params["tokens"],
-                 "fitted_on": factors.params["fitted_on"], "projected": {}}
+                 "token_loss": factors.params.get("token_loss", "mean"), "fitted_on": factors.params["fitted_on"], "projected": {}}
         table = db.gradient_table("train", corrected=False)
         if table.exists():
             layout = Layout.from_dict(db.manifest["featurizer"]["layout"])

@@ -129,7 +129,8 @@ class FactorScorer:
             picked = order[start: start + self.batch_size]
             if direct is not None:
                 out[:, picked] = _kfac.direct_scores(self.featurizer.model, self.featurizer.tracked, direct,
-                                                     self._batch([items[i] for i in picked])).cpu().numpy()
+                                                     self._batch([items[i] for i in picked]),
+                                                     summed=self.factors.summed).cpu().numpy()
                 continue
             rotated = self._rotated([items[i] for i in picked])
             out[:, picked] = _kfac.pair_scores(preconditioned, rotated).cpu().numpy()
