@@ -75,7 +75,7 @@ def main() -> None:
         time.perf_counter() - mark
     mark = time.perf_counter()
     table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device,
-                        schedule=args.schedule)
+                        schedule=args.schedule, report=lambda line: print(line, flush=True))
     times[f"validate: train {args.models} models + losses + LDS"] = time.perf_counter() - mark
     from trackstar_db.validate.runner import loss_summary
 

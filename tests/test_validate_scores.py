@@ -125,3 +125,29 @@ def test_a_run_retrieved_before_a_refit_is_not_scored_with_the_new_r(db):
     assert row["partial"] and any("old: R was refitted" in line for line in lines)
     retrieve(db, "trackstar", RetrieveOptions(k=5), run_id="old", replace=True)
     assert not _rows(db.validate(models=MODELS, steps=2, bootstrap=10), "old")["partial"]
+
+
+def test_a_second_stage_method_scores_every_example_not_its_candidates(db, monkeypatch):
+    """validate asks ekfac (the method) for every example's exact second-stage score, whatever a
+    request's default candidates: the same numbers as rerank.score_examples over every example."""
+    import dataclasses
+
+    from trackstar_db.retrieval import runners
+    from trackstar_db.retrieval.rerank import score_examples
+    from trackstar_db.validate.scores import example_ids, score_every_example
+
+    @dataclasses.dataclass
+    class FewCandidates(runners.Request):  # a request that, left to its default, re-scores 5 of them
+        candidates: int = 5
+
+    monkeypatch.setattr(runners, "Request", FewCandidates)
+    db.fit_factors("ekfac", progress=False)
+    queries = db.table("queries", columns=["query_id", "prompt", "target"]).sort_by("query_id").slice(0, 3)
+    examples = example_ids(db)
+    full = score_every_example(db, "ekfac", queries.column("query_id").to_pylist(),
+                               queries.column("prompt").to_pylist(), examples=examples)
+    assert (full.n_scored == len(examples)).all() and len(examples) > 2 * 5
+    pairs = list(zip(queries.column("prompt").to_pylist(), queries.column("target").to_pylist()))
+    ids, direct = score_examples(db, pairs, examples, "ekfac")
+    assert ids == examples
+    np.testing.assert_allclose(full.scores, direct, rtol=1e-4, atol=1e-6 * np.abs(direct).max())

@@ -78,8 +78,9 @@ def example_ids(db) -> list[str]:
 def score_every_example(db, method: str, query_ids: list[str], texts: list[str], *, device: str = "cpu",
                         examples: list[str] | None = None) -> FullScores:
     """Every example's score under `method` for `query_ids` (texts: what the text methods search
-    with), from the method's runner with k = every example; examples it does not return (BM25:
-    no shared word) score 0, which is their score."""
+    with), from the method's runner with k = every example (and a second-stage method, kfac /
+    ekfac, with every example its candidate: their exact scores, not the first stage's top N);
+    examples it does not return (BM25: no shared word) score 0, which is their score."""
     from trackstar_db.retrieval import runners  # heavy: torch
 
     entry = lookup(method)
@@ -87,8 +88,10 @@ def score_every_example(db, method: str, query_ids: list[str], texts: list[str],
     column = {e: i for i, e in enumerate(examples)}
     scores = np.zeros((len(query_ids), len(examples)), np.float64)
     chunk = max(1, QUERY_CHUNK_CELLS // max(1, len(examples)))
+    pairs = _pairs(db, query_ids)  # what a second-stage method featurizes
     for a in range(0, len(query_ids), chunk):
-        request = runners.Request(query_ids[a: a + chunk], texts[a: a + chunk], len(examples), device)
+        request = runners.Request(query_ids[a: a + chunk], texts[a: a + chunk], len(examples), device,
+                                  pairs=pairs[a: a + chunk], candidates=len(examples))
         result = runners.run(db, entry, request)
         for row, (ids, values) in enumerate(zip(result.proponent_ids, result.proponent_scores)):
             where = [column.get(e, -1) for e in ids]
@@ -140,6 +143,13 @@ def _stored(db, validation: str) -> dict[str, tuple]:
         seen = out.setdefault(run, (created, set()))
         seen[1].add(subset)
     return out
+
+
+def _pairs(db, query_ids: list[str]) -> list[tuple[str, str]]:
+    """(prompt, target) of each query, in the order of `query_ids`."""
+    rows = db.table("queries", columns=["query_id", "prompt", "target"], filter=pc.field("query_id").isin(query_ids))
+    of = {q: (p, t) for q, p, t in zip(*(rows.column(c).to_pylist() for c in ("query_id", "prompt", "target")))}
+    return [of[q] for q in query_ids]
 
 
 def _texts(db, run_parameters: str, query_ids: list[str]) -> list[str]:
