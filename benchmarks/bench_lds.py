@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 METHODS = ("grad-dot", "grad-cos", "trak", "opt-cos", "r-train", "trackstar", "bm25", "tracin-cp")
+AFTER_VALIDATE = []  # compare(db, k, args) -> (label, run ids): runs retrieved after validate, scored on its models
 
 
 def main() -> None:
@@ -92,6 +93,13 @@ def main() -> None:
                                 schedule=args.schedule)
             times[f"refit R with shrinkage {rule}, retrieve and score {len(rungs)} rungs"] = time.perf_counter() - mark
             shown += tuple(f"{m}:{rule}" for m in rungs)
+    for compare in AFTER_VALIDATE:  # more rows scored on the same retrained models (bench_lds_kfac.py)
+        mark = time.perf_counter()
+        label, runs = compare(db, k, args)
+        table = db.validate(models=args.models, fraction=args.fraction, steps=args.steps, device=args.device,
+                            schedule=args.schedule)
+        times[label] = time.perf_counter() - mark
+        shown += tuple(runs)
     table = table.filter(pc.is_in(table.column("run_id"), pa.array(shown)))
     summary = db.evaluate().select(["method", "run_id", "mrr", "recall_at_10", "tailpatch_at_1", "lds", "lds_partial"])
     print(f"world {args.size}: {n:,} examples, {db.count('queries') // 3} prompt0 queries; M={args.models}, "
