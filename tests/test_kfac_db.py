@@ -16,7 +16,7 @@ def db(tiny_db_template, tmp_path_factory):
     from databases import with_gradients
 
     db = with_gradients(tiny_db_template, tmp_path_factory.mktemp("kfac"))
-    run_cli("fit-factors", db.path, "--kind", "ekfac", "--device", "cpu")
+    run_cli("fit-factors", db.path, "--kind", "ekfac", "--device", "cpu", "--fisher", "empirical")
     return db.__class__.open(db.path)
 
 
@@ -297,3 +297,43 @@ def test_a_batch_of_asks_equals_each_ask_alone(db):
         if ask.method in ("kfac", "ekfac"):
             assert answer.column("first_rank").to_pylist() == alone.column("first_rank").to_pylist()
             assert set(answer.column("method").to_pylist()) == {ask.method}
+
+
+def test_sampled_labels_are_drawn_from_the_model_and_drawn_alike_by_a_refit(db, tmp_path):
+    """fisher='sampled' (the default): the factors' gradients take labels drawn from the model's
+    prediction (label positions only; the rest as they were), seeded, so two fits on copies of one
+    database write the same file; they differ from the empirical (data-label) factors."""
+    import shutil
+
+    from trackstar_db import connect
+    from trackstar_db.featurizer.task import IGNORE
+    from trackstar_db.featurizer.tokenize import collate, pad_id
+    from trackstar_db.gradients.factors import _labelled
+    from trackstar_db.retrieval.rerank import _model
+
+    featurizer, tokenizer = _model(db, "cpu")
+    texts = db.table("examples", columns=["text"]).column("text").to_pylist()[:8]
+    batch = collate([featurizer.task.encode_example(tokenizer, t, None, featurizer.config.max_length) for t in texts],
+                    pad_id(tokenizer))
+    drawn, again = (_labelled(featurizer.model, batch, "sampled", 5) for _ in range(2))
+    assert _labelled(featurizer.model, batch, "empirical", 5) is batch
+    assert torch.equal(drawn["labels"], again["labels"])  # seeded
+    ignored = batch["labels"] == IGNORE
+    assert torch.equal(drawn["labels"][ignored], batch["labels"][ignored])
+    assert not torch.equal(drawn["labels"], batch["labels"]) and (drawn["labels"][~ignored] >= 0).all()
+    with torch.no_grad():  # every drawn token has probability > 0 under the model at its position
+        probs = torch.softmax(featurizer.model(input_ids=batch["input_ids"],
+                                               attention_mask=batch["attention_mask"]).logits[:, :-1].float(), -1)
+    label = drawn["labels"][:, 1:]
+    keep = label != IGNORE
+    assert (probs.gather(-1, label.clamp(min=0)[..., None])[..., 0][keep] > 0).all()
+
+    files = []
+    for name in ("a", "b"):
+        shutil.copytree(db.path, tmp_path / name)
+        entry = connect(tmp_path / name).fit_factors("kfac", progress=False).entry
+        assert entry["fitted_on"]["fisher"] == "sampled"
+        files.append(entry["file"])
+    assert files[0] == files[1]  # named by content: the same draws, the same tensors
+    empirical = connect(tmp_path / "a").fit_factors("kfac", progress=False, fisher="empirical").entry
+    assert empirical["file"] != files[0] and empirical["fitted_on"]["fisher"] == "empirical"

@@ -297,13 +297,15 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
             return ledger(self, by, n_boot=n_boot, seed=seed)
 
     def fit_factors(self, kind: str = "ekfac", damping: float = 0.1, fraction: float = 1.0, seed: int = 0,
-                    batch_size: int = 16, device: str = "cpu", progress: bool | None = None):
+                    batch_size: int = 16, device: str = "cpu", progress: bool | None = None, fisher: str = "sampled"):
         """Fit the Kronecker-factored curvature (K-FAC, or EK-FAC with its eigenvalue correction) from
         the training examples (all or a seeded `fraction`), resumable (gradients/factors.py);
-        damping: lambda = damping x mean eigenvalue per matrix. Returns its FactorReport."""
+        damping: lambda = damping x mean eigenvalue per matrix; fisher: 'sampled' (labels drawn from
+        the model, seeded) or 'empirical' (the data's labels). Returns its FactorReport."""
         from trackstar_db.gradients.factors import fit_factors  # heavy: torch
 
-        return fit_factors(self, kind, damping, fraction, seed, batch_size, resolve_device(device), progress=progress)
+        return fit_factors(self, kind, damping, fraction, seed, batch_size, resolve_device(device), progress=progress,
+                           fisher=fisher)
 
     def factor_scores(self, pairs, example_ids=None, kind: str | None = None, device: str = "cpu"):
         """(example ids, scores [len(pairs), n]): g_q^T (F + lambda)^-1 g_z of (prompt, target)

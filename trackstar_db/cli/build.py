@@ -239,6 +239,9 @@ def fit(db, mix, kind, damping, crossing_k, template, engine, shrinkage):
 @DB_ARG
 @click.option("--kind", type=click.Choice(["kfac", "ekfac"]), default="ekfac", show_default=True,
               help="kfac: the Kronecker factors' eigenvalues; ekfac: one more pass for the eigenvalue correction.")
+@click.option("--fisher", type=click.Choice(["sampled", "empirical"]), default="sampled", show_default=True,
+              help="The labels of the gradients fitted on: sampled from the model's own predictions (seeded; the "
+                   "true Fisher) or the data's (the empirical Fisher).")
 @click.option("--damping", type=DAMPING, default=0.1, show_default=True,
               help="lambda = DAMPING x the mean eigenvalue of each matrix.")
 @click.option("--fraction", type=FRACTION, default=1.0, show_default=True,
@@ -246,16 +249,16 @@ def fit(db, mix, kind, damping, crossing_k, template, engine, shrinkage):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the share.")
 @click.option("--batch-size", type=POSITIVE, default=16, show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto (a GPU when present), cpu, cuda or cuda:N.")
-def fit_factors_cmd(db, kind, damping, fraction, seed, batch_size, device):
+def fit_factors_cmd(db, kind, fisher, damping, fraction, seed, batch_size, device):
     """Fit the Kronecker-factored curvature (K-FAC / EK-FAC) of the tracked matrices from the training
     examples, for the kfac-proj / ekfac-proj rungs and the --rerank second stage (resumable)."""
-    report = _open(db).fit_factors(kind, damping, fraction, seed, batch_size, device)
+    report = _open(db).fit_factors(kind, damping, fraction, seed, batch_size, device, fisher=fisher)
     entry = report.entry
     for note in report.notes or []:
         click.echo(f"note: {note}", err=True)
     resumed = f" (resumed after {report.resumed:,})" if report.resumed else ""
     click.echo(f"{entry['kind']} factors of {len(entry['fitted_on']['tracked'])} matrices from {entry['n_examples']:,} "
-               f"examples{resumed}, {entry['tokens']:,} tokens; damping={entry['damping']:g} x mean eigenvalue; "
+               f"examples{resumed}, {entry['tokens']:,} tokens ({entry['fitted_on'].get('fisher', 'empirical')} Fisher); damping={entry['damping']:g} x mean eigenvalue; "
                f"projected: {', '.join(entry['projected']) or 'none'}")
 
 
