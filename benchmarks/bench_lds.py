@@ -14,6 +14,7 @@ METHOD:RULE and scored on the same retrained models (nothing retrained).
     python benchmarks/bench_lds.py                               # tiny world, M=24 (a few minutes on 2 cores)
     python benchmarks/bench_lds.py --size demo --models 12 --k 1000   # the demo world (much longer)
     python benchmarks/bench_lds.py --dim 16384 --compare-shrinkage none,ledoit-wolf   # the damping rule against others
+    python benchmarks/bench_lds.py --workdir W --reuse           # this code's methods on W's world and retrained models
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 METHODS = ("grad-dot", "grad-cos", "trak", "opt-cos", "r-train", "trackstar", "bm25", "tracin-cp")
+AFTER_BUILD = []  # hook(db): run on the built (or reused) world before retrieval (bench_lds_kfac.py)
 AFTER_VALIDATE = []  # compare(db, k, args) -> (label, run ids): runs retrieved after validate, scored on its models
 
 
@@ -45,6 +47,9 @@ def main() -> None:
     parser.add_argument("--patch-queries", type=int, default=20, help="queries tail-patched per method")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="reuse the world an earlier run left in --workdir (its "
+                                                             "model, gradients, R and retrained models); the methods "
+                                                             "are retrieved and scored again with this code")
     args = parser.parse_args()
 
     import pyarrow as pa
@@ -60,9 +65,14 @@ def main() -> None:
     load = os.getloadavg()
     times = {}
     started = time.perf_counter()
-    run_demo(workdir, size=args.size, dim=args.dim, full=True, simfluence=False, tail_patch_queries=1)
-    times["build (world, train, featurize, fit, retrieve k=100)"] = time.perf_counter() - started
+    if args.reuse and (workdir / "db" / "manifest.json").is_file():  # its retrained models are reused too
+        print(f"reusing the world, model, gradients, R and retrained models in {workdir}", flush=True)
+    else:
+        run_demo(workdir, size=args.size, dim=args.dim, full=True, simfluence=False, tail_patch_queries=1)
+        times["build (world, train, featurize, fit, retrieve k=100)"] = time.perf_counter() - started
     db = connect(workdir / "db")
+    for hook in AFTER_BUILD:
+        hook(db)
     shrinkage = _rule(args.shrinkage)
     if shrinkage != "prior":  # the demo fitted with the default rule
         db.fit(shrinkage=shrinkage)
