@@ -315,7 +315,12 @@ def test_sampled_labels_are_drawn_from_the_model_and_drawn_alike_by_a_refit(db, 
     texts = db.table("examples", columns=["text"]).column("text").to_pylist()[:8]
     batch = collate([featurizer.task.encode_example(tokenizer, t, None, featurizer.config.max_length) for t in texts],
                     pad_id(tokenizer))
-    drawn, again = (_labelled(featurizer.model, batch, "sampled", 5) for _ in range(2))
+    featurizer.model.train()  # as a model another caller left training: the draws must not see dropout
+    try:
+        drawn, again = (_labelled(featurizer.model, batch, "sampled", 5) for _ in range(2))
+        assert featurizer.model.training
+    finally:
+        featurizer.model.eval()
     assert _labelled(featurizer.model, batch, "empirical", 5) is batch
     assert torch.equal(drawn["labels"], again["labels"])  # seeded
     ignored = batch["labels"] == IGNORE

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from trackstar_db.content import canonical_safetensors, write_bytes
 
 from .tracked import TrackedMatrix, dense_gradient, per_example_backward
 
@@ -213,9 +214,9 @@ class KroneckerFactors:
                     tensors[f"{name}/{label}.eigvecs"] = side.eigvecs.contiguous()
         for name, values in self.corrected.items():
             tensors[f"{name}/ekfac"] = values.contiguous()
-        meta = {"params": json.dumps(self.params), "names": json.dumps(list(self.sides))}
-        save_file(tensors, str(path), metadata=meta)
-        return Path(path)
+        meta = {"params": json.dumps(self.params, sort_keys=True), "names": json.dumps(list(self.sides))}
+        # one byte layout for one content (content.py): the file is named by its sha256
+        return write_bytes(path, canonical_safetensors({k: v.cpu().numpy() for k, v in tensors.items()}, meta))
 
     @classmethod
     def load(cls, path: str | Path) -> "KroneckerFactors":

@@ -150,8 +150,13 @@ def _labelled(model, batch: dict, fisher: str, seed: int) -> dict:
     seeded by `seed` (a refit, or a resumed fit, draws the same); 'empirical': the data's."""
     if fisher == "empirical":
         return batch
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    was_training = model.training
+    model.eval()  # no dropout: the draws depend on the seed alone
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    finally:
+        model.train(was_training)
     generator = torch.Generator(device=logits.device).manual_seed(seed)
     drawn = torch.multinomial(torch.softmax(logits.reshape(-1, logits.shape[-1]), -1), 1,
                               generator=generator).view(logits.shape[:2])
