@@ -36,6 +36,7 @@ Every answer is checked against one committed version:
     python benchmarks/soak_serve.py                    # 10 minutes
     python benchmarks/soak_serve.py --minutes 1.5      # a short try
     python benchmarks/soak_serve.py --minutes 3 --no-writer   # the control: no version moves
+    python benchmarks/soak_serve.py --minutes 4 --kinds "sql,runs,evaluation,example,version"   # some kinds only
 """
 
 from __future__ import annotations
