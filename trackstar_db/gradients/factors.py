@@ -13,7 +13,7 @@ default, labels drawn from the model's own prediction at each position (`fisher=
 true Fisher, as kronfluence fits by default; a generator seeded by the seed and the batch's
 place, so a refit or a resumed fit draws the same), or the data's labels (`"empirical"`). On the
 tiny world of benchmarks/bench_lds_kfac.py the sampled labels lift the LDS of kfac and ekfac
-from 0.705 / 0.700 to 0.744 / 0.744 (RESULTS.md).
+from 0.705 / 0.700 to 0.744 / 0.746 (RESULTS.md).
 
 Stored beside R (DB/preconditioners/, safetensors named by content):
     factors.<kind>.<sha16>.safetensors                         the factors (kfac.KroneckerFactors)
