@@ -297,7 +297,8 @@ class Database(ModelVerbs, ExchangeVerbs, ReportVerbs, ScaleVerbs, SimfluenceVer
             return ledger(self, by, n_boot=n_boot, seed=seed)
 
     def fit_factors(self, kind: str = "ekfac", damping: float = 0.1, fraction: float = 1.0, seed: int = 0,
-                    batch_size: int = 16, device: str = "cpu", progress: bool | None = None, fisher: str = "sampled"):
+                    batch_size: int = 16, device: str = "cpu", progress: bool | None = None,
+                    fisher: str = defaults.FISHER):
         """Fit the Kronecker-factored curvature (K-FAC, or EK-FAC with its eigenvalue correction) from
         the training examples (all or a seeded `fraction`), resumable (gradients/factors.py);
         damping: lambda = damping x mean eigenvalue per matrix; fisher: 'sampled' (labels drawn from

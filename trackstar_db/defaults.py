@@ -16,6 +16,8 @@ CORPUS_COMMIT_ROWS = 10_000  # corpus rows per Lance commit
 
 K_RETRIEVE = 100  # proponents (and opponents) kept per stored query
 K_QUERY = 10  # proponents (and opponents) of a one-prompt query
+FISHERS = ("sampled", "empirical")  # fit-factors' labels: drawn from the model (the true Fisher), or the data's
+FISHER = "sampled"
 CANDIDATES = 200  # a second stage (--rerank) re-scores this many first-stage proponents and opponents per query
 K_TAIL_PATCH = 10  # top proponents a tail-patch run steps on
 

@@ -239,7 +239,7 @@ def fit(db, mix, kind, damping, crossing_k, template, engine, shrinkage):
 @DB_ARG
 @click.option("--kind", type=click.Choice(["kfac", "ekfac"]), default="ekfac", show_default=True,
               help="kfac: the Kronecker factors' eigenvalues; ekfac: one more pass for the eigenvalue correction.")
-@click.option("--fisher", type=click.Choice(["sampled", "empirical"]), default="sampled", show_default=True,
+@click.option("--fisher", type=click.Choice(list(defaults.FISHERS)), default=defaults.FISHER, show_default=True,
               help="The labels of the gradients fitted on: sampled from the model's own predictions (seeded; the "
                    "true Fisher) or the data's (the empirical Fisher).")
 @click.option("--damping", type=DAMPING, default=0.1, show_default=True,
@@ -257,9 +257,10 @@ def fit_factors_cmd(db, kind, fisher, damping, fraction, seed, batch_size, devic
     for note in report.notes or []:
         click.echo(f"note: {note}", err=True)
     resumed = f" (resumed after {report.resumed:,})" if report.resumed else ""
+    fisher = entry["fitted_on"].get("fisher", "empirical")  # factors fitted before the choice used the data's labels
     click.echo(f"{entry['kind']} factors of {len(entry['fitted_on']['tracked'])} matrices from {entry['n_examples']:,} "
-               f"examples{resumed}, {entry['tokens']:,} tokens ({entry['fitted_on'].get('fisher', 'empirical')} Fisher); damping={entry['damping']:g} x mean eigenvalue; "
-               f"projected: {', '.join(entry['projected']) or 'none'}")
+               f"examples{resumed}, {entry['tokens']:,} tokens ({fisher} Fisher); "
+               f"damping={entry['damping']:g} x mean eigenvalue; projected: {', '.join(entry['projected']) or 'none'}")
 
 
 @main.command()

@@ -52,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from trackstar_db import faults
+from trackstar_db import defaults, faults
 from trackstar_db.content import file_sha256
 from trackstar_db.errors import TrackstarError
 from trackstar_db.featurizer import kfac as _kfac
@@ -69,7 +69,6 @@ from trackstar_db.store.checkpoints import source
 
 from .loader import database_featurizer, stored_config
 
-FISHERS = ("sampled", "empirical")  # the labels the factors' gradients take: drawn from the model, or the data's
 PARTIAL = "factors.partial.safetensors"
 SAVE_EVERY = 2048  # examples between saves of the partial sums
 PROJECTED_TABLE = "grads_train_uncorrected"  # the table the projected rungs whiten
@@ -89,7 +88,7 @@ class FactorOptions:
     """fit-factors' options (see `fit_factors`), checked by their rules."""
 
     kind: str = ruled(Choice(_kfac.KINDS), "ekfac")
-    fisher: str = ruled(Choice(FISHERS), "sampled")
+    fisher: str = ruled(Choice(defaults.FISHERS), defaults.FISHER)
     damping: float = ruled(DAMPING, _kfac.DEFAULT_DAMPING)
     fraction: float = ruled(FRACTION, 1.0)
     seed: int = 0
@@ -197,7 +196,8 @@ def _bar(total: int | None, desc: str, progress: bool | None):
 
 def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING, fraction: float = 1.0,
                 seed: int = 0, batch_size: int = 16, device: str = "cpu", max_dense: int = _kfac.MAX_DENSE_SIDE,
-                save_every: int = SAVE_EVERY, progress: bool | None = None, fisher: str = "sampled") -> FactorReport:
+                save_every: int = SAVE_EVERY, progress: bool | None = None,
+                fisher: str = defaults.FISHER) -> FactorReport:
     """Fit and store the curvature of `kind` (see the module docstring); returns the manifest entry.
     fisher: the labels of the gradients the factors are fitted on, 'sampled' from the model (the
     true Fisher, kronfluence's default) or the data's ('empirical')."""
