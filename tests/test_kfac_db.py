@@ -308,20 +308,28 @@ def test_sampled_labels_are_drawn_from_the_model_and_drawn_alike_by_a_refit(db, 
     from trackstar_db import connect
     from trackstar_db.featurizer.task import IGNORE
     from trackstar_db.featurizer.tokenize import collate, pad_id
-    from trackstar_db.gradients.factors import _labelled
+    from trackstar_db.featurizer.tracked import per_example_backward
+    from trackstar_db.gradients.factors import _relabel
     from trackstar_db.retrieval.rerank import _model
 
     featurizer, tokenizer = _model(db, "cpu")
     texts = db.table("examples", columns=["text"]).column("text").to_pylist()[:8]
     batch = collate([featurizer.task.encode_example(tokenizer, t, None, featurizer.config.max_length) for t in texts],
                     pad_id(tokenizer))
+    def labelled(seed: int) -> dict:  # the batch as the fit's pass labels it (the same forward draws)
+        seen = []
+        draw = _relabel("sampled", seed)
+        per_example_backward(featurizer.model, featurizer.tracked, batch, lambda *a: None,
+                             relabel=lambda logits, labels: seen.append(draw(logits, labels)) or seen[-1])
+        return {**batch, "labels": seen[0]}
+
     featurizer.model.train()  # as a model another caller left training: the draws must not see dropout
     try:
-        drawn, again = (_labelled(featurizer.model, batch, "sampled", 5) for _ in range(2))
+        drawn, again = (labelled(5) for _ in range(2))
         assert featurizer.model.training
     finally:
         featurizer.model.eval()
-    assert _labelled(featurizer.model, batch, "empirical", 5) is batch
+    assert _relabel("empirical", 5) is None
     assert torch.equal(drawn["labels"], again["labels"])  # seeded
     ignored = batch["labels"] == IGNORE
     assert torch.equal(drawn["labels"][ignored], batch["labels"][ignored])

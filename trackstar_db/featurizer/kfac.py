@@ -240,10 +240,11 @@ def factors_from(covariances: dict[str, tuple[torch.Tensor, torch.Tensor]], para
 
 
 def rotated_batch(model: torch.nn.Module, tracked: list[TrackedMatrix], factors: KroneckerFactors,
-                  batch: dict[str, torch.Tensor], covariance: CovarianceAccumulator | None = None
-                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  batch: dict[str, torch.Tensor], covariance: CovarianceAccumulator | None = None,
+                  relabel=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({name: Q_r^T G_i Q_c [batch, rows, cols]} summed over uses, loss [batch]) of one
-    collated batch; `covariance`, when given, takes the same factors too."""
+    collated batch; `covariance`, when given, takes the same factors too; `relabel`: the labels
+    the loss takes (tracked.per_example_backward)."""
     out: dict[str, torch.Tensor] = {}
     mask = batch["attention_mask"]
 
@@ -253,7 +254,8 @@ def rotated_batch(model: torch.nn.Module, tracked: list[TrackedMatrix], factors:
         if covariance is not None:
             covariance.update(name, x_r, x_c, mask)
 
-    loss, _ = per_example_backward(model, tracked, batch, on_factors, summed=factors.summed)
+    loss, _ = per_example_backward(model, tracked, batch, on_factors, summed=factors.summed,
+                                   relabel=relabel)
     return out, loss
 
 

@@ -194,10 +194,13 @@ def _uses_directly(tensor: torch.Tensor, weight: torch.Tensor, depth: int = 4) -
 
 def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
                          batch: dict[str, torch.Tensor], on_factors: OnFactors,
-                         factor_dtype: torch.dtype | None = torch.float32,
-                         summed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         factor_dtype: torch.dtype | None = torch.float32, summed: bool = False,
+                         relabel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward and one backward of sum_i loss_i (loss_i: mean token loss of example i; with
     `summed`, its summed token loss, each token weighted as the training loss weighs it).
+    relabel(logits, labels), when given, returns the labels the loss takes instead of the batch's
+    (fit-factors' labels drawn from the model), from this forward's logits (detached).
 
     Each example's rows of the output-grads belong to its own loss only, so the factors are
     per-example. A module output shared by the batch (batch dim 1, e.g. GPT-2's position
@@ -267,7 +270,8 @@ def per_example_backward(model: torch.nn.Module, tracked: list[TrackedMatrix],
     try:
         with torch.enable_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, n_tokens = per_example_loss(logits, batch["labels"])
+            labels = batch["labels"] if relabel is None else relabel(logits.detach(), batch["labels"])
+            loss, n_tokens = per_example_loss(logits, labels)
             if not roots and not others:
                 raise ValueError("the model used no tracked matrix; cannot take per-example gradients")
             total = (loss * n_tokens).sum() if summed else loss.sum()

@@ -143,25 +143,25 @@ def _batches(db, featurizer, tokenizer, fraction: float, seed: int, batch_size: 
             yield n, collate(items, pad)
 
 
-def _labelled(model, batch: dict, fisher: str, seed: int) -> dict:
-    """The batch whose labels the factors' gradients take. 'sampled' (the true Fisher): each label
-    token replaced by one drawn from the model's own prediction at that position, with a generator
-    seeded by `seed` (a refit, or a resumed fit, draws the same); 'empirical': the data's."""
+def _relabel(fisher: str, seed: int):
+    """The labels the factors' gradients take, as a relabel(logits, labels) for
+    tracked.per_example_backward: 'sampled' (the true Fisher) draws each label token from the
+    model's own prediction at that position (the same forward's logits; the pass runs the model in
+    eval mode), with a generator seeded by `seed`, so a refit or a resumed fit draws the same;
+    'empirical' keeps the data's (None)."""
     if fisher == "empirical":
-        return batch
-    was_training = model.training
-    model.eval()  # no dropout: the draws depend on the seed alone
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    finally:
-        model.train(was_training)
-    generator = torch.Generator(device=logits.device).manual_seed(seed)
-    drawn = torch.multinomial(torch.softmax(logits.reshape(-1, logits.shape[-1]), -1), 1,
-                              generator=generator).view(logits.shape[:2])
-    labels = batch["labels"].clone()
-    labels[:, 1:] = torch.where(labels[:, 1:] != IGNORE, drawn, labels[:, 1:])
-    return {**batch, "labels": labels}
+        return None
+
+    def draw(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, :-1].float()
+        generator = torch.Generator(device=logits.device).manual_seed(seed)
+        drawn = torch.multinomial(torch.softmax(logits.reshape(-1, logits.shape[-1]), -1), 1,
+                                  generator=generator).view(logits.shape[:2])
+        out = labels.clone()
+        out[:, 1:] = torch.where(out[:, 1:] != IGNORE, drawn, out[:, 1:])
+        return out
+
+    return draw
 
 
 def _save_partial(folder: Path, key: str, phase: str, done: int, tensors: dict) -> None:
@@ -233,12 +233,12 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
         with _bar(share, "factors: covariances", progress) as bar:
             bar.update(done)
             for n, batch in _batches(db, featurizer, tokenizer, fraction, seed, batch_size, skip=done):
-                batch = _labelled(model, {k: v.to(featurizer.device) for k, v in batch.items()}, fisher,
-                                  _draw_seed(seed, 0, done))
+                batch = {k: v.to(featurizer.device) for k, v in batch.items()}
                 mask = batch["attention_mask"]
                 per_example_backward(model, tracked, batch,
                                      lambda name, x_r, x_c: covariance.update(name, x_r, x_c, mask),
-                                     summed=_kfac.TOKEN_LOSS == "sum")
+                                     summed=_kfac.TOKEN_LOSS == "sum",
+                                     relabel=_relabel(fisher, _draw_seed(seed, 0, done)))
                 done += n
                 bar.update(n)
                 if done // save_every != (done - n) // save_every:
@@ -254,9 +254,9 @@ def fit_factors(db, kind: str = "ekfac", damping: float = _kfac.DEFAULT_DAMPING,
         with _bar(share, "factors: eigenvalue correction", progress) as bar:
             bar.update(done)
             for n, batch in _batches(db, featurizer, tokenizer, fraction, seed, batch_size, skip=done):
-                batch = _labelled(model, {k: v.to(featurizer.device) for k, v in batch.items()}, fisher,
-                                  _draw_seed(seed, 1, done))
-                rotated, _ = _kfac.rotated_batch(model, tracked, factors, batch)
+                rotated, _ = _kfac.rotated_batch(model, tracked, factors, {k: v.to(featurizer.device)
+                                                                           for k, v in batch.items()},
+                                                 relabel=_relabel(fisher, _draw_seed(seed, 1, done)))
                 correction.update(rotated)
                 done += n
                 bar.update(n)
@@ -281,7 +281,8 @@ def _store(db, factors: _kfac.KroneckerFactors, config, folder: Path, resumed: i
         staged.append((tmp, f"factors.{kind}.{digest[:16]}.safetensors"))
         entry = {"kind": kind, "damping": factors.damping, "file": staged[-1][1], "sha256": digest,
                  "n_examples": factors.params["n_examples"], "tokens": factors.params["tokens"],
-                 "token_loss": factors.params.get("token_loss", "mean"), "fitted_on": factors.params["fitted_on"], "projected": {}}
+                 "token_loss": factors.params.get("token_loss", "mean"), "fitted_on": factors.params["fitted_on"],
+                 "projected": {}}
         table = db.gradient_table("train", corrected=False)
         if table.exists():
             layout = Layout.from_dict(db.manifest["featurizer"]["layout"])
